@@ -1,0 +1,187 @@
+"""Building the libp2p host, DHT and gossipsub exactly as shared/notes/libp2p-0.8.1.md says.
+
+TCP + Noise + Yamux only (the library's defaults also offer plaintext, secio, TLS and
+mplex), one connection per peer (otherwise every dial waits a fixed 250 ms), the Kademlia
+DHT in server mode, gossipsub with a 1 s heartbeat and the burst limits lifted.
+
+The py-libp2p objects are confined to this module and node/discovery.py; nothing here
+decides anything about records, that is protocol/'s job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import multiaddr
+import trio
+import varint
+from libp2p import new_host
+from libp2p.crypto.ed25519 import Ed25519PrivateKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.host.basic_host import BasicHost
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.records.validator import Validator
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+from nacl.signing import SigningKey
+
+log = logging.getLogger(__name__)
+
+KAD_PROTOCOL_ID = TProtocol("/ipfs/kad/1.0.0")
+# The library logs every normal stream EOF of the DHT as a warning.
+logging.getLogger("libp2p.kad_dht").setLevel(logging.ERROR)
+
+
+class BadMultiaddr(ValueError):
+    """A multiaddr given by the user (config, --listen, --bootstrap) does not parse."""
+
+
+def parse_multiaddr(text: str, *, need_peer_id: bool = False) -> multiaddr.Multiaddr:
+    try:
+        addr = multiaddr.Multiaddr(text)
+    except Exception as exc:  # the library raises several unrelated types
+        raise BadMultiaddr(f"bad multiaddr {text!r}: {exc}") from None
+    protocols = [p.name for p in addr.protocols()]
+    if "tcp" not in protocols:
+        raise BadMultiaddr(f"bad multiaddr {text!r}: only /ip4|ip6/.../tcp/... is supported")
+    if need_peer_id and "p2p" not in protocols:
+        raise BadMultiaddr(f"bad multiaddr {text!r}: a bootstrap address needs /p2p/<peer id>")
+    return addr
+
+
+def peer_info_from_multiaddr(text: str) -> PeerInfo:
+    return info_from_p2p_addr(parse_multiaddr(text, need_peer_id=True))
+
+
+def libp2p_key_pair(signing_key: SigningKey) -> KeyPair:
+    """The node's one Ed25519 key, as py-libp2p wants it (same key, same peer id)."""
+    private = Ed25519PrivateKey.from_bytes(bytes(signing_key))
+    return KeyPair(private, private.get_public_key())
+
+
+class _NoAddProviderEcho:
+    """Stream wrapper that swallows py-libp2p's reply to ADD_PROVIDER.
+
+    The Kademlia spec defines no answer to ADD_PROVIDER; go-libp2p-kad-dht reuses the
+    stream and reads such an answer as the reply to its next request (shared notes,
+    interop). py-libp2p's handler writes the varint length and the message in two writes,
+    so the length is held back until the message shows what it is.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._held: bytes | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    async def write(self, data: bytes) -> None:
+        if self._held is None:
+            try:
+                length = varint.decode_bytes(data)
+            except Exception:
+                length = -1
+            if 0 <= length and len(data) == len(varint.encode(length)):
+                self._held = data
+                return
+            await self._stream.write(data)
+            return
+        held, self._held = self._held, None
+        message = KadMessage()
+        try:
+            message.ParseFromString(data)
+            is_add_provider = message.type == KadMessage.MessageType.ADD_PROVIDER
+        except Exception:
+            is_add_provider = False
+        if is_add_provider:
+            return
+        await self._stream.write(held + data)
+
+
+class InteropKadDHT(KadDHT):
+    """KadDHT whose server side never answers ADD_PROVIDER (see _NoAddProviderEcho)."""
+
+    async def handle_stream(self, stream: Any) -> None:
+        await super().handle_stream(_NoAddProviderEcho(stream))
+
+
+@dataclass
+class Network:
+    """The running libp2p pieces of one node."""
+
+    host: BasicHost
+    dht: KadDHT
+    pubsub: Pubsub
+    gossipsub: GossipSub
+
+    @property
+    def peer_id(self) -> ID:
+        return self.host.get_id()
+
+    def listen_addrs(self) -> list[str]:
+        """Full dialable addresses, ``/ip4/.../tcp/N/p2p/<id>``."""
+        pid = self.peer_id.to_base58()
+        return [f"{a}/p2p/{pid}" if "/p2p/" not in str(a) else str(a)
+                for a in self.host.get_addrs()]
+
+    async def connect(self, info: PeerInfo, timeout: float = 5.0) -> None:
+        """Dial a peer and put it in the DHT routing table (not done by the library)."""
+        with trio.fail_after(timeout):
+            await self.host.connect(info)
+            await self.dht.add_peer(info.peer_id, skip_server_mode_check=True)
+
+
+@asynccontextmanager
+async def open_network(
+    signing_key: SigningKey,
+    listen: list[multiaddr.Multiaddr],
+    validators: dict[str, Validator],
+    gossip_topics_validated: bool = True,
+) -> AsyncIterator[Network]:
+    """Start host, DHT (server mode) and gossipsub; yield once all are listening."""
+    key_pair = libp2p_key_pair(signing_key)
+    noise_key = create_x25519_key_pair()
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={
+            TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(
+                key_pair, noise_privkey=noise_key.private_key
+            )
+        },
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=listen,
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+    )
+    assert isinstance(host, BasicHost)
+    dht = InteropKadDHT(host, DHTMode.SERVER, enable_random_walk=False)
+    for namespace, validator in validators.items():
+        dht.register_validator(namespace, validator)
+    gossipsub = GossipSub(
+        protocols=[PROTOCOL_ID_V11],
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_interval=1,
+        spam_protection_enabled=False,
+    )
+    pubsub = Pubsub(host, gossipsub)
+    async with host.run(listen_addrs=listen):
+        async with background_trio_service(dht), background_trio_service(pubsub):
+            async with background_trio_service(gossipsub):
+                await pubsub.wait_until_ready()
+                yield Network(host=host, dht=dht, pubsub=pubsub, gossipsub=gossipsub)
