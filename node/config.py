@@ -1,0 +1,176 @@
+"""The node home and its ``config.toml``: documented defaults, validated on load.
+
+Home layout (``~/.iollm``, ``$IOLLM_HOME`` or ``--home``)::
+
+    node.key     Ed25519 identity, mode 0600          (node/identity.py)
+    api.token    bearer token of the local API, 0600  (node/api.py)
+    config.toml  this module
+    state.db     SQLite state, WAL                    (node/storage.py)
+    node.json    written while the daemon runs: pid, peer id, addresses, API url
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.toml"
+TOKEN_FILE = "api.token"
+STATE_DB = "state.db"
+RUNTIME_FILE = "node.json"
+
+DEFAULT_CONFIG_TOML = """\
+# iollm node configuration. Every key is optional; the value shown is the default.
+
+[node]
+# Multiaddrs to listen on (TCP only). Port 0 picks a free port.
+listen = ["/ip4/0.0.0.0/tcp/4001"]
+# Bootstrap peers, full multiaddrs ending in /p2p/<peer id>.
+bootstrap = []
+# Optional file with more bootstrap peers, one multiaddr a line (bootstrap/README.md).
+bootstrap_file = ""
+
+[api]
+# The local JSON API and /metrics; always bound to 127.0.0.1. 0 picks a free port.
+port = 7780
+
+[discovery]
+# How often the capability record is re-signed and re-published, in seconds.
+refresh_interval_s = 600
+# How long a published capability record stays valid, in seconds (> refresh interval).
+record_ttl_s = 1800
+# Deadline for one network query (DHT lookup, record fetch), in seconds.
+query_timeout_s = 10
+
+[probe]
+# Length of the matmul benchmark in the environment probe, in seconds.
+bench_seconds = 0.5
+# TEST ONLY: pretend to have these GPUs, e.g.
+# fake_gpus = [{name = "NVIDIA A100-SXM4-40GB", memory_gb = 40, compute_capability = "8.0"}]
+fake_gpus = []
+"""
+
+
+class ConfigError(Exception):
+    """config.toml is unreadable or a value is wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/4001"])
+    bootstrap: list[str] = field(default_factory=list)
+    bootstrap_file: str = ""
+
+
+@dataclass(frozen=True)
+class ApiSection:
+    port: int = 7780
+
+
+@dataclass(frozen=True)
+class DiscoverySection:
+    refresh_interval_s: float = 600.0
+    record_ttl_s: float = 1800.0
+    query_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ProbeSection:
+    bench_seconds: float = 0.5
+    fake_gpus: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    api: ApiSection = field(default_factory=ApiSection)
+    discovery: DiscoverySection = field(default_factory=DiscoverySection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeSection,
+    "api": ApiSection,
+    "discovery": DiscoverySection,
+    "probe": ProbeSection,
+}
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("IOLLM_HOME") or Path.home() / ".iollm")
+
+
+def _check_value(where: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:  # pragma: no cover - every default above is one of these types
+        ok = True
+    if not ok:
+        raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")
+    return value
+
+
+def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        cls = _SECTIONS.get(name)
+        if cls is None:
+            raise ConfigError(f"{source}: unknown section [{name}]")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        defaults = cls()
+        known = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, item in value.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key {name}.{key}")
+            kwargs[key] = _check_value(f"{source}: {name}.{key}", item, getattr(defaults, key))
+        sections[name] = cls(**kwargs)
+    config = Config(**sections)
+    d = config.discovery
+    if d.refresh_interval_s <= 0 or d.query_timeout_s <= 0:
+        raise ConfigError(f"{source}: discovery intervals must be positive")
+    if d.record_ttl_s <= d.refresh_interval_s:
+        raise ConfigError(
+            f"{source}: discovery.record_ttl_s ({d.record_ttl_s}) must exceed "
+            f"discovery.refresh_interval_s ({d.refresh_interval_s}), or records lapse"
+        )
+    if not 0 <= config.api.port <= 65535:
+        raise ConfigError(f"{source}: api.port {config.api.port} is not a TCP port")
+    if not 0 < config.probe.bench_seconds <= 60:
+        raise ConfigError(f"{source}: probe.bench_seconds must be in (0, 60]")
+    return config
+
+
+def load_config(home: Path) -> Config:
+    path = home / CONFIG_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"no {path}: run `iollm init --home {home}` first") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return parse_config(data, str(path))
+
+
+def read_bootstrap_file(path: Path) -> list[str]:
+    """One multiaddr a line; blank lines and ``#`` comments ignored (bootstrap/README.md)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read bootstrap file {path}: {exc.strerror}") from None
+    return [s for line in lines if (s := line.split("#", 1)[0].strip())]

@@ -1,0 +1,404 @@
+"""Capability discovery: publish this node's signed record, answer and run queries.
+
+One service (``Discovery.run``) in the daemon's nursery. It
+
+* re-signs and publishes the capability record every ``refresh_interval_s``: as a DHT
+  value under ``/iollm-cap/<hash>``, as provider records under each capability-class key
+  (so "at least 24 GB" is one provider lookup, not a scan), and on the gossip topic
+  (so replicas held by other nodes stay fresh: py-libp2p answers ``get_value`` from its
+  local store first, and a stale copy would hide a newer one);
+* answers ``/iollm/capability/1.0.0`` with the current signed record (fresh even where a
+  DHT copy is stale);
+* keeps the DHT routing table filled with connected peers (py-libp2p does not add them
+  by itself) and keeps dialling bootstrap peers with backoff.
+
+Every record that comes in, from the DHT, a stream or gossip, is verified by
+protocol.capability before it is used or stored. The decisions are protocol/'s; this
+module only moves bytes and owns the timeouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.records.validator import Validator
+from nacl.signing import SigningKey
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from node.config import DiscoverySection
+from node.framing import FrameError, read_frame, reset_quietly, write_frame
+from node.host import Network
+from node.identity import peer_id_of
+from node.storage import Storage
+from protocol.capability import (
+    MAX_CAPABILITY_BYTES,
+    CapabilityRecord,
+    EnvReport,
+    capability_classes,
+    capability_dht_key,
+    class_provider_key,
+    matches,
+    query_class,
+    select_best,
+    sign_capability,
+    sort_key,
+    validate_dht_entry,
+    verify_capability,
+)
+from protocol.errors import RemoteProtocolError
+
+log = logging.getLogger(__name__)
+
+CAPABILITY_PROTOCOL = TProtocol("/iollm/capability/1.0.0")
+CAPABILITY_TOPIC = "/iollm/capability/1"
+DHT_NAMESPACE = "iollm-cap"
+SEQ_KEY = "capability.seq"
+FETCH_CONCURRENCY = 16
+MAX_PROVIDERS = 1000
+
+
+@dataclass(frozen=True)
+class PeerCapability:
+    """A verified record and the envelope it came in (for storage and forwarding)."""
+
+    record: CapabilityRecord
+    envelope: bytes
+
+
+class DiscoveryMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.published = Counter(
+            "iollm_capability_published", "Capability records signed and published",
+            registry=registry)
+        self.rejected = Counter(
+            "iollm_capability_rejected", "Capability records refused, by reason",
+            ["reason"], registry=registry)
+        self.query_seconds = Histogram(
+            "iollm_capability_query_seconds", "Latency of capability queries",
+            ["kind"], registry=registry)
+        self.connected = Gauge(
+            "iollm_connected_peers", "Peers with an open connection", registry=registry)
+        self.routing_table = Gauge(
+            "iollm_dht_routing_table_size", "Peers in the DHT routing table", registry=registry)
+
+
+class CapabilityValidator(Validator):
+    """py-libp2p DHT validator for the ``/iollm-cap/`` namespace (protocol/ decides)."""
+
+    def __init__(self, clock_ms: Callable[[], int],
+                 on_reject: Callable[[str], None] = lambda reason: None) -> None:
+        self.clock_ms = clock_ms
+        self.on_reject = on_reject
+
+    def validate(self, key: str, value: bytes) -> None:
+        try:
+            validate_dht_entry(key, value, self.clock_ms())
+        except RemoteProtocolError as exc:
+            self.on_reject(exc.reason)
+            raise
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return select_best(values, self.clock_ms())
+
+
+class Discovery:
+    def __init__(
+        self,
+        net: Network,
+        key: SigningKey,
+        storage: Storage,
+        config: DiscoverySection,
+        env: EnvReport,
+        *,
+        software: str,
+        clock_ms: Callable[[], int],
+        metrics: DiscoveryMetrics,
+        bootstrap: Sequence[PeerInfo] = (),
+    ) -> None:
+        self.net = net
+        self.key = key
+        self.storage = storage
+        self.config = config
+        self.env = env
+        self.software = software
+        self.clock_ms = clock_ms
+        self.metrics = metrics
+        self.bootstrap = list(bootstrap)
+        self.peer_id = peer_id_of(key)
+        self.current: PeerCapability | None = None
+        self.bootstrapped = trio.Event()
+
+    # -- service -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.net.host.set_stream_handler(CAPABILITY_PROTOCOL, self._serve_record)
+        self.net.pubsub.set_topic_validator(CAPABILITY_TOPIC, self._gossip_validator, False)
+        subscription = await self.net.pubsub.subscribe(CAPABILITY_TOPIC)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._receive_gossip, subscription)
+            nursery.start_soon(self._maintain_routing)
+            for info in self.bootstrap:
+                nursery.start_soon(self._keep_bootstrap, info)
+            if not self.bootstrap:
+                self.bootstrapped.set()
+            # The record is signed and stored locally first, so the node answers queries
+            # about itself at once; the network side of publishing follows in background.
+            await self._sign_current()
+            task_status.started()
+            while True:
+                nursery.start_soon(self._publish_network)
+                await trio.sleep(self.config.refresh_interval_s)
+                await self._sign_current()
+
+    async def _sign_current(self) -> None:
+        seq = int(await self.storage.kv_get(SEQ_KEY) or 0) + 1
+        await self.storage.kv_set(SEQ_KEY, seq)  # committed before use: seq never repeats
+        now = self.clock_ms()
+        record = CapabilityRecord(
+            peer_id=self.peer_id,
+            addrs=tuple(self.net.listen_addrs()),
+            software=self.software,
+            seq=seq,
+            created_ms=now,
+            expires_ms=now + int(self.config.record_ttl_s * 1000),
+            env=self.env,
+        )
+        envelope = sign_capability(self.key, record)
+        self.current = PeerCapability(record, envelope)
+        await self.storage.put_capability(self.peer_id, seq, record.expires_ms, envelope)
+        self.net.dht.value_store.put(capability_dht_key(self.peer_id).encode(), envelope)
+        self.metrics.published.inc()
+
+    async def _publish_network(self) -> None:
+        """Put the DHT value, provide the class keys, gossip: each bounded, each best-effort."""
+        assert self.current is not None
+        await self.bootstrapped.wait()
+        current = self.current
+        timeout = self.config.query_timeout_s
+        with trio.move_on_after(timeout):
+            try:
+                await self.net.dht.put_value(capability_dht_key(self.peer_id), current.envelope)
+            except Exception as exc:
+                log.info("DHT put of the capability record failed: %r", exc)
+        for name in capability_classes(self.env):
+            with trio.move_on_after(timeout):
+                try:
+                    await self.net.dht.provide(class_provider_key(name))
+                except Exception as exc:
+                    log.info("providing capability class %s failed: %r", name, exc)
+        with trio.move_on_after(timeout):
+            try:
+                await self.net.pubsub.publish(CAPABILITY_TOPIC, current.envelope)
+            except Exception as exc:
+                log.info("gossip of the capability record failed: %r", exc)
+
+    async def _keep_bootstrap(self, info: PeerInfo) -> None:
+        """Dial a bootstrap peer until connected, with capped exponential backoff;
+        redial if the connection drops."""
+        delay = 1.0
+        while True:
+            if info.peer_id in self.net.host.get_connected_peers():
+                await trio.sleep(5)
+                continue
+            try:
+                await self.net.connect(info, timeout=self.config.query_timeout_s)
+            except Exception as exc:
+                log.warning("bootstrap peer %s unreachable (%s); retrying in %.0f s",
+                            info.peer_id, type(exc).__name__, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+                continue
+            delay = 1.0
+            log.info("connected to bootstrap peer %s", info.peer_id)
+            with trio.move_on_after(self.config.query_timeout_s):
+                await self.net.dht.refresh_routing_table()
+            self.bootstrapped.set()
+
+    async def _maintain_routing(self) -> None:
+        """Add connected peers to the routing table: fast at first, then slowly."""
+        period = 0.5
+        while True:
+            for peer in self.net.host.get_connected_peers():
+                if not self.net.dht.routing_table.peer_in_table(peer):
+                    with trio.move_on_after(self.config.query_timeout_s):
+                        try:
+                            await self.net.dht.add_peer(peer, skip_server_mode_check=True)
+                        except Exception as exc:
+                            log.debug("add_peer %s failed: %r", peer, exc)
+            self.metrics.connected.set(len(self.net.host.get_connected_peers()))
+            self.metrics.routing_table.set(self.net.dht.get_routing_table_size())
+            await trio.sleep(period)
+            period = min(period * 2, 30.0)
+
+    # -- serving --------------------------------------------------------------------------
+
+    async def _serve_record(self, stream: Any) -> None:
+        try:
+            if self.current is None:
+                await reset_quietly(stream)
+                return
+            await write_frame(stream, self.current.envelope, self.config.query_timeout_s)
+            await stream.close()
+        except Exception as exc:
+            log.debug("serving capability record failed: %r", exc)
+            await reset_quietly(stream)
+
+    def _gossip_validator(self, sender: ID, message: Any) -> bool:
+        """Gossip verdict: accept only a valid record signed by the message's author."""
+        try:
+            record = verify_capability(message.data, self.clock_ms())
+        except RemoteProtocolError as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            return False
+        return record.peer_id == ID(message.from_id).to_base58()
+
+    async def _receive_gossip(self, subscription: Any) -> None:
+        while True:
+            message = await subscription.get()
+            try:
+                record = verify_capability(message.data, self.clock_ms())
+            except RemoteProtocolError:
+                continue  # the topic validator already counted it
+            if record.peer_id == self.peer_id:
+                continue
+            await self._remember(PeerCapability(record, bytes(message.data)))
+
+    async def _remember(self, cap: PeerCapability) -> None:
+        """Keep a verified record: SQLite for restarts, the DHT store as a fresh replica."""
+        record = cap.record
+        existing = await self.storage.get_capability(record.peer_id)
+        await self.storage.put_capability(record.peer_id, record.seq, record.expires_ms,
+                                          cap.envelope)
+        if existing is None or existing != cap.envelope:
+            key = capability_dht_key(record.peer_id).encode()
+            old = self.net.dht.value_store.get(key)
+            values = [cap.envelope] + ([old.value] if old is not None else [])
+            if select_best(values, self.clock_ms()) == 0:
+                self.net.dht.value_store.put(key, cap.envelope)
+        await self.storage.upsert_peer(record.peer_id, list(record.addrs), self.clock_ms())
+
+    # -- queries --------------------------------------------------------------------------
+
+    def _verify(self, data: bytes | None, peer_id: str) -> PeerCapability | None:
+        if data is None:
+            return None
+        try:
+            record = verify_capability(data, self.clock_ms(), expected_peer_id=peer_id)
+        except RemoteProtocolError as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            return None
+        return PeerCapability(record, data)
+
+    async def fetch_direct(self, peer_id: str) -> PeerCapability | None:
+        """Ask the peer itself for its current record over ``/iollm/capability/1.0.0``."""
+        timeout = self.config.query_timeout_s
+        stream = None
+        try:
+            with trio.fail_after(timeout):
+                stream = await self.net.host.new_stream(ID.from_base58(peer_id),
+                                                        [CAPABILITY_PROTOCOL])
+            data = await read_frame(stream, MAX_CAPABILITY_BYTES, timeout)
+            await stream.close()
+        except (trio.TooSlowError, FrameError, Exception) as exc:
+            log.debug("direct capability fetch from %s failed: %r", peer_id, exc)
+            if stream is not None:
+                await reset_quietly(stream)
+            return None
+        return self._verify(data, peer_id)
+
+    async def record_of(self, peer_id: str) -> PeerCapability | None:
+        """A verified, unexpired record of ``peer_id``: local replica, then the DHT, then the
+        peer itself. ``None`` when none of them has one."""
+        if peer_id == self.peer_id:
+            return self.current
+        key = capability_dht_key(peer_id)
+        local = self.net.dht.value_store.get(key.encode())
+        cap = self._verify(local.value if local is not None else None, peer_id)
+        if cap is None:
+            if local is not None:  # expired or invalid: it would hide the network's copy
+                self.net.dht.value_store.remove(key.encode())
+            with trio.move_on_after(self.config.query_timeout_s):
+                try:
+                    cap = self._verify(await self.net.dht.get_value(key), peer_id)
+                except Exception as exc:
+                    log.debug("DHT get of %s failed: %r", key, exc)
+        if cap is None:
+            cap = await self.fetch_direct(peer_id)
+        if cap is not None and (local is None or local.value != cap.envelope):
+            await self._remember(cap)
+        return cap
+
+    async def find_providers(self, key_hex: str) -> list[PeerInfo]:
+        """All providers of a key: the local store merged with the k closest peers' answers.
+
+        py-libp2p's own ``find_providers`` returns the local store alone whenever it is
+        non-empty and may return duplicates; this asks the network every time."""
+        key = bytes.fromhex(key_hex)
+        store = self.net.dht.provider_store
+        found: dict[ID, PeerInfo] = {p.peer_id: p for p in store.get_providers(key)}
+        with trio.move_on_after(self.config.query_timeout_s):
+            closest = await self.net.dht.peer_routing.find_closest_peers_network(key)
+
+            async def ask(peer: ID) -> None:
+                with trio.move_on_after(self.config.query_timeout_s):
+                    try:
+                        providers, _ = await store._get_providers_from_peer_with_closers(
+                            peer, key)
+                    except Exception as exc:
+                        log.debug("GET_PROVIDERS from %s failed: %r", peer, exc)
+                        return
+                    for info in providers[:MAX_PROVIDERS]:
+                        found.setdefault(info.peer_id, info)
+
+            async with trio.open_nursery() as nursery:
+                for peer in closest:
+                    if peer != self.net.peer_id:
+                        nursery.start_soon(ask, peer)
+        for info in found.values():
+            if info.addrs:
+                self.net.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+        return list(found.values())
+
+    async def records_of(self, peer_ids: Sequence[str]) -> list[PeerCapability]:
+        results: list[PeerCapability] = []
+        limiter = trio.CapacityLimiter(FETCH_CONCURRENCY)
+
+        async def one(pid: str) -> None:
+            async with limiter:
+                cap = await self.record_of(pid)
+            if cap is not None:
+                results.append(cap)
+
+        async with trio.open_nursery() as nursery:
+            for pid in dict.fromkeys(peer_ids):
+                nursery.start_soon(one, pid)
+        return results
+
+    async def query_gpus(self, *, min_vram_gb: float | None = None,
+                         min_tflops: float | None = None) -> list[CapabilityRecord]:
+        """Verified records of every node meeting the filters, most capable first."""
+        for value in (min_vram_gb, min_tflops):
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ValueError("filters must be non-negative numbers")
+        with self.metrics.query_seconds.labels("gpus").time():
+            providers = await self.find_providers(class_provider_key(query_class(min_vram_gb)))
+            peer_ids = [p.peer_id.to_base58() for p in providers]
+            if self.current is not None:
+                peer_ids.append(self.peer_id)
+            caps = await self.records_of(peer_ids)
+        records = [c.record for c in caps
+                   if matches(c.record, min_vram_gb=min_vram_gb, min_tflops=min_tflops)]
+        return sorted(records, key=sort_key)
+
+    async def connected_peers(self) -> list[tuple[str, CapabilityRecord | None]]:
+        peers = [p.to_base58() for p in self.net.host.get_connected_peers()]
+        caps = {c.record.peer_id: c.record for c in await self.records_of(peers)}
+        return [(p, caps.get(p)) for p in sorted(peers)]
