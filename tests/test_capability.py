@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import math
+import re
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -760,3 +763,28 @@ def test_sort_key_most_capable_first() -> None:
     ordered = sorted([cpu, d, c, b, a], key=sort_key)
     tie = sorted([b, c], key=lambda r: r.peer_id)
     assert ordered == [a, *tie, d, cpu]
+
+
+# --- the spec agrees with the code --------------------------------------------------------------
+
+SPEC = Path(__file__).resolve().parents[1] / "specs" / "capability.md"
+
+
+def test_spec_constants_table_matches_code() -> None:
+    import protocol.capability as cap
+
+    text = SPEC.read_text(encoding="utf-8")
+    section = text.split("## Constants", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z_]+)` +\| \w+ +\| `([^`]+)` +\|", section, re.MULTILINE)
+    assert len(rows) >= 20
+    for name, value in rows:
+        assert getattr(cap, name) == ast.literal_eval(value), name
+
+
+def test_spec_test_vectors() -> None:
+    text = SPEC.read_text(encoding="utf-8")
+    values = re.findall(r"^\| value key of `(\w+)` +\| `([^`]+)`", text, re.MULTILINE)
+    classes = re.findall(r"^\| class key of `([\w-]+)` +\| `([0-9a-f]+)`", text, re.MULTILINE)
+    assert len(values) == 2 and len(classes) == 4
+    assert all(capability_dht_key(p) == k for p, k in values)
+    assert all(class_provider_key(n) == k for n, k in classes)
