@@ -66,12 +66,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_node_start(args: argparse.Namespace) -> int:
-    import errno
-
     import trio
 
     from node.daemon import StartOptions, run_daemon
-    from node.host import BadMultiaddr
+    from node.host import BadMultiaddr, ListenError
     from node.identity import IdentityError
 
     home = _home(args)
@@ -85,9 +83,9 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         logging.getLogger("node").info("interrupted during start-up")
         return 130
+    except ListenError as exc:
+        raise CliError(exc.strerror or str(exc)) from None
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise CliError(f"address already in use: {exc}") from None
         raise CliError(f"cannot start the node: {exc}") from None
     return 0
 

@@ -26,7 +26,7 @@ import trio
 from prometheus_client import CollectorRegistry, Gauge
 
 from node import __version__
-from node.api import ApiError, Request, serve_api
+from node.api import ApiError, Request, read_token_file, serve_api
 from node.config import (
     RUNTIME_FILE,
     STATE_DB,
@@ -35,13 +35,18 @@ from node.config import (
     ConfigError,
     read_bootstrap_file,
 )
-from node.discovery import CapabilityValidator, Discovery, DiscoveryMetrics, DHT_NAMESPACE
-from node.host import open_network, parse_multiaddr, peer_info_from_multiaddr
+from node.discovery import CapabilityValidator, Discovery, DiscoveryMetrics
+from node.host import (
+    ListenError,
+    check_listen_addrs,
+    open_network,
+    parse_multiaddr,
+    peer_info_from_multiaddr,
+)
 from node.identity import load_key
-from node.api import read_token_file
 from node.probe import env_to_json, parse_fake_gpus, probe_environment
 from node.storage import open_storage
-from protocol.capability import CapabilityRecord
+from protocol.capability import DHT_NAMESPACE, CapabilityRecord
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +107,7 @@ async def run_daemon(
     key = load_key(home)
     token = read_token_file(home / TOKEN_FILE)
     listen = [parse_multiaddr(a) for a in (options.listen or config.node.listen)]
+    check_listen_addrs(listen)  # before the probe: fail in milliseconds, not seconds
     bootstrap_addrs = list(config.node.bootstrap) + list(options.bootstrap or [])
     if config.node.bootstrap_file:
         bootstrap_addrs += read_bootstrap_file(Path(config.node.bootstrap_file).expanduser())
@@ -170,9 +176,13 @@ async def run_daemon(
         }
         async with trio.open_nursery() as nursery:
             await nursery.start(discovery.run)
-            port = await nursery.start(
-                lambda task_status: serve_api(routes, token, registry, host="127.0.0.1",
-                                              port=api_port, task_status=task_status))
+            try:
+                port = await nursery.start(
+                    lambda task_status: serve_api(routes, token, registry, host="127.0.0.1",
+                                                  port=api_port, task_status=task_status))
+            except OSError as exc:
+                raise ListenError(exc.errno, f"cannot serve the local API on 127.0.0.1:"
+                                             f"{api_port}: {exc.strerror}") from None
             info = {
                 "pid": os.getpid(),
                 "peer_id": discovery.peer_id,

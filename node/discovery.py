@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,13 +39,16 @@ from node.host import Network
 from node.identity import peer_id_of
 from node.storage import Storage
 from protocol.capability import (
+    CAPABILITY_PROTOCOL_ID,
     MAX_CAPABILITY_BYTES,
+    STREAM_TIMEOUT_S,
     CapabilityRecord,
     EnvReport,
     capability_classes,
     capability_dht_key,
     class_provider_key,
     matches,
+    next_seq,
     query_class,
     select_best,
     sign_capability,
@@ -57,11 +60,11 @@ from protocol.errors import RemoteProtocolError
 
 log = logging.getLogger(__name__)
 
-CAPABILITY_PROTOCOL = TProtocol("/iollm/capability/1.0.0")
+CAPABILITY_PROTOCOL = TProtocol(CAPABILITY_PROTOCOL_ID)
 CAPABILITY_TOPIC = "/iollm/capability/1"
-DHT_NAMESPACE = "iollm-cap"
 SEQ_KEY = "capability.seq"
 FETCH_CONCURRENCY = 16
+PUBLISH_CONCURRENCY = 3
 MAX_PROVIDERS = 1000
 
 
@@ -135,6 +138,7 @@ class Discovery:
         self.peer_id = peer_id_of(key)
         self.current: PeerCapability | None = None
         self.bootstrapped = trio.Event()
+        self.published = trio.Event()  # set after the first network publish completes
 
     # -- service -----------------------------------------------------------------------
 
@@ -159,9 +163,12 @@ class Discovery:
                 await self._sign_current()
 
     async def _sign_current(self) -> None:
-        seq = int(await self.storage.kv_get(SEQ_KEY) or 0) + 1
-        await self.storage.kv_set(SEQ_KEY, seq)  # committed before use: seq never repeats
         now = self.clock_ms()
+        # Committed before use, so seq keeps increasing across restarts and crashes (and
+        # next_seq's time floor keeps it increasing even if the database is lost).
+        previous = await self.storage.kv_get(SEQ_KEY)
+        seq = next_seq(previous if isinstance(previous, int) else None, now)
+        await self.storage.kv_set(SEQ_KEY, seq)
         record = CapabilityRecord(
             peer_id=self.peer_id,
             addrs=tuple(self.net.listen_addrs()),
@@ -178,27 +185,39 @@ class Discovery:
         self.metrics.published.inc()
 
     async def _publish_network(self) -> None:
-        """Put the DHT value, provide the class keys, gossip: each bounded, each best-effort."""
+        """Put the DHT value, provide the class keys, gossip: concurrently, each bounded by
+        the query timeout, each best-effort (the next refresh repeats them all)."""
         assert self.current is not None
         await self.bootstrapped.wait()
-        current = self.current
+        envelope = self.current.envelope
         timeout = self.config.query_timeout_s
-        with trio.move_on_after(timeout):
-            try:
-                await self.net.dht.put_value(capability_dht_key(self.peer_id), current.envelope)
-            except Exception as exc:
-                log.info("DHT put of the capability record failed: %r", exc)
-        for name in capability_classes(self.env):
+
+        # A few at a time: each is a full Kademlia lookup, and a burst of them from every
+        # node at once overruns py-libp2p's 12 concurrent inbound DHT handlers per node,
+        # which then resets streams and the lookups stall until their timeouts.
+        limiter = trio.CapacityLimiter(PUBLISH_CONCURRENCY)
+
+        async def attempt(what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+            await limiter.acquire()
+            started = trio.current_time()
             with trio.move_on_after(timeout):
                 try:
-                    await self.net.dht.provide(class_provider_key(name))
+                    await fn(*args)
                 except Exception as exc:
-                    log.info("providing capability class %s failed: %r", name, exc)
-        with trio.move_on_after(timeout):
-            try:
-                await self.net.pubsub.publish(CAPABILITY_TOPIC, current.envelope)
-            except Exception as exc:
-                log.info("gossip of the capability record failed: %r", exc)
+                    log.info("%s failed: %r", what, exc)
+            limiter.release()
+            log.debug("%s took %.3f s", what, trio.current_time() - started)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt, "DHT put of the capability record",
+                               self.net.dht.put_value, capability_dht_key(self.peer_id),
+                               envelope)
+            for name in capability_classes(self.env):
+                nursery.start_soon(attempt, f"providing class {name}", self.net.dht.provide,
+                                   class_provider_key(name))
+            nursery.start_soon(attempt, "gossip of the capability record",
+                               self.net.pubsub.publish, CAPABILITY_TOPIC, envelope)
+        self.published.set()
 
     async def _keep_bootstrap(self, info: PeerInfo) -> None:
         """Dial a bootstrap peer until connected, with capped exponential backoff;
@@ -274,15 +293,15 @@ class Discovery:
     async def _remember(self, cap: PeerCapability) -> None:
         """Keep a verified record: SQLite for restarts, the DHT store as a fresh replica."""
         record = cap.record
-        existing = await self.storage.get_capability(record.peer_id)
-        await self.storage.put_capability(record.peer_id, record.seq, record.expires_ms,
-                                          cap.envelope)
-        if existing is None or existing != cap.envelope:
-            key = capability_dht_key(record.peer_id).encode()
-            old = self.net.dht.value_store.get(key)
-            values = [cap.envelope] + ([old.value] if old is not None else [])
-            if select_best(values, self.clock_ms()) == 0:
-                self.net.dht.value_store.put(key, cap.envelope)
+        stored = await self.storage.put_capability(record.peer_id, record.seq,
+                                                   record.expires_ms, cap.envelope)
+        if not stored:
+            return  # we already hold this seq or a newer one
+        key = capability_dht_key(record.peer_id).encode()
+        old = self.net.dht.value_store.get(key)
+        values = [cap.envelope] + ([old.value] if old is not None else [])
+        if select_best(values, self.clock_ms()) == 0:
+            self.net.dht.value_store.put(key, cap.envelope)
         await self.storage.upsert_peer(record.peer_id, list(record.addrs), self.clock_ms())
 
     # -- queries --------------------------------------------------------------------------
@@ -299,7 +318,7 @@ class Discovery:
 
     async def fetch_direct(self, peer_id: str) -> PeerCapability | None:
         """Ask the peer itself for its current record over ``/iollm/capability/1.0.0``."""
-        timeout = self.config.query_timeout_s
+        timeout = min(self.config.query_timeout_s, STREAM_TIMEOUT_S)
         stream = None
         try:
             with trio.fail_after(timeout):

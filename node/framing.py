@@ -8,6 +8,7 @@ every read has a deadline, and any failure resets the stream.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from typing import Any
 
@@ -54,8 +55,5 @@ async def write_frame(stream: Any, payload: bytes, timeout: float) -> None:
 
 async def reset_quietly(stream: Any) -> None:
     """Reset a stream after an error; a stream that is already gone is fine."""
-    with trio.move_on_after(1):
-        try:
-            await stream.reset()
-        except Exception:
-            pass
+    with trio.move_on_after(1), contextlib.suppress(Exception):
+        await stream.reset()

@@ -11,6 +11,7 @@ decides anything about records, that is protocol/'s job.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -49,6 +50,25 @@ logging.getLogger("libp2p.kad_dht").setLevel(logging.ERROR)
 
 class BadMultiaddr(ValueError):
     """A multiaddr given by the user (config, --listen, --bootstrap) does not parse."""
+
+
+class ListenError(OSError):
+    """A listen address cannot be bound (in use, not local, no permission)."""
+
+
+def check_listen_addrs(addrs: list[multiaddr.Multiaddr]) -> None:
+    """Bind-test each listen address before handing it to py-libp2p, which logs a bind
+    failure and carries on listening on nothing."""
+    for addr in addrs:
+        family = socket.AF_INET6 if "ip6" in [p.name for p in addr.protocols()] else socket.AF_INET
+        host = addr.value_for_protocol("ip6" if family == socket.AF_INET6 else "ip4")
+        port = int(addr.value_for_protocol("tcp"))
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise ListenError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from None
 
 
 def parse_multiaddr(text: str, *, need_peer_id: bool = False) -> multiaddr.Multiaddr:
@@ -96,7 +116,7 @@ class _NoAddProviderEcho:
                 length = varint.decode_bytes(data)
             except Exception:
                 length = -1
-            if 0 <= length and len(data) == len(varint.encode(length)):
+            if length >= 0 and len(data) == len(varint.encode(length)):
                 self._held = data
                 return
             await self._stream.write(data)
@@ -146,6 +166,22 @@ class Network:
             await self.dht.add_peer(info.peer_id, skip_server_mode_check=True)
 
 
+async def _no_auto_connect() -> None:
+    return None
+
+
+def _disable_auto_connector(host: BasicHost) -> None:
+    """Turn off the swarm's AutoConnector.
+
+    It dials every peer in the peerstore whenever the node has fewer than ~100
+    connections (and again on every disconnect). On a small network that is a burst of
+    simultaneous dials in both directions which, with one connection per peer, fail
+    their muxer upgrade and stall DHT queries for their 30 s timeouts. The DHT dials the
+    peers it needs; nothing else should.
+    """
+    host.get_network().auto_connector.maybe_connect = _no_auto_connect  # type: ignore[attr-defined,method-assign]
+
+
 @asynccontextmanager
 async def open_network(
     signing_key: SigningKey,
@@ -168,6 +204,7 @@ async def open_network(
         connection_config=ConnectionConfig(max_connections_per_peer=1),
     )
     assert isinstance(host, BasicHost)
+    _disable_auto_connector(host)
     dht = InteropKadDHT(host, DHTMode.SERVER, enable_random_walk=False)
     for namespace, validator in validators.items():
         dht.register_validator(namespace, validator)
@@ -180,8 +217,13 @@ async def open_network(
         spam_protection_enabled=False,
     )
     pubsub = Pubsub(host, gossipsub)
-    async with host.run(listen_addrs=listen):
-        async with background_trio_service(dht), background_trio_service(pubsub):
-            async with background_trio_service(gossipsub):
-                await pubsub.wait_until_ready()
-                yield Network(host=host, dht=dht, pubsub=pubsub, gossipsub=gossipsub)
+    async with (
+        host.run(listen_addrs=listen),
+        background_trio_service(dht),
+        background_trio_service(pubsub),
+        background_trio_service(gossipsub),
+    ):
+        await pubsub.wait_until_ready()
+        if not host.get_addrs():
+            raise ListenError(0, f"could not listen on any of {[str(a) for a in listen]}")
+        yield Network(host=host, dht=dht, pubsub=pubsub, gossipsub=gossipsub)

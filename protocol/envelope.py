@@ -76,7 +76,7 @@ def open_envelope(data: bytes, domain: str, max_bytes: int = MAX_ENVELOPE_BYTES)
     if not isinstance(fields, list) or len(fields) != 5:
         raise RemoteProtocolError("malformed", "envelope must be a 5-element array")
     version, got_domain, public_key, signature, body = fields
-    if version != ENVELOPE_VERSION:
+    if type(version) is not int or version != ENVELOPE_VERSION:  # True == 1 == 1.0
         raise RemoteProtocolError(
             "unknown-version", f"envelope version {version!r}, this node speaks {ENVELOPE_VERSION}"
         )

@@ -1,0 +1,207 @@
+"""Capability discovery across real py-libp2p hosts on 127.0.0.1, in one trio process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.records.record import make_signed_put_record
+from nacl.signing import SigningKey
+
+from node.config import DiscoverySection
+from node.discovery import CAPABILITY_PROTOCOL
+from protocol.capability import CapabilityRecord, capability_dht_key
+from protocol.envelope import DOMAIN_CAPABILITY, seal
+from tests.netutil import FakeClock, make_env, node_cluster, wait_until
+
+# Ten nodes: CPU-only ones and GPUs from 8 to 80 GiB (one with two cards).
+GPU_SETS: list[tuple[int, ...]] = [(), (8,), (12,), (16,), (24,), (24, 24), (40,), (48,),
+                                   (80,), ()]
+
+
+def run(fn, *args, timeout: float = 90):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        with trio.fail_after(timeout):
+            return await fn(*args)
+
+    return trio.run(main)
+
+
+async def _all_published(nodes) -> None:  # type: ignore[no-untyped-def]
+    with trio.fail_after(30):
+        for n in nodes:
+            await n.discovery.published.wait()
+
+
+def test_every_node_finds_every_other_and_filters_exactly(tmp_path: Path) -> None:
+    clock = FakeClock()
+    envs = [make_env(g, tflops=10.0 + i) for i, g in enumerate(GPU_SETS)]
+
+    async def scenario() -> None:
+        async with node_cluster(tmp_path, envs, clock) as nodes:
+            await _all_published(nodes)
+            everyone = {n.peer_id for n in nodes}
+
+            async def all_see_all() -> bool:
+                for n in nodes:
+                    found = {r.peer_id for r in await n.discovery.query_gpus()}
+                    if found != everyone:
+                        return False
+                return True
+
+            await wait_until(all_see_all, timeout=30)
+
+            # Each node's own record, fetched by every other node through the DHT.
+            for asker in nodes:
+                for target in nodes:
+                    cap = await asker.discovery.record_of(target.peer_id)
+                    assert cap is not None and cap.record.peer_id == target.peer_id
+                    assert cap.record.env == target.discovery.env
+
+            by_min = {
+                None: everyone,
+                0: everyone,
+                8: {n.peer_id for n, g in zip(nodes, GPU_SETS, strict=True) if g},
+                20: {n.peer_id for n, g in zip(nodes, GPU_SETS, strict=True) if g and g[0] >= 24},
+                24: {n.peer_id for n, g in zip(nodes, GPU_SETS, strict=True) if g and g[0] >= 24},
+                41: {n.peer_id for n, g in zip(nodes, GPU_SETS, strict=True) if g and g[0] >= 48},
+                80: {nodes[8].peer_id},
+                81: set(),
+            }
+            asker = nodes[3]
+            for min_vram, expected in by_min.items():
+                got = await asker.discovery.query_gpus(min_vram_gb=min_vram)
+                assert {r.peer_id for r in got} == expected, min_vram
+                mems = [max((g.total_memory_bytes for g in r.env.gpus), default=0) for r in got]
+                assert mems == sorted(mems, reverse=True)  # most capable first
+            got = await asker.discovery.query_gpus(min_tflops=15.5)
+            assert {r.peer_id for r in got} == {n.peer_id for n in nodes[6:]}
+
+    run(scenario)
+
+
+def test_forged_and_expired_records_are_rejected(tmp_path: Path) -> None:
+    clock = FakeClock()
+    envs = [make_env(g) for g in [(), (24,), (40,), ()]]
+
+    async def scenario() -> None:
+        async with node_cluster(tmp_path, envs, clock) as nodes:
+            await _all_published(nodes)
+            victim, attacker, asker = nodes[1], nodes[2], nodes[3]
+            key = capability_dht_key(victim.peer_id)
+            genuine = victim.discovery.current
+            assert genuine is not None
+
+            # A record claiming the victim's peer id, signed with the attacker's key.
+            forged_record = CapabilityRecord(
+                peer_id=victim.peer_id, addrs=genuine.record.addrs, software="evil",
+                seq=genuine.record.seq + 100, created_ms=clock(),
+                expires_ms=clock() + 3_600_000, env=make_env((80, 80, 80, 80)))
+            forged = _sign_as(attacker.key, forged_record)
+            dht_record = make_signed_put_record(key.encode(), forged,
+                                                attacker.net.host.get_private_key())
+            for target in (nodes[0], asker):
+                ok = await attacker.net.dht.value_store._store_at_peer(
+                    target.net.peer_id, key.encode(), forged, record=dht_record)
+                assert not ok  # remote validators refuse it
+            cap = await asker.discovery.record_of(victim.peer_id)
+            assert cap is not None and cap.record.software == "iollm/test"
+            assert asker.discovery.metrics.rejected.labels("signer-mismatch")._value.get() >= 1
+
+            # An expired record: the victim's own, after its lifetime has passed.
+            clock.advance(7200 + 1)
+            assert asker.discovery._verify(genuine.envelope, victim.peer_id) is None
+            assert asker.discovery.metrics.rejected.labels("expired")._value.get() >= 1
+
+    run(scenario)
+
+
+def _sign_as(key: SigningKey, record: CapabilityRecord) -> bytes:
+    """Seal a record under a key that is not the record's peer (sign_capability refuses
+    to: that would be our own misuse), as an attacker's modified node would."""
+    return seal(key, DOMAIN_CAPABILITY, record.encode_body()).encode()
+
+
+def test_departed_node_disappears_after_expiry(tmp_path: Path) -> None:
+    clock = FakeClock()
+    config = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=2)
+    envs = [make_env(g) for g in [(), (24,), (40,), (8,), ()]]
+
+    async def scenario() -> None:
+        async with node_cluster(tmp_path, envs, clock, config=config) as nodes:
+            await _all_published(nodes)
+            leaver, asker = nodes[2], nodes[4]
+
+            async def sees_leaver() -> bool:
+                got = await asker.discovery.query_gpus(min_vram_gb=40)
+                return [r.peer_id for r in got] == [leaver.peer_id]
+
+            await wait_until(sees_leaver, timeout=20)
+            await leaver.stop()
+            # Time passes beyond the record lifetime; the others refresh, the leaver can't.
+            clock.advance(7200 + 1)
+            for n in nodes:
+                if n is not leaver:
+                    await n.discovery._sign_current()
+                    await n.discovery._publish_network()
+            got = await asker.discovery.query_gpus()
+            assert leaver.peer_id not in {r.peer_id for r in got}
+            assert {r.peer_id for r in got} == {n.peer_id for n in nodes if n is not leaver}
+
+    run(scenario)
+
+
+def test_frozen_peer_does_not_hang_direct_fetch(tmp_path: Path) -> None:
+    clock = FakeClock()
+    config = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=1)
+
+    async def scenario() -> None:
+        async with node_cluster(tmp_path, [make_env(), make_env()], clock,
+                                config=config) as nodes:
+            frozen, asker = nodes[0], nodes[1]
+
+            async def never_answer(stream) -> None:  # type: ignore[no-untyped-def]
+                await trio.sleep_forever()
+
+            frozen.net.host.set_stream_handler(CAPABILITY_PROTOCOL, never_answer)
+            start = trio.current_time()
+            assert await asker.discovery.fetch_direct(frozen.peer_id) is None
+            assert trio.current_time() - start < 5
+
+    run(scenario)
+
+
+def test_no_answer_to_add_provider(tmp_path: Path) -> None:
+    """A go-libp2p peer reuses the stream after ADD_PROVIDER and reads the next reply:
+    the first reply on the stream must be the one to its next request (PING here)."""
+    import varint
+    from libp2p.kad_dht.pb.kademlia_pb2 import Message
+
+    from node.framing import reset_quietly
+    from node.host import KAD_PROTOCOL_ID
+
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        async with node_cluster(tmp_path, [make_env(), make_env()], clock) as nodes:
+            server, client = nodes
+            stream = await client.net.host.new_stream(server.net.peer_id, [KAD_PROTOCOL_ID])
+            add = Message(type=Message.MessageType.ADD_PROVIDER, key=b"\x12\x20" + b"k" * 32)
+            provider = add.providerPeers.add()
+            provider.id = client.net.peer_id.to_bytes()
+            provider.addrs.append(client.net.host.get_addrs()[0].to_bytes())
+            ping = Message(type=Message.MessageType.PING)
+            for m in (add, ping):
+                data = m.SerializeToString()
+                await stream.write(varint.encode(len(data)) + data)
+            with trio.fail_after(5):
+                length = varint.decode_bytes(await stream.read(1))
+                reply = Message()
+                reply.ParseFromString(await stream.read(length))
+            assert reply.type == Message.MessageType.PING
+            await reset_quietly(stream)
+            providers = server.net.dht.provider_store.get_providers(bytes(add.key))
+            assert [p.peer_id for p in providers] == [ID(client.net.peer_id.to_bytes())]
+
+    run(scenario)
