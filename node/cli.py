@@ -214,6 +214,26 @@ def cmd_testnet_down(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------------------
 
 
+def _tcp_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535)")
+    return port
+
+
+def _nonnegative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     home = argparse.ArgumentParser(add_help=False)
     home.add_argument("--home", metavar="DIR",
@@ -252,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
                    help="bootstrap peer /ip4/.../tcp/N/p2p/<id> (repeatable; added to "
                         "node.bootstrap from config.toml)")
-    p.add_argument("--api-port", type=int, metavar="N",
+    p.add_argument("--api-port", type=_tcp_port, metavar="N",
                    help="port of the local API on 127.0.0.1 (0 = any free port)")
     p.set_defaults(func=cmd_node_start)
 
@@ -263,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Report OS, Python, torch and CUDA versions, each GPU, "
                                    "CPU cores, RAM, free disk and a short matmul benchmark.")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--bench-seconds", type=float, default=0.5, metavar="S",
+    p.add_argument("--bench-seconds", type=_nonnegative, default=0.5, metavar="S",
                    help="length of the matmul benchmark (default 0.5)")
     p.set_defaults(func=cmd_env)
 
@@ -274,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gpus", parents=[client], help="GPUs the network offers",
                        description="Query the DHT for nodes meeting the filters; only "
                                    "verified, unexpired records; most capable first.")
-    p.add_argument("--min-vram", type=float, metavar="GB",
+    p.add_argument("--min-vram", type=_nonnegative, metavar="GB",
                    help="at least this much memory on one GPU (GiB)")
-    p.add_argument("--min-tflops", type=float, metavar="X",
+    p.add_argument("--min-tflops", type=_nonnegative, metavar="X",
                    help="at least this measured matmul throughput (TFLOP/s)")
     p.set_defaults(func=cmd_gpus)
 

@@ -1,0 +1,22 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: create .venv and install the project.
+# torch is installed first and pinned: a bare torch requirement would pull a multi-GB
+# CUDA build, while 2.13.0 (CPU) installs from the local wheel cache in seconds.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "== creating .venv"
+    "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.iollm-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "== installing torch==2.13.0 and iollm (editable, with test extras)"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 2>&1 \
+        | grep -v "^WARNING: Location" || true
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 \
+        | grep -v "^WARNING: Location" || true
+    .venv/bin/python -c "import torch, libp2p, node, protocol" || {
+        echo "setup failed: the imports above did not work" >&2; exit 1; }
+    touch "$stamp"
+fi
+export PATH="$PWD/.venv/bin:$PATH"
