@@ -125,6 +125,48 @@ def _on_sigterm(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
+def _machine_busy_ticks() -> int:
+    """Busy CPU time of the whole machine, in clock ticks (all cores, from /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return 0
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return user + nice + system + irq + softirq
+
+
+def _proc_ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return int(rest[11]) + int(rest[12])  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class CpuMeter:
+    """CPU used during a phase by this benchmark (this process and its p2pd children) and by
+    everything else on the machine, in percent of one core. On a small shared machine other
+    processes' load moves these latencies a lot; this says how much there was."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.t0 = time.monotonic()
+        self.machine0 = _machine_busy_ticks()
+        self.own0 = self._own()
+
+    def _own(self) -> int:
+        return _proc_ticks(os.getpid()) + sum(_proc_ticks(p) for p in self.pids if p > 0)
+
+    def read(self) -> dict[str, float]:
+        dt = max(time.monotonic() - self.t0, 1e-6)
+        hz = os.sysconf("SC_CLK_TCK")
+        own = (self._own() - self.own0) / hz / dt * 100.0
+        machine = (_machine_busy_ticks() - self.machine0) / hz / dt * 100.0
+        return {"own_cpu_pct": round(own, 1), "other_cpu_pct": round(max(machine - own, 0.0), 1)}
+
+
 class Swarm:
     """N DHTNodes in this process and the pids of their p2pd daemons."""
 
@@ -221,7 +263,6 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     records = [rng.randbytes(RECORD_SIZE) for _ in range(n)]
     keys = [f"iollm-bench/capability/{args.seed}/{i}" for i in range(n)]
     swarm = Swarm()
-    # Other processes on a 2-core machine move these latencies a lot: record the load.
     detail: dict[str, Any] = {"cpus": os.cpu_count(), "loadavg_1m_start": os.getloadavg()[0]}
     try:
         t0 = time.monotonic()
@@ -254,11 +295,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         )
 
         log(f"{args.queries} queries among {n} nodes")
+        meter = CpuMeter(swarm.p2pd_pids)
         before = await asyncio.wait_for(
             run_queries(swarm, records, keys, args.queries, rng, args.query_timeout_s),
             args.phase_timeout_s,
         )
-        log(f"before: {before}")
+        detail["cpu_before"] = meter.read()
+        log(f"before: {before}, cpu {detail['cpu_before']}")
 
         n_kill = round(n * args.kill_fraction)
         victims = sorted(rng.sample(range(n), n_kill))
@@ -274,11 +317,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         log(f"killed nodes {victims}; their p2pd processes are gone")
 
         log(f"{args.queries} queries among {n - n_kill} survivors, keys of all {n} nodes")
+        meter = CpuMeter([p for p, ok in zip(swarm.p2pd_pids, swarm.alive, strict=True) if ok])
         after = await asyncio.wait_for(
             run_queries(swarm, records, keys, args.queries, rng, args.query_timeout_s),
             args.phase_timeout_s,
         )
-        log(f"after: {after}")
+        detail["cpu_after"] = meter.read()
+        log(f"after: {after}, cpu {detail['cpu_after']}")
     finally:
         await swarm.close(args.node_timeout_s)
     detail["loadavg_1m_end"] = os.getloadavg()[0]
