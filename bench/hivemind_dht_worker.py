@@ -110,6 +110,8 @@ def _pid_alive(pid: int) -> bool:
 # Every p2pd this process started, for the last-resort cleanup in main() and on SIGTERM:
 # an orphaned p2pd would otherwise outlive this process.
 _ALL_P2PD_PIDS: list[int] = []
+# The unix control sockets hivemind makes in /tmp; its shutdown removes them, a kill does not.
+_ALL_SOCKETS: list[str] = []
 
 
 def _kill_all_p2pd() -> None:
@@ -117,6 +119,9 @@ def _kill_all_p2pd() -> None:
         if pid > 0 and _pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    for path in _ALL_SOCKETS:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -189,6 +194,9 @@ class Swarm:
             child = node.p2p._child  # hivemind keeps the p2pd subprocess here
             self.p2pd_pids.append(child.pid if child is not None else -1)
             _ALL_P2PD_PIDS.append(self.p2pd_pids[-1])
+            for maddr in (node.p2p._daemon_listen_maddr, node.p2p._client_listen_maddr):
+                with contextlib.suppress(Exception):
+                    _ALL_SOCKETS.append(maddr["unix"])
             self.alive.append(True)
             maddrs.append([str(a) for a in await node.get_visible_maddrs()])
             if i == 0 or (i + 1) % 5 == 0 or i + 1 == n:
