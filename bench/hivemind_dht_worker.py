@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import random
 import signal
@@ -47,6 +46,7 @@ from typing import Any
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
 
 import hivemind
+from benchstats import percentile
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -72,16 +72,6 @@ P2P_OPTIONS: dict[str, Any] = {
 
 def log(msg: str) -> None:
     print(f"[hivemind-worker {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def percentile(sorted_xs: list[float], q: float) -> float:
-    """Linear interpolation between order statistics, as numpy.percentile does by default."""
-    if not sorted_xs:
-        return math.nan
-    pos = (len(sorted_xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
 def _rss_bytes(pid: int) -> int:

@@ -42,8 +42,14 @@ port = 7780
 refresh_interval_s = 600
 # How long a published capability record stays valid, in seconds (> refresh interval).
 record_ttl_s = 1800
+# How often the current record is re-announced on gossip, in seconds (keeps every
+# node's replica fresh, so most queries are answered locally).
+gossip_interval_s = 60
 # Deadline for one network query (DHT lookup, record fetch), in seconds.
 query_timeout_s = 10
+# Deadline for one request to one peer within a query; a peer that misses it is skipped
+# by later queries for a minute. Seconds.
+rpc_timeout_s = 3
 
 [probe]
 # Length of the matmul benchmark in the environment probe, in seconds.
@@ -74,7 +80,9 @@ class ApiSection:
 class DiscoverySection:
     refresh_interval_s: float = 600.0
     record_ttl_s: float = 1800.0
+    gossip_interval_s: float = 60.0
     query_timeout_s: float = 10.0
+    rpc_timeout_s: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,7 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
         sections[name] = cls(**kwargs)
     config = Config(**sections)
     d = config.discovery
-    if d.refresh_interval_s <= 0 or d.query_timeout_s <= 0:
+    if min(d.refresh_interval_s, d.gossip_interval_s, d.query_timeout_s, d.rpc_timeout_s) <= 0:
         raise ConfigError(f"{source}: discovery intervals must be positive")
     if d.record_ttl_s <= d.refresh_interval_s:
         raise ConfigError(

@@ -19,6 +19,7 @@ module only moves bytes and owns the timeouts.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,8 +36,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from node.config import DiscoverySection
 from node.framing import FrameError, read_frame, reset_quietly, write_frame
-from node.host import Network
+from node.host import Network, parse_multiaddr
 from node.identity import peer_id_of
+from node.lookup import Unresponsive, walk
 from node.storage import Storage
 from protocol.capability import (
     CAPABILITY_PROTOCOL_ID,
@@ -65,6 +67,8 @@ CAPABILITY_TOPIC = "/iollm/capability/1"
 SEQ_KEY = "capability.seq"
 FETCH_CONCURRENCY = 16
 PUBLISH_CONCURRENCY = 3
+GOSSIP_STARTUP_REPEATS_S = (1.0, 2.0, 5.0)  # after joining, then every gossip_interval_s
+KNOWN_PEERS_REDIAL = 16  # most recently seen peers dialled at start-up
 MAX_PROVIDERS = 1000
 
 
@@ -139,6 +143,8 @@ class Discovery:
         self.current: PeerCapability | None = None
         self.bootstrapped = trio.Event()
         self.published = trio.Event()  # set after the first network publish completes
+        self.unresponsive = Unresponsive()
+        self.rpc_timeout = config.rpc_timeout_s
 
     # -- service -----------------------------------------------------------------------
 
@@ -153,6 +159,9 @@ class Discovery:
                 nursery.start_soon(self._keep_bootstrap, info)
             if not self.bootstrap:
                 self.bootstrapped.set()
+            await self._restore()
+            nursery.start_soon(self._redial_known_peers)
+            nursery.start_soon(self._repeat_gossip)
             # The record is signed and stored locally first, so the node answers queries
             # about itself at once; the network side of publishing follows in background.
             await self._sign_current()
@@ -218,6 +227,50 @@ class Discovery:
             nursery.start_soon(attempt, "gossip of the capability record",
                                self.net.pubsub.publish, CAPABILITY_TOPIC, envelope)
         self.published.set()
+
+    async def _restore(self) -> None:
+        """After a restart: put the stored, still valid records of other nodes back into
+        the local DHT store, so queries are answered before the network catches up."""
+        for row in await self.storage.list_capabilities(self.clock_ms()):
+            cap = self._verify(row.envelope, row.peer_id)
+            if cap is not None and row.peer_id != self.peer_id:
+                self.net.dht.value_store.put(capability_dht_key(row.peer_id).encode(),
+                                             row.envelope)
+
+    async def _redial_known_peers(self) -> None:
+        """Dial the most recently seen peers once each, so a restarted node rejoins even
+        while its bootstrap peers are down."""
+        rows = (await self.storage.list_peers())[:KNOWN_PEERS_REDIAL]
+
+        async def dial(peer_id: str, addrs: list[str]) -> None:
+            try:
+                info = PeerInfo(ID.from_base58(peer_id), [parse_multiaddr(a) for a in addrs])
+                await self.net.connect(info, timeout=self.config.query_timeout_s)
+            except Exception as exc:
+                log.debug("known peer %s not reachable: %r", peer_id, exc)
+                return
+            self.bootstrapped.set()
+
+        async with trio.open_nursery() as nursery:
+            for row in rows:
+                if row.peer_id != self.peer_id and row.addrs:
+                    nursery.start_soon(dial, row.peer_id, row.addrs)
+
+    async def _repeat_gossip(self) -> None:
+        """Re-announce the current record: soon after start (the gossip mesh takes a few
+        heartbeats to form, and py-libp2p drops what it cannot deliver), then every
+        ``gossip_interval_s``. Announcements are idempotent: receivers keep the highest seq."""
+        await self.bootstrapped.wait()
+        steady = itertools.repeat(self.config.gossip_interval_s)
+        for delay in itertools.chain(GOSSIP_STARTUP_REPEATS_S, steady):
+            await trio.sleep(delay)
+            if self.current is None:
+                continue
+            with trio.move_on_after(self.config.query_timeout_s):
+                try:
+                    await self.net.pubsub.publish(CAPABILITY_TOPIC, self.current.envelope)
+                except Exception as exc:
+                    log.info("gossip of the capability record failed: %r", exc)
 
     async def _keep_bootstrap(self, info: PeerInfo) -> None:
         """Dial a bootstrap peer until connected, with capped exponential backoff;
@@ -293,16 +346,14 @@ class Discovery:
     async def _remember(self, cap: PeerCapability) -> None:
         """Keep a verified record: SQLite for restarts, the DHT store as a fresh replica."""
         record = cap.record
-        stored = await self.storage.put_capability(record.peer_id, record.seq,
-                                                   record.expires_ms, cap.envelope)
-        if not stored:
-            return  # we already hold this seq or a newer one
         key = capability_dht_key(record.peer_id).encode()
         old = self.net.dht.value_store.get(key)
-        values = [cap.envelope] + ([old.value] if old is not None else [])
-        if select_best(values, self.clock_ms()) == 0:
+        if old is None or (old.value != cap.envelope
+                           and select_best([cap.envelope, old.value], self.clock_ms()) == 0):
             self.net.dht.value_store.put(key, cap.envelope)
-        await self.storage.upsert_peer(record.peer_id, list(record.addrs), self.clock_ms())
+        if await self.storage.put_capability(record.peer_id, record.seq, record.expires_ms,
+                                             cap.envelope):
+            await self.storage.upsert_peer(record.peer_id, list(record.addrs), self.clock_ms())
 
     # -- queries --------------------------------------------------------------------------
 
@@ -333,54 +384,63 @@ class Discovery:
             return None
         return self._verify(data, peer_id)
 
+    async def record_from_network(self, peer_id: str) -> PeerCapability | None:
+        """The best verified record of ``peer_id`` held by the peers closest to its DHT key.
+
+        py-libp2p's ``get_value`` answers from the local store whenever it holds any copy,
+        so a stale local copy would hide a newer one; this always asks the network."""
+        key = capability_dht_key(peer_id).encode()
+        store = self.net.dht.value_store
+
+        async def get_value(peer: ID) -> tuple[bytes | None, list[ID]]:
+            value, closer = await store._get_from_peer(peer, key, return_closer_peers=True)
+            return (value if isinstance(value, bytes) else None), closer
+
+        with trio.move_on_after(self.config.query_timeout_s):
+            result = await walk(self.net.dht, key, get_value, rpc_timeout=self.rpc_timeout,
+                                unresponsive=self.unresponsive)
+            caps = [c for _, v in result.answers if (c := self._verify(v, peer_id))]
+            if caps:
+                return max(caps, key=lambda c: (c.record.seq, c.record.created_ms))
+        return None
+
+    def local_record(self, peer_id: str) -> PeerCapability | None:
+        """The valid replica of ``peer_id``'s record in the local DHT store, if any."""
+        local = self.net.dht.value_store.get(capability_dht_key(peer_id).encode())
+        return self._verify(local.value, peer_id) if local is not None else None
+
     async def record_of(self, peer_id: str) -> PeerCapability | None:
-        """A verified, unexpired record of ``peer_id``: local replica, then the DHT, then the
-        peer itself. ``None`` when none of them has one."""
+        """A verified, unexpired record of ``peer_id``: the local replica (kept fresh by
+        gossip), else the DHT, else the peer itself. ``None`` when none of them has one."""
         if peer_id == self.peer_id:
             return self.current
-        key = capability_dht_key(peer_id)
-        local = self.net.dht.value_store.get(key.encode())
-        cap = self._verify(local.value if local is not None else None, peer_id)
-        if cap is None:
-            if local is not None:  # expired or invalid: it would hide the network's copy
-                self.net.dht.value_store.remove(key.encode())
-            with trio.move_on_after(self.config.query_timeout_s):
-                try:
-                    cap = self._verify(await self.net.dht.get_value(key), peer_id)
-                except Exception as exc:
-                    log.debug("DHT get of %s failed: %r", key, exc)
-        if cap is None:
-            cap = await self.fetch_direct(peer_id)
-        if cap is not None and (local is None or local.value != cap.envelope):
+        cap = self.local_record(peer_id)
+        if cap is not None:
+            return cap
+        cap = await self.record_from_network(peer_id) or await self.fetch_direct(peer_id)
+        if cap is not None:
             await self._remember(cap)
         return cap
 
     async def find_providers(self, key_hex: str) -> list[PeerInfo]:
-        """All providers of a key: the local store merged with the k closest peers' answers.
+        """All providers of a key: the local store merged with the closest peers' answers.
 
         py-libp2p's own ``find_providers`` returns the local store alone whenever it is
-        non-empty and may return duplicates; this asks the network every time."""
+        non-empty, and may return duplicates; this asks the network every time."""
         key = bytes.fromhex(key_hex)
         store = self.net.dht.provider_store
         found: dict[ID, PeerInfo] = {p.peer_id: p for p in store.get_providers(key)}
+
+        async def get_providers(peer: ID) -> tuple[list[PeerInfo] | None, list[ID]]:
+            providers, closer = await store._get_providers_from_peer_with_closers(peer, key)
+            return providers[:MAX_PROVIDERS], closer
+
         with trio.move_on_after(self.config.query_timeout_s):
-            closest = await self.net.dht.peer_routing.find_closest_peers_network(key)
-
-            async def ask(peer: ID) -> None:
-                with trio.move_on_after(self.config.query_timeout_s):
-                    try:
-                        providers, _ = await store._get_providers_from_peer_with_closers(
-                            peer, key)
-                    except Exception as exc:
-                        log.debug("GET_PROVIDERS from %s failed: %r", peer, exc)
-                        return
-                    for info in providers[:MAX_PROVIDERS]:
-                        found.setdefault(info.peer_id, info)
-
-            async with trio.open_nursery() as nursery:
-                for peer in closest:
-                    if peer != self.net.peer_id:
-                        nursery.start_soon(ask, peer)
+            result = await walk(self.net.dht, key, get_providers, rpc_timeout=self.rpc_timeout,
+                                unresponsive=self.unresponsive)
+            for _, providers in result.answers:
+                for info in providers:
+                    found.setdefault(info.peer_id, info)
         for info in found.values():
             if info.addrs:
                 self.net.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)

@@ -106,7 +106,7 @@ def test_forged_and_expired_records_are_rejected(tmp_path: Path) -> None:
                     target.net.peer_id, key.encode(), forged, record=dht_record)
                 assert not ok  # remote validators refuse it
             cap = await asker.discovery.record_of(victim.peer_id)
-            assert cap is not None and cap.record.software == "iollm/test"
+            assert cap is not None and cap.record.software == "iollm/local"
             assert asker.discovery.metrics.rejected.labels("signer-mismatch")._value.get() >= 1
 
             # An expired record: the victim's own, after its lifetime has passed.
@@ -138,7 +138,7 @@ def test_departed_node_disappears_after_expiry(tmp_path: Path) -> None:
                 return [r.peer_id for r in got] == [leaver.peer_id]
 
             await wait_until(sees_leaver, timeout=20)
-            await leaver.stop()
+            leaver.kill()
             # Time passes beyond the record lifetime; the others refresh, the leaver can't.
             clock.advance(7200 + 1)
             for n in nodes:
