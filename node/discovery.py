@@ -396,13 +396,12 @@ class Discovery:
             value, closer = await store._get_from_peer(peer, key, return_closer_peers=True)
             return (value if isinstance(value, bytes) else None), closer
 
-        with trio.move_on_after(self.config.query_timeout_s):
-            result = await walk(self.net.dht, key, get_value, rpc_timeout=self.rpc_timeout,
-                                unresponsive=self.unresponsive)
-            caps = [c for _, v in result.answers if (c := self._verify(v, peer_id))]
-            if caps:
-                return max(caps, key=lambda c: (c.record.seq, c.record.created_ms))
-        return None
+        result = await walk(self.net.dht, key, get_value, rpc_timeout=self.rpc_timeout,
+                            timeout=self.config.query_timeout_s, unresponsive=self.unresponsive)
+        caps = [c for _, v in result.answers if (c := self._verify(v, peer_id))]
+        if not caps:
+            return None
+        return max(caps, key=lambda c: (c.record.seq, c.record.created_ms))
 
     def local_record(self, peer_id: str) -> PeerCapability | None:
         """The valid replica of ``peer_id``'s record in the local DHT store, if any."""
@@ -435,12 +434,11 @@ class Discovery:
             providers, closer = await store._get_providers_from_peer_with_closers(peer, key)
             return providers[:MAX_PROVIDERS], closer
 
-        with trio.move_on_after(self.config.query_timeout_s):
-            result = await walk(self.net.dht, key, get_providers, rpc_timeout=self.rpc_timeout,
-                                unresponsive=self.unresponsive)
-            for _, providers in result.answers:
-                for info in providers:
-                    found.setdefault(info.peer_id, info)
+        result = await walk(self.net.dht, key, get_providers, rpc_timeout=self.rpc_timeout,
+                            timeout=self.config.query_timeout_s, unresponsive=self.unresponsive)
+        for _, providers in result.answers:
+            for info in providers:
+                found.setdefault(info.peer_id, info)
         for info in found.values():
             if info.addrs:
                 self.net.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)

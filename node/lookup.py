@@ -68,11 +68,13 @@ async def walk(
     query: PeerQuery[T],
     *,
     rpc_timeout: float,
+    timeout: float,
     unresponsive: Unresponsive,
     k: int = K,
     alpha: int = ALPHA,
 ) -> WalkResult[T]:
-    """Walk towards ``key`` until the ``k`` closest live peers seen have all answered."""
+    """Walk towards ``key`` until the ``k`` closest live peers seen have all answered, or
+    ``timeout`` seconds have passed: then it returns what it has collected so far."""
     local = dht.host.get_id()
     # The keyspace of go-libp2p and py-libp2p: SHA-256 of the key and of the peer id bytes.
     target = hashlib.sha256(key).digest()
@@ -110,31 +112,34 @@ async def walk(
         return [p for p in live[:k] if p not in queried]
 
     in_flight = 0
-    async with trio.open_nursery() as nursery:
+    # The nursery sits inside the deadline: on timeout the stragglers are cancelled and
+    # the walk returns what it has (a partial answer beats none).
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as nursery:
 
-        def launch() -> None:
-            nonlocal in_flight
-            for peer in next_peers()[: max(0, alpha - in_flight)]:
-                queried.add(peer)
-                in_flight += 1
-                nursery.start_soon(ask, peer)
+            def launch() -> None:
+                nonlocal in_flight
+                for peer in next_peers()[: max(0, alpha - in_flight)]:
+                    queried.add(peer)
+                    in_flight += 1
+                    nursery.start_soon(ask, peer)
 
-        launch()
-        while in_flight:
-            peer, ok, payload, closer = await receive.receive()
-            in_flight -= 1
-            if ok:
-                responded.add(peer)
-                if payload is not None:
-                    answers.append((peer, payload))
-                now = trio.current_time()
-                for c in closer:
-                    if c != local and c not in candidates and not unresponsive.is_bad(c, now):
-                        candidates[c] = distance(c)
-            else:
-                failed.add(peer)
-                unresponsive.mark(peer, trio.current_time())
-                dht.routing_table.remove_peer(peer)
             launch()
+            while in_flight:
+                peer, ok, payload, closer = await receive.receive()
+                in_flight -= 1
+                if ok:
+                    responded.add(peer)
+                    if payload is not None:
+                        answers.append((peer, payload))
+                    now = trio.current_time()
+                    for c in closer:
+                        if c != local and c not in candidates and not unresponsive.is_bad(c, now):
+                            candidates[c] = distance(c)
+                else:
+                    failed.add(peer)
+                    unresponsive.mark(peer, trio.current_time())
+                    dht.routing_table.remove_peer(peer)
+                launch()
     closest = sorted(responded, key=candidates.__getitem__)[:k]
     return WalkResult(answers, closest, failed)
