@@ -93,7 +93,7 @@ async def timed_queries(
 
 
 async def query_phase(askers: list[LocalNode], targets: list[LocalNode], queries: int,
-                      rng: random.Random) -> dict[str, Any]:
+                      network_queries: int, rng: random.Random) -> dict[str, Any]:
     expected = {t.peer_id: t.discovery.current for t in targets}
 
     def pick() -> tuple[LocalNode, LocalNode]:
@@ -122,9 +122,9 @@ async def query_phase(askers: list[LocalNode], targets: list[LocalNode], queries
 
     log(f"  node path: {queries} queries")
     node = await timed_queries(queries, rng, node_path)
-    log(f"  network path: {queries} queries")
-    network = await timed_queries(queries, rng, network_path)
-    classes = max(queries // 10, 10)
+    log(f"  network path: {network_queries} queries")
+    network = await timed_queries(network_queries, rng, network_path)
+    classes = network_queries
     log(f"  class queries: {classes}")
     cls = await timed_queries(classes, rng, class_query)
     return {"node": node, "network": network, "class": cls}
@@ -172,13 +172,13 @@ async def bench_iollm(args: argparse.Namespace) -> dict[str, Any]:
             log(f"iollm: every record published after {publish_s:.1f} s")
             settle_s = await settle(nodes, deadline_s=args.settle_s)
             rss = proc.memory_info().rss
-            before = await query_phase(nodes, nodes, args.queries, rng)
+            before = await query_phase(nodes, nodes, args.queries, args.network_queries, rng)
             killed = rng.sample(nodes[1:], round(args.nodes * args.kill_fraction))
             for n in killed:
                 n.kill()
             survivors = [n for n in nodes if n not in killed]
             log(f"iollm: killed {len(killed)} nodes")
-            after = await query_phase(survivors, nodes, args.queries, rng)
+            after = await query_phase(survivors, nodes, args.queries, args.network_queries, rng)
     return {"nodes": args.nodes, "killed": len(killed), "before": before, "after": after,
             "publish_s": publish_s, "settle_s": settle_s, "mem_per_node_mb": rss / args.nodes / 1e6,
             "mem_per_node_excl_interpreter_mb": (rss - rss_before) / args.nodes / 1e6}
@@ -240,11 +240,22 @@ def report(ours: dict[str, Any], theirs: dict[str, Any] | None) -> list[str]:
     return missed
 
 
+def quiet_libraries() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("libp2p", "multiaddr", "asyncio", "aiosqlite"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=30)
-    p.add_argument("--queries", type=int, default=300, help="queries per path and phase")
+    p.add_argument("--queries", type=int, default=300,
+                   help="node-path queries per phase (the comparison with hivemind)")
+    p.add_argument("--network-queries", type=int, default=30,
+                   help="network-path and class queries per phase (slower: each is a walk)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--kill-fraction", type=float, default=0.2)
     p.add_argument("--query-timeout-s", type=float, default=10.0)
@@ -257,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nodes < 5 or not 0 < args.kill_fraction < 1:
         p.error("need at least 5 nodes and a kill fraction in (0, 1)")
 
+    quiet_libraries()
     ours = trio.run(bench_iollm, args)
     theirs = None
     if not args.skip_hivemind:

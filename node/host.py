@@ -44,6 +44,7 @@ from nacl.signing import SigningKey
 log = logging.getLogger(__name__)
 
 KAD_PROTOCOL_ID = TProtocol("/ipfs/kad/1.0.0")
+HEARTBEAT_S = 1  # gossipsub heartbeat (py-libp2p default 120 s; go-libp2p 1 s)
 # The library logs every normal stream EOF of the DHT as a warning.
 logging.getLogger("libp2p.kad_dht").setLevel(logging.ERROR)
 
@@ -213,7 +214,7 @@ async def open_network(
         degree=6,
         degree_low=4,
         degree_high=12,
-        heartbeat_interval=1,
+        heartbeat_interval=HEARTBEAT_S,
         spam_protection_enabled=False,
     )
     pubsub = Pubsub(host, gossipsub)

@@ -788,3 +788,32 @@ def test_spec_test_vectors() -> None:
     assert len(values) == 2 and len(classes) == 4
     assert all(capability_dht_key(p) == k for p, k in values)
     assert all(class_provider_key(n) == k for n, k in classes)
+
+
+def _spec_section(text: str, heading: str) -> str:
+    return text.split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
+
+
+def test_spec_discovery_configuration_matches_code() -> None:
+    import tomllib
+
+    from node.config import DEFAULT_CONFIG_TOML, DiscoverySection
+
+    section = _spec_section(SPEC.read_text(encoding="utf-8"), "### Configuration")
+    rows = dict(re.findall(r"^\| `(\w+)` +\| float +\| `([^`]+)` +\|", section, re.MULTILINE))
+    defaults = DiscoverySection()
+    documented = tomllib.loads(DEFAULT_CONFIG_TOML)["discovery"]
+    assert set(rows) == {f.name for f in dataclasses.fields(DiscoverySection)} == set(documented)
+    for name, value in rows.items():
+        assert getattr(defaults, name) == documented[name] == ast.literal_eval(value), name
+
+
+def test_spec_node_constants_match_code() -> None:
+    import importlib
+
+    section = _spec_section(SPEC.read_text(encoding="utf-8"), "### Node constants")
+    rows = re.findall(r"^\| `(node\.\w+)\.([A-Z_]+)` +\| \w+ +\| `([^`]+)` +\|", section,
+                      re.MULTILINE)
+    assert len(rows) >= 9
+    for module, name, value in rows:
+        assert getattr(importlib.import_module(module), name) == ast.literal_eval(value), name

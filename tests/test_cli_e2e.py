@@ -71,6 +71,13 @@ def test_testnet_up_gpus_and_auth(tmp_path: Path) -> None:
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=10)
         assert err.value.code == 401
+        token = (net / "bootstrap" / "api.token").read_text().strip()
+        req = urllib.request.Request(f"{api}/metrics",
+                                     headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            metrics = resp.read().decode()
+        assert "iollm_capability_published_total" in metrics
+        assert "iollm_connected_peers" in metrics
 
         bad = iollm("gpus", "--min-vram", "-3", "--home", str(net / "node-1"), check=False)
         assert bad.returncode == 2 and "non-negative" in bad.stderr

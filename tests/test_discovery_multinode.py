@@ -206,3 +206,54 @@ def test_no_answer_to_add_provider(tmp_path: Path) -> None:
             assert [p.peer_id for p in providers] == [ID(client.net.peer_id.to_bytes())]
 
     run(scenario)
+
+
+def test_gossip_rejects_forged_and_keeps_newest(tmp_path: Path) -> None:
+    """Gossip verdicts: a record claiming another peer is rejected; a replayed older record
+    of a peer never replaces the newer replica; a newer one does."""
+    from node.discovery import CAPABILITY_TOPIC
+
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        async with node_cluster(tmp_path, [make_env(), make_env((24,)), make_env((40,))],
+                                clock) as nodes:
+            await _all_published(nodes)
+            observer, victim, attacker = nodes
+
+            async def observer_has_victim() -> bool:
+                return observer.discovery.local_record(victim.peer_id) is not None
+
+            await wait_until(observer_has_victim, timeout=30)
+            genuine = victim.discovery.current
+            assert genuine is not None
+            rejected = observer.discovery.metrics.rejected
+
+            forged_record = CapabilityRecord(
+                peer_id=victim.peer_id, addrs=genuine.record.addrs, software="evil",
+                seq=genuine.record.seq + 1, created_ms=clock(), expires_ms=clock() + 3_600_000,
+                env=make_env((80,)))
+            before = rejected.labels("signer-mismatch")._value.get()
+            await attacker.net.pubsub.publish(CAPABILITY_TOPIC,
+                                              _sign_as(attacker.key, forged_record))
+
+            async def forged_rejected() -> bool:
+                return rejected.labels("signer-mismatch")._value.get() > before
+
+            await wait_until(forged_rejected, timeout=20)
+            assert observer.discovery.local_record(victim.peer_id) == genuine
+
+            # The victim re-signs (seq goes up); then someone replays the old envelope.
+            await victim.discovery._sign_current()
+            newer = victim.discovery.current
+            assert newer is not None and newer.record.seq > genuine.record.seq
+            await victim.net.pubsub.publish(CAPABILITY_TOPIC, newer.envelope)
+
+            async def observer_has_newer() -> bool:
+                return observer.discovery.local_record(victim.peer_id) == newer
+
+            await wait_until(observer_has_newer, timeout=20)
+            await observer.discovery._remember(genuine)  # a replay, however it arrives
+            assert observer.discovery.local_record(victim.peer_id) == newer
+
+    run(scenario)
