@@ -155,6 +155,8 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
             f"{source}: discovery.record_ttl_s ({d.record_ttl_s}) must exceed "
             f"discovery.refresh_interval_s ({d.refresh_interval_s}), or records lapse"
         )
+    if not 1 <= d.record_ttl_s <= 86400:
+        raise ConfigError(f"{source}: discovery.record_ttl_s must be between 1 and 86400 (24 h)")
     if not 0 <= config.api.port <= 65535:
         raise ConfigError(f"{source}: api.port {config.api.port} is not a TCP port")
     if not 0 < config.probe.bench_seconds <= 60:

@@ -145,6 +145,9 @@ async def run_daemon(
                 "connected_peers": len(net.host.get_connected_peers()),
                 "routing_table_size": net.dht.get_routing_table_size(),
                 "record": record_to_json(current.record) if current else None,
+                # True once the record has been put, gossiped and provided under every
+                # class at least once (testnet up waits for it).
+                "published": discovery.published.is_set(),
             }
 
         async def env_route(_: Request) -> Any:

@@ -36,12 +36,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from node.config import DiscoverySection
 from node.framing import FrameError, read_frame, reset_quietly, write_frame
-from node.host import Network, parse_multiaddr
+from node.host import BadMultiaddr, Network, parse_multiaddr
 from node.identity import peer_id_of
 from node.lookup import Unresponsive, walk
 from node.storage import Storage
 from protocol.capability import (
     CAPABILITY_PROTOCOL_ID,
+    MAX_ADDRS,
     MAX_CAPABILITY_BYTES,
     STREAM_TIMEOUT_S,
     CapabilityRecord,
@@ -66,8 +67,8 @@ CAPABILITY_PROTOCOL = TProtocol(CAPABILITY_PROTOCOL_ID)
 CAPABILITY_TOPIC = "/iollm/capability/1"
 SEQ_KEY = "capability.seq"
 FETCH_CONCURRENCY = 16
-PUBLISH_CONCURRENCY = 3
-GOSSIP_STARTUP_REPEATS_S = (1.0, 2.0, 5.0)  # after joining, then every gossip_interval_s
+PROVIDE_SPACING_S = 1.1  # > 10 s / 10: py-libp2p's ADD_PROVIDER limit per sender
+GOSSIP_STARTUP_REPEATS_S = (1.0, 2.0, 5.0)  # s after joining; then every gossip_interval_s
 KNOWN_PEERS_REDIAL = 16  # most recently seen peers dialled at start-up
 MAX_PROVIDERS = 1000
 
@@ -169,6 +170,7 @@ class Discovery:
             while True:
                 nursery.start_soon(self._publish_network)
                 await trio.sleep(self.config.refresh_interval_s)
+                await self.storage.prune_capabilities(self.clock_ms())
                 await self._sign_current()
 
     async def _sign_current(self) -> None:
@@ -180,7 +182,7 @@ class Discovery:
         await self.storage.kv_set(SEQ_KEY, seq)
         record = CapabilityRecord(
             peer_id=self.peer_id,
-            addrs=tuple(self.net.listen_addrs()),
+            addrs=tuple(self.net.listen_addrs()[:MAX_ADDRS]),  # loopback sorts last
             software=self.software,
             seq=seq,
             created_ms=now,
@@ -190,43 +192,52 @@ class Discovery:
         envelope = sign_capability(self.key, record)
         self.current = PeerCapability(record, envelope)
         await self.storage.put_capability(self.peer_id, seq, record.expires_ms, envelope)
-        self.net.dht.value_store.put(capability_dht_key(self.peer_id).encode(), envelope)
+        self._store_replica(record, envelope)
         self.metrics.published.inc()
 
     async def _publish_network(self) -> None:
-        """Put the DHT value, provide the class keys, gossip: concurrently, each bounded by
-        the query timeout, each best-effort (the next refresh repeats them all)."""
+        """Put the DHT value and gossip at once, provide the class keys paced; each step
+        bounded by the query timeout and best-effort (the next refresh repeats them all)."""
         assert self.current is not None
         await self.bootstrapped.wait()
         envelope = self.current.envelope
-        timeout = self.config.query_timeout_s
-
-        # A few at a time: each is a full Kademlia lookup, and a burst of them from every
-        # node at once overruns py-libp2p's 12 concurrent inbound DHT handlers per node,
-        # which then resets streams and the lookups stall until their timeouts.
-        limiter = trio.CapacityLimiter(PUBLISH_CONCURRENCY)
-
-        async def attempt(what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-            await limiter.acquire()
-            started = trio.current_time()
-            with trio.move_on_after(timeout):
-                try:
-                    await fn(*args)
-                except Exception as exc:
-                    log.info("%s failed: %r", what, exc)
-            limiter.release()
-            log.debug("%s took %.3f s", what, trio.current_time() - started)
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(attempt, "DHT put of the capability record",
+            nursery.start_soon(self._attempt, "DHT put of the capability record",
                                self.net.dht.put_value, capability_dht_key(self.peer_id),
                                envelope)
-            for name in capability_classes(self.env):
-                nursery.start_soon(attempt, f"providing class {name}", self.net.dht.provide,
-                                   class_provider_key(name))
-            nursery.start_soon(attempt, "gossip of the capability record",
+            nursery.start_soon(self._attempt, "gossip of the capability record",
                                self.net.pubsub.publish, CAPABILITY_TOPIC, envelope)
+            nursery.start_soon(self._provide_classes)
         self.published.set()
+
+    async def _provide_classes(self) -> None:
+        """One provide per class, the most selective first, started PROVIDE_SPACING_S
+        apart: py-libp2p accepts at most 10 ADD_PROVIDER from one sender per 10 s window
+        and silently drops (and resets) the rest, and a node has up to 15 classes."""
+        classes = capability_classes(self.env)
+        generic = [c for c in classes if not c.startswith("gpu-mem-")]
+        ordered = generic + [c for c in reversed(classes) if c.startswith("gpu-mem-")]
+        async with trio.open_nursery() as nursery:
+            for i, name in enumerate(ordered):
+                if i:
+                    await trio.sleep(PROVIDE_SPACING_S)
+                nursery.start_soon(self._attempt, f"providing class {name}",
+                                   self.net.dht.provide, class_provider_key(name))
+
+    async def _attempt(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        started = trio.current_time()
+        with trio.move_on_after(self.config.query_timeout_s):
+            try:
+                await fn(*args)
+            except Exception as exc:
+                log.info("%s failed: %r", what, exc)
+        log.debug("%s took %.3f s", what, trio.current_time() - started)
+
+    def _store_replica(self, record: CapabilityRecord, envelope: bytes) -> None:
+        """Put a verified record in the local DHT store, which serves it to GET_VALUE until
+        the record expires (the store's validity is wall-clock seconds)."""
+        self.net.dht.value_store.put(capability_dht_key(record.peer_id).encode(), envelope,
+                                     validity=record.expires_ms / 1000)
 
     async def _restore(self) -> None:
         """After a restart: put the stored, still valid records of other nodes back into
@@ -234,8 +245,7 @@ class Discovery:
         for row in await self.storage.list_capabilities(self.clock_ms()):
             cap = self._verify(row.envelope, row.peer_id)
             if cap is not None and row.peer_id != self.peer_id:
-                self.net.dht.value_store.put(capability_dht_key(row.peer_id).encode(),
-                                             row.envelope)
+                self._store_replica(cap.record, row.envelope)
 
     async def _redial_known_peers(self) -> None:
         """Dial the most recently seen peers once each, so a restarted node rejoins even
@@ -243,8 +253,14 @@ class Discovery:
         rows = (await self.storage.list_peers())[:KNOWN_PEERS_REDIAL]
 
         async def dial(peer_id: str, addrs: list[str]) -> None:
+            good = []
+            for text in addrs:
+                try:
+                    good.append(parse_multiaddr(text))
+                except BadMultiaddr:
+                    log.debug("skipping bad stored address %r of %s", text, peer_id)
             try:
-                info = PeerInfo(ID.from_base58(peer_id), [parse_multiaddr(a) for a in addrs])
+                info = PeerInfo(ID.from_base58(peer_id), good)
                 await self.net.connect(info, timeout=self.config.query_timeout_s)
             except Exception as exc:
                 log.debug("known peer %s not reachable: %r", peer_id, exc)
@@ -261,8 +277,9 @@ class Discovery:
         heartbeats to form, and py-libp2p drops what it cannot deliver), then every
         ``gossip_interval_s``. Announcements are idempotent: receivers keep the highest seq."""
         await self.bootstrapped.wait()
+        startup = [b - a for a, b in itertools.pairwise((0.0, *GOSSIP_STARTUP_REPEATS_S))]
         steady = itertools.repeat(self.config.gossip_interval_s)
-        for delay in itertools.chain(GOSSIP_STARTUP_REPEATS_S, steady):
+        for delay in itertools.chain(startup, steady):
             await trio.sleep(delay)
             if self.current is None:
                 continue
@@ -350,7 +367,7 @@ class Discovery:
         old = self.net.dht.value_store.get(key)
         if old is None or (old.value != cap.envelope
                            and select_best([cap.envelope, old.value], self.clock_ms()) == 0):
-            self.net.dht.value_store.put(key, cap.envelope)
+            self._store_replica(record, cap.envelope)
         if await self.storage.put_capability(record.peer_id, record.seq, record.expires_ms,
                                              cap.envelope):
             await self.storage.upsert_peer(record.peer_id, list(record.addrs), self.clock_ms())

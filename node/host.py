@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
+import psutil
 import trio
 import varint
 from libp2p import new_host
@@ -83,6 +84,32 @@ def parse_multiaddr(text: str, *, need_peer_id: bool = False) -> multiaddr.Multi
     if need_peer_id and "p2p" not in protocols:
         raise BadMultiaddr(f"bad multiaddr {text!r}: a bootstrap address needs /p2p/<peer id>")
     return addr
+
+
+def interface_addresses(family: int) -> list[str]:
+    """This machine's addresses of one family, loopback last (psutil reads the OS table)."""
+    found = [a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs
+             if a.family == family and not a.address.startswith("fe80")]
+    return sorted(set(found), key=lambda ip: (ip.startswith("127.") or ip == "::1", ip))
+
+
+def expand_unspecified(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """Replace a wildcard listen address (0.0.0.0, ::) by the machine's real addresses.
+
+    Peers cannot dial 0.0.0.0; without this a node listening on all interfaces would
+    advertise only that, in its capability record and its DHT provider records."""
+    out: list[multiaddr.Multiaddr] = []
+    for addr in addrs:
+        text = str(addr)
+        for wildcard, proto, family in (("/ip4/0.0.0.0/", "ip4", socket.AF_INET),
+                                        ("/ip6/::/", "ip6", socket.AF_INET6)):
+            if text.startswith(wildcard):
+                out += [multiaddr.Multiaddr(text.replace(wildcard, f"/{proto}/{ip}/", 1))
+                        for ip in interface_addresses(family)]
+                break
+        else:
+            out.append(addr)
+    return out
 
 
 def peer_info_from_multiaddr(text: str) -> PeerInfo:
@@ -203,6 +230,7 @@ async def open_network(
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         listen_addrs=listen,
         connection_config=ConnectionConfig(max_connections_per_peer=1),
+        addrs_factory=expand_unspecified,
     )
     assert isinstance(host, BasicHost)
     _disable_auto_connector(host)

@@ -141,7 +141,20 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
                            for (n, h, p), info in zip(procs, infos, strict=True)]}
         state_path.write_text(json.dumps(state, indent=2) + "\n")
 
-        # Ready means discoverable: the bootstrap node's DHT query sees every record.
+        # Ready means published (every node's record put, gossiped and provided under all
+        # its classes once) and discoverable (the bootstrap node's query sees them all).
+        for (_, home, _), info in zip(procs, infos, strict=True):
+            token = read_token_file(home / TOKEN_FILE)
+            while time.monotonic() < deadline:
+                try:
+                    if api_request(info["api"], token, "GET", "/v1/status",
+                                   timeout=30)["published"]:
+                        break
+                except ApiClientError:
+                    pass
+                time.sleep(0.2)  # polling another process with a deadline
+            else:
+                raise TestnetError(f"node in {home} did not publish its record in time")
         boot_home = procs[0][1]
         token = read_token_file(boot_home / TOKEN_FILE)
         seen = 0

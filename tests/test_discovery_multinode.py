@@ -234,6 +234,8 @@ def test_gossip_rejects_forged_and_keeps_newest(tmp_path: Path) -> None:
                 seq=genuine.record.seq + 1, created_ms=clock(), expires_ms=clock() + 3_600_000,
                 env=make_env((80,)))
             before = rejected.labels("signer-mismatch")._value.get()
+            # A modified node: without its own validator, it sends what ours would refuse.
+            attacker.net.pubsub.remove_topic_validator(CAPABILITY_TOPIC)
             await attacker.net.pubsub.publish(CAPABILITY_TOPIC,
                                               _sign_as(attacker.key, forged_record))
 
