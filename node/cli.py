@@ -129,7 +129,7 @@ def _describe(record: dict[str, Any]) -> str:
         hw = ", ".join(f"{n}x {label}" for label, n in names.items())
     else:
         hw = "CPU only"
-    return (f"{hw}; {env['tflops']:.2f} TFLOP/s {env['tflops_dtype']}; "
+    return (f"{hw}; {env['tflops']:.3g} TFLOP/s {env['tflops_dtype']}; "
             f"{env['cpu_cores']} cores, {_gib(env['ram_bytes'])} RAM")
 
 
