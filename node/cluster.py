@@ -60,7 +60,7 @@ async def _run_node(
 ) -> None:
     key = SigningKey(index.to_bytes(4, "big") * 8)  # deterministic identities
     metrics = DiscoveryMetrics(CollectorRegistry())
-    validator = CapabilityValidator(clock_ms, lambda r: metrics.rejected.labels(r).inc())
+    validator = CapabilityValidator(clock_ms, metrics)
     with trio.CancelScope() as scope:
         async with (
             open_storage(directory / f"node{index}.db") as storage,

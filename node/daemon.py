@@ -127,7 +127,7 @@ async def run_daemon(
     started = time.monotonic()
     Gauge("iollm_start_time_seconds", "Unix time the daemon started",
           registry=registry).set(time.time())
-    validator = CapabilityValidator(clock_ms, lambda r: metrics.rejected.labels(r).inc())
+    validator = CapabilityValidator(clock_ms, metrics)
 
     async with open_storage(home / STATE_DB) as storage, open_network(
         key, listen, {DHT_NAMESPACE: validator}

@@ -35,7 +35,7 @@ from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from node.config import DiscoverySection
-from node.framing import FrameError, read_frame, reset_quietly, write_frame
+from node.framing import read_frame, reset_quietly, write_frame
 from node.host import BadMultiaddr, Network, parse_multiaddr
 from node.identity import peer_id_of
 from node.lookup import Unresponsive, walk
@@ -101,16 +101,15 @@ class DiscoveryMetrics:
 class CapabilityValidator(Validator):
     """py-libp2p DHT validator for the ``/iollm-cap/`` namespace (protocol/ decides)."""
 
-    def __init__(self, clock_ms: Callable[[], int],
-                 on_reject: Callable[[str], None] = lambda reason: None) -> None:
+    def __init__(self, clock_ms: Callable[[], int], metrics: DiscoveryMetrics) -> None:
         self.clock_ms = clock_ms
-        self.on_reject = on_reject
+        self.metrics = metrics
 
     def validate(self, key: str, value: bytes) -> None:
         try:
             validate_dht_entry(key, value, self.clock_ms())
         except RemoteProtocolError as exc:
-            self.on_reject(exc.reason)
+            self.metrics.rejected.labels(exc.reason).inc()
             raise
 
     def select(self, key: str, values: list[bytes]) -> int:
@@ -145,7 +144,6 @@ class Discovery:
         self.bootstrapped = trio.Event()
         self.published = trio.Event()  # set after the first network publish completes
         self.unresponsive = Unresponsive()
-        self.rpc_timeout = config.rpc_timeout_s
 
     # -- service -----------------------------------------------------------------------
 
@@ -394,7 +392,7 @@ class Discovery:
                                                         [CAPABILITY_PROTOCOL])
             data = await read_frame(stream, MAX_CAPABILITY_BYTES, timeout)
             await stream.close()
-        except (trio.TooSlowError, FrameError, Exception) as exc:
+        except Exception as exc:  # TooSlowError, FrameError, any stream failure
             log.debug("direct capability fetch from %s failed: %r", peer_id, exc)
             if stream is not None:
                 await reset_quietly(stream)
@@ -413,7 +411,7 @@ class Discovery:
             value, closer = await store._get_from_peer(peer, key, return_closer_peers=True)
             return (value if isinstance(value, bytes) else None), closer
 
-        result = await walk(self.net.dht, key, get_value, rpc_timeout=self.rpc_timeout,
+        result = await walk(self.net.dht, key, get_value, rpc_timeout=self.config.rpc_timeout_s,
                             timeout=self.config.query_timeout_s, unresponsive=self.unresponsive)
         caps = [c for _, v in result.answers if (c := self._verify(v, peer_id))]
         if not caps:
@@ -451,7 +449,7 @@ class Discovery:
             providers, closer = await store._get_providers_from_peer_with_closers(peer, key)
             return providers[:MAX_PROVIDERS], closer
 
-        result = await walk(self.net.dht, key, get_providers, rpc_timeout=self.rpc_timeout,
+        result = await walk(self.net.dht, key, get_providers, rpc_timeout=self.config.rpc_timeout_s,
                             timeout=self.config.query_timeout_s, unresponsive=self.unresponsive)
         for _, providers in result.answers:
             for info in providers:
