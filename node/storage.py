@@ -1,4 +1,5 @@
-"""The node's state in SQLite: a small key-value table, known peers, capability records.
+"""The node's state in SQLite: a small key-value table, known peers, capability records,
+the content store's shard metadata and pins (the shard bytes live on disk: node/contentstore.py).
 
 aiosqlite is asyncio-only; it runs here under trio through trio-asyncio. That bridge is
 confined to this module: `open_storage` opens a trio-asyncio loop for its own lifetime and
@@ -45,6 +46,8 @@ __all__ = [
     "CapabilityRow",
     "PeerRow",
     "SchemaVersionError",
+    "ShardRow",
+    "ShardUsage",
     "Storage",
     "StorageError",
     "open_storage",
@@ -72,6 +75,24 @@ MIGRATIONS: list[tuple[str, ...]] = [
             envelope   BLOB NOT NULL      -- the signed record, verified before storing
         )""",
         "CREATE INDEX capabilities_by_expiry ON capabilities (expires_ms)",
+    ),
+    (  # 1 -> 2: the content store (node/contentstore.py)
+        """CREATE TABLE shards (
+            root         TEXT PRIMARY KEY,  -- hex of the 32-byte hash-tree root
+            size         INTEGER NOT NULL,
+            chunk_size   INTEGER NOT NULL,
+            state        TEXT NOT NULL CHECK (state IN ('partial', 'complete')),
+            last_used_ms INTEGER NOT NULL
+        )""",
+        "CREATE INDEX shards_by_last_use ON shards (state, last_used_ms)",
+        # No foreign key to shards: a version's shards are pinned before they are fetched,
+        # so that nothing evicts them half-way through.
+        """CREATE TABLE pins (
+            owner TEXT NOT NULL,            -- e.g. a version id
+            root  TEXT NOT NULL,
+            PRIMARY KEY (owner, root)
+        )""",
+        "CREATE INDEX pins_by_root ON pins (root)",
     ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -103,6 +124,25 @@ class CapabilityRow:
     seq: int
     expires_ms: int
     envelope: bytes
+
+
+@dataclass(frozen=True)
+class ShardRow:
+    root: str  # hex
+    size: int
+    chunk_size: int
+    state: str  # "partial" or "complete"
+    last_used_ms: int
+
+
+@dataclass(frozen=True)
+class ShardUsage:
+    """Byte totals over the shards table; each shard counts once at its full size."""
+
+    used_bytes: int  # every shard, partial ones included (their space is reserved)
+    pinned_bytes: int  # shards with at least one pin
+    partial_bytes: int  # shards being fetched
+    held_bytes: int  # pinned or partial: what eviction cannot free
 
 
 class Storage:
@@ -231,6 +271,86 @@ class Storage:
             "DELETE FROM capabilities WHERE expires_ms <= ? RETURNING peer_id", (now_ms,)
         )
         return len(rows)
+
+
+    # -- content store: shards and pins (node/contentstore.py) ---------------------------
+
+    async def put_shard(
+        self, root: str, size: int, chunk_size: int, state: str, last_used_ms: int
+    ) -> None:
+        """Insert or replace the row of shard `root` (hex); committed on return."""
+        await self._run(
+            "INSERT INTO shards (root, size, chunk_size, state, last_used_ms)"
+            " VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (root) DO UPDATE SET size = excluded.size,"
+            " chunk_size = excluded.chunk_size, state = excluded.state,"
+            " last_used_ms = excluded.last_used_ms",
+            (root, size, chunk_size, state, last_used_ms),
+        )
+
+    async def get_shard(self, root: str) -> ShardRow | None:
+        rows = await self._run(f"SELECT {_SHARD_COLUMNS} FROM shards WHERE root = ?", (root,))
+        return ShardRow(*rows[0]) if rows else None
+
+    async def list_shards(self) -> list[ShardRow]:
+        """Every shard row, by root."""
+        rows = await self._run(f"SELECT {_SHARD_COLUMNS} FROM shards ORDER BY root")
+        return [ShardRow(*row) for row in rows]
+
+    async def touch_shard(self, root: str, last_used_ms: int) -> bool:
+        """Set the last use of `root`; False if there is no such shard."""
+        rows = await self._run(
+            "UPDATE shards SET last_used_ms = ? WHERE root = ? RETURNING root",
+            (last_used_ms, root),
+        )
+        return bool(rows)
+
+    async def delete_shard(self, root: str) -> bool:
+        """Delete the row of `root` (its pins stay); False if there was none."""
+        rows = await self._run("DELETE FROM shards WHERE root = ? RETURNING root", (root,))
+        return bool(rows)
+
+    async def shard_usage(self) -> ShardUsage:
+        rows = await self._run(
+            "SELECT COALESCE(SUM(size), 0),"
+            " COALESCE(SUM(CASE WHEN pinned THEN size END), 0),"
+            " COALESCE(SUM(CASE WHEN state = 'partial' THEN size END), 0),"
+            " COALESCE(SUM(CASE WHEN pinned OR state = 'partial' THEN size END), 0)"
+            " FROM (SELECT size, state,"
+            " EXISTS (SELECT 1 FROM pins WHERE pins.root = shards.root) AS pinned FROM shards)"
+        )
+        return ShardUsage(*rows[0])
+
+    async def eviction_candidates(self) -> list[ShardRow]:
+        """Complete shards without any pin, least recently used first."""
+        rows = await self._run(
+            f"SELECT {_SHARD_COLUMNS} FROM shards WHERE state = 'complete'"
+            " AND NOT EXISTS (SELECT 1 FROM pins WHERE pins.root = shards.root)"
+            " ORDER BY last_used_ms, root"
+        )
+        return [ShardRow(*row) for row in rows]
+
+    async def add_pins(self, owner: str, roots: Sequence[str]) -> int:
+        """Pin each root (hex) for `owner`; return how many pins are new."""
+        rows = await self._run(
+            "INSERT INTO pins (owner, root) SELECT ?, value FROM json_each(?) WHERE true"
+            " ON CONFLICT (owner, root) DO NOTHING RETURNING root",
+            (owner, json.dumps(list(roots))),
+        )
+        return len(rows)
+
+    async def remove_pins(self, owner: str) -> int:
+        """Drop every pin of `owner`; return how many."""
+        rows = await self._run("DELETE FROM pins WHERE owner = ? RETURNING root", (owner,))
+        return len(rows)
+
+    async def list_pins(self, owner: str) -> list[str]:
+        """The roots (hex) `owner` pins, sorted."""
+        rows = await self._run("SELECT root FROM pins WHERE owner = ? ORDER BY root", (owner,))
+        return [row[0] for row in rows]
+
+
+_SHARD_COLUMNS = "root, size, chunk_size, state, last_used_ms"
 
 
 def _peer_row(row: tuple[Any, ...]) -> PeerRow:
