@@ -27,7 +27,9 @@ MAX_ENVELOPE_BYTES = 64 * 1024  # default cap; each record type may set a lower 
 # Domain tags: one per signed record type. Adding a type means adding a row here and in
 # specs/records.md; never reuse a tag for a different body layout (bump its /vN instead).
 DOMAIN_CAPABILITY = "iollm/capability/v1"
-DOMAINS: frozenset[str] = frozenset({DOMAIN_CAPABILITY})
+DOMAIN_MANIFEST = "iollm/manifest/v1"  # SMIP model/dataset versions (specs/smip.md)
+DOMAIN_ANNOUNCE = "iollm/announce/v1"  # SMIP "peer P provides version V" (specs/smip.md)
+DOMAINS: frozenset[str] = frozenset({DOMAIN_CAPABILITY, DOMAIN_MANIFEST, DOMAIN_ANNOUNCE})
 
 
 def signing_message(domain: str, body: bytes) -> bytes:
