@@ -123,6 +123,7 @@ class QuotaExceeded(ContentStoreError):
             f" {max(0, quota - held)} bytes fit"
         )
         self.needed, self.quota, self.pinned, self.in_progress = needed, quota, pinned, in_progress
+        self.held = held
 
 
 @dataclass(frozen=True)
@@ -569,24 +570,29 @@ class ContentStore:
     async def _finish(self, partial: PartialShard) -> ShardInfo:
         info = partial.info
         data_path, leaves_path, have_path = self._partial_paths(info.root_hex)
-        await trio.to_thread.run_sync(partial._sync_and_close)  # outside the lock: slow
-        async with self._lock:
-            if info.root in self._complete:  # imported while we fetched
-                await trio.to_thread.run_sync(_unlink, data_path, leaves_path, have_path)
-            else:
 
-                def install() -> None:
-                    os.replace(leaves_path, self._leaves / info.root_hex)
-                    os.replace(data_path, self._shards / info.root_hex)
-                    _fsync_dir(self._leaves)
-                    _fsync_dir(self._shards)
-                    _unlink(have_path)
+        def install() -> None:
+            # leaves first: a file under shards/ always has its leaf layer beside it.
+            os.replace(leaves_path, self._leaves / info.root_hex)
+            os.replace(data_path, self._shards / info.root_hex)
+            _fsync_dir(self._leaves)
+            _fsync_dir(self._shards)
+            _unlink(have_path)
 
-                await trio.to_thread.run_sync(install)
-                await self._record_complete(info)
+        try:
+            await trio.to_thread.run_sync(partial._sync_and_close)  # outside the lock: slow
+            async with self._lock:
+                if info.root in self._complete:  # imported while we fetched
+                    await trio.to_thread.run_sync(_unlink, data_path, leaves_path, have_path)
+                else:
+                    await trio.to_thread.run_sync(install)
+                    await self._record_complete(info)
+                return self._complete[info.root]
+        finally:
+            # Done or failed (a disk error), this object is closed: a later begin_fetch
+            # starts afresh from the files.
             if self._partials.get(info.root) is partial:
                 del self._partials[info.root]
-            return self._complete[info.root]
 
     async def discard_partial(self, root: bytes) -> bool:
         """Forget a fetch left unfinished (by a past run): its files and reserved space.
