@@ -19,11 +19,12 @@ API (roots are the 32-byte hash-tree roots; ``root.hex()`` names files)::
     store = ContentStore(directory, storage, quota_bytes, clock_ms)
     await store.open()                      # or: async with ContentStore(...) as store:
     info = await store.import_file(path, chunk_size, pin=None, on_progress=None)
-    store.has(root); store.shard_path(root); store.complete_shards()
+    store.has(root); store.info(root); store.shard_path(root); store.complete_shards()
     await store.read_leaves(root); await store.read_chunk(root, index); await store.touch(root)
     partial = await store.begin_fetch(root, size, chunk_size, leaves)
     partial.missing(); await partial.write_chunk(index, data); info = await partial.finish()
-    await store.pin(owner, roots); await store.unpin(owner); await store.usage()
+    await store.pin(owner, roots); await store.unpin(owner); await store.pinned_roots(owner)
+    await store.usage()  # Usage(used_bytes, pinned_bytes, quota_bytes)
     await store.evict(nbytes_needed); await store.discard_partial(root); await store.aclose()
 
 Crash safety. A complete shard is written to tmp/ (import) or partial/ (fetch), fsynced,
