@@ -71,6 +71,7 @@ DEFAULT_ANNOUNCE_LIFETIME_MS = 60 * 60 * 1000
 MAX_ANNOUNCE_LIFETIME_MS = 24 * 60 * 60 * 1000
 ANNOUNCE_REFRESH_MS = 20 * 60 * 1000  # a provider re-signs and re-gossips this often
 MAX_VERSIONS_PER_PROVIDER = 4096  # a receiver keeps at most this many entries per provider
+REPROVIDE_INTERVAL_MS = 12 * 60 * 60 * 1000  # DHT provider records live 48 h (py-libp2p)
 
 FRAME_HEADER_BYTES = 4  # node/framing.py: big-endian unsigned length
 MAX_REQUEST_BYTES = 512
