@@ -962,9 +962,9 @@ def check_response_header(
 
 
 def payload_deadline_s(length: int) -> float:
-    """Seconds allowed for a frame of ``length`` bytes (a response's header and payload,
-    measured from the end of the request): a peer slower than MIN_TRANSFER_BYTES_PER_S
-    has stalled, and is dropped."""
+    """Seconds allowed for a response frame of ``length`` bytes from the end of the frame
+    before it: the header (``length`` 0) after the request, the payload after the header.
+    A peer slower than MIN_TRANSFER_BYTES_PER_S has stalled, and is dropped."""
     return RESPONSE_TIMEOUT_S + length / MIN_TRANSFER_BYTES_PER_S
 
 
@@ -1001,6 +1001,8 @@ def decode_list_payload(
     provider's own valid announcement, in strictly increasing ``order``, admitted by the
     request's cursor, at most ``limit`` of them; else RemoteProtocolError (the whole
     answer is the peer's fault). Expired or future entries are skipped, not errors."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise RemoteProtocolError("malformed", "list answer must be bytes")
     if len(payload) > MAX_LIST_BYTES:
         raise RemoteProtocolError("oversized", f"list answer of {len(payload)} bytes")
     entries = unpack_strict(bytes(payload), MAX_LIST_BYTES)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 import protocol.smip as smip
+from protocol.capability import MAX_CLOCK_SKEW_MS
 from protocol.envelope import (
     DOMAIN_ANNOUNCE,
     DOMAIN_CAPABILITY,
@@ -30,6 +31,7 @@ from protocol.envelope import (
 )
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.hashtree import (
+    DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     chunk_count,
@@ -516,9 +518,9 @@ def test_manifest_size_limits() -> None:
 
 
 def test_choose_chunk_size() -> None:
-    assert choose_chunk_size(0) == smip.DEFAULT_CHUNK_SIZE
-    assert choose_chunk_size(smip.DEFAULT_CHUNK_SIZE * MAX_SHARD_CHUNKS) == 1 << 20
-    assert choose_chunk_size(smip.DEFAULT_CHUNK_SIZE * MAX_SHARD_CHUNKS + 1) == 1 << 21
+    assert choose_chunk_size(0) == DEFAULT_CHUNK_SIZE
+    assert choose_chunk_size(DEFAULT_CHUNK_SIZE * MAX_SHARD_CHUNKS) == 1 << 20
+    assert choose_chunk_size(DEFAULT_CHUNK_SIZE * MAX_SHARD_CHUNKS + 1) == 1 << 21
     assert choose_chunk_size(MAX_CHUNK_SIZE * MAX_SHARD_CHUNKS) == MAX_CHUNK_SIZE
     with pytest.raises(LocalProtocolError):
         choose_chunk_size(MAX_CHUNK_SIZE * MAX_SHARD_CHUNKS + 1)
@@ -654,15 +656,18 @@ def test_announcement_checks() -> None:
     life = smip.DEFAULT_ANNOUNCE_LIFETIME_MS
     assert verify_announcement(env, NOW + life - 1).seq == 1
     assert reason(verify_announcement, env, NOW + life) == "expired"
-    assert verify_announcement(env, NOW - smip.MAX_CLOCK_SKEW_MS).seq == 1
-    assert reason(verify_announcement, env, NOW - smip.MAX_CLOCK_SKEW_MS - 1) == "future"
+    assert verify_announcement(env, NOW - MAX_CLOCK_SKEW_MS).seq == 1
+    assert reason(verify_announcement, env, NOW - MAX_CLOCK_SKEW_MS - 1) == "future"
     for change in [{"expires_ms": NOW}, {"expires_ms": NOW + smip.MAX_ANNOUNCE_LIFETIME_MS + 1}]:
         d = {**announcement().to_dict(), **change}
         assert reason(verify_announcement, forge(packb(d), domain=DOMAIN_ANNOUNCE), NOW) == (
             "bad-lifetime"
         )
-    for change in [{"v": 2}, {"manifest_size": 0}, {"manifest_size": MAX_MANIFEST_BYTES + 1},
-                   {"version": b"x"}, {"kind": "lora"}, {"seq": -1}, {"extra": 1}]:  # fmt: skip
+    changes: list[dict[str, Any]] = [
+        {"v": 2}, {"manifest_size": 0}, {"manifest_size": MAX_MANIFEST_BYTES + 1},
+        {"version": b"x"}, {"kind": "lora"}, {"seq": -1}, {"extra": 1},
+    ]  # fmt: skip
+    for change in changes:
         d = {**announcement().to_dict(), **change}
         assert reason(verify_announcement, forge(packb(d), domain=DOMAIN_ANNOUNCE), NOW) in (
             {"malformed", "unknown-version"}
@@ -861,11 +866,16 @@ def test_error_header_is_made_safe() -> None:
 
 
 def test_check_response_header_limits() -> None:
-    ok = lambda n: ResponseHeader("ok", n)  # noqa: E731
+    def ok(n: int) -> ResponseHeader:
+        return ResponseHeader("ok", n)
+
     mreq, lreq, creq, sreq = (ManifestRequest(ROOT), LeavesRequest(ROOT), ChunkRequest(ROOT, 2),
                               ListRequest(10))  # fmt: skip
-    for req, limit in [(mreq, MAX_MANIFEST_BYTES), (lreq, smip.MAX_LEAVES_BYTES),
-                       (creq, MAX_CHUNK_SIZE), (sreq, MAX_LIST_BYTES)]:  # fmt: skip
+    cases: list[tuple[smip.Request, int]] = [
+        (mreq, MAX_MANIFEST_BYTES), (lreq, smip.MAX_LEAVES_BYTES), (creq, MAX_CHUNK_SIZE),
+        (sreq, MAX_LIST_BYTES),
+    ]  # fmt: skip
+    for req, limit in cases:
         assert payload_limit(req) == limit
         assert check_response_header(req, ok(limit)) == limit
         assert reason(check_response_header, req, ok(limit + 1)) == "oversized"
@@ -1136,3 +1146,59 @@ def test_records_domains_table_matches_code() -> None:
     for _, value, name in rows:
         module = smip if hasattr(smip, name) else capability
         assert getattr(module, name) == int(value), name
+
+
+# --- structure-aware fuzzing: valid shapes with one value replaced ---------------------------
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=12) | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+
+
+def _replace_somewhere(value: Any, data: st.DataObject) -> Any:
+    """``value`` with one element, at any depth, replaced by a random msgpack value."""
+    if isinstance(value, dict) and value and data.draw(st.booleans()):
+        key = data.draw(st.sampled_from(sorted(value)))
+        return {**value, key: _replace_somewhere(value[key], data)}
+    if isinstance(value, list) and value and data.draw(st.booleans()):
+        i = data.draw(st.integers(0, len(value) - 1))
+        return [*value[:i], _replace_somewhere(value[i], data), *value[i + 1 :]]
+    return data.draw(msgpack_values)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_manifest_bodies_raise_only_remote_errors(data: st.DataObject) -> None:
+    body = _replace_somewhere(manifest(parents=[ROOT], shards=[shard("a"), shard("b/c")]).to_dict(),
+                              data)  # fmt: skip
+    try:
+        m = open_manifest(forge(packb(body)))
+    except RemoteProtocolError as exc:
+        assert exc.reason in MANIFEST_REASONS
+    else:
+        assert Manifest.decode_body(m.encode_body()) == m
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_announcements_and_requests_raise_only_remote_errors(data: st.DataObject) -> None:
+    body = _replace_somewhere(announcement().to_dict(), data)
+    try:
+        verify_announcement(forge(packb(body), domain=DOMAIN_ANNOUNCE), NOW)
+    except RemoteProtocolError as exc:
+        assert exc.reason in ANNOUNCE_REASONS
+    request = data.draw(requests)
+    try:
+        decode_request(packb(_replace_somewhere(request.to_dict(), data)))
+    except RemoteProtocolError as exc:
+        assert exc.reason in WIRE_REASONS
+    header = data.draw(headers)
+    try:
+        decode_response_header(packb(_replace_somewhere(
+            msgpack.unpackb(encode_response_header(header)), data)))  # fmt: skip
+    except RemoteProtocolError as exc:
+        assert exc.reason in WIRE_REASONS
