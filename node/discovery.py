@@ -9,8 +9,12 @@ One service (``Discovery.run``) in the daemon's nursery. It
   local store first, and a stale copy would hide a newer one);
 * answers ``/iollm/capability/1.0.0`` with the current signed record (fresh even where a
   DHT copy is stale);
-* keeps the DHT routing table filled with connected peers (py-libp2p does not add them
-  by itself) and keeps dialling bootstrap peers with backoff.
+* keeps a replica of every record it has seen, and pulls the records it lacks from a
+  peer over ``/iollm/capability-sync/1.0.0`` when it joins and every ``SYNC_INTERVAL_S``
+  (gossip is best-effort: py-libp2p drops what it cannot deliver in time);
+* keeps the DHT routing table filled with connected peers and with the peers named in
+  verified records (py-libp2p adds neither by itself, and drops a peer after one failed
+  dial) and keeps dialling bootstrap peers with backoff.
 
 Every record that comes in, from the DHT, a stream or gossip, is verified by
 protocol.capability before it is used or stored. The decisions are protocol/'s; this
@@ -22,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,24 +43,30 @@ from node.config import DiscoverySection
 from node.framing import read_frame, reset_quietly, write_frame
 from node.host import BadMultiaddr, Network, parse_multiaddr
 from node.identity import peer_id_of
-from node.lookup import Unresponsive, walk
+from node.lookup import K, Unresponsive, walk
 from node.storage import Storage
 from protocol.capability import (
     CAPABILITY_PROTOCOL_ID,
     MAX_ADDRS,
     MAX_CAPABILITY_BYTES,
+    MAX_SYNC_RECORDS,
+    MAX_SYNC_REQUEST_BYTES,
     STREAM_TIMEOUT_S,
+    SYNC_PROTOCOL_ID,
     CapabilityRecord,
     EnvReport,
+    SyncRequest,
     capability_classes,
     capability_dht_key,
     class_provider_key,
+    decode_sync_request,
     matches,
     next_seq,
     query_class,
     select_best,
     sign_capability,
     sort_key,
+    sync_answer,
     validate_dht_entry,
     verify_capability,
 )
@@ -64,6 +75,7 @@ from protocol.errors import RemoteProtocolError
 log = logging.getLogger(__name__)
 
 CAPABILITY_PROTOCOL = TProtocol(CAPABILITY_PROTOCOL_ID)
+SYNC_PROTOCOL = TProtocol(SYNC_PROTOCOL_ID)
 CAPABILITY_TOPIC = "/iollm/capability/1"
 SEQ_KEY = "capability.seq"
 FETCH_CONCURRENCY = 16
@@ -71,6 +83,10 @@ PROVIDE_SPACING_S = 1.1  # > 10 s / 10: py-libp2p's ADD_PROVIDER limit per sende
 GOSSIP_STARTUP_REPEATS_S = (1.0, 2.0, 5.0)  # s after joining; then every gossip_interval_s
 KNOWN_PEERS_REDIAL = 16  # most recently seen peers dialled at start-up
 MAX_PROVIDERS = 1000
+SYNC_STARTUP_S = (0.0, 5.0, 15.0, 30.0, 60.0)  # s after joining: pull records from a peer
+SYNC_INTERVAL_S = 300.0  # then this often, from one random connected peer
+SYNC_SERVE_CONCURRENCY = 4  # sync answers being written at once; more requests wait
+RECORD_PEER_ADDR_TTL_S = 3600  # peerstore lifetime of addresses taken from records
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,7 @@ class Discovery:
         clock_ms: Callable[[], int],
         metrics: DiscoveryMetrics,
         bootstrap: Sequence[PeerInfo] = (),
+        rng: random.Random | None = None,
     ) -> None:
         self.net = net
         self.key = key
@@ -139,16 +156,22 @@ class Discovery:
         self.clock_ms = clock_ms
         self.metrics = metrics
         self.bootstrap = list(bootstrap)
+        self.rng = rng or random.Random()
         self.peer_id = peer_id_of(key)
         self.current: PeerCapability | None = None
         self.bootstrapped = trio.Event()
         self.published = trio.Event()  # set after the first network publish completes
         self.unresponsive = Unresponsive()
+        # Every verified record this node holds (its own included), by peer id: the
+        # answer to most queries, with no network round trip.
+        self.replicas: dict[str, PeerCapability] = {}
+        self._sync_limiter = trio.CapacityLimiter(SYNC_SERVE_CONCURRENCY)
 
     # -- service -----------------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.net.host.set_stream_handler(CAPABILITY_PROTOCOL, self._serve_record)
+        self.net.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
         self.net.pubsub.set_topic_validator(CAPABILITY_TOPIC, self._gossip_validator, False)
         subscription = await self.net.pubsub.subscribe(CAPABILITY_TOPIC)
         async with trio.open_nursery() as nursery:
@@ -161,6 +184,7 @@ class Discovery:
             await self._restore()
             nursery.start_soon(self._redial_known_peers)
             nursery.start_soon(self._repeat_gossip)
+            nursery.start_soon(self._repeat_sync)
             # The record is signed and stored locally first, so the node answers queries
             # about itself at once; the network side of publishing follows in background.
             await self._sign_current()
@@ -232,10 +256,23 @@ class Discovery:
         log.debug("%s took %.3f s", what, trio.current_time() - started)
 
     def _store_replica(self, record: CapabilityRecord, envelope: bytes) -> None:
-        """Put a verified record in the local DHT store, which serves it to GET_VALUE until
-        the record expires (the store's validity is wall-clock seconds)."""
+        """Keep a verified record as the replica of its peer, and put it in the local DHT
+        store, which serves it to GET_VALUE until the record expires (the store's validity
+        is wall-clock seconds). The peer's signed addresses go to the peerstore, so the
+        routing table can be refilled from records after py-libp2p dropped peers."""
+        self.replicas[record.peer_id] = PeerCapability(record, envelope)
         self.net.dht.value_store.put(capability_dht_key(record.peer_id).encode(), envelope,
                                      validity=record.expires_ms / 1000)
+        if record.peer_id != self.peer_id:
+            addrs = []
+            for text in record.addrs:
+                try:
+                    addrs.append(parse_multiaddr(text))
+                except BadMultiaddr:
+                    continue  # the validator does not parse addresses; a bad one is skipped
+            if addrs:
+                self.net.host.get_peerstore().add_addrs(ID.from_base58(record.peer_id), addrs,
+                                                        RECORD_PEER_ADDR_TTL_S)
 
     async def _restore(self) -> None:
         """After a restart: put the stored, still valid records of other nodes back into
@@ -310,11 +347,19 @@ class Discovery:
             self.bootstrapped.set()
 
     async def _maintain_routing(self) -> None:
-        """Add connected peers to the routing table: fast at first, then slowly."""
+        """Add connected peers to the routing table, and while it holds fewer than K peers
+        also the peers of verified records (py-libp2p drops a peer from the table after one
+        failed dial, which under load leaves a node knowing nobody but its bootstrap peer):
+        fast at first, then slowly."""
         period = 0.5
         while True:
-            for peer in self.net.host.get_connected_peers():
-                if not self.net.dht.routing_table.peer_in_table(peer):
+            table = self.net.dht.routing_table
+            candidates = list(self.net.host.get_connected_peers())
+            if table.size() < K:
+                candidates += [ID.from_base58(pid) for pid in self.replicas
+                               if pid != self.peer_id]
+            for peer in candidates:
+                if not table.peer_in_table(peer):
                     with trio.move_on_after(self.config.query_timeout_s):
                         try:
                             await self.net.dht.add_peer(peer, skip_server_mode_check=True)
@@ -338,6 +383,79 @@ class Discovery:
             log.debug("serving capability record failed: %r", exc)
             await reset_quietly(stream)
 
+    async def _serve_sync(self, stream: Any) -> None:
+        """Answer one sync request: the matching records, one frame each, newest first,
+        then an empty frame."""
+        timeout = min(self.config.query_timeout_s, STREAM_TIMEOUT_S)
+        try:
+            request = decode_sync_request(
+                await read_frame(stream, MAX_SYNC_REQUEST_BYTES, timeout))
+            with trio.fail_after(timeout):
+                await self._sync_limiter.acquire()
+            try:
+                records = {c.record.peer_id: c for c in self.live_records()}
+                chosen = sync_answer([c.record for c in records.values()], request,
+                                     self.clock_ms())
+                for record in chosen:
+                    await write_frame(stream, records[record.peer_id].envelope, timeout)
+                await write_frame(stream, b"", timeout)
+            finally:
+                self._sync_limiter.release()
+            await stream.close()
+        except Exception as exc:  # a bad request, a slow or vanished peer: drop the stream
+            log.debug("serving a record sync failed: %r", exc)
+            await reset_quietly(stream)
+
+    async def sync_from(self, peer: ID, since_ms: int = 0) -> int:
+        """Pull the records ``peer`` holds (created at or after ``since_ms``) and keep the
+        valid ones that are newer than ours. Returns how many were new; raises nothing
+        (a failed sync is logged and counts 0)."""
+        timeout = min(self.config.query_timeout_s, STREAM_TIMEOUT_S)
+        stream = None
+        new = 0
+        try:
+            with trio.fail_after(timeout):
+                stream = await self.net.host.new_stream(peer, [SYNC_PROTOCOL])
+            request = SyncRequest(since_ms=since_ms, limit=MAX_SYNC_RECORDS)
+            await write_frame(stream, request.encode(), timeout)
+            for _ in range(MAX_SYNC_RECORDS):
+                data = await read_frame(stream, MAX_CAPABILITY_BYTES, timeout)
+                if not data:
+                    break
+                try:
+                    record = verify_capability(data, self.clock_ms())
+                except RemoteProtocolError as exc:
+                    self.metrics.rejected.labels(exc.reason).inc()
+                    continue  # one bad record does not spoil the others
+                if record.peer_id == self.peer_id:
+                    continue
+                known = self.local_record(record.peer_id)
+                if known is None or known.record.seq < record.seq:
+                    new += 1
+                    await self._remember(PeerCapability(record, data))
+            await stream.close()
+        except Exception as exc:
+            log.debug("record sync from %s failed after %d new records: %r", peer, new, exc)
+            if stream is not None:
+                await reset_quietly(stream)
+        return new
+
+    async def _repeat_sync(self) -> None:
+        """Pull records from a peer: from the bootstrap peers first, a few times soon after
+        joining, then every SYNC_INTERVAL_S from one random connected peer."""
+        await self.bootstrapped.wait()
+        startup = [b - a for a, b in itertools.pairwise((0.0, *SYNC_STARTUP_S))]
+        steady = itertools.repeat(SYNC_INTERVAL_S)
+        bootstrap = [info.peer_id for info in self.bootstrap]
+        for round_, delay in enumerate(itertools.chain(startup, steady)):
+            await trio.sleep(delay)
+            connected = self.net.host.get_connected_peers()
+            if not connected:
+                continue
+            preferred = [p for p in bootstrap if p in connected]
+            peer = preferred[0] if round_ == 0 and preferred else self.rng.choice(connected)
+            await self.sync_from(peer)
+
     def _gossip_validator(self, sender: ID, message: Any) -> bool:
         """Gossip verdict: accept only a valid record signed by the message's author."""
         try:
@@ -359,12 +477,11 @@ class Discovery:
             await self._remember(PeerCapability(record, bytes(message.data)))
 
     async def _remember(self, cap: PeerCapability) -> None:
-        """Keep a verified record: SQLite for restarts, the DHT store as a fresh replica."""
+        """Keep a verified record: SQLite for restarts, the replica and the DHT store."""
         record = cap.record
-        key = capability_dht_key(record.peer_id).encode()
-        old = self.net.dht.value_store.get(key)
-        if old is None or (old.value != cap.envelope
-                           and select_best([cap.envelope, old.value], self.clock_ms()) == 0):
+        old = self.local_record(record.peer_id)
+        if old is None or (old.envelope != cap.envelope
+                           and select_best([cap.envelope, old.envelope], self.clock_ms()) == 0):
             self._store_replica(record, cap.envelope)
         if await self.storage.put_capability(record.peer_id, record.seq, record.expires_ms,
                                              cap.envelope):
@@ -419,9 +536,24 @@ class Discovery:
         return max(caps, key=lambda c: (c.record.seq, c.record.created_ms))
 
     def local_record(self, peer_id: str) -> PeerCapability | None:
-        """The valid replica of ``peer_id``'s record in the local DHT store, if any."""
+        """The unexpired replica of ``peer_id``'s record, if any. A value that a peer PUT
+        into the local DHT store directly (verified by the DHT validator) counts too."""
+        now = self.clock_ms()
+        cap = self.replicas.get(peer_id)
+        if cap is not None and cap.record.expires_ms > now:
+            return cap
         local = self.net.dht.value_store.get(capability_dht_key(peer_id).encode())
-        return self._verify(local.value, peer_id) if local is not None else None
+        stored = self._verify(local.value, peer_id) if local is not None else None
+        if stored is not None:
+            self.replicas[peer_id] = stored
+        elif cap is not None:
+            del self.replicas[peer_id]  # expired, and nothing newer arrived
+        return stored
+
+    def live_records(self) -> list[PeerCapability]:
+        """Every unexpired replica, this node's own record included."""
+        now = self.clock_ms()
+        return [c for c in self.replicas.values() if c.record.expires_ms > now]
 
     async def record_of(self, peer_id: str) -> PeerCapability | None:
         """A verified, unexpired record of ``peer_id``: the local replica (kept fresh by
@@ -481,12 +613,14 @@ class Discovery:
             if value is not None and (not math.isfinite(value) or value < 0):
                 raise ValueError("filters must be non-negative numbers")
         with self.metrics.query_seconds.labels("gpus").time():
+            # The replicas answer at once; the class's provider records add the nodes
+            # whose records have not reached this node (yet), fetched one by one.
+            known = {c.record.peer_id: c for c in self.live_records()}
             providers = await self.find_providers(class_provider_key(query_class(min_vram_gb)))
-            peer_ids = [p.peer_id.to_base58() for p in providers]
-            if self.current is not None:
-                peer_ids.append(self.peer_id)
-            caps = await self.records_of(peer_ids)
-        records = [c.record for c in caps
+            missing = [pid for p in providers if (pid := p.peer_id.to_base58()) not in known]
+            for cap in await self.records_of(missing):
+                known.setdefault(cap.record.peer_id, cap)
+        records = [c.record for c in known.values()
                    if matches(c.record, min_vram_gb=min_vram_gb, min_tflops=min_tflops)]
         return sorted(records, key=sort_key)
 

@@ -53,6 +53,11 @@ MAX_INT = 2**63 - 1  # every integer must fit SQLite's signed 64-bit INTEGER
 MAX_CPU_CORES = 1 << 20
 MAX_TFLOPS = 1e6  # an exaflop per node is not a measurement, it is a lie
 
+SYNC_PROTOCOL_ID = "/iollm/capability-sync/1.0.0"
+SYNC_VERSION = 1
+MAX_SYNC_REQUEST_BYTES = 64  # {"v", "since_ms", "limit"}: about 30 bytes encoded
+MAX_SYNC_RECORDS = 10_000  # records in one sync answer; the requester reads no more
+
 DHT_NAMESPACE = "iollm-cap"
 DHT_KEY_PREFIX = "/" + DHT_NAMESPACE + "/"
 DHT_KEY_DIGEST_BYTES = 16  # keeps keys at 43 bytes: py-libp2p breaks on keys over 50
@@ -454,6 +459,53 @@ def capability_frame_length(header: bytes) -> int:
     if n > MAX_CAPABILITY_BYTES:
         raise RemoteProtocolError("oversized", f"frame of {n} bytes > {MAX_CAPABILITY_BYTES}")
     return n
+
+
+# --- record sync /iollm/capability-sync/1.0.0 -----------------------------------------------
+
+_SYNC_KEYS = frozenset({"v", "since_ms", "limit"})
+
+
+@dataclass(frozen=True)
+class SyncRequest:
+    """Ask a peer for the valid records it holds that were created at or after
+    ``since_ms``, newest first, at most ``limit`` of them."""
+
+    since_ms: int
+    limit: int
+
+    def encode(self) -> bytes:
+        try:
+            _check_int("since_ms", self.since_ms)
+            _check_int("limit", self.limit, 1, MAX_SYNC_RECORDS)
+        except _Invalid as exc:
+            raise LocalProtocolError(str(exc)) from None
+        return _packb({"v": SYNC_VERSION, "since_ms": self.since_ms, "limit": self.limit})
+
+
+def decode_sync_request(data: bytes) -> SyncRequest:
+    """RemoteProtocolError on anything but one well-formed request within the cap."""
+    if len(data) > MAX_SYNC_REQUEST_BYTES:
+        raise RemoteProtocolError("oversized", f"sync request of {len(data)} bytes")
+    obj = unpack_strict(data, MAX_SYNC_REQUEST_BYTES)
+    try:
+        d = _check_keys("sync request", obj, _SYNC_KEYS)
+        if d["v"] != SYNC_VERSION or isinstance(d["v"], bool):
+            raise _Invalid("unknown-version", f"sync request version {d['v']!r}")
+        _check_int("since_ms", d["since_ms"])
+        _check_int("limit", d["limit"], 1, MAX_SYNC_RECORDS)
+    except _Invalid as exc:
+        raise _remote(exc) from None
+    return SyncRequest(since_ms=d["since_ms"], limit=d["limit"])
+
+
+def sync_answer(records: list[CapabilityRecord], request: SyncRequest,
+                now_ms: int) -> list[CapabilityRecord]:
+    """The records a responder sends: unexpired, created at or after ``since_ms``, newest
+    first, at most ``limit``."""
+    fresh = [r for r in records if r.created_ms >= request.since_ms and r.expires_ms > now_ms]
+    fresh.sort(key=lambda r: (-r.created_ms, r.peer_id))
+    return fresh[: request.limit]
 
 
 # --- DHT values ------------------------------------------------------------------------------

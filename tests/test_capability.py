@@ -25,14 +25,18 @@ from protocol.capability import (
     MAX_CAPABILITY_BYTES,
     MAX_CLOCK_SKEW_MS,
     MAX_LIFETIME_MS,
+    MAX_SYNC_RECORDS,
+    MAX_SYNC_REQUEST_BYTES,
     NOMINAL_GB_SIZES,
     CapabilityRecord,
     EnvReport,
     GpuInfo,
+    SyncRequest,
     capability_classes,
     capability_dht_key,
     capability_frame_length,
     class_provider_key,
+    decode_sync_request,
     encode_capability_frame,
     matches,
     new_capability_record,
@@ -42,6 +46,7 @@ from protocol.capability import (
     select_best,
     sign_capability,
     sort_key,
+    sync_answer,
     validate_dht_entry,
     verify_capability,
 )
@@ -763,6 +768,72 @@ def test_sort_key_most_capable_first() -> None:
     ordered = sorted([cpu, d, c, b, a], key=sort_key)
     tie = sorted([b, c], key=lambda r: r.peer_id)
     assert ordered == [a, *tie, d, cpu]
+
+
+# --- record sync requests -------------------------------------------------------------------
+
+
+@given(st.integers(0, 2**63 - 1), st.integers(1, MAX_SYNC_RECORDS))
+def test_sync_request_round_trips_within_cap(since_ms: int, limit: int) -> None:
+    data = SyncRequest(since_ms, limit).encode()
+    assert len(data) <= MAX_SYNC_REQUEST_BYTES
+    assert decode_sync_request(data) == SyncRequest(since_ms, limit)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=100))
+def test_sync_request_garbage_raises_only_remote_error(data: bytes) -> None:
+    _decode_or_refuse(data)
+
+
+@settings(max_examples=200)
+@given(msgpack_values)
+def test_sync_request_any_msgpack_value_raises_only_remote_error(value: Any) -> None:
+    _decode_or_refuse(msgpack.packb(value, use_bin_type=True))
+
+
+def _decode_or_refuse(data: bytes) -> None:
+    """Either a RemoteProtocolError or a request whose every field is in range."""
+    try:
+        request = decode_sync_request(data)
+    except RemoteProtocolError:
+        return
+    assert request.since_ms >= 0 and 1 <= request.limit <= MAX_SYNC_RECORDS
+
+
+@pytest.mark.parametrize(("request_map", "reason"), [
+    ({"v": 2, "since_ms": 0, "limit": 1}, "unknown-version"),
+    ({"v": True, "since_ms": 0, "limit": 1}, "unknown-version"),
+    ({"v": 1, "since_ms": -1, "limit": 1}, "malformed"),
+    ({"v": 1, "since_ms": 0, "limit": 0}, "malformed"),
+    ({"v": 1, "since_ms": 0, "limit": MAX_SYNC_RECORDS + 1}, "malformed"),
+    ({"v": 1, "since_ms": 0, "limit": True}, "malformed"),
+    ({"v": 1, "since_ms": 0}, "malformed"),
+    ({"v": 1, "since_ms": 0, "limit": 1, "more": 1}, "malformed"),
+    ({"v": 1, "since_ms": 0, "limit": 1, "pad": "x" * 64}, "oversized"),
+])
+def test_sync_request_refused(request_map: dict[str, Any], reason: str) -> None:
+    with pytest.raises(RemoteProtocolError) as err:
+        decode_sync_request(msgpack.packb(request_map))
+    assert err.value.reason == reason
+
+
+def test_sync_request_encode_refuses_our_own_bad_values() -> None:
+    for bad in (SyncRequest(-1, 1), SyncRequest(0, 0), SyncRequest(0, MAX_SYNC_RECORDS + 1)):
+        with pytest.raises(LocalProtocolError):
+            bad.encode()
+
+
+def test_sync_answer_is_fresh_unexpired_newest_first_and_limited() -> None:
+    now = 10_000_000
+    old = dataclasses.replace(record(PEERS[0]), created_ms=now - 5000, expires_ms=now + 1)
+    new = dataclasses.replace(record(PEERS[1]), created_ms=now - 10, expires_ms=now + 1)
+    newer = dataclasses.replace(record(PEERS[2]), created_ms=now - 1, expires_ms=now + 1)
+    expired = dataclasses.replace(record(PEERS[3]), created_ms=now - 1, expires_ms=now)
+    records = [old, new, expired, newer]
+    assert sync_answer(records, SyncRequest(0, 100), now) == [newer, new, old]
+    assert sync_answer(records, SyncRequest(now - 10, 100), now) == [newer, new]
+    assert sync_answer(records, SyncRequest(0, 1), now) == [newer]
 
 
 # --- the spec agrees with the code --------------------------------------------------------------

@@ -11,7 +11,7 @@ from nacl.signing import SigningKey
 
 from node.config import DiscoverySection
 from node.discovery import CAPABILITY_PROTOCOL
-from protocol.capability import CapabilityRecord, capability_dht_key
+from protocol.capability import CapabilityRecord, capability_dht_key, class_provider_key
 from protocol.envelope import DOMAIN_CAPABILITY, seal
 from tests.netutil import FakeClock, make_env, node_cluster, wait_until
 
@@ -78,6 +78,19 @@ def test_every_node_finds_every_other_and_filters_exactly(tmp_path: Path) -> Non
             got = await asker.discovery.query_gpus(min_tflops=15.5)
             assert {r.peer_id for r in got} == {n.peer_id for n in nodes[6:]}
 
+            # The DHT alone (no replicas involved): class provider records and values.
+            want_24 = by_min[24]
+
+            async def providers_complete() -> bool:
+                found = await asker.discovery.find_providers(class_provider_key("gpu-mem-24"))
+                return {p.peer_id.to_base58() for p in found} == want_24
+
+            await wait_until(providers_complete, timeout=30)
+            for target in nodes:
+                if target is not asker:
+                    cap = await asker.discovery.record_from_network(target.peer_id)
+                    assert cap is not None and cap.envelope == target.discovery.current.envelope  # type: ignore[union-attr]
+
     run(scenario)
 
 
@@ -142,10 +155,11 @@ def test_departed_node_disappears_after_expiry(tmp_path: Path) -> None:
             leaver.kill()
             # Time passes beyond the record lifetime; the others refresh, the leaver can't.
             clock.advance(7200 + 1)
-            for n in nodes:
-                if n is not leaver:
-                    await n.discovery._sign_current()
-                    await n.discovery._publish_network()
+            async with trio.open_nursery() as nursery:
+                for n in nodes:
+                    if n is not leaver:
+                        await n.discovery._sign_current()
+                        nursery.start_soon(n.discovery._publish_network)
             got = {r.peer_id for r in await asker.discovery.query_gpus()}
             expected = {n.peer_id for n in nodes if n is not leaver}
             assert got == expected, f"missing {expected - got}, extra {got - expected}"
@@ -257,5 +271,74 @@ def test_gossip_rejects_forged_and_keeps_newest(tmp_path: Path) -> None:
             await wait_until(observer_has_newer, timeout=20)
             await observer.discovery._remember(genuine)  # a replay, however it arrives
             assert observer.discovery.local_record(victim.peer_id) == newer
+
+    run(scenario)
+
+
+def test_record_sync_fills_a_node_and_survives_a_lying_or_frozen_peer(tmp_path: Path) -> None:
+    """A node that lost every replica gets them back from one peer over the sync stream; a
+    peer whose answer holds a forged record, or that freezes mid-answer, costs only those
+    records and at most the stream timeout."""
+    from node.discovery import SYNC_PROTOCOL
+    from node.framing import read_frame, write_frame
+
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        async with node_cluster(tmp_path, [make_env(g) for g in [(), (24,), (40,), (8,)]],
+                                clock) as nodes:
+            await _all_published(nodes)
+            source, liar, frozen, empty = nodes
+            others = [n for n in nodes if n is not empty]
+
+            async def source_has_all() -> bool:
+                return all(source.discovery.local_record(n.peer_id) for n in others[1:])
+
+            await wait_until(source_has_all, timeout=30)
+            empty.discovery.replicas.clear()
+            empty.net.dht.value_store.store.clear()
+            assert all(empty.discovery.local_record(n.peer_id) is None for n in others)
+
+            assert await empty.discovery.sync_from(source.net.peer_id) == len(others)
+            for n in others:
+                cap = empty.discovery.local_record(n.peer_id)
+                assert cap is not None and cap.envelope == n.discovery.current.envelope  # type: ignore[union-attr]
+            assert await empty.discovery.sync_from(source.net.peer_id) == 0  # idempotent
+
+            # The liar answers with a forged record of the source (higher seq), then a
+            # genuine one of its own, then ends the answer properly.
+            genuine = source.discovery.current
+            assert genuine is not None
+            forged = _sign_as(liar.key, CapabilityRecord(
+                peer_id=source.peer_id, addrs=genuine.record.addrs, software="evil",
+                seq=genuine.record.seq + 5, created_ms=clock(), expires_ms=clock() + 3_600_000,
+                env=make_env((80,))))
+
+            async def lying_answer(stream) -> None:  # type: ignore[no-untyped-def]
+                await read_frame(stream, 64, 5)
+                for frame in (forged, liar.discovery.current.envelope, b""):  # type: ignore[union-attr]
+                    await write_frame(stream, frame, 5)
+                await stream.close()
+
+            async def frozen_answer(stream) -> None:  # type: ignore[no-untyped-def]
+                await read_frame(stream, 64, 5)
+                await write_frame(stream, frozen.discovery.current.envelope, 5)  # type: ignore[union-attr]
+                await trio.sleep_forever()  # TCP open, nothing more: a frozen peer
+
+            liar.net.host.set_stream_handler(SYNC_PROTOCOL, lying_answer)
+            frozen.net.host.set_stream_handler(SYNC_PROTOCOL, frozen_answer)
+            empty.discovery.replicas.clear()
+            empty.net.dht.value_store.store.clear()
+            rejected = empty.discovery.metrics.rejected.labels("signer-mismatch")
+            before = rejected._value.get()
+            assert await empty.discovery.sync_from(liar.net.peer_id) == 1
+            assert rejected._value.get() == before + 1
+            assert empty.discovery.local_record(source.peer_id) is None  # forged one refused
+            assert empty.discovery.local_record(liar.peer_id) is not None
+
+            started = trio.current_time()
+            assert await empty.discovery.sync_from(frozen.net.peer_id) == 1
+            assert trio.current_time() - started < 5 + 2  # the stream timeout, not forever
+            assert empty.discovery.local_record(frozen.peer_id) is not None
 
     run(scenario)
