@@ -6,11 +6,14 @@ Home layout (``~/.iollm``, ``$IOLLM_HOME`` or ``--home``)::
     api.token    bearer token of the local API, 0600  (node/api.py)
     config.toml  this module
     state.db     SQLite state, WAL                    (node/storage.py)
+    store/       content-addressed shards of models and datasets (node/contentstore.py;
+                 ``[store] dir`` puts it elsewhere)
     node.json    written while the daemon runs: pid, peer id, addresses, API url
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -57,6 +60,14 @@ bench_seconds = 0.5
 # TEST ONLY: pretend to have these GPUs, e.g.
 # fake_gpus = [{name = "NVIDIA A100-SXM4-40GB", memory_gb = 40, compute_capability = "8.0"}]
 fake_gpus = []
+
+[store]
+# Disk quota of the content store (shards of models and datasets), in GiB (> 0). Shards
+# that are not pinned are evicted least recently used first to stay under it.
+quota_gb = 50
+# Directory of the content store; "" means <home>/store. A relative path is taken
+# relative to the node home.
+dir = ""
 """
 
 
@@ -92,11 +103,26 @@ class ProbeSection:
 
 
 @dataclass(frozen=True)
+class StoreSection:
+    quota_gb: float = 50.0
+    dir: str = ""
+
+    @property
+    def quota_bytes(self) -> int:
+        return int(self.quota_gb * 2**30)
+
+    def directory(self, home: Path) -> Path:
+        """``dir``, relative to `home` unless absolute; ``<home>/store`` when empty."""
+        return home / (Path(self.dir).expanduser() if self.dir else "store")
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     api: ApiSection = field(default_factory=ApiSection)
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     probe: ProbeSection = field(default_factory=ProbeSection)
+    store: StoreSection = field(default_factory=StoreSection)
 
 
 _SECTIONS: dict[str, type] = {
@@ -104,6 +130,7 @@ _SECTIONS: dict[str, type] = {
     "api": ApiSection,
     "discovery": DiscoverySection,
     "probe": ProbeSection,
+    "store": StoreSection,
 }
 
 
@@ -161,6 +188,9 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
         raise ConfigError(f"{source}: api.port {config.api.port} is not a TCP port")
     if not 0 < config.probe.bench_seconds <= 60:
         raise ConfigError(f"{source}: probe.bench_seconds must be in (0, 60]")
+    if not (math.isfinite(config.store.quota_gb) and 0 < config.store.quota_gb < 2**33):
+        raise ConfigError(f"{source}: store.quota_gb must be a number of GiB in (0, 2**33), "
+                          f"got {config.store.quota_gb}")
     return config
 
 

@@ -1,0 +1,74 @@
+"""node/config.py: the documented defaults parse to the dataclass defaults; bad values are
+refused with the key named. (Discovery keys are also checked against the spec in
+tests/test_capability.py.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from node.config import (
+    DEFAULT_CONFIG_TOML,
+    Config,
+    ConfigError,
+    StoreSection,
+    load_config,
+    parse_config,
+)
+
+
+def test_default_config_toml_is_the_dataclass_defaults() -> None:
+    assert parse_config(tomllib.loads(DEFAULT_CONFIG_TOML)) == Config()
+    assert parse_config({}) == Config()
+    documented = tomllib.loads(DEFAULT_CONFIG_TOML)
+    for section in dataclasses.fields(Config):
+        keys = {f.name for f in dataclasses.fields(getattr(Config(), section.name))}
+        assert set(documented[section.name]) == keys, section.name
+
+
+def test_store_section_values() -> None:
+    store = parse_config({"store": {"quota_gb": 2, "dir": "/data/iollm"}}).store
+    assert store == StoreSection(quota_gb=2.0, dir="/data/iollm")
+    assert isinstance(store.quota_gb, float)
+    assert store.quota_bytes == 2 * 2**30
+    assert parse_config({"store": {"quota_gb": 0.5}}).store.quota_bytes == 2**29
+
+
+def test_store_directory(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert StoreSection().directory(home) == home / "store"
+    assert StoreSection(dir="shards").directory(home) == home / "shards"
+    assert StoreSection(dir=str(tmp_path / "big")).directory(home) == tmp_path / "big"
+    assert StoreSection(dir="~/s").directory(home) == Path.home() / "s"
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ({"quota_gb": 0}, "store.quota_gb must be a number of GiB in (0, 2**33), got 0.0"),
+        ({"quota_gb": -1.5}, "store.quota_gb must be"),
+        ({"quota_gb": float("inf")}, "store.quota_gb must be"),
+        ({"quota_gb": float("nan")}, "store.quota_gb must be"),
+        ({"quota_gb": 2**33}, "store.quota_gb must be"),
+        ({"quota_gb": "50"}, "store.quota_gb: expected float, got '50'"),
+        ({"quota_gb": True}, "store.quota_gb: expected float"),
+        ({"dir": 3}, "store.dir: expected str, got 3"),
+        ({"path": "/x"}, "unknown key store.path"),
+    ],
+)
+def test_bad_store_values_name_the_key(table: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"store": table}, "cfg.toml")
+    assert str(info.value).startswith("cfg.toml: ")
+    assert expected in str(info.value)
+
+
+def test_store_section_from_a_file(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("[store]\nquota_gb = 1.25\ndir = 'blobs'\n")
+    assert load_config(tmp_path).store == StoreSection(quota_gb=1.25, dir="blobs")
+    (tmp_path / "config.toml").write_text("[store]\nquota_gb = -inf\n")
+    with pytest.raises(ConfigError, match=r"config\.toml: store\.quota_gb must be"):
+        load_config(tmp_path)
