@@ -93,7 +93,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
 # -- commands that talk to a running node ---------------------------------------------------
 
 
-def _call(args: argparse.Namespace, path: str) -> Any:
+def call_node(args: argparse.Namespace, path: str, method: str = "GET", body: Any = None) -> Any:
+    """Call the running node's API; any failure becomes a one-line CliError."""
     from node.api import ApiClientError, api_request, read_token_file
 
     home = _home(args)
@@ -107,7 +108,7 @@ def _call(args: argparse.Namespace, path: str) -> Any:
         raise CliError(f"{runtime} is damaged; restart the node") from None
     try:
         token = read_token_file(home / TOKEN_FILE)
-        return api_request(base, token, "GET", path, timeout=args.timeout)
+        return api_request(base, token, method, path, body, timeout=args.timeout)
     except ApiClientError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
@@ -134,7 +135,7 @@ def _describe(record: dict[str, Any]) -> str:
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    peers = _call(args, "/v1/peers")
+    peers = call_node(args, "/v1/peers")
     if args.json:
         print(json.dumps(peers, indent=2))
         return 0
@@ -152,7 +153,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         query.append(f"min_vram={args.min_vram}")
     if args.min_tflops is not None:
         query.append(f"min_tflops={args.min_tflops}")
-    records = _call(args, "/v1/gpus" + ("?" + "&".join(query) if query else ""))
+    records = call_node(args, "/v1/gpus" + ("?" + "&".join(query) if query else ""))
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
@@ -173,7 +174,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _call(args, "/v1/status")
+    status = call_node(args, "/v1/status")
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -300,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at least this measured matmul throughput (TFLOP/s)")
     p.set_defaults(func=cmd_gpus)
 
+    from node.cli_models import add_model_commands
+
+    add_model_commands(sub, client)
+
     testnet = sub.add_parser("testnet", help="a local testnet of node processes on 127.0.0.1")
     t_sub = testnet.add_subparsers(dest="testnet_command", metavar="ACTION", required=True)
     p = t_sub.add_parser("up", help="start a bootstrap node and N nodes",
@@ -341,4 +346,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run node.cli, not this __main__ copy of it, so that node.cli_models (which imports
+    # node.cli) raises the very CliError that main() catches.
+    from node.cli import main as _main
+
+    sys.exit(_main())
