@@ -37,8 +37,11 @@ SHORT = 12  # hex digits of a version shown in tables (SMIP's short form)
 # -- formatting ------------------------------------------------------------------------------
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _when(ms: int) -> str:
@@ -60,12 +63,13 @@ class ProgressView:
         self.tty = stream.isatty() if tty is None else tty
         self.clock = clock
         self.phase: str | None = None
-        self.samples: deque[tuple[float, int]] = deque()  # (time, done_bytes) this phase
+        self.total: int | None = None
+        self.samples: deque[tuple[float, int]] = deque()  # (time, done_bytes), recent
         self.last_line = float("-inf")
         self.drawn = False
 
     def rate(self) -> float:
-        """Bytes per second over the recent samples of this phase."""
+        """Bytes per second over the recent samples (since the count last restarted)."""
         if len(self.samples) < 2:
             return 0.0
         (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
@@ -73,6 +77,11 @@ class ProgressView:
 
     def line(self, op: dict[str, Any]) -> str:
         done, total = op["done_bytes"], op["total_bytes"]
+        if op.get("state") == "done" and op.get("ended_ms") is not None:
+            seconds = max(0.001, (op["ended_ms"] - op["started_ms"]) / 1000)
+            return (f"{self.what} done: {_size(done)} in {seconds:.1f} s "
+                    f"({done / 2**20 / seconds:.1f} MiB/s)"
+                    + (f"  {op['detail']}" if op["detail"] else ""))
         parts = [f"{self.what} {op['phase'] or 'starting'}"]
         if total > 0:
             fraction = min(1.0, done / total)
@@ -81,7 +90,7 @@ class ProgressView:
                 parts.append("[" + "#" * filled + "." * (BAR_WIDTH - filled) + "]")
             parts.append(f"{fraction * 100:3.0f}%  {done / 2**20:.1f}/{total / 2**20:.1f} MiB")
         elif done:
-            parts.append(_mib(done))
+            parts.append(_size(done))
         if total > 0 or done:
             parts.append(f"{self.rate() / 2**20:.1f} MiB/s")
         if op["detail"]:
@@ -91,10 +100,12 @@ class ProgressView:
     def update(self, op: dict[str, Any]) -> None:
         now = self.clock()
         new_phase = op["phase"] != self.phase
-        if new_phase:
-            self.phase = op["phase"]
-            self.samples.clear()
-        self.samples.append((now, op["done_bytes"]))
+        self.phase = op["phase"]
+        done = op["done_bytes"]
+        if op["total_bytes"] != self.total or (self.samples and done < self.samples[-1][1]):
+            self.samples.clear()  # a phase that counts other bytes
+            self.total = op["total_bytes"]
+        self.samples.append((now, done))
         while len(self.samples) > 2 and now - self.samples[1][0] >= RATE_WINDOW_S:
             self.samples.popleft()
         if self.tty:
@@ -168,7 +179,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         return 0
     where = f", files in {info['out']}" if info.get("out") else " into the node's store"
     print(f"fetched {info['kind']} {info['name']!r} {info['version'][:SHORT]}: "
-          f"{_mib(info['size'])}{where}")
+          f"{_size(info['size'])}{where}")
     return 0
 
 
@@ -184,7 +195,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"{'VERSION':<{SHORT}}  {'NAME':<{width}}  {'STATE':<9}  {'SIZE':>10}  PROVIDERS  "
           f"{'CREATED':<23}  PUBLISHER")
     for v in versions:
-        size = _mib(v["size"]) if v["size"] else "?"
+        size = _size(v["size"]) if v["size"] else "?"
         print(f"{v['version'][:SHORT]}  {v['name']:<{width}}  {v['state']:<9}  {size:>10}  "
               f"{v['providers']:>9}  {_when(v['created_ms']):<23}  "
               f"{_short_peer(v['publisher'])}")
@@ -197,28 +208,35 @@ def format_show(info: dict[str, Any]) -> str:
         f"version    {info['version']}",
         f"publisher  {info['publisher']}",
         f"created    {_when(info['created_ms'])}",
-        f"state      {info['state']}, {_mib(info['size'])}, "
+        f"state      {info['state']}, {_size(info['size'])}, "
         f"{info['providers']} provider(s) known",
         f"config     {json.dumps(info.get('config') or {}, sort_keys=True)[:200]}",
-        "lineage    (this version, then its ancestors, first parent first)",
     ]
+    if not info["lineage"]:
+        lines.append("(its manifest is not held here: fetch it to see lineage and shards)")
+        return "\n".join(lines)
+    lines.append("lineage    (this version, then its ancestors, first parent first)")
+    known = {e["version"] for e in info["lineage"] if e["known"]}
     for depth, entry in enumerate(info["lineage"]):
         label = (f"{entry['name']!r}  {_when(entry['created_ms'])}" if entry["known"]
                  else "(manifest not held here)")
         arrow = "  " * depth + ("└─ " if depth else "")
         lines.append(f"  {arrow}{entry['version'][:SHORT]}  {label}")
-    shards = info["shards"]
-    new = set(info["new_shards"])
-    if info["parents"]:
-        lines.append(f"shards     {len(shards)}, {len(new)} new against its first parent "
-                     f"{info['parents'][0][:SHORT]}")
-    else:
+    shards, new = info["shards"], set(info["new_shards"])
+    parent = info["parents"][0] if info["parents"] else None
+    if parent is None:
         lines.append(f"shards     {len(shards)} (no parent)")
-    width = max(len(s["path"]) for s in shards) if shards else 0
+    elif parent in known:
+        lines.append(f"shards     {len(shards)}, {len(new)} new against its first parent "
+                     f"{parent[:SHORT]}")
+    else:
+        lines.append(f"shards     {len(shards)} (its first parent {parent[:SHORT]} is not "
+                     f"held here to compare)")
+    width = max((len(s["path"]) for s in shards), default=0)
     for s in shards:
-        mark = ("new" if s["path"] in new else "shared") if info["parents"] else ""
+        mark = ("new" if s["path"] in new else "shared") if parent in known else ""
         held = "held" if s["held"] else "not held"
-        lines.append(f"  {s['path']:<{width}}  {_mib(s['size']):>10}  {mark:<6}  {held}")
+        lines.append(f"  {s['path']:<{width}}  {_size(s['size']):>10}  {mark:<6}  {held}")
     return "\n".join(lines)
 
 

@@ -114,3 +114,22 @@ def test_show_prints_the_lineage_as_a_chain_and_new_shards() -> None:
                           "new_shards": ["a.safetensors", "b.safetensors"]})
     assert "shards     2 (no parent)" in orphan
     assert "└─" not in orphan
+
+
+def test_progress_ends_with_the_average_rate_of_the_whole_operation() -> None:
+    out = io.StringIO()
+    view = ProgressView(out, "fetch", tty=False, clock=FakeClock())
+    view.update({**op("done", 30 * 2**20, 30 * 2**20, "2 providers"), "state": "done",
+                 "started_ms": 1_000, "ended_ms": 4_000})
+    assert out.getvalue() == "fetch done: 30.0 MiB in 3.0 s (10.0 MiB/s)  2 providers\n"
+
+
+def test_show_without_the_manifest_or_without_the_parent() -> None:
+    announced = format_show({**SHOW, "state": "announced", "size": 0, "config": None,
+                             "shards": [], "lineage": [], "new_shards": []})
+    assert announced.endswith("(its manifest is not held here: fetch it to see lineage and "
+                              "shards)")
+    orphaned = format_show({**SHOW, "lineage": [SHOW["lineage"][0], {**SHOW["lineage"][1],
+                                                                     "known": False}]})
+    assert f"shards     2 (its first parent {V2[:12]} is not held here to compare)" in orphaned
+    assert "shared" not in orphaned and " new " not in orphaned
