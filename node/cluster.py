@@ -1,8 +1,9 @@
 """Many nodes in one trio process, on 127.0.0.1: for multi-node tests and benchmarks.
 
-The nodes are complete (storage, host, DHT, gossipsub, discovery), only without the
-environment probe (the caller passes each node's EnvReport) and the local API. Node 0 is
-every other node's bootstrap peer, as in ``iollm testnet up``.
+The nodes are complete (storage, host, DHT, gossipsub, discovery, and with ``models=True``
+the content store and SMIP), only without the environment probe (the caller passes each
+node's EnvReport) and the local API. Node 0 is every other node's bootstrap peer, as in
+``iollm testnet up``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry
 
 from node.config import DiscoverySection
+from node.contentstore import ContentStore
 from node.discovery import CapabilityValidator, Discovery, DiscoveryMetrics
 from node.host import Network, open_network
+from node.models import Models, ModelsMetrics
 from node.storage import Storage, open_storage
 from protocol.capability import DHT_NAMESPACE, EnvReport
 
@@ -35,6 +38,7 @@ class LocalNode:
     storage: Storage
     discovery: Discovery
     scope: trio.CancelScope
+    models: Models | None = None
 
     @property
     def peer_id(self) -> str:
@@ -55,6 +59,8 @@ async def _run_node(
     config: DiscoverySection,
     clock_ms: Callable[[], int],
     bootstrap: list[PeerInfo],
+    models: bool,
+    quota_bytes: int,
     *,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -70,7 +76,23 @@ async def _run_node(
             discovery = Discovery(net, key, storage, config, env, software="iollm/local",
                                   clock_ms=clock_ms, metrics=metrics, bootstrap=bootstrap)
             await nursery.start(discovery.run)
-            task_status.started(LocalNode(key, net, storage, discovery, scope))
+            service = None
+            if models:
+                store = ContentStore(directory / f"store{index}", storage, quota_bytes, clock_ms)
+                await store.open()
+                nursery.start_soon(_close_at_exit, store)
+                service = Models(net, key, storage, store, discovery, clock_ms=clock_ms,
+                                 metrics=ModelsMetrics(CollectorRegistry()))
+                await nursery.start(service.run)
+            task_status.started(LocalNode(key, net, storage, discovery, scope, service))
+
+
+async def _close_at_exit(store: ContentStore) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
 
 
 @asynccontextmanager
@@ -81,6 +103,8 @@ async def local_cluster(
     config: DiscoverySection,
     *,
     start_timeout: float = 60.0,
+    models: bool = False,
+    quota_bytes: int = 1 << 40,
 ) -> AsyncIterator[list[LocalNode]]:
     """Start one node per env and yield them once each has joined (connected to node 0 and
     refreshed its routing table); their first network publish runs on in background
@@ -91,7 +115,7 @@ async def local_cluster(
             for i, env in enumerate(envs):
                 bootstrap = [nodes[0].info()] if nodes else []
                 nodes.append(await nursery.start(_run_node, i, directory, env, config,
-                                                 clock_ms, bootstrap))
+                                                 clock_ms, bootstrap, models, quota_bytes))
             for n in nodes:
                 await n.discovery.bootstrapped.wait()
         yield nodes

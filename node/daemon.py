@@ -1,8 +1,11 @@
 """The daemon: every service of a node in one trio nursery tree.
 
-    open_storage ─┐
-    open_network ─┼─ Discovery.run      (capability records, queries)
-                  └─ serve_api          (local JSON API + /metrics)
+    open_storage ──┐
+    ContentStore ──┤
+    open_network ──┼─ Discovery.run      (capability records, queries)
+                   ├─ Models.run         (SMIP: publish, announce, serve, fetch)
+                   ├─ serve_api          (local JSON API + /metrics)
+                   └─ Operations         (publish and fetch started through the API)
 
 A service that fails takes the node down with it (trio's nursery semantics); SIGINT and
 SIGTERM cancel the tree, every ``async with`` closes in order, and the SQLite state was
@@ -15,9 +18,10 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ import trio
 from prometheus_client import CollectorRegistry, Gauge
 
 from node import __version__
-from node.api import ApiError, Request, read_token_file, serve_api
+from node.api import ApiError, Request, Routes, read_token_file, serve_api
 from node.config import (
     RUNTIME_FILE,
     STATE_DB,
@@ -35,6 +39,7 @@ from node.config import (
     ConfigError,
     read_bootstrap_file,
 )
+from node.contentstore import ContentStore
 from node.discovery import CapabilityValidator, Discovery, DiscoveryMetrics
 from node.host import (
     ListenError,
@@ -44,6 +49,8 @@ from node.host import (
     peer_info_from_multiaddr,
 )
 from node.identity import load_key
+from node.models import Models, ModelsMetrics, Progress
+from node.ops import Operations
 from node.probe import env_to_json, parse_fake_gpus, probe_environment
 from node.storage import open_storage
 from protocol.capability import DHT_NAMESPACE, CapabilityRecord
@@ -89,6 +96,126 @@ def _float_param(request: Request, name: str) -> float | None:
     return value
 
 
+# -- SMIP routes ------------------------------------------------------------------------
+
+KINDS = ("model", "dataset")
+MIN_PREFIX_CHARS = 8  # a shorter prefix of a version id is refused: too easily ambiguous
+_VERSION_TEXT = re.compile(rf"[0-9a-f]{{{MIN_PREFIX_CHARS},64}}")
+
+
+def _body(request: Request, required: Collection[str], optional: Collection[str] = ()
+          ) -> dict[str, Any]:
+    """The request's JSON object, with every required field and no unknown one."""
+    body = request.body
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    if missing := sorted(set(required) - body.keys()):
+        raise ApiError(400, f"{missing[0]}: missing")
+    if unknown := sorted(body.keys() - set(required) - set(optional)):
+        raise ApiError(400, f"{unknown[0]}: unknown field")
+    return body
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{name}: expected a non-empty string, got {json.dumps(value)[:60]}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    if value not in KINDS:
+        raise ApiError(400, f"kind: expected \"model\" or \"dataset\", got "
+                            f"{json.dumps(value)[:60]}")
+    return str(value)
+
+
+def _path(value: Any, name: str) -> Path:
+    """A path from a request, made absolute against the daemon's working directory (the
+    CLI sends absolute paths)."""
+    return Path(_text(value, name)).expanduser().absolute()
+
+
+def resolve_version(models: Models, text: Any, name: str = "version") -> str:
+    """The full hex id of a version given as its id or a unique prefix of at least
+    `MIN_PREFIX_CHARS` hex digits. A full id is returned as it is, known or not (a fetch
+    finds it through the network); a prefix must match exactly one known version."""
+    wanted = _text(text, name).strip().lower()
+    if not _VERSION_TEXT.fullmatch(wanted):
+        raise ApiError(400, f"{name}: expected a version id or a prefix of at least "
+                            f"{MIN_PREFIX_CHARS} hex digits, got {json.dumps(text)[:80]}")
+    if len(wanted) == 64:
+        return wanted
+    matches = sorted({v.version for v in models.list_versions() if v.version.startswith(wanted)})
+    if not matches:
+        raise ApiError(404, f"no known version starts with {wanted}")
+    if len(matches) > 1:
+        raise ApiError(400, f"{name}: {wanted} is ambiguous: {len(matches)} known versions "
+                            f"start with it ({', '.join(m[:16] for m in matches[:4])}, ...); "
+                            f"give more digits")
+    return matches[0]
+
+
+def model_routes(models: Models, ops: Operations, nursery: trio.Nursery) -> Routes:
+    """The SMIP routes. Publish and fetch run as operations in `nursery` (the daemon's):
+    they answer ``{"op": id}`` at once, and ``GET /v1/ops?id=`` tells how they go."""
+
+    async def publish(request: Request) -> Any:
+        body = _body(request, {"path", "kind", "name"}, {"parents"})
+        path = _path(body["path"], "path")
+        kind = _kind(body["kind"])
+        name = _text(body["name"], "name")
+        parents = body.get("parents") or []
+        if not isinstance(parents, list):
+            raise ApiError(400, "parents: expected a list of version ids")
+        parent_ids = [resolve_version(models, p, "parents") for p in parents]
+
+        async def work(progress: Progress) -> Any:
+            version = await models.publish(path, kind=kind, name=name, parents=parent_ids,
+                                           progress=progress)
+            return {"version": version, "kind": kind, "name": name}
+
+        return {"op": ops.start(nursery, "publish", work)}
+
+    async def fetch(request: Request) -> Any:
+        body = _body(request, {"version"}, {"out"})
+        version = resolve_version(models, body["version"])
+        out = None if body.get("out") is None else _path(body["out"], "out")
+
+        async def work(progress: Progress) -> Any:
+            info = await models.fetch(version, out_dir=out, progress=progress)
+            return {**info.to_json(), "out": None if out is None else str(out)}
+
+        return {"op": ops.start(nursery, "fetch", work)}
+
+    async def operation(request: Request) -> Any:
+        op_id = request.query.get("id")
+        if not op_id:
+            raise ApiError(400, "id: missing (GET /v1/ops?id=OPERATION)")
+        try:
+            return ops.get(op_id)
+        except KeyError as exc:
+            raise ApiError(404, str(exc.args[0])) from None
+
+    async def versions(request: Request) -> Any:
+        kind = request.query.get("kind") or None
+        return [v.to_json() for v in models.list_versions(None if kind is None else _kind(kind))]
+
+    async def show(request: Request) -> Any:
+        version = resolve_version(models, request.query.get("version"))
+        try:
+            return await models.show(version)
+        except KeyError:
+            raise ApiError(404, f"unknown version {version}") from None
+
+    return {
+        ("POST", "/v1/models/publish"): publish,
+        ("POST", "/v1/models/fetch"): fetch,
+        ("GET", "/v1/ops"): operation,
+        ("GET", "/v1/models"): versions,
+        ("GET", "/v1/models/show"): show,
+    }
+
+
 def _write_runtime_file(home: Path, info: dict[str, Any]) -> None:
     tmp = home / (RUNTIME_FILE + ".tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
@@ -128,12 +255,16 @@ async def run_daemon(
     Gauge("iollm_start_time_seconds", "Unix time the daemon started",
           registry=registry).set(time.time())
     validator = CapabilityValidator(clock_ms, metrics)
+    models_metrics = ModelsMetrics(registry)
+    ops = Operations(clock_ms)
 
-    async with open_storage(home / STATE_DB) as storage, open_network(
-        key, listen, {DHT_NAMESPACE: validator}
-    ) as net:
+    async with open_storage(home / STATE_DB) as storage, ContentStore(
+        config.store.directory(home), storage, config.store.quota_bytes, clock_ms
+    ) as store, open_network(key, listen, {DHT_NAMESPACE: validator}) as net:
         discovery = Discovery(net, key, storage, config.discovery, env, software=SOFTWARE,
                               clock_ms=clock_ms, metrics=metrics, bootstrap=bootstrap)
+        models = Models(net, key, storage, store, discovery, clock_ms=clock_ms,
+                        metrics=models_metrics)
 
         async def status(_: Request) -> Any:
             current = discovery.current
@@ -179,6 +310,8 @@ async def run_daemon(
         }
         async with trio.open_nursery() as nursery:
             await nursery.start(discovery.run)
+            await nursery.start(models.run)
+            routes.update(model_routes(models, ops, nursery))
             try:
                 port = await nursery.start(
                     lambda task_status: serve_api(routes, token, registry, host="127.0.0.1",

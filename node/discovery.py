@@ -79,7 +79,6 @@ SYNC_PROTOCOL = TProtocol(SYNC_PROTOCOL_ID)
 CAPABILITY_TOPIC = "/iollm/capability/1"
 SEQ_KEY = "capability.seq"
 FETCH_CONCURRENCY = 16
-PROVIDE_SPACING_S = 1.1  # > 10 s / 10: py-libp2p's ADD_PROVIDER limit per sender
 GOSSIP_STARTUP_REPEATS_S = (1.0, 2.0, 5.0)  # s after joining; then every gossip_interval_s
 KNOWN_PEERS_REDIAL = 16  # most recently seen peers dialled at start-up
 MAX_PROVIDERS = 1000
@@ -233,16 +232,15 @@ class Discovery:
         self.published.set()
 
     async def _provide_classes(self) -> None:
-        """One provide per class, the most selective first, started PROVIDE_SPACING_S
-        apart: py-libp2p accepts at most 10 ADD_PROVIDER from one sender per 10 s window
-        and silently drops (and resets) the rest, and a node has up to 15 classes."""
+        """One provide per class, the most selective first, each in the node's next provide
+        slot (``Network.provide_slot``: py-libp2p drops ADD_PROVIDER beyond 10 per sender
+        per 10 s, and a node has up to 15 classes)."""
         classes = capability_classes(self.env)
         generic = [c for c in classes if not c.startswith("gpu-mem-")]
         ordered = generic + [c for c in reversed(classes) if c.startswith("gpu-mem-")]
         async with trio.open_nursery() as nursery:
-            for i, name in enumerate(ordered):
-                if i:
-                    await trio.sleep(PROVIDE_SPACING_S)
+            for name in ordered:
+                await self.net.provide_slot()
                 nursery.start_soon(self._attempt, f"providing class {name}",
                                    self.net.dht.provide, class_provider_key(name))
 

@@ -14,7 +14,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import multiaddr
@@ -45,6 +45,10 @@ from nacl.signing import SigningKey
 log = logging.getLogger(__name__)
 
 KAD_PROTOCOL_ID = TProtocol("/ipfs/kad/1.0.0")
+# py-libp2p accepts at most 10 ADD_PROVIDER from one sender per 10 s window and silently
+# drops (and resets) the rest: every provide of a node, of any service, starts at least
+# this long after the previous one.
+PROVIDE_SPACING_S = 1.1
 HEARTBEAT_S = 1  # gossipsub heartbeat (py-libp2p default 120 s; go-libp2p 1 s)
 # The library logs every normal stream EOF of the DHT as a warning.
 logging.getLogger("libp2p.kad_dht").setLevel(logging.ERROR)
@@ -176,6 +180,8 @@ class Network:
     dht: KadDHT
     pubsub: Pubsub
     gossipsub: GossipSub
+    _provide_lock: trio.Lock = field(default_factory=trio.Lock)
+    _next_provide: float = 0.0
 
     @property
     def peer_id(self) -> ID:
@@ -186,6 +192,15 @@ class Network:
         pid = self.peer_id.to_base58()
         return [f"{a}/p2p/{pid}" if "/p2p/" not in str(a) else str(a)
                 for a in self.host.get_addrs()]
+
+    async def provide_slot(self) -> None:
+        """Wait for this node's next provide slot (PROVIDE_SPACING_S after the previous
+        one started); the caller starts its provide at once."""
+        async with self._provide_lock:
+            wait = self._next_provide - trio.current_time()
+            if wait > 0:
+                await trio.sleep(wait)
+            self._next_provide = trio.current_time() + PROVIDE_SPACING_S
 
     async def connect(self, info: PeerInfo, timeout: float = 5.0) -> None:
         """Dial a peer and put it in the DHT routing table (not done by the library)."""

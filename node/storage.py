@@ -44,6 +44,7 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "CapabilityRow",
+    "ManifestRow",
     "PeerRow",
     "SchemaVersionError",
     "ShardRow",
@@ -94,6 +95,17 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX pins_by_root ON pins (root)",
     ),
+    (  # 2 -> 3: SMIP versions this node holds (node/models.py)
+        """CREATE TABLE manifests (
+            version    TEXT PRIMARY KEY,    -- hex of the version id (hash of the envelope)
+            kind       TEXT NOT NULL,
+            name       TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            publisher  TEXT NOT NULL,
+            state      TEXT NOT NULL CHECK (state IN ('partial', 'complete')),
+            envelope   BLOB NOT NULL        -- the signed manifest, verified before storing
+        )""",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -133,6 +145,17 @@ class ShardRow:
     chunk_size: int
     state: str  # "partial" or "complete"
     last_used_ms: int
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    version: str  # hex
+    kind: str
+    name: str
+    created_ms: int
+    publisher: str
+    state: str  # "partial" (fetch begun) or "complete" (every shard held)
+    envelope: bytes
 
 
 @dataclass(frozen=True)
@@ -272,6 +295,27 @@ class Storage:
         )
         return len(rows)
 
+
+    # -- SMIP versions (node/models.py) ---------------------------------------------------
+
+    async def put_manifest(self, row: ManifestRow) -> None:
+        """Insert or replace the row of a version; committed on return."""
+        await self._run(
+            "INSERT OR REPLACE INTO manifests"
+            " (version, kind, name, created_ms, publisher, state, envelope)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row.version, row.kind, row.name, row.created_ms, row.publisher, row.state,
+             row.envelope),
+        )
+
+    async def list_manifests(self) -> list[ManifestRow]:
+        rows = await self._run(
+            "SELECT version, kind, name, created_ms, publisher, state, envelope FROM manifests"
+            " ORDER BY created_ms DESC, version")
+        return [ManifestRow(*r) for r in rows]
+
+    async def set_manifest_state(self, version: str, state: str) -> None:
+        await self._run("UPDATE manifests SET state = ? WHERE version = ?", (state, version))
 
     # -- content store: shards and pins (node/contentstore.py) ---------------------------
 

@@ -1,0 +1,405 @@
+"""SMIP fetching: the client side of ``/iollm/smip/1.0.0`` and the multi-provider fetch.
+
+``fetch_version`` follows specs/smip.md "Fetching": find providers (announcements, then the
+DHT), take the manifest from the first provider whose answer verifies, then fetch the leaf
+layer and the chunks of every missing shard from all providers at once. Each provider gets
+``STREAMS_PER_PROVIDER`` workers, one stream each; a free worker takes the lowest-numbered
+waiting chunk of a shard its provider serves. Every chunk is verified against its leaf
+before it is written (node/contentstore.py); a provider that sends bad bytes or stalls is
+dropped for the rest of the fetch and its chunk goes back to the queue. A fetch that stops
+(killed, cancelled) resumes from the chunks already verified on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import trio
+from libp2p.peer.id import ID
+
+from node.contentstore import PartialShard
+from node.framing import FrameError, read_frame, reset_quietly, write_frame
+from node.host import Network
+from protocol.errors import RemoteProtocolError
+from protocol.hashtree import chunk_span
+from protocol.smip import (
+    BUSY_BACKOFF_S,
+    MAX_RESPONSE_HEADER_BYTES,
+    RESPONSE_TIMEOUT_S,
+    STATUS_BUSY,
+    STATUS_OK,
+    STREAMS_PER_PROVIDER,
+    ChunkRequest,
+    LeavesRequest,
+    ListPage,
+    ListRequest,
+    ManifestRequest,
+    Request,
+    ResponseHeader,
+    ShardEntry,
+    check_response_header,
+    decode_list_payload,
+    decode_response_header,
+    encode_request,
+    id_hex,
+    open_manifest,
+    payload_deadline_s,
+    shard_provider_key,
+    short_id,
+    version_provider_key,
+)
+
+if TYPE_CHECKING:
+    from node.models import HeldVersion, Models, Progress
+
+log = logging.getLogger(__name__)
+
+PROVIDER_LOOKUP_RETRIES_S = (0.0, 2.0, 5.0, 10.0)  # DHT lookups while no provider is known
+WAIT_FOR_WORK_S = 1.0  # an idle worker re-checks the queue at least this often
+
+
+class SmipClient:
+    """One stream to one provider, carrying requests in sequence. Any failure resets the
+    stream and makes the client unusable (the caller opens another one)."""
+
+    def __init__(self, net: Network, peer: ID) -> None:
+        self.net = net
+        self.peer = peer
+        self.stream: Any = None
+
+    async def open(self) -> SmipClient:
+        from node.models import SMIP_PROTOCOL
+
+        with trio.fail_after(RESPONSE_TIMEOUT_S):
+            self.stream = await self.net.host.new_stream(self.peer, [SMIP_PROTOCOL])
+        return self
+
+    async def __aenter__(self) -> SmipClient:
+        return await self.open()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close(failed=exc is not None)
+
+    async def close(self, *, failed: bool = False) -> None:
+        stream, self.stream = self.stream, None
+        if stream is None:
+            return
+        if failed:
+            await reset_quietly(stream)
+            return
+        with trio.move_on_after(1):
+            try:
+                await stream.close()
+            except Exception:
+                await reset_quietly(stream)
+
+    async def request(self, request: Request,
+                      shard: ShardEntry | None = None) -> tuple[ResponseHeader, bytes]:
+        """One exchange. RemoteProtocolError for bytes that fail a check, FrameError for a
+        stall or a closed stream; the stream is reset on either."""
+        if self.stream is None:
+            raise FrameError("stream closed")
+        try:
+            await write_frame(self.stream, encode_request(request), RESPONSE_TIMEOUT_S)
+            header = decode_response_header(
+                await read_frame(self.stream, MAX_RESPONSE_HEADER_BYTES, RESPONSE_TIMEOUT_S))
+            n = check_response_header(request, header, shard=shard)
+            if header.status != STATUS_OK:
+                return header, b""
+            payload = await read_frame(self.stream, n, payload_deadline_s(n))
+            if len(payload) != n:
+                raise RemoteProtocolError("malformed", f"payload of {len(payload)} bytes, "
+                                                       f"header said {n}")
+            return header, payload
+        except BaseException:
+            await self.close(failed=True)
+            raise
+
+    async def list(self, request: ListRequest, provider: str, now_ms: int) -> ListPage:
+        header, payload = await self.request(request)
+        if header.status != STATUS_OK:
+            raise RemoteProtocolError("malformed", f"list answered {header.status}")
+        return decode_list_payload(payload, request, provider, now_ms)
+
+
+# --- finding providers and the manifest ---------------------------------------------------
+
+
+async def find_providers(models: Models, key_hex: str, known: list[ID]) -> list[ID]:
+    """``known`` (from announcements) followed by the DHT's providers of the key, without
+    this node and without duplicates."""
+    found = list(known)
+    try:
+        found += [p.peer_id for p in await models.discovery.find_providers(key_hex)]
+    except Exception as exc:  # the DHT is one source; announcements may suffice
+        log.info("provider lookup of %s failed: %r", key_hex[:16], exc)
+    own = models.net.peer_id
+    return [p for p in dict.fromkeys(found) if p != own]
+
+
+async def fetch_manifest(models: Models, version: bytes, providers: list[ID]) -> HeldVersion:
+    """The first manifest answer that verifies against the id, asked one provider at a
+    time. FetchError when none does."""
+    from node.models import FetchError, HeldVersion
+
+    reasons = []
+    for peer in providers:
+        try:
+            async with SmipClient(models.net, peer) as client:
+                header, payload = await client.request(ManifestRequest(version))
+            if header.status != STATUS_OK:
+                reasons.append(f"{peer}: {header.status}")
+                continue
+            manifest = open_manifest(payload, version)
+        except Exception as exc:  # ProtocolError, FrameError, TooSlowError, a failed dial
+            reasons.append(f"{peer}: {exc}")
+            models.metrics.dropped.labels(getattr(exc, "reason", "unreachable")).inc()
+            continue
+        return HeldVersion(version, payload, manifest, "partial")
+    raise FetchError(f"no provider gave a valid manifest of {short_id(version)}"
+                     + (f" ({'; '.join(reasons)})" if reasons else ""))
+
+
+async def fetch_version(models: Models, version: bytes, progress: Progress) -> HeldVersion:
+    """Fetch a version completely into the store (resuming), or raise FetchError."""
+    from node.models import FetchError
+
+    progress.phase = "providers"
+    providers: list[ID] = []
+    for delay in PROVIDER_LOOKUP_RETRIES_S:
+        await trio.sleep(delay)
+        providers = await find_providers(models, version_provider_key(version),
+                                         models.providers_of(version))
+        if providers or version in models.held:
+            break
+    held = models.held.get(version)
+    if held is None:
+        if not providers:
+            raise FetchError(f"no provider of {id_hex(version)} found (announcements and DHT)")
+        progress.phase = "manifest"
+        held = await fetch_manifest(models, version, providers)
+        await models.remember_manifest(held)
+    shards = list({s.root: s for s in held.manifest.shards}.values())
+    todo = [s for s in shards if not models.store.has(s.root)]
+    progress.total_bytes = sum(s.size for s in shards)
+    progress.done_bytes = progress.total_bytes - sum(s.size for s in todo)
+    if todo:
+        if not providers:
+            raise FetchError(f"no provider of {id_hex(version)} found to fetch "
+                             f"{len(todo)} missing shards from")
+        progress.phase = "chunks"
+        await ChunkFetcher(models, todo, providers, progress).run()
+    await models.mark_complete(held)
+    return held
+
+
+# --- chunks from many providers -----------------------------------------------------------
+
+
+@dataclass
+class _Shard:
+    entry: ShardEntry
+    providers: set[ID]
+    partial: PartialShard | None = None
+    waiting: deque[int] = field(default_factory=deque)
+    refused: set[ID] = field(default_factory=set)  # answered not-found / too-large / internal
+    leaves_busy: bool = False
+    done: bool = False
+
+
+@dataclass
+class _Provider:
+    peer: ID
+    dropped: str = ""  # why it was dropped, "" while in use
+    busy_until: float = 0.0
+
+
+class ChunkFetcher:
+    def __init__(self, models: Models, shards: list[ShardEntry], providers: list[ID],
+                 progress: Progress) -> None:
+        self.models = models
+        self.progress = progress
+        self.shards = [_Shard(s, set(providers)) for s in shards]
+        self.providers = {p: _Provider(p) for p in providers}
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._lookups: list[trio.CancelScope] = []  # cancelled once every shard is done
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    @property
+    def finished(self) -> bool:
+        return all(s.done for s in self.shards)
+
+    async def run(self) -> None:
+        from node.models import FetchError
+
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for provider in list(self.providers.values()):
+                self._start_workers(provider)
+            for shard in self.shards:
+                nursery.start_soon(self._more_providers, shard)
+        if not self.finished:
+            left = [s.entry.path for s in self.shards if not s.done]
+            why = "; ".join(f"{p.peer}: {p.dropped or 'has not got them'}"
+                            for p in self.providers.values())
+            raise FetchError(f"no provider left for {len(left)} shards ({', '.join(left[:3])}"
+                             f"{', ...' if len(left) > 3 else ''}): {why}")
+
+    def _start_workers(self, provider: _Provider) -> None:
+        assert self._nursery is not None
+        for _ in range(STREAMS_PER_PROVIDER):
+            self._nursery.start_soon(self._worker, provider)
+
+    async def _more_providers(self, shard: _Shard) -> None:
+        """Add the DHT's providers of one shard (another version may hold it too)."""
+        found: list[ID] = []
+        with trio.CancelScope() as scope:
+            self._lookups.append(scope)
+            if self.finished:
+                scope.cancel()
+            found = await find_providers(self.models, shard_provider_key(shard.entry.root), [])
+        for peer in found:
+            if peer in shard.providers:
+                continue
+            shard.providers.add(peer)
+            if peer not in self.providers and not self.finished:
+                self.providers[peer] = provider = _Provider(peer)
+                self._start_workers(provider)
+        self._notify()
+
+    # -- scheduling --------------------------------------------------------------------
+
+    def _pick(self, provider: _Provider) -> tuple[_Shard, int | None] | None:
+        """Work for this provider: (shard, None) to fetch a leaf layer, (shard, index) for a
+        chunk, or None when there is nothing for it right now."""
+        if trio.current_time() < provider.busy_until:
+            return None
+        for shard in self.shards:
+            if shard.done or provider.peer not in shard.providers \
+                    or provider.peer in shard.refused:
+                continue
+            if shard.partial is None:
+                if not shard.leaves_busy:
+                    shard.leaves_busy = True
+                    return shard, None
+                continue
+            if shard.waiting:
+                return shard, shard.waiting.popleft()
+        return None
+
+    def _useless(self, provider: _Provider) -> bool:
+        """Nothing this provider could ever be given again."""
+        return bool(provider.dropped) or all(
+            s.done or provider.peer not in s.providers or provider.peer in s.refused
+            for s in self.shards)
+
+    def _drop(self, provider: _Provider, reason: str) -> None:
+        if not provider.dropped:
+            provider.dropped = reason
+            self.models.metrics.dropped.labels(reason.split(":")[0]).inc()
+            log.info("dropping provider %s from the fetch: %s", provider.peer, reason)
+
+    # -- one worker: one stream to one provider ------------------------------------------
+
+    async def _worker(self, provider: _Provider) -> None:
+        client: SmipClient | None = None
+        try:
+            while not self.finished and not self._useless(provider):
+                work = self._pick(provider)
+                if work is None:
+                    changed = self._changed
+                    with trio.move_on_after(WAIT_FOR_WORK_S):
+                        await changed.wait()
+                    continue
+                shard, index = work
+                try:
+                    if client is None:
+                        client = await SmipClient(self.models.net, provider.peer).open()
+                    if index is None:
+                        await self._leaves(client, provider, shard)
+                    else:
+                        await self._chunk(client, provider, shard, index)
+                except Exception as exc:  # bad bytes, a stall, a failed dial or write
+                    if isinstance(exc, RemoteProtocolError):
+                        self._drop(provider, str(exc))  # "reason: what was wrong"
+                    elif isinstance(exc, (FrameError, trio.TooSlowError)):
+                        self._drop(provider, f"stalled: {exc}")
+                    else:
+                        self._drop(provider, f"failed: {exc!r}")
+                    self._put_back(shard, index)
+                    if client is not None:
+                        await client.close(failed=True)
+                    return
+        finally:
+            if client is not None:
+                await client.close()
+            self._notify()
+
+    def _put_back(self, shard: _Shard, index: int | None) -> None:
+        if index is None:
+            shard.leaves_busy = False
+        else:
+            shard.waiting.appendleft(index)
+        self._notify()
+
+    def _refused(self, provider: _Provider, shard: _Shard, index: int | None,
+                 header: ResponseHeader) -> None:
+        if header.status == STATUS_BUSY:
+            provider.busy_until = trio.current_time() + BUSY_BACKOFF_S
+        else:
+            shard.refused.add(provider.peer)
+        self._put_back(shard, index)
+
+    async def _leaves(self, client: SmipClient, provider: _Provider, shard: _Shard) -> None:
+        entry = shard.entry
+        header, payload = await client.request(LeavesRequest(entry.root), shard=entry)
+        if header.status != STATUS_OK:
+            self._refused(provider, shard, None, header)
+            return
+        partial = await self.models.store.begin_fetch(entry.root, entry.size, entry.chunk_size,
+                                                      payload)
+        missing = partial.missing()
+        held = entry.chunks - len(missing)
+        self.progress.done_bytes += sum(
+            chunk_span(entry.size, entry.chunk_size, i)[1] for i in range(entry.chunks)
+        ) - sum(chunk_span(entry.size, entry.chunk_size, i)[1] for i in missing)
+        if held:
+            log.info("resuming %s: %d of %d chunks already verified", entry.path, held,
+                     entry.chunks)
+        shard.partial, shard.waiting, shard.leaves_busy = partial, deque(missing), False
+        await self._maybe_finish(shard)
+        self._notify()
+
+    async def _chunk(self, client: SmipClient, provider: _Provider, shard: _Shard,
+                     index: int) -> None:
+        header, payload = await client.request(ChunkRequest(shard.entry.root, index),
+                                               shard=shard.entry)
+        if header.status != STATUS_OK:
+            self._refused(provider, shard, index, header)
+            return
+        assert shard.partial is not None
+        if await shard.partial.write_chunk(index, payload):  # verified, then written
+            self.progress.done_bytes += len(payload)
+            self.models.metrics.fetched.inc(len(payload))
+        await self._maybe_finish(shard)
+
+    async def _maybe_finish(self, shard: _Shard) -> None:
+        if shard.done or shard.partial is None or not shard.partial.complete:
+            return
+        await shard.partial.finish()
+        shard.done = True
+        if self.finished:
+            for scope in self._lookups:
+                scope.cancel()
+        self.progress.detail = (f"{sum(s.done for s in self.shards)}/{len(self.shards)} shards, "
+                                f"{sum(not p.dropped for p in self.providers.values())} providers")
+        self._notify()
