@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -224,3 +226,79 @@ def test_resolve_version_by_prefix() -> None:
         resolve_version(ambiguous, "abcdef01", "parents")
     assert info.value.status == 400
     assert info.value.message.startswith("parents: abcdef01 is ambiguous: 2 known versions")
+
+
+def metric(home: Path, name: str) -> float:
+    """One unlabelled sample of the node's Prometheus /metrics."""
+    base = json.loads((home / "node.json").read_text())["api"]
+    token = (home / "api.token").read_text().strip()
+    request = urllib.request.Request(base + "/metrics",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_fetch_resumes_after_the_daemon_is_killed(tmp_path: Path) -> None:
+    """SIGKILL the fetching daemon mid-fetch, start it again: the fetch resumes and takes
+    from the network only what was not verified on disk before the kill."""
+    net = tmp_path / "net"
+    iollm("testnet", "up", "--nodes", "2", "--dir", str(net), "--timeout", "60", timeout=90)
+    home1, home2 = net / "node-1", net / "node-2"
+    restarted: subprocess.Popen[bytes] | None = None
+    try:
+        model = tmp_path / "big"
+        subprocess.run([sys.executable, str(MAKE_DATA), "model", str(model), "--mib", "96",
+                        "--shards", "4"], check=True, timeout=120)
+        total = sum(p.stat().st_size for p in model.iterdir())
+        version = iollm("model", "publish", str(model), "--name", "big",
+                        "--home", str(home1), timeout=120).stdout.strip()
+        wait_listed(home2, version)
+
+        _, started = api(home2, "POST", "/v1/models/fetch", {"version": version})
+        deadline = time.monotonic() + 60
+        while True:  # kill as soon as verified chunks are on disk, long before the end
+            _, op = api(home2, "GET", f"/v1/ops?id={started['op']}")
+            assert op["state"] == "running", op
+            if op["phase"] == "chunks" and op["done_bytes"] > 0:
+                break
+            assert time.monotonic() < deadline, op
+            time.sleep(0.002)  # polling another process, with a deadline
+        state = json.loads((net / "testnet.json").read_text())
+        entry = next(n for n in state["nodes"] if n["name"] == "node-2")
+        os.kill(entry["pid"], signal.SIGKILL)
+        verified_before = op["done_bytes"]  # a lower bound: more may have landed since
+        assert 0 < verified_before < total
+
+        bootstrap = next(n for n in state["nodes"] if n["name"] == "bootstrap")["addrs"][0]
+        (home2 / "node.json").unlink()
+        with open(home2 / "daemon.log", "ab") as daemon_log:
+            restarted = subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "node", "start", "--home", str(home2),
+                 "--bootstrap", bootstrap], stdout=daemon_log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
+        entry["pid"] = restarted.pid  # so that `testnet down` stops it
+        (net / "testnet.json").write_text(json.dumps(state))
+        deadline = time.monotonic() + 60
+        while not (home2 / "node.json").exists():
+            assert restarted.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)  # waiting for another process, with a deadline
+
+        listed = json.loads(iollm("model", "list", "--json", "--home", str(home2)).stdout)
+        assert [v["state"] for v in listed if v["version"] == version] == ["partial"]
+        out = tmp_path / "out"
+        done = iollm("model", "fetch", version[:12], "--out", str(out), "--home", str(home2),
+                     timeout=120)
+        assert "fetched model 'big'" in done.stdout
+        files = sorted(p.name for p in model.iterdir())
+        same, _, _ = filecmp.cmpfiles(model, out, files, shallow=False)
+        assert same == files
+        again = metric(home2, "iollm_smip_fetched_bytes_total")
+        assert 0 < again <= total - verified_before, (again, total, verified_before)
+    finally:
+        iollm("testnet", "down", "--dir", str(net))
+        if restarted is not None and restarted.poll() is None:
+            restarted.kill()
