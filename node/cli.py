@@ -71,6 +71,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     from node.daemon import StartOptions, run_daemon
     from node.host import BadMultiaddr, ListenError
     from node.identity import IdentityError
+    from node.probe import ProbeError
 
     home = _home(args)
     config = load_config(home)
@@ -78,7 +79,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
                            api_port=args.api_port)
     try:
         trio.run(run_daemon, home, config, options)
-    except (IdentityError, BadMultiaddr) as exc:
+    except (IdentityError, BadMultiaddr, ProbeError) as exc:
         raise CliError(str(exc)) from None
     except KeyboardInterrupt:
         logging.getLogger("node").info("interrupted during start-up")

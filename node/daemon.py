@@ -51,7 +51,7 @@ from node.host import (
 from node.identity import load_key
 from node.models import Models, ModelsMetrics, Progress
 from node.ops import Operations
-from node.probe import env_to_json, parse_fake_gpus, probe_environment
+from node.probe import env_to_json, parse_fake_gpus, probe_in_subprocess
 from node.storage import open_storage
 from protocol.capability import DHT_NAMESPACE, CapabilityRecord
 
@@ -246,9 +246,8 @@ async def run_daemon(
     api_port = config.api.port if options.api_port is None else options.api_port
 
     log.info("probing the environment (%.1f s benchmark)", config.probe.bench_seconds)
-    env = await trio.to_thread.run_sync(
-        lambda: probe_environment(home, bench_seconds=config.probe.bench_seconds,
-                                  fake_gpus=fake_gpus))
+    env = await probe_in_subprocess(home, bench_seconds=config.probe.bench_seconds,
+                                    fake_gpus=fake_gpus)
     registry = CollectorRegistry()
     metrics = DiscoveryMetrics(registry)
     started = time.monotonic()

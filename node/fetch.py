@@ -3,8 +3,9 @@
 ``fetch_version`` follows specs/smip.md "Fetching": find providers (announcements, then the
 DHT), take the manifest from the first provider whose answer verifies, then fetch the leaf
 layer and the chunks of every missing shard from all providers at once. Each provider gets
-``STREAMS_PER_PROVIDER`` workers, one stream each; a free worker takes the lowest-numbered
-waiting chunk of a shard its provider serves. Every chunk is verified against its leaf
+``STREAMS_PER_PROVIDER`` workers, one stream each, with up to ``PIPELINE_DEPTH`` requests
+outstanding; a free slot takes the lowest-numbered waiting chunk of a shard its provider
+serves. Every chunk is verified against its leaf
 before it is written (node/contentstore.py); a provider that sends bad bytes or stalls is
 dropped for the rest of the fetch and its chunk goes back to the queue. A fetch that stops
 (killed, cancelled) resumes from the chunks already verified on disk.
@@ -29,6 +30,7 @@ from protocol.hashtree import chunk_span
 from protocol.smip import (
     BUSY_BACKOFF_S,
     MAX_RESPONSE_HEADER_BYTES,
+    PIPELINE_DEPTH,
     RESPONSE_TIMEOUT_S,
     STATUS_BUSY,
     STATUS_OK,
@@ -102,10 +104,26 @@ class SmipClient:
                       shard: ShardEntry | None = None) -> tuple[ResponseHeader, bytes]:
         """One exchange. RemoteProtocolError for bytes that fail a check, FrameError for a
         stall or a closed stream; the stream is reset on either."""
+        await self.send(request)
+        return await self.receive(request, shard)
+
+    async def send(self, request: Request) -> None:
+        """Write one request; its answer is read by a later ``receive`` (answers come in
+        the order of the requests: up to PIPELINE_DEPTH may be outstanding)."""
         if self.stream is None:
             raise FrameError("stream closed")
         try:
             await write_frame(self.stream, encode_request(request), RESPONSE_TIMEOUT_S)
+        except BaseException:
+            await self.close(failed=True)
+            raise
+
+    async def receive(self, request: Request,
+                      shard: ShardEntry | None = None) -> tuple[ResponseHeader, bytes]:
+        """Read and check the answer to ``request``, the oldest one outstanding."""
+        if self.stream is None:
+            raise FrameError("stream closed")
+        try:
             header = decode_response_header(
                 await read_frame(self.stream, MAX_RESPONSE_HEADER_BYTES, RESPONSE_TIMEOUT_S))
             n = check_response_header(request, header, shard=shard)
@@ -311,34 +329,55 @@ class ChunkFetcher:
     # -- one worker: one stream to one provider ------------------------------------------
 
     async def _worker(self, provider: _Provider) -> None:
+        """One stream to one provider, with up to PIPELINE_DEPTH requests outstanding: the
+        stream never idles between answers, so py-libp2p's yamux window grows as on a bulk
+        transfer and each chunk arrives in a few large reads (one request at a time
+        measured 0.46x of a raw stream, the muxer's per-frame work doubling the CPU
+        per byte)."""
         client: SmipClient | None = None
+        outstanding: deque[tuple[_Shard, int | None, Request]] = deque()
         try:
-            while not self.finished and not self._useless(provider):
-                work = self._pick(provider)
-                if work is None:
+            while True:
+                while len(outstanding) < PIPELINE_DEPTH and not self.finished \
+                        and not self._useless(provider):
+                    work = self._pick(provider)
+                    if work is None:
+                        break
+                    shard, index = work
+                    request: Request = LeavesRequest(shard.entry.root) if index is None \
+                        else ChunkRequest(shard.entry.root, index)
+                    outstanding.append((shard, index, request))
+                    if client is None:
+                        client = await SmipClient(self.models.net, provider.peer).open()
+                    await client.send(request)
+                if not outstanding:
+                    if self.finished or self._useless(provider):
+                        return
                     changed = self._changed
                     with trio.move_on_after(WAIT_FOR_WORK_S):
                         await changed.wait()
                     continue
-                shard, index = work
-                try:
-                    if client is None:
-                        client = await SmipClient(self.models.net, provider.peer).open()
-                    if index is None:
-                        await self._leaves(client, provider, shard)
-                    else:
-                        await self._chunk(client, provider, shard, index)
-                except Exception as exc:  # bad bytes, a stall, a failed dial or write
-                    if isinstance(exc, RemoteProtocolError):
-                        self._drop(provider, str(exc))  # "reason: what was wrong"
-                    elif isinstance(exc, (FrameError, trio.TooSlowError)):
-                        self._drop(provider, f"stalled: {exc}")
-                    else:
-                        self._drop(provider, f"failed: {exc!r}")
-                    self._put_back(shard, index)
-                    if client is not None:
-                        await client.close(failed=True)
-                    return
+                shard, index, request = outstanding[0]
+                assert client is not None
+                header, payload = await client.receive(request, shard.entry)
+                outstanding.popleft()
+                if header.status != STATUS_OK:
+                    self._refused(provider, shard, index, header)
+                elif index is None:
+                    await self._got_leaves(shard, payload)
+                else:
+                    await self._got_chunk(shard, index, payload)
+        except Exception as exc:  # bad bytes, a stall, a failed dial or write
+            if isinstance(exc, RemoteProtocolError):
+                self._drop(provider, str(exc))  # "reason: what was wrong"
+            elif isinstance(exc, (FrameError, trio.TooSlowError)):
+                self._drop(provider, f"stalled: {exc}")
+            else:
+                self._drop(provider, f"failed: {exc!r}")
+            for shard, index, _ in reversed(outstanding):
+                self._put_back(shard, index)
+            if client is not None:
+                await client.close(failed=True)
         finally:
             if client is not None:
                 await client.close()
@@ -359,12 +398,8 @@ class ChunkFetcher:
             shard.refused.add(provider.peer)
         self._put_back(shard, index)
 
-    async def _leaves(self, client: SmipClient, provider: _Provider, shard: _Shard) -> None:
+    async def _got_leaves(self, shard: _Shard, payload: bytes) -> None:
         entry = shard.entry
-        header, payload = await client.request(LeavesRequest(entry.root), shard=entry)
-        if header.status != STATUS_OK:
-            self._refused(provider, shard, None, header)
-            return
         partial = await self.models.store.begin_fetch(entry.root, entry.size, entry.chunk_size,
                                                       payload)
         missing = partial.missing()
@@ -379,13 +414,7 @@ class ChunkFetcher:
         await self._maybe_finish(shard)
         self._notify()
 
-    async def _chunk(self, client: SmipClient, provider: _Provider, shard: _Shard,
-                     index: int) -> None:
-        header, payload = await client.request(ChunkRequest(shard.entry.root, index),
-                                               shard=shard.entry)
-        if header.status != STATUS_OK:
-            self._refused(provider, shard, index, header)
-            return
+    async def _got_chunk(self, shard: _Shard, index: int, payload: bytes) -> None:
         assert shard.partial is not None
         if await shard.partial.write_chunk(index, payload):  # verified, then written
             self.progress.done_bytes += len(payload)

@@ -9,9 +9,14 @@ torch is imported lazily inside :func:`probe_environment`: importing it costs on
 seconds, the daemon must start fast, and the probe must still work (without a benchmark)
 on a machine where torch is missing or broken.
 
+The daemon runs the probe in a child process (:func:`probe_in_subprocess`, which runs
+``iollm env --json``): importing torch costs a process about 190 MiB of resident memory,
+which the daemon, whose work is moving and checking bytes, would otherwise keep for life.
+
 Public API::
 
     probe_environment(disk_path, *, bench_seconds=0.5, fake_gpus=None) -> EnvReport
+    await probe_in_subprocess(disk_path, *, bench_seconds, fake_gpus) -> EnvReport
     parse_fake_gpus(value) -> tuple[GpuInfo, ...]      # config ``[probe] fake_gpus``
     format_env(report) -> str                           # ``iollm env``
     env_to_json(report) -> dict                         # ``iollm env --json``
@@ -19,12 +24,15 @@ Public API::
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
 import platform
 import re
 import shutil
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,10 +40,19 @@ from types import ModuleType
 from typing import Any
 
 import psutil
+import trio
 
 from protocol.capability import EnvReport, GpuInfo
+from protocol.errors import RemoteProtocolError
 
-__all__ = ["env_to_json", "format_env", "parse_fake_gpus", "probe_environment"]
+__all__ = [
+    "ProbeError",
+    "env_to_json",
+    "format_env",
+    "parse_fake_gpus",
+    "probe_environment",
+    "probe_in_subprocess",
+]
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +262,48 @@ def env_to_json(report: EnvReport) -> dict[str, Any]:
         "tflops_dtype": report.tflops_dtype,
         "tflops_device": report.tflops_device,
     }
+
+
+class ProbeError(Exception):
+    """The probe's child process failed or answered nonsense (the message says how)."""
+
+
+# Importing torch can take tens of seconds on a cold disk; the benchmark adds its budget.
+PROBE_START_TIMEOUT_S = 120.0
+
+
+async def probe_in_subprocess(
+    disk_path: str | os.PathLike[str],
+    *,
+    bench_seconds: float = 0.5,
+    fake_gpus: Sequence[GpuInfo] | None = None,
+) -> EnvReport:
+    """:func:`probe_environment` run by a child process (``iollm env --json``), so that
+    torch is never imported here. ``fake_gpus`` replaces the child's GPU list, as in
+    :func:`probe_environment`. ProbeError when the child fails, stalls or answers with
+    something that is not a report."""
+    if bench_seconds < 0 or math.isnan(bench_seconds):
+        raise ValueError(f"bench_seconds must be >= 0, got {bench_seconds!r}")
+    cmd = [sys.executable, "-m", "node.cli", "env", "--json", "--home", os.fspath(disk_path),
+           "--bench-seconds", repr(float(bench_seconds))]
+    try:
+        with trio.fail_after(PROBE_START_TIMEOUT_S + bench_seconds):
+            proc = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True,
+                                          check=False)
+    except trio.TooSlowError:
+        raise ProbeError(f"the environment probe did not finish within "
+                         f"{PROBE_START_TIMEOUT_S + bench_seconds:.0f} s") from None
+    if proc.returncode != 0:
+        lines = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise ProbeError(f"the environment probe failed (exit {proc.returncode}): "
+                         f"{lines[-1] if lines else 'no message'}")
+    try:
+        report = EnvReport.from_dict(json.loads(proc.stdout))
+    except (ValueError, RemoteProtocolError) as exc:
+        raise ProbeError(f"the environment probe printed no valid report: {exc}") from None
+    if fake_gpus is not None:
+        report = dataclasses.replace(report, gpus=tuple(fake_gpus))
+    return report
 
 
 def _require(entry: Mapping[str, Any], field: str, where: str) -> Any:

@@ -59,6 +59,14 @@ def _iollm(*args: str) -> list[str]:
 
 
 def _alive(pid: int) -> bool:
+    # A node started by this very process (testnet_up then testnet_down in one program,
+    # as bench/transfer.py does) stays a zombie until reaped, and kill(pid, 0) succeeds
+    # on a zombie: reap it first.
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:  # not a child of ours: the init process reaps it
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -85,7 +85,8 @@ RESPONSE_TIMEOUT_S = 10.0  # from the end of a request to the end of its header 
 MIN_TRANSFER_BYTES_PER_S = 1 << 18  # slower than 256 KiB/s is a stall (payload deadlines)
 MAX_INFLIGHT_PER_PEER = 8  # requests a server works on for one peer; more get "busy"
 MAX_INFLIGHT_TOTAL = 64  # requests a server works on for all peers together
-STREAMS_PER_PROVIDER = 2  # streams a fetcher keeps open to one provider
+STREAMS_PER_PROVIDER = 1  # streams a fetcher keeps open to one provider
+PIPELINE_DEPTH = 8  # requests a fetcher may have outstanding on one stream
 BUSY_BACKOFF_S = 1.0  # a fetcher waits this long before asking a "busy" provider again
 
 MAX_LINEAGE_DEPTH = 4096

@@ -61,6 +61,10 @@ def test_testnet_up_gpus_and_auth(tmp_path: Path) -> None:
         peers = json.loads(iollm("peers", "--json", "--home", str(net / "bootstrap")).stdout)
         assert {p["peer_id"] for p in peers} == all_ids - {by_name["bootstrap"]}
 
+        # The probe ran in a child process: no daemon carries torch (~190 MiB resident).
+        for n in state["nodes"]:
+            assert "libtorch" not in Path(f"/proc/{n['pid']}/maps").read_text(), n["name"]
+
         api = state["nodes"][0]["api"]
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             req = urllib.request.Request(f"{api}/v1/status", headers=headers)

@@ -15,8 +15,16 @@ from typing import Any
 
 import pytest
 import torch
+import trio
 
-from node.probe import env_to_json, format_env, parse_fake_gpus, probe_environment
+from node.probe import (
+    ProbeError,
+    env_to_json,
+    format_env,
+    parse_fake_gpus,
+    probe_environment,
+    probe_in_subprocess,
+)
 from protocol.capability import EnvReport, GpuInfo
 
 GIB = 2**30
@@ -323,3 +331,31 @@ def test_importing_the_probe_does_not_import_torch() -> None:
 def test_fake_gpus_must_be_parsed(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="parse_fake_gpus"):
         probe_environment(tmp_path, bench_seconds=0, fake_gpus=[A100])  # type: ignore[list-item]
+
+
+def test_probe_in_subprocess_matches_the_in_process_probe(tmp_path: Path) -> None:
+    fake = parse_fake_gpus([A100, RTX])
+    child = trio.run(lambda: probe_in_subprocess(tmp_path, bench_seconds=0.1))
+    here = probe_environment(tmp_path, bench_seconds=0)
+    assert (child.os, child.python, child.torch, child.cpu_cores, child.ram_bytes) == \
+        (here.os, here.python, here.torch, here.cpu_cores, here.ram_bytes)
+    assert child.tflops > 0 and child.tflops_device == "cpu"
+    faked = trio.run(lambda: probe_in_subprocess(tmp_path, bench_seconds=0, fake_gpus=fake))
+    assert faked.gpus == fake and faked.tflops == 0.0
+
+
+def test_probe_in_subprocess_failures_are_one_line_errors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    garbage = tmp_path / "garbage-python"
+    garbage.write_text("#!/bin/sh\necho '{\"os\": 1}'\n")
+    garbage.chmod(0o755)
+    failing = tmp_path / "failing-python"
+    failing.write_text("#!/bin/sh\necho 'something broke' >&2\nexit 3\n")
+    failing.chmod(0o755)
+    for executable, message in [(garbage, "printed no valid report"),
+                                (failing, r"failed \(exit 3\): something broke")]:
+        monkeypatch.setattr(sys, "executable", str(executable))
+        with pytest.raises(ProbeError, match=message):
+            trio.run(lambda: probe_in_subprocess(tmp_path, bench_seconds=0))
+    with pytest.raises(ValueError):
+        trio.run(lambda: probe_in_subprocess(tmp_path, bench_seconds=-1))
