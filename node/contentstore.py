@@ -222,6 +222,34 @@ def _read_region(path: Path, offset: int, length: int) -> bytes:
     return data
 
 
+# Linux: a read that fails (EAGAIN) instead of waiting for the disk. Elsewhere every read
+# goes through a thread.
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
+
+def _read_region_if_cached(path: Path, offset: int, length: int) -> bytes | None:
+    """The region, if the page cache holds all of it; None if any of it would have to come
+    from the disk (or the platform cannot tell). Cheap enough for the event loop: a served
+    chunk is usually hot, and a thread hop per chunk cost the server about a quarter of
+    its throughput (measured: 71 vs 92 MiB/s on loopback)."""
+    if _RWF_NOWAIT is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise NotInStore(f"{path.name} was removed") from None
+    try:
+        buf = bytearray(length)
+        try:
+            got = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
+        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: old kernel or fs; else: the thread
+            # path reads it again and reports a real error properly
+            return None
+    finally:
+        os.close(fd)
+    return bytes(buf) if got == length else None
+
+
 def _copy_hashing(src: BinaryIO, dst: BinaryIO, hasher: ShardHasher, limit: int) -> int:
     done = 0
     while done < limit:
@@ -382,9 +410,11 @@ class ContentStore:
         """Chunk ``index`` of a complete shard (LocalProtocolError if no such index)."""
         info = self.info(root)
         offset, length = chunk_span(info.size, info.chunk_size, index)
-        return await trio.to_thread.run_sync(
-            _read_region, self._shards / info.root_hex, offset, length
-        )
+        path = self._shards / info.root_hex
+        data = _read_region_if_cached(path, offset, length)
+        if data is None:  # some of it is on the disk only: read it without blocking the loop
+            data = await trio.to_thread.run_sync(_read_region, path, offset, length)
+        return data
 
     async def touch(self, root: bytes) -> None:
         """Mark a use of ``root`` now, for least-recently-used eviction."""

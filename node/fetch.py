@@ -360,13 +360,15 @@ class ChunkFetcher:
                 shard, index, request = outstanding[0]
                 assert client is not None
                 header, payload = await client.receive(request, shard.entry)
-                outstanding.popleft()
                 if header.status != STATUS_OK:
-                    self._refused(provider, shard, index, header)
-                elif index is None:
+                    outstanding.popleft()
+                    self._refused(provider, shard, index, header)  # puts it back itself
+                    continue
+                if index is None:
                     await self._got_leaves(shard, payload)
                 else:
                     await self._got_chunk(shard, index, payload)
+                outstanding.popleft()  # only once handled: a chunk that fails goes back
         except Exception as exc:  # bad bytes, a stall, a failed dial or write
             if isinstance(exc, RemoteProtocolError):
                 self._drop(provider, str(exc))  # "reason: what was wrong"

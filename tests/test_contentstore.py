@@ -116,6 +116,45 @@ def test_import_and_read_back_byte_identical(tmp_path: Path, monkeypatch: Any) -
     assert files_in(tmp_path / "a" / "store" / "tmp") == []
 
 
+def test_chunk_reads_from_page_cache_and_from_disk_agree(tmp_path: Path) -> None:
+    """read_chunk serves cached pages on the event loop and falls back on a thread for the
+    rest; both give the same bytes. Evicting the file's pages (POSIX_FADV_DONTNEED) forces
+    the fallback where the kernel honours it."""
+    data = write_file(tmp_path / "shard", 4 * CS + 7)
+    root, _ = hash_bytes(data, CS)
+    cached: list[bytes | None] = []
+    real = contentstore._read_region_if_cached
+
+    def spy(path: Path, offset: int, length: int) -> bytes | None:
+        got = real(path, offset, length)
+        cached.append(got)
+        return got
+
+    async def body() -> None:
+        async with opened(tmp_path / "a") as store:
+            await store.import_file(tmp_path / "shard", CS)
+            path = store.shard_path(root)
+            for evict in (False, True):
+                if evict:
+                    fd = os.open(path, os.O_RDONLY)
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
+                for i in range(5):
+                    assert await store.read_chunk(root, i) == data[i * CS : (i + 1) * CS]
+
+    contentstore._read_region_if_cached = spy  # type: ignore[assignment]
+    try:
+        run(body)
+    finally:
+        contentstore._read_region_if_cached = real  # type: ignore[assignment]
+    assert len(cached) == 10
+    assert all(c is None or c == data[(i % 5) * CS : (i % 5 + 1) * CS]
+               for i, c in enumerate(cached))
+    if contentstore._RWF_NOWAIT is not None:
+        assert cached[0] is not None  # just imported: hot
+
+
 def test_reimport_same_content_is_a_noop(tmp_path: Path) -> None:
     data = write_file(tmp_path / "one", 2 * CS + 5)
     (tmp_path / "two").write_bytes(data)
