@@ -23,11 +23,17 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, fields
-from typing import Any, NoReturn
+from typing import Any
 
 import msgpack
 from nacl.signing import SigningKey
 
+from protocol.checks import MAX_INT as MAX_INT  # re-exported: specs/capability.md names it here
+from protocol.checks import Invalid as _Invalid
+from protocol.checks import check_int as _check_int
+from protocol.checks import check_keys as _check_keys
+from protocol.checks import fail as _fail
+from protocol.checks import to_remote as _remote
 from protocol.envelope import DOMAIN_CAPABILITY, open_envelope, seal, unpack_strict
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.peerid import peer_id_from_public_key, public_key_from_peer_id
@@ -49,7 +55,6 @@ MAX_ADDRS = 16
 MAX_STR_CHARS = 256  # free-text fields and multiaddrs
 MAX_SHORT_STR_CHARS = 32  # tags: tflops_dtype, tflops_device, compute_capability
 MAX_SOFTWARE_CHARS = 64
-MAX_INT = 2**63 - 1  # every integer must fit SQLite's signed 64-bit INTEGER
 MAX_CPU_CORES = 1 << 20
 MAX_TFLOPS = 1e6  # an exaflop per node is not a measurement, it is a lie
 
@@ -88,28 +93,6 @@ _SHA256_MULTIHASH_PREFIX = b"\x12\x20"  # multihash code sha2-256, digest length
 # --- validation helpers ----------------------------------------------------------------
 
 
-class _Invalid(LocalProtocolError):
-    """A field check failed. Local callers see a LocalProtocolError (building an invalid
-    record is our bug); decoders turn it into RemoteProtocolError(reason, detail)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-def _fail(detail: str, reason: str = "malformed") -> NoReturn:
-    raise _Invalid(reason, detail)
-
-
-def _check_int(name: str, value: object, lo: int = 0, hi: int = MAX_INT) -> None:
-    # bool is an int subclass; True as a byte count is a bug or an attack, never data.
-    if not isinstance(value, int) or isinstance(value, bool):
-        _fail(f"{name} must be an integer, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        _fail(f"{name}={value} outside [{lo}, {hi}]")
-
-
 def _check_str(name: str, value: object, max_chars: int, *, nonempty: bool = False) -> None:
     if not isinstance(value, str):
         _fail(f"{name} must be a string, got {type(value).__name__}")
@@ -121,20 +104,6 @@ def _check_str(name: str, value: object, max_chars: int, *, nonempty: bool = Fal
     # lone surrogates cannot be encoded as UTF-8 and would crash msgpack at signing time.
     if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in value):
         _fail(f"{name} contains control characters or surrogates")
-
-
-def _check_keys(name: str, d: object, expected: frozenset[str]) -> dict[str, Any]:
-    if not isinstance(d, dict):
-        _fail(f"{name} must be a map, got {type(d).__name__}")
-    keys = set(d)
-    if keys != expected:
-        missing, extra = sorted(expected - keys), sorted(map(str, keys - expected))[:8]
-        _fail(f"{name}: missing fields {missing}, unknown fields {extra}")
-    return d
-
-
-def _remote(exc: _Invalid) -> RemoteProtocolError:
-    return RemoteProtocolError(exc.reason, exc.detail)
 
 
 # --- the environment report --------------------------------------------------------------

@@ -26,12 +26,18 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import msgpack
 from nacl.signing import SigningKey
 
 from protocol.capability import MAX_CLOCK_SKEW_MS
+from protocol.checks import MAX_INT as MAX_INT  # re-exported: specs/smip.md names it here
+from protocol.checks import Invalid as _Invalid
+from protocol.checks import check_int as _check_int
+from protocol.checks import check_keys as _check_keys
+from protocol.checks import fail as _fail
+from protocol.checks import to_remote as _remote
 from protocol.envelope import DOMAIN_ANNOUNCE, DOMAIN_MANIFEST, open_envelope, seal, unpack_strict
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.hashtree import (
@@ -53,7 +59,6 @@ ANNOUNCE_VERSION = 1  # body field "v" of an announcement
 KINDS: tuple[str, ...] = ("model", "dataset")
 ID_BYTES = HASH_BYTES  # version ids and shard roots
 SHORT_ID_CHARS = 12  # hex characters of the display form
-MAX_INT = 2**63 - 1  # every integer field fits a signed 64-bit SQLite INTEGER
 
 MAX_MANIFEST_BYTES = 1 << 20  # whole envelope
 MAX_NAME = 128  # characters
@@ -106,28 +111,6 @@ FORBIDDEN_RANGES: tuple[tuple[int, int], ...] = (
 # --- validation helpers ---------------------------------------------------------------------
 
 
-class _Invalid(LocalProtocolError):
-    """A field check failed: a LocalProtocolError for callers building a value (our bug);
-    decoders turn it into RemoteProtocolError(reason, detail)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-def _fail(detail: str, reason: str = "malformed") -> NoReturn:
-    raise _Invalid(reason, detail)
-
-
-def _check_int(name: str, value: object, lo: int = 0, hi: int = MAX_INT) -> None:
-    # bool is an int subclass and 1.0 == 1: neither is an integer on the wire.
-    if not isinstance(value, int) or isinstance(value, bool):
-        _fail(f"{name} must be an integer, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        _fail(f"{name}={value} outside [{lo}, {hi}]")
-
-
 def _check_id(name: str, value: object) -> None:
     if not (isinstance(value, bytes) and len(value) == ID_BYTES):
         _fail(f"{name} must be {ID_BYTES} bytes")
@@ -137,28 +120,11 @@ def _forbidden(text: str) -> bool:
     return any(lo <= ord(c) <= hi for c in text for lo, hi in FORBIDDEN_RANGES)
 
 
-def _check_keys(
-    name: str, d: object, required: frozenset[str], optional: frozenset[str] = frozenset()
-) -> dict[str, Any]:
-    if not isinstance(d, dict):
-        _fail(f"{name} must be a map, got {type(d).__name__}")
-    keys = set(d)
-    if not required <= keys <= required | optional:
-        missing = sorted(required - keys)
-        extra = sorted(map(str, keys - required - optional))[:8]
-        _fail(f"{name}: missing fields {missing}, unknown fields {extra}")
-    return d
-
-
 def _check_version_field(what: str, d: object, expected: int) -> None:
     """Check ``v`` before anything else, so a newer record reads as "unknown-version"."""
     v = d.get("v", expected) if isinstance(d, dict) else expected
     if type(v) is not int or v != expected:  # True == 1 == 1.0 in Python; neither is 1
         raise RemoteProtocolError("unknown-version", f"{what} version {v!r}, we speak {expected}")
-
-
-def _remote(exc: _Invalid) -> RemoteProtocolError:
-    return RemoteProtocolError(exc.reason, exc.detail)
 
 
 def _packb(obj: object) -> bytes:

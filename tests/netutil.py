@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -53,3 +55,14 @@ async def wait_until(predicate, timeout: float, interval: float = 0.05) -> None:
     with trio.fail_after(timeout):
         while not await predicate():
             await trio.sleep(interval)
+
+
+def iollm(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user would, in a child process; AssertionError (with its output)
+    when ``check`` and it fails."""
+    proc = subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"iollm {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc

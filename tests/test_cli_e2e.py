@@ -15,14 +15,7 @@ from pathlib import Path
 
 import pytest
 
-
-def iollm(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"iollm {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
-    return proc
+from tests.netutil import iollm
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> dict:  # type: ignore[type-arg]

@@ -20,6 +20,7 @@ import pytest
 from node.api import ApiError
 from node.daemon import resolve_version
 from node.models import VersionInfo
+from tests import netutil
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_DATA = ROOT / "scripts" / "make_demo_data.py"
@@ -27,12 +28,8 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def iollm(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"iollm {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
-    return proc
+    return netutil.iollm(*args, timeout=timeout, check=check)  # a tighter default bound
+
 
 
 def start_iollm(*args: str) -> subprocess.Popen[str]:
