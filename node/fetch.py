@@ -406,9 +406,9 @@ class ChunkFetcher:
                                                       payload)
         missing = partial.missing()
         held = entry.chunks - len(missing)
-        self.progress.done_bytes += sum(
-            chunk_span(entry.size, entry.chunk_size, i)[1] for i in range(entry.chunks)
-        ) - sum(chunk_span(entry.size, entry.chunk_size, i)[1] for i in missing)
+        # Bytes already verified on disk: the shard less its missing chunks.
+        self.progress.done_bytes += entry.size - sum(
+            chunk_span(entry.size, entry.chunk_size, i)[1] for i in missing)
         if held:
             log.info("resuming %s: %d of %d chunks already verified", entry.path, held,
                      entry.chunks)

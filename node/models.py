@@ -345,9 +345,14 @@ class Models:
         ann = new_announcement(provider=self.peer_id, manifest_bytes=held.envelope,
                                manifest=held.manifest, seq=seq, now_ms=now)
         held.announcement, held.announced = sign_announcement(self.key, ann), ann
+        await self._gossip(held.announcement)
+
+    async def _gossip(self, announcement: bytes) -> None:
+        """Publish a signed announcement; best-effort (it is repeated, and `list` answers
+        late joiners), so a failure or a stall is only logged."""
         with trio.move_on_after(self.discovery.config.query_timeout_s):
             try:
-                await self.net.pubsub.publish(ANNOUNCE_TOPIC, held.announcement)
+                await self.net.pubsub.publish(ANNOUNCE_TOPIC, announcement)
             except Exception as exc:
                 log.info("gossip of announcement failed: %r", exc)
 
@@ -356,11 +361,7 @@ class Models:
         for delay in (b - a for a, b in itertools.pairwise((0.0, *ANNOUNCE_REPEATS_S))):
             await trio.sleep(delay)
             if held.announcement is not None:
-                with trio.move_on_after(self.discovery.config.query_timeout_s):
-                    try:
-                        await self.net.pubsub.publish(ANNOUNCE_TOPIC, held.announcement)
-                    except Exception as exc:
-                        log.info("gossip of announcement failed: %r", exc)
+                await self._gossip(held.announcement)
 
     # -- announcements from others -----------------------------------------------------
 

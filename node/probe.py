@@ -82,6 +82,11 @@ _CC_RE = re.compile(r"^\d+\.\d+$")
 _FAKE_GPU_FIELDS = ("name", "memory_gb", "compute_capability")
 
 
+def _check_bench_seconds(bench_seconds: float) -> None:
+    if bench_seconds < 0 or math.isnan(bench_seconds):
+        raise ValueError(f"bench_seconds must be >= 0, got {bench_seconds!r}")
+
+
 def probe_environment(
     disk_path: str | os.PathLike[str],
     *,
@@ -113,8 +118,7 @@ def probe_environment(
     (``torch.get_num_threads()``, normally the physical cores or ``OMP_NUM_THREADS``),
     the same setting training runs with, so the figure predicts training throughput.
     """
-    if bench_seconds < 0 or math.isnan(bench_seconds):
-        raise ValueError(f"bench_seconds must be >= 0, got {bench_seconds!r}")
+    _check_bench_seconds(bench_seconds)
 
     torch = _import_torch()
     cuda_ok = torch is not None and _cuda_available(torch)
@@ -282,8 +286,7 @@ async def probe_in_subprocess(
     torch is never imported here. ``fake_gpus`` replaces the child's GPU list, as in
     :func:`probe_environment`. ProbeError when the child fails, stalls or answers with
     something that is not a report."""
-    if bench_seconds < 0 or math.isnan(bench_seconds):
-        raise ValueError(f"bench_seconds must be >= 0, got {bench_seconds!r}")
+    _check_bench_seconds(bench_seconds)
     cmd = [sys.executable, "-m", "node.cli", "env", "--json", "--home", os.fspath(disk_path),
            "--bench-seconds", repr(float(bench_seconds))]
     try:
