@@ -11,7 +11,6 @@ decides anything about records, that is protocol/'s job.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -53,11 +52,6 @@ PROVIDE_SPACING_S = 1.1
 HEARTBEAT_S = 1  # gossipsub heartbeat (py-libp2p default 120 s; go-libp2p 1 s)
 # The library logs every normal stream EOF of the DHT as a warning.
 logging.getLogger("libp2p.kad_dht").setLevel(logging.ERROR)
-# py-libp2p's yamux sends a WINDOW_UPDATE after every read by default (about 17 per MiB,
-# each an encrypted frame the peer must handle too); off, it batches credit as go-yamux
-# does, half a window at a time. Measured on a bulk stream: 20x fewer updates, 1-4 ms less
-# CPU per MiB on the reader. Read by the library at call time; a user's setting wins.
-os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 
 class BadMultiaddr(ValueError):
