@@ -68,6 +68,19 @@ quota_gb = 50
 # Directory of the content store; "" means <home>/store. A relative path is taken
 # relative to the node home.
 dir = ""
+
+[worker]
+# Take training micro-tasks of other nodes' jobs (specs/jobs.md).
+enabled = true
+# Micro-tasks trained at once; an assignment beyond this is refused.
+max_tasks = 1
+# Torch threads per task (each task trains in a child process).
+threads = 1
+# "auto" (CUDA when present, else CPU), "cpu" or "cuda".
+device = "auto"
+# TEST ONLY: misbehave on purpose, to test the coordinator's checks: "" (honest),
+# "random", "zero", "copy", "copy-noise", "wrong-slice".
+adversary = ""
 """
 
 
@@ -116,6 +129,19 @@ class StoreSection:
         return home / (Path(self.dir).expanduser() if self.dir else "store")
 
 
+WORKER_DEVICES = ("auto", "cpu", "cuda")
+ADVERSARIES = ("", "random", "zero", "copy", "copy-noise", "wrong-slice")
+
+
+@dataclass(frozen=True)
+class WorkerSection:
+    enabled: bool = True
+    max_tasks: int = 1
+    threads: int = 1
+    device: str = "auto"
+    adversary: str = ""
+
+
 @dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
@@ -123,6 +149,7 @@ class Config:
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     probe: ProbeSection = field(default_factory=ProbeSection)
     store: StoreSection = field(default_factory=StoreSection)
+    worker: WorkerSection = field(default_factory=WorkerSection)
 
 
 _SECTIONS: dict[str, type] = {
@@ -131,6 +158,7 @@ _SECTIONS: dict[str, type] = {
     "discovery": DiscoverySection,
     "probe": ProbeSection,
     "store": StoreSection,
+    "worker": WorkerSection,
 }
 
 
@@ -191,6 +219,17 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
     if not (math.isfinite(config.store.quota_gb) and 0 < config.store.quota_gb < 2**33):
         raise ConfigError(f"{source}: store.quota_gb must be a number of GiB in (0, 2**33), "
                           f"got {config.store.quota_gb}")
+    w = config.worker
+    if not 0 <= w.max_tasks <= 64:
+        raise ConfigError(f"{source}: worker.max_tasks must be in [0, 64], got {w.max_tasks}")
+    if not 1 <= w.threads <= 256:
+        raise ConfigError(f"{source}: worker.threads must be in [1, 256], got {w.threads}")
+    if w.device not in WORKER_DEVICES:
+        raise ConfigError(f"{source}: worker.device must be one of {', '.join(WORKER_DEVICES)}, "
+                          f"got {w.device!r}")
+    if w.adversary not in ADVERSARIES:
+        raise ConfigError(f"{source}: worker.adversary must be one of "
+                          f"{', '.join(repr(a) for a in ADVERSARIES)}, got {w.adversary!r}")
     return config
 
 

@@ -1,0 +1,285 @@
+"""One round of a training job, from the coordinator's side: sans-IO (specs/jobs.md).
+
+A round is a fixed list of micro-tasks (:func:`plan_round`: data slice and seed each) and
+a set of candidate workers. :class:`RoundMachine` decides which worker is offered which
+task, and what happens when a worker refuses, dies, stalls or submits. It takes events
+and ``now_ms`` and returns :class:`Assign` decisions; node/jobs.py sends them, owns the
+streams and the clock, and feeds the outcomes back. Nothing here waits or reads a clock.
+
+Each task moves through the table :data:`TRANSITIONS`::
+
+    pending --offer--> offered --accepted--> training --submitted--> submitted
+       ^                  |                     |
+       +----refused/lost--+--------lost---------+        pending --give_up--> failed
+
+A worker that refuses a task is not offered that task again; a worker that is lost
+(its stream broke, it missed a deadline, it sent a result that does not verify) is not
+offered anything again this round. A task offered ``max_attempts`` times without a
+result fails; the round still ends, with the tasks that were submitted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from protocol.errors import LocalProtocolError
+
+MAX_TASKS_PER_ROUND = 1024
+
+
+class TaskStatus(Enum):
+    PENDING = "pending"
+    OFFERED = "offered"
+    TRAINING = "training"
+    SUBMITTED = "submitted"
+    FAILED = "failed"
+
+
+S = TaskStatus
+TRANSITIONS: dict[tuple[TaskStatus, str], TaskStatus] = {
+    (S.PENDING, "offer"): S.OFFERED,
+    (S.OFFERED, "accepted"): S.TRAINING,
+    (S.OFFERED, "refused"): S.PENDING,
+    (S.OFFERED, "lost"): S.PENDING,
+    (S.TRAINING, "lost"): S.PENDING,
+    (S.TRAINING, "submitted"): S.SUBMITTED,
+    (S.OFFERED, "submitted"): S.SUBMITTED,  # the reply and the result may cross
+    (S.PENDING, "give_up"): S.FAILED,
+}
+
+
+class IllegalTransition(LocalProtocolError):
+    """The machine was driven through an edge that :data:`TRANSITIONS` lacks (our bug)."""
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """One micro-task: train ``inner_steps`` from the round's base on this slice."""
+
+    task_id: str
+    round: int
+    index: int
+    slice_start: int
+    slice_len: int
+    seed: int
+
+
+def task_seed(job_seed: int, round_: int, index: int) -> int:
+    """The seed of a task: a hash of (job seed, round, index), so re-executing a task
+    anywhere gives the same batches, and no two tasks of a job share a seed."""
+    digest = hashlib.blake2b(f"{job_seed}/{round_}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: fits every int type on the way
+
+
+def plan_round(*, job_seed: int, round_: int, n_tasks: int, train_len: int,
+               tokens_per_task: int, min_slice: int) -> list[TaskPlan]:
+    """The tasks of round ``round_``: disjoint contiguous slices of the train split.
+
+    A slice is ``tokens_per_task`` bytes (what the task's steps read once), cut to
+    ``train_len // n_tasks`` when the split is too small for that, and never under
+    ``min_slice`` (a sequence and its target). Round r starts where round r-1 ended,
+    wrapping around the split, so successive rounds read new data until the corpus is
+    used up. The corpus is stored in a shuffled file order (node/corpus.py), so a
+    contiguous slice is already a mix of sources."""
+    if not 1 <= n_tasks <= MAX_TASKS_PER_ROUND:
+        raise LocalProtocolError(f"n_tasks must be in [1, {MAX_TASKS_PER_ROUND}], got {n_tasks}")
+    if round_ < 0 or tokens_per_task < 1 or min_slice < 1:
+        raise LocalProtocolError("round, tokens_per_task and min_slice must be positive")
+    if train_len < min_slice:
+        raise LocalProtocolError(f"the train split ({train_len} bytes) is shorter than one "
+                                 f"sequence ({min_slice} bytes)")
+    slice_len = max(min(tokens_per_task, train_len // n_tasks), min_slice)
+    slots = max(train_len // slice_len, 1)  # slices that fit side by side in the split
+    tasks = []
+    for index in range(n_tasks):
+        slot = (round_ * n_tasks + index) % slots
+        tasks.append(TaskPlan(f"r{round_}-t{index}", round_, index, slot * slice_len,
+                              slice_len, task_seed(job_seed, round_, index)))
+    return tasks
+
+
+@dataclass(frozen=True)
+class Assign:
+    """Decision: offer ``task`` to ``worker``; it must have submitted by ``deadline_ms``."""
+
+    task: TaskPlan
+    worker: str
+    attempt: int
+    deadline_ms: int
+
+
+@dataclass
+class _Task:
+    plan: TaskPlan
+    status: TaskStatus = TaskStatus.PENDING
+    worker: str | None = None
+    deadline_ms: int = 0
+    attempts: int = 0
+    refused_by: set[str] = field(default_factory=set)
+    result: Any = None
+
+
+class RoundMachine:
+    """Which worker trains which task of one round. Every ``on_*`` method returns the
+    offers to make now; :meth:`next_deadline` says when to call :meth:`on_tick`."""
+
+    def __init__(self, tasks: Sequence[TaskPlan], workers: Iterable[str], *,
+                 offer_timeout_ms: int, task_timeout_ms: int, max_attempts: int = 3,
+                 capacity: int = 1, rng: random.Random | None = None) -> None:
+        if not tasks:
+            raise LocalProtocolError("a round needs at least one task")
+        if len({t.task_id for t in tasks}) != len(tasks):
+            raise LocalProtocolError("task ids of a round must be distinct")
+        if min(offer_timeout_ms, task_timeout_ms, max_attempts, capacity) < 1:
+            raise LocalProtocolError("timeouts, max_attempts and capacity must be >= 1")
+        self.tasks = {t.task_id: _Task(t) for t in tasks}
+        order = sorted(set(workers))
+        (rng or random.Random(0)).shuffle(order)  # spread load across rounds and jobs
+        self.workers: list[str] = order
+        self.lost: set[str] = set()
+        self.offer_timeout_ms = offer_timeout_ms
+        self.task_timeout_ms = task_timeout_ms
+        self.max_attempts = max_attempts
+        self.capacity = capacity
+        self.stale = 0  # events about a task from a worker that no longer holds it
+
+    # -- queries ------------------------------------------------------------------------
+
+    def status(self, task_id: str) -> TaskStatus:
+        return self.tasks[task_id].status
+
+    def holder(self, task_id: str) -> str | None:
+        return self.tasks[task_id].worker
+
+    @property
+    def done(self) -> bool:
+        return all(t.status in (S.SUBMITTED, S.FAILED) for t in self.tasks.values())
+
+    def submitted(self) -> dict[str, tuple[str, Any]]:
+        """task id -> (worker, result) of every submitted task."""
+        return {tid: (t.worker, t.result) for tid, t in self.tasks.items()
+                if t.status is S.SUBMITTED and t.worker is not None}
+
+    def failed(self) -> list[str]:
+        return [tid for tid, t in self.tasks.items() if t.status is S.FAILED]
+
+    def next_deadline(self) -> int | None:
+        deadlines = [t.deadline_ms for t in self.tasks.values()
+                     if t.status in (S.OFFERED, S.TRAINING)]
+        return min(deadlines) if deadlines else None
+
+    # -- events -------------------------------------------------------------------------
+
+    def start(self, now_ms: int) -> list[Assign]:
+        return self._fill(now_ms)
+
+    def add_worker(self, worker: str, now_ms: int) -> list[Assign]:
+        """A worker that became available (joined the network) during the round."""
+        if worker not in self.workers and worker not in self.lost:
+            self.workers.append(worker)
+        return self._fill(now_ms)
+
+    def on_accepted(self, task_id: str, worker: str, now_ms: int) -> list[Assign]:
+        task = self._held(task_id, worker)
+        if task is not None and task.status is S.OFFERED:
+            self._move(task, "accepted")
+            task.deadline_ms = now_ms + self.task_timeout_ms
+        return []
+
+    def on_refused(self, task_id: str, worker: str, now_ms: int) -> list[Assign]:
+        task = self._held(task_id, worker)
+        if task is None or task.status is not S.OFFERED:
+            return []
+        self._move(task, "refused")
+        task.refused_by.add(worker)
+        task.worker = None
+        return self._fill(now_ms)
+
+    def on_lost(self, task_id: str, worker: str, now_ms: int) -> list[Assign]:
+        """The worker died, stalled or answered nonsense: it gets nothing more this round,
+        and the task goes to another worker."""
+        task = self._held(task_id, worker)
+        if task is None:
+            return []
+        self._lose(worker)
+        return self._fill(now_ms)
+
+    def on_submitted(self, task_id: str, worker: str, result: Any, now_ms: int) -> list[Assign]:
+        task = self._held(task_id, worker)
+        if task is None or task.status not in (S.OFFERED, S.TRAINING):
+            if task is not None:
+                self.stale += 1
+            return []
+        self._move(task, "submitted")
+        task.result = result
+        return self._fill(now_ms)  # the worker has room again
+
+    def on_tick(self, now_ms: int) -> list[Assign]:
+        for task in self.tasks.values():
+            if (task.status in (S.OFFERED, S.TRAINING) and task.deadline_ms <= now_ms
+                    and task.worker is not None):
+                self._lose(task.worker)
+        return self._fill(now_ms)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _held(self, task_id: str, worker: str) -> _Task | None:
+        task = self.tasks.get(task_id)
+        if task is None or task.worker != worker:
+            self.stale += 1
+            return None
+        return task
+
+    def _move(self, task: _Task, event: str) -> None:
+        nxt = TRANSITIONS.get((task.status, event))
+        if nxt is None:
+            raise IllegalTransition(f"task {task.plan.task_id}: no transition from "
+                                    f"{task.status.value} on {event!r}")
+        task.status = nxt
+
+    def _lose(self, worker: str) -> None:
+        self.lost.add(worker)
+        for task in self.tasks.values():
+            if task.worker == worker and task.status in (S.OFFERED, S.TRAINING):
+                self._move(task, "lost")
+                task.worker = None
+
+    def _load(self, worker: str) -> int:
+        return sum(1 for t in self.tasks.values()
+                   if t.worker == worker and t.status in (S.OFFERED, S.TRAINING))
+
+    def _fill(self, now_ms: int) -> list[Assign]:
+        """Offer every pending task to the least-loaded worker that may take it; fail the
+        tasks that no worker may take any more."""
+        out = []
+        for task in self.tasks.values():
+            if task.status is not S.PENDING:
+                continue
+            if task.attempts >= self.max_attempts:
+                self._move(task, "give_up")
+                continue
+            able = [w for w in self.workers if w not in self.lost
+                    and w not in task.refused_by]
+            if not able:
+                self._move(task, "give_up")
+                continue
+            free = [w for w in able if self._load(w) < self.capacity]
+            if not free:
+                continue  # wait for a worker to finish or be lost
+            worker = min(free, key=lambda w: (self._load(w), self._done_by(w)))
+            self._move(task, "offer")
+            task.worker = worker
+            task.attempts += 1
+            task.deadline_ms = now_ms + self.offer_timeout_ms
+            out.append(Assign(task.plan, worker, task.attempts,
+                              now_ms + self.offer_timeout_ms + self.task_timeout_ms))
+        return out
+
+    def _done_by(self, worker: str) -> int:
+        return sum(1 for t in self.tasks.values()
+                   if t.worker == worker and t.status is S.SUBMITTED)

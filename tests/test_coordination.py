@@ -1,0 +1,193 @@
+"""protocol/coordination.py: task plans and the round machine, without any network."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.coordination import (
+    TRANSITIONS,
+    IllegalTransition,
+    RoundMachine,
+    TaskStatus,
+    plan_round,
+    task_seed,
+)
+from protocol.errors import LocalProtocolError
+
+OFFER, TASK = 1_000, 10_000
+
+
+def machine(n_tasks: int = 3, workers: tuple[str, ...] = ("a", "b", "c"), **kw: int
+            ) -> RoundMachine:
+    tasks = plan_round(job_seed=1, round_=0, n_tasks=n_tasks, train_len=10_000,
+                       tokens_per_task=1_000, min_slice=65)
+    return RoundMachine(tasks, workers, offer_timeout_ms=OFFER, task_timeout_ms=TASK, **kw)
+
+
+def test_protocol_coordination_imports_no_io() -> None:
+    code = ("import sys, protocol.coordination; "
+            "bad = {'trio', 'torch', 'libp2p', 'aiosqlite'} & set(sys.modules); "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_plan_round_slices_are_disjoint_inside_the_split_and_move_on_each_round() -> None:
+    seen = []
+    for r in range(3):
+        tasks = plan_round(job_seed=7, round_=r, n_tasks=4, train_len=100_000,
+                           tokens_per_task=5_000, min_slice=65)
+        spans = sorted((t.slice_start, t.slice_start + t.slice_len) for t in tasks)
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+        assert all(s >= 0 and e <= 100_000 for s, e in spans)
+        seen += spans
+    assert len(set(seen)) == 12  # three rounds, twelve different slices
+    assert len({task_seed(7, r, i) for r in range(3) for i in range(4)}) == 12
+
+
+def test_plan_round_small_split_shares_it_and_refuses_a_split_under_one_sequence() -> None:
+    tasks = plan_round(job_seed=0, round_=5, n_tasks=4, train_len=1_000,
+                       tokens_per_task=10_000, min_slice=65)
+    assert {t.slice_len for t in tasks} == {250}
+    assert all(t.slice_start + t.slice_len <= 1_000 for t in tasks)
+    with pytest.raises(LocalProtocolError, match="shorter than one sequence"):
+        plan_round(job_seed=0, round_=0, n_tasks=1, train_len=10, tokens_per_task=10,
+                   min_slice=65)
+
+
+def test_every_task_is_offered_once_to_distinct_workers() -> None:
+    m = machine()
+    offers = m.start(0)
+    assert sorted(a.task.task_id for a in offers) == ["r0-t0", "r0-t1", "r0-t2"]
+    assert sorted(a.worker for a in offers) == ["a", "b", "c"]
+    assert all(a.deadline_ms == OFFER + TASK for a in offers)
+
+
+def test_refusal_moves_the_task_and_never_offers_it_back_to_the_refuser() -> None:
+    m = machine(n_tasks=1)
+    (first,) = m.start(0)
+    (second,) = m.on_refused(first.task.task_id, first.worker, 5)
+    assert second.worker != first.worker and second.attempt == 2
+    (third,) = m.on_refused(second.task.task_id, second.worker, 6)
+    assert third.worker not in (first.worker, second.worker)
+    assert m.on_refused(third.task.task_id, third.worker, 7) == []
+    assert m.failed() == ["r0-t0"] and m.done
+
+
+def test_a_lost_worker_gets_nothing_more_and_its_task_goes_elsewhere() -> None:
+    m = machine(n_tasks=2, workers=("a", "b", "c"))
+    offers = m.start(0)
+    for a in offers:
+        m.on_accepted(a.task.task_id, a.worker, 1)
+    victim = offers[0]
+    (re,) = m.on_lost(victim.task.task_id, victim.worker, 2)
+    assert re.task == victim.task and re.worker not in (victim.worker, offers[1].worker)
+    assert victim.worker in m.lost
+    # A late result from the lost worker is stale, not accepted.
+    assert m.on_submitted(victim.task.task_id, victim.worker, "late", 3) == []
+    assert m.status(victim.task.task_id) is TaskStatus.OFFERED and m.stale == 1
+
+
+def test_deadline_reassigns_a_frozen_worker_and_next_deadline_tracks_it() -> None:
+    m = machine(n_tasks=1, workers=("a", "b"))
+    (a,) = m.start(0)
+    assert m.next_deadline() == OFFER
+    m.on_accepted(a.task.task_id, a.worker, 10)
+    assert m.next_deadline() == 10 + TASK
+    assert m.on_tick(10 + TASK - 1) == []
+    (b,) = m.on_tick(10 + TASK)
+    assert b.worker != a.worker
+    m.on_submitted(b.task.task_id, b.worker, "ok", 20 + TASK)
+    assert m.done and m.submitted() == {"r0-t0": (b.worker, "ok")}
+    assert m.next_deadline() is None
+
+
+def test_fewer_workers_than_tasks_take_them_one_after_another() -> None:
+    m = machine(n_tasks=3, workers=("a",))
+    (first,) = m.start(0)
+    m.on_accepted(first.task.task_id, "a", 1)
+    (second,) = m.on_submitted(first.task.task_id, "a", 1, 2)
+    assert second.worker == "a" and second.task != first.task
+
+
+def test_a_worker_joining_mid_round_takes_a_waiting_task() -> None:
+    m = machine(n_tasks=2, workers=("a",))
+    m.start(0)
+    (offer,) = m.add_worker("z", 5)
+    assert offer.worker == "z"
+
+
+def test_misuse_is_a_local_error() -> None:
+    tasks = plan_round(job_seed=0, round_=0, n_tasks=2, train_len=1000, tokens_per_task=10,
+                       min_slice=10)
+    with pytest.raises(LocalProtocolError):
+        RoundMachine([tasks[0], tasks[0]], ["a"], offer_timeout_ms=1, task_timeout_ms=1)
+    with pytest.raises(LocalProtocolError):
+        RoundMachine([], ["a"], offer_timeout_ms=1, task_timeout_ms=1)
+    m = machine(n_tasks=1)
+    task = m.tasks["r0-t0"]
+    with pytest.raises(IllegalTransition):
+        m._move(task, "submitted")  # pending -> submitted is not an edge
+
+
+EVENTS = st.lists(st.tuples(st.sampled_from(["accepted", "refused", "lost", "submitted",
+                                             "tick", "join"]),
+                            st.integers(0, 5), st.integers(0, 5), st.integers(0, 3_000)),
+                  max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=EVENTS, n_tasks=st.integers(1, 5), n_workers=st.integers(1, 5),
+       capacity=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_any_event_order_keeps_the_invariants(events: list[tuple[str, int, int, int]],
+                                              n_tasks: int, n_workers: int, capacity: int,
+                                              seed: int) -> None:
+    workers = [f"w{i}" for i in range(n_workers)]
+    m = machine(n_tasks=n_tasks, workers=tuple(workers), capacity=capacity,
+                rng=random.Random(seed))  # type: ignore[arg-type]
+    now = 0
+    offers = m.start(now)
+    task_ids = sorted(m.tasks)
+    for kind, ti, wi, dt in events:
+        now += dt
+        tid, worker = task_ids[ti % len(task_ids)], f"w{wi}"
+        if kind == "accepted":
+            offers = m.on_accepted(tid, worker, now)
+        elif kind == "refused":
+            offers = m.on_refused(tid, worker, now)
+        elif kind == "lost":
+            offers = m.on_lost(tid, worker, now)
+        elif kind == "submitted":
+            offers = m.on_submitted(tid, worker, (tid, worker), now)
+        elif kind == "tick":
+            offers = m.on_tick(now)
+        else:
+            offers = m.add_worker(worker, now)
+        for a in offers:
+            assert a.worker not in m.lost and m.holder(a.task.task_id) == a.worker
+        loads: dict[str, int] = {}
+        for t in m.tasks.values():
+            if t.status in (TaskStatus.OFFERED, TaskStatus.TRAINING):
+                assert t.worker is not None and t.worker not in m.lost
+                loads[t.worker] = loads.get(t.worker, 0) + 1
+            if t.status is TaskStatus.SUBMITTED:
+                assert t.result == (t.plan.task_id, t.worker)
+            assert t.attempts <= 3
+        assert all(n <= capacity for n in loads.values())
+    # Driving every outstanding task to an end always terminates the round.
+    for _ in range(4 * n_tasks + 4):
+        if m.done:
+            break
+        now += OFFER + TASK
+        m.on_tick(now)
+    assert m.done
+
+
+def test_transition_table_has_no_edge_out_of_a_final_state() -> None:
+    assert not [k for k in TRANSITIONS if k[0] in (TaskStatus.SUBMITTED, TaskStatus.FAILED)]
