@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -183,8 +184,10 @@ async def fetch_manifest(models: Models, version: bytes, providers: list[ID]) ->
                      + (f" ({'; '.join(reasons)})" if reasons else ""))
 
 
-async def fetch_version(models: Models, version: bytes, progress: Progress) -> HeldVersion:
-    """Fetch a version completely into the store (resuming), or raise FetchError."""
+async def fetch_version(models: Models, version: bytes, progress: Progress,
+                        hint: Sequence[ID] = ()) -> HeldVersion:
+    """Fetch a version completely into the store (resuming), or raise FetchError.
+    ``hint``: peers known to provide it, tried before the announced and DHT providers."""
     from node.models import FetchError
 
     progress.phase = "providers"
@@ -192,7 +195,7 @@ async def fetch_version(models: Models, version: bytes, progress: Progress) -> H
     for delay in PROVIDER_LOOKUP_RETRIES_S:
         await trio.sleep(delay)
         providers = await find_providers(models, version_provider_key(version),
-                                         models.providers_of(version))
+                                         [*hint, *models.providers_of(version)])
         if providers or version in models.held:
             break
     held = models.held.get(version)

@@ -576,9 +576,10 @@ class Models:
     # -- fetching -----------------------------------------------------------------------
 
     async def fetch(self, version: str, *, out_dir: Path | None = None,
-                    progress: Progress | None = None) -> VersionInfo:
+                    progress: Progress | None = None, hint: Sequence[ID] = ()) -> VersionInfo:
         """Fetch a version (resuming what is on disk), then write its files to ``out_dir``
-        if given. FetchError when it cannot be completed."""
+        if given. ``hint``: peers known to provide it (asked first, before any lookup).
+        FetchError when it cannot be completed."""
         from node.fetch import fetch_version
 
         progress = progress or Progress()
@@ -590,7 +591,7 @@ class Models:
         async with lock:  # a second fetch of one version waits for the first, then is quick
             held = self.held.get(vid)
             if held is None or held.state != "complete":
-                held = await fetch_version(self, vid, progress)
+                held = await fetch_version(self, vid, progress, hint=hint)
                 self._start_providing(held)
         if out_dir is not None:
             progress.phase = "writing"
@@ -599,6 +600,40 @@ class Models:
         info = self.info_of(vid)
         assert info is not None
         return info
+
+    async def adopt(self, version: bytes, directory: Path, hint: Sequence[ID]) -> bool:
+        """Take files rebuilt here (``directory``, under their manifest paths) as
+        ``version``, instead of fetching its shards: the manifest is fetched and verified
+        as usual, and every file must hash to its shard's root. True when the version is
+        now held complete; False when a file differs (what was imported stays unpinned,
+        so eviction reclaims it) or is missing."""
+        from node.fetch import fetch_manifest
+
+        lock = self._fetch_locks.setdefault(version, trio.Lock())
+        async with lock:
+            held = self.held.get(version)
+            if held is not None and held.state == "complete":
+                return True
+            if held is None:
+                held = await fetch_manifest(self, version, list(hint))
+            staging = f"adopting:{secrets.token_hex(8)}"
+            try:
+                for entry in held.manifest.shards:
+                    if self.store.has(entry.root):
+                        continue
+                    path = directory / entry.path
+                    if not path.is_file() or path.stat().st_size != entry.size:
+                        return False
+                    info = await self.store.import_file(path, entry.chunk_size, pin=staging)
+                    if info.root != entry.root:
+                        log.warning("rebuilt %s differs from its manifest", entry.path)
+                        return False
+                await self.remember_manifest(held)
+                await self.mark_complete(held)
+            finally:
+                await self.store.unpin(staging)
+        self._start_providing(held)
+        return True
 
     async def remember_manifest(self, held: HeldVersion) -> None:
         """Called by the fetcher: a verified manifest whose shards are being fetched."""

@@ -44,8 +44,10 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "CapabilityRow",
+    "JobRow",
     "ManifestRow",
     "PeerRow",
+    "ReceiptRow",
     "SchemaVersionError",
     "ShardRow",
     "ShardUsage",
@@ -106,6 +108,34 @@ MIGRATIONS: list[tuple[str, ...]] = [
             envelope   BLOB NOT NULL        -- the signed manifest, verified before storing
         )""",
     ),
+    (  # 3 -> 4: training jobs, contribution receipts, this node's feed (specs/jobs.md)
+        """CREATE TABLE jobs (
+            job_id       TEXT PRIMARY KEY,  -- hex of the job id
+            envelope     BLOB NOT NULL,     -- the signed job, verified before storing
+            role         TEXT NOT NULL CHECK (role IN ('coordinator', 'worker', 'seen')),
+            submitted_ms INTEGER NOT NULL,
+            state        TEXT NOT NULL,     -- JSON: the coordinator's progress (node/jobs.py)
+            updated_ms   INTEGER NOT NULL
+        )""",
+        """CREATE TABLE receipts (
+            receipt_id  TEXT PRIMARY KEY,   -- hex of the receipt id
+            job_id      TEXT NOT NULL,
+            round       INTEGER NOT NULL,
+            task_id     TEXT NOT NULL,
+            worker      TEXT NOT NULL,
+            coordinator TEXT NOT NULL,
+            issued_ms   INTEGER NOT NULL,
+            envelope    BLOB NOT NULL       -- the receipt, both signatures verified
+        )""",
+        "CREATE INDEX receipts_by_job ON receipts (job_id, round, task_id)",
+        """CREATE TABLE feed (
+            author   TEXT NOT NULL,         -- peer id; this node's own feed, and others'
+            seq      INTEGER NOT NULL,
+            entry_id TEXT NOT NULL,
+            envelope BLOB NOT NULL,
+            PRIMARY KEY (author, seq)       -- one entry a position: a second is a fork
+        )""",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -155,6 +185,28 @@ class ManifestRow:
     created_ms: int
     publisher: str
     state: str  # "partial" (fetch begun) or "complete" (every shard held)
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: str
+    envelope: bytes
+    role: str  # "coordinator", "worker" or "seen" (announced on gossip)
+    submitted_ms: int
+    state: str  # JSON, "" when this node does not coordinate the job
+    updated_ms: int
+
+
+@dataclass(frozen=True)
+class ReceiptRow:
+    receipt_id: str
+    job_id: str
+    round: int
+    task_id: str
+    worker: str
+    coordinator: str
+    issued_ms: int
     envelope: bytes
 
 
@@ -394,7 +446,74 @@ class Storage:
         return [row[0] for row in rows]
 
 
+    # -- training jobs, receipts and feeds (node/jobs.py, node/worker.py) --------------
+
+    async def put_job(self, row: JobRow) -> None:
+        """Insert a job, or update its role (a coordinator row is never downgraded) and
+        state; committed on return."""
+        await self._run(
+            "INSERT INTO jobs (job_id, envelope, role, submitted_ms, state, updated_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET"
+            " role = CASE WHEN jobs.role = 'coordinator' THEN jobs.role"
+            " WHEN excluded.role = 'seen' THEN jobs.role ELSE excluded.role END,"
+            " state = CASE WHEN excluded.state = '' THEN jobs.state ELSE excluded.state END,"
+            " updated_ms = excluded.updated_ms",
+            (row.job_id, row.envelope, row.role, row.submitted_ms, row.state, row.updated_ms),
+        )
+
+    async def list_jobs(self) -> list[JobRow]:
+        rows = await self._run(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY submitted_ms DESC")
+        return [JobRow(*r) for r in rows]
+
+    async def get_job(self, job_id: str) -> JobRow | None:
+        rows = await self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
+        return JobRow(*rows[0]) if rows else None
+
+    async def put_receipt(self, row: ReceiptRow) -> bool:
+        """Store a verified receipt; False when it was already stored (counted once)."""
+        rows = await self._run(
+            "INSERT INTO receipts (receipt_id, job_id, round, task_id, worker, coordinator,"
+            " issued_ms, envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (receipt_id) DO NOTHING RETURNING receipt_id",
+            (row.receipt_id, row.job_id, row.round, row.task_id, row.worker, row.coordinator,
+             row.issued_ms, row.envelope),
+        )
+        return bool(rows)
+
+    async def list_receipts(self, job_id: str | None = None) -> list[ReceiptRow]:
+        where, params = ("WHERE job_id = ?", (job_id,)) if job_id else ("", ())
+        rows = await self._run(f"SELECT {_RECEIPT_COLUMNS} FROM receipts {where}"
+                               " ORDER BY job_id, round, task_id, issued_ms", params)
+        return [ReceiptRow(*r) for r in rows]
+
+    async def append_feed(self, author: str, seq: int, entry_id: str, envelope: bytes) -> bool:
+        """Store a feed entry at its position; False when that position is already taken
+        (the caller compares the two: the same entry again, or a fork)."""
+        rows = await self._run(
+            "INSERT INTO feed (author, seq, entry_id, envelope) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (author, seq) DO NOTHING RETURNING seq",
+            (author, seq, entry_id, envelope))
+        return bool(rows)
+
+    async def feed_entries(self, author: str, after_seq: int = 0, limit: int = 1000
+                           ) -> list[tuple[int, str, bytes]]:
+        """(seq, entry id, envelope) of ``author``'s entries after ``after_seq``, in order."""
+        rows = await self._run(
+            "SELECT seq, entry_id, envelope FROM feed WHERE author = ? AND seq > ?"
+            " ORDER BY seq LIMIT ?", (author, after_seq, limit))
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def feed_head(self, author: str) -> tuple[int, str, bytes] | None:
+        rows = await self._run(
+            "SELECT seq, entry_id, envelope FROM feed WHERE author = ? ORDER BY seq DESC"
+            " LIMIT 1", (author,))
+        return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
+
+
 _SHARD_COLUMNS = "root, size, chunk_size, state, last_used_ms"
+_JOB_COLUMNS = "job_id, envelope, role, submitted_ms, state, updated_ms"
+_RECEIPT_COLUMNS = ("receipt_id, job_id, round, task_id, worker, coordinator, issued_ms,"
+                    " envelope")
 
 
 def _peer_row(row: tuple[Any, ...]) -> PeerRow:

@@ -1,0 +1,66 @@
+"""Running torch work in a child process (``python -m node.taskproc``) from trio.
+
+The daemon never imports torch (about 200 MiB of resident memory, and seconds of import
+time, that a node which only shares models should not pay). Training a micro-task,
+checking results and the outer step each run in a child: one JSON request on its stdin,
+progress lines on its stderr, one JSON answer as the last line of its stdout. A child
+that crashes takes nothing with it; a cancelled run kills the child (trio.run_process).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from typing import Any
+
+import trio
+
+log = logging.getLogger(__name__)
+
+MAX_ANSWER_BYTES = 4 << 20  # a JSON answer is numbers and paths
+
+
+class TaskProcError(Exception):
+    """The child failed; the message is its own error line, or how it died."""
+
+
+async def run_taskproc(request: dict[str, Any], *, timeout_s: float, what: str) -> dict[str, Any]:
+    """Run one taskproc op and return its answer (``ok`` removed). TaskProcError on a
+    failure, a timeout or an unreadable answer."""
+    env = dict(os.environ)
+    threads = str(request.get("threads", 1))
+    # Thread pools sized before torch starts; taskproc also calls set_num_threads.
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
+    data = json.dumps(request, allow_nan=False).encode()
+    with trio.move_on_after(timeout_s) as scope:
+        proc = await trio.run_process([sys.executable, "-m", "node.taskproc"], stdin=data,
+                                      capture_stdout=True, capture_stderr=True, check=False,
+                                      env=env)
+    if scope.cancelled_caught:
+        raise TaskProcError(f"{what}: no answer within {timeout_s:g} s")
+    stderr = proc.stderr.decode(errors="replace").strip()
+    if stderr:
+        log.debug("%s: %s", what, stderr[-2000:])
+    lines = proc.stdout.decode(errors="replace").strip().splitlines()
+    answer: Any = None
+    if lines and len(lines[-1]) <= MAX_ANSWER_BYTES:
+        try:
+            answer = json.loads(lines[-1])
+        except json.JSONDecodeError:
+            answer = None
+    if not isinstance(answer, dict):
+        tail = stderr.splitlines()[-1] if stderr else "no output"
+        raise TaskProcError(f"{what}: the child exited {proc.returncode} ({tail})")
+    if not answer.pop("ok", False):
+        raise TaskProcError(f"{what}: {answer.get('error', 'failed without a message')}")
+    return answer
+
+
+def finite(value: Any, name: str) -> float:
+    """A finite float from a child's answer, or TaskProcError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TaskProcError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
