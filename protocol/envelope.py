@@ -29,7 +29,13 @@ MAX_ENVELOPE_BYTES = 64 * 1024  # default cap; each record type may set a lower 
 DOMAIN_CAPABILITY = "iollm/capability/v1"
 DOMAIN_MANIFEST = "iollm/manifest/v1"  # SMIP model/dataset versions (specs/smip.md)
 DOMAIN_ANNOUNCE = "iollm/announce/v1"  # SMIP "peer P provides version V" (specs/smip.md)
-DOMAINS: frozenset[str] = frozenset({DOMAIN_CAPABILITY, DOMAIN_MANIFEST, DOMAIN_ANNOUNCE})
+DOMAIN_JOB = "iollm/job/v1"  # a signed training job (specs/jobs.md)
+DOMAIN_TASK_RESULT = "iollm/task-result/v1"  # a worker's signed task result (specs/jobs.md)
+DOMAIN_RECEIPT = "iollm/receipt/v1"  # a contribution receipt (specs/jobs.md)
+DOMAIN_FEED = "iollm/feed/v1"  # an entry of a node's append-only feed (specs/jobs.md)
+DOMAINS: frozenset[str] = frozenset({DOMAIN_CAPABILITY, DOMAIN_MANIFEST, DOMAIN_ANNOUNCE,
+                                     DOMAIN_JOB, DOMAIN_TASK_RESULT, DOMAIN_RECEIPT,
+                                     DOMAIN_FEED})
 
 
 def signing_message(domain: str, body: bytes) -> bytes:
