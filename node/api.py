@@ -33,7 +33,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -513,3 +513,23 @@ def api_request(
             if isinstance(decoded, dict) and isinstance(decoded.get("error"), str):
                 message = decoded["error"]
     raise ApiClientError(response.status, message)
+
+
+def body_fields(request: Request, required: Collection[str],
+                optional: Collection[str] = ()) -> dict[str, Any]:
+    """The request's JSON object, with every required field and no unknown one (400
+    naming the first missing or unknown field otherwise)."""
+    body = request.body
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    if missing := sorted(set(required) - body.keys()):
+        raise ApiError(400, f"{missing[0]}: missing")
+    if unknown := sorted(body.keys() - set(required) - set(optional)):
+        raise ApiError(400, f"{unknown[0]}: unknown field")
+    return body
+
+
+def text_field(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{name}: expected a non-empty string, got {json.dumps(value)[:60]}")
+    return value

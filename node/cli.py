@@ -302,9 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at least this measured matmul throughput (TFLOP/s)")
     p.set_defaults(func=cmd_gpus)
 
+    from node.cli_jobs import add_job_commands
     from node.cli_models import add_model_commands
 
-    add_model_commands(sub, client)
+    add_job_commands(sub, client, add_model_commands(sub, client))
 
     testnet = sub.add_parser("testnet", help="a local testnet of node processes on 127.0.0.1")
     t_sub = testnet.add_subparsers(dest="testnet_command", metavar="ACTION", required=True)

@@ -260,9 +260,11 @@ def version_arg(text: str) -> str:
 
 
 def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-                       client: argparse.ArgumentParser) -> None:
+                       client: argparse.ArgumentParser
+                       ) -> dict[str, argparse._SubParsersAction[argparse.ArgumentParser]]:
     """``iollm model ACTION`` and ``iollm dataset ACTION``; `client` carries --home,
-    --json and --timeout."""
+    --json and --timeout. Returns each kind's ACTION subparsers, for more actions."""
+    groups = {}
     for kind, files in (("model", "a .safetensors file, or a directory of .safetensors "
                                   "shards with an optional config.json"),
                         ("dataset", "a file, or a directory of files")):
@@ -272,6 +274,7 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                         f"of content-addressed shards, announced to every node and pulled "
                         f"in verified chunks from all the peers that hold it.")
         actions = group.add_subparsers(dest=f"{kind}_command", metavar="ACTION", required=True)
+        groups[kind] = actions
 
         p = actions.add_parser(
             "publish", parents=[client], help=f"publish a {kind} version from local files",
@@ -317,3 +320,4 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        help="also write the files into DIR, by their paths in the manifest "
                             "(default: keep them in the node's store only)")
         p.set_defaults(func=cmd_fetch, kind=kind)
+    return groups

@@ -20,12 +20,15 @@ from libp2p.peer.peerinfo import PeerInfo
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry
 
-from node.config import DiscoverySection
+from node.config import DiscoverySection, WorkerSection
 from node.contentstore import ContentStore
 from node.discovery import CapabilityValidator, Discovery, DiscoveryMetrics
 from node.host import Network, open_network
+from node.jobs import Jobs
 from node.models import Models, ModelsMetrics
+from node.receipts import Receipts
 from node.storage import Storage, open_storage
+from node.worker import Worker
 from protocol.capability import DHT_NAMESPACE, EnvReport
 
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
@@ -39,6 +42,9 @@ class LocalNode:
     discovery: Discovery
     scope: trio.CancelScope
     models: Models | None = None
+    worker: Worker | None = None
+    jobs: Jobs | None = None
+    receipts: Receipts | None = None
 
     @property
     def peer_id(self) -> str:
@@ -61,6 +67,7 @@ async def _run_node(
     bootstrap: list[PeerInfo],
     models: bool,
     quota_bytes: int,
+    worker_config: WorkerSection | None,
     *,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -84,7 +91,18 @@ async def _run_node(
                 service = Models(net, key, storage, store, discovery, clock_ms=clock_ms,
                                  metrics=ModelsMetrics(CollectorRegistry()))
                 await nursery.start(service.run)
-            task_status.started(LocalNode(key, net, storage, discovery, scope, service))
+            node = LocalNode(key, net, storage, discovery, scope, service)
+            if worker_config is not None:
+                assert service is not None, "jobs need models=True"
+                home = directory / f"home{index}"
+                node.receipts = Receipts(storage, key, discovery.peer_id, clock_ms)
+                node.worker = Worker(net, key, service, node.receipts, worker_config, env,
+                                     home / "work")
+                node.jobs = Jobs(net, key, storage, service, discovery, node.receipts, home,
+                                 clock_ms=clock_ms, threads=worker_config.threads)
+                await nursery.start(node.worker.run)
+                await nursery.start(node.jobs.run)
+            task_status.started(node)
 
 
 async def _close_at_exit(store: ContentStore) -> None:
@@ -105,17 +123,21 @@ async def local_cluster(
     start_timeout: float = 60.0,
     models: bool = False,
     quota_bytes: int = 1 << 40,
+    workers: Sequence[WorkerSection | None] | None = None,
 ) -> AsyncIterator[list[LocalNode]]:
     """Start one node per env and yield them once each has joined (connected to node 0 and
     refreshed its routing table); their first network publish runs on in background
-    (``node.discovery.published`` tells when it is done)."""
+    (``node.discovery.published`` tells when it is done). ``workers[i]``, when given and
+    not None, also runs node i's worker and jobs services with that worker config."""
     nodes: list[LocalNode] = []
     async with trio.open_nursery() as nursery:
         with trio.fail_after(start_timeout):
             for i, env in enumerate(envs):
                 bootstrap = [nodes[0].info()] if nodes else []
+                worker = workers[i] if workers is not None else None
                 nodes.append(await nursery.start(_run_node, i, directory, env, config,
-                                                 clock_ms, bootstrap, models, quota_bytes))
+                                                 clock_ms, bootstrap, models, quota_bytes,
+                                                 worker))
             for n in nodes:
                 await n.discovery.bootstrapped.wait()
         yield nodes

@@ -4,6 +4,8 @@
     ContentStore ──┤
     open_network ──┼─ Discovery.run      (capability records, queries)
                    ├─ Models.run         (SMIP: publish, announce, serve, fetch)
+                   ├─ Worker.run         (micro-tasks of other nodes' jobs)
+                   ├─ Jobs.run           (jobs submitted here: coordination; job gossip)
                    ├─ serve_api          (local JSON API + /metrics)
                    └─ Operations         (publish and fetch started through the API)
 
@@ -21,7 +23,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,16 @@ import trio
 from prometheus_client import CollectorRegistry, Gauge
 
 from node import __version__
-from node.api import ApiError, Request, Routes, read_token_file, serve_api
+from node.api import (
+    ApiError,
+    Request,
+    Routes,
+    body_fields,
+    read_token_file,
+    serve_api,
+    text_field,
+)
+from node.api_jobs import job_routes
 from node.config import (
     RUNTIME_FILE,
     STATE_DB,
@@ -49,10 +60,13 @@ from node.host import (
     peer_info_from_multiaddr,
 )
 from node.identity import load_key
+from node.jobs import Jobs
 from node.models import Models, ModelsMetrics, Progress
 from node.ops import Operations
 from node.probe import env_to_json, parse_fake_gpus, probe_in_subprocess
+from node.receipts import Receipts
 from node.storage import open_storage
+from node.worker import Worker
 from protocol.capability import DHT_NAMESPACE, CapabilityRecord
 
 log = logging.getLogger(__name__)
@@ -103,25 +117,6 @@ MIN_PREFIX_CHARS = 8  # a shorter prefix of a version id is refused: too easily 
 _VERSION_TEXT = re.compile(rf"[0-9a-f]{{{MIN_PREFIX_CHARS},64}}")
 
 
-def _body(request: Request, required: Collection[str], optional: Collection[str] = ()
-          ) -> dict[str, Any]:
-    """The request's JSON object, with every required field and no unknown one."""
-    body = request.body
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    if missing := sorted(set(required) - body.keys()):
-        raise ApiError(400, f"{missing[0]}: missing")
-    if unknown := sorted(body.keys() - set(required) - set(optional)):
-        raise ApiError(400, f"{unknown[0]}: unknown field")
-    return body
-
-
-def _text(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ApiError(400, f"{name}: expected a non-empty string, got {json.dumps(value)[:60]}")
-    return value
-
-
 def _kind(value: Any) -> str:
     if value not in KINDS:
         raise ApiError(400, f"kind: expected \"model\" or \"dataset\", got "
@@ -132,14 +127,14 @@ def _kind(value: Any) -> str:
 def _path(value: Any, name: str) -> Path:
     """A path from a request, made absolute against the daemon's working directory (the
     CLI sends absolute paths)."""
-    return Path(_text(value, name)).expanduser().absolute()
+    return Path(text_field(value, name)).expanduser().absolute()
 
 
 def resolve_version(models: Models, text: Any, name: str = "version") -> str:
     """The full hex id of a version given as its id or a unique prefix of at least
     `MIN_PREFIX_CHARS` hex digits. A full id is returned as it is, known or not (a fetch
     finds it through the network); a prefix must match exactly one known version."""
-    wanted = _text(text, name).strip().lower()
+    wanted = text_field(text, name).strip().lower()
     if not _VERSION_TEXT.fullmatch(wanted):
         raise ApiError(400, f"{name}: expected a version id or a prefix of at least "
                             f"{MIN_PREFIX_CHARS} hex digits, got {json.dumps(text)[:80]}")
@@ -160,10 +155,10 @@ def model_routes(models: Models, ops: Operations, nursery: trio.Nursery) -> Rout
     they answer ``{"op": id}`` at once, and ``GET /v1/ops?id=`` tells how they go."""
 
     async def publish(request: Request) -> Any:
-        body = _body(request, {"path", "kind", "name"}, {"parents"})
+        body = body_fields(request, {"path", "kind", "name"}, {"parents"})
         path = _path(body["path"], "path")
         kind = _kind(body["kind"])
-        name = _text(body["name"], "name")
+        name = text_field(body["name"], "name")
         parents = body.get("parents") or []
         if not isinstance(parents, list):
             raise ApiError(400, "parents: expected a list of version ids")
@@ -177,7 +172,7 @@ def model_routes(models: Models, ops: Operations, nursery: trio.Nursery) -> Rout
         return {"op": ops.start(nursery, "publish", work)}
 
     async def fetch(request: Request) -> Any:
-        body = _body(request, {"version"}, {"out"})
+        body = body_fields(request, {"version"}, {"out"})
         version = resolve_version(models, body["version"])
         out = None if body.get("out") is None else _path(body["out"], "out")
 
@@ -218,7 +213,7 @@ def model_routes(models: Models, ops: Operations, nursery: trio.Nursery) -> Rout
 
 def _write_runtime_file(home: Path, info: dict[str, Any]) -> None:
     tmp = home / (RUNTIME_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.writetext_field(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, home / RUNTIME_FILE)
 
 
@@ -264,6 +259,10 @@ async def run_daemon(
                               clock_ms=clock_ms, metrics=metrics, bootstrap=bootstrap)
         models = Models(net, key, storage, store, discovery, clock_ms=clock_ms,
                         metrics=models_metrics)
+        receipts = Receipts(storage, key, discovery.peer_id, clock_ms)
+        worker = Worker(net, key, models, receipts, config.worker, env, home / "work")
+        jobs = Jobs(net, key, storage, models, discovery, receipts, home, clock_ms=clock_ms,
+                    threads=config.worker.threads)
 
         async def status(_: Request) -> Any:
             current = discovery.current
@@ -310,7 +309,10 @@ async def run_daemon(
         async with trio.open_nursery() as nursery:
             await nursery.start(discovery.run)
             await nursery.start(models.run)
+            await nursery.start(worker.run)
+            await nursery.start(jobs.run)
             routes.update(model_routes(models, ops, nursery))
+            routes.update(job_routes(jobs, receipts, models, ops, nursery, home / "tmp"))
             try:
                 port = await nursery.start(
                     lambda task_status: serve_api(routes, token, registry, host="127.0.0.1",

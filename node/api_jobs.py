@@ -1,0 +1,123 @@
+"""The local API's routes for training: jobs, receipts, the built-in model and corpus.
+
+    POST /v1/jobs/submit      {"spec": TOML text}             -> {"job": id}
+    GET  /v1/jobs                                             -> [job summary]
+    GET  /v1/jobs/status?id=  (id or unique prefix >= 8 hex)  -> rounds, workers, losses
+    GET  /v1/receipts?job=    (optional job id)               -> [receipt]
+    GET  /v1/feed?author=&after=                              -> [feed entry]
+    POST /v1/models/init      {"arch", "size", "name", "seed"} -> {"op": id}
+    POST /v1/datasets/stdlib  {"name"}                        -> {"op": id}
+
+The last two run as operations (``GET /v1/ops?id=``): a child process builds the files
+(torch stays out of the daemon), then they are published through SMIP like any other.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.api import ApiError, Request, Routes, body_fields, text_field
+from node.jobs import JobError, Jobs
+from node.models import Models, Progress
+from node.ops import Operations
+from node.receipts import Receipts
+from node.taskrun import run_taskproc
+
+ARCHS = ("gpt",)
+SIZES = ("tiny", "small")
+BUILD_TIMEOUT_S = 600.0
+
+
+def job_routes(jobs: Jobs, receipts: Receipts, models: Models, ops: Operations,
+               nursery: trio.Nursery, tmp_root: Path) -> Routes:
+    async def submit(request: Request) -> Any:
+        body = body_fields(request, {"spec"})
+        try:
+            return {"job": await jobs.submit(text_field(body["spec"], "spec"))}
+        except JobError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    async def listing(_: Request) -> Any:
+        return jobs.list()
+
+    async def status(request: Request) -> Any:
+        jid = (request.query.get("id") or "").strip()
+        if not jid:
+            raise ApiError(400, "id: missing (GET /v1/jobs/status?id=JOB)")
+        try:
+            return jobs.status(jid)
+        except KeyError as exc:
+            raise ApiError(404, str(exc.args[0])) from None
+
+    async def receipt_list(request: Request) -> Any:
+        job = (request.query.get("job") or "").strip().lower() or None
+        if job is not None and len(job) < 64:
+            try:
+                job = jobs.status(job)["job"]
+            except KeyError as exc:
+                raise ApiError(404, str(exc.args[0])) from None
+        return await receipts.list(job)
+
+    async def feed(request: Request) -> Any:
+        after = request.query.get("after") or "0"
+        if not after.isdigit():
+            raise ApiError(400, f"after: expected a sequence number, got {after!r}")
+        return await receipts.feed(request.query.get("author") or None, int(after))
+
+    async def build(kind: str, name: str, op: dict[str, Any], out_name: str,
+                    progress: Progress) -> Any:
+        tmp = tmp_root / f"build-{secrets.token_hex(6)}"
+        tmp.mkdir(parents=True)
+        try:
+            progress.phase = "building"
+            out = tmp / out_name
+            key = "out_dir" if kind == "model" else "out"
+            answer = await run_taskproc({**op, key: str(out)}, timeout_s=BUILD_TIMEOUT_S,
+                                        what=f"building the {kind}")
+            progress.phase = "publishing"
+            version = await models.publish(out, kind=kind, name=name, progress=progress)
+            return {"version": version, "kind": kind, "name": name, **answer}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    async def model_init(request: Request) -> Any:
+        body = body_fields(request, set(), {"arch", "size", "name", "seed"})
+        arch, size = body.get("arch", "gpt"), body.get("size", "tiny")
+        if arch not in ARCHS:
+            raise ApiError(400, f"arch: expected one of {', '.join(ARCHS)}, got {arch!r}")
+        if size not in SIZES:
+            raise ApiError(400, f"size: expected one of {', '.join(SIZES)}, got {size!r}")
+        seed = body.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ApiError(400, f"seed: expected an integer in [0, 2**63), got {seed!r}")
+        name = text_field(body.get("name") or f"{arch}-{size}", "name")
+
+        async def work(progress: Progress) -> Any:
+            return await build("model", name, {"op": "init", "arch": arch, "size": size,
+                                               "seed": seed}, "model", progress)
+
+        return {"op": ops.start(nursery, "model-init", work)}
+
+    async def dataset_stdlib(request: Request) -> Any:
+        body = body_fields(request, set(), {"name"})
+        name = text_field(body.get("name") or "python-stdlib", "name")
+
+        async def work(progress: Progress) -> Any:
+            return await build("dataset", name, {"op": "corpus"}, "stdlib.txt", progress)
+
+        return {"op": ops.start(nursery, "dataset-stdlib", work)}
+
+    return {
+        ("POST", "/v1/jobs/submit"): submit,
+        ("GET", "/v1/jobs"): listing,
+        ("GET", "/v1/jobs/status"): status,
+        ("GET", "/v1/receipts"): receipt_list,
+        ("GET", "/v1/feed"): feed,
+        ("POST", "/v1/models/init"): model_init,
+        ("POST", "/v1/datasets/stdlib"): dataset_stdlib,
+    }

@@ -1,0 +1,229 @@
+"""``iollm job ...``, ``iollm receipts``, ``iollm model init``, ``iollm dataset stdlib``.
+
+    model init        POST /v1/models/init, then wait for the operation
+    dataset stdlib    POST /v1/datasets/stdlib, then wait
+    job submit FILE   POST /v1/jobs/submit (the node signs and coordinates the job)
+    job status JOB    GET /v1/jobs/status?id=   (--watch: until the job ends)
+    job list          GET /v1/jobs
+    receipts          GET /v1/receipts?job=
+
+Like the model commands, these only talk to the running node; stdout carries what a
+script wants (an id, a table, ``--json``), stderr the progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from node.cli import CliError, call_node
+from node.cli_models import SHORT, _short_peer, _when, wait_for_operation
+
+WATCH_POLL_S = 1.0
+
+
+def cmd_model_init(args: argparse.Namespace) -> int:
+    started = call_node(args, "/v1/models/init", "POST", {
+        "arch": args.arch, "size": args.size, "name": args.name, "seed": args.seed})
+    result = wait_for_operation(args, started["op"], "init", "Its version will be in "
+                                "`iollm model list` when it is done.")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"published model {result['name']!r} ({result.get('params', '?')} parameters): "
+          f"version {result['version']}", file=sys.stderr)
+    print(result["version"])
+    return 0
+
+
+def cmd_dataset_stdlib(args: argparse.Namespace) -> int:
+    started = call_node(args, "/v1/datasets/stdlib", "POST", {"name": args.name})
+    result = wait_for_operation(args, started["op"], "corpus", "Its version will be in "
+                                "`iollm dataset list` when it is done.")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"published dataset {result['name']!r} ({result.get('bytes', '?')} bytes from "
+          f"{result.get('files', '?')} files): version {result['version']}", file=sys.stderr)
+    print(result["version"])
+    return 0
+
+
+def cmd_job_submit(args: argparse.Namespace) -> int:
+    path = Path(args.file).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read {args.file}: {exc}") from None
+    job = call_node(args, "/v1/jobs/submit", "POST", {"spec": text})["job"]
+    print(f"submitted job {job}; `iollm job status {job[:SHORT]}` follows it", file=sys.stderr)
+    print(job)
+    if args.wait:
+        return _watch(args, job)
+    return 0
+
+
+def format_status(s: dict[str, Any]) -> str:
+    spec = s["spec"]
+    lines = [f"job {s['job']}  {s['name']!r}",
+             f"coordinator {s['coordinator']}  submitted {_when(s['submitted_ms'])}",
+             f"recipe      {spec['rounds']} rounds x {spec['workers_per_round']} workers, "
+             f"{spec['inner_steps']} inner steps, batch {spec['batch_size']} x "
+             f"{spec['seq_len']}, lr {spec['lr']:g}, outer lr {spec['outer_lr']:g} "
+             f"momentum {spec['outer_momentum']:g}"]
+    if not s["coordinated_here"]:
+        lines.append("(coordinated by another node: ask it for the rounds)")
+        return "\n".join(lines)
+    lines.append(f"status      {s['status']}, round {s['round']} of {spec['rounds']}"
+                 + (f": {s['error']}" if s.get("error") else ""))
+    lines.append("ROUND  HELD-OUT BEFORE -> AFTER  ACCEPTED  VERSION       CHECK/TRAIN s")
+    for r in s["rounds"]:
+        before = "?" if r["heldout_before"] is None else f"{r['heldout_before']:.4f}"
+        after = "?" if r.get("heldout_after") is None else f"{r['heldout_after']:.4f}"
+        lines.append(f"{r['round']:>5}  {before:>15} -> {after:<6}  "
+                     f"{r['accepted']:>3}/{len(r['tasks']):<4}  "
+                     f"{(r.get('version') or '-')[:SHORT]:<12}  "
+                     f"{r.get('check_s') or 0:.1f}/{r.get('train_s') or 0:.1f}")
+        for t in r["tasks"]:
+            loss = (f"loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}"
+                    if "first_loss" in t else "")
+            why = f"  ({t['reason']})" if t.get("reason") else ""
+            lines.append(f"       {t['task']:<8} {_short_peer(t['worker'] or '-'):<18} "
+                         f"{t['verdict']:<8} {loss}{why}")
+    lines.append(f"version     {s['base']}")
+    return "\n".join(lines)
+
+
+def _watch(args: argparse.Namespace, job: str) -> int:
+    seen = -1
+    while True:
+        status = call_node(args, f"/v1/jobs/status?id={quote(job)}")
+        if len(status.get("rounds", [])) != seen or status.get("status") != "running":
+            seen = len(status.get("rounds", []))
+            print(format_status(status), file=sys.stderr)
+        if status.get("status") != "running":
+            return 0 if status.get("status") == "done" else 1
+        time.sleep(WATCH_POLL_S)  # polling another process: the job has no end time
+
+
+def cmd_job_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        return _watch(args, args.job)
+    status = call_node(args, f"/v1/jobs/status?id={quote(args.job)}")
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_job_list(args: argparse.Namespace) -> int:
+    jobs = call_node(args, "/v1/jobs")
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return 0
+    if not jobs:
+        print("no jobs known to this node")
+        return 0
+    print(f"{'JOB':<{SHORT}}  {'NAME':<20}  {'STATUS':<9}  ROUND   {'SUBMITTED':<23}  COORDINATOR")
+    for j in jobs:
+        rnd = "-" if j["round"] is None else f"{j['round']}/{j['rounds']}"
+        print(f"{j['job'][:SHORT]}  {j['name'][:20]:<20}  {j['status']:<9}  {rnd:<6}  "
+              f"{_when(j['submitted_ms']):<23}  {_short_peer(j['coordinator'])}")
+    return 0
+
+
+def cmd_receipts(args: argparse.Namespace) -> int:
+    path = "/v1/receipts" + (f"?job={quote(args.job)}" if args.job else "")
+    receipts = call_node(args, path)
+    if args.json:
+        print(json.dumps(receipts, indent=2))
+        return 0
+    if not receipts:
+        print("no receipts held by this node" + (f" for job {args.job}" if args.job else ""))
+        return 0
+    print(f"{'RECEIPT':<{SHORT}}  {'JOB':<{SHORT}}  RND  {'TASK':<8}  {'WORKER':<18}  "
+          f"{'TOKENS':>8}  HELD-OUT GAIN  VERDICT")
+    for r in receipts:
+        gain = r["metrics"].get("heldout_gain")
+        print(f"{r['receipt'][:SHORT]}  {r['job'][:SHORT]}  {r['round']:>3}  {r['task']:<8}  "
+              f"{_short_peer(r['worker']):<18}  {r['tokens']:>8}  "
+              f"{'?' if gain is None else f'{gain:.4f}':>13}  {r['verdict']}")
+    return 0
+
+
+def _job_arg(text: str) -> str:
+    value = text.strip().lower()
+    if not 8 <= len(value) <= 64 or any(c not in "0123456789abcdef" for c in value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a job id: give its 64 hex digits "
+                                         "or a unique prefix of at least 8")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError("the seed must be in [0, 2**63)")
+    return value
+
+
+def add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                     client: argparse.ArgumentParser,
+                     groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]]
+                     ) -> None:
+    p = groups["model"].add_parser(
+        "init", parents=[client], help="publish a fresh built-in model (byte-level GPT)",
+        description="Initialise the built-in byte-level GPT with a seed and publish it as a "
+                    "model version (safetensors + config.json). Prints the version id.")
+    p.add_argument("--arch", default="gpt", choices=["gpt"], help="architecture (gpt)")
+    p.add_argument("--size", default="tiny", choices=["tiny", "small"],
+                   help="tiny (~0.8M parameters) or small (a few million); default tiny")
+    p.add_argument("--name", help="the model's name (default gpt-SIZE)")
+    p.add_argument("--seed", type=_seed, default=0, help="initialisation seed (default 0)")
+    p.set_defaults(func=cmd_model_init)
+
+    p = groups["dataset"].add_parser(
+        "stdlib", parents=[client], help="publish the default corpus (Python stdlib source)",
+        description="Build a text corpus from this Python's standard-library source files "
+                    "(deterministic, in a fixed shuffled file order) and publish it as a "
+                    "dataset version. Prints the version id.")
+    p.add_argument("--name", help="the dataset's name (default python-stdlib)")
+    p.set_defaults(func=cmd_dataset_stdlib)
+
+    group = sub.add_parser(
+        "job", help="submit and follow training jobs",
+        description="Training jobs: this node signs the job, coordinates it, and the "
+                    "network's workers train it in rounds of micro-tasks (specs/jobs.md).")
+    actions = group.add_subparsers(dest="job_command", metavar="ACTION", required=True)
+    p = actions.add_parser(
+        "submit", parents=[client], help="submit a job file (TOML)",
+        description="Check the job file (a wrong or missing field is named), sign it and "
+                    "start coordinating it from this node. Prints the job id. See "
+                    "specs/jobs.md and bootstrap/jobs/example.toml for the format.")
+    p.add_argument("file", metavar="FILE", help="the job spec, a TOML file")
+    p.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    p.set_defaults(func=cmd_job_submit)
+    p = actions.add_parser("status", parents=[client], help="rounds, workers, losses, versions",
+                           description="One job's progress: per round the held-out loss "
+                                       "before and after, each task's worker and verdict, "
+                                       "and the version published.")
+    p.add_argument("job", metavar="JOB", type=_job_arg,
+                   help="job id, or a unique prefix of at least 8 hex digits")
+    p.add_argument("--watch", action="store_true", help="print again after each round, "
+                   "until the job ends")
+    p.set_defaults(func=cmd_job_status)
+    p = actions.add_parser("list", parents=[client], help="jobs this node knows",
+                           description="Jobs coordinated here, worked on here, or announced.")
+    p.set_defaults(func=cmd_job_list)
+
+    p = sub.add_parser("receipts", parents=[client], help="contribution receipts held here",
+                       description="Receipts this node holds: those it issued as a "
+                                   "coordinator and those it earned as a worker. Each is "
+                                   "signed by both and appended to this node's feed.")
+    p.add_argument("--job", type=_job_arg, help="only this job's")
+    p.set_defaults(func=cmd_receipts)

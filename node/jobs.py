@@ -1,0 +1,543 @@
+"""The jobs service: submit training jobs and coordinate them (specs/jobs.md).
+
+The node that submits a job coordinates it. For each round it
+
+1. finds workers through their capability records (``Discovery.live_records``) that
+   meet the job's requirements, waiting a little for enough of them;
+2. plans the round's micro-tasks (protocol.coordination.plan_round) and lets
+   protocol.coordination.RoundMachine decide who trains what; this module only opens
+   the ``/iollm/task/1.0.0`` streams (node/worker.py is the other end), owns the
+   deadlines and feeds the outcomes back to the machine;
+3. fetches every submitted delta through SMIP and checks them in one child process
+   (held-out gain, own-slice gain, copies, re-execution of a sample: node/taskproc.py);
+4. signs a receipt for each accepted task and answers every worker with its verdict;
+5. combines the accepted deltas (robust aggregate, Nesterov outer step, in a child
+   process), publishes the new version with its parent link and the int8 outer update
+   that lets workers rebuild it, and goes on from there.
+
+The job's progress is a JSON document in the ``jobs`` table, written at the start and
+end of every round, so a coordinator that restarts resumes its jobs at the round it was
+in (that round's tasks are planned again identically and re-trained).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from nacl.signing import SigningKey
+
+from node.discovery import Discovery
+from node.framing import FrameError, read_frame, reset_quietly, write_frame
+from node.host import Network, parse_multiaddr
+from node.models import FetchError, Models, PublishError
+from node.receipts import Receipts
+from node.storage import JobRow, Storage
+from node.taskrun import TaskProcError, finite, run_taskproc
+from node.worker import TASK_PROTOCOL, materialize, meets_requirements
+from protocol.coordination import Assign, RoundMachine, plan_round
+from protocol.errors import RemoteProtocolError
+from protocol.jobs import (
+    MAX_REPLY_BYTES,
+    MAX_RESULT_BYTES,
+    Job,
+    JobSpec,
+    Receipt,
+    TaskAssign,
+    TaskReply,
+    TaskResult,
+    Verdict,
+    check_result,
+    job_id,
+    open_job,
+    open_task_result,
+    parse_job_toml,
+    seal_job,
+    seal_receipt,
+)
+from protocol.smip import id_hex
+
+log = logging.getLogger(__name__)
+
+JOB_TOPIC = "/iollm/jobs/1"
+OFFER_TIMEOUT_S = 20.0  # dial, send the assignment, get the reply
+WORKER_GRACE_S = 15.0  # a round waits this long for workers_per_round workers, then starts
+NO_WORKER_TIMEOUT_S = 600.0  # a round without any worker for this long fails the job
+WORKER_POLL_S = 2.0  # how often the coordinator looks for new workers during a round
+VERDICT_WRITE_TIMEOUT_S = 30.0
+FETCH_DELTA_TIMEOUT_S = 300.0
+CHECK_TIMEOUT_S = 3600.0
+OUTER_TIMEOUT_S = 3600.0
+
+
+class JobError(Exception):
+    """A job cannot be submitted as given (the message names the field)."""
+
+
+@dataclass
+class _Outcome:
+    """What a task stream reports to the round loop."""
+
+    kind: str  # "accepted", "refused", "lost", "submitted"
+    assign: Assign
+    result: TaskResult | None = None
+    envelope: bytes = b""
+    reason: str = ""
+
+
+@dataclass
+class _Pending:
+    """A submitted task's stream, waiting for the verdict."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    verdict: Verdict | None = None
+
+
+class Jobs:
+    def __init__(self, net: Network, key: SigningKey, storage: Storage, models: Models,
+                 discovery: Discovery, receipts: Receipts, home: Path, *,
+                 clock_ms: Callable[[], int], threads: int = 1) -> None:
+        self.net = net
+        self.key = key
+        self.storage = storage
+        self.models = models
+        self.discovery = discovery
+        self.receipts = receipts
+        self.home = home
+        self.clock_ms = clock_ms
+        self.threads = threads
+        self.peer_id = models.peer_id
+        self.states: dict[str, dict[str, Any]] = {}  # job id hex -> progress (coordinated here)
+        self.jobs: dict[str, Job] = {}  # every job known here
+        self._nursery: trio.Nursery | None = None
+        self._ended: dict[str, trio.Event] = {}  # set when a job coordinated here ends
+
+    # -- service ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.net.pubsub.set_topic_validator(JOB_TOPIC, self._gossip_validator, False)
+        subscription = await self.net.pubsub.subscribe(JOB_TOPIC)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for row in await self.storage.list_jobs():
+                try:
+                    job, _ = open_job(row.envelope)
+                except RemoteProtocolError as exc:
+                    log.warning("dropping stored job %s: %s", row.job_id[:16], exc)
+                    continue
+                self.jobs[row.job_id] = job
+                if row.role == "coordinator" and row.state:
+                    self.states[row.job_id] = json.loads(row.state)
+                    if self.states[row.job_id]["status"] == "running":
+                        log.info("resuming job %s", row.job_id[:16])
+                        nursery.start_soon(self._coordinate, row.job_id, row.envelope)
+            nursery.start_soon(self._receive_gossip, subscription)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _gossip_validator(self, sender: ID, message: Any) -> bool:
+        try:
+            open_job(message.data)
+        except RemoteProtocolError:
+            return False
+        return True
+
+    async def _receive_gossip(self, subscription: Any) -> None:
+        while True:
+            message = await subscription.get()
+            try:
+                job, _ = open_job(message.data)
+            except RemoteProtocolError:
+                continue
+            jid = job_id(message.data).hex()
+            if jid not in self.jobs:
+                self.jobs[jid] = job
+                await self.storage.put_job(JobRow(jid, message.data, "seen", job.submitted_ms,
+                                                  "", self.clock_ms()))
+
+    # -- submitting ---------------------------------------------------------------------
+
+    async def submit(self, text: str) -> str:
+        """Parse, check, sign and start a job; its id (hex). JobError on a bad spec."""
+        try:
+            spec = parse_job_toml(text)
+        except ValueError as exc:  # JobSpecError names the field
+            raise JobError(str(exc)) from None
+        for name in ("base_model", "dataset"):
+            version = getattr(spec, name)
+            if self.models.info_of(version) is None:
+                raise JobError(f"{name}: version {id_hex(version)[:16]} is not known here "
+                               f"(publish it, or wait for its announcement)")
+        job = Job(spec=spec, coordinator=self.peer_id, submitted_ms=self.clock_ms())
+        envelope = seal_job(self.key, job)
+        jid = job_id(envelope).hex()
+        self.jobs[jid] = job
+        self.states[jid] = {"status": "running", "error": "", "round": 0,
+                            "base": spec.base_model.hex(), "update": None, "update_parent": None,
+                            "momentum": None, "best_loss": None, "rounds": []}
+        await self._save(jid, envelope)
+        try:
+            await self.net.pubsub.publish(JOB_TOPIC, envelope)
+        except Exception as exc:  # gossip is best effort; the job runs regardless
+            log.info("announcing job %s failed: %r", jid[:16], exc)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._coordinate, jid, envelope)
+        log.info("submitted job %s (%s)", jid[:16], spec.name)
+        return jid
+
+    async def _save(self, jid: str, envelope: bytes) -> None:
+        job = self.jobs[jid]
+        await self.storage.put_job(JobRow(jid, envelope, "coordinator", job.submitted_ms,
+                                          json.dumps(self.states[jid]), self.clock_ms()))
+
+    # -- queries ------------------------------------------------------------------------
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        for jid, job in sorted(self.jobs.items(), key=lambda kv: -kv[1].submitted_ms):
+            state = self.states.get(jid)
+            out.append({"job": jid, "name": job.spec.name, "coordinator": job.coordinator,
+                        "submitted_ms": job.submitted_ms,
+                        "status": state["status"] if state else "elsewhere",
+                        "round": state["round"] if state else None,
+                        "rounds": job.spec.rounds})
+        return out
+
+    def status(self, jid: str) -> dict[str, Any]:
+        matches = [j for j in self.jobs if j.startswith(jid.lower())] if len(jid) >= 8 else []
+        if len(matches) != 1:
+            raise KeyError(f"{'no' if not matches else 'more than one'} job known here "
+                           f"starts with {jid!r}")
+        jid = matches[0]
+        job = self.jobs[jid]
+        return {"job": jid, "name": job.spec.name, "coordinator": job.coordinator,
+                "submitted_ms": job.submitted_ms, "spec": spec_summary(job.spec),
+                "coordinated_here": jid in self.states, **(self.states.get(jid) or {})}
+
+    # -- coordinating -------------------------------------------------------------------
+
+    async def _coordinate(self, jid: str, envelope: bytes) -> None:
+        state, job = self.states[jid], self.jobs[jid]
+        job_dir = self.home / "jobs" / jid[:32]
+        job_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            dataset = await self._fetch(job.spec.dataset.hex())
+            while state["round"] < job.spec.rounds:
+                await self._fetch(state["base"])
+                record = await self._round(jid, envelope, job, state, dataset, job_dir)
+                state["rounds"].append(record)
+                state["round"] += 1
+                await self._save(jid, envelope)
+            state["status"] = "done"
+            log.info("job %s done: %d rounds, final version %s", jid[:16], job.spec.rounds,
+                     state["base"][:16])
+        except (FetchError, PublishError, TaskProcError, JobError) as exc:
+            state["status"], state["error"] = "failed", str(exc)
+            log.warning("job %s failed: %s", jid[:16], exc)
+        with trio.CancelScope(shield=True):
+            await self._save(jid, envelope)
+        self.ended(jid).set()
+
+    def ended(self, jid: str) -> trio.Event:
+        """Set once the job coordinated here is done or failed."""
+        return self._ended.setdefault(jid, trio.Event())
+
+    async def _fetch(self, version: str, hint: list[ID] | None = None) -> Any:
+        await self.models.fetch(version, hint=hint or [])
+        return self.models.held[bytes.fromhex(version)]
+
+    def _candidates(self, job: Job) -> list[str]:
+        return sorted(c.record.peer_id for c in self.discovery.live_records()
+                      if c.record.peer_id != self.peer_id
+                      and not meets_requirements(job, c.record.env))
+
+    async def _wait_for_workers(self, job: Job) -> list[str]:
+        with trio.move_on_after(NO_WORKER_TIMEOUT_S):
+            waited = 0.0
+            while True:
+                found = self._candidates(job)
+                if len(found) >= job.spec.workers_per_round or (found and
+                                                                 waited >= WORKER_GRACE_S):
+                    return found
+                await trio.sleep(WORKER_POLL_S / 4)
+                waited += WORKER_POLL_S / 4
+        raise JobError(f"no worker meeting the requirements appeared in "
+                       f"{NO_WORKER_TIMEOUT_S:g} s")
+
+    async def _round(self, jid: str, envelope: bytes, job: Job, state: dict[str, Any],
+                     dataset: Any, job_dir: Path) -> dict[str, Any]:
+        spec, r = job.spec, state["round"]
+        started = self.clock_ms()
+        train_len = spec.train_split(dataset.manifest.total_size)
+        tasks = plan_round(job_seed=spec.seed, round_=r, n_tasks=spec.workers_per_round,
+                           train_len=train_len,
+                           tokens_per_task=spec.inner_steps * spec.batch_size * (spec.seq_len + 1),
+                           min_slice=spec.seq_len + 2)
+        workers = await self._wait_for_workers(job)
+        log.info("job %s round %d: %d tasks, %d candidate workers", jid[:16], r, len(tasks),
+                 len(workers))
+        machine = RoundMachine(tasks, workers, offer_timeout_ms=int(OFFER_TIMEOUT_S * 1000),
+                               task_timeout_ms=int(spec.task_timeout_s * 1000),
+                               rng=random.Random(spec.seed * 1_000_003 + r))
+        send, recv = trio.open_memory_channel[_Outcome](math.inf)
+        pending: dict[tuple[str, str], _Pending] = {}
+        records: dict[str, Any] = {}
+        base = bytes.fromhex(state["base"])
+        update = bytes.fromhex(state["update"]) if state["update"] else None
+        parent = bytes.fromhex(state["update_parent"]) if state["update_parent"] else None
+
+        async with trio.open_nursery() as nursery:
+            def launch(assigns: list[Assign]) -> None:
+                for a in assigns:
+                    p = pending[(a.task.task_id, a.worker)] = _Pending()
+                    msg = TaskAssign(
+                        job=envelope, round=r, task_id=a.task.task_id,
+                        worker=a.worker, base_version=base, dataset_version=spec.dataset,
+                        slice_start=a.task.slice_start, slice_len=a.task.slice_len,
+                        seed=a.task.seed, inner_steps=spec.inner_steps,
+                        batch_size=spec.batch_size, seq_len=spec.seq_len, lr=spec.lr,
+                        deadline_ms=a.deadline_ms, update_version=update,
+                        update_parent=parent)
+                    nursery.start_soon(self._offer, a, msg, p, send)
+
+            launch(machine.start(self.clock_ms()))
+            next_poll = trio.current_time() + WORKER_POLL_S
+            while not machine.done:
+                deadline = machine.next_deadline()
+                wake = next_poll if deadline is None else min(
+                    next_poll, trio.current_time() + max(0, deadline - self.clock_ms()) / 1000)
+                outcome = None
+                with trio.move_on_at(wake):
+                    outcome = await recv.receive()
+                now = self.clock_ms()
+                if outcome is None:
+                    if trio.current_time() >= next_poll:
+                        next_poll = trio.current_time() + WORKER_POLL_S
+                        for w in self._candidates(job):
+                            launch(machine.add_worker(w, now))
+                    launch(machine.on_tick(now))
+                    continue
+                tid, w = outcome.assign.task.task_id, outcome.assign.worker
+                if outcome.kind == "accepted":
+                    launch(machine.on_accepted(tid, w, now))
+                elif outcome.kind == "refused":
+                    log.info("task %s refused by %s: %s", tid, w, outcome.reason)
+                    launch(machine.on_refused(tid, w, now))
+                elif outcome.kind == "lost":
+                    log.info("task %s lost by %s: %s", tid, w, outcome.reason)
+                    launch(machine.on_lost(tid, w, now))
+                else:
+                    launch(machine.on_submitted(tid, w, outcome, now))
+                    if machine.holder(tid) != w or machine.submitted().get(tid, (None,))[0] != w:
+                        self._answer(pending, tid, w, Verdict.reject(
+                            tid, "too late: the task went to another worker"))
+            submitted: dict[str, _Outcome] = {t: o for t, (_, o) in machine.submitted().items()}
+            for tid in machine.failed():
+                records[tid] = {"task": tid, "worker": None, "verdict": "failed",
+                                "reason": "no worker completed it"}
+            check = await self._check(jid, job, state, dataset, job_dir, tasks, submitted)
+            accepted = []
+            for tid, outcome in sorted(submitted.items()):
+                assert outcome.result is not None
+                res, verdict = outcome.result, check["deltas"].get(tid, {})
+                ok = verdict.get("verdict") == "accept"
+                reason = verdict.get("reason", "not checked")
+                receipt = None
+                metrics = {k: float(v) for k, v in verdict.items()
+                           if k in ("heldout_gain", "own_gain", "other_gain", "max_cosine")
+                           and isinstance(v, (int, float)) and math.isfinite(v)}
+                if ok:
+                    receipt = seal_receipt(self.key, Receipt(
+                        job_id=bytes.fromhex(jid), round=r, task_id=tid, worker=res.worker,
+                        coordinator=self.peer_id, delta_version=res.delta_version,
+                        tokens=res.tokens, metrics=metrics, verdict="accepted",
+                        result=outcome.envelope, issued_ms=self.clock_ms()))
+                    await self.receipts.store(receipt)
+                    accepted.append(verdict["path"])
+                self._answer(pending, tid, res.worker,
+                             Verdict(tid, True, "", receipt) if ok else Verdict.reject(tid, reason))
+                records[tid] = {"task": tid, "worker": res.worker,
+                                "verdict": "accepted" if ok else "rejected",
+                                "reason": "" if ok else reason,
+                                "delta": res.delta_version.hex(), "first_loss": res.first_loss,
+                                "last_loss": res.last_loss, "tokens": res.tokens,
+                                "wall_ms": res.wall_ms, "metrics": metrics}
+            for p in pending.values():  # streams still open without a verdict: end them
+                p.done.set()
+        record: dict[str, Any] = {
+            "round": r, "base": state["base"], "started_ms": started,
+            "heldout_before": check.get("heldout_base"), "check_s": check.get("check_wall_s"),
+            "train_s": sum(t.get("wall_ms", 0) for t in records.values()) / 1000,
+            "tasks": [records[t] for t in sorted(records)], "accepted": len(accepted)}
+        if accepted:
+            await self._outer(jid, job, state, dataset, job_dir, accepted, record)
+        else:
+            log.warning("job %s round %d: no delta accepted; the base stays", jid[:16], r)
+            record.update(version=None, heldout_after=record["heldout_before"])
+        record["ended_ms"] = self.clock_ms()
+        for d in job_dir.glob(f"r{r}-*"):
+            shutil.rmtree(d, ignore_errors=True)
+        return record
+
+    def _answer(self, pending: dict[tuple[str, str], _Pending], tid: str, worker: str,
+                verdict: Verdict) -> None:
+        p = pending.get((tid, worker))
+        if p is not None and not p.done.is_set():
+            p.verdict = verdict
+            p.done.set()
+
+    async def _offer(self, a: Assign, msg: TaskAssign, p: _Pending,
+                     send: trio.MemorySendChannel[_Outcome]) -> None:
+        """One task stream: assignment, reply, result, verdict."""
+        stream = None
+        try:
+            with trio.fail_after(OFFER_TIMEOUT_S):
+                stream = await self._open(a.worker)
+                await write_frame(stream, msg.encode(), OFFER_TIMEOUT_S)
+                reply = TaskReply.decode(await read_frame(stream, MAX_REPLY_BYTES,
+                                                          OFFER_TIMEOUT_S))
+            if reply.task_id != a.task.task_id:
+                raise RemoteProtocolError("malformed", "the reply names another task")
+            if not reply.accepted:
+                await send.send(_Outcome("refused", a, reason=reply.reason))
+                await stream.close()
+                return
+            await send.send(_Outcome("accepted", a))
+            left = max(1.0, (a.deadline_ms - self.clock_ms()) / 1000)
+            data = await read_frame(stream, MAX_RESULT_BYTES, left)
+            result = open_task_result(data)
+            check_result(result, msg)  # the assigned worker's signature, for this task
+            await send.send(_Outcome("submitted", a, result, data))
+            await p.done.wait()
+            if p.verdict is not None:
+                await write_frame(stream, p.verdict.encode(), VERDICT_WRITE_TIMEOUT_S)
+            await stream.close()
+        except (Exception, trio.TooSlowError) as exc:
+            if not isinstance(exc, (FrameError, RemoteProtocolError, trio.TooSlowError,
+                                    OSError)):
+                log.debug("task stream to %s: %r", a.worker, exc)
+            await send.send(_Outcome("lost", a, reason=repr(exc)[:200]))
+            if stream is not None:
+                await reset_quietly(stream)
+
+    async def _open(self, worker: str) -> Any:
+        peer = ID.from_base58(worker)
+        if peer not in self.net.host.get_connected_peers():
+            cap = self.discovery.local_record(worker)
+            addrs = [parse_multiaddr(a) for a in cap.record.addrs] if cap else []
+            await self.net.connect(PeerInfo(peer, addrs), timeout=OFFER_TIMEOUT_S)
+        return await self.net.host.new_stream(peer, [TASK_PROTOCOL])
+
+    # -- checking and the outer step ------------------------------------------------------
+
+    async def _check(self, jid: str, job: Job, state: dict[str, Any], dataset: Any,
+                     job_dir: Path, tasks: list[Any], submitted: dict[str, _Outcome]
+                     ) -> dict[str, Any]:
+        """Fetch the deltas and check them all in one child process. Returns its answer,
+        with ``deltas[task id]`` holding each verdict and the delta's file ``path``."""
+        spec, r = job.spec, state["round"]
+        base = self.models.held[bytes.fromhex(state["base"])]
+        model_dir = job_dir / f"r{r}-base"
+        materialize(self.models, base, model_dir)
+        data_files = [str(self.models.store.shard_path(s.root)) for s in dataset.manifest.shards]
+        plans = {t.task_id: t for t in tasks}
+        paths: dict[str, str] = {}
+        failed: dict[str, str] = {}
+
+        async def fetch(tid: str, outcome: _Outcome) -> None:
+            assert outcome.result is not None
+            try:
+                with trio.fail_after(FETCH_DELTA_TIMEOUT_S):
+                    held = await self._fetch(outcome.result.delta_version.hex(),
+                                             hint=[ID.from_base58(outcome.assign.worker)])
+                if len(held.manifest.shards) != 1:
+                    raise FetchError("a delta is one safetensors file")
+                paths[tid] = str(self.models.store.shard_path(held.manifest.shards[0].root))
+            except (FetchError, trio.TooSlowError) as exc:
+                failed[tid] = f"the delta could not be fetched: {exc}"
+
+        async with trio.open_nursery() as nursery:
+            for tid, outcome in submitted.items():
+                nursery.start_soon(fetch, tid, outcome)
+        rng = random.Random(f"{jid}/{r}/reexec")
+        train_fields = {"model_dir": str(model_dir), "data_files": data_files,
+                        "steps": spec.inner_steps, "batch_size": spec.batch_size,
+                        "seq_len": spec.seq_len, "lr": spec.lr, "device": "cpu",
+                        "threads": self.threads}
+        reexec = [{"id": tid, "train": dict(train_fields, op="train",
+                                            slice_start=plans[tid].slice_start,
+                                            slice_len=plans[tid].slice_len,
+                                            seed=plans[tid].seed)}
+                  for tid in sorted(paths) if rng.random() < spec.reexec_fraction]
+        answer: dict[str, Any] = {"deltas": {}, "heldout_base": None, "check_wall_s": 0.0}
+        if paths:
+            request = {
+                "op": "check", "model_dir": str(model_dir), "data_files": data_files,
+                "heldout_fraction": spec.heldout_fraction, "eval_batches": spec.eval_batches,
+                "batch_size": spec.batch_size, "seq_len": spec.seq_len,
+                "seed": spec.seed + r, "threads": self.threads,
+                "deltas": [{"id": tid, "path": p, "slice_start": plans[tid].slice_start,
+                            "slice_len": plans[tid].slice_len} for tid, p in sorted(paths.items())],
+                "reexec": reexec,
+                "thresholds": {"heldout_tolerance": spec.heldout_tolerance,
+                               "max_cosine": spec.max_cosine},
+            }
+            answer = await run_taskproc(request, timeout_s=CHECK_TIMEOUT_S, what="checking")
+        for tid, p in paths.items():
+            answer["deltas"].setdefault(tid, {"verdict": "reject", "reason": "not checked"})
+            answer["deltas"][tid]["path"] = p
+        for tid, reason in failed.items():
+            answer["deltas"][tid] = {"verdict": "reject", "reason": reason}
+        return answer
+
+    async def _outer(self, jid: str, job: Job, state: dict[str, Any], dataset: Any,
+                     job_dir: Path, accepted: list[str], record: dict[str, Any]) -> None:
+        spec, r = job.spec, state["round"]
+        model_dir = job_dir / f"r{r}-base"
+        out_dir, update = job_dir / f"r{r}-new", job_dir / f"r{r}-update" / "update.safetensors"
+        momentum = job_dir / f"momentum-r{r}.safetensors"
+        update.parent.mkdir(parents=True, exist_ok=True)
+        answer = await run_taskproc({
+            "op": "outer", "model_dir": str(model_dir), "deltas": accepted,
+            "momentum": state["momentum"], "outer_lr": spec.outer_lr,
+            "outer_momentum": spec.outer_momentum, "aggregate": "trimmed",
+            "out_model_dir": str(out_dir), "out_update": str(update),
+            "out_momentum": str(momentum),
+            "data_files": [str(self.models.store.shard_path(s.root))
+                           for s in dataset.manifest.shards],
+            "heldout_fraction": spec.heldout_fraction, "eval_batches": spec.eval_batches,
+            "batch_size": spec.batch_size, "seq_len": spec.seq_len, "seed": spec.seed + r,
+            "threads": self.threads}, timeout_s=OUTER_TIMEOUT_S, what="the outer step")
+        new = await self.models.publish(out_dir, kind="model", name=f"{spec.name} r{r + 1}",
+                                        parents=[state["base"]])
+        upd = await self.models.publish(update, kind="model",
+                                        name=f"{spec.name} update r{r + 1}")
+        loss = finite(answer.get("heldout_loss"), "heldout_loss")
+        record.update(version=new, update=upd, heldout_after=loss)
+        old_momentum = state["momentum"]
+        state.update(base=new, update=upd, update_parent=state["base"], momentum=str(momentum),
+                     best_loss=loss if state["best_loss"] is None else min(state["best_loss"],
+                                                                           loss))
+        if old_momentum:
+            Path(old_momentum).unlink(missing_ok=True)
+        log.info("job %s round %d: %d accepted, held-out %.4f -> %.4f, version %s", jid[:16],
+                 r, len(accepted), record["heldout_before"] or float("nan"), loss, new[:16])
+
+
+def spec_summary(spec: JobSpec) -> dict[str, Any]:
+    return {"base_model": spec.base_model.hex(), "dataset": spec.dataset.hex(),
+            "rounds": spec.rounds,
+            "workers_per_round": spec.workers_per_round, "inner_steps": spec.inner_steps,
+            "batch_size": spec.batch_size, "seq_len": spec.seq_len, "lr": spec.lr,
+            "outer_lr": spec.outer_lr, "outer_momentum": spec.outer_momentum,
+            "reward_pool": spec.reward_pool, "designer_share_bps": spec.designer_share_bps}

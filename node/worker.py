@@ -1,0 +1,292 @@
+"""The worker service: take micro-tasks of other nodes' jobs (specs/jobs.md, "Worker").
+
+One stream of ``/iollm/task/1.0.0`` per task, opened by the job's coordinator:
+
+    coordinator                          worker
+    TaskAssign  ───────────────────────▶ checks the job, its requirements, capacity
+                ◀─────────────────────── TaskReply (accepted, or refused and why)
+                                         fetches base and dataset (SMIP), trains in a
+                                         child process, publishes the delta (SMIP)
+                ◀─────────────────────── TaskResult, sealed by the worker
+    Verdict     ───────────────────────▶ a receipt when accepted: stored, and appended
+                                         to this node's feed
+
+A broken stream at any point ends the task here; the coordinator gives the task to
+another worker. The torch work runs in ``python -m node.taskproc`` (node/taskrun.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from nacl.signing import SigningKey
+
+from node.config import WorkerSection
+from node.framing import FrameError, read_frame, reset_quietly, write_frame
+from node.models import FetchError, HeldVersion, Models, PublishError
+from node.receipts import Receipts
+from node.taskrun import TaskProcError, finite, run_taskproc
+from protocol.capability import EnvReport
+from protocol.errors import RemoteProtocolError
+from protocol.jobs import (
+    MAX_ASSIGN_BYTES,
+    MAX_VERDICT_BYTES,
+    Job,
+    TaskAssign,
+    TaskReply,
+    TaskResult,
+    Verdict,
+    check_assign,
+    seal_task_result,
+)
+from protocol.smip import id_hex
+
+log = logging.getLogger(__name__)
+
+TASK_PROTOCOL_ID = "/iollm/task/1.0.0"
+TASK_PROTOCOL = TProtocol(TASK_PROTOCOL_ID)
+ASSIGN_TIMEOUT_S = 10.0  # for the assignment frame after the stream opens
+REPLY_TIMEOUT_S = 10.0
+RESULT_WRITE_TIMEOUT_S = 30.0
+VERDICT_TIMEOUT_S = 3600.0  # the coordinator checks the whole round before it answers
+COPY_WAIT_S = 120.0  # adversary "copy": how long it waits for a delta to copy
+TRAIN_TIMEOUT_SLACK_S = 60.0
+
+
+def meets_requirements(job: Job, env: EnvReport) -> str:
+    """Why this node cannot take tasks of ``job`` ("" when it can)."""
+    spec = job.spec
+    has_cuda = bool(env.gpus) and bool(env.cuda)
+    if spec.device == "cuda" and not has_cuda:
+        return "the job needs a CUDA GPU"
+    if spec.min_vram_gb > 0:
+        vram = max((g.total_memory_bytes for g in env.gpus), default=0) / 1e9
+        if vram < spec.min_vram_gb:
+            return f"the job needs {spec.min_vram_gb:g} GB of GPU memory, this node has {vram:.1f}"
+    return ""
+
+
+def materialize(models: Models, held: HeldVersion, directory: Path) -> list[Path]:
+    """Links under ``directory`` to the store's files of ``held`` (manifest paths), for a
+    child process to read; returns them in manifest order. Nothing is copied."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for entry in held.manifest.shards:
+        link = directory / entry.path
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(models.store.shard_path(entry.root))
+        out.append(link)
+    return out
+
+
+@dataclass
+class WorkerStats:
+    accepted: int = 0
+    refused: int = 0
+    finished: int = 0
+    failed: int = 0
+    rebuilt: int = 0  # bases rebuilt from the parent and the outer update
+
+
+class Worker:
+    def __init__(self, net: Any, key: SigningKey, models: Models, receipts: Receipts,
+                 config: WorkerSection, env: EnvReport, work_dir: Path) -> None:
+        self.net = net
+        self.key = key
+        self.models = models
+        self.receipts = receipts
+        self.config = config
+        self.env = env
+        self.work_dir = work_dir
+        self.peer_id = models.peer_id
+        self.busy = 0
+        self.stats = WorkerStats()
+        self.task_accepted = trio.Event()  # set at the first task this node takes
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)  # what a crash left behind
+        self.net.host.set_stream_handler(TASK_PROTOCOL, self._serve)
+        task_status.started()
+        await trio.sleep_forever()
+
+    # -- one task, one stream ------------------------------------------------------------
+
+    async def _serve(self, stream: Any) -> None:
+        try:
+            peer = stream.muxed_conn.peer_id
+            data = await read_frame(stream, MAX_ASSIGN_BYTES, ASSIGN_TIMEOUT_S)
+            assign, job, refusal = self._judge(peer, data)
+            if refusal or assign is None or job is None:
+                self.stats.refused += 1
+                task = assign.task_id if assign is not None else ""
+                log.info("refusing task %s from %s: %s", task, peer, refusal)
+                await write_frame(stream, TaskReply.refuse(task, refusal).encode(),
+                                  REPLY_TIMEOUT_S)
+                await stream.close()
+                return
+            self.busy += 1
+            try:
+                self.stats.accepted += 1
+                self.task_accepted.set()
+                await write_frame(stream, TaskReply(assign.task_id, True, "").encode(),
+                                  REPLY_TIMEOUT_S)
+                result = await self._train(peer, assign, job)
+                await write_frame(stream, result, RESULT_WRITE_TIMEOUT_S)
+            finally:
+                self.busy -= 1
+            self.stats.finished += 1
+            verdict = Verdict.decode(await read_frame(stream, MAX_VERDICT_BYTES,
+                                                      VERDICT_TIMEOUT_S))
+            if verdict.receipt is not None:
+                await self.receipts.store(verdict.receipt, expect_worker=self.peer_id)
+            log.info("task %s %s%s", assign.task_id,
+                     "accepted" if verdict.accepted else "rejected",
+                     "" if verdict.accepted else f": {verdict.reason}")
+            await stream.close()
+        except (FrameError, RemoteProtocolError, FetchError, PublishError, TaskProcError,
+                OSError) as exc:
+            self.stats.failed += 1
+            log.warning("task stream ended: %s", exc)
+            await reset_quietly(stream)
+        except Exception:
+            self.stats.failed += 1
+            log.exception("task failed")
+            await reset_quietly(stream)
+
+    def _judge(self, peer: ID, data: bytes) -> tuple[TaskAssign | None, Job | None, str]:
+        """The assignment, its job, and why it is refused ("" when it is taken)."""
+        try:
+            assign = TaskAssign.decode(data)
+            job = check_assign(assign, me=self.peer_id, sender=peer.to_base58(),
+                               now_ms=int(time.time() * 1000))
+        except RemoteProtocolError as exc:
+            return None, None, f"bad assignment: {exc}"
+        if not self.config.enabled:
+            return assign, job, "this node does not take tasks (worker.enabled = false)"
+        if self.busy >= self.config.max_tasks:
+            return assign, job, f"busy: {self.busy} of {self.config.max_tasks} tasks"
+        return assign, job, meets_requirements(job, self.env)
+
+    async def _base(self, coordinator: ID, assign: TaskAssign) -> HeldVersion:
+        """The task's base version: rebuilt from the parent and the small outer update
+        when this node holds the parent, else fetched whole."""
+        models, base = self.models, assign.base_version
+        held = models.held.get(base)
+        if held is not None and held.state == "complete":
+            return held
+        parent, update = assign.update_parent, assign.update_version
+        parent_held = models.held.get(parent) if parent is not None else None
+        if update is not None and parent_held is not None and parent_held.state == "complete":
+            work = self.work_dir / f"rebuild-{id_hex(base)[:16]}"
+            try:
+                await models.fetch(id_hex(update), hint=[coordinator])
+                upd = models.held[update]
+                upd_file = materialize(models, upd, work / "update")[0]
+                materialize(models, parent_held, work / "parent")
+                await run_taskproc({"op": "apply", "model_dir": str(work / "parent"),
+                                    "update": str(upd_file), "out_model_dir": str(work / "new")},
+                                   timeout_s=600, what="rebuilding the base")
+                if await models.adopt(base, work / "new", hint=[coordinator]):
+                    self.stats.rebuilt += 1
+                    log.info("rebuilt %s from its parent and the outer update", id_hex(base)[:16])
+                    return models.held[base]
+                log.warning("the rebuilt base differs from %s; fetching it", id_hex(base)[:16])
+            except (FetchError, TaskProcError, RemoteProtocolError, OSError) as exc:
+                log.warning("rebuilding %s failed (%s); fetching it", id_hex(base)[:16], exc)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        await models.fetch(id_hex(base), hint=[coordinator])
+        return models.held[base]
+
+    async def _train(self, coordinator: ID, assign: TaskAssign, job: Job) -> bytes:
+        """Fetch, train, publish the delta; the sealed result."""
+        started = time.monotonic()
+        models = self.models
+        base = await self._base(coordinator, assign)
+        await models.fetch(id_hex(assign.dataset_version), hint=[coordinator])
+        dataset = models.held[assign.dataset_version]
+        work = self.work_dir / f"{id_hex(assign.job_id)[:16]}-{assign.task_id}"
+        try:
+            model_dir = work / "base"
+            materialize(models, base, model_dir)
+            data_files = [str(models.store.shard_path(s.root)) for s in dataset.manifest.shards]
+            out_dir = work / "out"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            request = {
+                "op": "train", "model_dir": str(model_dir), "data_files": data_files,
+                "slice_start": assign.slice_start, "slice_len": assign.slice_len,
+                "seed": assign.seed, "steps": assign.inner_steps,
+                "batch_size": assign.batch_size, "seq_len": assign.seq_len, "lr": assign.lr,
+                "device": "cpu" if job.spec.device == "cpu" else self.config.device,
+                "threads": self.config.threads, "out_dir": str(out_dir),
+            }
+            timeout = max(1.0, assign.deadline_ms / 1000 - time.time()) + TRAIN_TIMEOUT_SLACK_S
+            answer = await self._adversary(
+                coordinator, assign,
+                dict(request, _train_len=job.spec.train_split(dataset.manifest.total_size)),
+                timeout)
+            if answer is None:
+                answer = await run_taskproc(request, timeout_s=timeout, what="training")
+            delta = await models.publish(out_dir / "delta.safetensors", kind="model",
+                                         name=f"delta {id_hex(assign.job_id)[:12]} "
+                                              f"{assign.task_id}")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        result = TaskResult(
+            job_id=assign.job_id, round=assign.round, task_id=assign.task_id,
+            worker=self.peer_id, delta_version=bytes.fromhex(delta),
+            first_loss=finite(answer.get("first_loss"), "first_loss"),
+            last_loss=finite(answer.get("last_loss"), "last_loss"),
+            tokens=int(answer.get("tokens", 0)),
+            wall_ms=int((time.monotonic() - started) * 1000))
+        return seal_task_result(self.key, result)
+
+    async def _adversary(self, coordinator: ID, assign: TaskAssign, request: dict[str, Any],
+                         timeout: float) -> dict[str, Any] | None:
+        """TEST ONLY (``worker.adversary``): misbehave as configured, writing the forged
+        delta where an honest one would go. None when honest."""
+        mode = self.config.adversary
+        if not mode:
+            return None
+        out = str(Path(request["out_dir"]) / "delta.safetensors")
+        log.warning("adversary %r: forging task %s", mode, assign.task_id)
+        if mode == "wrong-slice":
+            # Train honestly, but on data half the train split away from the slice given.
+            train_len = request.pop("_train_len")
+            start = (assign.slice_start + train_len // 2) % max(train_len - assign.slice_len, 1)
+            return await run_taskproc(dict(request, slice_start=start), timeout_s=timeout,
+                                      what="training")
+        forge: dict[str, Any] = {"op": "forge", "model_dir": request["model_dir"], "out": out,
+                                 "seed": assign.seed}
+        if mode in ("random", "zero"):
+            forge["mode"] = mode
+        else:  # copy, copy-noise: another worker's delta of the same round
+            source = await self._delta_to_copy(coordinator, assign)
+            forge["mode"] = "copy" if mode == "copy" else "noise"
+            forge["source"] = str(source)
+        answer = await run_taskproc(forge, timeout_s=timeout, what="forging")
+        return {"first_loss": answer.get("first_loss", 3.0),
+                "last_loss": answer.get("last_loss", 2.0),
+                "tokens": request["steps"] * request["batch_size"] * request["seq_len"]}
+
+    async def _delta_to_copy(self, coordinator: ID, assign: TaskAssign) -> Path:
+        prefix = f"delta {id_hex(assign.job_id)[:12]} r{assign.round}-"
+        with trio.fail_after(COPY_WAIT_S):
+            while True:
+                found = [v for v in self.models.list_versions("model")
+                         if v.name.startswith(prefix) and v.publisher != self.peer_id]
+                if found:
+                    break
+                await trio.sleep(0.5)
+        await self.models.fetch(found[0].version)
+        held = self.models.held[bytes.fromhex(found[0].version)]
+        return self.models.store.shard_path(held.manifest.shards[0].root)

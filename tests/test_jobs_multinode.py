@@ -1,0 +1,187 @@
+"""Training jobs across real py-libp2p hosts on 127.0.0.1, in one trio process: a job of
+three workers and two rounds, a worker killed mid-round, and workers that cheat.
+
+Every worker trains in its own child process (node/taskproc.py), as in the daemon; the
+model is the tiny built-in GPT and the data a slice of the standard-library corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from node.cluster import LocalNode, local_cluster
+from node.config import DiscoverySection, WorkerSection
+from protocol.feed import verify_chain
+from protocol.jobs import open_receipt
+from tests.netutil import make_env
+
+CORPUS_BYTES = 1_200_000  # enough for 2 rounds x 7 tasks of disjoint slices, fast to hash
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny GPT's initial files and a corpus slice, built once for the module by the
+    same child process the daemon uses."""
+    root = tmp_path_factory.mktemp("assets")
+    for request in ({"op": "init", "arch": "gpt", "size": "tiny", "seed": 0,
+                     "out_dir": str(root / "model")},
+                    {"op": "corpus", "out": str(root / "corpus.txt")}):
+        proc = subprocess.run([sys.executable, "-m", "node.taskproc"], input=json.dumps(request),
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    data = (root / "corpus.txt").read_bytes()[:CORPUS_BYTES]
+    (root / "data").mkdir()
+    (root / "data" / "corpus.txt").write_bytes(data)
+    return {"model": root / "model", "data": root / "data" / "corpus.txt"}
+
+
+def job_toml(model: str, dataset: str, *, rounds: int, workers: int, **checks: Any) -> str:
+    extra = "".join(f"{k} = {v}\n" for k, v in checks.items())
+    return f"""
+name = "test-job"
+base_model = "{model}"
+dataset = "{dataset}"
+[train]
+rounds = {rounds}
+workers_per_round = {workers}
+inner_steps = 30
+batch_size = 8
+seq_len = 64
+lr = 3e-3
+outer_lr = 0.7
+outer_momentum = 0.9
+seed = 1
+[data]
+heldout_fraction = 0.05
+[checks]
+eval_batches = 4
+{extra}[timeouts]
+task_s = 120
+"""
+
+
+async def start_job(nodes: list[LocalNode], assets: dict[str, Path], **kw: Any) -> str:
+    coordinator = nodes[0]
+    assert coordinator.models is not None and coordinator.jobs is not None
+    model = await coordinator.models.publish(assets["model"], kind="model", name="gpt-tiny")
+    data = await coordinator.models.publish(assets["data"], kind="dataset", name="stdlib")
+    # Wait for every worker's capability record to reach the coordinator's replica set.
+    with trio.fail_after(30):
+        while len(coordinator.discovery.live_records()) < len(nodes):
+            await trio.sleep(0.05)  # eventually-consistent gossip; bounded by fail_after
+    return await coordinator.jobs.submit(job_toml(model, data, **kw))
+
+
+def cluster(tmp_path: Path, workers: list[WorkerSection | None]):  # type: ignore[no-untyped-def]
+    config = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=5,
+                              gossip_interval_s=1)
+    (tmp_path / "nodes").mkdir()
+    return local_cluster(tmp_path / "nodes", [make_env() for _ in workers], wall_ms, config,
+                         models=True, workers=workers)
+
+
+def run(fn: Any, timeout: float) -> Any:
+    async def main() -> Any:
+        with trio.fail_after(timeout):
+            return await fn()
+
+    return trio.run(main)
+
+
+def test_three_workers_two_rounds_loss_goes_down(tmp_path: Path, assets: dict[str, Path]) -> None:
+    honest = WorkerSection()
+
+    async def main() -> None:
+        async with cluster(tmp_path, [WorkerSection(enabled=False), honest, honest, honest]
+                           ) as nodes:
+            jobs = nodes[0].jobs
+            assert jobs is not None
+            jid = await start_job(nodes, assets, rounds=2, workers=3, reexec_fraction=0.34)
+            await jobs.ended(jid).wait()
+            status = jobs.status(jid)
+            assert status["status"] == "done", status
+            rounds = status["rounds"]
+            assert [r["accepted"] for r in rounds] == [3, 3], rounds
+            assert rounds[1]["heldout_after"] < rounds[0]["heldout_before"]
+            # Round 1 trains the version round 0 published; the workers rebuilt it from
+            # their copy of the base plus the int8 outer update, not by fetching it.
+            assert rounds[1]["base"] == rounds[0]["version"]
+            assert sum(n.worker.stats.rebuilt for n in nodes[1:]) >= 1  # type: ignore[union-attr]
+            # Receipts: six at the coordinator, each worker holds its own, and every
+            # node's feed is an unbroken signed chain holding them.
+            issued = await nodes[0].storage.list_receipts(jid)
+            assert len(issued) == 6
+            for n in nodes:
+                rows = await n.storage.list_receipts(jid)
+                for row in rows:
+                    receipt = open_receipt(row.envelope)
+                    assert n is nodes[0] or receipt.worker == n.peer_id
+                chain = verify_chain([e for _, _, e in await n.storage.feed_entries(n.peer_id)])
+                assert len(chain) == len(rows)
+            assert {open_receipt(r.envelope).worker for r in issued} == {
+                n.peer_id for n in nodes[1:]}
+
+    run(main, timeout=110)
+
+
+def test_a_worker_killed_mid_round_has_its_task_reassigned(tmp_path: Path,
+                                                           assets: dict[str, Path]) -> None:
+    honest = WorkerSection()
+
+    async def main() -> None:
+        async with cluster(tmp_path, [WorkerSection(enabled=False)] + [honest] * 4) as nodes:
+            jobs, victim = nodes[0].jobs, nodes[1]
+            assert jobs is not None and victim.worker is not None
+            jid = await start_job(nodes, assets, rounds=1, workers=4)
+            await victim.worker.task_accepted.wait()
+            victim.kill()
+            await jobs.ended(jid).wait()
+            status = jobs.status(jid)
+            assert status["status"] == "done", status
+            (rnd,) = status["rounds"]
+            assert rnd["accepted"] == 4, rnd
+            assert victim.peer_id not in {t["worker"] for t in rnd["tasks"]}
+            assert status["base"] != rnd["base"]  # a new version was published
+
+    run(main, timeout=110)
+
+
+ADVERSARIES = ["random", "zero", "copy", "copy-noise", "wrong-slice"]
+
+
+def test_cheating_workers_are_rejected_and_the_job_completes(tmp_path: Path,
+                                                              assets: dict[str, Path]) -> None:
+    workers = [WorkerSection(enabled=False), WorkerSection(), WorkerSection()] + [
+        WorkerSection(adversary=a) for a in ADVERSARIES]
+
+    async def main() -> None:
+        async with cluster(tmp_path, workers) as nodes:
+            jobs = nodes[0].jobs
+            assert jobs is not None
+            jid = await start_job(nodes, assets, rounds=1, workers=len(nodes) - 1)
+            await jobs.ended(jid).wait()
+            status = jobs.status(jid)
+            assert status["status"] == "done", status
+            (rnd,) = status["rounds"]
+            by_worker = {t["worker"]: t for t in rnd["tasks"]}
+            for n, w in zip(nodes[1:], workers[1:], strict=True):
+                task = by_worker[n.peer_id]
+                expected = "rejected" if w.adversary else "accepted"
+                assert task["verdict"] == expected, (w.adversary, task)
+            receipts = await nodes[0].storage.list_receipts(jid)
+            assert {r.worker for r in receipts} == {nodes[1].peer_id, nodes[2].peer_id}
+            assert rnd["version"] is not None  # the honest deltas made a new version
+
+    run(main, timeout=170)
