@@ -74,10 +74,10 @@ JOBS_VERSION = 1  # body field "v" of every message below
 
 MAX_JOB_BYTES = 4096  # whole envelope
 MAX_ASSIGN_BYTES = MAX_JOB_BYTES + 1024
-MAX_REPLY_BYTES = 1024
+MAX_REPLY_BYTES = 2048  # a reason of MAX_REASON_CHARS 4-byte characters fits
 MAX_RESULT_BYTES = 1024  # whole envelope
 MAX_RECEIPT_BYTES = 4096  # whole envelope, the worker's result inside
-MAX_VERDICT_BYTES = MAX_RECEIPT_BYTES + 1024
+MAX_VERDICT_BYTES = MAX_RECEIPT_BYTES + 2048
 MAX_TASK_ID = 64  # characters of [A-Za-z0-9._:-]
 MAX_REASON_CHARS = 300
 MAX_METRICS = 16
