@@ -34,7 +34,7 @@ from node.framing import FrameError, read_frame, reset_quietly, write_frame
 from node.models import FetchError, HeldVersion, Models, PublishError
 from node.receipts import Receipts
 from node.taskrun import TaskProcError, finite, run_taskproc
-from protocol.capability import EnvReport
+from protocol.capability import EnvReport, vram_at_least
 from protocol.errors import RemoteProtocolError
 from protocol.jobs import (
     MAX_ASSIGN_BYTES,
@@ -67,10 +67,9 @@ def meets_requirements(job: Job, env: EnvReport) -> str:
     has_cuda = bool(env.gpus) and bool(env.cuda)
     if spec.device == "cuda" and not has_cuda:
         return "the job needs a CUDA GPU"
-    if spec.min_vram_gb > 0:
-        vram = max((g.total_memory_bytes for g in env.gpus), default=0) / 1e9
-        if vram < spec.min_vram_gb:
-            return f"the job needs {spec.min_vram_gb:g} GB of GPU memory, this node has {vram:.1f}"
+    if spec.min_vram_gb > 0 and not any(vram_at_least(g.total_memory_bytes, spec.min_vram_gb)
+                                        for g in env.gpus):
+        return f"the job needs a GPU of at least {spec.min_vram_gb} GB"
     return ""
 
 

@@ -2,7 +2,8 @@
 # Set up (if needed) and run the demo: a local testnet of a bootstrap node and 3 nodes on
 # 127.0.0.1 (with simulated GPUs of various sizes), queried through the CLI; then a model
 # and a dataset shared through SMIP (published on node-1, fetched on node-2 and node-3 at
-# once, compared byte for byte, loaded); then the testnet is stopped.
+# once, compared byte for byte, loaded); then a training job of the tiny GPT on the
+# stdlib corpus runs on the testnet (loss per round, receipts); then it is stopped.
 source "$(dirname "$0")/setup.sh"
 dir=${IOLLM_DEMO_DIR:-$(mktemp -d -t iollm-demo.XXXXXX)}
 trap 'iollm testnet down --dir "$dir" || true' EXIT
@@ -105,3 +106,17 @@ iollm model show "${child:0:12}" --home "$dir/node-2"
 echo
 echo "== iollm dataset list, asked on node-3"
 iollm dataset list --home "$dir/node-3"
+echo
+echo "== training: the built-in tiny GPT and the standard-library corpus, published on node-1"
+base=$(iollm model init --size tiny --name gpt-tiny --home "$dir/node-1")
+corpus=$(iollm dataset stdlib --home "$dir/node-1")
+sed -e "s/^base_model = .*/base_model = \"$base\"/" -e "s/^dataset = .*/dataset = \"$corpus\"/" \
+    bootstrap/jobs/demo.toml >"$work/job.toml"
+echo "== iollm job submit on node-1 (node-1 coordinates; the other nodes train)"
+job=$(iollm job submit "$work/job.toml" --home "$dir/node-1")
+echo "== iollm job status --watch: the held-out loss per round, each task's worker and verdict"
+iollm job status "${job:0:12}" --watch --home "$dir/node-1" --timeout 30
+echo
+echo "== iollm receipts, on node-1 (issued as coordinator) and node-2 (earned as a worker)"
+iollm receipts --job "${job:0:12}" --home "$dir/node-1"
+iollm receipts --home "$dir/node-2"
