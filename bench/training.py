@@ -1,0 +1,220 @@
+"""Training benchmark: DiLoCo-style network training against data-parallel and solo training.
+
+    .venv/bin/python bench/training.py [--set FIELD=VALUE ...] [--cache DIR] [--json OUT]
+
+In one run, from one starting model (a warm start: `warm_steps` of plain AdamW with the
+batch of all workers together, from the seed's initialisation):
+  (a) plain single-process AdamW, `steps` steps with the batch of all workers together:
+      what synchronous data-parallel training reaches on the same tokens (upper reference);
+  (b) the network: `workers` workers, each `steps` steps of its own batch in rounds of
+      `inner_steps`, int8 deltas, checks, robust aggregate, Nesterov outer step, int8
+      outer update (bench/training_sim.py, the same functions as node.taskproc);
+  (c) one worker alone, `steps` steps of its own batch: what a node reaches alone.
+It prints the three held-out losses (the same held-out windows for all three), the
+collaboration efficiency (c - b) / (c - a), the bytes each worker sent and received
+against per-step fp32 ring all-reduce, and checking time against training time.
+
+Goals (exit 1 when one is missed): efficiency >= 0.8; all-reduce bytes / bytes sent >= 400;
+checking (loss checks plus sampled re-execution) under 5% of training time.
+
+`--cache DIR` keeps the warm start and the (a)/(c) results between runs that share their
+fields, for tuning the network part alone (a real benchmark run is one run, no cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+from node import corpus, gpt, trainer  # noqa: E402
+from training_sim import (  # noqa: E402
+    Recipe,
+    allreduce_bytes_per_worker,
+    log,
+    run_simulated_network,
+)
+
+GOAL_EFFICIENCY = 0.8
+GOAL_BYTES_RATIO = 400.0
+GOAL_CHECK_FRACTION = 0.05
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"unknown recipe field {key!r} (one of {', '.join(fields)})")
+        default = getattr(Recipe(), key)
+        out[key] = type(default)(value)
+    return out
+
+
+def cached(cache: Path | None, key: dict[str, Any], fn: Any) -> Any:
+    """fn() or its cached value under a hash of ``key`` (torch.save of plain data)."""
+    if cache is None:
+        return fn()
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache / f"{key['what']}-{h}.pt"
+    if path.exists():
+        log(f"{key['what']}: cached ({path.name})")
+        return torch.load(path, weights_only=True)
+    value = fn()
+    tmp = path.with_suffix(".tmp")
+    torch.save(value, tmp)
+    os.replace(tmp, path)
+    return value
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    recipe = dataclasses.replace(Recipe(), **parse_sets(args.set))
+    torch.set_num_threads(args.threads)
+    if recipe.steps % recipe.inner_steps:
+        raise SystemExit("steps must be a multiple of inner_steps")
+    if args.cache:
+        args.cache.mkdir(parents=True, exist_ok=True)
+    log(f"recipe {dataclasses.asdict(recipe)}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = Path(tmp) / "stdlib.txt"
+        stats = corpus.build_stdlib_corpus(data_path)
+        tokens = corpus.load_tokens(data_path)
+        n = len(tokens)
+        train_len, h_start = corpus.split(n, recipe.heldout_fraction)
+        heldout = (h_start, n - h_start)
+        config = gpt.SIZES[recipe.size]
+        log(f"corpus {stats.bytes} bytes, {stats.files} files; train {train_len}, "
+            f"held-out {n - h_start}; model {recipe.size}")
+        r = dataclasses.asdict(recipe)
+
+        def final_loss(state: dict[str, torch.Tensor]) -> float:
+            model = gpt.build(config, state)
+            starts = trainer.heldout_windows(heldout[0], heldout[1], recipe.eval_windows,
+                                             recipe.seq_len, 12345, n)
+            return trainer.windows_loss(model, tokens, starts, recipe.seq_len, 64)
+
+        base_key = {k: r[k] for k in ("size", "seed", "seq_len", "warm_steps", "warm_lr",
+                                      "warm_warmup", "workers", "batch")}
+
+        def warm() -> dict[str, torch.Tensor]:
+            state = gpt.init_state(config, recipe.seed)
+            if recipe.warm_steps:
+                t0 = time.perf_counter()
+                out = trainer.train_task(config, state, tokens, 0, train_len, recipe.seed + 7,
+                                         recipe.warm_steps, recipe.workers * recipe.batch,
+                                         recipe.seq_len, recipe.warm_lr,
+                                         warmup=recipe.warm_warmup)
+                state = trainer.add(state, out.delta)
+                log(f"warm start: {recipe.warm_steps} steps in "
+                    f"{time.perf_counter() - t0:.0f} s, train loss {out.last_loss:.4f}")
+            return state
+
+        base = cached(args.cache, {"what": "warm", **base_key}, warm)
+        warm_loss = final_loss(base)
+        log(f"warm start held-out loss {warm_loss:.4f}")
+
+        def solo(batch: int, what: str) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            out = trainer.train_task(config, base, tokens, 0, train_len, recipe.seed + 11,
+                                     recipe.steps, batch, recipe.seq_len, recipe.lr)
+            wall = time.perf_counter() - t0
+            loss = final_loss(trainer.add(base, out.delta))
+            log(f"({what}) {recipe.steps} steps of {batch}: held-out {loss:.4f} in {wall:.0f} s")
+            return {"loss": loss, "wall_s": wall}
+
+        ac_key = {**base_key, **{k: r[k] for k in ("steps", "lr", "heldout_fraction",
+                                                   "eval_windows")}}
+        res_a = cached(args.cache, {"what": "a", **ac_key},
+                       lambda: solo(recipe.workers * recipe.batch, "a"))
+        res_c = cached(args.cache, {"what": "c", **ac_key}, lambda: solo(recipe.batch, "c"))
+
+        def on_round(rnd: int, state: dict[str, torch.Tensor]) -> None:
+            log(f"(b) round {rnd + 1}/{recipe.rounds}: held-out {final_loss(state):.4f}")
+
+        t0 = time.perf_counter()
+        net = run_simulated_network(recipe, config, base, tokens, train_len, heldout,
+                                    on_round=on_round)
+        wall_b = time.perf_counter() - t0
+        loss_b = final_loss(net.state)
+
+    a, c = res_a["loss"], res_c["loss"]
+    eff = (c - loss_b) / (c - a) if c != a else float("nan")
+    p = gpt.n_params(base)
+    allreduce = allreduce_bytes_per_worker(p, recipe.workers, recipe.steps)
+    ratio_sent = allreduce / net.bytes_sent_per_worker
+    ratio_recv = allreduce / net.bytes_received_per_worker
+    ratio_all = allreduce / (net.bytes_received_per_worker + net.base_bytes
+                             + net.data_bytes_per_worker)
+    check_frac = net.check_wall_s / net.train_wall_s
+    reexec_frac = net.reexec_wall_s / net.train_wall_s
+    expected_reexec = recipe.reexec_fraction  # a re-execution costs one task's training
+    for rd in net.rounds:
+        log(f"  round {rd['round']}: accepted {rd['accepted']}, train loss {rd['train_loss']}, "
+            f"held-out gain {rd['heldout_gain']}, own excess {rd['own_excess']}, "
+            f"max cosine {rd['max_cosine']}")
+    print(f"recipe: {json.dumps(dataclasses.asdict(recipe))}")
+    print(f"model: {recipe.size}, {p} parameters; warm start {recipe.warm_steps} AdamW steps "
+          f"of {recipe.workers * recipe.batch} x {recipe.seq_len} bytes, held-out {warm_loss:.4f}")
+    print(f"(a) data-parallel AdamW, batch {recipe.workers * recipe.batch}: held-out {a:.4f}")
+    print(f"(b) network, {recipe.workers} workers x batch {recipe.batch}, {recipe.rounds} rounds"
+          f" of {recipe.inner_steps} inner steps: held-out {loss_b:.4f} "
+          f"({net.rejected} of {net.tasks} tasks rejected, {wall_b:.0f} s)")
+    print(f"(c) one worker, batch {recipe.batch}: held-out {c:.4f}")
+    print(f"collaboration efficiency (c - b) / (c - a) = {eff:.3f}  (goal >= {GOAL_EFFICIENCY})")
+    print(f"bytes per worker: sent {net.bytes_sent_per_worker} (int8 deltas), received "
+          f"{net.bytes_received_per_worker} (int8 outer updates); all-reduce would send and "
+          f"receive {allreduce} each: {ratio_sent:.0f}x fewer sent, {ratio_recv:.0f}x fewer "
+          f"received (goal >= {GOAL_BYTES_RATIO:.0f}x)")
+    print(f"  once per worker: base model {net.base_bytes} bytes; data slices "
+          f"{net.data_bytes_per_worker} bytes; received incl. these: {ratio_all:.0f}x fewer")
+    print(f"checking: loss and cosine checks {net.check_wall_s:.1f} s = {check_frac:.2%} of "
+          f"training ({net.train_wall_s:.0f} s); re-execution of {recipe.reexec_fraction:.0%} "
+          f"of tasks: {expected_reexec:.2%} expected ({net.reexec_count} run here, "
+          f"{reexec_frac:.2%}); total {check_frac + expected_reexec:.2%} "
+          f"(goal < {GOAL_CHECK_FRACTION:.0%})")
+    figures = {"recipe": dataclasses.asdict(recipe), "params": p, "warm_loss": warm_loss,
+               "a": a, "b": loss_b, "c": c, "efficiency": eff,
+               "bytes_sent": net.bytes_sent_per_worker,
+               "bytes_received": net.bytes_received_per_worker, "allreduce_bytes": allreduce,
+               "ratio_sent": ratio_sent, "ratio_received": ratio_recv,
+               "check_fraction": check_frac, "reexec_fraction": expected_reexec,
+               "train_wall_s": net.train_wall_s, "rounds": net.rounds}
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+    missed = []
+    if not eff >= GOAL_EFFICIENCY:
+        missed.append("efficiency")
+    if not min(ratio_sent, ratio_recv) >= GOAL_BYTES_RATIO:
+        missed.append("bytes")
+    if not check_frac + expected_reexec < GOAL_CHECK_FRACTION:
+        missed.append("checking cost")
+    if missed:
+        print(f"GOALS MISSED: {', '.join(missed)}")
+        return 1
+    print("all goals met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The training benchmark's recipe and its in-process network simulation (part (b)).
+
+:func:`run_simulated_network` plays a job's rounds with exactly the functions the worker
+and the coordinator run inside ``python -m node.taskproc``: :func:`node.trainer.train_task`,
+:func:`~node.trainer.quantize_int8`, :func:`~node.trainer.check_round` and a sampled
+re-execution, :func:`~node.trainer.judge`, :func:`~node.trainer.robust_aggregate`,
+:func:`~node.trainer.outer_step`, :func:`~node.trainer.publish_update`, and each worker's
+:func:`~node.trainer.apply_update` rebuild (checked byte-identical to the coordinator's).
+Deltas and updates are serialized to safetensors bytes, so the byte counts are those of
+the real files. Only the transport is missing: ``bench/training.py`` takes any function of
+the same signature as :func:`run_simulated_network` for part (b), such as the lead's
+``run_network_job``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from safetensors.torch import load, save
+
+from node import gpt, trainer
+
+State = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Everything that fixes a benchmark run (the defaults are the tuned recipe)."""
+
+    size: str = "tiny"
+    seed: int = 0
+    heldout_fraction: float = 0.05
+    seq_len: int = 128
+    # Warm start: plain AdamW from the seed's initialisation, with the batch of all
+    # workers together (DiLoCo too starts from a pretrained checkpoint).
+    warm_steps: int = 300
+    warm_lr: float = 2e-3
+    warm_warmup: int = 30
+    # The comparison: every worker (and (c)) runs `steps` steps of `batch` windows;
+    # (a) runs `steps` steps of workers * batch windows.
+    workers: int = 4
+    steps: int = 400
+    batch: int = 8
+    lr: float = 1e-3
+    # The network: rounds of `inner_steps` inner steps, then an outer Nesterov step.
+    inner_steps: int = 100
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    aggregate: str = "trimmed"
+    # Checks: windows per measurement, share of tasks re-executed.
+    check_windows: int = 32
+    check_batch: int = 32
+    reexec_fraction: float = 0.02
+    # Final held-out evaluation of (a), (b), (c): the same windows for all three.
+    eval_windows: int = 512
+
+    @property
+    def rounds(self) -> int:
+        return self.steps // self.inner_steps
+
+
+@dataclasses.dataclass
+class NetworkResult:
+    state: State
+    bytes_sent_per_worker: int  # int8 deltas, per worker over the whole run
+    bytes_received_per_worker: int  # int8 outer updates
+    base_bytes: int  # the initial base model, fetched once (fp32 safetensors)
+    data_bytes_per_worker: int  # data slices fetched
+    train_wall_s: float  # sum over all tasks
+    check_wall_s: float  # loss and similarity checks, sum over rounds
+    reexec_wall_s: float  # re-executions, sum
+    reexec_count: int
+    tasks: int
+    rejected: int
+    rounds: list[dict[str, Any]]
+
+
+def log(msg: str) -> None:
+    print(f"[training {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def slice_of(recipe: Recipe, train_len: int, rnd: int, worker: int) -> tuple[int, int]:
+    """(start, length) of a task's data: the training split cut into rounds * workers
+    consecutive slices, one per task, so no byte is trained on twice in a run."""
+    n = recipe.rounds * recipe.workers
+    length = train_len // n
+    return (rnd * recipe.workers + worker) * length, length
+
+
+def task_seed(recipe: Recipe, rnd: int, worker: int) -> int:
+    return recipe.seed * 1_000_003 + 1000 + rnd * 100 + worker
+
+
+def run_simulated_network(recipe: Recipe, config: gpt.GPTConfig, base: State, tokens: Any,
+                          train_len: int, heldout: tuple[int, int],
+                          on_round: Callable[[int, State], None] | None = None) -> NetworkResult:
+    """Part (b), in one process: ``recipe.rounds`` rounds of ``recipe.workers`` tasks."""
+    rng = random.Random(recipe.seed)
+    momentum: State | None = None
+    residual: State | None = None
+    sent = received = data = 0
+    train_s = check_s = reexec_s = 0.0
+    reexecs = rejected = 0
+    rounds: list[dict[str, Any]] = []
+    base_bytes = len(gpt.state_bytes(base))
+    for rnd in range(recipe.rounds):
+        cands: list[trainer.Candidate] = []
+        losses = []
+        for w in range(recipe.workers):
+            start, length = slice_of(recipe, train_len, rnd, w)
+            seed = task_seed(recipe, rnd, w)
+            t0 = time.perf_counter()
+            out = trainer.train_task(config, base, tokens, start, length, seed,
+                                     recipe.inner_steps, recipe.batch, recipe.seq_len,
+                                     recipe.lr)
+            train_s += time.perf_counter() - t0
+            wire = save(trainer.quantize_int8(out.delta))  # what the worker publishes
+            sent += len(wire)
+            data += length
+            losses.append((out.first_loss, out.last_loss))
+            cands.append(trainer.Candidate(f"r{rnd}w{w}", trainer.dequantize(load(wire)),
+                                           start, length, seed, recipe.inner_steps,
+                                           recipe.batch, recipe.seq_len))
+        t0 = time.perf_counter()
+        metrics = trainer.check_round(config, base, cands, tokens, heldout=heldout,
+                                      n_windows=recipe.check_windows,
+                                      batch_size=recipe.check_batch, seed=rnd)
+        check_s += time.perf_counter() - t0
+        accepted = []
+        for c in cands:
+            m = metrics[c.id]
+            m["reexec_match"] = None
+            if rng.random() < recipe.reexec_fraction:
+                t0 = time.perf_counter()
+                again = trainer.train_task(config, base, tokens, c.slice_start, c.slice_len,
+                                           c.seed, c.steps, c.batch_size, c.seq_len, recipe.lr)
+                rerun = trainer.dequantize(trainer.quantize_int8(again.delta))
+                m["reexec_diff"] = trainer.reexec_diff(c.delta, rerun)
+                m["reexec_match"] = m["reexec_diff"] <= trainer.DEFAULT_THRESHOLDS.reexec_tol
+                reexec_s += time.perf_counter() - t0
+                reexecs += 1
+            verdict, reason = trainer.judge(m)
+            m["verdict"], m["reason"] = verdict, reason
+            if verdict == "accept":
+                accepted.append(c.delta)
+            else:
+                rejected += 1
+                log(f"round {rnd}: {c.id} rejected: {reason}")
+        if accepted:
+            avg = trainer.robust_aggregate(accepted, method=recipe.aggregate)
+            update, momentum = trainer.outer_step(base, avg, momentum, recipe.outer_lr,
+                                                  recipe.outer_momentum)
+            q, new_state, residual = trainer.publish_update(base, update, residual)
+            wire = save(q)
+            received += len(wire)
+            rebuilt = trainer.apply_update(base, load(wire))  # what each worker does
+            if gpt.state_bytes(rebuilt) != gpt.state_bytes(new_state):
+                raise AssertionError("a worker's rebuilt version differs from the published")
+            base = new_state
+        rounds.append({
+            "round": rnd,
+            "accepted": len(accepted),
+            "train_loss": [round(b, 4) for _, b in losses],
+            "heldout_gain": [round(metrics[c.id]["heldout_gain"], 4) for c in cands],
+            "own_excess": [round(metrics[c.id]["own_gain"] - (metrics[c.id]["other_gain"] or 0),
+                                 4) for c in cands],
+            "max_cosine": [round(metrics[c.id]["max_cosine"], 3) for c in cands],
+        })
+        if on_round is not None:
+            on_round(rnd, base)
+    return NetworkResult(
+        state=base, bytes_sent_per_worker=sent // recipe.workers,
+        bytes_received_per_worker=received, base_bytes=base_bytes,
+        data_bytes_per_worker=data // recipe.workers, train_wall_s=train_s,
+        check_wall_s=check_s, reexec_wall_s=reexec_s, reexec_count=reexecs,
+        tasks=recipe.rounds * recipe.workers, rejected=rejected, rounds=rounds)
+
+
+def allreduce_bytes_per_worker(n_params: int, workers: int, steps: int) -> int:
+    """Ring all-reduce of fp32 gradients: each worker sends (and receives)
+    2 (N - 1) / N * 4P bytes a step."""
+    return math.floor(2 * (workers - 1) / workers * 4 * n_params * steps)
