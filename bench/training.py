@@ -36,17 +36,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-from node import corpus, gpt, trainer  # noqa: E402
-from training_sim import (  # noqa: E402
+from bench.training_sim import (  # noqa: E402
     Recipe,
     allreduce_bytes_per_worker,
     log,
     run_simulated_network,
 )
+from node import corpus, gpt, trainer  # noqa: E402
 
 GOAL_EFFICIENCY = 0.8
 GOAL_BYTES_RATIO = 400.0

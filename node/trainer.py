@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,6 +61,7 @@ __all__ = [
     "dequantize",
     "evaluate",
     "judge",
+    "judge_thresholds",
     "max_cosine",
     "outer_step",
     "payload_bytes",
@@ -160,12 +161,15 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, lr_end: float | None) -
 def train_task(config: gpt.GPTConfig, base_state: Mapping[str, Tensor], tokens: Any,
                slice_start: int, slice_len: int, seed: int, steps: int, batch_size: int,
                seq_len: int, lr: float, device: str = "cpu", *, warmup: int = 0,
-               lr_end: float | None = None) -> TaskOutput:
+               lr_end: float | None = None,
+               on_step: Callable[[int, Tensor], None] | None = None) -> TaskOutput:
     """Train ``steps`` AdamW steps from ``base_state`` on windows drawn (torch.Generator
     seeded by ``seed``) from [slice_start, slice_start + slice_len) and return the delta.
 
     Deterministic on the CPU: the same inputs and thread count give a bit-identical delta.
     Across thread counts (a different reduction order in matmuls) the bits may differ.
+    ``on_step(step, loss)`` is called after every step (progress reports; reading the loss
+    tensor is a device sync point, so a caller should do it only now and then).
     """
     if steps <= 0 or batch_size <= 0:
         raise ValueError("steps and batch_size must be positive")
@@ -203,6 +207,8 @@ def train_task(config: gpt.GPTConfig, base_state: Mapping[str, Tensor], tokens: 
                 first = float(loss.detach())  # a device sync point, once
             if step >= steps - tail:
                 losses.append(loss.detach())
+            if on_step is not None:
+                on_step(step, loss.detach())
         last = float(torch.stack(losses).mean())  # one sync for the tail
         trained = gpt.module_state(model)
     delta = {k: (trained[k] - base_state[k].to(torch.float32)).contiguous() for k in trained}
@@ -445,19 +451,59 @@ class Thresholds:
     """Default verdict thresholds; each is overridable per request (the check op's
     ``thresholds``). Measured margins are in the comments (tiny GPT, stdlib corpus)."""
 
-    # Held-out loss must improve by at least this much (nats/byte; 0 means "not worse").
-    min_heldout_gain: float = -0.2
-    # Gain on the worker's own slice must exceed the gain on other training data by this.
-    min_own_excess: float = 0.05
+    # Held-out loss may get worse by at most this much (nats/byte). Lenient on purpose, it
+    # only stops a delta that wrecks the model: one honest worker's slice can be atypical
+    # (prose, a data table) and its delta alone then hurts held-out loss (measured down to
+    # -0.30 with the benchmark's recipe, -0.44 in tests/test_trainer.py), while the average
+    # of a round's deltas does not.
+    min_heldout_gain: float = -1.0
+    # Loss must fall on the windows the task trained on (catches random, zero, wrong-slice
+    # deltas and copies: none of them lowers the loss on these exact bytes).
+    min_own_gain: float = 0.03
+    # ... and by more than on another worker's trained windows (the gain is not generic).
+    min_own_excess: float = 0.03
     # Cosine with any earlier delta of the round above this: a copy.
-    max_cosine: float = 0.9
+    max_cosine: float = 0.95
     # Delta norm relative to the base's norm below this: no (or hardly any) work done.
-    min_rel_norm: float = 1e-4
+    min_rel_norm: float = 1e-3
     # Re-execution: relative L2 difference of the dequantized deltas above this: a mismatch.
     reexec_tol: float = 0.05
 
+    def to_json(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
 
 DEFAULT_THRESHOLDS = Thresholds()
+
+
+def judge_thresholds(params: Mapping[str, float] | Thresholds | None = None) -> Thresholds:
+    """The defaults with ``params`` (by field name) replacing some; ValueError on an
+    unknown name or a non-number."""
+    if params is None:
+        return DEFAULT_THRESHOLDS
+    if isinstance(params, Thresholds):
+        return params
+    known = {f.name for f in dataclasses.fields(Thresholds)}
+    bad = sorted(set(params) - known)
+    if bad:
+        raise ValueError(f"unknown threshold {bad[0]!r}")
+    values: dict[str, float] = {}
+    for k, v in params.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"threshold {k!r} must be a finite number")
+        values[k] = float(v)
+    return dataclasses.replace(DEFAULT_THRESHOLDS, **values)
+
+
+def cosine_matrix(deltas: Sequence[Mapping[str, Tensor]]) -> Tensor:
+    """All pairwise cosines (n, n) in one Gram matrix (fp64): one pass over the data
+    instead of n^2 calls of :func:`cosine`."""
+    names = _same_names(deltas)
+    flat = torch.stack([_flat(d, names) for d in deltas]).double()  # (n, P)
+    gram = flat @ flat.T
+    nrm = gram.diagonal().sqrt()
+    denom = nrm[:, None] * nrm[None, :]
+    return torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram))
 
 
 def max_cosine(delta: Mapping[str, Tensor],
@@ -539,7 +585,7 @@ def heldout_windows(start: int, length: int, n: int, seq_len: int, seed: int,
 
 def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
                 candidates: Sequence[Candidate], tokens: Any, *, heldout: tuple[int, int],
-                n_windows: int, batch_size: int, seed: int,
+                n_windows: int, batch_size: int, seed: int, seq_len: int | None = None,
                 device: str = "cpu") -> dict[str, dict[str, Any]]:
     """Loss and similarity checks of a round's deltas (in arrival order), by id.
 
@@ -548,8 +594,8 @@ def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
     other windows). Every gain is a paired difference, base and new on the same windows.
 
     Per id: ``heldout_base``, ``heldout_new``, ``heldout_gain`` (base - new); ``own_gain``
-    on windows the task trained on; ``other_gain`` on the windows of the next candidate
-    whose slice does not overlap (another worker's data, also training data);
+    on windows the task trained on; ``other_gain`` on the trained windows of the candidate
+    whose slice lies farthest away (another worker's data, also training data);
     ``max_cosine``/``max_cosine_with`` against every other delta and
     ``max_cosine_earlier``/``..._with`` against earlier ones only (what :func:`judge` uses:
     of a copy and its original, only the later arrival is the copy); ``rel_norm``
@@ -560,7 +606,8 @@ def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
     ids = [c.id for c in candidates]
     if len(set(ids)) != len(ids):
         raise ValueError("candidate ids are not unique")
-    seq_len = candidates[0].seq_len
+    if seq_len is None:
+        seq_len = candidates[0].seq_len
     n_tok = len(_as_numpy(tokens))
     base_model = gpt.build(config, base, device)
     base_norm = max(norm(base), 1e-30)
@@ -572,15 +619,21 @@ def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
     del base_model
 
     def other_of(i: int) -> int | None:
+        """The candidate whose slice lies farthest from i's (ties: the next in order):
+        adjacent slices can share a long file, and a shared file would make the other
+        gain look like the own gain."""
         ci = candidates[i]
+        best, best_gap = None, 0
         for step in range(1, len(candidates)):
             j = (i + step) % len(candidates)
             cj = candidates[j]
-            if (cj.slice_start >= ci.slice_start + ci.slice_len
-                    or ci.slice_start >= cj.slice_start + cj.slice_len):
-                return j
-        return None
+            gap = max(cj.slice_start - (ci.slice_start + ci.slice_len),
+                      ci.slice_start - (cj.slice_start + cj.slice_len))
+            if gap >= 0 and (best is None or gap > best_gap):
+                best, best_gap = j, gap
+        return best
 
+    cos_m = cosine_matrix([c.delta for c in candidates])
     out: dict[str, dict[str, Any]] = {}
     for i, c in enumerate(candidates):
         new_model = gpt.build(config, add(base, c.delta), device)
@@ -593,10 +646,9 @@ def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
             other_new = windows_loss(new_model, tokens, own[j], candidates[j].seq_len,
                                      batch_size, device)
             other_gain = own_base[j] - other_new
-        others = {d.id: d.delta for d in candidates if d.id != c.id}
-        earlier = {d.id: d.delta for d in candidates[:i]}
-        cos, cos_with = max_cosine(c.delta, others)
-        cos_e, cos_e_with = max_cosine(c.delta, earlier)
+        row = [(float(cos_m[i, j]), candidates[j].id) for j in range(len(candidates)) if j != i]
+        cos, cos_with = max(row) if row else (0.0, None)
+        cos_e, cos_e_with = max(row[:i]) if i else (0.0, None)
         out[c.id] = {
             "heldout_base": heldout_base,
             "heldout_new": h_new,
@@ -617,16 +669,7 @@ def judge(metrics: Mapping[str, Any],
           params: Mapping[str, float] | Thresholds | None = None) -> tuple[str, str]:
     """("accept" | "reject", reason) for one delta's metrics. Metrics that are absent (or
     None, such as reexec_match for a task not re-executed) are not judged."""
-    if params is None:
-        th = DEFAULT_THRESHOLDS
-    elif isinstance(params, Thresholds):
-        th = params
-    else:
-        known = {f.name for f in dataclasses.fields(Thresholds)}
-        bad = sorted(set(params) - known)
-        if bad:
-            raise ValueError(f"unknown threshold {bad[0]!r}")
-        th = dataclasses.replace(DEFAULT_THRESHOLDS, **{k: float(v) for k, v in params.items()})
+    th = judge_thresholds(params)
 
     def get(name: str) -> float | None:
         v = metrics.get(name)
@@ -650,7 +693,10 @@ def judge(metrics: Mapping[str, Any],
     if gain is not None and gain < th.min_heldout_gain:
         return "reject", f"held-out gain {gain:.4f} under {th.min_heldout_gain:g}"
     own, other = get("own_gain"), get("other_gain")
+    if own is not None and own < th.min_own_gain:
+        return "reject", (f"gain on its own training windows {own:.4f} under "
+                          f"{th.min_own_gain:g}: not trained on its slice")
     if own is not None and other is not None and own - other < th.min_own_excess:
-        return "reject", (f"gain on own slice {own:.4f} does not exceed gain on other data "
-                          f"{other:.4f} by {th.min_own_excess:g}: not trained on its slice")
+        return "reject", (f"gain on its own training windows {own:.4f} does not exceed the "
+                          f"gain on other data {other:.4f} by {th.min_own_excess:g}")
     return "accept", "ok"

@@ -1,0 +1,464 @@
+"""The torch side of a node: ``python -m node.taskproc``, one operation per process.
+
+The daemon never imports torch (node/taskrun.py runs this module as a child). Protocol:
+ONE JSON object on stdin (the request), progress lines on stderr, ONE JSON object as the
+last line of stdout: ``{"ok": true, ...}`` and exit 0, or ``{"ok": false, "error": msg}``
+and exit 1. Numbers in answers are finite (a non-finite metric is sent as null).
+Every path is absolute. Every file written goes to a temporary name in its directory and is
+renamed into place, so a crash leaves nothing half-written; a model directory gets its
+weights first and its config.json last.
+
+Ops (fields without a default are required):
+
+``init``    {"op": "init", "arch": "gpt", "size": "tiny", "seed": 0, "out_dir": D}
+            or "config": {GPTConfig fields} instead of "size"
+            -> {"params": N, "sha256": hex of model.safetensors}
+``corpus``  {"op": "corpus", "out": F} -> {"bytes": N, "files": K}
+``train``   {"op": "train", "model_dir": D, "data_files": [F, ...], "slice_start": s,
+             "slice_len": n, "seed": k, "steps": H, "batch_size": B, "seq_len": T, "lr": x,
+             "warmup": 0, "lr_end": null, "device": "cpu"|"cuda"|"auto", "threads": 1,
+             "out_dir": O}
+            -> O/delta.safetensors (int8); {"first_loss", "last_loss", "tokens", "wall_s",
+               "delta": path, "delta_bytes": size, "device": device used}
+``check``   {"op": "check", "model_dir": D, "data_files": [...], "heldout_fraction": h,
+             "eval_batches": n, "batch_size": b, "seq_len": T, "seed": k,
+             "deltas": [{"id", "path", "slice_start", "slice_len", "seed", "steps",
+                         "batch_size", "seq_len"}, ...],   # in arrival order
+             "reexec": [{"id", "train": {train request fields}}, ...],
+             "thresholds": {Thresholds field: value}, "device": "cpu", "threads": 1}
+            (a delta entry may carry its training fields in a "train" object instead)
+            -> {"results": {id: {metrics..., "reexec_match", "reexec_diff", "verdict",
+               "reason"}}, "thresholds": {...}, "check_wall_s", "reexec_wall_s"}
+``outer``   {"op": "outer", "model_dir": D, "deltas": [paths], "momentum": M0|null,
+             "outer_lr": x, "outer_momentum": m, "aggregate": "trimmed"|"clip",
+             "out_model_dir": O, "out_update": U, "out_momentum": M, "data_files": [...],
+             "heldout_fraction": h, "eval_batches": n, "batch_size": 32, "seq_len": null,
+             "seed": 0, "threads": 1}
+            -> {"heldout_loss", "n_deltas", "update_bytes", "sha256", "wall_s"}
+``apply``   {"op": "apply", "model_dir": D, "update": U, "out_model_dir": O}
+            -> {"params", "sha256", "wall_s"}: the same bytes as outer's O
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from node import corpus, gpt, trainer
+
+__all__ = ["OPS", "RequestError", "handle", "main"]
+
+DELTA_FILE = "delta.safetensors"
+RESIDUAL_SUFFIX = ".__residual"
+# One JSON request: fields and short lists of deltas, never tensors.
+MAX_REQUEST_BYTES = 1 << 20
+
+
+class RequestError(ValueError):
+    """The request is malformed or names something that is not there."""
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- fields
+
+
+def field(req: dict[str, Any], name: str, kind: type | tuple[type, ...],
+          default: Any = ...) -> Any:
+    if name not in req or (req[name] is None and default is not ...):
+        if default is ...:
+            raise RequestError(f"missing field {name!r}")
+        return default
+    value = req[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and kind is not bool:
+        raise RequestError(f"field {name!r}: expected {getattr(kind, '__name__', kind)}")
+    if not isinstance(value, kind):
+        raise RequestError(f"field {name!r}: expected {getattr(kind, '__name__', kind)}, "
+                           f"got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RequestError(f"field {name!r} is not finite")
+    return value
+
+
+def int_field(req: dict[str, Any], name: str, lo: int = 0, default: Any = ...) -> int:
+    value = field(req, name, int, default)
+    if value < lo:
+        raise RequestError(f"field {name!r} must be >= {lo}, got {value}")
+    return int(value)
+
+
+def path_field(req: dict[str, Any], name: str, default: Any = ...) -> Path:
+    value = field(req, name, str, default)
+    if value is None:
+        return value  # type: ignore[no-any-return]
+    if not os.path.isabs(value):
+        raise RequestError(f"field {name!r}: path {value!r} is not absolute")
+    return Path(value)
+
+
+def data_files(req: dict[str, Any]) -> Any:
+    files = field(req, "data_files", list)
+    if not files or not all(isinstance(f, str) and os.path.isabs(f) for f in files):
+        raise RequestError("data_files: a non-empty list of absolute paths")
+    for f in files:
+        if not os.path.isfile(f):
+            raise RequestError(f"data file {f}: no such file")
+    return corpus.load_tokens(files)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RequestError("device 'cuda' requested but CUDA is not available")
+    if name not in ("cpu", "cuda"):
+        raise RequestError(f"device {name!r}: one of cpu, cuda, auto")
+    return name
+
+
+def load_model_dir(path: Path) -> tuple[gpt.GPTConfig, dict[str, torch.Tensor]]:
+    try:
+        return gpt.load_model(path)
+    except ValueError as e:
+        raise RequestError(f"model {path}: {e}") from None
+
+
+def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise RequestError(f"{what} {path}: no such file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RequestError(f"{what} {path}: unreadable safetensors ({e})") from None
+
+
+def load_delta(path: Path, config: gpt.GPTConfig) -> dict[str, torch.Tensor]:
+    """A dequantized int8 delta, checked against the model's tensor names and shapes."""
+    q = load_tensors(path, "delta")
+    try:
+        delta = trainer.dequantize(q)
+        gpt.check_state(config, delta)
+    except ValueError as e:
+        raise RequestError(f"delta {path}: {e}") from None
+    return delta
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gpt.write_atomic(path, data)
+
+
+def clean(obj: Any) -> Any:
+    """JSON-safe: non-finite floats become None (answers are parsed with allow_nan off)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    return obj
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- ops
+
+
+def op_init(req: dict[str, Any]) -> dict[str, Any]:
+    arch = field(req, "arch", str, "gpt")
+    if arch != gpt.ARCHITECTURE:
+        raise RequestError(f"arch {arch!r}: only 'gpt' is built in")
+    if "config" in req:
+        config = gpt.config_from_json({"architecture": arch, **field(req, "config", dict)})
+    else:
+        size = field(req, "size", str)
+        if size not in gpt.SIZES:
+            raise RequestError(f"size {size!r}: one of {', '.join(gpt.SIZES)}")
+        config = gpt.SIZES[size]
+    out = path_field(req, "out_dir")
+    state = gpt.init_state(config, int_field(req, "seed", 0, 0))
+    gpt.save_model(out, config, state)
+    return {"params": gpt.n_params(state), "sha256": sha256_file(out / gpt.WEIGHTS_FILE)}
+
+
+def op_corpus(req: dict[str, Any]) -> dict[str, Any]:
+    out = path_field(req, "out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stats = corpus.build_stdlib_corpus(out, seed=int_field(req, "seed", 0, 0),
+                                       include_tests=field(req, "include_tests", bool, False))
+    return {"bytes": stats.bytes, "files": stats.files}
+
+
+def train_args(req: dict[str, Any]) -> dict[str, Any]:
+    """The training fields of a train request (also a check's re-execution entries)."""
+    lr_end = field(req, "lr_end", (int, float), None)
+    return {
+        "slice_start": int_field(req, "slice_start", 0),
+        "slice_len": int_field(req, "slice_len", 1),
+        "seed": int_field(req, "seed", 0),
+        "steps": int_field(req, "steps", 1),
+        "batch_size": int_field(req, "batch_size", 1),
+        "seq_len": int_field(req, "seq_len", 1),
+        "lr": field(req, "lr", float),
+        "warmup": int_field(req, "warmup", 0, 0),
+        "lr_end": None if lr_end is None else float(lr_end),
+    }
+
+
+def run_training(config: gpt.GPTConfig, base: dict[str, torch.Tensor], tokens: Any,
+                 args: dict[str, Any], device: str, what: str) -> trainer.TaskOutput:
+    every = max(1, args["steps"] // 10)
+
+    def on_step(step: int, loss: torch.Tensor) -> None:
+        if (step + 1) % every == 0 or step == 0:
+            progress(f"{what}: step {step + 1}/{args['steps']} loss {float(loss):.4f}")
+
+    a = dict(args)
+    try:
+        return trainer.train_task(
+            config, base, tokens, a.pop("slice_start"), a.pop("slice_len"), a.pop("seed"),
+            a.pop("steps"), a.pop("batch_size"), a.pop("seq_len"), a.pop("lr"), device,
+            warmup=a.pop("warmup"), lr_end=a.pop("lr_end"), on_step=on_step)
+    except ValueError as e:
+        raise RequestError(f"{what}: {e}") from None
+
+
+def op_train(req: dict[str, Any]) -> dict[str, Any]:
+    config, base = load_model_dir(path_field(req, "model_dir"))
+    tokens = data_files(req)
+    args = train_args(req)
+    device = pick_device(field(req, "device", str, "cpu"))
+    out_dir = path_field(req, "out_dir")
+    t0 = time.perf_counter()
+    out = run_training(config, base, tokens, args, device, "train")
+    wall = time.perf_counter() - t0
+    data = save(trainer.quantize_int8(out.delta))
+    path = out_dir / DELTA_FILE
+    write_atomic(path, data)
+    return {"first_loss": out.first_loss, "last_loss": out.last_loss,
+            "tokens": out.tokens_processed, "wall_s": wall, "delta": str(path),
+            "delta_bytes": len(data), "device": device}
+
+
+def op_check(req: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    config, base = load_model_dir(path_field(req, "model_dir"))
+    tokens = data_files(req)
+    n = len(tokens)
+    _, h_start = corpus.split(n, field(req, "heldout_fraction", float))
+    seq_len = int_field(req, "seq_len", 1)
+    batch = int_field(req, "batch_size", 1)
+    n_windows = int_field(req, "eval_batches", 1) * batch
+    seed = int_field(req, "seed", 0, 0)
+    device = pick_device(field(req, "device", str, "cpu"))
+    th_req = field(req, "thresholds", dict, {})
+    try:
+        trainer.judge({}, th_req)  # validates the names
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    entries = field(req, "deltas", list)
+    results: dict[str, dict[str, Any]] = {}
+    cands: list[trainer.Candidate] = []
+    for e in entries:
+        if not isinstance(e, dict):
+            raise RequestError("deltas: a list of objects")
+        did = field(e, "id", str)
+        if did in results or any(c.id == did for c in cands):
+            raise RequestError(f"deltas: id {did!r} twice")
+        t = e.get("train", e)
+        if not isinstance(t, dict):
+            raise RequestError(f"delta {did}: 'train' must be an object")
+        try:
+            delta = load_delta(path_field(e, "path"), config)
+        except RequestError as err:
+            # A peer's bad file is data: that one delta is rejected, the round goes on.
+            results[did] = {"verdict": "reject", "reason": str(err)}
+            continue
+        cands.append(trainer.Candidate(
+            id=did, delta=delta, slice_start=int_field(e, "slice_start", 0),
+            slice_len=int_field(e, "slice_len", 1), seed=int_field(t, "seed", 0),
+            steps=int_field(t, "steps", 1), batch_size=int_field(t, "batch_size", 1),
+            seq_len=int_field(t, "seq_len", 1, seq_len)))
+    try:
+        metrics = trainer.check_round(config, base, cands, tokens, heldout=(h_start, n - h_start),
+                                      n_windows=n_windows, batch_size=batch, seed=seed,
+                                      seq_len=seq_len, device=device)
+    except ValueError as err:
+        raise RequestError(f"check: {err}") from None
+    for m in metrics.values():
+        m["reexec_match"] = None
+        m["reexec_diff"] = None
+    check_wall = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    tol = trainer.judge_thresholds(th_req).reexec_tol
+    by_id = {c.id: c for c in cands}
+    for r in field(req, "reexec", list, []):
+        if not isinstance(r, dict):
+            raise RequestError("reexec: a list of objects")
+        rid = field(r, "id", str)
+        if rid not in by_id:
+            if rid in results:
+                continue  # its delta was already rejected as unreadable
+            raise RequestError(f"reexec: no delta with id {rid!r}")
+        args = train_args(field(r, "train", dict))
+        c = by_id[rid]
+        if (args["slice_start"], args["slice_len"], args["seed"], args["steps"],
+                args["batch_size"], args["seq_len"]) != (c.slice_start, c.slice_len, c.seed,
+                                                        c.steps, c.batch_size, c.seq_len):
+            raise RequestError(f"reexec {rid}: train fields differ from the delta's entry")
+        out = run_training(config, base, tokens, args, device, f"reexec {rid}")
+        diff = trainer.reexec_diff(c.delta, trainer.dequantize(trainer.quantize_int8(out.delta)))
+        metrics[rid]["reexec_diff"] = diff
+        metrics[rid]["reexec_match"] = diff <= tol
+    reexec_wall = time.perf_counter() - t1
+    for did, m in metrics.items():
+        m["verdict"], m["reason"] = trainer.judge(m, th_req)
+        results[did] = m
+    ordered = {e["id"]: results[e["id"]] for e in entries}
+    return {"results": ordered, "thresholds": trainer.judge_thresholds(th_req).to_json(),
+            "check_wall_s": check_wall, "reexec_wall_s": reexec_wall}
+
+
+def heldout_loss(req: dict[str, Any], config: gpt.GPTConfig,
+                 state: dict[str, torch.Tensor]) -> float | None:
+    """The held-out loss of ``state`` when the request names data files, else None."""
+    if "data_files" not in req or req["data_files"] is None:
+        return None
+    tokens = data_files(req)
+    n = len(tokens)
+    _, h_start = corpus.split(n, field(req, "heldout_fraction", float))
+    batch = int_field(req, "batch_size", 1, 32)
+    seq_len = int_field(req, "seq_len", 1, config.block_size)
+    starts = trainer.heldout_windows(h_start, n - h_start,
+                                     int_field(req, "eval_batches", 1) * batch, seq_len,
+                                     int_field(req, "seed", 0, 0), n)
+    return trainer.windows_loss(gpt.build(config, state), tokens, starts, seq_len, batch)
+
+
+def write_model(out_dir: Path, base_dir: Path, state: dict[str, torch.Tensor]) -> str:
+    """A new version beside its base: weights first, then the base's config.json copied
+    byte for byte (outer and apply must give identical directories, whoever wrote the
+    base's config). Returns the sha256 of the weights file."""
+    data = gpt.state_bytes(state)
+    write_atomic(out_dir / gpt.WEIGHTS_FILE, data)
+    write_atomic(out_dir / gpt.CONFIG_FILE, (base_dir / gpt.CONFIG_FILE).read_bytes())
+    return hashlib.sha256(data).hexdigest()
+
+
+def op_outer(req: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    model_dir = path_field(req, "model_dir")
+    config, base = load_model_dir(model_dir)
+    paths = field(req, "deltas", list)
+    if not paths:
+        raise RequestError("deltas: at least one accepted delta")
+    deltas = [load_delta(path_field({"p": p}, "p"), config) for p in paths]
+    momentum_path = path_field(req, "momentum", None)
+    momentum: dict[str, torch.Tensor] | None = None
+    residual: dict[str, torch.Tensor] | None = None
+    if momentum_path is not None:
+        buf = load_tensors(momentum_path, "momentum")
+        momentum = {k: v for k, v in buf.items() if not k.endswith(RESIDUAL_SUFFIX)}
+        residual = {k[:-len(RESIDUAL_SUFFIX)]: v for k, v in buf.items()
+                    if k.endswith(RESIDUAL_SUFFIX)}
+        try:
+            gpt.check_state(config, momentum)
+            gpt.check_state(config, residual)
+        except ValueError as e:
+            raise RequestError(f"momentum {momentum_path}: {e}") from None
+    aggregate = field(req, "aggregate", str, "trimmed")
+    if aggregate not in ("trimmed", "clip"):
+        raise RequestError(f"aggregate {aggregate!r}: one of trimmed, clip")
+    avg = trainer.robust_aggregate(deltas, method=aggregate)
+    update, new_m = trainer.outer_step(base, avg, momentum, field(req, "outer_lr", float),
+                                       field(req, "outer_momentum", float))
+    q, new_state, new_r = trainer.publish_update(base, update, residual)
+    upd = save(q)
+    write_atomic(path_field(req, "out_update"), upd)
+    buf = {**new_m, **{k + RESIDUAL_SUFFIX: v for k, v in new_r.items()}}
+    write_atomic(path_field(req, "out_momentum"), save(dict(sorted(buf.items()))))
+    sha = write_model(path_field(req, "out_model_dir"), model_dir, new_state)
+    loss = heldout_loss(req, config, new_state)
+    return {"heldout_loss": loss, "n_deltas": len(deltas), "update_bytes": len(upd),
+            "sha256": sha, "wall_s": time.perf_counter() - t0}
+
+
+def op_apply(req: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    model_dir = path_field(req, "model_dir")
+    _, base = load_model_dir(model_dir)
+    q = load_tensors(path_field(req, "update"), "update")
+    try:
+        new_state = trainer.apply_update(base, q)
+    except ValueError as e:
+        raise RequestError(f"update: {e}") from None
+    sha = write_model(path_field(req, "out_model_dir"), model_dir, new_state)
+    return {"params": gpt.n_params(new_state), "sha256": sha, "wall_s": time.perf_counter() - t0}
+
+
+OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "init": op_init,
+    "corpus": op_corpus,
+    "train": op_train,
+    "check": op_check,
+    "outer": op_outer,
+    "apply": op_apply,
+}
+
+
+def handle(req: Any) -> dict[str, Any]:
+    """Run one request; RequestError (a ValueError) when it is malformed."""
+    if not isinstance(req, dict):
+        raise RequestError("the request must be a JSON object")
+    op = req.get("op")
+    if op not in OPS:
+        raise RequestError(f"unknown op {op!r} (one of {', '.join(OPS)})")
+    threads = int_field(req, "threads", 1, 1)
+    torch.set_num_threads(threads)
+    return OPS[op](req)
+
+
+def main() -> int:
+    raw = sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1)
+    try:
+        if len(raw) > MAX_REQUEST_BYTES:
+            raise RequestError(f"request over {MAX_REQUEST_BYTES} bytes")
+        try:
+            req = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(f"request is not JSON: {e}") from None
+        answer = {"ok": True, **clean(handle(req))}
+        code = 0
+    except (ValueError, OSError) as e:
+        # ValueError covers RequestError and the checks of gpt/trainer/corpus.
+        answer = {"ok": False, "error": str(e) or type(e).__name__}
+        code = 1
+    except Exception as e:  # a bug: the traceback goes to stderr, the answer says what
+        traceback.print_exc()
+        answer = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+        code = 1
+    sys.stdout.write(json.dumps(answer, allow_nan=False) + "\n")
+    sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
