@@ -291,6 +291,7 @@ class Jobs:
                                rng=random.Random(spec.seed * 1_000_003 + r))
         send, recv = trio.open_memory_channel[_Outcome](math.inf)
         pending: dict[tuple[str, str], _Pending] = {}
+        arrivals: list[str] = []  # task ids, in the order their results were taken
         records: dict[str, Any] = {}
         base = bytes.fromhex(state["base"])
         update = bytes.fromhex(state["update"]) if state["update"] else None
@@ -338,16 +339,20 @@ class Jobs:
                     launch(machine.on_lost(tid, w, now))
                 else:
                     launch(machine.on_submitted(tid, w, outcome, now))
-                    if machine.holder(tid) != w or machine.submitted().get(tid, (None,))[0] != w:
+                    if machine.submitted().get(tid, (None, None))[1] is outcome:
+                        arrivals.append(tid)
+                    else:
                         self._answer(pending, tid, w, Verdict.reject(
                             tid, "too late: the task went to another worker"))
-            submitted: dict[str, _Outcome] = {t: o for t, (_, o) in machine.submitted().items()}
+            # In arrival order: of a delta and its copy, the later arrival is the copy.
+            taken = machine.submitted()
+            submitted: dict[str, _Outcome] = {t: taken[t][1] for t in arrivals}
             for tid in machine.failed():
                 records[tid] = {"task": tid, "worker": None, "verdict": "failed",
                                 "reason": "no worker completed it"}
             check = await self._check(jid, job, state, dataset, job_dir, tasks, submitted)
             accepted = []
-            for tid, outcome in sorted(submitted.items()):
+            for tid, outcome in submitted.items():
                 assert outcome.result is not None
                 res, verdict = outcome.result, check["deltas"].get(tid, {})
                 ok = verdict.get("verdict") == "accept"
@@ -479,26 +484,35 @@ class Jobs:
                                             slice_len=plans[tid].slice_len,
                                             seed=plans[tid].seed)}
                   for tid in sorted(paths) if rng.random() < spec.reexec_fraction]
-        answer: dict[str, Any] = {"deltas": {}, "heldout_base": None, "check_wall_s": 0.0}
+        answer: dict[str, Any] = {"results": {}, "check_wall_s": 0.0, "reexec_wall_s": 0.0}
         if paths:
             request = {
                 "op": "check", "model_dir": str(model_dir), "data_files": data_files,
                 "heldout_fraction": spec.heldout_fraction, "eval_batches": spec.eval_batches,
                 "batch_size": spec.batch_size, "seq_len": spec.seq_len,
-                "seed": spec.seed + r, "threads": self.threads,
+                "seed": spec.seed,  # the same held-out windows every round: comparable losses
+                "threads": self.threads,
                 "deltas": [{"id": tid, "path": p, "slice_start": plans[tid].slice_start,
-                            "slice_len": plans[tid].slice_len} for tid, p in sorted(paths.items())],
+                            "slice_len": plans[tid].slice_len, "seed": plans[tid].seed,
+                            "steps": spec.inner_steps, "batch_size": spec.batch_size,
+                            "seq_len": spec.seq_len}
+                           for tid in submitted if (p := paths.get(tid)) is not None],
                 "reexec": reexec,
-                "thresholds": {"heldout_tolerance": spec.heldout_tolerance,
+                "thresholds": {"min_heldout_gain": spec.heldout_tolerance,
                                "max_cosine": spec.max_cosine},
             }
             answer = await run_taskproc(request, timeout_s=CHECK_TIMEOUT_S, what="checking")
+        verdicts: dict[str, dict[str, Any]] = answer["results"]
         for tid, p in paths.items():
-            answer["deltas"].setdefault(tid, {"verdict": "reject", "reason": "not checked"})
-            answer["deltas"][tid]["path"] = p
+            verdicts.setdefault(tid, {"verdict": "reject", "reason": "not checked"})
+            verdicts[tid]["path"] = p
         for tid, reason in failed.items():
-            answer["deltas"][tid] = {"verdict": "reject", "reason": reason}
-        return answer
+            verdicts[tid] = {"verdict": "reject", "reason": reason}
+        bases = [v["heldout_base"] for v in verdicts.values()
+                 if isinstance(v.get("heldout_base"), (int, float))]
+        return {"deltas": verdicts, "heldout_base": bases[0] if bases else None,
+                "check_wall_s": answer["check_wall_s"] + answer["reexec_wall_s"],
+                "reexec": len(reexec)}
 
     async def _outer(self, jid: str, job: Job, state: dict[str, Any], dataset: Any,
                      job_dir: Path, accepted: list[str], record: dict[str, Any]) -> None:
@@ -516,7 +530,7 @@ class Jobs:
             "data_files": [str(self.models.store.shard_path(s.root))
                            for s in dataset.manifest.shards],
             "heldout_fraction": spec.heldout_fraction, "eval_batches": spec.eval_batches,
-            "batch_size": spec.batch_size, "seq_len": spec.seq_len, "seed": spec.seed + r,
+            "batch_size": spec.batch_size, "seq_len": spec.seq_len, "seed": spec.seed,
             "threads": self.threads}, timeout_s=OUTER_TIMEOUT_S, what="the outer step")
         new = await self.models.publish(out_dir, kind="model", name=f"{spec.name} r{r + 1}",
                                         parents=[state["base"]])

@@ -113,7 +113,7 @@ def test_three_workers_two_rounds_loss_goes_down(tmp_path: Path, assets: dict[st
             status = jobs.status(jid)
             assert status["status"] == "done", status
             rounds = status["rounds"]
-            assert [r["accepted"] for r in rounds] == [3, 3], rounds
+            assert [r["accepted"] for r in rounds] == [3, 3], json.dumps(rounds, indent=1)
             assert rounds[1]["heldout_after"] < rounds[0]["heldout_before"]
             # Round 1 trains the version round 0 published; the workers rebuilt it from
             # their copy of the base plus the int8 outer update, not by fetching it.
