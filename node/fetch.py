@@ -176,7 +176,7 @@ async def fetch_manifest(models: Models, version: bytes, providers: list[ID]) ->
                 continue
             manifest = open_manifest(payload, version)
         except Exception as exc:  # ProtocolError, FrameError, TooSlowError, a failed dial
-            reasons.append(f"{peer}: {exc}")
+            reasons.append(f"{peer}: {exc or type(exc).__name__}")
             models.metrics.dropped.labels(getattr(exc, "reason", "unreachable")).inc()
             continue
         return HeldVersion(version, payload, manifest, "partial")

@@ -16,10 +16,10 @@ from typing import Any
 
 import trio
 from nacl.signing import SigningKey
-from protocol.feed import FEED_KIND_RECEIPT, entry_id, next_entry, open_entry
 
 from node.storage import ReceiptRow, Storage
 from protocol.errors import RemoteProtocolError
+from protocol.feed import FEED_KIND_RECEIPT, entry_id, next_entry, open_entry
 from protocol.jobs import Receipt, open_receipt, receipt_id
 
 log = logging.getLogger(__name__)

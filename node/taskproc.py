@@ -56,7 +56,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from node import corpus, gpt, trainer
+from node import adversary, corpus, gpt, trainer
 
 __all__ = ["OPS", "RequestError", "handle", "main"]
 
@@ -421,6 +421,7 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "check": op_check,
     "outer": op_outer,
     "apply": op_apply,
+    "forge": lambda req: adversary.forge(req),  # TEST ONLY: cheating workers (node/adversary.py)
 }
 
 

@@ -59,6 +59,7 @@ RESULT_WRITE_TIMEOUT_S = 30.0
 VERDICT_TIMEOUT_S = 3600.0  # the coordinator checks the whole round before it answers
 COPY_WAIT_S = 120.0  # adversary "copy": how long it waits for a delta to copy
 TRAIN_TIMEOUT_SLACK_S = 60.0
+FETCH_RETRIES_S = (1.0, 3.0, 9.0)  # a fetch that failed (its providers busy or slow) again
 
 
 def meets_requirements(job: Job, env: EnvReport) -> str:
@@ -116,6 +117,21 @@ class Worker:
         self.net.host.set_stream_handler(TASK_PROTOCOL, self._serve)
         task_status.started()
         await trio.sleep_forever()
+
+    async def _fetch(self, version: bytes, hint: list[ID]) -> HeldVersion:
+        """Fetch a version, trying again after a pause when it fails: at the start of a
+        round every worker asks the coordinator for the same versions at once."""
+        for delay in (*FETCH_RETRIES_S, None):
+            try:
+                await self.models.fetch(id_hex(version), hint=hint)
+                return self.models.held[version]
+            except FetchError as exc:
+                if delay is None:
+                    raise
+                log.info("fetching %s failed (%s); again in %g s", id_hex(version)[:16], exc,
+                         delay)
+                await trio.sleep(delay)
+        raise AssertionError("unreachable")
 
     # -- one task, one stream ------------------------------------------------------------
 
@@ -187,8 +203,7 @@ class Worker:
         if update is not None and parent_held is not None and parent_held.state == "complete":
             work = self.work_dir / f"rebuild-{id_hex(base)[:16]}"
             try:
-                await models.fetch(id_hex(update), hint=[coordinator])
-                upd = models.held[update]
+                upd = await self._fetch(update, [coordinator])
                 upd_file = materialize(models, upd, work / "update")[0]
                 materialize(models, parent_held, work / "parent")
                 await run_taskproc({"op": "apply", "model_dir": str(work / "parent"),
@@ -203,16 +218,14 @@ class Worker:
                 log.warning("rebuilding %s failed (%s); fetching it", id_hex(base)[:16], exc)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-        await models.fetch(id_hex(base), hint=[coordinator])
-        return models.held[base]
+        return await self._fetch(base, [coordinator])
 
     async def _train(self, coordinator: ID, assign: TaskAssign, job: Job) -> bytes:
         """Fetch, train, publish the delta; the sealed result."""
         started = time.monotonic()
         models = self.models
         base = await self._base(coordinator, assign)
-        await models.fetch(id_hex(assign.dataset_version), hint=[coordinator])
-        dataset = models.held[assign.dataset_version]
+        dataset = await self._fetch(assign.dataset_version, [coordinator])
         work = self.work_dir / f"{id_hex(assign.job_id)[:16]}-{assign.task_id}"
         try:
             model_dir = work / "base"

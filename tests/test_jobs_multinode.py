@@ -175,13 +175,18 @@ def test_cheating_workers_are_rejected_and_the_job_completes(tmp_path: Path,
             status = jobs.status(jid)
             assert status["status"] == "done", status
             (rnd,) = status["rounds"]
-            by_worker = {t["worker"]: t for t in rnd["tasks"]}
+            # A task may move to another worker (one that was slow to answer is lost), so
+            # judge by worker: every task an honest worker did is accepted, every task a
+            # cheat did is rejected, and each cheat did at least one.
             for n, w in zip(nodes[1:], workers[1:], strict=True):
-                task = by_worker[n.peer_id]
-                expected = "rejected" if w.adversary else "accepted"
-                assert task["verdict"] == expected, (w.adversary, task)
+                verdicts = {t["verdict"] for t in rnd["tasks"] if t["worker"] == n.peer_id}
+                if w.adversary:
+                    assert verdicts == {"rejected"}, (w.adversary, rnd["tasks"])
+                else:
+                    assert verdicts <= {"accepted"}, rnd["tasks"]
             receipts = await nodes[0].storage.list_receipts(jid)
-            assert {r.worker for r in receipts} == {nodes[1].peer_id, nodes[2].peer_id}
+            assert receipts and {r.worker for r in receipts} <= {nodes[1].peer_id,
+                                                                  nodes[2].peer_id}
             assert rnd["version"] is not None  # the honest deltas made a new version
 
     run(main, timeout=170)
