@@ -213,7 +213,7 @@ def model_routes(models: Models, ops: Operations, nursery: trio.Nursery) -> Rout
 
 def _write_runtime_file(home: Path, info: dict[str, Any]) -> None:
     tmp = home / (RUNTIME_FILE + ".tmp")
-    tmp.writetext_field(json.dumps(info, indent=2) + "\n")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, home / RUNTIME_FILE)
 
 
