@@ -44,7 +44,7 @@ from node.models import FetchError, Models, PublishError
 from node.receipts import Receipts
 from node.storage import JobRow, Storage
 from node.taskrun import TaskProcError, finite, run_taskproc
-from node.worker import TASK_PROTOCOL, materialize, meets_requirements
+from node.worker import BUSY_PREFIX, TASK_PROTOCOL, materialize, meets_requirements
 from protocol.coordination import Assign, RoundMachine, plan_round
 from protocol.errors import RemoteProtocolError
 from protocol.jobs import (
@@ -78,6 +78,8 @@ VERDICT_WRITE_TIMEOUT_S = 30.0
 FETCH_DELTA_TIMEOUT_S = 300.0
 CHECK_TIMEOUT_S = 3600.0
 OUTER_TIMEOUT_S = 3600.0
+EMPTY_ROUND_RETRIES = 3  # a round in which no task completed is run again this many times
+EMPTY_ROUND_PAUSE_S = 10.0
 
 
 class JobError(Exception):
@@ -232,9 +234,22 @@ class Jobs:
         job_dir.mkdir(parents=True, exist_ok=True)
         try:
             dataset = await self._fetch(job.spec.dataset.hex())
+            empty = 0
             while state["round"] < job.spec.rounds:
                 await self._fetch(state["base"])
                 record = await self._round(jid, envelope, job, state, dataset, job_dir)
+                if all(t["verdict"] == "failed" for t in record["tasks"]):
+                    # Nobody finished anything (workers busy with other jobs, or all gone):
+                    # the round is tried again rather than spent.
+                    empty += 1
+                    if empty > EMPTY_ROUND_RETRIES:
+                        raise JobError(f"round {state['round']}: no worker completed a task "
+                                       f"in {empty} tries")
+                    log.warning("job %s round %d: no task completed; trying again in %g s",
+                                jid[:16], state["round"], EMPTY_ROUND_PAUSE_S)
+                    await trio.sleep(EMPTY_ROUND_PAUSE_S)
+                    continue
+                empty = 0
                 state["rounds"].append(record)
                 state["round"] += 1
                 await self._save(jid, envelope)
@@ -333,7 +348,8 @@ class Jobs:
                     launch(machine.on_accepted(tid, w, now))
                 elif outcome.kind == "refused":
                     log.info("task %s refused by %s: %s", tid, w, outcome.reason)
-                    launch(machine.on_refused(tid, w, now))
+                    launch(machine.on_refused(tid, w, now,
+                                              busy=outcome.reason.startswith(BUSY_PREFIX)))
                 elif outcome.kind == "lost":
                     log.info("task %s lost by %s: %s", tid, w, outcome.reason)
                     launch(machine.on_lost(tid, w, now))

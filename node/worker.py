@@ -59,6 +59,7 @@ RESULT_WRITE_TIMEOUT_S = 30.0
 VERDICT_TIMEOUT_S = 3600.0  # the coordinator checks the whole round before it answers
 COPY_WAIT_S = 120.0  # adversary "copy": how long it waits for a delta to copy
 TRAIN_TIMEOUT_SLACK_S = 60.0
+BUSY_PREFIX = "busy"  # a refusal for want of capacity starts so: the coordinator asks again
 FETCH_RETRIES_S = (1.0, 3.0, 9.0)  # a fetch that failed (its providers busy or slow) again
 
 
@@ -188,7 +189,7 @@ class Worker:
         if not self.config.enabled:
             return assign, job, "this node does not take tasks (worker.enabled = false)"
         if self.busy >= self.config.max_tasks:
-            return assign, job, f"busy: {self.busy} of {self.config.max_tasks} tasks"
+            return assign, job, f"{BUSY_PREFIX}: {self.busy} of {self.config.max_tasks} tasks"
         return assign, job, meets_requirements(job, self.env)
 
     async def _base(self, coordinator: ID, assign: TaskAssign) -> HeldVersion:

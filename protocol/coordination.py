@@ -12,7 +12,9 @@ Each task moves through the table :data:`TRANSITIONS`::
        ^                  |                     |
        +----refused/lost--+--------lost---------+        pending --give_up--> failed
 
-A worker that refuses a task is not offered that task again; a worker that is lost
+A worker that refuses a task is not offered that task again, unless it refused because it
+was busy: then it is offered tasks again ``busy_retry_ms`` later (a busy refusal does not
+count as an attempt, up to ``max_busy`` of them a task); a worker that is lost
 (its stream broke, it missed a deadline, it sent a result that does not verify) is not
 offered anything again this round. A task offered ``max_attempts`` times without a
 result fails; the round still ends, with the tasks that were submitted.
@@ -120,6 +122,7 @@ class _Task:
     worker: str | None = None
     deadline_ms: int = 0
     attempts: int = 0
+    busy_refusals: int = 0
     refused_by: set[str] = field(default_factory=set)
     result: Any = None
 
@@ -130,18 +133,23 @@ class RoundMachine:
 
     def __init__(self, tasks: Sequence[TaskPlan], workers: Iterable[str], *,
                  offer_timeout_ms: int, task_timeout_ms: int, max_attempts: int = 3,
-                 capacity: int = 1, rng: random.Random | None = None) -> None:
+                 capacity: int = 1, busy_retry_ms: int = 2_000, max_busy: int = 60,
+                 rng: random.Random | None = None) -> None:
         if not tasks:
             raise LocalProtocolError("a round needs at least one task")
         if len({t.task_id for t in tasks}) != len(tasks):
             raise LocalProtocolError("task ids of a round must be distinct")
-        if min(offer_timeout_ms, task_timeout_ms, max_attempts, capacity) < 1:
-            raise LocalProtocolError("timeouts, max_attempts and capacity must be >= 1")
+        if min(offer_timeout_ms, task_timeout_ms, max_attempts, capacity, busy_retry_ms,
+               max_busy) < 1:
+            raise LocalProtocolError("timeouts, limits and capacity must be >= 1")
         self.tasks = {t.task_id: _Task(t) for t in tasks}
         order = sorted(set(workers))
         (rng or random.Random(0)).shuffle(order)  # spread load across rounds and jobs
         self.workers: list[str] = order
         self.lost: set[str] = set()
+        self.busy_until: dict[str, int] = {}  # worker -> when it may be offered again
+        self.busy_retry_ms = busy_retry_ms
+        self.max_busy = max_busy
         self.offer_timeout_ms = offer_timeout_ms
         self.task_timeout_ms = task_timeout_ms
         self.max_attempts = max_attempts
@@ -169,8 +177,12 @@ class RoundMachine:
         return [tid for tid, t in self.tasks.items() if t.status is S.FAILED]
 
     def next_deadline(self) -> int | None:
+        """When :meth:`on_tick` has something to do: a deadline, or a busy worker that
+        may be offered a waiting task again."""
         deadlines = [t.deadline_ms for t in self.tasks.values()
                      if t.status in (S.OFFERED, S.TRAINING)]
+        if any(t.status is S.PENDING for t in self.tasks.values()):
+            deadlines += [u for w, u in self.busy_until.items() if w not in self.lost]
         return min(deadlines) if deadlines else None
 
     # -- events -------------------------------------------------------------------------
@@ -191,13 +203,21 @@ class RoundMachine:
             task.deadline_ms = now_ms + self.task_timeout_ms
         return []
 
-    def on_refused(self, task_id: str, worker: str, now_ms: int) -> list[Assign]:
+    def on_refused(self, task_id: str, worker: str, now_ms: int, *, busy: bool = False
+                   ) -> list[Assign]:
+        """The worker will not take the task; with ``busy``, not now (it is at its
+        capacity): it may be offered tasks again ``busy_retry_ms`` from now."""
         task = self._held(task_id, worker)
         if task is None or task.status is not S.OFFERED:
             return []
         self._move(task, "refused")
-        task.refused_by.add(worker)
         task.worker = None
+        if busy and task.busy_refusals < self.max_busy:
+            task.busy_refusals += 1
+            task.attempts -= 1
+            self.busy_until[worker] = now_ms + self.busy_retry_ms
+        else:
+            task.refused_by.add(worker)
         return self._fill(now_ms)
 
     def on_lost(self, task_id: str, worker: str, now_ms: int) -> list[Assign]:
@@ -257,6 +277,7 @@ class RoundMachine:
         """Offer every pending task to the least-loaded worker that may take it; fail the
         tasks that no worker may take any more."""
         out = []
+        self.busy_until = {w: u for w, u in self.busy_until.items() if u > now_ms}
         for task in self.tasks.values():
             if task.status is not S.PENDING:
                 continue
@@ -268,7 +289,8 @@ class RoundMachine:
             if not able:
                 self._move(task, "give_up")
                 continue
-            free = [w for w in able if self._load(w) < self.capacity]
+            free = [w for w in able if self._load(w) < self.capacity
+                    and w not in self.busy_until]
             if not free:
                 continue  # wait for a worker to finish or be lost
             worker = min(free, key=lambda w: (self._load(w), self._done_by(w)))

@@ -4,8 +4,14 @@ the end, its receipts listed on the coordinator and on a worker."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from tests import netutil
@@ -75,4 +81,56 @@ def test_init_stdlib_submit_status_receipts(tmp_path: Path) -> None:
         table = iollm("receipts", "--home", str(worker)).stdout
         assert earned[0]["receipt"][:12] in table and "accepted" in table
     finally:
+        iollm("testnet", "down", "--dir", str(net), check=False)
+
+
+def test_a_coordinator_killed_mid_job_resumes_it_after_restart(tmp_path: Path) -> None:
+    """The coordinator is SIGKILLed once round 0 is recorded; started again, it resumes the
+    job at round 1 and finishes it, on top of the version round 0 published."""
+    net = tmp_path / "net"
+    iollm("testnet", "up", "--nodes", "2", "--dir", str(net), "--timeout", "60", timeout=90)
+    coordinator = net / "node-1"
+    home = ("--home", str(coordinator))
+    restarted = None
+    try:
+        base = iollm("model", "init", *home, timeout=120).stdout.strip()
+        data = iollm("dataset", "stdlib", *home, timeout=120).stdout.strip()
+        spec = job_file(tmp_path / "job.toml", base, data, rounds=2, workers_per_round=2,
+                        inner_steps=20)
+        job = iollm("job", "submit", str(spec), *home).stdout.strip()
+        deadline = time.monotonic() + 120
+        while True:  # polling another process's progress, with a deadline
+            status = json.loads(iollm("job", "status", job, "--json", *home).stdout)
+            if status["rounds"]:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert status["status"] == "running" and status["round"] == 1
+        first = status["rounds"][0]["version"]
+        pid = json.loads((coordinator / "node.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)  # a child of `testnet up` here only if run in-process
+        log = (tmp_path / "restart.log").open("w")
+        restarted = subprocess.Popen([sys.executable, "-m", "node.cli", "node", "start", *home],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while True:
+            done = iollm("job", "status", job, "--json", *home, check=False)
+            if done.returncode == 0:
+                status = json.loads(done.stdout)
+                if status["status"] != "running":
+                    break
+            assert time.monotonic() < deadline, done.stdout + done.stderr
+            time.sleep(0.5)
+        assert status["status"] == "done", status
+        assert [r["round"] for r in status["rounds"]] == [0, 1]
+        assert status["rounds"][1]["base"] == first, status
+        assert status["rounds"][1]["accepted"] >= 1, json.dumps(status["rounds"][1])
+        receipts = json.loads(iollm("receipts", "--job", job, "--json", *home).stdout)
+        assert len({(r["round"], r["task"]) for r in receipts}) == len(receipts)  # once each
+    finally:
+        if restarted is not None:
+            restarted.terminate()
+            restarted.wait(timeout=30)
         iollm("testnet", "down", "--dir", str(net), check=False)

@@ -136,8 +136,8 @@ def test_misuse_is_a_local_error() -> None:
         m._move(task, "submitted")  # pending -> submitted is not an edge
 
 
-EVENTS = st.lists(st.tuples(st.sampled_from(["accepted", "refused", "lost", "submitted",
-                                             "tick", "join"]),
+EVENTS = st.lists(st.tuples(st.sampled_from(["accepted", "refused", "busy", "lost",
+                                             "submitted", "tick", "join"]),
                             st.integers(0, 5), st.integers(0, 5), st.integers(0, 3_000)),
                   max_size=60)
 
@@ -161,6 +161,8 @@ def test_any_event_order_keeps_the_invariants(events: list[tuple[str, int, int, 
             offers = m.on_accepted(tid, worker, now)
         elif kind == "refused":
             offers = m.on_refused(tid, worker, now)
+        elif kind == "busy":
+            offers = m.on_refused(tid, worker, now, busy=True)
         elif kind == "lost":
             offers = m.on_lost(tid, worker, now)
         elif kind == "submitted":
@@ -185,9 +187,21 @@ def test_any_event_order_keeps_the_invariants(events: list[tuple[str, int, int, 
         if m.done:
             break
         now += OFFER + TASK
-        m.on_tick(now)
+        for a in m.on_tick(now):  # every offer refused from here on: the round must end
+            m.on_refused(a.task.task_id, a.worker, now)
     assert m.done
 
 
 def test_transition_table_has_no_edge_out_of_a_final_state() -> None:
     assert not [k for k in TRANSITIONS if k[0] in (TaskStatus.SUBMITTED, TaskStatus.FAILED)]
+
+
+def test_a_busy_worker_is_asked_again_later_and_it_costs_no_attempt() -> None:
+    m = machine(n_tasks=1, workers=("a",))
+    (first,) = m.start(0)
+    assert m.on_refused(first.task.task_id, "a", 10, busy=True) == []
+    assert m.next_deadline() == 10 + 2_000 and m.on_tick(10 + 1_999) == []
+    (again,) = m.on_tick(10 + 2_000)
+    assert again.worker == "a" and again.attempt == 1
+    m.on_refused(again.task.task_id, "a", 3_000)  # a real refusal: the task fails
+    assert m.done and m.failed() == ["r0-t0"]
