@@ -96,6 +96,7 @@ class WorkerStats:
     finished: int = 0
     failed: int = 0
     rebuilt: int = 0  # bases rebuilt from the parent and the outer update
+    train_s: float = 0.0  # wall time of the training children, summed
 
 
 class Worker:
@@ -249,6 +250,7 @@ class Worker:
                 timeout)
             if answer is None:
                 answer = await run_taskproc(request, timeout_s=timeout, what="training")
+            self.stats.train_s += float(answer.get("wall_s") or 0.0)
             delta = await models.publish(out_dir / "delta.safetensors", kind="model",
                                          name=f"delta {id_hex(assign.job_id)[:12]} "
                                               f"{assign.task_id}")
