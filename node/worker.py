@@ -302,6 +302,6 @@ class Worker:
                 if found:
                     break
                 await trio.sleep(0.5)
-        await self.models.fetch(found[0].version)
-        held = self.models.held[bytes.fromhex(found[0].version)]
+        held = await self._fetch(bytes.fromhex(found[0].version),
+                                 [ID.from_base58(found[0].publisher)])
         return self.models.store.shard_path(held.manifest.shards[0].root)
