@@ -46,7 +46,7 @@ from node.storage import JobRow, Storage
 from node.taskrun import TaskProcError, finite, run_taskproc
 from node.worker import BUSY_PREFIX, TASK_PROTOCOL, materialize, meets_requirements
 from protocol.coordination import Assign, RoundMachine, plan_round
-from protocol.errors import RemoteProtocolError
+from protocol.errors import ProtocolError, RemoteProtocolError
 from protocol.jobs import (
     MAX_REPLY_BYTES,
     MAX_RESULT_BYTES,
@@ -234,6 +234,17 @@ class Jobs:
         job_dir.mkdir(parents=True, exist_ok=True)
         try:
             dataset = await self._fetch(job.spec.dataset.hex())
+            job.spec.train_split(dataset.manifest.total_size)  # too small to split: fails now
+            if state["round"] == 0:
+                base = await self._fetch(state["base"])
+                arch = base.manifest.config.get("architecture")
+                if arch != "gpt":
+                    raise JobError(f"base_model: architecture {arch!r} cannot be trained here; "
+                                   "workers train the built-in 'gpt' (iollm model init)")
+                block = base.manifest.config.get("block_size")
+                if isinstance(block, int) and job.spec.seq_len > block:
+                    raise JobError(f"train.seq_len: {job.spec.seq_len} is longer than the "
+                                   f"model's context (block_size {block})")
             empty = 0
             while state["round"] < job.spec.rounds:
                 await self._fetch(state["base"])
@@ -256,9 +267,12 @@ class Jobs:
             state["status"] = "done"
             log.info("job %s done: %d rounds, final version %s", jid[:16], job.spec.rounds,
                      state["base"][:16])
-        except (FetchError, PublishError, TaskProcError, JobError) as exc:
+        except (FetchError, PublishError, TaskProcError, JobError, ProtocolError) as exc:
             state["status"], state["error"] = "failed", str(exc)
             log.warning("job %s failed: %s", jid[:16], exc)
+        except Exception as exc:  # a bug here must end this job, not the node's other work
+            log.exception("job %s failed", jid[:16])
+            state["status"], state["error"] = "failed", f"internal error: {exc!r}"
         with trio.CancelScope(shield=True):
             await self._save(jid, envelope)
         self.ended(jid).set()
