@@ -180,6 +180,9 @@ class Jobs:
             if self.models.info_of(version) is None:
                 raise JobError(f"{name}: version {id_hex(version)[:16]} is not known here "
                                f"(publish it, or wait for its announcement)")
+        held = self.models.held.get(spec.base_model)
+        if held is not None:
+            check_base(spec, held.manifest.config)
         job = Job(spec=spec, coordinator=self.peer_id, submitted_ms=self.clock_ms())
         envelope = seal_job(self.key, job)
         jid = job_id(envelope).hex()
@@ -236,15 +239,7 @@ class Jobs:
             dataset = await self._fetch(job.spec.dataset.hex())
             job.spec.train_split(dataset.manifest.total_size)  # too small to split: fails now
             if state["round"] == 0:
-                base = await self._fetch(state["base"])
-                arch = base.manifest.config.get("architecture")
-                if arch != "gpt":
-                    raise JobError(f"base_model: architecture {arch!r} cannot be trained here; "
-                                   "workers train the built-in 'gpt' (iollm model init)")
-                block = base.manifest.config.get("block_size")
-                if isinstance(block, int) and job.spec.seq_len > block:
-                    raise JobError(f"train.seq_len: {job.spec.seq_len} is longer than the "
-                                   f"model's context (block_size {block})")
+                check_base(job.spec, (await self._fetch(state["base"])).manifest.config)
             empty = 0
             while state["round"] < job.spec.rounds:
                 await self._fetch(state["base"])
@@ -577,6 +572,18 @@ class Jobs:
             Path(old_momentum).unlink(missing_ok=True)
         log.info("job %s round %d: %d accepted, held-out %.4f -> %.4f, version %s", jid[:16],
                  r, len(accepted), record["heldout_before"] or float("nan"), loss, new[:16])
+
+
+def check_base(spec: JobSpec, config: dict[str, Any]) -> None:
+    """JobError unless the workers can train ``spec`` on a model of this config."""
+    arch = config.get("architecture")
+    if arch != "gpt":
+        raise JobError(f"base_model: architecture {arch!r} cannot be trained here; workers "
+                       "train the built-in 'gpt' (iollm model init)")
+    block = config.get("block_size")
+    if isinstance(block, int) and spec.seq_len > block:
+        raise JobError(f"train.seq_len: {spec.seq_len} is longer than the model's context "
+                       f"(block_size {block})")
 
 
 def spec_summary(spec: JobSpec) -> dict[str, Any]:

@@ -58,6 +58,11 @@ def test_init_stdlib_submit_status_receipts(tmp_path: Path) -> None:
                                                       data, rounds=1, workers_per_round=2,
                                                       inner_steps=20)), *home, check=False)
         assert unknown.returncode == 1 and "base_model: version abab" in unknown.stderr
+        long = job_file(tmp_path / "long.toml", base, data, rounds=1, workers_per_round=2,
+                        inner_steps=20)
+        long.write_text(long.read_text().replace("seq_len = 64", "seq_len = 4096"))
+        too_long = iollm("job", "submit", str(long), *home, check=False)
+        assert too_long.returncode == 1 and "train.seq_len: 4096" in too_long.stderr
 
         good = job_file(tmp_path / "job.toml", base, data, rounds=1, workers_per_round=2,
                         inner_steps=20)
