@@ -136,7 +136,9 @@ def main() -> int:
         def solo(batch: int, what: str) -> dict[str, Any]:
             t0 = time.perf_counter()
             out = trainer.train_task(config, base, tokens, 0, train_len, recipe.seed + 11,
-                                     recipe.steps, batch, recipe.seq_len, recipe.lr)
+                                     recipe.steps, batch, recipe.seq_len, recipe.lr,
+                                     lr_end=None if recipe.lr_final == 1.0
+                                     else recipe.lr * recipe.lr_final)
             wall = time.perf_counter() - t0
             loss = final_loss(trainer.add(base, out.delta))
             log(f"({what}) {recipe.steps} steps of {batch}: held-out {loss:.4f} in {wall:.0f} s")
@@ -144,6 +146,8 @@ def main() -> int:
 
         ac_key = {**base_key, **{k: r[k] for k in ("steps", "lr", "heldout_fraction",
                                                    "eval_windows")}}
+        if recipe.lr_final != 1.0:  # (keys of earlier cached runs stay valid)
+            ac_key["lr_final"] = recipe.lr_final
         res_a = cached(args.cache, {"what": "a", **ac_key},
                        lambda: solo(recipe.workers * recipe.batch, "a"))
         res_c = cached(args.cache, {"what": "c", **ac_key}, lambda: solo(recipe.batch, "c"))

@@ -49,8 +49,12 @@ class Recipe:
     steps: int = 400
     batch: int = 8
     lr: float = 1e-3
+    # Linear decay of the learning rate over the `steps`, to lr * lr_final (1.0: constant),
+    # the same schedule for (a), (c) and, cut into rounds, for the workers of (b).
+    lr_final: float = 1.0
     # The network: rounds of `inner_steps` inner steps, then an outer Nesterov step.
     inner_steps: int = 100
+    inner_warmup: int = 0  # linear lr warmup at the start of every task (fresh AdamW)
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     aggregate: str = "trimmed"
@@ -88,10 +92,24 @@ def log(msg: str) -> None:
 
 def slice_of(recipe: Recipe, train_len: int, rnd: int, worker: int) -> tuple[int, int]:
     """(start, length) of a task's data: the training split cut into rounds * workers
-    consecutive slices, one per task, so no byte is trained on twice in a run."""
+    consecutive slices, one per task, so no byte is trained on twice in a run. Interleaved
+    (worker w takes slice w * rounds + rnd): a round's workers train on four distant parts
+    of the corpus, so one long atypical file (pydoc's 700 kB of English prose) cannot fill
+    two of a round's slices and outvote the trimmed mean."""
     n = recipe.rounds * recipe.workers
     length = train_len // n
-    return (rnd * recipe.workers + worker) * length, length
+    return (worker * recipe.rounds + rnd) * length, length
+
+
+def lr_range(recipe: Recipe, rnd: int) -> tuple[float, float | None]:
+    """(lr, lr_end) of a round's tasks: their segment of the run's linear decay."""
+    if recipe.lr_final == 1.0:
+        return recipe.lr, None
+
+    def g(t: int) -> float:
+        return recipe.lr * (1.0 - (1.0 - recipe.lr_final) * t / max(1, recipe.steps - 1))
+
+    return g(rnd * recipe.inner_steps), g((rnd + 1) * recipe.inner_steps - 1)
 
 
 def task_seed(recipe: Recipe, rnd: int, worker: int) -> int:
@@ -113,13 +131,14 @@ def run_simulated_network(recipe: Recipe, config: gpt.GPTConfig, base: State, to
     for rnd in range(recipe.rounds):
         cands: list[trainer.Candidate] = []
         losses = []
+        lr, lr_end = lr_range(recipe, rnd)
         for w in range(recipe.workers):
             start, length = slice_of(recipe, train_len, rnd, w)
             seed = task_seed(recipe, rnd, w)
             t0 = time.perf_counter()
             out = trainer.train_task(config, base, tokens, start, length, seed,
                                      recipe.inner_steps, recipe.batch, recipe.seq_len,
-                                     recipe.lr)
+                                     lr, warmup=recipe.inner_warmup, lr_end=lr_end)
             train_s += time.perf_counter() - t0
             wire = save(trainer.quantize_int8(out.delta))  # what the worker publishes
             sent += len(wire)
@@ -140,7 +159,8 @@ def run_simulated_network(recipe: Recipe, config: gpt.GPTConfig, base: State, to
             if rng.random() < recipe.reexec_fraction:
                 t0 = time.perf_counter()
                 again = trainer.train_task(config, base, tokens, c.slice_start, c.slice_len,
-                                           c.seed, c.steps, c.batch_size, c.seq_len, recipe.lr)
+                                           c.seed, c.steps, c.batch_size, c.seq_len, lr,
+                                           warmup=recipe.inner_warmup, lr_end=lr_end)
                 rerun = trainer.dequantize(trainer.quantize_int8(again.delta))
                 m["reexec_diff"] = trainer.reexec_diff(c.delta, rerun)
                 m["reexec_match"] = m["reexec_diff"] <= trainer.DEFAULT_THRESHOLDS.reexec_tol

@@ -26,7 +26,11 @@ Ops (fields without a default are required):
                          "batch_size", "seq_len"}, ...],   # in arrival order
              "reexec": [{"id", "train": {train request fields}}, ...],
              "thresholds": {Thresholds field: value}, "device": "cpu", "threads": 1}
-            (a delta entry may carry its training fields in a "train" object instead)
+            (a delta entry may carry its training fields in a "train" object instead).
+            The windows looked at are drawn from "seed": the coordinator should pick it at
+            random once the deltas are in, so that no worker knows in advance which of its
+            training windows (or which held-out windows) will be measured.
+            Deltas in arrival order: of a copy and its original, the later one is charged.
             -> {"results": {id: {metrics..., "reexec_match", "reexec_diff", "verdict",
                "reason"}}, "thresholds": {...}, "check_wall_s", "reexec_wall_s"}
 ``outer``   {"op": "outer", "model_dir": D, "deltas": [paths], "momentum": M0|null,

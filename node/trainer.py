@@ -147,15 +147,16 @@ class TaskOutput:
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int, lr_end: float | None) -> float:
-    """Linear warmup over ``warmup`` steps, then constant (``lr_end`` None) or a cosine
-    from ``lr`` down to ``lr_end`` at the last step."""
+    """Linear warmup over ``warmup`` steps, then constant (``lr_end`` None) or a straight
+    line from ``lr`` down to ``lr_end`` at the last step. Linear on purpose: a job's global
+    linear decay cut into rounds is exactly a sequence of tasks' linear segments."""
     if warmup and step < warmup:
         return lr * (step + 1) / warmup
     if lr_end is None:
         return lr
     span = max(1, steps - 1 - warmup)
     frac = min(1.0, (step - warmup) / span)
-    return lr_end + 0.5 * (lr - lr_end) * (1.0 + math.cos(math.pi * frac))
+    return lr + (lr_end - lr) * frac
 
 
 def train_task(config: gpt.GPTConfig, base_state: Mapping[str, Tensor], tokens: Any,

@@ -82,6 +82,7 @@ def test_lr_schedule() -> None:
     assert trainer.lr_at(0, 10, 1.0, 4, None) == 0.25
     assert trainer.lr_at(9, 10, 1.0, 0, 0.1) == pytest.approx(0.1)
     assert trainer.lr_at(0, 10, 1.0, 0, 0.1) == pytest.approx(1.0)
+    assert trainer.lr_at(3, 10, 1.0, 0, 0.1) == pytest.approx(0.7)  # linear
 
 
 def test_evaluate_is_deterministic(tokens: np.ndarray) -> None:

@@ -1,0 +1,167 @@
+"""``python -m node.taskproc`` as the daemon runs it: a child process, one JSON request on
+stdin, one JSON answer as the last stdout line. A 34k-parameter GPT and a few steps: each
+child costs about 2 s, nearly all of it importing torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
+SLICE = 100_000
+
+
+def start(req: Any) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    data = req if isinstance(req, bytes) else json.dumps(req).encode()
+    proc = subprocess.Popen([sys.executable, "-m", "node.taskproc"], cwd=ROOT, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(data)
+    proc.stdin.close()
+    return proc
+
+
+def finish(proc: subprocess.Popen[bytes]) -> tuple[int, dict[str, Any], str]:
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    rc = proc.wait(timeout=60)
+    answer = json.loads(out.decode().strip().splitlines()[-1])
+    return rc, answer, err.decode()
+
+
+def run(req: Any) -> dict[str, Any]:
+    rc, answer, err = finish(start(req))
+    assert rc == 0 and answer["ok"] is True, (answer, err[-2000:])
+    return answer
+
+
+def train_req(job: Path, w: int, out: str) -> dict[str, Any]:
+    return {"op": "train", "model_dir": str(job / "m0"), "data_files": [str(job / "c.txt")],
+            "slice_start": w * 3 * SLICE, "slice_len": SLICE, "seed": w, "steps": 20,
+            "batch_size": 8, "seq_len": 32, "lr": 3e-3, "device": "cpu", "threads": 1,
+            "out_dir": str(job / out)}
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A corpus, a fresh model and two workers' deltas; the two children that need nothing
+    but the request run at once."""
+    d = tmp_path_factory.mktemp("job")
+    corpus = start({"op": "corpus", "out": str(d / "c.txt")})
+    init = start({"op": "init", "arch": "gpt", "config": CONFIG, "seed": 0,
+                  "out_dir": str(d / "m0")})
+    for p in (corpus, init):
+        rc, answer, err = finish(p)
+        assert rc == 0 and answer["ok"], (answer, err)
+    procs = [start(train_req(d, w, f"t{w}")) for w in range(2)]
+    for p in procs:
+        rc, answer, err = finish(p)
+        assert rc == 0 and answer["ok"], (answer, err)
+        assert answer["tokens"] == 20 * 8 * 32 and answer["device"] == "cpu"
+        assert answer["last_loss"] < answer["first_loss"]
+        assert "train: step 20/20" in err  # progress on stderr
+    return d
+
+
+def test_init_and_corpus(job: Path) -> None:
+    assert 8e6 < (job / "c.txt").stat().st_size < 30e6
+    cfg = json.loads((job / "m0" / "config.json").read_text())
+    assert cfg["architecture"] == "gpt" and cfg["n_embd"] == 32
+    again = run({"op": "init", "arch": "gpt", "config": CONFIG, "seed": 0,
+                 "out_dir": str(job / "m0b")})
+    assert again["params"] == 34_688
+    for name in ("config.json", "model.safetensors"):
+        assert (job / "m0" / name).read_bytes() == (job / "m0b" / name).read_bytes()
+
+
+def test_train_is_deterministic(job: Path) -> None:
+    answer = run(train_req(job, 0, "t0again"))
+    assert answer["delta"] == str(job / "t0again" / "delta.safetensors")
+    assert answer["delta_bytes"] == (job / "t0again" / "delta.safetensors").stat().st_size
+    assert ((job / "t0" / "delta.safetensors").read_bytes()
+            == (job / "t0again" / "delta.safetensors").read_bytes())
+
+
+def test_check(job: Path) -> None:
+    (job / "garbage.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{}")
+    deltas = [{"id": f"w{w}", "path": str(job / f"t{w}" / "delta.safetensors"),
+               "slice_start": w * 3 * SLICE, "slice_len": SLICE, "seed": w, "steps": 20,
+               "batch_size": 8, "seq_len": 32} for w in range(2)]
+    deltas.append({**deltas[0], "id": "bad", "path": str(job / "garbage.safetensors")})
+    train = train_req(job, 1, "unused")
+    answer = run({"op": "check", "model_dir": str(job / "m0"),
+                  "data_files": [str(job / "c.txt")], "heldout_fraction": 0.05,
+                  "eval_batches": 1, "batch_size": 32, "seq_len": 32, "seed": 0,
+                  "deltas": deltas, "reexec": [{"id": "w1", "train": train}],
+                  # From scratch, 20 steps: the slice signal is weak (see Thresholds).
+                  "thresholds": {"min_own_excess": -1.0}, "threads": 1})
+    res = answer["results"]
+    assert list(res) == ["w0", "w1", "bad"]
+    for w in ("w0", "w1"):
+        m = res[w]
+        assert m["heldout_gain"] > 0.5 and m["heldout_new"] < m["heldout_base"]
+        assert m["own_gain"] > 0.5 and m["other_with"] in ("w0", "w1")
+        assert m["verdict"] == "accept", m
+    assert res["w0"]["reexec_match"] is None and res["w0"]["max_cosine_earlier"] is None
+    assert res["w1"]["reexec_match"] is True and res["w1"]["reexec_diff"] == 0.0
+    assert res["w1"]["max_cosine_earlier_with"] == "w0"
+    assert res["bad"]["verdict"] == "reject" and "unreadable" in res["bad"]["reason"]
+    assert answer["thresholds"]["min_own_excess"] == -1.0
+    assert answer["check_wall_s"] > 0 and answer["reexec_wall_s"] > 0
+
+
+def test_outer_then_apply_rebuilds_identical_bytes(job: Path) -> None:
+    deltas = [str(job / f"t{w}" / "delta.safetensors") for w in range(2)]
+    common = {"op": "outer", "deltas": deltas, "outer_lr": 0.7, "outer_momentum": 0.9,
+              "aggregate": "trimmed", "data_files": [str(job / "c.txt")],
+              "heldout_fraction": 0.05, "eval_batches": 1}
+    first = run({**common, "model_dir": str(job / "m0"), "momentum": None,
+                 "out_model_dir": str(job / "m1"), "out_update": str(job / "u1.safetensors"),
+                 "out_momentum": str(job / "mom1.safetensors")})
+    assert 0 < first["heldout_loss"] < 5.0 and first["n_deltas"] == 2
+    # Round two starts from m1 with round one's momentum and quantization residual.
+    second = start({**common, "model_dir": str(job / "m1"), "aggregate": "clip",
+                    "momentum": str(job / "mom1.safetensors"),
+                    "out_model_dir": str(job / "m2"), "out_update": str(job / "u2.safetensors"),
+                    "out_momentum": str(job / "mom2.safetensors")})
+    worker = start({"op": "apply", "model_dir": str(job / "m0"),
+                    "update": str(job / "u1.safetensors"), "out_model_dir": str(job / "w1")})
+    rc, answer, err = finish(second)
+    assert rc == 0, (answer, err)
+    rc, applied, err = finish(worker)
+    assert rc == 0, (applied, err)
+    assert applied["sha256"] == first["sha256"]
+    for name in ("config.json", "model.safetensors"):
+        assert (job / "m1" / name).read_bytes() == (job / "w1" / name).read_bytes()
+    applied2 = run({"op": "apply", "model_dir": str(job / "w1"),
+                    "update": str(job / "u2.safetensors"), "out_model_dir": str(job / "w2")})
+    assert applied2["sha256"] == answer["sha256"]
+    assert (job / "m2" / "model.safetensors").read_bytes() == (
+        job / "w2" / "model.safetensors").read_bytes()
+
+
+def test_errors(job: Path) -> None:
+    bad_slice = {**train_req(job, 0, "never"), "slice_start": 12_000_000_000}
+    cases = [
+        (b"{not json", "not JSON"),
+        ({"op": "fly"}, "unknown op 'fly'"),
+        ({**train_req(job, 0, "never"), "model_dir": "relative/dir"}, "not absolute"),
+        ({k: v for k, v in train_req(job, 0, "never").items() if k != "lr"}, "missing field 'lr'"),
+        (bad_slice, "outside the data"),
+        ({"op": "apply", "model_dir": str(job / "nope"), "update": str(job / "u.safetensors"),
+          "out_model_dir": str(job / "never")}, "no such file"),
+    ]
+    procs = [start(req) for req, _ in cases]
+    for p, (_, message) in zip(procs, cases, strict=True):
+        rc, answer, _ = finish(p)
+        assert rc == 1 and answer["ok"] is False and message in answer["error"], answer
+    assert not (job / "never").exists()  # nothing written for a failed request
