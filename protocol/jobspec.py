@@ -105,8 +105,9 @@ FIELDS: tuple[Field, ...] = (
        doc="integer reward units for the whole job"),
     _f("rewards.designer_share", "share", 0, BPS, attr="designer_share_bps", default=0.2,
        doc="fraction of the pool for the designer, 0..1, in whole basis points"),
-    _f("checks.heldout_tolerance", "float", -MAX_TOLERANCE, MAX_TOLERANCE, default=0.0,
-       doc="a delta must improve held-out loss by more than this"),
+    _f("checks.heldout_tolerance", "float", -MAX_TOLERANCE, MAX_TOLERANCE, default=-1.0,
+       doc="a delta must improve held-out loss by at least this (negative: may worsen it "
+           "by at most that much)"),
     _f("checks.reexec_fraction", "float", 0, 1, default=0.1,
        doc="fraction of tasks the coordinator re-executes"),
     _f("checks.max_cosine", "float", 0, 1, lo_open=True, default=0.95,

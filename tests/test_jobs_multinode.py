@@ -47,7 +47,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"model": root / "model", "data": root / "data" / "corpus.txt"}
 
 
-def job_toml(model: str, dataset: str, *, rounds: int, workers: int, **checks: Any) -> str:
+def job_toml(model: str, dataset: str, *, rounds: int, workers: int, inner_steps: int = 30,
+             **checks: Any) -> str:
     extra = "".join(f"{k} = {v}\n" for k, v in checks.items())
     return f"""
 name = "test-job"
@@ -56,7 +57,7 @@ dataset = "{dataset}"
 [train]
 rounds = {rounds}
 workers_per_round = {workers}
-inner_steps = 30
+inner_steps = {inner_steps}
 batch_size = 8
 seq_len = 64
 lr = 3e-3
@@ -170,7 +171,9 @@ def test_cheating_workers_are_rejected_and_the_job_completes(tmp_path: Path,
         async with cluster(tmp_path, workers) as nodes:
             jobs = nodes[0].jobs
             assert jobs is not None
-            jid = await start_job(nodes, assets, rounds=1, workers=len(nodes) - 1)
+            # Every task re-executed: that is what catches the wrong slice for sure.
+            jid = await start_job(nodes, assets, rounds=1, workers=len(nodes) - 1,
+                                  reexec_fraction=1.0)
             await jobs.ended(jid).wait()
             status = jobs.status(jid)
             assert status["status"] == "done", status

@@ -315,7 +315,8 @@ def test_judge_rules_and_overrides() -> None:
     assert trainer.judge({**ok, "heldout_gain": -1.1})[0] == "reject"
     assert trainer.judge({**ok, "heldout_gain": -1.1}, {"min_heldout_gain": -2})[0] == "accept"
     assert trainer.judge({**ok, "heldout_gain": math.nan})[0] == "reject"
-    assert trainer.judge({**ok, "other_gain": 0.19})[0] == "reject"
+    assert trainer.judge({**ok, "other_gain": 0.71})[0] == "reject"  # 0.2 - 0.71 < -0.5
+    assert trainer.judge({**ok, "other_gain": 0.69})[0] == "accept"
     assert trainer.judge({**ok, "other_gain": None}) == ("accept", "ok")  # lone delta
     assert trainer.judge({**ok, "max_cosine_earlier": 0.99})[0] == "reject"
     assert trainer.judge({**ok, "reexec_match": True, "reexec_diff": 0.0}) == ("accept", "ok")
