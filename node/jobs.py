@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 
 JOB_TOPIC = "/iollm/jobs/1"
 OFFER_TIMEOUT_S = 20.0  # dial, send the assignment, get the reply
+OFFER_TRIES = 2  # a stream that breaks before the reply is opened once more
+OFFER_RETRY_S = 1.0
 WORKER_GRACE_S = 15.0  # a round waits this long for workers_per_round workers, then starts
 NO_WORKER_TIMEOUT_S = 600.0  # a round without any worker for this long fails the job
 WORKER_POLL_S = 2.0  # how often the coordinator looks for new workers during a round
@@ -433,10 +435,24 @@ class Jobs:
         stream = None
         try:
             with trio.fail_after(OFFER_TIMEOUT_S):
-                stream = await self._open(a.worker)
-                await write_frame(stream, msg.encode(), OFFER_TIMEOUT_S)
-                reply = TaskReply.decode(await read_frame(stream, MAX_REPLY_BYTES,
-                                                          OFFER_TIMEOUT_S))
+                for attempt in range(OFFER_TRIES):
+                    try:
+                        stream = await self._open(a.worker)
+                        await write_frame(stream, msg.encode(), OFFER_TIMEOUT_S)
+                        reply = TaskReply.decode(await read_frame(stream, MAX_REPLY_BYTES,
+                                                                  OFFER_TIMEOUT_S))
+                        break
+                    except Exception as exc:  # FrameError, OSError, a failed dial
+                        # py-libp2p drops one of two connections dialled at once in both
+                        # directions, and the stream on it: one more try on a fresh one.
+                        if attempt + 1 == OFFER_TRIES or isinstance(exc, RemoteProtocolError):
+                            raise
+                        log.debug("offer of %s to %s failed (%r); again", a.task.task_id,
+                                  a.worker, exc)
+                        if stream is not None:
+                            await reset_quietly(stream)
+                            stream = None
+                        await trio.sleep(OFFER_RETRY_S)
             if reply.task_id != a.task.task_id:
                 raise RemoteProtocolError("malformed", "the reply names another task")
             if not reply.accepted:
