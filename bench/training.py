@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 from bench.training_sim import (  # noqa: E402
     Recipe,
+    RunNetwork,
     allreduce_bytes_per_worker,
     log,
     run_simulated_network,
@@ -80,13 +81,15 @@ def cached(cache: Path | None, key: dict[str, Any], fn: Any) -> Any:
     return value
 
 
-def main() -> int:
+def main(argv: list[str] | None = None, run_b: RunNetwork = run_simulated_network) -> int:
+    """The benchmark. ``run_b`` is part (b): the in-process simulation by default; the
+    network path (a job through real daemons) is any function of the same signature."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     recipe = dataclasses.replace(Recipe(), **parse_sets(args.set))
     torch.set_num_threads(args.threads)
     if recipe.steps % recipe.inner_steps:
@@ -156,8 +159,7 @@ def main() -> int:
             log(f"(b) round {rnd + 1}/{recipe.rounds}: held-out {final_loss(state):.4f}")
 
         t0 = time.perf_counter()
-        net = run_simulated_network(recipe, config, base, tokens, train_len, heldout,
-                                    on_round=on_round)
+        net = run_b(recipe, config, base, tokens, train_len, heldout, on_round)
         wall_b = time.perf_counter() - t0
         loss_b = final_loss(net.state)
 

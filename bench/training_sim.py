@@ -203,6 +203,13 @@ def run_simulated_network(recipe: Recipe, config: gpt.GPTConfig, base: State, to
         tasks=recipe.rounds * recipe.workers, rejected=rejected, rounds=rounds)
 
 
+# Part (b) of the benchmark: (recipe, config, base state, tokens, train_len, (held-out start,
+# length), on_round callback) -> NetworkResult. run_simulated_network is one; the network
+# path (the lead's run_network_job, through real daemons) is to be another.
+RunNetwork = Callable[[Recipe, gpt.GPTConfig, State, Any, int, tuple[int, int],
+                       Callable[[int, State], None] | None], NetworkResult]
+
+
 def allreduce_bytes_per_worker(n_params: int, workers: int, steps: int) -> int:
     """Ring all-reduce of fp32 gradients: each worker sends (and receives)
     2 (N - 1) / N * 4P bytes a step."""

@@ -62,7 +62,7 @@ from safetensors.torch import load_file, save
 
 from node import adversary, corpus, gpt, trainer
 
-__all__ = ["OPS", "RequestError", "handle", "main"]
+__all__ = ["OPS", "RequestError", "answer", "handle", "main"]
 
 DELTA_FILE = "delta.safetensors"
 RESIDUAL_SUFFIX = ".__residual"
@@ -441,8 +441,8 @@ def handle(req: Any) -> dict[str, Any]:
     return OPS[op](req)
 
 
-def main() -> int:
-    raw = sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1)
+def answer(raw: bytes) -> tuple[int, dict[str, Any]]:
+    """(exit code, answer object) for the raw bytes of a request."""
     try:
         if len(raw) > MAX_REQUEST_BYTES:
             raise RequestError(f"request over {MAX_REQUEST_BYTES} bytes")
@@ -450,17 +450,18 @@ def main() -> int:
             req = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(f"request is not JSON: {e}") from None
-        answer = {"ok": True, **clean(handle(req))}
-        code = 0
+        return 0, {"ok": True, **clean(handle(req))}
     except (ValueError, OSError) as e:
         # ValueError covers RequestError and the checks of gpt/trainer/corpus.
-        answer = {"ok": False, "error": str(e) or type(e).__name__}
-        code = 1
+        return 1, {"ok": False, "error": str(e) or type(e).__name__}
     except Exception as e:  # a bug: the traceback goes to stderr, the answer says what
         traceback.print_exc()
-        answer = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
-        code = 1
-    sys.stdout.write(json.dumps(answer, allow_nan=False) + "\n")
+        return 1, {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+
+
+def main() -> int:
+    code, obj = answer(sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1))
+    sys.stdout.write(json.dumps(obj, allow_nan=False) + "\n")
     sys.stdout.flush()
     return code
 

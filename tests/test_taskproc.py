@@ -150,18 +150,27 @@ def test_outer_then_apply_rebuilds_identical_bytes(job: Path) -> None:
 
 
 def test_errors(job: Path) -> None:
+    # One child for the process contract (exit code 1, the error as the last stdout line);
+    # the other cases in-process through the same function the child's main calls.
+    rc, answer, _ = finish(start(b"{not json"))
+    assert rc == 1 and answer == {"ok": False, "error": answer["error"]}
+    assert "not JSON" in answer["error"]
+    from node import taskproc
+
     bad_slice = {**train_req(job, 0, "never"), "slice_start": 12_000_000_000}
     cases = [
-        (b"{not json", "not JSON"),
         ({"op": "fly"}, "unknown op 'fly'"),
         ({**train_req(job, 0, "never"), "model_dir": "relative/dir"}, "not absolute"),
         ({k: v for k, v in train_req(job, 0, "never").items() if k != "lr"}, "missing field 'lr'"),
+        ({**train_req(job, 0, "never"), "steps": "many"}, "expected int"),
         (bad_slice, "outside the data"),
         ({"op": "apply", "model_dir": str(job / "nope"), "update": str(job / "u.safetensors"),
           "out_model_dir": str(job / "never")}, "no such file"),
+        ({"op": "check", "model_dir": str(job / "m0"), "data_files": [str(job / "c.txt")],
+          "heldout_fraction": 0.05, "eval_batches": 1, "batch_size": 4, "seq_len": 32,
+          "seed": 0, "deltas": [], "thresholds": {"max_cosin": 1}}, "unknown threshold"),
     ]
-    procs = [start(req) for req, _ in cases]
-    for p, (_, message) in zip(procs, cases, strict=True):
-        rc, answer, _ = finish(p)
-        assert rc == 1 and answer["ok"] is False and message in answer["error"], answer
+    for req, message in cases:
+        code, obj = taskproc.answer(json.dumps(req).encode())
+        assert code == 1 and obj["ok"] is False and message in obj["error"], obj
     assert not (job / "never").exists()  # nothing written for a failed request
