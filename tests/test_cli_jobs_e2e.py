@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import netutil
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -31,6 +33,7 @@ def job_file(path: Path, base: str, data: str, **train: int) -> Path:
     return path
 
 
+@pytest.mark.timeout(400)
 def test_init_stdlib_submit_status_receipts(tmp_path: Path) -> None:
     net = tmp_path / "net"
     iollm("testnet", "up", "--nodes", "2", "--dir", str(net), "--timeout", "60", timeout=90)
@@ -89,6 +92,7 @@ def test_init_stdlib_submit_status_receipts(tmp_path: Path) -> None:
         iollm("testnet", "down", "--dir", str(net), check=False)
 
 
+@pytest.mark.timeout(500)
 def test_a_coordinator_killed_mid_job_resumes_it_after_restart(tmp_path: Path) -> None:
     """The coordinator is SIGKILLed once round 0 is recorded; started again, it resumes the
     job at round 1 and finishes it, on top of the version round 0 published."""

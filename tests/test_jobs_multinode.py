@@ -101,6 +101,7 @@ def run(fn: Any, timeout: float) -> Any:
     return trio.run(main)
 
 
+@pytest.mark.timeout(200)
 def test_three_workers_two_rounds_loss_goes_down(tmp_path: Path, assets: dict[str, Path]) -> None:
     honest = WorkerSection()
 
@@ -134,9 +135,10 @@ def test_three_workers_two_rounds_loss_goes_down(tmp_path: Path, assets: dict[st
             assert {open_receipt(r.envelope).worker for r in issued} == {
                 n.peer_id for n in nodes[1:]}
 
-    run(main, timeout=110)
+    run(main, timeout=180)
 
 
+@pytest.mark.timeout(200)
 def test_a_worker_killed_mid_round_has_its_task_reassigned(tmp_path: Path,
                                                            assets: dict[str, Path]) -> None:
     honest = WorkerSection()
@@ -156,12 +158,13 @@ def test_a_worker_killed_mid_round_has_its_task_reassigned(tmp_path: Path,
             assert victim.peer_id not in {t["worker"] for t in rnd["tasks"]}
             assert status["base"] != rnd["base"]  # a new version was published
 
-    run(main, timeout=110)
+    run(main, timeout=180)
 
 
 ADVERSARIES = ["random", "zero", "copy", "copy-noise", "wrong-slice"]
 
 
+@pytest.mark.timeout(300)
 def test_cheating_workers_are_rejected_and_the_job_completes(tmp_path: Path,
                                                               assets: dict[str, Path]) -> None:
     workers = [WorkerSection(enabled=False), WorkerSection(), WorkerSection()] + [
@@ -192,4 +195,4 @@ def test_cheating_workers_are_rejected_and_the_job_completes(tmp_path: Path,
                                                                   nodes[2].peer_id}
             assert rnd["version"] is not None  # the honest deltas made a new version
 
-    run(main, timeout=170)
+    run(main, timeout=280)
