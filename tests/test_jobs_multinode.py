@@ -176,7 +176,7 @@ def test_cheating_workers_are_rejected_and_the_job_completes(tmp_path: Path,
             assert jobs is not None
             # Every task re-executed: that is what catches the wrong slice for sure.
             jid = await start_job(nodes, assets, rounds=1, workers=len(nodes) - 1,
-                                  reexec_fraction=1.0)
+                                  inner_steps=20, reexec_fraction=1.0)
             await jobs.ended(jid).wait()
             status = jobs.status(jid)
             assert status["status"] == "done", status
