@@ -81,15 +81,22 @@ def cached(cache: Path | None, key: dict[str, Any], fn: Any) -> Any:
     return value
 
 
-def main(argv: list[str] | None = None, run_b: RunNetwork = run_simulated_network) -> int:
-    """The benchmark. ``run_b`` is part (b): the in-process simulation by default; the
-    network path (a job through real daemons) is any function of the same signature."""
+def main(argv: list[str] | None = None, run_b: RunNetwork | None = None) -> int:
+    """The benchmark. ``run_b`` is part (b): by default a real job on a local cluster
+    (bench/training_net.py), with ``--sim`` the in-process simulation of the same steps."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sim", action="store_true",
+                    help="part (b) simulated in this process (the same functions, no network):"
+                         " for tuning a recipe quickly; a benchmark run uses the network")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if run_b is None:
+        from bench.training_net import run_network_job
+
+        run_b = run_simulated_network if args.sim else run_network_job
     recipe = dataclasses.replace(Recipe(), **parse_sets(args.set))
     torch.set_num_threads(args.threads)
     if recipe.steps % recipe.inner_steps:

@@ -71,8 +71,14 @@ def _fetched(n: LocalNode) -> int:
 
 
 def run_network_job(recipe: Recipe, config: gpt.GPTConfig, base: State, tokens: Any,
-                    train_len: int, heldout: tuple[int, int], *,
+                    train_len: int, heldout: tuple[int, int],
                     on_round: Callable[[int, State], None] | None = None) -> NetworkResult:
+    unsupported = {k: v for k, v in (("lr_final", recipe.lr_final != 1.0),
+                                      ("inner_warmup", recipe.inner_warmup != 0),
+                                      ("aggregate", recipe.aggregate != "trimmed")) if v}
+    if unsupported:
+        raise SystemExit(f"the job spec has no field for {', '.join(unsupported)}: run the "
+                         "network with their defaults, or --sim")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         gpt.save_model(root / "base", config, base)
