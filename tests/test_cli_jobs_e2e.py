@@ -92,6 +92,7 @@ def test_init_stdlib_submit_status_receipts(tmp_path: Path) -> None:
         iollm("testnet", "down", "--dir", str(net), check=False)
 
 
+@pytest.mark.slow  # about a minute: `bash scripts/test.sh -m slow`
 @pytest.mark.timeout(500)
 def test_a_coordinator_killed_mid_job_resumes_it_after_restart(tmp_path: Path) -> None:
     """The coordinator is SIGKILLed once round 0 is recorded; started again, it resumes the
