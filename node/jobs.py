@@ -305,9 +305,8 @@ class Jobs:
         spec, r = job.spec, state["round"]
         started = self.clock_ms()
         train_len = spec.train_split(dataset.manifest.total_size)
-        tasks = plan_round(job_seed=spec.seed, round_=r, n_tasks=spec.workers_per_round,
-                           train_len=train_len,
-                           tokens_per_task=spec.inner_steps * spec.batch_size * (spec.seq_len + 1),
+        tasks = plan_round(job_seed=spec.seed, round_=r, rounds=spec.rounds,
+                           n_tasks=spec.workers_per_round, train_len=train_len,
                            min_slice=spec.seq_len + 2)
         workers = await self._wait_for_workers(job)
         log.info("job %s round %d: %d tasks, %d candidate workers", jid[:16], r, len(tasks),

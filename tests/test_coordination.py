@@ -26,8 +26,8 @@ OFFER, TASK = 1_000, 10_000
 
 def machine(n_tasks: int = 3, workers: tuple[str, ...] = ("a", "b", "c"), **kw: int
             ) -> RoundMachine:
-    tasks = plan_round(job_seed=1, round_=0, n_tasks=n_tasks, train_len=10_000,
-                       tokens_per_task=1_000, min_slice=65)
+    tasks = plan_round(job_seed=1, round_=0, rounds=2, n_tasks=n_tasks, train_len=10_000,
+                       min_slice=65)
     return RoundMachine(tasks, workers, offer_timeout_ms=OFFER, task_timeout_ms=TASK, **kw)
 
 
@@ -41,8 +41,8 @@ def test_protocol_coordination_imports_no_io() -> None:
 def test_plan_round_slices_are_disjoint_inside_the_split_and_move_on_each_round() -> None:
     seen = []
     for r in range(3):
-        tasks = plan_round(job_seed=7, round_=r, n_tasks=4, train_len=100_000,
-                           tokens_per_task=5_000, min_slice=65)
+        tasks = plan_round(job_seed=7, round_=r, rounds=3, n_tasks=4, train_len=100_000,
+                           min_slice=65)
         spans = sorted((t.slice_start, t.slice_start + t.slice_len) for t in tasks)
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
         assert all(s >= 0 and e <= 100_000 for s, e in spans)
@@ -52,13 +52,12 @@ def test_plan_round_slices_are_disjoint_inside_the_split_and_move_on_each_round(
 
 
 def test_plan_round_small_split_shares_it_and_refuses_a_split_under_one_sequence() -> None:
-    tasks = plan_round(job_seed=0, round_=5, n_tasks=4, train_len=1_000,
-                       tokens_per_task=10_000, min_slice=65)
-    assert {t.slice_len for t in tasks} == {250}
+    tasks = plan_round(job_seed=0, round_=5, rounds=8, n_tasks=4, train_len=1_000,
+                       min_slice=65)
+    assert {t.slice_len for t in tasks} == {65}  # 1000 // 32 is under one sequence
     assert all(t.slice_start + t.slice_len <= 1_000 for t in tasks)
     with pytest.raises(LocalProtocolError, match="shorter than one sequence"):
-        plan_round(job_seed=0, round_=0, n_tasks=1, train_len=10, tokens_per_task=10,
-                   min_slice=65)
+        plan_round(job_seed=0, round_=0, rounds=1, n_tasks=1, train_len=10, min_slice=65)
 
 
 def test_every_task_is_offered_once_to_distinct_workers() -> None:
@@ -124,7 +123,7 @@ def test_a_worker_joining_mid_round_takes_a_waiting_task() -> None:
 
 
 def test_misuse_is_a_local_error() -> None:
-    tasks = plan_round(job_seed=0, round_=0, n_tasks=2, train_len=1000, tokens_per_task=10,
+    tasks = plan_round(job_seed=0, round_=0, rounds=1, n_tasks=2, train_len=1000,
                        min_slice=10)
     with pytest.raises(LocalProtocolError):
         RoundMachine([tasks[0], tasks[0]], ["a"], offer_timeout_ms=1, task_timeout_ms=1)
