@@ -46,22 +46,24 @@ class Recipe:
     # The comparison: every worker (and (c)) runs `steps` steps of `batch` windows;
     # (a) runs `steps` steps of workers * batch windows.
     workers: int = 4
-    steps: int = 400
+    steps: int = 800
     batch: int = 8
     lr: float = 1e-3
     # Linear decay of the learning rate over the `steps`, to lr * lr_final (1.0: constant),
     # the same schedule for (a), (c) and, cut into rounds, for the workers of (b).
     lr_final: float = 1.0
+    # Data of a task: "per_task", "per_worker", "shared" or "plan_round" (see slice_of).
+    slicing: str = "per_task"
     # The network: rounds of `inner_steps` inner steps, then an outer Nesterov step.
-    inner_steps: int = 100
+    inner_steps: int = 80
     inner_warmup: int = 0  # linear lr warmup at the start of every task (fresh AdamW)
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     aggregate: str = "trimmed"
     # Checks: windows per measurement, share of tasks re-executed.
-    check_windows: int = 32
+    check_windows: int = 16
     check_batch: int = 32
-    reexec_fraction: float = 0.02
+    reexec_fraction: float = 0.01
     # Final held-out evaluation of (a), (b), (c): the same windows for all three.
     eval_windows: int = 512
 
@@ -91,11 +93,33 @@ def log(msg: str) -> None:
 
 
 def slice_of(recipe: Recipe, train_len: int, rnd: int, worker: int) -> tuple[int, int]:
-    """(start, length) of a task's data: the training split cut into rounds * workers
-    consecutive slices, one per task, so no byte is trained on twice in a run. Interleaved
-    (worker w takes slice w * rounds + rnd): a round's workers train on four distant parts
-    of the corpus, so one long atypical file (pydoc's 700 kB of English prose) cannot fill
-    two of a round's slices and outvote the trimmed mean."""
+    """(start, length) of a task's data.
+
+    ``per_worker``: worker w trains on the w-th of ``workers`` equal parts of the training
+    split in every round (a new seed, so new windows, each round). ``per_task``: the split
+    cut into rounds * workers slices, one per task, interleaved (worker w takes slice
+    w * rounds + rnd), so no byte is trained on twice. ``shared``: every task samples the
+    whole split. ``plan_round``: what the network's coordinator does
+    (protocol.coordination.plan_round: adjacent slices of the bytes one task reads).
+    Small slices hold few files (an 11 MB split in 80 slices: about 8 files each), and a
+    worker that trains on eight files drifts towards them: the round's average then covers
+    a few dozen files where one data-parallel step samples hundreds.
+    """
+    if recipe.slicing == "plan_round":
+        from protocol.coordination import plan_round
+
+        plans = plan_round(job_seed=recipe.seed, round_=rnd, n_tasks=recipe.workers,
+                           train_len=train_len,
+                           tokens_per_task=recipe.inner_steps * recipe.batch * (recipe.seq_len + 1),
+                           min_slice=recipe.seq_len + 1)
+        return plans[worker].slice_start, plans[worker].slice_len
+    if recipe.slicing == "shared":
+        return 0, train_len
+    if recipe.slicing == "per_worker":
+        length = train_len // recipe.workers
+        return worker * length, length
+    if recipe.slicing != "per_task":
+        raise ValueError(f"unknown slicing {recipe.slicing!r}")
     n = recipe.rounds * recipe.workers
     length = train_len // n
     return (worker * recipe.rounds + rnd) * length, length
@@ -189,6 +213,7 @@ def run_simulated_network(recipe: Recipe, config: gpt.GPTConfig, base: State, to
             "accepted": len(accepted),
             "train_loss": [round(b, 4) for _, b in losses],
             "heldout_gain": [round(metrics[c.id]["heldout_gain"], 4) for c in cands],
+            "own_gain": [round(metrics[c.id]["own_gain"], 4) for c in cands],
             "own_excess": [round(metrics[c.id]["own_gain"] - (metrics[c.id]["other_gain"] or 0),
                                  4) for c in cands],
             "max_cosine": [round(metrics[c.id]["max_cosine"], 3) for c in cands],
