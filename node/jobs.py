@@ -44,7 +44,13 @@ from node.models import FetchError, Models, PublishError
 from node.receipts import Receipts
 from node.storage import JobRow, Storage
 from node.taskrun import TaskProcError, finite, run_taskproc
-from node.worker import BUSY_PREFIX, TASK_PROTOCOL, materialize, meets_requirements
+from node.worker import (
+    BUSY_PREFIX,
+    FETCH_RETRIES_S,
+    TASK_PROTOCOL,
+    materialize,
+    meets_requirements,
+)
 from protocol.coordination import Assign, RoundMachine, plan_round
 from protocol.errors import ProtocolError, RemoteProtocolError
 from protocol.jobs import (
@@ -504,8 +510,15 @@ class Jobs:
             assert outcome.result is not None
             try:
                 with trio.fail_after(FETCH_DELTA_TIMEOUT_S):
-                    held = await self._fetch(outcome.result.delta_version.hex(),
-                                             hint=[ID.from_base58(outcome.assign.worker)])
+                    for delay in (*FETCH_RETRIES_S, None):  # a busy worker's answer is late
+                        try:
+                            held = await self._fetch(outcome.result.delta_version.hex(),
+                                                     hint=[ID.from_base58(outcome.assign.worker)])
+                            break
+                        except FetchError:
+                            if delay is None:
+                                raise
+                            await trio.sleep(delay)
                 if len(held.manifest.shards) != 1:
                     raise FetchError("a delta is one safetensors file")
                 paths[tid] = str(self.models.store.shard_path(held.manifest.shards[0].root))
