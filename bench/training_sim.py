@@ -108,10 +108,9 @@ def slice_of(recipe: Recipe, train_len: int, rnd: int, worker: int) -> tuple[int
     if recipe.slicing == "plan_round":
         from protocol.coordination import plan_round
 
-        plans = plan_round(job_seed=recipe.seed, round_=rnd, n_tasks=recipe.workers,
-                           train_len=train_len,
-                           tokens_per_task=recipe.inner_steps * recipe.batch * (recipe.seq_len + 1),
-                           min_slice=recipe.seq_len + 1)
+        plans = plan_round(job_seed=recipe.seed, round_=rnd, rounds=recipe.rounds,
+                           n_tasks=recipe.workers, train_len=train_len,
+                           min_slice=recipe.seq_len + 2)
         return plans[worker].slice_start, plans[worker].slice_len
     if recipe.slicing == "shared":
         return 0, train_len
