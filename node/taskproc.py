@@ -21,15 +21,16 @@ Ops (fields without a default are required):
             -> O/delta.safetensors (int8); {"first_loss", "last_loss", "tokens", "wall_s",
                "delta": path, "delta_bytes": size, "device": device used}
 ``check``   {"op": "check", "model_dir": D, "data_files": [...], "heldout_fraction": h,
-             "eval_batches": n, "batch_size": b, "seq_len": T, "seed": k,
+             "eval_batches": n, "batch_size": b, "seq_len": T, "seed": k, "window_seed": k,
              "deltas": [{"id", "path", "slice_start", "slice_len", "seed", "steps",
                          "batch_size", "seq_len"}, ...],   # in arrival order
              "reexec": [{"id", "train": {train request fields}}, ...],
              "thresholds": {Thresholds field: value}, "device": "cpu", "threads": 1}
             (a delta entry may carry its training fields in a "train" object instead).
-            The windows looked at are drawn from "seed": the coordinator should pick it at
-            random once the deltas are in, so that no worker knows in advance which of its
-            training windows (or which held-out windows) will be measured.
+            "seed" draws the held-out windows (fixed per job: comparable losses);
+            "window_seed" (default: "seed") picks which of each task's training windows are
+            measured: the coordinator should draw it at random once the deltas are in, so
+            that no worker knows in advance which of its windows will be looked at.
             Deltas in arrival order: of a copy and its original, the later one is charged.
             -> {"results": {id: {metrics..., "reexec_match", "reexec_diff", "verdict",
                "reason"}}, "thresholds": {...}, "check_wall_s", "reexec_wall_s"}
@@ -304,6 +305,7 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
     try:
         metrics = trainer.check_round(config, base, cands, tokens, heldout=(h_start, n - h_start),
                                       n_windows=n_windows, batch_size=batch, seed=seed,
+                                      window_seed=int_field(req, "window_seed", 0, seed),
                                       seq_len=seq_len, device=device)
     except ValueError as err:
         raise RequestError(f"check: {err}") from None

@@ -459,7 +459,12 @@ class Thresholds:
     # of a round's deltas does not.
     min_heldout_gain: float = -1.0
     # Loss must fall on the windows the task trained on (catches random, zero, wrong-slice
-    # deltas and copies: none of them lowers the loss on these exact bytes).
+    # deltas and copies: none of them lowers the loss on these exact bytes). Benchmark
+    # recipe (tiny GPT, 80 inner steps of 8 x 128, 287 kB interleaved slices, 16 windows):
+    # honest 0.21-0.41 over 8 tasks; random -0.15, wrong slice -0.05..+0.01, copy
+    # -0.03..+0.02, noisy copy -0.03..+0.09 (cosine catches those). From scratch the
+    # windows a task trained on are no more improved than any others: this check and the
+    # next mean little in a job's first rounds from an untrained model.
     min_own_gain: float = 0.03
     # ... and not by much less than on another worker's trained windows. Measured by the
     # lead with 30 inner steps of 8 x 64 bytes (tiny GPT, stdlib corpus): own - other gain
@@ -468,11 +473,16 @@ class Thresholds:
     # slice scored -0.26 in a job run; so this only catches gross cases, safely for honest
     # workers, and re-execution is what reliably catches a wrong slice.
     min_own_excess: float = -0.5
-    # Cosine with any earlier delta of the round above this: a copy.
+    # Cosine with any earlier delta of the round above this: a copy. Honest deltas of one
+    # round: <= 0.54 with the benchmark recipe (0.78 from scratch), <= 0.83 in the tests;
+    # a copy 1.0, a copy plus 10% noise 0.995.
     max_cosine: float = 0.95
     # Delta norm relative to the base's norm below this: no (or hardly any) work done.
     min_rel_norm: float = 1e-3
     # Re-execution: relative L2 difference of the dequantized deltas above this: a mismatch.
+    # Same thread count: 0 (bit-identical); 1 against 2 threads: 5e-4 (100 steps) and
+    # 1.2e-3 (80 steps); half the steps: 0.54; another seed: about 1. CPU only: a bf16
+    # CUDA run against a CPU one was not measured.
     reexec_tol: float = 0.05
 
     def to_json(self) -> dict[str, float]:
@@ -592,8 +602,15 @@ def heldout_windows(start: int, length: int, n: int, seq_len: int, seed: int,
 def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
                 candidates: Sequence[Candidate], tokens: Any, *, heldout: tuple[int, int],
                 n_windows: int, batch_size: int, seed: int, seq_len: int | None = None,
+                window_seed: int | None = None,
                 device: str = "cpu") -> dict[str, dict[str, Any]]:
     """Loss and similarity checks of a round's deltas (in arrival order), by id.
+
+    ``seed`` draws the held-out windows (a fixed seed keeps rounds comparable);
+    ``window_seed`` (default ``seed``) picks which of each task's training windows are
+    measured: it must be unpredictable to workers (drawn after the deltas are in), or a
+    lazy worker could train on just those windows. ``seq_len`` is that of the held-out
+    windows (default: the first candidate's).
 
     Costs (forward passes of ``n_windows`` windows each): 1 for the base on held-out, 1 for
     the base on each candidate's own windows, and 3 per candidate (held-out, own windows,
@@ -619,7 +636,8 @@ def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
     base_norm = max(norm(base), 1e-30)
     h_starts = heldout_windows(heldout[0], heldout[1], n_windows, seq_len, seed, n_tok)
     heldout_base = windows_loss(base_model, tokens, h_starts, seq_len, batch_size, device)
-    own = [task_windows(c, n_windows, seed + 1 + i, n_tok) for i, c in enumerate(candidates)]
+    wseed = seed if window_seed is None else window_seed
+    own = [task_windows(c, n_windows, wseed + 1 + i, n_tok) for i, c in enumerate(candidates)]
     own_base = [windows_loss(base_model, tokens, w, c.seq_len, batch_size, device)
                 for w, c in zip(own, candidates, strict=True)]
     del base_model

@@ -101,7 +101,8 @@ def test_check(job: Path) -> None:
     answer = run({"op": "check", "model_dir": str(job / "m0"),
                   "data_files": [str(job / "c.txt")], "heldout_fraction": 0.05,
                   "eval_batches": 1, "batch_size": 32, "seq_len": 32, "seed": 0,
-                  "deltas": deltas, "reexec": [{"id": "w1", "train": train}],
+                  "window_seed": 987654321, "deltas": deltas,
+                  "reexec": [{"id": "w1", "train": train}],
                   # From scratch, 20 steps: the slice signal is weak (see Thresholds).
                   "thresholds": {"min_own_excess": -1.0}, "threads": 1})
     res = answer["results"]
