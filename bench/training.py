@@ -20,7 +20,7 @@ against per-step fp32 ring all-reduce, and checking time against training time.
 Goals (exit 1 when one is missed): efficiency >= 0.8; all-reduce bytes / bytes sent >= 400;
 checking (loss checks plus sampled re-execution) under 5% of training time.
 
-Measured with the default recipe and --sim (2-core machine, one thread, 26 min): (a)
+Measured with the default recipe and --sim (2-core machine, one thread, 15 min): (a)
 1.4980, (b) 1.6024, (c) 1.8053: efficiency 0.66 (goal missed), 464x fewer bytes each
 way, checking 3.4% of training plus 1% re-execution.
 
