@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import random
+import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -545,6 +546,9 @@ class Jobs:
                 "heldout_fraction": spec.heldout_fraction, "eval_batches": spec.eval_batches,
                 "batch_size": spec.batch_size, "seq_len": spec.seq_len,
                 "seed": spec.seed,  # the same held-out windows every round: comparable losses
+                # Which trained windows are measured is drawn only now, after the deltas are
+                # in: a worker that could predict them could train on those alone.
+                "window_seed": secrets.randbits(62),
                 "threads": self.threads,
                 "deltas": [{"id": tid, "path": p, "slice_start": plans[tid].slice_start,
                             "slice_len": plans[tid].slice_len, "seed": plans[tid].seed,
