@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-import msgpack
 from nacl.signing import SigningKey
 
 from protocol.checks import MAX_INT as MAX_INT  # re-exported: specs/capability.md names it here
@@ -33,6 +32,7 @@ from protocol.checks import Invalid as _Invalid
 from protocol.checks import check_int as _check_int
 from protocol.checks import check_keys as _check_keys
 from protocol.checks import fail as _fail
+from protocol.checks import packb
 from protocol.checks import to_remote as _remote
 from protocol.envelope import DOMAIN_CAPABILITY, open_envelope, seal, unpack_strict
 from protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -311,7 +311,7 @@ class CapabilityRecord:
 
     def encode_body(self) -> bytes:
         """The msgpack body bytes that the envelope signs."""
-        return _packb(self.to_dict())
+        return packb(self.to_dict())
 
     @classmethod
     def decode_body(cls, body: bytes) -> CapabilityRecord:
@@ -323,10 +323,6 @@ _RECORD_KEYS = frozenset(
     {"v", "peer_id", "addrs", "software", "seq", "created_ms", "expires_ms", "env"}
 )
 
-
-def _packb(obj: object) -> bytes:
-    packed: bytes = msgpack.packb(obj, use_bin_type=True)
-    return packed
 
 
 def next_seq(previous: int | None, now_ms: int) -> int:
@@ -449,7 +445,7 @@ class SyncRequest:
             _check_int("limit", self.limit, 1, MAX_SYNC_RECORDS)
         except _Invalid as exc:
             raise LocalProtocolError(str(exc)) from None
-        return _packb({"v": SYNC_VERSION, "since_ms": self.since_ms, "limit": self.limit})
+        return packb({"v": SYNC_VERSION, "since_ms": self.since_ms, "limit": self.limit})
 
 
 def decode_sync_request(data: bytes) -> SyncRequest:

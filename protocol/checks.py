@@ -8,11 +8,26 @@ peer.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, NoReturn
+
+import msgpack
 
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 
 MAX_INT = 2**63 - 1  # every integer field fits SQLite's signed 64-bit INTEGER
+ID_BYTES = 32  # every id in protocol/ is a BLAKE2b-256 digest
+
+
+def packb(obj: object) -> bytes:
+    """The one msgpack encoding protocol/ signs and hashes (bin type for bytes)."""
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
+
+
+def digest(data: bytes) -> bytes:
+    """BLAKE2b-256: every id in protocol/."""
+    return hashlib.blake2b(data, digest_size=ID_BYTES).digest()
 
 
 class Invalid(LocalProtocolError):

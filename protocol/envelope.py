@@ -33,9 +33,14 @@ DOMAIN_JOB = "iollm/job/v1"  # a signed training job (specs/jobs.md)
 DOMAIN_TASK_RESULT = "iollm/task-result/v1"  # a worker's signed task result (specs/jobs.md)
 DOMAIN_RECEIPT = "iollm/receipt/v1"  # a contribution receipt (specs/jobs.md)
 DOMAIN_FEED = "iollm/feed/v1"  # an entry of a node's append-only feed (specs/jobs.md)
+DOMAIN_PROPOSAL = "iollm/proposal/v1"  # a block proposal (specs/consensus.md)
+DOMAIN_VOTE = "iollm/vote/v1"  # a prevote or precommit (specs/consensus.md)
+DOMAIN_ROUND = "iollm/round/v1"  # a coordinator's record of a finished round (specs/rewards.md)
+DOMAIN_REVENUE = "iollm/revenue/v1"  # a signed revenue record for a model (specs/rewards.md)
 DOMAINS: frozenset[str] = frozenset({DOMAIN_CAPABILITY, DOMAIN_MANIFEST, DOMAIN_ANNOUNCE,
                                      DOMAIN_JOB, DOMAIN_TASK_RESULT, DOMAIN_RECEIPT,
-                                     DOMAIN_FEED})
+                                     DOMAIN_FEED, DOMAIN_PROPOSAL, DOMAIN_VOTE, DOMAIN_ROUND,
+                                     DOMAIN_REVENUE})
 
 
 def signing_message(domain: str, body: bytes) -> bytes:

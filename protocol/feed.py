@@ -19,16 +19,14 @@ fetches. Invalid bytes raise RemoteProtocolError(reason) and nothing else.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 from nacl.signing import SigningKey
 
-from protocol.checks import Invalid, check_int, check_keys, fail, to_remote
+from protocol.checks import Invalid, check_int, check_keys, digest, fail, packb, to_remote
 from protocol.envelope import DOMAIN_FEED, open_envelope, seal, unpack_strict
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.peerid import peer_id_from_public_key, public_key_from_peer_id
@@ -50,13 +48,6 @@ _ENTRY_KEYS = frozenset({"type", "v", "author", "seq", "prev", "created_ms", "ki
 _EVIDENCE_KEYS = frozenset({"type", "v", "author", "seq", "entry_a", "entry_b"})
 
 
-def _packb(obj: object) -> bytes:
-    packed: bytes = msgpack.packb(obj, use_bin_type=True)
-    return packed
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=ID_BYTES).digest()
 
 
 def _check_author(value: object) -> None:
@@ -128,7 +119,7 @@ def seal_entry(key: SigningKey, entry: FeedEntry) -> bytes:
     own = peer_id_from_public_key(bytes(key.verify_key))
     if entry.author != own:
         raise LocalProtocolError(f"an entry of {entry.author} cannot be signed by {own}")
-    data = seal(key, DOMAIN_FEED, _packb(entry.to_dict())).encode()
+    data = seal(key, DOMAIN_FEED, packb(entry.to_dict())).encode()
     if len(data) > MAX_ENTRY_BYTES:  # cannot happen within the field caps; kept honest
         raise LocalProtocolError(f"feed entry of {len(data)} bytes > {MAX_ENTRY_BYTES}")
     return data
@@ -140,7 +131,7 @@ def _open(data: bytes) -> tuple[FeedEntry, bytes]:
     if envelope.signer != entry.author:
         raise RemoteProtocolError("signer-mismatch", f"signed by {envelope.signer}, "
                                                      f"author {entry.author}")
-    return entry, _digest(envelope.body)
+    return entry, digest(envelope.body)
 
 
 def open_entry(data: bytes) -> FeedEntry:
@@ -223,7 +214,7 @@ class ForkEvidence:
                 fail(f"{name} must be at most {MAX_ENTRY_BYTES} bytes")
 
     def encode(self) -> bytes:
-        return _packb({"type": EVIDENCE_TYPE, "v": FEED_VERSION, "author": self.author,
+        return packb({"type": EVIDENCE_TYPE, "v": FEED_VERSION, "author": self.author,
                        "seq": self.seq, "entry_a": self.entry_a, "entry_b": self.entry_b})
 
     @classmethod

@@ -22,17 +22,15 @@ RemoteProtocolError(reason) naming the field, and nothing else.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any, ClassVar, TypeVar
 
-import msgpack
 from nacl.signing import SigningKey
 
-from protocol.checks import Invalid, check_int, check_keys, fail, to_remote
+from protocol.checks import Invalid, check_int, check_keys, digest, fail, packb, to_remote
 from protocol.envelope import (
     DOMAIN_JOB,
     DOMAIN_RECEIPT,
@@ -91,13 +89,6 @@ _METRIC = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # --- field checks ------------------------------------------------------------------------------
 
 
-def _packb(obj: object) -> bytes:
-    packed: bytes = msgpack.packb(obj, use_bin_type=True)
-    return packed
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=ID_BYTES).digest()
 
 
 def _check_id(name: str, value: object) -> None:
@@ -192,7 +183,7 @@ class _Message:
 
     def encode(self) -> bytes:
         """The message bytes (for sealed types: the envelope body)."""
-        data = _packb(self.to_dict())
+        data = packb(self.to_dict())
         _check_size(self.TYPE, data, self.MAX_BYTES)
         return data
 
@@ -287,7 +278,7 @@ class Job(_Message):
 def job_id(envelope_bytes: bytes) -> bytes:
     """BLAKE2b-256 of the job envelope's body bytes (the envelope is opened and verified
     first: RemoteProtocolError on anything that is not a validly signed job envelope)."""
-    return _digest(open_envelope(envelope_bytes, DOMAIN_JOB, MAX_JOB_BYTES).body)
+    return digest(open_envelope(envelope_bytes, DOMAIN_JOB, MAX_JOB_BYTES).body)
 
 
 def seal_job(key: SigningKey, job: Job) -> bytes:
@@ -376,7 +367,7 @@ class TaskAssign(_Message):
             job, envelope = open_job(self.job)
         except RemoteProtocolError as exc:
             raise _remote_in("job", exc) from None
-        return job, _digest(envelope.body)
+        return job, digest(envelope.body)
 
     @property
     def job_record(self) -> Job:
@@ -580,7 +571,7 @@ def open_receipt(data: bytes) -> Receipt:
 
 def receipt_id(data: bytes) -> bytes:
     """BLAKE2b-256 of the receipt envelope's body bytes (opened and verified first)."""
-    return _digest(open_envelope(data, DOMAIN_RECEIPT, MAX_RECEIPT_BYTES).body)
+    return digest(open_envelope(data, DOMAIN_RECEIPT, MAX_RECEIPT_BYTES).body)
 
 
 @dataclass(frozen=True)

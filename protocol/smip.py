@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 from nacl.signing import SigningKey
 
 from protocol.capability import MAX_CLOCK_SKEW_MS
@@ -37,6 +36,7 @@ from protocol.checks import Invalid as _Invalid
 from protocol.checks import check_int as _check_int
 from protocol.checks import check_keys as _check_keys
 from protocol.checks import fail as _fail
+from protocol.checks import packb
 from protocol.checks import to_remote as _remote
 from protocol.envelope import DOMAIN_ANNOUNCE, DOMAIN_MANIFEST, open_envelope, seal, unpack_strict
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -126,10 +126,6 @@ def _check_version_field(what: str, d: object, expected: int) -> None:
     if type(v) is not int or v != expected:  # True == 1 == 1.0 in Python; neither is 1
         raise RemoteProtocolError("unknown-version", f"{what} version {v!r}, we speak {expected}")
 
-
-def _packb(obj: object) -> bytes:
-    packed: bytes = msgpack.packb(obj, use_bin_type=True)
-    return packed
 
 
 # --- ids, hex forms and DHT keys --------------------------------------------------------------
@@ -242,7 +238,7 @@ def normalise_config(config: object) -> dict[str, Any]:
         _fail(f"config must be a map, got {type(config).__name__}")
     copy: dict[str, Any] = _normalise_config(config, 0)
     try:
-        size = len(_packb(copy))
+        size = len(packb(copy))
     except (ValueError, TypeError, OverflowError) as exc:  # lone surrogates, locally built
         _fail(f"config does not encode: {exc}")
     if size > MAX_CONFIG_BYTES:
@@ -383,7 +379,7 @@ class Manifest:
             raise _remote(exc) from None
 
     def encode_body(self) -> bytes:
-        return _packb(self.to_dict())
+        return packb(self.to_dict())
 
     @classmethod
     def decode_body(cls, body: bytes) -> Manifest:
@@ -606,7 +602,7 @@ def sign_announcement(signing_key: SigningKey, announcement: Announcement) -> by
     own = peer_id_from_public_key(bytes(signing_key.verify_key))
     if announcement.provider != own:
         raise LocalProtocolError(f"announcement of {announcement.provider}, key is {own}")
-    data = seal(signing_key, DOMAIN_ANNOUNCE, _packb(announcement.to_dict())).encode()
+    data = seal(signing_key, DOMAIN_ANNOUNCE, packb(announcement.to_dict())).encode()
     if len(data) > MAX_ANNOUNCE_BYTES:  # cannot happen within the field caps; kept honest
         raise LocalProtocolError(f"announcement of {len(data)} bytes > {MAX_ANNOUNCE_BYTES}")
     return data
@@ -805,7 +801,7 @@ def encode_request(request: Request) -> bytes:
     """The payload of a request frame (node/framing.py adds the 4-byte length)."""
     if not isinstance(request, (ManifestRequest, LeavesRequest, ChunkRequest, ListRequest)):
         raise LocalProtocolError(f"not a request: {type(request).__name__}")
-    return _packb(request.to_dict())
+    return packb(request.to_dict())
 
 
 def decode_request(payload: bytes) -> Request:
@@ -861,7 +857,7 @@ def encode_response_header(header: ResponseHeader) -> bytes:
     d: dict[str, Any] = {"status": header.status, "length": header.length}
     if header.message:
         d["message"] = header.message
-    return _packb(d)
+    return packb(d)
 
 
 def decode_response_header(payload: bytes) -> ResponseHeader:
@@ -952,7 +948,7 @@ def encode_list_payload(envelopes: Sequence[bytes]) -> bytes:
     """The ``ok`` payload of a list answer: a msgpack array of announcement envelopes."""
     if len(envelopes) > MAX_LIST_LIMIT or any(len(e) > MAX_ANNOUNCE_BYTES for e in envelopes):
         raise LocalProtocolError("list answer over its limits")
-    return _packb([bytes(e) for e in envelopes])
+    return packb([bytes(e) for e in envelopes])
 
 
 @dataclass(frozen=True)
