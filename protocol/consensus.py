@@ -1,0 +1,708 @@
+"""Tendermint-style BFT consensus for one height: sans-IO (specs/consensus.md).
+
+:class:`Machine` is Algorithm 1 of Buchman, Kwon and Milosevic, "The latest gossip on BFT
+consensus" (2018), for one height, with voting power: "2f+1" is more than 2/3 of the
+total power (:func:`quorum`), "f+1" more than 1/3. It takes signed envelopes from the
+network and timeout firings, each with ``now_ms``, and returns actions as values:
+:class:`Broadcast` (gossip these bytes), :class:`SetTimeout` (call ``on_timeout`` at
+``at_ms``), :class:`Decide` (the block is final, with its :class:`Commit` certificate) and
+:class:`Evidence` (a validator signed two conflicting messages). node/consensus.py owns
+the gossip, the clock, the blocks and one machine per height.
+
+The machine's steps move through :data:`TRANSITIONS` only; rule numbers in comments are
+the line numbers of Algorithm 1. Wire messages (:class:`Proposal`, :class:`Vote`,
+:class:`Commit`) are msgpack maps with ``type`` and ``v`` first and strict keys. Building
+an invalid one is LocalProtocolError; bytes from a peer raise RemoteProtocolError(reason)
+and nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from nacl.signing import SigningKey
+
+from protocol.checks import (
+    ID_BYTES,
+    Invalid,
+    check_int,
+    check_keys,
+    digest,
+    fail,
+    packb,
+    to_remote,
+)
+from protocol.envelope import DOMAIN_PROPOSAL, DOMAIN_VOTE, open_envelope, seal, unpack_strict
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.peerid import peer_id_from_public_key, public_key_from_peer_id
+
+# --- constants (specs/consensus.md, "Constants") -----------------------------------------------
+
+CONSENSUS_VERSION = 1  # body field "v" of every message below
+PREVOTE = "prevote"
+PRECOMMIT = "precommit"
+VOTE_KINDS = (PREVOTE, PRECOMMIT)
+MAX_VOTE_BYTES = 512  # whole vote envelope (a vote is about 300 bytes)
+MAX_VALIDATORS = 128
+MAX_COMMIT_BYTES = MAX_VALIDATORS * (MAX_VOTE_BYTES + 3) + 128
+MAX_ROUND = 2**32 - 1
+MAX_FUTURE_ROUNDS = 4  # rounds above ours kept per validator (the f+1 skip needs only one)
+MAX_CHAIN_ID_CHARS = 64
+PROPOSER_SEED = "iollm/proposer/v1"
+_CHAIN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+# --- steps: the state machine as data ----------------------------------------------------------
+
+PROPOSE, DECIDED = "propose", "decided"  # the prevote and precommit steps reuse the kinds
+STEPS = (PROPOSE, PREVOTE, PRECOMMIT, DECIDED)
+TRANSITIONS: dict[tuple[str, str], str] = {
+    (PROPOSE, "prevote"): PREVOTE,  # rules 22, 28 (a proposal), 57 (timeout: nil)
+    (PREVOTE, "precommit"): PRECOMMIT,  # rules 36 (2f+1 prevotes for v), 44 (nil), 61
+    (PROPOSE, "new-round"): PROPOSE,  # rules 55 (f+1 of a higher round), 65 (timeout)
+    (PREVOTE, "new-round"): PROPOSE,
+    (PRECOMMIT, "new-round"): PROPOSE,
+    (PROPOSE, "decide"): DECIDED,  # rule 49: a proposal and 2f+1 precommits for it
+    (PREVOTE, "decide"): DECIDED,
+    (PRECOMMIT, "decide"): DECIDED,
+}
+
+
+class IllegalTransition(LocalProtocolError):
+    """The machine took an edge :data:`TRANSITIONS` lacks (our bug)."""
+
+
+# --- field checks ------------------------------------------------------------------------------
+
+
+def _check_peer(name: str, value: object) -> None:
+    try:
+        public_key_from_peer_id(value)  # type: ignore[arg-type]
+    except RemoteProtocolError as exc:
+        fail(f"{name}: {exc}", "bad-peer-id")
+
+
+def _check_chain(value: object) -> None:
+    if not (isinstance(value, str) and _CHAIN_ID.fullmatch(value)):
+        fail(f"chain_id must be 1..{MAX_CHAIN_ID_CHARS} characters of [A-Za-z0-9._-]")
+
+
+def _check_id(name: str, value: object) -> None:
+    if not (isinstance(value, bytes) and len(value) == ID_BYTES):
+        fail(f"{name} must be {ID_BYTES} bytes")
+
+
+def _check_validators(validators: Mapping[str, int]) -> dict[str, int]:
+    """The validator set as a dict; LocalProtocolError (it comes from our genesis)."""
+    if not isinstance(validators, Mapping) or not 1 <= len(validators) <= MAX_VALIDATORS:
+        raise LocalProtocolError(f"validators must be a map of 1..{MAX_VALIDATORS} peer ids")
+    for peer, power in validators.items():
+        _check_peer("validator", peer)
+        check_int("voting power", power, 1)
+    check_int("total voting power", sum(validators.values()), 1)
+    return dict(validators)
+
+
+def _body(type_: str, d: object, names: frozenset[str]) -> dict[str, Any]:
+    """The fields of a decoded body once its type tag and version are right."""
+    if not isinstance(d, dict):
+        raise RemoteProtocolError("malformed", f"a {type_} must be a map")
+    if d.get("type") != type_:
+        raise RemoteProtocolError("wrong-type", f"expected type {type_!r}, "
+                                                f"got {d.get('type')!r:.40}")
+    v = d.get("v")
+    if type(v) is not int or v != CONSENSUS_VERSION:  # True == 1 == 1.0; neither is 1
+        raise RemoteProtocolError("unknown-version", f"{type_} version {v!r:.20}, "
+                                                     f"we speak {CONSENSUS_VERSION}")
+    try:
+        d = dict(check_keys(type_, d, names | {"type", "v"}))
+    except Invalid as exc:
+        raise to_remote(exc) from None
+    del d["type"], d["v"]
+    return d
+
+
+def _build(cls: type[Any], type_: str, d: object) -> Any:
+    try:
+        return cls(**_body(type_, d, frozenset(f.name for f in fields(cls))))
+    except Invalid as exc:
+        raise to_remote(exc) from None
+
+
+def _to_dict(type_: str, obj: object) -> dict[str, Any]:
+    return {"type": type_, "v": CONSENSUS_VERSION,
+            **{f.name: getattr(obj, f.name) for f in fields(obj)}}  # type: ignore[arg-type]
+
+
+def _signer(data: bytes, domain: str, cap: int) -> tuple[Any, str]:
+    """The decoded body of a verified envelope, and its signer's peer id."""
+    envelope = open_envelope(data, domain, cap)
+    return unpack_strict(envelope.body, cap), envelope.signer
+
+
+def _own_id(key: SigningKey) -> str:
+    return peer_id_from_public_key(bytes(key.verify_key))
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+
+def block_id(block: bytes) -> bytes:
+    """A block's id: BLAKE2b-256 of its bytes."""
+    return digest(block)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """``proposer`` proposes ``block`` in round ``round`` of ``height``; ``valid_round`` is
+    the round in which it saw 2f+1 prevotes for that block (-1: none, a fresh block)."""
+
+    chain_id: str
+    height: int
+    round: int
+    block: bytes
+    valid_round: int
+    proposer: str
+
+    def __post_init__(self) -> None:
+        _check_chain(self.chain_id)
+        check_int("height", self.height, 1)
+        check_int("round", self.round, 0, MAX_ROUND)
+        if not isinstance(self.block, bytes):
+            fail("block must be bytes")
+        check_int("valid_round", self.valid_round, -1, self.round - 1)
+        _check_peer("proposer", self.proposer)
+
+    @property
+    def block_id(self) -> bytes:
+        return block_id(self.block)
+
+
+def seal_proposal(key: SigningKey, p: Proposal) -> bytes:
+    """Proposal envelope bytes; LocalProtocolError unless ``key`` is the proposer's."""
+    if p.proposer != _own_id(key):
+        raise LocalProtocolError(f"a proposal of {p.proposer} cannot be signed by this key")
+    return seal(key, DOMAIN_PROPOSAL, packb(_to_dict("proposal", p))).encode()
+
+
+def open_proposal(data: bytes, max_bytes: int) -> Proposal:
+    """Check proposal envelope bytes of at most ``max_bytes``: envelope, body, signer."""
+    body, signer = _signer(data, DOMAIN_PROPOSAL, max_bytes)
+    p: Proposal = _build(Proposal, "proposal", body)
+    if signer != p.proposer:
+        raise RemoteProtocolError("signer-mismatch", f"signed by {signer}, proposer {p.proposer}")
+    return p
+
+
+@dataclass(frozen=True)
+class Vote:
+    """``validator``'s prevote or precommit for ``block_id`` (None: nil) in a round."""
+
+    chain_id: str
+    height: int
+    round: int
+    kind: str
+    block_id: bytes | None
+    validator: str
+
+    def __post_init__(self) -> None:
+        _check_chain(self.chain_id)
+        check_int("height", self.height, 1)
+        check_int("round", self.round, 0, MAX_ROUND)
+        if self.kind not in VOTE_KINDS:
+            fail(f"kind must be one of {VOTE_KINDS}")
+        if self.block_id is not None:
+            _check_id("block_id", self.block_id)
+        _check_peer("validator", self.validator)
+
+
+def seal_vote(key: SigningKey, v: Vote) -> bytes:
+    """Vote envelope bytes; LocalProtocolError unless ``key`` is the validator's."""
+    if v.validator != _own_id(key):
+        raise LocalProtocolError(f"a vote of {v.validator} cannot be signed by this key")
+    data = seal(key, DOMAIN_VOTE, packb(_to_dict("vote", v))).encode()
+    if len(data) > MAX_VOTE_BYTES:  # cannot happen within the field caps; kept honest
+        raise LocalProtocolError(f"vote of {len(data)} bytes > {MAX_VOTE_BYTES}")
+    return data
+
+
+def open_vote(data: bytes) -> Vote:
+    """Check vote envelope bytes: size, envelope, body, signer == validator."""
+    body, signer = _signer(data, DOMAIN_VOTE, MAX_VOTE_BYTES)
+    v: Vote = _build(Vote, "vote", body)
+    if signer != v.validator:
+        raise RemoteProtocolError("signer-mismatch", f"signed by {signer}, voter {v.validator}")
+    return v
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The certificate stored with a final block: precommit envelopes for ``block_id`` in
+    ``round`` by more than 2/3 of the voting power (checked by :func:`verify_commit`)."""
+
+    height: int
+    round: int
+    block_id: bytes
+    votes: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        check_int("height", self.height, 1)
+        check_int("round", self.round, 0, MAX_ROUND)
+        _check_id("block_id", self.block_id)
+        if not (isinstance(self.votes, tuple) and 1 <= len(self.votes) <= MAX_VALIDATORS
+                and all(isinstance(v, bytes) and len(v) <= MAX_VOTE_BYTES
+                        for v in self.votes)):
+            fail(f"votes must be 1..{MAX_VALIDATORS} envelopes of <= {MAX_VOTE_BYTES} bytes")
+
+    def encode(self) -> bytes:
+        return packb({**_to_dict("commit", self), "votes": list(self.votes)})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Commit:
+        """Decode commit bytes (the votes are checked by :func:`verify_commit`)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise RemoteProtocolError("malformed", "a commit must be bytes")
+        if len(data) > MAX_COMMIT_BYTES:
+            raise RemoteProtocolError("oversized", f"commit of {len(data)} bytes")
+        d = _body("commit", unpack_strict(bytes(data), MAX_COMMIT_BYTES),
+                  frozenset(f.name for f in fields(cls)))
+        votes = d["votes"]
+        try:
+            return cls(d["height"], d["round"], d["block_id"],
+                       tuple(votes) if isinstance(votes, list) else votes)
+        except Invalid as exc:
+            raise to_remote(exc) from None
+
+
+def quorum(validators: Mapping[str, int]) -> int:
+    """The smallest voting power that is more than 2/3 of the total ("2f+1")."""
+    return sum(_check_validators(validators).values()) * 2 // 3 + 1
+
+
+def _skip_power(total: int) -> int:
+    """The smallest voting power that is more than 1/3 of ``total`` ("f+1")."""
+    return total // 3 + 1
+
+
+def proposer_for(validators: Mapping[str, int], height: int, round: int) -> str:
+    """The proposer of (height, round): ``x = int(H(packb([PROPOSER_SEED, height, round])))
+    mod total_power``, then the first validator, in ascending peer-id order, whose running
+    sum of power exceeds ``x``. Each round is an independent power-weighted draw."""
+    vals = _check_validators(validators)
+    seed = digest(packb([PROPOSER_SEED, height, round]))
+    x = int.from_bytes(seed, "big") % sum(vals.values())
+    for peer in sorted(vals):
+        x -= vals[peer]
+        if x < 0:
+            return peer
+    raise AssertionError("unreachable: x < total power")
+
+
+def verify_commit(chain_id: str, validators: Mapping[str, int], height: int, block_id: bytes,
+                  data: bytes) -> Commit:
+    """Check a commit certificate for ``block_id`` at ``height``: every vote verifies and is
+    a PRECOMMIT on ``chain_id`` for (height, commit.round, block_id) by a distinct validator
+    of the set, and their power is more than 2/3 of the total. RemoteProtocolError else."""
+    vals = _check_validators(validators)
+    commit = Commit.decode(data)
+    if commit.height != height or commit.block_id != block_id:
+        raise RemoteProtocolError("wrong-block", "commit is for another height or block")
+    seen: set[str] = set()
+    for raw in commit.votes:
+        v = open_vote(raw)
+        if (v.chain_id, v.height, v.round) != (chain_id, height, commit.round):
+            raise RemoteProtocolError("wrong-vote", "a vote of another chain, height or round")
+        if v.kind != PRECOMMIT or v.block_id != block_id:
+            raise RemoteProtocolError("wrong-vote", "a vote that is not a precommit for the block")
+        if v.validator not in vals:
+            raise RemoteProtocolError("not-validator", f"{v.validator} is not a validator")
+        if v.validator in seen:
+            raise RemoteProtocolError("duplicate-vote", f"two votes of {v.validator}")
+        seen.add(v.validator)
+    if sum(vals[p] for p in seen) < quorum(vals):
+        raise RemoteProtocolError("no-quorum", "the votes hold 2/3 of the power or less")
+    return commit
+
+
+def verify_double_vote(chain_id: str, validators: Mapping[str, int], a: bytes,
+                       b: bytes) -> Vote:
+    """Two validly signed votes by one validator of the set, same chain, height, round and
+    kind, different block_id: returns the first. RemoteProtocolError otherwise."""
+    vals = _check_validators(validators)
+    va, vb = open_vote(a), open_vote(b)
+    if va.chain_id != chain_id or va.validator not in vals:
+        raise RemoteProtocolError("not-evidence", "not a vote of this chain's validators")
+    same = (va.validator, va.chain_id, va.height, va.round, va.kind)
+    if same != (vb.validator, vb.chain_id, vb.height, vb.round, vb.kind):
+        raise RemoteProtocolError("not-evidence", "the votes are not of one vote slot")
+    if va.block_id == vb.block_id:
+        raise RemoteProtocolError("not-evidence", "the votes agree")
+    return va
+
+
+def verify_double_proposal(chain_id: str, validators: Mapping[str, int], a: bytes, b: bytes,
+                           max_bytes: int) -> Proposal:
+    """Two validly signed, different proposals by the proposer of one (height, round) on
+    ``chain_id``: returns the first. RemoteProtocolError otherwise."""
+    vals = _check_validators(validators)
+    pa, pb = open_proposal(a, max_bytes), open_proposal(b, max_bytes)
+    if pa.chain_id != chain_id or pa.proposer != proposer_for(vals, pa.height, pa.round):
+        raise RemoteProtocolError("not-evidence", "not a proposal by this round's proposer")
+    if (pa.chain_id, pa.height, pa.round, pa.proposer) != (
+            pb.chain_id, pb.height, pb.round, pb.proposer):
+        raise RemoteProtocolError("not-evidence", "the proposals are not of one round")
+    if pa == pb:
+        raise RemoteProtocolError("not-evidence", "the proposals agree")
+    return pa
+
+
+# --- actions -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Gossip ``data``; ``kind`` is "proposal" or "vote" (the topic)."""
+
+    data: bytes
+    kind: str
+
+
+@dataclass(frozen=True)
+class SetTimeout:
+    """Call ``on_timeout(step, height, round, now_ms)`` once the clock reaches ``at_ms``."""
+
+    step: str
+    height: int
+    round: int
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class Decide:
+    """``block`` is final at ``height``; ``commit`` is its certificate."""
+
+    height: int
+    round: int
+    block: bytes
+    block_id: bytes
+    commit: Commit
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """``validator`` signed ``a`` and ``b``, which conflict ("double-vote" or
+    "double-proposal"); checkable by :func:`verify_double_vote` / ``verify_double_proposal``."""
+
+    validator: str
+    kind: str
+    a: bytes
+    b: bytes
+
+
+Action = Broadcast | SetTimeout | Decide | Evidence
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Timeout of each step in round 0; each round adds ``delta_ms`` to all three."""
+
+    propose_ms: int = 1000
+    prevote_ms: int = 500
+    precommit_ms: int = 500
+    delta_ms: int = 500
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check_int(f.name, getattr(self, f.name), 1 if f.name != "delta_ms" else 0)
+
+    def of(self, step: str, round: int) -> int:
+        base = {PROPOSE: self.propose_ms, PREVOTE: self.prevote_ms,
+                PRECOMMIT: self.precommit_ms}[step]
+        return base + round * self.delta_ms
+
+
+# --- the machine -------------------------------------------------------------------------------
+
+Slot = tuple[int, str]  # (round, vote kind)
+
+
+class Machine:
+    """Consensus on one height (Algorithm 1). ``key`` None, or a key outside the set: an
+    observer that follows and decides but never signs. ``make_block(round)`` gives the
+    block this node proposes; ``valid_block(block)`` says whether the app accepts it at
+    this height (asked at most once per block). Inputs for other heights are ignored."""
+
+    def __init__(self, chain_id: str, validators: Mapping[str, int], key: SigningKey | None,
+                 height: int, timeouts: Timeouts, *, valid_block: Callable[[bytes], bool],
+                 make_block: Callable[[int], bytes], max_proposal_bytes: int) -> None:
+        _check_chain(chain_id)  # Invalid: a LocalProtocolError
+        check_int("height", height, 1)
+        check_int("max_proposal_bytes", max_proposal_bytes, 1)
+        self.chain_id, self.validators = chain_id, _check_validators(validators)
+        self._total = sum(self.validators.values())
+        self._quorum, self._skip = quorum(self.validators), _skip_power(self._total)
+        me = _own_id(key) if key is not None else None
+        self._key, self.me = (key, me) if me in self.validators else (None, None)
+        self.timeouts, self._max_bytes = timeouts, max_proposal_bytes
+        self._valid_block, self._make_block = valid_block, make_block
+        self._height, self._round, self._step, self._started = height, 0, PROPOSE, False
+        self._locked: bytes | None = None  # block ids: comparing ids is comparing values
+        self._locked_round = -1
+        self._valid: bytes | None = None  # the block itself: we may have to propose it
+        self._valid_round = -1
+        self._proposals: dict[int, tuple[Proposal, bytes, bytes]] = {}  # round -> (p, id, data)
+        self._votes: dict[Slot, dict[str, tuple[bytes | None, bytes]]] = {}
+        self._tally: dict[Slot, dict[bytes | None, int]] = {}
+        self._senders: dict[int, set[str]] = {}  # round -> validators with a message in it
+        self._done: set[tuple[str, int]] = set()  # rules 34, 36, 47: "for the first time"
+        self._accepts: dict[bytes, bool] = {}  # block id -> valid_block's answer
+        self._reported: set[tuple[str, int, str]] = set()  # evidence already emitted
+        self._own: dict[str, bytes] = {}  # "proposal" / kind -> our latest envelope
+        self._out: list[Action] = []
+        self._now = 0
+        self.decided: Decide | None = None
+
+    @property
+    def height(self) -> int:
+        return self._height
+
+    @property
+    def round(self) -> int:
+        return self._round
+
+    @property
+    def step(self) -> str:
+        return self._step
+
+    # --- inputs ---
+
+    def start(self, now_ms: int) -> list[Action]:
+        """StartRound(0). Call once, before any other input."""
+        if self._started:
+            raise LocalProtocolError("start() called twice")
+        self._started = True
+        return self._handle(now_ms, lambda: self._start_round(0))
+
+    def on_proposal(self, data: bytes, now_ms: int) -> list[Action]:
+        """A proposal envelope from the network (RemoteProtocolError if invalid)."""
+        p = open_proposal(data, self._max_bytes)
+        if not self._ours(p.chain_id, p.height):
+            return []
+        if p.proposer != proposer_for(self.validators, p.height, p.round):
+            raise RemoteProtocolError("not-proposer", f"{p.proposer} does not propose round "
+                                                      f"{p.round}")
+        return self._handle(now_ms, lambda: self._add_proposal(p, data))
+
+    def on_vote(self, data: bytes, now_ms: int) -> list[Action]:
+        """A vote envelope from the network (RemoteProtocolError if invalid)."""
+        v = open_vote(data)
+        if not self._ours(v.chain_id, v.height):
+            return []
+        if v.validator not in self.validators:
+            raise RemoteProtocolError("not-validator", f"{v.validator} is not a validator")
+        return self._handle(now_ms, lambda: self._add_vote(v, data))
+
+    def on_timeout(self, step: str, height: int, round: int, now_ms: int) -> list[Action]:
+        """A timeout set by :class:`SetTimeout` fired; stale ones do nothing."""
+        if step not in (PROPOSE, PREVOTE, PRECOMMIT):
+            raise LocalProtocolError(f"no timeout for step {step!r}")
+        if not self._started:
+            raise LocalProtocolError("start() first")
+        if height != self._height or round != self._round or self.decided is not None:
+            return []
+
+        def fire() -> None:
+            if step == PROPOSE and self._step == PROPOSE:  # rule 57
+                self._cast(PREVOTE, None)
+            elif step == PREVOTE and self._step == PREVOTE:  # rule 61
+                self._cast(PRECOMMIT, None)
+            elif step == PRECOMMIT:  # rule 65
+                self._start_round(self._round + 1)
+        return self._handle(now_ms, fire)
+
+    def rebroadcast(self) -> list[Action]:
+        """Our latest proposal, prevote and precommit of this height, to gossip again."""
+        return [Broadcast(self._own[k], "proposal" if k == "proposal" else "vote")
+                for k in ("proposal", PREVOTE, PRECOMMIT) if k in self._own]
+
+    def _ours(self, chain_id: str, height: int) -> bool:
+        if not self._started:
+            raise LocalProtocolError("start() first")
+        if chain_id != self.chain_id:
+            raise RemoteProtocolError("wrong-chain", f"a message of chain {chain_id!r:.70}")
+        return height == self._height
+
+    def _handle(self, now_ms: int, event: Callable[[], None]) -> list[Action]:
+        self._now, self._out = now_ms, []
+        event()
+        while self.decided is None and self._apply_rule():
+            pass
+        return self._out
+
+    # --- bookkeeping ---
+
+    def _move(self, event: str) -> None:
+        nxt = TRANSITIONS.get((self._step, event))
+        if nxt is None:
+            raise IllegalTransition(f"no transition from {self._step} on {event}")
+        self._step = nxt
+
+    def _keep(self, sender: str, round: int) -> bool:
+        """Whether to store a message of ``sender`` in ``round``. Past and current rounds:
+        always (one slot per message kind bounds them). Rounds above ours: at most
+        MAX_FUTURE_ROUNDS per sender, the highest, so a Byzantine validator cannot fill
+        memory and an honest one far ahead is still counted for the f+1 skip."""
+        if round <= self._round:
+            return True
+        ahead = sorted(r for r, who in self._senders.items() if r > self._round and sender in who)
+        if round in ahead or len(ahead) < MAX_FUTURE_ROUNDS:
+            return True
+        if round < ahead[0]:
+            return False
+        self._forget(sender, ahead[0])
+        return True
+
+    def _forget(self, sender: str, round: int) -> None:
+        self._senders[round].discard(sender)
+        for kind in VOTE_KINDS:
+            held = self._votes.get((round, kind), {}).pop(sender, None)
+            if held is not None:
+                self._tally[(round, kind)][held[0]] -= self.validators[sender]
+        if round in self._proposals and self._proposals[round][0].proposer == sender:
+            del self._proposals[round]
+
+    def _add_proposal(self, p: Proposal, data: bytes) -> None:
+        held = self._proposals.get(p.round)
+        if held is not None:
+            if held[0] != p and ("proposal", p.round, p.proposer) not in self._reported:
+                self._reported.add(("proposal", p.round, p.proposer))
+                self._out.append(Evidence(p.proposer, "double-proposal", held[2], data))
+            return
+        if self._keep(p.proposer, p.round):
+            self._proposals[p.round] = (p, p.block_id, data)
+            self._senders.setdefault(p.round, set()).add(p.proposer)
+
+    def _add_vote(self, v: Vote, data: bytes) -> None:
+        """Record the first vote of a validator per (round, kind); a conflicting second one
+        is evidence and is not counted, so a double voter cannot inflate a tally."""
+        slot = (v.round, v.kind)
+        held = self._votes.get(slot, {}).get(v.validator)
+        if held is not None:
+            if held[0] != v.block_id and (v.kind, v.round, v.validator) not in self._reported:
+                self._reported.add((v.kind, v.round, v.validator))
+                self._out.append(Evidence(v.validator, "double-vote", held[1], data))
+            return
+        if self._keep(v.validator, v.round):
+            self._votes.setdefault(slot, {})[v.validator] = (v.block_id, data)
+            tally = self._tally.setdefault(slot, {})
+            tally[v.block_id] = tally.get(v.block_id, 0) + self.validators[v.validator]
+            self._senders.setdefault(v.round, set()).add(v.validator)
+
+    def _power(self, round: int, kind: str, bid: bytes | None) -> int:
+        return self._tally.get((round, kind), {}).get(bid, 0)
+
+    def _any_power(self, round: int, kind: str) -> int:
+        return sum(self._tally.get((round, kind), {}).values())
+
+    def _accepts_block(self, p: Proposal, bid: bytes) -> bool:
+        if bid not in self._accepts:
+            self._accepts[bid] = bool(self._valid_block(p.block))
+        return self._accepts[bid]
+
+    def _once(self, rule: str, round: int) -> bool:
+        if (rule, round) in self._done:
+            return False
+        self._done.add((rule, round))
+        return True
+
+    # --- Algorithm 1 ---
+
+    def _start_round(self, round: int) -> None:
+        """StartRound (line 11): propose validValue, else a new block; or wait for one."""
+        self._move("new-round")
+        self._round = round
+        if self._key is not None and self.me == proposer_for(self.validators, self._height,
+                                                             round):
+            block = self._valid if self._valid is not None else self._make_block(round)
+            p = Proposal(self.chain_id, self._height, round, block, self._valid_round, self.me)
+            data = seal_proposal(self._key, p)
+            if len(data) > self._max_bytes:
+                raise LocalProtocolError(f"our proposal of {len(data)} bytes > "
+                                         f"max_proposal_bytes {self._max_bytes}")
+            self._own["proposal"] = data
+            self._out.append(Broadcast(data, "proposal"))
+            self._add_proposal(p, data)
+        else:
+            self._set_timeout(PROPOSE)
+
+    def _set_timeout(self, step: str) -> None:
+        self._out.append(SetTimeout(step, self._height, self._round,
+                                    self._now + self.timeouts.of(step, self._round)))
+
+    def _cast(self, kind: str, bid: bytes | None) -> None:
+        """Sign and broadcast our vote for the current round (observers only move on)."""
+        self._move(kind)
+        if self._key is None or self.me is None:
+            return
+        v = Vote(self.chain_id, self._height, self._round, kind, bid, self.me)
+        data = seal_vote(self._key, v)
+        self._own[kind] = data
+        self._out.append(Broadcast(data, "vote"))
+        self._add_vote(v, data)
+
+    def _apply_rule(self) -> bool:
+        """Apply the first rule of Algorithm 1 whose condition holds; False if none does.
+        Each rule changes the step or marks itself done, so the loop ends."""
+        for r, (p, bid, _) in self._proposals.items():  # rule 49, any round
+            if self._power(r, PRECOMMIT, bid) >= self._quorum and self._accepts_block(p, bid):
+                self._decide(r, p, bid)
+                return True
+        r, step = self._round, self._step
+        held = self._proposals.get(r)
+        if step == PROPOSE and held is not None:
+            p, bid, _ = held
+            vr = p.valid_round
+            if vr == -1:  # rule 22
+                ok = self._locked_round == -1 or self._locked == bid
+            elif self._power(vr, PREVOTE, bid) >= self._quorum:  # rule 28 (vr < r: checked)
+                ok = self._locked_round <= vr or self._locked == bid
+            else:
+                ok = None
+            if ok is not None:
+                self._cast(PREVOTE, bid if ok and self._accepts_block(p, bid) else None)
+                return True
+        if step == PREVOTE and self._any_power(r, PREVOTE) >= self._quorum and self._once(
+                "prevote-timeout", r):  # rule 34
+            self._set_timeout(PREVOTE)
+            return True
+        if (step in (PREVOTE, PRECOMMIT) and held is not None
+                and self._power(r, PREVOTE, held[1]) >= self._quorum
+                and self._accepts_block(held[0], held[1]) and self._once("lock", r)):  # rule 36
+            if step == PREVOTE:
+                self._locked, self._locked_round = held[1], r
+                self._cast(PRECOMMIT, held[1])
+            self._valid, self._valid_round = held[0].block, r
+            return True
+        if step == PREVOTE and self._power(r, PREVOTE, None) >= self._quorum:  # rule 44
+            self._cast(PRECOMMIT, None)
+            return True
+        if self._any_power(r, PRECOMMIT) >= self._quorum and self._once("precommit-timeout", r):
+            self._set_timeout(PRECOMMIT)  # rule 47
+            return True
+        ahead = [r2 for r2, who in self._senders.items() if r2 > r
+                 and sum(self.validators[w] for w in who) >= self._skip]
+        if ahead:  # rule 55: f+1 of a higher round; we go to the highest such round
+            self._start_round(max(ahead))
+            return True
+        return False
+
+    def _decide(self, round: int, p: Proposal, bid: bytes) -> None:
+        """Rule 49: the Decide, with the precommits for the block as its certificate."""
+        self._move("decide")
+        votes = tuple(data for _, (b, data) in sorted(self._votes[(round, PRECOMMIT)].items())
+                      if b == bid)
+        commit = Commit(self._height, round, bid, votes)
+        self.decided = Decide(self._height, round, p.block, bid, commit)
+        self._out.append(self.decided)

@@ -1,0 +1,423 @@
+"""protocol.consensus: messages, certificates, evidence, and Algorithm 1 under a scheduler
+that hypothesis drives (delivery order, drops, duplicates, timeouts, an equivocator)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nacl.signing import SigningKey
+
+from protocol import consensus as c
+from protocol.consensus import (
+    MAX_COMMIT_BYTES,
+    MAX_FUTURE_ROUNDS,
+    MAX_VOTE_BYTES,
+    PRECOMMIT,
+    PREVOTE,
+    PROPOSE,
+    Broadcast,
+    Commit,
+    Evidence,
+    Machine,
+    Proposal,
+    SetTimeout,
+    Timeouts,
+    Vote,
+    block_id,
+    open_proposal,
+    open_vote,
+    proposer_for,
+    quorum,
+    seal_proposal,
+    seal_vote,
+    verify_commit,
+    verify_double_proposal,
+    verify_double_vote,
+)
+from protocol.envelope import DOMAIN_PROPOSAL, DOMAIN_VOTE, signing_message
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.peerid import peer_id_from_public_key
+
+CHAIN = "iollm-test-1"
+KEYS = [SigningKey(bytes([40 + i]) * 32) for i in range(5)]
+IDS = [peer_id_from_public_key(bytes(k.verify_key)) for k in KEYS]
+EQUAL = {p: 1 for p in IDS[:4]}
+UNEQUAL = {p: w for p, w in zip(IDS[:4], (1, 2, 3, 4), strict=True)}  # total 10, quorum 7
+MAX_P = 4096
+FAST = Timeouts(propose_ms=100, prevote_ms=50, precommit_ms=50, delta_ms=50)
+SLOW_OK = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def packb(obj: object) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def forge(body: object, key: SigningKey = KEYS[0], domain: str = DOMAIN_VOTE) -> bytes:
+    raw = body if isinstance(body, bytes) else packb(body)
+    sig = key.sign(signing_message(domain, raw)).signature
+    return packb([1, domain, bytes(key.verify_key), sig, raw])
+
+
+def reason(fn: object, *args: object) -> str:
+    with pytest.raises(RemoteProtocolError) as exc_info:
+        fn(*args)  # type: ignore[operator]
+    return exc_info.value.reason
+
+
+def vote(i: int, kind: str = PRECOMMIT, bid: bytes | None = b"\x01" * 32, height: int = 1,
+         round: int = 0, chain: str = CHAIN) -> bytes:
+    return seal_vote(KEYS[i], Vote(chain, height, round, kind, bid, IDS[i]))
+
+
+def vote_dict(**over: object) -> dict[str, object]:
+    d: dict[str, object] = {"type": "vote", "v": 1, "chain_id": CHAIN, "height": 1,
+                            "round": 0, "kind": PREVOTE, "block_id": None,
+                            "validator": IDS[0]}
+    d.update(over)
+    return d
+
+
+def blk(height: int, who: str, round: int, tag: str = "") -> bytes:
+    return f"block|{height}|{who[-6:]}{tag}|{round}".encode()
+
+
+def accepts(height: int) -> object:
+    return lambda b: b.startswith(f"block|{height}|".encode())
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+
+def test_round_trips() -> None:
+    p = Proposal(CHAIN, 3, 2, b"some block", 1, IDS[0])
+    assert open_proposal(seal_proposal(KEYS[0], p), MAX_P) == p
+    for bid in (None, b"\x07" * 32):
+        v = Vote(CHAIN, 3, 2, PRECOMMIT, bid, IDS[1])
+        data = seal_vote(KEYS[1], v)
+        assert open_vote(data) == v and len(data) <= MAX_VOTE_BYTES
+    commit = Commit(3, 2, b"\x07" * 32, (vote(0), vote(1)))
+    assert Commit.decode(commit.encode()) == commit
+    assert block_id(b"x") == c.digest(b"x")
+
+
+def test_build_checks_and_seal_checks_the_key() -> None:
+    with pytest.raises(LocalProtocolError):
+        Vote(CHAIN, 0, 0, PREVOTE, None, IDS[0])
+    with pytest.raises(LocalProtocolError):
+        Vote(CHAIN, 1, 0, "commit", None, IDS[0])
+    with pytest.raises(LocalProtocolError):
+        Proposal(CHAIN, 1, 2, b"", 2, IDS[0])  # valid_round must be < round
+    with pytest.raises(LocalProtocolError):
+        Proposal("bad chain id!", 1, 0, b"", -1, IDS[0])
+    with pytest.raises(LocalProtocolError):
+        seal_vote(KEYS[1], Vote(CHAIN, 1, 0, PREVOTE, None, IDS[0]))
+    with pytest.raises(LocalProtocolError):
+        seal_proposal(KEYS[1], Proposal(CHAIN, 1, 0, b"", -1, IDS[0]))
+    with pytest.raises(LocalProtocolError):
+        Commit(1, 0, b"\x01" * 32, ())
+
+
+@pytest.mark.parametrize(("over", "expect"), [
+    ({"type": "proposal"}, "wrong-type"),
+    ({"v": 2}, "unknown-version"),
+    ({"v": True}, "unknown-version"),
+    ({"height": True}, "malformed"),
+    ({"height": 0}, "malformed"),
+    ({"round": 1.0}, "malformed"),
+    ({"round": 2**32}, "malformed"),
+    ({"kind": "commit"}, "malformed"),
+    ({"block_id": b"\x01" * 31}, "malformed"),
+    ({"chain_id": ""}, "malformed"),
+    ({"validator": "not a peer id"}, "bad-peer-id"),
+    ({"extra": 1}, "malformed"),
+    ({"validator": IDS[1]}, "signer-mismatch"),
+])
+def test_vote_body_checks(over: dict[str, object], expect: str) -> None:
+    assert reason(open_vote, forge(vote_dict(**over))) == expect
+
+
+def test_vote_missing_field_and_envelope_checks() -> None:
+    d = vote_dict()
+    del d["block_id"]
+    assert reason(open_vote, forge(d)) == "malformed"
+    good = forge(vote_dict())
+    assert open_vote(good).block_id is None
+    assert reason(open_vote, forge(vote_dict(), domain=DOMAIN_PROPOSAL)) == "wrong-domain"
+    tampered = bytearray(good)
+    tampered[40] ^= 1  # inside the signature
+    assert reason(open_vote, bytes(tampered)) == "bad-signature"
+    assert reason(open_vote, good + b"\x00") == "malformed"  # trailing bytes
+    assert reason(open_vote, b"\x00" * (MAX_VOTE_BYTES + 1)) == "oversized"
+    assert reason(open_vote, forge(b"\xc1")) == "malformed"
+    for cut in range(len(good)):
+        assert isinstance(reason(open_vote, good[:cut]), str)
+
+
+def test_proposal_checks() -> None:
+    body = {"type": "proposal", "v": 1, "chain_id": CHAIN, "height": 1, "round": 1,
+            "block": b"b", "valid_round": 0, "proposer": IDS[0]}
+    assert open_proposal(forge(body, domain=DOMAIN_PROPOSAL), MAX_P).valid_round == 0
+    for over in ({"valid_round": 1}, {"valid_round": -2}, {"block": "text"}):
+        assert reason(open_proposal, forge({**body, **over}, domain=DOMAIN_PROPOSAL),
+                      MAX_P) == "malformed"
+    assert reason(open_proposal, forge(body, KEYS[1], DOMAIN_PROPOSAL), MAX_P) == \
+        "signer-mismatch"
+    big = seal_proposal(KEYS[0], Proposal(CHAIN, 1, 0, b"x" * MAX_P, -1, IDS[0]))
+    assert reason(open_proposal, big, MAX_P) == "oversized"
+    assert reason(open_proposal, vote(0), MAX_P) == "wrong-domain"
+
+
+def test_commit_decode_checks() -> None:
+    good = Commit(1, 0, b"\x01" * 32, (vote(0),)).encode()
+    d = msgpack.unpackb(good)
+    assert reason(Commit.decode, packb({**d, "votes": []})) == "malformed"
+    assert reason(Commit.decode, packb({**d, "votes": [1]})) == "malformed"
+    assert reason(Commit.decode, packb({**d, "votes": b"x"})) == "malformed"
+    assert reason(Commit.decode, packb({**d, "type": "vote"})) == "wrong-type"
+    assert reason(Commit.decode, b"\x90" * (MAX_COMMIT_BYTES + 1)) == "oversized"
+
+
+DECODERS = [
+    lambda b: open_vote(b),
+    lambda b: open_proposal(b, MAX_P),
+    lambda b: Commit.decode(b),
+    lambda b: verify_commit(CHAIN, EQUAL, 1, b"\x01" * 32, b),
+    lambda b: verify_double_vote(CHAIN, EQUAL, b, b),
+]
+SAMPLES = [vote(0), seal_proposal(KEYS[0], Proposal(CHAIN, 1, 0, b"blk", -1, IDS[0])),
+           Commit(1, 0, b"\x01" * 32, (vote(0), vote(1), vote(2))).encode()]
+
+
+@SLOW_OK
+@given(st.binary(max_size=700))
+def test_decoders_on_garbage_raise_only_remote_errors(data: bytes) -> None:
+    for decode in DECODERS:
+        with pytest.raises(RemoteProtocolError):
+            decode(data)
+
+
+@SLOW_OK
+@given(st.sampled_from(range(len(SAMPLES))), st.data())
+def test_decoders_on_mutations_raise_only_remote_errors(which: int, data: st.DataObject) -> None:
+    raw = bytearray(SAMPLES[which])
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(raw)))
+    for sample in (bytes(raw), bytes(raw[:cut])):
+        for decode in DECODERS:
+            with contextlib.suppress(RemoteProtocolError):
+                decode(sample)
+
+
+# --- proposer, quorum, certificates, evidence ----------------------------------------------------
+
+
+def test_quorum_and_proposer_rule() -> None:
+    assert quorum(EQUAL) == 3 and quorum(UNEQUAL) == 7 and quorum({IDS[0]: 3}) == 3
+    assert quorum({IDS[0]: 1, IDS[1]: 1, IDS[2]: 1}) == 3 and quorum({IDS[0]: 6}) == 5
+    assert proposer_for(EQUAL, 5, 3) == proposer_for(dict(reversed(EQUAL.items())), 5, 3)
+    counts = dict.fromkeys(IDS[:2], 0)
+    for r in range(2000):
+        counts[proposer_for({IDS[0]: 1, IDS[1]: 3}, 1, r)] += 1
+    assert 0.70 < counts[IDS[1]] / 2000 < 0.80  # power-weighted
+    with pytest.raises(LocalProtocolError):
+        quorum({})
+    with pytest.raises(LocalProtocolError):
+        quorum({IDS[0]: 0})
+
+
+BID = b"\x01" * 32
+
+
+def commit_of(voters: list[int], **kw: object) -> bytes:
+    return Commit(1, 0, BID, tuple(vote(i, **kw) for i in voters)).encode()  # type: ignore[arg-type]
+
+
+def test_verify_commit() -> None:
+    assert verify_commit(CHAIN, EQUAL, 1, BID, commit_of([0, 1, 2])).round == 0
+    assert verify_commit(CHAIN, EQUAL, 1, BID, commit_of([3, 1, 2, 0])).height == 1
+    assert reason(verify_commit, CHAIN, EQUAL, 1, BID, commit_of([0, 1])) == "no-quorum"
+    assert reason(verify_commit, CHAIN, UNEQUAL, 1, BID, commit_of([0, 1, 2])) == "no-quorum"
+    assert verify_commit(CHAIN, UNEQUAL, 1, BID, commit_of([2, 3])).block_id == BID
+    dup = Commit(1, 0, BID, (vote(0), vote(1), vote(1))).encode()
+    assert reason(verify_commit, CHAIN, EQUAL, 1, BID, dup) == "duplicate-vote"
+    assert reason(verify_commit, CHAIN, EQUAL, 1, b"\x02" * 32, commit_of([0, 1, 2])) == \
+        "wrong-block"
+    assert reason(verify_commit, CHAIN, EQUAL, 2, BID, commit_of([0, 1, 2])) == "wrong-block"
+    other = [vote(0), vote(1)]
+    for odd in (vote(2, bid=b"\x02" * 32), vote(2, bid=None), vote(2, height=2),
+                vote(2, round=1), vote(2, chain="other-chain"), vote(2, kind=PREVOTE)):
+        data = Commit(1, 0, BID, (*other, odd)).encode()
+        assert reason(verify_commit, CHAIN, EQUAL, 1, BID, data) == "wrong-vote"
+    data = Commit(1, 0, BID, (*other, vote(2), vote(4))).encode()
+    assert reason(verify_commit, CHAIN, EQUAL, 1, BID, data) == "not-validator"
+
+
+def test_verify_double_vote_and_proposal() -> None:
+    a, b = vote(1, bid=BID), vote(1, bid=None)
+    assert verify_double_vote(CHAIN, EQUAL, a, b).validator == IDS[1]
+    for x, y in ((a, a), (a, vote(2, bid=None)), (a, vote(1, bid=None, round=1)),
+                 (a, vote(1, kind=PREVOTE, bid=None)), (vote(4), vote(4, bid=None))):
+        assert reason(verify_double_vote, CHAIN, EQUAL, x, y) == "not-evidence"
+    assert reason(verify_double_vote, "other-chain", EQUAL, a, b) == "not-evidence"
+    who = proposer_for(EQUAL, 1, 0)
+    k = KEYS[IDS.index(who)]
+    pa = seal_proposal(k, Proposal(CHAIN, 1, 0, b"A", -1, who))
+    pb = seal_proposal(k, Proposal(CHAIN, 1, 0, b"B", -1, who))
+    assert verify_double_proposal(CHAIN, EQUAL, pa, pb, MAX_P).block == b"A"
+    assert reason(verify_double_proposal, CHAIN, EQUAL, pa, pa, MAX_P) == "not-evidence"
+    pc = seal_proposal(k, Proposal(CHAIN, 2, 0, b"B", -1, who))
+    assert reason(verify_double_proposal, CHAIN, EQUAL, pa, pc, MAX_P) == "not-evidence"
+
+
+# --- the machine, one input at a time ------------------------------------------------------------
+
+
+def machine(i: int | None, validators: dict[str, int] = EQUAL, height: int = 1,
+            valid: object = None) -> Machine:
+    who = IDS[i] if i is not None else "observer"
+    return Machine(CHAIN, validators, KEYS[i] if i is not None else None, height, FAST,
+                   valid_block=valid or accepts(height),  # type: ignore[arg-type]
+                   make_block=lambda r: blk(height, who, r), max_proposal_bytes=MAX_P)
+
+
+def non_proposer(height: int, round: int) -> int:
+    return next(i for i in range(4) if IDS[i] != proposer_for(EQUAL, height, round))
+
+
+def propose(height: int, round: int, block: bytes | None = None, vr: int = -1) -> bytes:
+    who = proposer_for(EQUAL, height, round)
+    block = blk(height, who, round) if block is None else block
+    return seal_proposal(KEYS[IDS.index(who)], Proposal(CHAIN, height, round, block, vr, who))
+
+
+def test_single_validator_decides_at_start_and_certificate_verifies() -> None:
+    m = machine(0, {IDS[0]: 5})
+    out = m.start(0)
+    d = m.decided
+    assert d is not None and d in out and m.step == c.DECIDED
+    assert verify_commit(CHAIN, {IDS[0]: 5}, 1, d.block_id, d.commit.encode())
+    assert [b.kind for b in m.rebroadcast()] == ["proposal", "vote", "vote"]
+
+
+def test_inputs_that_are_not_for_this_machine() -> None:
+    i = non_proposer(1, 0)
+    m = machine(i)
+    with pytest.raises(LocalProtocolError):
+        m.on_vote(vote(0), 0)  # before start
+    out = m.start(0)
+    assert out == [SetTimeout(PROPOSE, 1, 0, 100)]
+    assert m.on_vote(vote(0, height=2), 1) == []
+    assert m.on_proposal(propose(2, 0), 1) == []
+    assert reason(m.on_vote, vote(0, chain="other-chain"), 1) == "wrong-chain"
+    assert reason(m.on_vote, vote(4), 1) == "not-validator"
+    liar = IDS.index(proposer_for(EQUAL, 1, 1))
+    fake = seal_proposal(KEYS[liar], Proposal(CHAIN, 1, 0, blk(1, IDS[liar], 0), -1,
+                                              IDS[liar]))
+    if IDS[liar] != proposer_for(EQUAL, 1, 0):
+        assert reason(m.on_proposal, fake, 1) == "not-proposer"
+    assert reason(m.on_proposal, b"\x00" * (MAX_P + 1), 1) == "oversized"
+    assert m.on_timeout(PROPOSE, 1, 3, 5) == [] and m.on_timeout(PREVOTE, 1, 0, 5) == []
+    with pytest.raises(LocalProtocolError):
+        m.on_timeout("decided", 1, 0, 5)
+    with pytest.raises(LocalProtocolError):
+        m.start(0)
+
+
+def test_timeouts_grow_with_the_round_and_f_plus_1_skips_rounds() -> None:
+    i = non_proposer(1, 0)
+    m = machine(i)
+    m.start(1000)
+    others = [j for j in range(4) if j != i]
+    assert m.on_vote(vote(others[0], PREVOTE, None, round=7), 1001) == []  # f+1 is 2 of 4
+    out = m.on_vote(vote(others[1], PREVOTE, None, round=7), 1002)
+    assert m.round == 7
+    if IDS[i] != proposer_for(EQUAL, 1, 7):
+        assert SetTimeout(PROPOSE, 1, 7, 1002 + 100 + 7 * 50) in out
+
+
+def test_future_rounds_are_bounded_per_validator() -> None:
+    i = non_proposer(1, 0)
+    m = machine(i)
+    m.start(0)
+    j = (i + 1) % 4
+    for r in range(1, 40):
+        m.on_vote(vote(j, PREVOTE, None, round=r), r)
+    held = [r for r, who in m._senders.items() if IDS[j] in who]
+    assert held == list(range(40 - MAX_FUTURE_ROUNDS, 40)) and m.round == 0
+
+
+def test_double_vote_is_evidence_and_counts_once() -> None:
+    i = non_proposer(1, 0)
+    m = machine(i)
+    m.start(0)
+    m.on_proposal(propose(1, 0), 1)
+    bid = block_id(blk(1, proposer_for(EQUAL, 1, 0), 0))
+    j, k = [x for x in range(4) if x != i][:2]
+    assert m.on_vote(vote(j, PREVOTE, None), 2) == []
+    out = m.on_vote(vote(j, PREVOTE, bid), 3)  # j says nil, then v: only nil counts
+    ev = [a for a in out if isinstance(a, Evidence)]
+    assert ev == [Evidence(IDS[j], "double-vote", vote(j, PREVOTE, None), vote(j, PREVOTE, bid))]
+    assert verify_double_vote(CHAIN, EQUAL, ev[0].a, ev[0].b).validator == IDS[j]
+    assert m.on_vote(vote(j, PREVOTE, b"\x09" * 32), 4) == []  # reported once
+    m.on_vote(vote(k, PREVOTE, bid), 5)
+    assert m.step == PREVOTE  # own + k for v = 2 of 4: no lock yet, though j "voted" twice
+
+
+def test_double_proposal_is_evidence() -> None:
+    i = non_proposer(1, 0)
+    m = machine(i)
+    m.start(0)
+    a, b = propose(1, 0, b"block|1|A|0"), propose(1, 0, b"block|1|B|0")
+    m.on_proposal(a, 1)
+    out = m.on_proposal(b, 2)
+    assert Evidence(proposer_for(EQUAL, 1, 0), "double-proposal", a, b) in out
+    assert m.on_proposal(a, 3) == []
+
+
+def test_locked_validator_prevotes_nil_for_another_block_and_rule_28_unlocks() -> None:
+    i = non_proposer(1, 0)
+    m = machine(i)
+    m.start(0)
+    v0 = blk(1, proposer_for(EQUAL, 1, 0), 0)
+    m.on_proposal(propose(1, 0, v0), 1)
+    others = [x for x in range(4) if x != i]
+    for j in others[:2]:
+        m.on_vote(vote(j, PREVOTE, block_id(v0)), 2)
+    assert m.step == PRECOMMIT and m._locked == block_id(v0)
+    for j in others:
+        m.on_vote(vote(j, PRECOMMIT, None), 3)
+    m.on_timeout(PRECOMMIT, 1, 0, 200)
+    assert m.round == 1 and m.step in (PROPOSE, PREVOTE)
+    if IDS[i] == proposer_for(EQUAL, 1, 1):
+        return  # it re-proposes v0 itself (validValue)
+    v1 = blk(1, proposer_for(EQUAL, 1, 1), 1, "other")
+    out = m.on_proposal(propose(1, 1, v1), 201)
+    own = [open_vote(a.data) for a in out if isinstance(a, Broadcast)]
+    assert own == [Vote(CHAIN, 1, 1, PREVOTE, None, IDS[i])]  # locked on v0 (rule 22)
+
+
+def test_observer_follows_and_decides() -> None:
+    m = machine(None)
+    m.start(0)
+    p = propose(1, 0)
+    bid = block_id(blk(1, proposer_for(EQUAL, 1, 0), 0))
+    out = m.on_proposal(p, 1)
+    for j in range(3):
+        out += m.on_vote(vote(j, PRECOMMIT, bid), 2)
+    assert not any(isinstance(a, Broadcast) for a in out) and m.rebroadcast() == []
+    assert m.decided is not None and m.decided.block_id == bid
+    assert verify_commit(CHAIN, EQUAL, 1, bid, m.decided.commit.encode())
+
+
+def test_transition_table_matches_the_spec() -> None:
+    spec = (Path(__file__).parent.parent / "specs" / "consensus.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` +\| `([\w-]+)` +\| `(\w+)` +\|", spec, re.M)
+    assert {(a, e): b for a, e, b in rows} == c.TRANSITIONS
