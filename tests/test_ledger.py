@@ -15,8 +15,14 @@ from nacl.signing import SigningKey
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.feed import ForkEvidence, next_entry
 from protocol.genesis import Genesis, make_genesis
-from protocol.jobs import Job, TaskResult, issue_receipt, seal_job, seal_task_result, \
-    spec_with_defaults
+from protocol.jobs import (
+    Job,
+    TaskResult,
+    issue_receipt,
+    seal_job,
+    seal_task_result,
+    spec_with_defaults,
+)
 from protocol.ledger import (
     Block,
     CheckedTx,
@@ -31,7 +37,7 @@ from protocol.ledger import (
     split,
 )
 from protocol.peerid import peer_id_from_public_key
-from protocol.txs import ZERO_ID
+from protocol.txs import votes_payload
 
 KEYS = [SigningKey(bytes([i]) * 32) for i in range(1, 11)]
 PEERS = [peer_id_from_public_key(bytes(k.verify_key)) for k in KEYS]
@@ -476,3 +482,28 @@ def test_build_and_apply_of_a_1000_receipt_block_on_a_big_ledger_are_fast() -> N
     applied = time.perf_counter() - started
     assert new.receipts_counted == 1000 and new.emitted == 1000
     assert built < 0.5 and applied < 0.5, (built, applied)  # ~10 ms each when idle
+
+
+def test_double_vote_recorded_once_per_slot() -> None:
+    from protocol.consensus import Vote, seal_vote
+
+    def vote(block: bytes | None, validator: int = 0, rnd: int = 0) -> bytes:
+        return seal_vote(KEYS[validator], Vote(CHAIN, 5, rnd, "precommit", block,
+                                               PEERS[validator]))
+
+    c = Chain()
+    tx = encode_tx("double-vote", votes_payload(vote(b"\x01" * 32), vote(b"\x02" * 32)))
+    c.block(tx)
+    [ev] = c.ledger.evidence()
+    assert (ev.kind, ev.key) == ("double-vote", (PEERS[0], 5, 0, "precommit"))
+    other_pair = encode_tx("double-vote", votes_payload(vote(b"\x03" * 32),
+                                                        vote(None)))
+    assert c.refused(other_pair).reason == "duplicate"  # the same slot, other votes
+    c.block(encode_tx("double-vote", votes_payload(vote(b"\x01" * 32, rnd=1),
+                                                   vote(b"\x02" * 32, rnd=1))))
+    assert len(c.ledger.evidence()) == 2
+    with pytest.raises(TxRefused):  # agreeing votes prove nothing
+        check_tx(G, encode_tx("double-vote", votes_payload(vote(None), vote(None))))
+    with pytest.raises(TxRefused):  # not a validator
+        check_tx(G, encode_tx("double-vote", votes_payload(vote(None, W1),
+                                                           vote(b"\x01" * 32, W1))))
