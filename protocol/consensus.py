@@ -18,6 +18,7 @@ and nothing else.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -286,13 +287,25 @@ def _skip_power(total: int) -> int:
     return total // 3 + 1
 
 
+def _stride(total: int) -> int:
+    """The proposer stride: about total/phi, the golden ratio, and coprime with total."""
+    stride = max(1, total * 61803398874989 // 10**14)
+    while math.gcd(stride, total) != 1:
+        stride += 1
+    return stride
+
+
 def proposer_for(validators: Mapping[str, int], height: int, round: int) -> str:
-    """The proposer of (height, round): ``x = int(H(packb([PROPOSER_SEED, height, round])))
-    mod total_power``, then the first validator, in ascending peer-id order, whose running
-    sum of power exceeds ``x``. Each round is an independent power-weighted draw."""
+    """The proposer of (height, round). Lay the validators, in ascending peer-id order, on
+    a circle of ``total`` power units, each over as many units as it has power; round r of
+    height h is proposed by the owner of unit ``(x_h + r * stride) mod total``, with
+    ``x_h = int(H(packb([PROPOSER_SEED, h]))) mod total`` and ``stride`` from
+    :func:`_stride`. Over any ``total`` consecutive rounds each validator proposes exactly
+    ``power`` times, and consecutive rounds land far apart on the circle."""
     vals = _check_validators(validators)
-    seed = digest(packb([PROPOSER_SEED, height, round]))
-    x = int.from_bytes(seed, "big") % sum(vals.values())
+    total = sum(vals.values())
+    start = int.from_bytes(digest(packb([PROPOSER_SEED, height])), "big") % total
+    x = (start + round * _stride(total)) % total
     for peer in sorted(vals):
         x -= vals[peer]
         if x < 0:
@@ -453,8 +466,10 @@ class Machine:
         self._valid: bytes | None = None  # the block itself: we may have to propose it
         self._valid_round = -1
         self._proposals: dict[int, tuple[Proposal, bytes, bytes]] = {}  # round -> (p, id, data)
-        self._votes: dict[Slot, dict[str, tuple[bytes | None, bytes]]] = {}
-        self._tally: dict[Slot, dict[bytes | None, int]] = {}
+        # slot -> validator -> block id -> envelope: the first vote, and conflicting ones
+        # for nil or a block proposed at this height (see _add_vote)
+        self._votes: dict[Slot, dict[str, dict[bytes | None, bytes]]] = {}
+        self._tally: dict[Slot, dict[bytes | None, int]] = {}  # power per block id
         self._senders: dict[int, set[str]] = {}  # round -> validators with a message in it
         self._done: set[tuple[str, int]] = set()  # rules 34, 36, 47: "for the first time"
         self._accepts: dict[bytes, bool] = {}  # block id -> valid_block's answer
@@ -523,9 +538,21 @@ class Machine:
         return self._handle(now_ms, fire)
 
     def rebroadcast(self) -> list[Action]:
-        """Our latest proposal, prevote and precommit of this height, to gossip again."""
-        return [Broadcast(self._own[k], "proposal" if k == "proposal" else "vote")
-                for k in ("proposal", PREVOTE, PRECOMMIT) if k in self._own]
+        """What to gossip again (gossip is lossy; node/ calls this every second or so): our
+        latest proposal, prevote and precommit; the 2f+1 prevotes behind our validValue,
+        so a peer can accept its re-proposal (rule 28: the paper assumes every message a
+        correct process received reaches all of them, this stands in for that); once
+        decided, the decided proposal and its precommits."""
+        props = [self._own["proposal"]] if "proposal" in self._own else []
+        votes = [self._own[k] for k in VOTE_KINDS if k in self._own]
+        if self._valid_round >= 0:
+            bid = block_id(self._valid)  # type: ignore[arg-type]
+            votes += self._voters(self._valid_round, PREVOTE, bid)
+        if self.decided is not None:
+            props.append(self._proposals[self.decided.round][2])
+            votes += self.decided.commit.votes
+        return ([Broadcast(d, "proposal") for d in dict.fromkeys(props)]
+                + [Broadcast(d, "vote") for d in dict.fromkeys(votes)])
 
     def _ours(self, chain_id: str, height: int) -> bool:
         if not self._started:
@@ -567,9 +594,8 @@ class Machine:
     def _forget(self, sender: str, round: int) -> None:
         self._senders[round].discard(sender)
         for kind in VOTE_KINDS:
-            held = self._votes.get((round, kind), {}).pop(sender, None)
-            if held is not None:
-                self._tally[(round, kind)][held[0]] -= self.validators[sender]
+            for bid in self._votes.get((round, kind), {}).pop(sender, {}):
+                self._tally[(round, kind)][bid] -= self.validators[sender]
         if round in self._proposals and self._proposals[round][0].proposer == sender:
             del self._proposals[round]
 
@@ -585,26 +611,43 @@ class Machine:
             self._senders.setdefault(p.round, set()).add(p.proposer)
 
     def _add_vote(self, v: Vote, data: bytes) -> None:
-        """Record the first vote of a validator per (round, kind); a conflicting second one
-        is evidence and is not counted, so a double voter cannot inflate a tally."""
+        """Count a validator at most once per (round, kind, block id), as Algorithm 1 counts
+        messages, and at most once in "2f+1 of any" (:meth:`_any_power`), so a double
+        voter cannot inflate a tally. A conflicting vote is evidence (reported once per
+        slot); it is kept, and counted for its block, only when it is for nil or for a block
+        proposed at this height: a validator locked on v must be able to show the 2f+1
+        prevotes for v it saw, one of them perhaps the equivocator's (specs/consensus.md,
+        "Why conflicting votes are counted"), while a flood of votes for junk ids is
+        dropped."""
         slot = (v.round, v.kind)
         held = self._votes.get(slot, {}).get(v.validator)
         if held is not None:
-            if held[0] != v.block_id and (v.kind, v.round, v.validator) not in self._reported:
+            if v.block_id in held:
+                return
+            if (v.kind, v.round, v.validator) not in self._reported:
                 self._reported.add((v.kind, v.round, v.validator))
-                self._out.append(Evidence(v.validator, "double-vote", held[1], data))
+                self._out.append(Evidence(v.validator, "double-vote", next(iter(held.values())),
+                                          data))
+            if v.block_id is not None and all(
+                    v.block_id != bid for _, bid, _ in self._proposals.values()):
+                return
+        elif not self._keep(v.validator, v.round):
             return
-        if self._keep(v.validator, v.round):
-            self._votes.setdefault(slot, {})[v.validator] = (v.block_id, data)
-            tally = self._tally.setdefault(slot, {})
-            tally[v.block_id] = tally.get(v.block_id, 0) + self.validators[v.validator]
-            self._senders.setdefault(v.round, set()).add(v.validator)
+        self._votes.setdefault(slot, {}).setdefault(v.validator, {})[v.block_id] = data
+        tally = self._tally.setdefault(slot, {})
+        tally[v.block_id] = tally.get(v.block_id, 0) + self.validators[v.validator]
+        self._senders.setdefault(v.round, set()).add(v.validator)
+
+    def _voters(self, round: int, kind: str, bid: bytes | None) -> list[bytes]:
+        """The envelopes of the votes for ``bid`` in (round, kind), by peer id."""
+        held = self._votes.get((round, kind), {})
+        return [held[w][bid] for w in sorted(held) if bid in held[w]]
 
     def _power(self, round: int, kind: str, bid: bytes | None) -> int:
         return self._tally.get((round, kind), {}).get(bid, 0)
 
     def _any_power(self, round: int, kind: str) -> int:
-        return sum(self._tally.get((round, kind), {}).values())
+        return sum(self.validators[w] for w in self._votes.get((round, kind), {}))
 
     def _accepts_block(self, p: Proposal, bid: bytes) -> bool:
         if bid not in self._accepts:
@@ -701,8 +744,6 @@ class Machine:
     def _decide(self, round: int, p: Proposal, bid: bytes) -> None:
         """Rule 49: the Decide, with the precommits for the block as its certificate."""
         self._move("decide")
-        votes = tuple(data for _, (b, data) in sorted(self._votes[(round, PRECOMMIT)].items())
-                      if b == bid)
-        commit = Commit(self._height, round, bid, votes)
+        commit = Commit(self._height, round, bid, tuple(self._voters(round, PRECOMMIT, bid)))
         self.decided = Decide(self._height, round, p.block, bid, commit)
         self._out.append(self.decided)

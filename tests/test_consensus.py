@@ -23,6 +23,7 @@ from protocol.consensus import (
     PROPOSE,
     Broadcast,
     Commit,
+    Decide,
     Evidence,
     Machine,
     Proposal,
@@ -223,10 +224,14 @@ def test_quorum_and_proposer_rule() -> None:
     assert quorum(EQUAL) == 3 and quorum(UNEQUAL) == 7 and quorum({IDS[0]: 3}) == 3
     assert quorum({IDS[0]: 1, IDS[1]: 1, IDS[2]: 1}) == 3 and quorum({IDS[0]: 6}) == 5
     assert proposer_for(EQUAL, 5, 3) == proposer_for(dict(reversed(EQUAL.items())), 5, 3)
-    counts = dict.fromkeys(IDS[:2], 0)
-    for r in range(2000):
-        counts[proposer_for({IDS[0]: 1, IDS[1]: 3}, 1, r)] += 1
-    assert 0.70 < counts[IDS[1]] / 2000 < 0.80  # power-weighted
+    for vals in (EQUAL, UNEQUAL, {IDS[0]: 1, IDS[1]: 3}, {IDS[0]: 5, IDS[1]: 7, IDS[2]: 9}):
+        total = sum(vals.values())
+        for height, first in ((1, 0), (2, 17), (9, 1000)):
+            counts = dict.fromkeys(vals, 0)
+            for r in range(first, first + total):  # any `total` consecutive rounds
+                counts[proposer_for(vals, height, r)] += 1
+            assert counts == vals  # exactly power-weighted
+    assert {proposer_for(EQUAL, h, 0) for h in range(1, 30)} == set(EQUAL)
     with pytest.raises(LocalProtocolError):
         quorum({})
     with pytest.raises(LocalProtocolError):
@@ -304,7 +309,8 @@ def test_single_validator_decides_at_start_and_certificate_verifies() -> None:
     d = m.decided
     assert d is not None and d in out and m.step == c.DECIDED
     assert verify_commit(CHAIN, {IDS[0]: 5}, 1, d.block_id, d.commit.encode())
-    assert [b.kind for b in m.rebroadcast()] == ["proposal", "vote", "vote"]
+    kinds = [b.kind for b in m.rebroadcast()]
+    assert kinds == ["proposal", "vote", "vote"]  # own precommit is the commit's vote
 
 
 def test_inputs_that_are_not_for_this_machine() -> None:
@@ -362,13 +368,18 @@ def test_double_vote_is_evidence_and_counts_once() -> None:
     bid = block_id(blk(1, proposer_for(EQUAL, 1, 0), 0))
     j, k = [x for x in range(4) if x != i][:2]
     assert m.on_vote(vote(j, PREVOTE, None), 2) == []
-    out = m.on_vote(vote(j, PREVOTE, bid), 3)  # j says nil, then v: only nil counts
-    ev = [a for a in out if isinstance(a, Evidence)]
-    assert ev == [Evidence(IDS[j], "double-vote", vote(j, PREVOTE, None), vote(j, PREVOTE, bid))]
-    assert verify_double_vote(CHAIN, EQUAL, ev[0].a, ev[0].b).validator == IDS[j]
-    assert m.on_vote(vote(j, PREVOTE, b"\x09" * 32), 4) == []  # reported once
-    m.on_vote(vote(k, PREVOTE, bid), 5)
-    assert m.step == PREVOTE  # own + k for v = 2 of 4: no lock yet, though j "voted" twice
+    out = m.on_vote(vote(j, PREVOTE, b"\x09" * 32), 3)  # a junk id: evidence, not counted
+    assert out == [Evidence(IDS[j], "double-vote", vote(j, PREVOTE, None),
+                            vote(j, PREVOTE, b"\x09" * 32))]
+    assert verify_double_vote(CHAIN, EQUAL, out[0].a, out[0].b).validator == IDS[j]
+    assert m._power(0, PREVOTE, b"\x09" * 32) == 0
+    assert m.on_vote(vote(j, PREVOTE, bid), 4) == []  # reported once; counted for bid
+    assert m._power(0, PREVOTE, bid) == 2 and m._power(0, PREVOTE, None) == 1
+    assert m._any_power(0, PREVOTE) == 2  # j once, although it voted twice
+    assert m.on_vote(vote(j, PREVOTE, bid), 5) == []  # a duplicate changes nothing
+    assert m._power(0, PREVOTE, bid) == 2 and m.step == PREVOTE
+    m.on_vote(vote(k, PREVOTE, bid), 6)  # own + j + k for bid: 2f+1
+    assert m.step == PRECOMMIT
 
 
 def test_double_proposal_is_evidence() -> None:
@@ -412,8 +423,9 @@ def test_observer_follows_and_decides() -> None:
     out = m.on_proposal(p, 1)
     for j in range(3):
         out += m.on_vote(vote(j, PRECOMMIT, bid), 2)
-    assert not any(isinstance(a, Broadcast) for a in out) and m.rebroadcast() == []
+    assert not any(isinstance(a, Broadcast) for a in out)
     assert m.decided is not None and m.decided.block_id == bid
+    assert [b.data for b in m.rebroadcast()] == [p, *m.decided.commit.votes]  # relays only
     assert verify_commit(CHAIN, EQUAL, 1, bid, m.decided.commit.encode())
 
 
@@ -421,3 +433,277 @@ def test_transition_table_matches_the_spec() -> None:
     spec = (Path(__file__).parent.parent / "specs" / "consensus.md").read_text()
     rows = re.findall(r"^\| `(\w+)` +\| `([\w-]+)` +\| `(\w+)` +\|", spec, re.M)
     assert {(a, e): b for a, e, b in rows} == c.TRANSITIONS
+
+
+# --- simulation: 4 validators, a message pool, a scheduler ---------------------------------------
+
+
+class Sim:
+    """Validators exchanging envelopes through a pool. Honest ones run a Machine per height
+    (a new one after each Decide, as node/ does); ``byz`` is driven by :meth:`byz_act`;
+    nodes in ``cut`` neither send nor receive until :meth:`heal`."""
+
+    def __init__(self, validators: dict[str, int], *, byz: int | None = None,
+                 cut: frozenset[int] = frozenset(), heights: int = 2,
+                 rejects: frozenset[str] = frozenset()) -> None:
+        self.validators, self.byz, self.cut, self.heights = validators, byz, set(cut), heights
+        self.n = len(validators)
+        self.honest = [i for i in range(self.n) if i != byz]
+        self.rejects = rejects  # blocks of these proposers are refused by valid_block
+        self.pool: list[tuple[int, int, str, bytes]] = []  # (src, dst, kind, data)
+        self.timers: list[tuple[int, int, SetTimeout]] = []  # (at_ms, node, timeout)
+        self.decided: dict[int, dict[int, bytes]] = {i: {} for i in self.honest}
+        self.certs: dict[int, tuple[bytes, bytes]] = {}  # height -> (block, commit)
+        self.evidence: list[Evidence] = []
+        self.seen: list[bytes] = []  # everything the adversary overhears
+        self.now = 0
+        self.m: dict[int, Machine] = {}
+        for i in self.honest:
+            self._new(i, 1)
+
+    def _valid(self, height: int) -> object:
+        def ok(b: bytes) -> bool:
+            return b.startswith(f"block|{height}|".encode()) and not any(
+                f"|{p[-6:]}".encode() in b for p in self.rejects)
+        return ok
+
+    def _new(self, i: int, height: int) -> None:
+        self.m[i] = Machine(CHAIN, self.validators, KEYS[i], height, FAST,
+                            valid_block=self._valid(height),  # type: ignore[arg-type]
+                            make_block=lambda r: blk(height, IDS[i], r),
+                            max_proposal_bytes=MAX_P)
+        self._apply(i, self.m[i].start(self.now))
+
+    def done(self, i: int) -> bool:
+        return self.m[i].height > self.heights or (
+            self.m[i].height == self.heights and self.m[i].decided is not None)
+
+    def _apply(self, i: int, actions: list) -> None:  # type: ignore[type-arg]
+        for a in actions:
+            if isinstance(a, Broadcast):
+                self.send(i, a.kind, a.data, range(self.n))
+            elif isinstance(a, SetTimeout):
+                self.timers.append((a.at_ms, i, a))
+            elif isinstance(a, Evidence):
+                self.evidence.append(a)
+            elif isinstance(a, Decide):
+                enc = a.commit.encode()
+                assert verify_commit(CHAIN, self.validators, a.height, a.block_id, enc)
+                assert self._valid(a.height)(a.block)  # type: ignore[operator]
+                self.decided[i][a.height] = a.block
+                self.certs.setdefault(a.height, (a.block, enc))
+                if a.height < self.heights:
+                    self._new(i, a.height + 1)
+
+    def send(self, src: int, kind: str, data: bytes, dsts: object) -> None:
+        self.seen.append(data)
+        for d in dsts:  # type: ignore[attr-defined]
+            if d != src:
+                self.pool.append((src, d, kind, data))
+
+    def deliverable(self) -> list[int]:
+        return [k for k, (s, d, _, _) in enumerate(self.pool)
+                if s not in self.cut and d not in self.cut and d != self.byz]
+
+    def deliver(self, k: int, keep: bool = False) -> None:
+        _src, dst, kind, data = self.pool[k] if keep else self.pool.pop(k)
+        m = self.m[dst]
+        self._apply(dst, (m.on_proposal if kind == "proposal" else m.on_vote)(data, self.now))
+
+    def fire(self, k: int, *, advance: bool = False) -> None:
+        at, i, t = self.timers.pop(k)
+        if i in self.cut:
+            return
+        self.now = max(self.now, at) if advance else self.now
+        self._apply(i, self.m[i].on_timeout(t.step, t.height, t.round, self.now))
+
+    def rebroadcast(self, i: int) -> None:
+        if i not in self.cut:
+            self._apply(i, self.m[i].rebroadcast())
+
+    def sync(self, i: int) -> None:
+        """Block sync, as node/ does it: take a final block with its certificate."""
+        h = self.m[i].height
+        if i not in self.cut and self.m[i].decided is None and h in self.certs:
+            block, enc = self.certs[h]
+            verify_commit(CHAIN, self.validators, h, block_id(block), enc)
+            if h < self.heights:
+                self._new(i, h + 1)
+
+    def byz_act(self, pick: int, mask: int) -> None:
+        """Equivocate where some honest node is: two proposals (when it proposes) and two
+        different prevotes and precommits, to the two sides of ``mask``."""
+        assert self.byz is not None
+        b, k = IDS[self.byz], KEYS[self.byz]
+        target = self.m[self.honest[pick % len(self.honest)]]
+        h, r = target.height, target.round
+        side = [d for d in range(self.n) if mask >> d & 1]
+        rest = [d for d in range(self.n) if not mask >> d & 1]
+        ids: list[bytes | None] = [None]
+        if proposer_for(self.validators, h, r) == b:
+            for tag, dsts in (("A", side), ("B", rest)):
+                p = Proposal(CHAIN, h, r, blk(h, b, r, tag), -1, b)
+                self.send(self.byz, "proposal", seal_proposal(k, p), dsts)
+                ids.append(p.block_id)
+        for data in self.seen:
+            with contextlib.suppress(RemoteProtocolError):
+                p = open_proposal(data, MAX_P)
+                if (p.height, p.round) == (h, r):
+                    ids.append(p.block_id)
+        ids = list(dict.fromkeys(ids))
+        x, y = ids[pick % len(ids)], ids[(pick + 1 + mask) % len(ids)]
+        if x == y:
+            y = None if x is not None else b"\x05" * 32
+        for kind in (PREVOTE, PRECOMMIT):
+            for bid, dsts in ((x, side), (y, rest)):
+                self.send(self.byz, "vote", seal_vote(k, Vote(CHAIN, h, r, kind, bid, b)),
+                          dsts)
+
+    def step(self, op: str, a: int, b: int) -> None:
+        ready = self.deliverable()
+        if op in ("deliver", "drop", "dup") and ready:
+            k = ready[a % len(ready)]
+            if op == "drop":
+                self.pool.pop(k)
+            else:
+                self.deliver(k, keep=op == "dup")
+        elif op == "fire" and self.timers:
+            self.fire(a % len(self.timers))
+        elif op == "rebroadcast":
+            self.rebroadcast(self.honest[a % len(self.honest)])
+        elif op == "sync":
+            self.sync(self.honest[a % len(self.honest)])
+        elif op == "byz" and self.byz is not None:
+            self.byz_act(a, b)
+
+    def run_synchronously(self, max_timeouts: int) -> int:
+        """After GST: every message is delivered before any timeout fires; timeouts fire
+        in time order. Returns the number of timeouts fired until every live honest
+        validator has decided the last height (or ``max_timeouts``)."""
+        live = [i for i in self.honest if i not in self.cut]
+        for fired in range(max_timeouts + 1):
+            for _ in range(2):
+                while ready := self.deliverable():
+                    self.deliver(ready[0])
+                for i in live:
+                    self.sync(i)
+                    self.rebroadcast(i)
+            while ready := self.deliverable():
+                self.deliver(ready[0])
+            if all(self.done(i) for i in live):
+                return fired
+            live_timers = [k for k, (_, i, _) in enumerate(self.timers) if i in live]
+            if not live_timers or fired == max_timeouts:
+                return fired
+            self.fire(min(live_timers, key=lambda k: self.timers[k][0]), advance=True)
+        return max_timeouts
+
+    def heal(self) -> None:
+        self.cut = set()
+
+    def check_safety(self) -> None:
+        for h in range(1, self.heights + 1):
+            blocks = {d[h] for d in self.decided.values() if h in d}
+            assert len(blocks) <= 1, f"conflicting decisions at height {h}"
+        for ev in self.evidence:
+            assert ev.validator == IDS[self.byz] if self.byz is not None else False
+            if ev.kind == "double-vote":
+                verify_double_vote(CHAIN, self.validators, ev.a, ev.b)
+            else:
+                verify_double_proposal(CHAIN, self.validators, ev.a, ev.b, MAX_P)
+
+
+OPS = st.lists(st.tuples(
+    st.sampled_from(["deliver"] * 6 + ["drop", "dup", "fire", "fire", "rebroadcast", "sync",
+                                       "byz", "byz"]),
+    st.integers(0, 2**16), st.integers(0, 15)), max_size=150)
+MAX_TIMEOUTS = 60  # after GST; measured: a height takes 0-10 timeouts in these runs
+
+
+@settings(SLOW_OK, max_examples=60)
+@given(OPS, st.sampled_from(["equal", "unequal"]))
+def test_safety_and_liveness_all_honest(ops: list[tuple[str, int, int]], powers: str) -> None:
+    sim = Sim(EQUAL if powers == "equal" else UNEQUAL, heights=3)
+    for op in ops:
+        sim.step(*op)
+        sim.check_safety()
+    sim.run_synchronously(MAX_TIMEOUTS)
+    sim.check_safety()
+    assert all(sim.done(i) for i in sim.honest)
+    assert not sim.evidence
+
+
+@settings(SLOW_OK, max_examples=60)
+@given(OPS, st.sampled_from([0, 1, 2, 3]), st.sampled_from(["equal", "unequal"]))
+def test_safety_and_liveness_with_an_equivocator(ops: list[tuple[str, int, int]], byz: int,
+                                                 powers: str) -> None:
+    validators = EQUAL if powers == "equal" else UNEQUAL
+    if powers == "unequal" and byz == 3:
+        byz = 2  # power 4 of 10 is more than f; power 3 is the most one faulty may hold
+    sim = Sim(validators, byz=byz, heights=2)
+    for op in ops:
+        sim.step(*op)
+        sim.check_safety()
+    sim.run_synchronously(MAX_TIMEOUTS)  # the equivocator falls silent after GST
+    sim.check_safety()
+    assert all(sim.done(i) for i in sim.honest)
+
+
+def test_equivocation_is_reported_by_who_sees_both() -> None:
+    for h_round in range(6):  # some round where the faulty validator proposes
+        if proposer_for(EQUAL, 1, h_round) == IDS[3]:
+            break
+    sim = Sim(EQUAL, byz=3, heights=1)
+    for i in sim.honest:
+        sim.m[i]._round = h_round  # as if the earlier rounds timed out
+    sim.pool.clear()
+    sim.byz_act(0, 0b0011)
+    for k in reversed(range(len(sim.pool))):  # all of it, to everyone: both sides meet
+        src, _, kind, data = sim.pool[k]
+        for i in sim.honest:
+            sim.pool.append((src, i, kind, data))
+    while ready := sim.deliverable():
+        sim.deliver(ready[0])
+    kinds = {e.kind for e in sim.evidence}
+    assert kinds == {"double-vote", "double-proposal"}
+    sim.check_safety()
+
+
+def test_one_silent_validator_the_others_decide() -> None:
+    for silent in range(4):
+        sim = Sim(EQUAL, cut=frozenset({silent}), heights=3)
+        assert sim.run_synchronously(MAX_TIMEOUTS) < MAX_TIMEOUTS
+        assert all(sim.done(i) for i in sim.honest if i != silent)
+        sim.check_safety()
+
+
+def test_two_silent_nobody_decides_until_they_return() -> None:
+    sim = Sim(EQUAL, cut=frozenset({2, 3}), heights=1)
+    sim.run_synchronously(20)
+    assert not any(sim.decided.values())
+    # Algorithm 1 sets no prevote timeout without 2f+1 prevotes: the two wait in round 0
+    assert all((sim.m[i].round, sim.m[i].step) == (0, PREVOTE) for i in (0, 1))
+    sim.heal()
+    sim.run_synchronously(MAX_TIMEOUTS)
+    assert all(sim.done(i) for i in sim.honest)
+    assert len({d[1] for d in sim.decided.values()}) == 1
+    sim.check_safety()
+
+
+def test_rejected_block_prevotes_nil_and_another_proposer_decides() -> None:
+    bad = proposer_for(EQUAL, 1, 0)
+    sim = Sim(EQUAL, heights=1, rejects=frozenset({bad}))
+    sim.run_synchronously(MAX_TIMEOUTS)
+    assert all(sim.done(i) for i in sim.honest)
+    block = sim.decided[0][1]
+    assert bad[-6:].encode() not in block
+    round0_prevotes = [open_vote(d) for d in sim.seen if open_vote_or_none(d) is not None]
+    assert all(v.block_id is None for v in round0_prevotes if v.round == 0 and
+               v.kind == PREVOTE)
+
+
+def open_vote_or_none(data: bytes) -> Vote | None:
+    try:
+        return open_vote(data)
+    except RemoteProtocolError:
+        return None
