@@ -68,6 +68,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_node_start(args: argparse.Namespace) -> int:
     import trio
 
+    from node.consensus import ChainError
     from node.daemon import StartOptions, run_daemon
     from node.host import BadMultiaddr, ListenError
     from node.identity import IdentityError
@@ -76,10 +77,11 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     home = _home(args)
     config = load_config(home)
     options = StartOptions(listen=args.listen or None, bootstrap=args.bootstrap or None,
-                           api_port=args.api_port)
+                           api_port=args.api_port,
+                           genesis=Path(args.genesis).expanduser() if args.genesis else None)
     try:
         trio.run(run_daemon, home, config, options)
-    except (IdentityError, BadMultiaddr, ProbeError) as exc:
+    except (IdentityError, BadMultiaddr, ProbeError, ChainError) as exc:
         raise CliError(str(exc)) from None
     except KeyboardInterrupt:
         logging.getLogger("node").info("interrupted during start-up")
@@ -197,7 +199,7 @@ def cmd_testnet_up(args: argparse.Namespace) -> int:
 
     try:
         testnet_up(Path(args.dir), args.nodes, simulate_gpus=args.simulate_gpus,
-                   timeout=args.timeout)
+                   timeout=args.timeout, validators=args.validators)
     except TestnetError as exc:
         raise CliError(str(exc)) from None
     return 0
@@ -276,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "node.bootstrap from config.toml)")
     p.add_argument("--api-port", type=_tcp_port, metavar="N",
                    help="port of the local API on 127.0.0.1 (0 = any free port)")
+    p.add_argument("--genesis", metavar="FILE",
+                   help="join the chain this genesis file defines (kept in the home, so "
+                        "later starts need no flag); see bootstrap/genesis.example.toml")
     p.set_defaults(func=cmd_node_start)
 
     p = sub.add_parser("status", parents=[client], help="this node's id, addresses, peers")
@@ -306,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node.cli_models import add_model_commands
 
     add_job_commands(sub, client, add_model_commands(sub, client))
+    from node.cli_ledger import add_ledger_commands
+
+    add_ledger_commands(sub, home, client)
 
     testnet = sub.add_parser("testnet", help="a local testnet of node processes on 127.0.0.1")
     t_sub = testnet.add_subparsers(dest="testnet_command", metavar="ACTION", required=True)
@@ -319,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="testnet directory (default ./testnet)")
     p.add_argument("--simulate-gpus", action="store_true",
                    help="give the nodes simulated GPUs of various sizes (demo only)")
+    p.add_argument("--validators", type=int, metavar="N",
+                   help="how many of the nodes (bootstrap first) validate the chain "
+                        "(default: 4, or all if fewer)")
     p.add_argument("--timeout", type=float, default=120.0, metavar="S",
                    help="seconds to wait for the testnet to be ready (default 120)")
     p.set_defaults(func=cmd_testnet_up)

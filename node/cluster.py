@@ -21,6 +21,7 @@ from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry
 
 from node.config import DiscoverySection, WorkerSection
+from node.consensus import Chain
 from node.contentstore import ContentStore
 from node.discovery import CapabilityValidator, Discovery, DiscoveryMetrics
 from node.host import Network, open_network
@@ -30,6 +31,8 @@ from node.receipts import Receipts
 from node.storage import Storage, open_storage
 from node.worker import Worker
 from protocol.capability import DHT_NAMESPACE, EnvReport
+from protocol.genesis import Genesis
+from protocol.peerid import peer_id_from_public_key
 
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 
@@ -45,6 +48,7 @@ class LocalNode:
     worker: Worker | None = None
     jobs: Jobs | None = None
     receipts: Receipts | None = None
+    chain: Chain | None = None
 
     @property
     def peer_id(self) -> str:
@@ -54,8 +58,27 @@ class LocalNode:
         return PeerInfo(self.net.peer_id, self.net.host.get_addrs())
 
     def kill(self) -> None:
-        """Stop every service of the node at once, as a crash would: no goodbyes."""
+        """Stop every service of the node at once, as a crash would: no goodbyes. Its TCP
+        sockets are closed first, as the kernel closes a dead process's: cancelling the
+        tasks alone leaves them open in this process, and its peers would keep talking
+        to a connection nobody reads (and never learn that it went)."""
+        for conns in self.net.host.get_network().connections.values():
+            for conn in conns if isinstance(conns, list) else [conns]:
+                _close_socket(conn)
         self.scope.cancel()
+
+
+def _close_socket(conn: Any) -> None:
+    """Close the TCP socket under a py-libp2p connection (swarm conn -> yamux -> secure
+    session -> noise -> raw -> TrioTCPStream -> trio.SocketStream)."""
+    obj = conn
+    for attr in ("muxed_conn", "secured_conn", "conn", "conn", "stream", "stream"):
+        obj = getattr(obj, attr, None)
+        if obj is None:
+            return
+    sock = getattr(obj, "socket", None)
+    if sock is not None:
+        sock.close()
 
 
 async def _run_node(
@@ -68,10 +91,12 @@ async def _run_node(
     models: bool,
     quota_bytes: int,
     worker_config: WorkerSection | None,
+    genesis: Genesis | None,
+    chain_class: type[Chain] = Chain,
     *,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    key = SigningKey(index.to_bytes(4, "big") * 8)  # deterministic identities
+    key = node_key(index)
     metrics = DiscoveryMetrics(CollectorRegistry())
     validator = CapabilityValidator(clock_ms, metrics)
     with trio.CancelScope() as scope:
@@ -92,6 +117,10 @@ async def _run_node(
                                  metrics=ModelsMetrics(CollectorRegistry()))
                 await nursery.start(service.run)
             node = LocalNode(key, net, storage, discovery, scope, service)
+            if genesis is not None:
+                node.chain = chain_class(net, key, storage, genesis, discovery,
+                                         clock_ms=clock_ms)
+                await nursery.start(node.chain.run)
             if worker_config is not None:
                 assert service is not None, "jobs need models=True"
                 home = directory / f"home{index}"
@@ -99,10 +128,42 @@ async def _run_node(
                 node.worker = Worker(net, key, service, node.receipts, worker_config, env,
                                      home / "work")
                 node.jobs = Jobs(net, key, storage, service, discovery, node.receipts, home,
-                                 clock_ms=clock_ms, threads=worker_config.threads)
+                                 clock_ms=clock_ms, threads=worker_config.threads,
+                                 chain=node.chain)
                 await nursery.start(node.worker.run)
                 await nursery.start(node.jobs.run)
             task_status.started(node)
+
+
+def node_key(index: int) -> SigningKey:
+    """Node ``index``'s identity: deterministic, so a test can write the genesis first."""
+    return SigningKey(index.to_bytes(4, "big") * 8)
+
+
+def node_peer_id(index: int) -> str:
+    return peer_id_from_public_key(bytes(node_key(index).verify_key))
+
+
+class Cluster(list[LocalNode]):
+    """The running nodes, in index order; :meth:`restart` brings a killed one back."""
+
+    def __init__(self, nursery: trio.Nursery, start: Callable[[int], Any]) -> None:
+        super().__init__()
+        self._nursery = nursery
+        self._start = start
+
+    async def restart(self, index: int, timeout: float = 60.0) -> LocalNode:
+        """Start node ``index`` again on its database (kill it first), or the next new
+        node when ``index == len(self)`` (``envs`` must have an entry for it); returns
+        once it has joined."""
+        with trio.fail_after(timeout):
+            node: LocalNode = await self._nursery.start(self._start, index)
+            await node.discovery.bootstrapped.wait()
+        if index == len(self):
+            self.append(node)
+        else:
+            self[index] = node
+        return node
 
 
 async def _close_at_exit(store: ContentStore) -> None:
@@ -124,20 +185,31 @@ async def local_cluster(
     models: bool = False,
     quota_bytes: int = 1 << 40,
     workers: Sequence[WorkerSection | None] | None = None,
-) -> AsyncIterator[list[LocalNode]]:
+    genesis: Genesis | None = None,
+    chain_classes: Sequence[type[Chain]] | None = None,
+    start: int | None = None,
+) -> AsyncIterator[Cluster]:
     """Start one node per env and yield them once each has joined (connected to node 0 and
     refreshed its routing table); their first network publish runs on in background
     (``node.discovery.published`` tells when it is done). ``workers[i]``, when given and
-    not None, also runs node i's worker and jobs services with that worker config."""
-    nodes: list[LocalNode] = []
+    not None, also runs node i's worker and jobs services with that worker config. With a
+    ``genesis`` every node runs the chain service (validators: see :func:`node_peer_id`),
+    node i as ``chain_classes[i]`` when given (tests' misbehaving validators). Only the
+    first ``start`` nodes (default all) start; ``Cluster.restart(len(nodes))`` adds the
+    next one later."""
     async with trio.open_nursery() as nursery:
+
+        async def start_node(i: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            bootstrap = [nodes[0].info()] if i and nodes else []
+            worker = workers[i] if workers is not None else None
+            chain_class = chain_classes[i] if chain_classes is not None else Chain
+            await _run_node(i, directory, envs[i], config, clock_ms, bootstrap, models,
+                            quota_bytes, worker, genesis, chain_class, task_status=task_status)
+
+        nodes = Cluster(nursery, start_node)
         with trio.fail_after(start_timeout):
-            for i, env in enumerate(envs):
-                bootstrap = [nodes[0].info()] if nodes else []
-                worker = workers[i] if workers is not None else None
-                nodes.append(await nursery.start(_run_node, i, directory, env, config,
-                                                 clock_ms, bootstrap, models, quota_bytes,
-                                                 worker))
+            for i in range(len(envs) if start is None else start):
+                nodes.append(await nursery.start(start_node, i))
             for n in nodes:
                 await n.discovery.bootstrapped.wait()
         yield nodes

@@ -4,6 +4,7 @@
     ContentStore ──┤
     open_network ──┼─ Discovery.run      (capability records, queries)
                    ├─ Models.run         (SMIP: publish, announce, serve, fetch)
+                   ├─ Chain.run          (mempool, BFT rounds, final blocks, catch-up)
                    ├─ Worker.run         (micro-tasks of other nodes' jobs)
                    ├─ Jobs.run           (jobs submitted here: coordination; job gossip)
                    ├─ serve_api          (local JSON API + /metrics)
@@ -42,6 +43,7 @@ from node.api import (
     text_field,
 )
 from node.api_jobs import job_routes
+from node.api_ledger import ledger_routes
 from node.config import (
     RUNTIME_FILE,
     STATE_DB,
@@ -50,6 +52,7 @@ from node.config import (
     ConfigError,
     read_bootstrap_file,
 )
+from node.consensus import Chain, load_genesis
 from node.contentstore import ContentStore
 from node.discovery import CapabilityValidator, Discovery, DiscoveryMetrics
 from node.host import (
@@ -95,6 +98,7 @@ class StartOptions:
     listen: list[str] | None = None  # overrides config node.listen
     bootstrap: list[str] | None = None  # added to config node.bootstrap
     api_port: int | None = None  # overrides config api.port
+    genesis: Path | None = None  # the chain to join (kept in the home: node/consensus.py)
 
 
 def _float_param(request: Request, name: str) -> float | None:
@@ -239,6 +243,7 @@ async def run_daemon(
     except ValueError as exc:
         raise ConfigError(f"probe.fake_gpus: {exc}") from None
     api_port = config.api.port if options.api_port is None else options.api_port
+    genesis = load_genesis(home, options.genesis)  # before the probe: a bad file fails fast
 
     log.info("probing the environment (%.1f s benchmark)", config.probe.bench_seconds)
     env = await probe_in_subprocess(home, bench_seconds=config.probe.bench_seconds,
@@ -260,9 +265,11 @@ async def run_daemon(
         models = Models(net, key, storage, store, discovery, clock_ms=clock_ms,
                         metrics=models_metrics)
         receipts = Receipts(storage, key, discovery.peer_id, clock_ms)
+        chain = None if genesis is None else Chain(net, key, storage, genesis, discovery,
+                                                   clock_ms=clock_ms)
         worker = Worker(net, key, models, receipts, config.worker, env, home / "work")
         jobs = Jobs(net, key, storage, models, discovery, receipts, home, clock_ms=clock_ms,
-                    threads=config.worker.threads)
+                    threads=config.worker.threads, chain=chain)
 
         async def status(_: Request) -> Any:
             current = discovery.current
@@ -309,9 +316,13 @@ async def run_daemon(
         async with trio.open_nursery() as nursery:
             await nursery.start(discovery.run)
             await nursery.start(models.run)
+            if chain is not None:
+                await nursery.start(chain.run)
             await nursery.start(worker.run)
             await nursery.start(jobs.run)
             routes.update(model_routes(models, ops, nursery))
+            routes.update(ledger_routes(chain, lambda text: resolve_version(models, text,
+                                                                            "model")))
             routes.update(job_routes(jobs, receipts, models, ops, nursery, home / "tmp"))
             try:
                 port = await nursery.start(

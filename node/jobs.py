@@ -38,6 +38,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from nacl.signing import SigningKey
 
+from node.consensus import Chain
 from node.discovery import Discovery
 from node.framing import FrameError, read_frame, reset_quietly, write_frame
 from node.host import Network, parse_multiaddr
@@ -69,9 +70,11 @@ from protocol.jobs import (
     open_job,
     open_task_result,
     parse_job_toml,
+    receipt_id,
     seal_job,
     seal_receipt,
 )
+from protocol.ledger import RoundRecord
 from protocol.smip import id_hex
 
 log = logging.getLogger(__name__)
@@ -117,7 +120,8 @@ class _Pending:
 class Jobs:
     def __init__(self, net: Network, key: SigningKey, storage: Storage, models: Models,
                  discovery: Discovery, receipts: Receipts, home: Path, *,
-                 clock_ms: Callable[[], int], threads: int = 1) -> None:
+                 clock_ms: Callable[[], int], threads: int = 1,
+                 chain: Chain | None = None) -> None:
         self.net = net
         self.key = key
         self.storage = storage
@@ -128,6 +132,7 @@ class Jobs:
         self.clock_ms = clock_ms
         self.threads = threads
         self.peer_id = models.peer_id
+        self.chain = chain  # where the job, its receipts and round records are recorded
         self.states: dict[str, dict[str, Any]] = {}  # job id hex -> progress (coordinated here)
         self.jobs: dict[str, Job] = {}  # every job known here
         self._nursery: trio.Nursery | None = None
@@ -200,6 +205,7 @@ class Jobs:
                             "base": spec.base_model.hex(), "update": None, "update_parent": None,
                             "momentum": None, "best_loss": None, "rounds": []}
         await self._save(jid, envelope)
+        await self._record("job", envelope)
         try:
             await self.net.pubsub.publish(JOB_TOPIC, envelope)
         except Exception as exc:  # gossip is best effort; the job runs regardless
@@ -265,6 +271,8 @@ class Jobs:
                     await trio.sleep(EMPTY_ROUND_PAUSE_S)
                     continue
                 empty = 0
+                if record.get("version") and self.chain is not None:
+                    await self._record("round", self._round_record(jid, record))
                 state["rounds"].append(record)
                 state["round"] += 1
                 await self._save(jid, envelope)
@@ -280,6 +288,29 @@ class Jobs:
         with trio.CancelScope(shield=True):
             await self._save(jid, envelope)
         self.ended(jid).set()
+
+    async def _record(self, kind: str, payload: bytes) -> None:
+        """Submit a ledger transaction of this job to the chain, if this node follows one.
+        The chain keeps it until final (its outbox); a refusal here is a bug of ours."""
+        if self.chain is None:
+            return
+        try:
+            await self.chain.submit(kind, payload)
+        except ProtocolError as exc:
+            log.error("the chain refused this node's %s tx: %s", kind, exc)
+
+    def _round_record(self, jid: str, record: dict[str, Any]) -> bytes:
+        """The signed record of a finished round: the version it made from which parent,
+        both held-out losses, and the receipts it accepted (specs/rewards.md)."""
+        assert self.chain is not None
+        after = record["heldout_after"]
+        before = record["heldout_before"] if record["heldout_before"] is not None else after
+        return RoundRecord(
+            chain_id=self.chain.genesis.chain_id, job_id=bytes.fromhex(jid),
+            round=record["round"], coordinator=self.peer_id,
+            version=bytes.fromhex(record["version"]), parent=bytes.fromhex(record["base"]),
+            heldout_loss_micro=round(after * 1e6), parent_loss_micro=round(before * 1e6),
+            receipts=tuple(bytes.fromhex(r) for r in record["receipts"])).seal(self.key)
 
     def ended(self, jid: str) -> trio.Event:
         """Set once the job coordinated here is done or failed."""
@@ -384,7 +415,7 @@ class Jobs:
                 records[tid] = {"task": tid, "worker": None, "verdict": "failed",
                                 "reason": "no worker completed it"}
             check = await self._check(jid, job, state, dataset, job_dir, tasks, submitted)
-            accepted = []
+            accepted, receipt_ids = [], []
             for tid, outcome in submitted.items():
                 assert outcome.result is not None
                 res, verdict = outcome.result, check["deltas"].get(tid, {})
@@ -401,6 +432,8 @@ class Jobs:
                         tokens=res.tokens, metrics=metrics, verdict="accepted",
                         result=outcome.envelope, issued_ms=self.clock_ms()))
                     await self.receipts.store(receipt)
+                    await self._record("receipt", receipt)
+                    receipt_ids.append(receipt_id(receipt).hex())
                     accepted.append(verdict["path"])
                 self._answer(pending, tid, res.worker,
                              Verdict(tid, True, "", receipt) if ok else Verdict.reject(tid, reason))
@@ -417,7 +450,8 @@ class Jobs:
             "heldout_before": check.get("heldout_base"), "check_s": check.get("check_wall_s"),
             "reexec_s": check.get("reexec_wall_s"), "reexec": check.get("reexec", 0),
             "train_s": sum(t.get("wall_ms", 0) for t in records.values()) / 1000,
-            "tasks": [records[t] for t in sorted(records)], "accepted": len(accepted)}
+            "tasks": [records[t] for t in sorted(records)], "accepted": len(accepted),
+            "receipts": receipt_ids}
         if accepted:
             await self._outer(jid, job, state, dataset, job_dir, accepted, record)
         else:

@@ -136,6 +136,23 @@ MIGRATIONS: list[tuple[str, ...]] = [
             PRIMARY KEY (author, seq)       -- one entry a position: a second is a fork
         )""",
     ),
+    (  # 4 -> 5: the chain's final blocks, this node's unfinished txs, ledger snapshots
+        """CREATE TABLE blocks (
+            height   INTEGER PRIMARY KEY,
+            block_id TEXT NOT NULL UNIQUE,  -- hex
+            block    BLOB NOT NULL,         -- protocol.ledger.Block bytes
+            commit_  BLOB NOT NULL          -- its commit certificate, verified before storing
+        )""",
+        """CREATE TABLE outbox (
+            tx_id    TEXT PRIMARY KEY,      -- hex; a tx this node submitted, not yet final
+            tx       BLOB NOT NULL,
+            added_ms INTEGER NOT NULL
+        )""",
+        """CREATE TABLE ledger_snapshot (
+            height INTEGER PRIMARY KEY,     -- the ledger after this block; only the latest
+            state  BLOB NOT NULL            -- is kept (protocol.ledger.Ledger.encode)
+        )""",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -508,6 +525,54 @@ class Storage:
             "SELECT seq, entry_id, envelope FROM feed WHERE author = ? ORDER BY seq DESC"
             " LIMIT 1", (author,))
         return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
+
+
+    # -- chain --------------------------------------------------------------------------
+
+    async def put_block(self, height: int, block_id: str, block: bytes, commit: bytes) -> bool:
+        """Store a final block and its certificate; False when that height is stored."""
+        rows = await self._run(
+            "INSERT INTO blocks (height, block_id, block, commit_) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING RETURNING height", (height, block_id, block, commit))
+        return bool(rows)
+
+    async def get_blocks(self, from_height: int, limit: int) -> list[tuple[int, bytes, bytes]]:
+        """(height, block, commit) from ``from_height`` on, in order, at most ``limit``."""
+        rows = await self._run(
+            "SELECT height, block, commit_ FROM blocks WHERE height >= ? ORDER BY height"
+            " LIMIT ?", (from_height, limit))
+        return [(r[0], bytes(r[1]), bytes(r[2])) for r in rows]
+
+    async def last_blocks(self, limit: int) -> list[tuple[int, bytes, bytes]]:
+        """The ``limit`` highest blocks, highest first."""
+        rows = await self._run(
+            "SELECT height, block, commit_ FROM blocks ORDER BY height DESC LIMIT ?", (limit,))
+        return [(r[0], bytes(r[1]), bytes(r[2])) for r in rows]
+
+    async def put_snapshot(self, height: int, state: bytes) -> None:
+        """Keep ``state`` as the ledger after block ``height``, in place of older ones."""
+        await self._run("INSERT OR REPLACE INTO ledger_snapshot (height, state) VALUES (?, ?)",
+                        (height, state))
+        await self._run("DELETE FROM ledger_snapshot WHERE height < ?", (height,))
+
+    async def get_snapshot(self) -> tuple[int, bytes] | None:
+        rows = await self._run(
+            "SELECT height, state FROM ledger_snapshot ORDER BY height DESC LIMIT 1")
+        return (rows[0][0], bytes(rows[0][1])) if rows else None
+
+    async def outbox_add(self, tx_id: str, tx: bytes, added_ms: int) -> None:
+        await self._run("INSERT INTO outbox (tx_id, tx, added_ms) VALUES (?, ?, ?)"
+                        " ON CONFLICT DO NOTHING", (tx_id, tx, added_ms))
+
+    async def outbox(self) -> list[tuple[str, bytes, int]]:
+        rows = await self._run("SELECT tx_id, tx, added_ms FROM outbox ORDER BY added_ms")
+        return [(r[0], bytes(r[1]), r[2]) for r in rows]
+
+    async def outbox_remove(self, tx_ids: Sequence[str]) -> None:
+        for start in range(0, len(tx_ids), 500):  # SQLite's bound-parameter limit
+            part = list(tx_ids[start:start + 500])
+            await self._run(f"DELETE FROM outbox WHERE tx_id IN ({','.join('?' * len(part))})",
+                            part)
 
 
 _SHARD_COLUMNS = "root, size, chunk_size, state, last_used_ms"

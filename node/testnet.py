@@ -1,7 +1,9 @@
 """``iollm testnet up|down``: a bootstrap node and N nodes as processes on 127.0.0.1.
 
 Each node gets its own home under the testnet directory, a config that listens on
-127.0.0.1 only (port 0, so parallel testnets never collide) and a log file. ``up`` returns
+127.0.0.1 only (port 0, so parallel testnets never collide) and a log file. The first
+nodes (four by default) are the validators of a fresh chain whose genesis ``up`` writes
+to ``DIR/genesis.toml``; every node is started with ``--genesis`` naming it. ``up`` returns
 once every node is running and the bootstrap node's DHT query sees every capability
 record; the processes run in their own session, so they outlive the command.
 ``testnet.json`` lists them for ``down``.
@@ -21,6 +23,10 @@ from typing import Any
 from node.config import DEFAULT_CONFIG_TOML, RUNTIME_FILE, TOKEN_FILE
 
 STATE_FILE = "testnet.json"
+GENESIS_FILE = "genesis.toml"
+TESTNET_CHAIN_ID = "iollm-testnet"
+TESTNET_BLOCK_INTERVAL_MS = 1000
+DEFAULT_VALIDATORS = 4  # the first nodes (bootstrap first) validate: 3f+1 with f = 1
 LOCAL_LISTEN = "/ip4/127.0.0.1/tcp/0"
 
 # Simulated GPUs for the demo (--simulate-gpus): node i gets entry i % len.
@@ -83,8 +89,9 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _start(name: str, home: Path, bootstrap: str | None) -> subprocess.Popen[bytes]:
-    cmd = _iollm("node", "start", "--home", str(home))
+def _start(name: str, home: Path, bootstrap: str | None, genesis: Path
+           ) -> subprocess.Popen[bytes]:
+    cmd = _iollm("node", "start", "--home", str(home), "--genesis", str(genesis))
     if bootstrap:
         cmd += ["--bootstrap", bootstrap]
     log = open(home / "daemon.log", "ab")  # noqa: SIM115 - handed to the child process
@@ -112,12 +119,36 @@ def _wait_ready(proc: subprocess.Popen[bytes], home: Path, deadline: float) -> d
     raise TestnetError(f"node in {home} not ready in time:\n{_log_tail(home / 'daemon.log')}")
 
 
+def write_genesis(directory: Path, homes: list[Path], validators: int) -> Path:
+    """The testnet's genesis: the first ``validators`` homes' keys as validators, equal
+    power. A directory that has one keeps it (its nodes' blocks are of that chain)."""
+    from node.identity import load_key
+    from protocol.genesis import make_genesis, parse_genesis
+    from protocol.peerid import peer_id_from_public_key
+
+    path = directory / GENESIS_FILE
+    peers = [peer_id_from_public_key(bytes(load_key(h).verify_key)) for h in homes]
+    if path.exists():
+        kept = parse_genesis(path.read_text(encoding="utf-8"))
+        if set(kept.powers) <= set(peers):
+            return path
+        raise TestnetError(f"{path} names validators this testnet does not have; remove "
+                           f"{directory} to start a new chain")
+    genesis = make_genesis(TESTNET_CHAIN_ID, peers[:validators], int(time.time() * 1000),
+                           block_interval_ms=TESTNET_BLOCK_INTERVAL_MS)
+    path.write_text(genesis.to_toml(), encoding="utf-8")
+    return path
+
+
 def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
-               timeout: float = 120.0) -> dict[str, Any]:
+               timeout: float = 120.0, validators: int | None = None) -> dict[str, Any]:
     from node.api import ApiClientError, api_request, read_token_file
 
     if not 1 <= nodes <= 64:
         raise TestnetError("--nodes must be between 1 and 64")
+    n_validators = min(DEFAULT_VALIDATORS, nodes + 1) if validators is None else validators
+    if not 1 <= n_validators <= nodes + 1:
+        raise TestnetError(f"--validators must be between 1 and {nodes + 1} (the nodes)")
     state_path = directory / STATE_FILE
     if state_path.exists():
         state = json.loads(state_path.read_text())
@@ -130,16 +161,19 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
     procs: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
     infos: list[dict[str, Any]] = []
     try:
-        for i, name in enumerate(names):
+        for name in names:
             home = directory / name
             if not (home / "node.key").exists():
                 subprocess.run(_iollm("init", "--home", str(home)), check=True,
                                stdout=subprocess.DEVNULL)
+        genesis = write_genesis(directory, [directory / n for n in names], n_validators)
+        for i, name in enumerate(names):
+            home = directory / name
             gpus = SIMULATED_GPUS[(i - 1) % len(SIMULATED_GPUS)] if simulate_gpus and i else None
             (home / "config.toml").write_text(_node_config(gpus))
             (home / RUNTIME_FILE).unlink(missing_ok=True)
             bootstrap = infos[0]["addrs"][0] if infos else None
-            proc = _start(name, home, bootstrap)
+            proc = _start(name, home, bootstrap, genesis)
             procs.append((name, home, proc))
             if i == 0:  # the others need the bootstrap node's address
                 infos.append(_wait_ready(proc, home, deadline))
@@ -186,6 +220,7 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
     for node in state["nodes"]:
         print(f"  {node['name']:<10} {node['addrs'][0]}")
         print(f"  {'':<10} api {node['api']}  home {node['home']}")
+    print(f"chain {TESTNET_CHAIN_ID}: {n_validators} validator(s), genesis {genesis}")
     print(f"query it: iollm gpus --home {directory}/bootstrap")
     return state
 

@@ -1,0 +1,214 @@
+"""``iollm ledger ...`` and ``iollm revenue record``.
+
+    ledger balance [PEER]   GET /v1/ledger/balance (--all: every account)
+    ledger blocks           GET /v1/ledger/blocks?limit=
+    ledger verify           replays the home's stored chain from genesis, here, without the
+                            node: every certificate, every signature, every state root
+    revenue record M AMT    POST /v1/ledger/revenue (--wait: until a final block holds it)
+
+``ledger verify`` reads the node's database read-only (SQLite WAL lets it run beside the
+daemon) and trusts nothing in it: a tampered block, certificate or snapshot fails it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from node.api_ledger import ledger_totals
+from node.cli import CliError, _home, call_node
+from node.cli_models import _short_peer, _when
+from node.config import RUNTIME_FILE, STATE_DB
+from node.consensus import GENESIS_FILE, ChainError, load_genesis
+from protocol.consensus import verify_commit
+from protocol.errors import ProtocolError
+from protocol.ledger import Block, Ledger, block_id, check_tx
+
+VERIFY_PROGRESS_EVERY = 200  # blocks between progress lines on stderr
+
+
+def cmd_ledger_balance(args: argparse.Namespace) -> int:
+    if args.all:
+        rows = call_node(args, "/v1/ledger/balances")
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        for r in rows:
+            print(f"{r['balance']:>16}  {r['peer']}")
+        return 0
+    path = "/v1/ledger/balance" + (f"?peer={quote(args.peer)}" if args.peer else "")
+    b = call_node(args, path)
+    if args.json:
+        print(json.dumps(b, indent=2))
+        return 0
+    print(f"{b['balance']}  {b['peer']}  (height {b['height']})")
+    return 0
+
+
+def cmd_ledger_blocks(args: argparse.Namespace) -> int:
+    rows = call_node(args, f"/v1/ledger/blocks?limit={args.limit}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no final block yet")
+    for b in rows:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(b["kinds"].items())) or "empty"
+        print(f"{b['height']:>7}  {b['id'][:16]}  {_when(b['time_ms'])}  proposer "
+              f"{_short_peer(b['proposer'])}  {b['txs']} txs ({kinds})  round "
+              f"{b['commit_round']}, {b['signatures']} signatures")
+    return 0
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    home = _home(args)
+    try:
+        genesis = load_genesis(home, None)
+    except ChainError as exc:
+        raise CliError(str(exc)) from None
+    if genesis is None:
+        raise CliError(f"{home} follows no chain (no {GENESIS_FILE}): start the node with "
+                       f"--genesis FILE first")
+    db = home / STATE_DB
+    if not db.exists():
+        raise CliError(f"no node database at {db}")
+    ledger = Ledger.from_genesis(genesis)
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        cursor = conn.execute("SELECT height, block, commit_ FROM blocks ORDER BY height")
+        for height, data, commit in cursor:
+            data, commit = bytes(data), bytes(commit)
+            try:
+                block = Block.decode(data, genesis.max_block_bytes)
+                if block.height != height or height != ledger.height + 1:
+                    raise CliError(f"block {height}: stored out of order (holds height "
+                                   f"{block.height} after {ledger.height})")
+                verify_commit(genesis.chain_id, genesis.powers, height, block_id(data), commit)
+                ledger = ledger.apply_block(block, [check_tx(genesis, t) for t in block.txs])
+            except ProtocolError as exc:
+                raise CliError(f"block {height} does not verify: {exc}") from None
+            if height % VERIFY_PROGRESS_EVERY == 0:
+                print(f"verified {height} blocks", file=sys.stderr)
+    except sqlite3.Error as exc:
+        raise CliError(f"cannot read {db}: {exc}") from None
+    finally:
+        conn.close()
+    result: dict[str, Any] = {"chain_id": genesis.chain_id, "height": ledger.height,
+                              "state_root": ledger.state_root().hex(),
+                              "block": ledger.last_block_id.hex(), "totals": ledger_totals(ledger)}
+    live = _live_root(args, home)
+    if live is not None:
+        result["node"] = live
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"chain {genesis.chain_id}: {ledger.height} blocks verified (every certificate "
+              f"and signature)")
+        print(f"height {ledger.height}  state root {result['state_root']}")
+        if live is not None:
+            print(f"the running node is at height {live['height']}, state root "
+                  f"{live['state_root']}" + ("  (same)" if live["height"] == ledger.height
+                                             and live["state_root"] == result["state_root"]
+                                             else ""))
+    if live is not None and live["height"] == ledger.height \
+            and live["state_root"] != result["state_root"]:
+        raise CliError("the running node's state root differs from the replayed one")
+    return 0
+
+
+def _live_root(args: argparse.Namespace, home: Path) -> dict[str, Any] | None:
+    """The running node's height and root, when it runs (else None)."""
+    if not (home / RUNTIME_FILE).exists():
+        return None
+    try:
+        info = call_node(args, "/v1/ledger")
+    except CliError:
+        return None
+    return {"height": info["height"], "state_root": info["state_root"]}
+
+
+def cmd_revenue_record(args: argparse.Namespace) -> int:
+    answer = call_node(args, "/v1/ledger/revenue", "POST",
+                       {"model": args.model, "amount": args.amount, "memo": args.memo})
+    print(f"revenue of {args.amount} for {args.model} submitted: tx {answer['tx']} "
+          f"(nonce {answer['nonce']})", file=sys.stderr)
+    if args.wait:
+        final = call_node(args, "/v1/ledger/wait", "POST",
+                          {"txs": [answer["tx"]], "timeout": args.timeout * 0.9})["final"]
+        if answer["tx"] not in final:
+            raise CliError(f"tx {answer['tx'][:16]} not final within {args.timeout:g} s "
+                           f"(`iollm ledger blocks` shows the chain)")
+        print(f"final in block {final[answer['tx']]}", file=sys.stderr)
+    print(json.dumps(answer) if args.json else answer["tx"])
+    return 0
+
+
+def _amount(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of units >= 1")
+    return value
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 1..1000")
+    return value
+
+
+def add_ledger_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                        home: argparse.ArgumentParser, client: argparse.ArgumentParser) -> None:
+    group = sub.add_parser(
+        "ledger", help="the chain's blocks and the reward ledger",
+        description="The testnet's validators agree on blocks of ledger transactions "
+                    "(receipts, round records, revenue, evidence); every node replays them "
+                    "to the same balances (specs/consensus.md, specs/rewards.md).")
+    actions = group.add_subparsers(dest="ledger_command", metavar="ACTION", required=True)
+    p = actions.add_parser("balance", parents=[client], help="a peer's balance",
+                           description="The balance of PEER (default: this node) in the "
+                                       "ledger after the last final block.")
+    p.add_argument("peer", nargs="?", metavar="PEER", help="peer id (default: this node)")
+    p.add_argument("--all", action="store_true", help="every account, largest first")
+    p.set_defaults(func=cmd_ledger_balance)
+    p = actions.add_parser("blocks", parents=[client], help="the latest final blocks",
+                           description="Final blocks, newest first: height, id, time, "
+                                       "proposer, transactions and the commit certificate.")
+    p.add_argument("--limit", type=_limit, default=20, metavar="N",
+                   help="how many (1..1000, default 20)")
+    p.set_defaults(func=cmd_ledger_blocks)
+    p = actions.add_parser(
+        "verify", parents=[home], help="replay the stored chain from genesis",
+        description="Replay every block this node stored, from its genesis, checking each "
+                    "commit certificate, every transaction signature and every state root; "
+                    "print the height and state root reached. Runs here, without the node; "
+                    "if the node runs, its root is compared. Exit 1 on any mismatch.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="seconds to wait for the running node's answer (default 60)")
+    p.set_defaults(func=cmd_ledger_verify)
+
+    group = sub.add_parser("revenue", help="record revenue a model earned",
+                           description="Long-term profit share (specs/rewards.md).")
+    actions = group.add_subparsers(dest="revenue_command", metavar="ACTION", required=True)
+    p = actions.add_parser(
+        "record", parents=[client], help="record revenue of a model version",
+        description="Sign a revenue record for MODEL (a version id or unique prefix) and "
+                    "submit it; once final, AMOUNT is split along the model's lineage by "
+                    "recorded contribution, the designer's share first. Prints the tx id.")
+    p.add_argument("model", metavar="MODEL", help="model version id or unique prefix")
+    p.add_argument("amount", metavar="AMOUNT", type=_amount, help="whole units, >= 1")
+    p.add_argument("--memo", default="", help="a short note kept with the record")
+    p.add_argument("--wait", action="store_true", help="wait until a final block holds it")
+    p.set_defaults(func=cmd_revenue_record)

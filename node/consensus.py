@@ -1,0 +1,701 @@
+"""The chain service: mempool, BFT rounds, final blocks and catch-up (specs/consensus.md,
+"Network"; the rules themselves are protocol.consensus and protocol.ledger).
+
+Every node that has a genesis runs it:
+
+* **Transactions** travel in batches on gossip topic ``TX_TOPIC``. Each is checked once
+  per node (every signature: ``protocol.ledger.check_tx``, cached by tx id) and waits in
+  the mempool until a final block holds it. A node keeps the txs it submitted itself in
+  its ``outbox`` table and gossips them again until they are final, because gossip is
+  best effort (shared/notes/libp2p-0.8.1.md) and a crash must not lose a receipt.
+* **Validators** (peer ids in the genesis) run one ``protocol.consensus.Machine`` per
+  height over gossip topic ``CONSENSUS_TOPIC``; this module only carries its messages,
+  owns its timers and asks the ledger whether a proposed block is valid.
+* **Final blocks** are stored with their commit certificate. Validators announce their
+  head on ``HEAD_TOPIC``; a node that learns of a higher height asks that peer for the
+  blocks on ``BLOCKS_PROTOCOL`` and takes each only after its certificate verifies and
+  the ledger re-derives its state root. So a node that joins late, or a validator that was
+  down, catches up from anyone without trusting them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from nacl.signing import SigningKey
+
+from node.discovery import Discovery
+from node.framing import FrameError, read_frame, reset_quietly, write_frame
+from node.host import Network, parse_multiaddr
+from node.storage import Storage
+from protocol.checks import packb
+from protocol.consensus import (
+    Broadcast,
+    Decide,
+    Evidence,
+    Machine,
+    SetTimeout,
+    Timeouts,
+    open_proposal,
+    open_vote,
+    verify_commit,
+)
+from protocol.envelope import unpack_strict
+from protocol.errors import RemoteProtocolError
+from protocol.genesis import Genesis, GenesisError, parse_genesis
+from protocol.ledger import (
+    Block,
+    CheckedTx,
+    Ledger,
+    TxRefused,
+    block_id,
+    check_tx,
+    encode_tx,
+)
+from protocol.ledger import (
+    tx_id as ledger_tx_id,
+)
+
+log = logging.getLogger(__name__)
+
+TX_TOPIC = "/iollm/txs/1"
+CONSENSUS_TOPIC = "/iollm/consensus/1"
+HEAD_TOPIC = "/iollm/chain/1"
+BLOCKS_PROTOCOL = "/iollm/blocks/1.0.0"
+
+TX_BATCH_BYTES = 256 * 1024  # one gossip message of txs (gossipsub's cap is 1 MiB)
+TX_FLUSH_S = 0.05  # submitted txs wait this long to share a gossip message
+MAX_MEMPOOL_TXS = 50_000
+RETRY_TTL_MS = 600_000  # a tx refused as "not yet" (unknown job...) is kept this long
+CHECKED_CACHE = 100_000  # tx ids whose signatures this node verified
+RESUBMIT_S = 10.0  # own unfinished txs are gossiped again this often
+REBROADCAST_S = 1.0  # a validator repeats its own votes of the current height
+HEAD_EVERY_S = 2.0  # a validator announces its head at least this often
+CONNECT_EVERY_S = 5.0  # a validator dials the validators it is not connected to
+EMPTY_BLOCK_S = 5.0  # with an empty mempool a validator waits this long before a height
+MAX_CLOCK_DRIFT_MS = 10_000  # a block's time may be this far ahead of this node's clock
+MAX_FUTURE_MESSAGES = 256  # consensus messages kept for the next height
+SYNC_BATCH = 32  # blocks one sync request asks for
+SYNC_TIMEOUT_S = 30.0
+SNAPSHOT_EVERY = 50  # blocks between ledger snapshots (a restart replays the rest)
+RECENT_FINAL = 200_000  # tx id -> height of the block that holds it, for waiters
+
+
+class ChainError(Exception):
+    """A request the chain cannot do as asked (the message says why)."""
+
+
+@dataclass
+class _Waiting:
+    tx: CheckedTx
+    added_ms: int
+    own: bool
+
+
+class Mempool:
+    """Checked transactions waiting for a block, in arrival order, bounded in count."""
+
+    def __init__(self, max_txs: int = MAX_MEMPOOL_TXS) -> None:
+        self.max_txs = max_txs
+        self._txs: OrderedDict[bytes, _Waiting] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._txs)
+
+    def __contains__(self, tx_id: object) -> bool:
+        return tx_id in self._txs
+
+    def add(self, tx: CheckedTx, now_ms: int, *, own: bool = False) -> bool:
+        """Keep ``tx``; False when it is there already or the pool is full of others'."""
+        if tx.id in self._txs:
+            self._txs[tx.id].own |= own
+            return False
+        if len(self._txs) >= self.max_txs and not own:
+            return False
+        self._txs[tx.id] = _Waiting(tx, now_ms, own)
+        return True
+
+    def own(self) -> list[_Waiting]:
+        return [w for w in self._txs.values() if w.own]
+
+    def candidates(self) -> list[CheckedTx]:
+        return [w.tx for w in self._txs.values()]
+
+    def drop(self, tx_ids: Iterable[bytes]) -> None:
+        for t in tx_ids:
+            self._txs.pop(t, None)
+
+    def refused(self, refusals: Sequence[tuple[CheckedTx, TxRefused]], now_ms: int) -> list[bytes]:
+        """Drop what can never apply and what waited too long for its turn; the ids dropped."""
+        gone = [tx.id for tx, why in refusals
+                if not why.retry or now_ms - self._txs[tx.id].added_ms > RETRY_TTL_MS
+                if tx.id in self._txs]
+        self.drop(gone)
+        return gone
+
+
+class Chain:
+    def __init__(self, net: Network, key: SigningKey, storage: Storage, genesis: Genesis,
+                 discovery: Discovery, *, clock_ms: Callable[[], int]) -> None:
+        self.net = net
+        self.key = key
+        self.storage = storage
+        self.genesis = genesis
+        self.discovery = discovery
+        self.clock_ms = clock_ms
+        self.peer_id = discovery.peer_id
+        self.powers = genesis.powers
+        self.is_validator = self.peer_id in self.powers
+        t = genesis.timeouts
+        self.timeouts = Timeouts(t.propose_ms, t.prevote_ms, t.precommit_ms, t.delta_ms)
+        self.max_proposal_bytes = genesis.max_block_bytes + 1024
+        self.ledger = Ledger.from_genesis(genesis)
+        self.mempool = Mempool()
+        self.machine: Machine | None = None
+        self._checked: OrderedDict[bytes, CheckedTx] = OrderedDict()
+        self._validated: dict[bytes, Ledger] = {}  # block id -> ledger after it, this height
+        self._future: list[tuple[str, bytes]] = []  # messages of the next height
+        self._timers: list[tuple[int, int, str, int, int]] = []
+        self._timer_seq = 0
+        self._outgoing: list[bytes] = []
+        self._flush = trio.Event()
+        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[str, bytes, ID | None]](1024)
+        self._sync_lock = trio.Lock()
+        self._new_block = trio.Event()  # set and replaced at every final block
+        self._final: OrderedDict[bytes, int] = OrderedDict()
+        self.evidence_seen: set[tuple[str, str]] = set()
+        self._nursery: trio.Nursery | None = None
+
+    # -- service ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        await self._load()
+        self.net.host.set_stream_handler(BLOCKS_PROTOCOL, self._serve_blocks)
+        subs = {t: await self.net.pubsub.subscribe(t)
+                for t in (TX_TOPIC, CONSENSUS_TOPIC, HEAD_TOPIC)}
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._receive_txs, subs[TX_TOPIC])
+            nursery.start_soon(self._receive_consensus, subs[CONSENSUS_TOPIC], nursery)
+            nursery.start_soon(self._receive_heads, subs[HEAD_TOPIC], nursery)
+            nursery.start_soon(self._publish_txs)
+            nursery.start_soon(self._resubmit)
+            if self.is_validator:
+                nursery.start_soon(self._connect_validators)
+                nursery.start_soon(self._announce_heads)
+                nursery.start_soon(self._consensus)
+            log.info("chain %s at height %d (%s)", self.genesis.chain_id, self.ledger.height,
+                     "validator" if self.is_validator else "follower")
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _load(self) -> None:
+        """The ledger from the latest snapshot and the blocks stored after it. Stored
+        blocks were verified when they came; replaying them re-checks every tx anyway."""
+        snap = await self.storage.get_snapshot()
+        if snap is not None:
+            self.ledger = Ledger.decode(snap[1])
+        while True:
+            rows = await self.storage.get_blocks(self.ledger.height + 1, SYNC_BATCH)
+            if not rows:
+                break
+            for height, data, _ in rows:
+                block = Block.decode(data, self.genesis.max_block_bytes)
+                self.ledger = self.ledger.apply_block(block, [self._check(t) for t in block.txs])
+                assert self.ledger.height == height
+        for tx_id, tx, added_ms in await self.storage.outbox():
+            try:
+                self.mempool.add(self._check(tx), added_ms, own=True)
+            except RemoteProtocolError as exc:
+                log.warning("dropping stored tx %s: %s", tx_id[:16], exc)
+                await self.storage.outbox_remove([tx_id])
+
+    def _check(self, tx: bytes) -> CheckedTx:
+        """check_tx, once per tx id (verifying signatures is the expensive part)."""
+        tid = ledger_tx_id(tx)
+        hit = self._checked.get(tid)
+        if hit is not None:
+            self._checked.move_to_end(tid)
+            return hit
+        checked = check_tx(self.genesis, tx)
+        self._checked[tid] = checked
+        if len(self._checked) > CHECKED_CACHE:
+            self._checked.popitem(last=False)
+        return checked
+
+    # -- transactions -------------------------------------------------------------------
+
+    async def submit(self, kind: str, payload: bytes) -> bytes:
+        """Send one of this node's own transactions to the validators, kept in the outbox
+        until final; its tx id. RemoteProtocolError (with the reason) when it does not
+        check; a tx that is final already is not sent again."""
+        return (await self.submit_many([encode_tx(kind, payload)]))[0]
+
+    async def submit_many(self, txs: Sequence[bytes]) -> list[bytes]:
+        checked = [self._check(t) for t in txs]  # all or nothing: raises on the first bad
+        now = self.clock_ms()
+        fresh = [c for c in checked if c.id not in self._final]
+        for c in fresh:  # in the mempool before any await: next_nonce counts it at once
+            self.mempool.add(c, now, own=True)
+        for c in fresh:
+            await self.storage.outbox_add(c.id.hex(), c.data, now)
+            self._outgoing.append(c.data)
+        self._flush.set()
+        return [c.id for c in checked]
+
+    def next_nonce(self) -> int:
+        """The nonce of this node's next revenue record: after the ledger's and after
+        those still waiting in the mempool."""
+        pending = [w.tx.record.nonce for w in self.mempool.own()
+                   if w.tx.kind == "revenue" and w.tx.record.payer == self.peer_id]
+        return max([self.ledger.nonce(self.peer_id), *pending]) + 1
+
+    async def _publish_txs(self) -> None:
+        while True:
+            await self._flush.wait()
+            await trio.sleep(TX_FLUSH_S)
+            self._flush = trio.Event()
+            txs, self._outgoing = self._outgoing, []
+            for batch in _batches(txs, TX_BATCH_BYTES):
+                await self._publish(TX_TOPIC, packb(batch))
+
+    async def _publish(self, topic: str, data: bytes) -> None:
+        try:
+            await self.net.pubsub.publish(topic, data)
+        except Exception as exc:  # gossip is best effort; every sender repeats
+            log.debug("publishing on %s failed: %r", topic, exc)
+
+    async def _receive_txs(self, subscription: Any) -> None:
+        """Validators keep every tx that checks; other nodes only relay (gossipsub does)."""
+        while True:
+            message = await subscription.get()
+            if not self.is_validator:
+                continue
+            try:
+                batch = unpack_strict(message.data, TX_BATCH_BYTES + 1024)
+            except RemoteProtocolError:
+                continue
+            if not isinstance(batch, list):
+                continue
+            now = self.clock_ms()
+            for tx in batch:
+                if not isinstance(tx, bytes):
+                    continue
+                try:
+                    checked = self._check(tx)
+                except RemoteProtocolError as exc:
+                    log.debug("tx refused from %s: %s", message.from_id, exc)
+                    continue
+                if checked.id not in self._final:
+                    self.mempool.add(checked, now)
+            await trio.lowlevel.checkpoint()
+
+    async def _resubmit(self) -> None:
+        """Gossip this node's unfinished txs again; forget those that can never apply."""
+        while True:
+            await trio.sleep(RESUBMIT_S)
+            rows = await self.storage.outbox()
+            if not rows:
+                continue
+            checked = []
+            for tx_id, tx, _ in rows:
+                try:
+                    checked.append(self._check(tx))
+                except RemoteProtocolError:
+                    await self.storage.outbox_remove([tx_id])
+            _, refused = self.ledger.build_block(
+                checked, time_ms=self.ledger.last_time_ms + 1, proposer=self.peer_id,
+                max_bytes=2**62)
+            never = {tx.id for tx, why in refused if not why.retry}
+            for tx, why in refused:
+                if not why.retry:
+                    log.warning("tx %s (%s) will never apply: %s", tx.id.hex()[:16], tx.kind, why)
+            if never:
+                await self.storage.outbox_remove([t.hex() for t in never])
+                self.mempool.drop(never)
+            self._outgoing += [c.data for c in checked if c.id not in never]
+            self._flush.set()
+
+    # -- consensus (validators) ---------------------------------------------------------
+
+    async def _consensus(self) -> None:
+        while True:
+            height = self.ledger.height + 1
+            await self._wait_to_start(height)
+            if self.ledger.height + 1 != height:
+                continue  # caught up through sync meanwhile
+            machine = Machine(self.genesis.chain_id, self.powers, self.key, height,
+                              self.timeouts, valid_block=self._valid_block,
+                              make_block=self._make_block,
+                              max_proposal_bytes=self.max_proposal_bytes)
+            self.machine, self._validated, self._timers = machine, {}, []
+            await self._act(machine.start(self.clock_ms()))
+            future, self._future = self._future, []
+            for kind, data in future:
+                await self._feed(kind, data, None)
+            next_rebroadcast = trio.current_time() + REBROADCAST_S
+            while machine.decided is None and self.ledger.height + 1 == height:
+                wake = next_rebroadcast
+                if self._timers:
+                    wake = min(wake, trio.current_time() +
+                               max(0, self._timers[0][0] - self.clock_ms()) / 1000)
+                item = None
+                with trio.move_on_at(wake):
+                    item = await self._inbox.receive()
+                if item is not None:
+                    await self._feed(*item)
+                    continue
+                if trio.current_time() >= next_rebroadcast:
+                    next_rebroadcast = trio.current_time() + REBROADCAST_S
+                    await self._act(machine.rebroadcast())
+                now = self.clock_ms()
+                while self._timers and self._timers[0][0] <= now:
+                    _, _, step, h, r = heapq.heappop(self._timers)
+                    await self._act(machine.on_timeout(step, h, r, now))
+            self.machine = None
+
+    async def _wait_to_start(self, height: int) -> None:
+        """The pause between heights: the block interval, and with nothing to put in a
+        block up to EMPTY_BLOCK_S more. A message of this height from another validator
+        (it started already) ends the wait, as does a block arriving through sync."""
+        start = trio.current_time()
+        await self._sleep_unless_called(self.genesis.block_interval_ms / 1000, height)
+        while (len(self.mempool) == 0 and not self._future
+               and trio.current_time() - start < EMPTY_BLOCK_S
+               and self.ledger.height + 1 == height):
+            await self._sleep_unless_called(0.05, height)
+
+    async def _sleep_unless_called(self, seconds: float, height: int) -> None:
+        with trio.move_on_after(seconds):
+            while True:
+                kind, data, sender = await self._inbox.receive()
+                if self._height_of(kind, data) == height:
+                    self._future.append((kind, data))
+                    return
+                await self._feed(kind, data, sender)
+
+    def _height_of(self, kind: str, data: bytes) -> int | None:
+        try:
+            msg = (open_proposal(data, self.max_proposal_bytes) if kind == "proposal"
+                   else open_vote(data))
+        except RemoteProtocolError:
+            return None
+        return msg.height if msg.chain_id == self.genesis.chain_id else None
+
+    async def _feed(self, kind: str, data: bytes, sender: ID | None) -> None:
+        """One consensus message to the machine of its height, kept for the next height,
+        or taken as a sign that this node is behind."""
+        height = self._height_of(kind, data)
+        machine = self.machine
+        if height is None or height <= self.ledger.height:
+            return
+        if machine is None or height > machine.height:
+            # The next height's messages wait for its machine. A message two heights on
+            # means its sender decided a block this node has not: this node missed that
+            # block's precommits, and the others no longer repeat them, so it syncs.
+            if height <= self.ledger.height + 2 and len(self._future) < MAX_FUTURE_MESSAGES:
+                self._future.append((kind, data))
+            if height > self.ledger.height + 1 and sender is not None:
+                self._start_sync(sender)
+            return
+        try:
+            now = self.clock_ms()
+            actions = (machine.on_proposal(data, now) if kind == "proposal"
+                       else machine.on_vote(data, now))
+        except RemoteProtocolError as exc:
+            log.debug("%s refused: %s", kind, exc)
+            return
+        await self._act(actions)
+
+    async def _act(self, actions: Sequence[object]) -> None:
+        for a in actions:
+            if isinstance(a, Broadcast):
+                await self._publish(CONSENSUS_TOPIC, packb([a.kind, a.data]))
+            elif isinstance(a, SetTimeout):
+                self._timer_seq += 1
+                heapq.heappush(self._timers, (a.at_ms, self._timer_seq, a.step, a.height,
+                                              a.round))
+            elif isinstance(a, Decide):
+                await self._commit(a.block, a.commit.encode(), self._validated.get(a.block_id))
+            elif isinstance(a, Evidence):
+                await self._report(a)
+
+    async def _report(self, ev: Evidence) -> None:
+        if (ev.validator, ev.kind) in self.evidence_seen or ev.kind != "double-vote":
+            return
+        self.evidence_seen.add((ev.validator, ev.kind))
+        log.warning("validator %s signed two votes in one round; reporting it", ev.validator)
+        try:
+            await self.submit("double-vote", packb([ev.a, ev.b]))
+        except RemoteProtocolError as exc:
+            log.info("evidence against %s not submitted: %s", ev.validator, exc)
+
+    def _make_block(self, round_: int) -> bytes:
+        now = self.clock_ms()
+        block, refused = self.ledger.build_block(
+            self.mempool.candidates(), time_ms=max(now, self.ledger.last_time_ms + 1),
+            proposer=self.peer_id, max_bytes=self.genesis.max_block_bytes)
+        for tx_id in self.mempool.refused(refused, now):
+            log.debug("tx %s dropped from the mempool", tx_id.hex()[:16])
+        return block.encode()
+
+    def _valid_block(self, data: bytes) -> bool:
+        """Whether the proposed ``data`` is the next block on this node's ledger: decodes,
+        follows the last block, not from the future, every tx applies, the root matches."""
+        bid = block_id(data)
+        if bid in self._validated:
+            return True
+        try:
+            block = Block.decode(data, self.genesis.max_block_bytes)
+            if block.time_ms > self.clock_ms() + MAX_CLOCK_DRIFT_MS:
+                raise RemoteProtocolError("future", f"block time {block.time_ms} is ahead")
+            after = self.ledger.apply_block(block, [self._check(t) for t in block.txs])
+        except RemoteProtocolError as exc:
+            log.info("proposed block refused: %s", exc)
+            return False
+        self._validated[bid] = after
+        return True
+
+    # -- final blocks -------------------------------------------------------------------
+
+    async def _commit(self, data: bytes, commit: bytes, after: Ledger | None) -> None:
+        """Store a final block and move the ledger on. Consensus and sync may both bring
+        one height; the first to store it wins, the other returns."""
+        block = Block.decode(data, self.genesis.max_block_bytes)
+        if block.height != self.ledger.height + 1:
+            return
+        if after is None:
+            after = self.ledger.apply_block(block, [self._check(t) for t in block.txs])
+        bid = block_id(data)
+        if not await self.storage.put_block(block.height, bid.hex(), data, commit):
+            return
+        self.ledger = after
+        tx_ids = [self._check(t).id for t in block.txs]
+        self.mempool.drop(tx_ids)
+        for t in tx_ids:
+            self._final[t] = block.height
+        while len(self._final) > RECENT_FINAL:
+            self._final.popitem(last=False)
+        await self.storage.outbox_remove([t.hex() for t in tx_ids])
+        if block.height % SNAPSHOT_EVERY == 0:
+            await self.storage.put_snapshot(block.height, self.ledger.encode())
+        log.info("block %d final: %d txs, %s", block.height, len(block.txs), bid.hex()[:16])
+        self._new_block.set()
+        self._new_block = trio.Event()
+        if self.is_validator:
+            await self._publish(HEAD_TOPIC, self._head())
+
+    def final_height(self, tx_id: bytes) -> int | None:
+        """The height of the final block holding ``tx_id``, if one came recently."""
+        return self._final.get(tx_id)
+
+    async def wait_final(self, tx_ids: Sequence[bytes], timeout: float) -> dict[bytes, int]:
+        """Wait until every tx is in a final block (or ``timeout``); those that are."""
+        with trio.move_on_after(timeout):
+            while not all(t in self._final for t in tx_ids):
+                await self._new_block.wait()
+        return {t: self._final[t] for t in tx_ids if t in self._final}
+
+    async def wait_height(self, height: int, timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            while self.ledger.height < height:
+                await self._new_block.wait()
+        return self.ledger.height >= height
+
+    # -- heads and catch-up -------------------------------------------------------------
+
+    def _head(self) -> bytes:
+        return packb([self.genesis.chain_id, self.ledger.height])
+
+    async def _announce_heads(self) -> None:
+        while True:
+            await trio.sleep(HEAD_EVERY_S)
+            await self._publish(HEAD_TOPIC, self._head())
+
+    async def _receive_heads(self, subscription: Any, nursery: trio.Nursery) -> None:
+        while True:
+            message = await subscription.get()
+            try:
+                chain_id, height = unpack_strict(message.data, 256)
+            except (RemoteProtocolError, TypeError, ValueError):
+                continue
+            if chain_id == self.genesis.chain_id and isinstance(height, int) \
+                    and height > self.ledger.height:
+                self._start_sync(message.from_id, nursery)
+
+    async def _receive_consensus(self, subscription: Any, nursery: trio.Nursery) -> None:
+        while True:
+            message = await subscription.get()
+            try:
+                kind, data = unpack_strict(message.data, self.max_proposal_bytes + 64)
+            except (RemoteProtocolError, TypeError, ValueError):
+                continue
+            if kind not in ("proposal", "vote") or not isinstance(data, bytes):
+                continue
+            sender = ID(message.from_id) if isinstance(message.from_id, bytes) else None
+            if self.is_validator:
+                try:
+                    self._inbox_send.send_nowait((kind, data, sender))
+                except trio.WouldBlock:
+                    log.debug("consensus inbox full; a %s dropped", kind)
+            elif sender is not None:
+                height = self._height_of(kind, data)
+                if height is not None and height > self.ledger.height + 1:
+                    self._start_sync(sender, nursery)
+
+    def _start_sync(self, peer: Any, nursery: trio.Nursery | None = None) -> None:
+        if self._sync_lock.locked():
+            return
+        pid = peer if isinstance(peer, ID) else ID(peer) if isinstance(peer, bytes) else None
+        if pid is None or pid == self.net.peer_id:
+            return
+        nursery = nursery or self._nursery
+        if nursery is not None:
+            nursery.start_soon(self._sync_from, pid)
+
+    async def _sync_from(self, peer: ID) -> None:
+        """Take blocks from ``peer`` until it has no more: each one only after its
+        certificate verifies and the ledger applies it to the same state root."""
+        if self._sync_lock.locked():
+            return
+        async with self._sync_lock:
+            try:
+                while True:
+                    got = await self._sync_batch(peer)
+                    if got < SYNC_BATCH:
+                        return
+            except (FrameError, RemoteProtocolError, OSError, trio.TooSlowError) as exc:
+                log.info("catching up from %s stopped: %s", peer, exc)
+            except Exception as exc:  # a dial that fails in the library's own ways
+                log.info("catching up from %s failed: %r", peer, exc)
+
+    async def _sync_batch(self, peer: ID) -> int:
+        stream = await self._open(peer)
+        try:
+            start = self.ledger.height + 1
+            await write_frame(stream, packb({"from": start, "limit": SYNC_BATCH}),
+                              SYNC_TIMEOUT_S)
+            got = 0
+            while True:
+                frame = await read_frame(stream, self.max_proposal_bytes + 64 * 1024,
+                                         SYNC_TIMEOUT_S)
+                if not frame:
+                    break
+                pair = unpack_strict(frame, self.max_proposal_bytes + 64 * 1024)
+                if not (isinstance(pair, list) and len(pair) == 2
+                        and all(isinstance(x, bytes) for x in pair)):
+                    raise RemoteProtocolError("malformed", "a block frame is [block, commit]")
+                data, commit = pair
+                block = Block.decode(data, self.genesis.max_block_bytes)
+                if block.height <= self.ledger.height:
+                    continue  # consensus finished it here meanwhile
+                if block.height != self.ledger.height + 1:
+                    raise RemoteProtocolError("gap", f"block {block.height} after "
+                                                     f"{self.ledger.height}")
+                verify_commit(self.genesis.chain_id, self.powers, block.height,
+                              block_id(data), commit)
+                await self._commit(data, commit, None)
+                got += 1
+            await stream.close()
+            return got
+        except BaseException:
+            await reset_quietly(stream)
+            raise
+
+    async def _open(self, peer: ID) -> Any:
+        if peer not in self.net.host.get_connected_peers():
+            cap = self.discovery.local_record(peer.to_base58())
+            addrs = [parse_multiaddr(a) for a in cap.record.addrs] if cap else []
+            await self.net.connect(PeerInfo(peer, addrs), timeout=SYNC_TIMEOUT_S)
+        with trio.fail_after(SYNC_TIMEOUT_S):
+            return await self.net.host.new_stream(peer, [BLOCKS_PROTOCOL])
+
+    async def _serve_blocks(self, stream: Any) -> None:
+        try:
+            req = unpack_strict(await read_frame(stream, 256, SYNC_TIMEOUT_S), 256)
+            start, limit = req["from"], req["limit"]
+            if not (isinstance(start, int) and isinstance(limit, int) and start >= 1):
+                raise RemoteProtocolError("malformed", "a sync request is {from, limit}")
+            for _, data, commit in await self.storage.get_blocks(start, min(limit, SYNC_BATCH)):
+                await write_frame(stream, packb([data, commit]), SYNC_TIMEOUT_S)
+            await write_frame(stream, b"", SYNC_TIMEOUT_S)
+            await stream.close()
+        except Exception as exc:  # a peer that vanished, stalled or sent garbage
+            log.debug("serving blocks ended: %r", exc)
+            await reset_quietly(stream)
+
+    async def _connect_validators(self) -> None:
+        """Keep a connection to every other validator whose address discovery knows, so
+        the consensus topic's mesh holds them all."""
+        while True:
+            connected = set(self.net.host.get_connected_peers())
+            for pid in self.powers:
+                peer = ID.from_base58(pid)
+                if pid == self.peer_id or peer in connected:
+                    continue
+                cap = self.discovery.local_record(pid)
+                if cap is None:
+                    continue
+                try:
+                    await self.net.connect(
+                        PeerInfo(peer, [parse_multiaddr(a) for a in cap.record.addrs]))
+                except Exception as exc:  # down, or not reachable yet: next time
+                    log.debug("dialling validator %s: %r", pid, exc)
+            await trio.sleep(CONNECT_EVERY_S)
+
+
+def _batches(txs: Sequence[bytes], max_bytes: int) -> list[list[bytes]]:
+    out: list[list[bytes]] = []
+    size = max_bytes
+    for t in txs:
+        if size + len(t) + 8 > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += len(t) + 8
+    return out
+
+
+GENESIS_FILE = "genesis.toml"  # in the node home: the chain this home follows
+
+
+def load_genesis(home: Path, path: Path | None) -> Genesis | None:
+    """The genesis this node follows: ``path`` (``node start --genesis``), kept in the
+    home so that later starts need no flag, or the one kept there before; None when there
+    is neither. ChainError when ``path`` is unreadable or invalid, or names another chain
+    than the one this home follows (its blocks would not verify)."""
+    kept = home / GENESIS_FILE
+    current = None
+    if kept.exists():
+        current = _read_genesis(kept)
+    if path is None:
+        return current
+    given = _read_genesis(path)
+    if current is not None and current.id != given.id:
+        raise ChainError(f"{path}: this home follows chain {current.chain_id!r} (genesis "
+                         f"{current.id.hex()[:16]}), not {given.chain_id!r} (genesis "
+                         f"{given.id.hex()[:16]}); use another --home")
+    if current is None:
+        tmp = kept.with_suffix(".tmp")
+        tmp.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+        os.replace(tmp, kept)
+    return given
+
+
+def _read_genesis(path: Path) -> Genesis:
+    try:
+        return parse_genesis(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ChainError(f"cannot read the genesis file {path}: {exc}") from None
+    except GenesisError as exc:
+        raise ChainError(f"{path}: {exc}") from None
