@@ -331,3 +331,87 @@ def test_caller_errors_and_cancellation_pass_through_unwrapped(tmp_path: Path) -
             assert await db.kv_get("k") == 2
 
     run(body)
+
+
+def test_blocks_one_per_height_in_order_and_latest_first(tmp_path: Path) -> None:
+    path = tmp_path / "node.db"
+
+    async def body() -> None:
+        async with open_storage(path) as db:
+            assert await db.get_blocks(1, 10) == []
+            assert await db.last_blocks(5) == []
+            for h in (1, 2, 3, 5, 4):  # stored out of order: read back in height order
+                assert await db.put_block(h, f"{h:064x}", b"block%d" % h, b"commit%d" % h)
+            # A second block at a height is refused, the first stays (consensus and sync
+            # may both bring a height: the first to store it wins).
+            assert not await db.put_block(2, "ff" * 32, b"other", b"other commit")
+            assert await db.get_blocks(2, 1) == [(2, b"block2", b"commit2")]
+            assert [h for h, _, _ in await db.get_blocks(1, 10)] == [1, 2, 3, 4, 5]
+            assert await db.get_blocks(4, 10) == [(4, b"block4", b"commit4"),
+                                                  (5, b"block5", b"commit5")]
+            assert await db.get_blocks(6, 10) == []
+            assert [h for h, _, _ in await db.get_blocks(2, 2)] == [2, 3]
+            assert [h for h, _, _ in await db.last_blocks(2)] == [5, 4]
+            assert await db.last_blocks(1) == [(5, b"block5", b"commit5")]
+        async with open_storage(path) as db:  # durable
+            assert [h for h, _, _ in await db.last_blocks(10)] == [5, 4, 3, 2, 1]
+            assert not await db.put_block(5, "ee" * 32, b"late", b"late")
+
+    run(body)
+
+
+def test_a_block_id_is_stored_once(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with open_storage(tmp_path / "node.db") as db:
+            assert await db.put_block(1, "aa" * 32, b"b", b"c")
+            # The same block id again at another height (a block names its height, so
+            # this is a caller's bug): refused as well, never stored twice.
+            assert not await db.put_block(2, "aa" * 32, b"b", b"c")
+            assert [h for h, _, _ in await db.get_blocks(1, 5)] == [1]
+
+    run(body)
+
+
+def test_outbox_keeps_txs_until_removed_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "node.db"
+
+    async def body() -> None:
+        async with open_storage(path) as db:
+            assert await db.outbox() == []
+            await db.outbox_add("b" * 64, b"tx-b", 200)
+            await db.outbox_add("a" * 64, b"tx-a", 100)
+            await db.outbox_add("b" * 64, b"tx-b again", 300)  # kept once, as first added
+            assert await db.outbox() == [("a" * 64, b"tx-a", 100), ("b" * 64, b"tx-b", 200)]
+            await db.outbox_remove(["a" * 64, "c" * 64])  # one unknown id: ignored
+            assert await db.outbox() == [("b" * 64, b"tx-b", 200)]
+            await db.outbox_remove([])
+        async with open_storage(path) as db:  # a crash must not lose a receipt
+            assert await db.outbox() == [("b" * 64, b"tx-b", 200)]
+            # More ids than SQLite binds in one statement: removed in parts.
+            ids = [f"{i:064x}" for i in range(1200)]
+            for i, t in enumerate(ids):
+                await db.outbox_add(t, b"tx", 1000 + i)
+            assert len(await db.outbox()) == 1201
+            await db.outbox_remove(ids[:1199])
+            assert [t for t, _, _ in await db.outbox()] == ["b" * 64, ids[1199]]
+
+    run(body)
+
+
+def test_snapshot_keeps_only_the_latest(tmp_path: Path) -> None:
+    path = tmp_path / "node.db"
+
+    async def body() -> None:
+        async with open_storage(path) as db:
+            assert await db.get_snapshot() is None
+            await db.put_snapshot(50, b"state at 50")
+            assert await db.get_snapshot() == (50, b"state at 50")
+            await db.put_snapshot(100, b"state at 100")
+            await db.put_snapshot(100, b"state at 100, again")  # replaced in place
+            assert await db.get_snapshot() == (100, b"state at 100, again")
+        async with open_storage(path) as db:
+            assert await db.get_snapshot() == (100, b"state at 100, again")
+        with sqlite3.connect(path) as conn:  # the older one is gone, not just shadowed
+            assert conn.execute("SELECT height FROM ledger_snapshot").fetchall() == [(100,)]
+
+    run(body)
