@@ -3,11 +3,16 @@
     GET  /v1/ledger                         -> chain id, height, state root, validators
     GET  /v1/ledger/balance?peer=           -> {"peer", "balance", "height"} (default: this node)
     GET  /v1/ledger/balances                -> [{"peer", "balance"}], largest first
-    GET  /v1/ledger/blocks?limit=&from=     -> [block summary], newest first
+    GET  /v1/ledger/blocks?limit=           -> [block summary], newest first
+    GET  /v1/ledger/blocks?from=H&limit=&txs=1 -> [block summary] from height H up, with
+                                                  the tx ids when txs=1
     GET  /v1/ledger/tx?id=                  -> {"tx", "final": height | null, "pending"}
     POST /v1/ledger/txs  {"txs": [hex]}     -> {"ids": [hex]}   (checked, gossiped, kept)
     POST /v1/ledger/revenue {"model", "amount", "memo"} -> {"tx", "nonce"}
     POST /v1/ledger/wait {"txs": [hex], "timeout"}      -> {"final": {id: height}}
+    POST /v1/ledger/records {"job", "receipts", "versions", "timeout"}
+                            -> {"height", "job": entry | null, "receipts": {id: height},
+                                "versions": {id: height}}   (waits until all are final)
 
 A node started without a genesis answers 409 on each: it follows no chain.
 """
@@ -17,16 +22,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import trio
+
 from node.api import ApiError, Request, Routes, body_fields, text_field
 from node.consensus import Chain
 from protocol.consensus import Commit
 from protocol.envelope import unpack_strict
 from protocol.errors import ProtocolError
-from protocol.ledger import Block, Ledger, Revenue, block_id
+from protocol.ledger import Block, Ledger, Revenue, block_id, tx_id
 
 MAX_LIST = 1000
-MAX_SUBMIT = 5000  # txs in one POST /v1/ledger/txs
+MAX_SUBMIT = 1000  # txs in one POST /v1/ledger/txs (the 1 MiB body cap binds first)
 MAX_WAIT_S = 600.0
+MAX_IDS = 15_000  # ids in one POST /v1/ledger/records (a job's receipts; the body cap binds)
 
 
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -53,7 +61,22 @@ def _hex_id(value: Any, name: str) -> bytes:
     return raw
 
 
-def block_summary(data: bytes, commit: bytes, max_bytes: int) -> dict[str, Any]:
+def _hex_ids(value: Any, name: str) -> list[bytes]:
+    if not isinstance(value, list) or len(value) > MAX_IDS:
+        raise ApiError(400, f"{name}: expected a list of at most {MAX_IDS} ids")
+    return [_hex_id(v, name) for v in value]
+
+
+def _timeout(body: dict[str, Any], default: float = 60) -> float:
+    timeout = body.get("timeout", default)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
+            or not 0 <= timeout <= MAX_WAIT_S:
+        raise ApiError(400, f"timeout: expected seconds in [0, {MAX_WAIT_S:g}]")
+    return float(timeout)
+
+
+def block_summary(data: bytes, commit: bytes, max_bytes: int, with_txs: bool = False
+                  ) -> dict[str, Any]:
     block = Block.decode(data, max_bytes)
     kinds: dict[str, int] = {}
     for tx in block.txs:  # the ledger checked each when the block came: [kind, payload]
@@ -63,7 +86,8 @@ def block_summary(data: bytes, commit: bytes, max_bytes: int) -> dict[str, Any]:
     return {"height": block.height, "id": block_id(data).hex(), "time_ms": block.time_ms,
             "proposer": block.proposer, "prev": block.prev_id.hex(),
             "state_root": block.state_root.hex(), "txs": len(block.txs), "kinds": kinds,
-            "bytes": len(data), "commit_round": c.round, "signatures": len(c.votes)}
+            "bytes": len(data), "commit_round": c.round, "signatures": len(c.votes),
+            **({"tx_ids": [tx_id(t).hex() for t in block.txs]} if with_txs else {})}
 
 
 def ledger_totals(led: Ledger) -> dict[str, int]:
@@ -102,8 +126,11 @@ def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str]) -> R
     async def blocks(request: Request) -> Any:
         c = need()
         limit = _int_param(request, "limit", 20, 1, MAX_LIST)
-        rows = await c.storage.last_blocks(limit)
-        return [block_summary(data, commit, c.genesis.max_block_bytes)
+        start = _int_param(request, "from", 0, 0, 2**62)
+        with_txs = request.query.get("txs") in ("1", "true")
+        rows = (await c.storage.get_blocks(start, limit) if start
+                else await c.storage.last_blocks(limit))
+        return [block_summary(data, commit, c.genesis.max_block_bytes, with_txs)
                 for _, data, commit in rows]
 
     async def tx_status(request: Request) -> Any:
@@ -137,6 +164,18 @@ def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str]) -> R
         memo = body.get("memo") or ""
         if not isinstance(memo, str):
             raise ApiError(400, "memo: expected a string")
+        # A record for a model the ledger does not know would wait (unknown-model is a
+        # retry) and hold its nonce: every later record of this node would then wait
+        # behind it (nonce-gap). So only a version some final round record made is taken.
+        if c.ledger.version_entry(model) is None:
+            if any(tx.kind == "round" and tx.record.version == model
+                   for tx in c.mempool.candidates()):
+                raise ApiError(409, f"model: the round record of {model.hex()[:16]} is not "
+                                    f"final yet; try again in a few seconds")
+            raise ApiError(404, f"model: no round record on the chain produced "
+                                f"{model.hex()[:16]}, so it has no lineage to pay; revenue "
+                                f"is recorded for a version a job made (`iollm job status "
+                                f"JOB` shows each round's version)")
         nonce = c.next_nonce()
         try:
             record = Revenue(chain_id=c.genesis.chain_id, payer=c.peer_id, model=model,
@@ -152,11 +191,39 @@ def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str]) -> R
         if not isinstance(body["txs"], list) or not body["txs"]:
             raise ApiError(400, "txs: expected a list of tx ids")
         ids = [_hex_id(t, "txs") for t in body["txs"]]
-        timeout = body.get("timeout", 60)
-        if not isinstance(timeout, int | float) or not 0 <= timeout <= MAX_WAIT_S:
-            raise ApiError(400, f"timeout: expected seconds in [0, {MAX_WAIT_S:g}]")
-        final = await c.wait_final(ids, float(timeout))
+        final = await c.wait_final(ids, _timeout(body))
         return {"final": {t.hex(): h for t, h in final.items()}}
+
+    async def records(request: Request) -> Any:
+        """What the ledger holds of a job: its entry, which of the given receipts are
+        counted and which versions a round record made, each with its block's height;
+        waits up to ``timeout`` for all of them. Reads the ledger itself, not the recent
+        tx index, so it answers for records finalized before the node's last restart."""
+        c = need()
+        body = body_fields(request, {"job"}, {"receipts", "versions", "timeout"})
+        jid = _hex_id(body["job"], "job")
+        receipts = _hex_ids(body.get("receipts", []), "receipts")
+        versions = _hex_ids(body.get("versions", []), "versions")
+        deadline = trio.current_time() + _timeout(body)
+        while True:
+            led = c.ledger  # replaced at every final block: read it afresh each time
+            job = led.job(jid)
+            got_r = {r.hex(): e.height for r in receipts
+                     if (e := led.receipt(r)) is not None and e.job_id == jid}
+            got_v = {v.hex(): e.height for v in versions
+                     if (e := led.version_entry(v)) is not None and e.job_id == jid}
+            done = job is not None and len(got_r) == len(set(receipts)) \
+                and len(got_v) == len(set(versions))
+            left = deadline - trio.current_time()
+            if done or left <= 0:
+                break
+            await c.wait_height(led.height + 1, left)
+        entry = None if job is None else {
+            "height": job.height, "designer": job.designer,
+            "designer_share_bps": job.designer_share_bps, "rounds": job.rounds,
+            "reward_pool": job.reward_pool, "base_model": job.base_model.hex(),
+            "best_loss": None if job.best_micro is None else job.best_micro / 1e6}
+        return {"height": led.height, "job": entry, "receipts": got_r, "versions": got_v}
 
     return {
         ("GET", "/v1/ledger"): info,
@@ -167,4 +234,5 @@ def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str]) -> R
         ("POST", "/v1/ledger/txs"): submit,
         ("POST", "/v1/ledger/revenue"): revenue,
         ("POST", "/v1/ledger/wait"): wait,
+        ("POST", "/v1/ledger/records"): records,
     }

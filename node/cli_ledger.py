@@ -2,6 +2,8 @@
 
     ledger balance [PEER]   GET /v1/ledger/balance (--all: every account)
     ledger blocks           GET /v1/ledger/blocks?limit=
+    ledger wait --job JOB   GET /v1/jobs/status, then POST /v1/ledger/records: until the
+                            job, its receipts and its round records are final
     ledger verify           replays the home's stored chain from genesis, here, without the
                             node: every certificate, every signature, every state root
     revenue record M AMT    POST /v1/ledger/revenue (--wait: until a final block holds it)
@@ -40,6 +42,11 @@ def cmd_ledger_balance(args: argparse.Namespace) -> int:
             return 0
         for r in rows:
             print(f"{r['balance']:>16}  {r['peer']}")
+        info = call_node(args, "/v1/ledger")
+        t = info["totals"]
+        print(f"{sum(r['balance'] for r in rows):>16}  total of {len(rows)} accounts at height "
+              f"{info['height']} (supply {t['supply']}: allocated {t['allocated']}, emitted "
+              f"{t['emitted']}, revenue {t['revenue']}; {t['receipts']} receipts counted)")
         return 0
     path = "/v1/ledger/balance" + (f"?peer={quote(args.peer)}" if args.peer else "")
     b = call_node(args, path)
@@ -62,6 +69,37 @@ def cmd_ledger_blocks(args: argparse.Namespace) -> int:
         print(f"{b['height']:>7}  {b['id'][:16]}  {_when(b['time_ms'])}  proposer "
               f"{_short_peer(b['proposer'])}  {b['txs']} txs ({kinds})  round "
               f"{b['commit_round']}, {b['signatures']} signatures")
+    return 0
+
+
+def cmd_ledger_wait(args: argparse.Namespace) -> int:
+    status = call_node(args, f"/v1/jobs/status?id={quote(args.job)}")
+    jid = status["job"]
+    if not status.get("coordinated_here"):
+        raise CliError(f"job {jid[:16]} is coordinated by {status['coordinator']}, not this "
+                       f"node: ask with the coordinator's --home (it knows the job's receipts)")
+    rounds = status.get("rounds") or []
+    receipts = [r for rnd in rounds for r in rnd.get("receipts") or []]
+    versions = [rnd["version"] for rnd in rounds if rnd.get("version")]
+    answer = call_node(args, "/v1/ledger/records", "POST",
+                       {"job": jid, "receipts": receipts, "versions": versions,
+                        "timeout": args.timeout * 0.9})
+    job = answer["job"]
+    done = (job is not None and len(answer["receipts"]) == len(set(receipts))
+            and len(answer["versions"]) == len(set(versions)))
+    if args.json:
+        print(json.dumps({**answer, "final": done, "job_status": status["status"]}, indent=2))
+    else:
+        where = f"registered in block {job['height']}" if job else "not on the chain yet"
+        print(f"job {jid[:16]} {where}; {len(answer['receipts'])} of {len(set(receipts))} "
+              f"receipts and {len(answer['versions'])} of {len(set(versions))} round records "
+              f"final (height {answer['height']})")
+        if status["status"] == "running":
+            print(f"the job is still running (round {status['round']}): only the rounds it "
+                  f"finished so far are counted here", file=sys.stderr)
+    if not done:
+        raise CliError(f"job {jid[:16]}: not all of its records final within "
+                       f"{args.timeout:g} s (`iollm ledger blocks` shows the chain)")
     return 0
 
 
@@ -188,6 +226,13 @@ def add_ledger_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--limit", type=_limit, default=20, metavar="N",
                    help="how many (1..1000, default 20)")
     p.set_defaults(func=cmd_ledger_blocks)
+    p = actions.add_parser(
+        "wait", parents=[client], help="wait until a job's records are final",
+        description="Wait until the job JOB (coordinated by this node), every receipt it "
+                    "issued and every round record it made are in final blocks; exit 1 "
+                    "when --timeout passes first. A running job's finished rounds only.")
+    p.add_argument("--job", required=True, metavar="JOB", help="job id or unique prefix")
+    p.set_defaults(func=cmd_ledger_wait)
     p = actions.add_parser(
         "verify", parents=[home], help="replay the stored chain from genesis",
         description="Replay every block this node stored, from its genesis, checking each "

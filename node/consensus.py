@@ -44,6 +44,7 @@ from protocol.consensus import (
     Decide,
     Evidence,
     Machine,
+    Resume,
     SetTimeout,
     Timeouts,
     open_proposal,
@@ -89,6 +90,7 @@ SYNC_BATCH = 32  # blocks one sync request asks for
 SYNC_TIMEOUT_S = 30.0
 SNAPSHOT_EVERY = 50  # blocks between ledger snapshots (a restart replays the rest)
 RECENT_FINAL = 200_000  # tx id -> height of the block that holds it, for waiters
+RESUME_KEY = "consensus_resume"  # kv: the validator's write-ahead point (Resume)
 
 
 class ChainError(Exception):
@@ -175,6 +177,7 @@ class Chain:
         self._final: OrderedDict[bytes, int] = OrderedDict()
         self.evidence_seen: set[tuple[str, str]] = set()
         self._nursery: trio.Nursery | None = None
+        self._resume: Resume | None = None  # as last written to storage
 
     # -- service ------------------------------------------------------------------------
 
@@ -202,6 +205,8 @@ class Chain:
     async def _load(self) -> None:
         """The ledger from the latest snapshot and the blocks stored after it. Stored
         blocks were verified when they came; replaying them re-checks every tx anyway."""
+        saved = await self.storage.kv_get(RESUME_KEY)
+        self._resume = Resume.decode(saved) if isinstance(saved, bytes) else None
         snap = await self.storage.get_snapshot()
         if snap is not None:
             self.ledger = Ledger.decode(snap[1])
@@ -247,9 +252,8 @@ class Chain:
         fresh = [c for c in checked if c.id not in self._final]
         for c in fresh:  # in the mempool before any await: next_nonce counts it at once
             self.mempool.add(c, now, own=True)
-        for c in fresh:
-            await self.storage.outbox_add(c.id.hex(), c.data, now)
-            self._outgoing.append(c.data)
+        await self.storage.outbox_add([(c.id.hex(), c.data, now) for c in fresh])
+        self._outgoing += [c.data for c in fresh]
         self._flush.set()
         return [c.id for c in checked]
 
@@ -334,10 +338,13 @@ class Chain:
             await self._wait_to_start(height)
             if self.ledger.height + 1 != height:
                 continue  # caught up through sync meanwhile
+            saved = self._resume
             machine = Machine(self.genesis.chain_id, self.powers, self.key, height,
                               self.timeouts, valid_block=self._valid_block,
                               make_block=self._make_block,
-                              max_proposal_bytes=self.max_proposal_bytes)
+                              max_proposal_bytes=self.max_proposal_bytes,
+                              resume=saved if saved is not None and saved.height == height
+                              else None)
             self.machine, self._validated, self._timers = machine, {}, []
             await self._act(machine.start(self.clock_ms()))
             future, self._future = self._future, []
@@ -420,6 +427,7 @@ class Chain:
     async def _act(self, actions: Sequence[object]) -> None:
         for a in actions:
             if isinstance(a, Broadcast):
+                await self._save_resume()
                 await self._publish(CONSENSUS_TOPIC, packb([a.kind, a.data]))
             elif isinstance(a, SetTimeout):
                 self._timer_seq += 1
@@ -429,6 +437,17 @@ class Chain:
                 await self._commit(a.block, a.commit.encode(), self._validated.get(a.block_id))
             elif isinstance(a, Evidence):
                 await self._report(a)
+
+    async def _save_resume(self) -> None:
+        """Write the machine's resume point before a message it signed leaves: a
+        validator that crashes and restarts at this height then signs nothing in the
+        rounds it already signed in, and keeps its lock (protocol.consensus.Resume)."""
+        if self.machine is None:
+            return
+        point = self.machine.resume_point()
+        if point != self._resume:
+            await self.storage.kv_set(RESUME_KEY, point.encode())
+            self._resume = point
 
     async def _report(self, ev: Evidence) -> None:
         if (ev.validator, ev.kind) in self.evidence_seen or ev.kind != "double-vote":

@@ -560,16 +560,21 @@ class Storage:
             "SELECT height, state FROM ledger_snapshot ORDER BY height DESC LIMIT 1")
         return (rows[0][0], bytes(rows[0][1])) if rows else None
 
-    async def outbox_add(self, tx_id: str, tx: bytes, added_ms: int) -> None:
-        await self._run("INSERT INTO outbox (tx_id, tx, added_ms) VALUES (?, ?, ?)"
-                        " ON CONFLICT DO NOTHING", (tx_id, tx, added_ms))
+    async def outbox_add(self, rows: Sequence[tuple[str, bytes, int]]) -> None:
+        """Keep (tx id, tx, added_ms) rows, in as few statements as SQLite allows (a
+        validator's API may take a thousand txs at once)."""
+        for start in range(0, len(rows), 300):  # 3 parameters a row, under SQLite's cap
+            part = rows[start:start + 300]
+            await self._run("INSERT INTO outbox (tx_id, tx, added_ms) VALUES "
+                            + ",".join(["(?, ?, ?)"] * len(part)) + " ON CONFLICT DO NOTHING",
+                            [x for row in part for x in row])
 
     async def outbox(self) -> list[tuple[str, bytes, int]]:
         rows = await self._run("SELECT tx_id, tx, added_ms FROM outbox ORDER BY added_ms")
         return [(r[0], bytes(r[1]), r[2]) for r in rows]
 
     async def outbox_remove(self, tx_ids: Sequence[str]) -> None:
-        for start in range(0, len(tx_ids), 500):  # SQLite's bound-parameter limit
+        for start in range(0, len(tx_ids), 500):  # under SQLite's bound-parameter cap
             part = list(tx_ids[start:start + 500])
             await self._run(f"DELETE FROM outbox WHERE tx_id IN ({','.join('?' * len(part))})",
                             part)

@@ -119,7 +119,8 @@ def _wait_ready(proc: subprocess.Popen[bytes], home: Path, deadline: float) -> d
     raise TestnetError(f"node in {home} not ready in time:\n{_log_tail(home / 'daemon.log')}")
 
 
-def write_genesis(directory: Path, homes: list[Path], validators: int) -> Path:
+def write_genesis(directory: Path, homes: list[Path], validators: int,
+                  overrides: dict[str, Any] | None = None) -> Path:
     """The testnet's genesis: the first ``validators`` homes' keys as validators, equal
     power. A directory that has one keeps it (its nodes' blocks are of that chain)."""
     from node.identity import load_key
@@ -135,13 +136,15 @@ def write_genesis(directory: Path, homes: list[Path], validators: int) -> Path:
         raise TestnetError(f"{path} names validators this testnet does not have; remove "
                            f"{directory} to start a new chain")
     genesis = make_genesis(TESTNET_CHAIN_ID, peers[:validators], int(time.time() * 1000),
-                           block_interval_ms=TESTNET_BLOCK_INTERVAL_MS)
+                           **{"block_interval_ms": TESTNET_BLOCK_INTERVAL_MS,
+                              **(overrides or {})})
     path.write_text(genesis.to_toml(), encoding="utf-8")
     return path
 
 
 def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
-               timeout: float = 120.0, validators: int | None = None) -> dict[str, Any]:
+               timeout: float = 120.0, validators: int | None = None,
+               genesis_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from node.api import ApiClientError, api_request, read_token_file
 
     if not 1 <= nodes <= 64:
@@ -166,7 +169,8 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
             if not (home / "node.key").exists():
                 subprocess.run(_iollm("init", "--home", str(home)), check=True,
                                stdout=subprocess.DEVNULL)
-        genesis = write_genesis(directory, [directory / n for n in names], n_validators)
+        genesis = write_genesis(directory, [directory / n for n in names], n_validators,
+                                genesis_overrides)
         for i, name in enumerate(names):
             home = directory / name
             gpus = SIMULATED_GPUS[(i - 1) % len(SIMULATED_GPUS)] if simulate_gpus and i else None

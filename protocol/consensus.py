@@ -418,6 +418,36 @@ Action = Broadcast | SetTimeout | Decide | Evidence
 
 
 @dataclass(frozen=True)
+class Resume:
+    """A validator's write-ahead state at one height: the last round it signed anything
+    in, and its lock. A machine made with it signs nothing in rounds up to
+    ``signed_round`` (it may have signed something else there before it restarted) and
+    keeps the lock, so a restart is not an equivocation and loses no safety."""
+
+    height: int
+    signed_round: int
+    locked: bytes | None = None
+    locked_round: int = -1
+
+    def encode(self) -> bytes:
+        return packb([self.height, self.signed_round, self.locked, self.locked_round])
+
+    @classmethod
+    def decode(cls, data: bytes) -> Resume:
+        """LocalProtocolError on anything but what :meth:`encode` wrote (it is our own
+        file, not a peer's bytes)."""
+        try:
+            h, r, locked, lr = unpack_strict(data, 256)
+            resume = cls(h, r, locked, lr)
+        except (RemoteProtocolError, TypeError, ValueError) as exc:
+            raise LocalProtocolError(f"not a consensus resume point: {exc}") from None
+        if not (isinstance(h, int) and isinstance(r, int) and isinstance(lr, int)
+                and (locked is None or (isinstance(locked, bytes) and len(locked) == 32))):
+            raise LocalProtocolError("not a consensus resume point")
+        return resume
+
+
+@dataclass(frozen=True)
 class Timeouts:
     """Timeout of each step in round 0; each round adds ``delta_ms`` to all three."""
 
@@ -449,7 +479,8 @@ class Machine:
 
     def __init__(self, chain_id: str, validators: Mapping[str, int], key: SigningKey | None,
                  height: int, timeouts: Timeouts, *, valid_block: Callable[[bytes], bool],
-                 make_block: Callable[[int], bytes], max_proposal_bytes: int) -> None:
+                 make_block: Callable[[int], bytes], max_proposal_bytes: int,
+                 resume: Resume | None = None) -> None:
         _check_chain(chain_id)  # Invalid: a LocalProtocolError
         check_int("height", height, 1)
         check_int("max_proposal_bytes", max_proposal_bytes, 1)
@@ -478,10 +509,22 @@ class Machine:
         self._out: list[Action] = []
         self._now = 0
         self.decided: Decide | None = None
+        self._quiet_below = 0  # rounds below this were signed in before a restart
+        if resume is not None:
+            if resume.height != height:
+                raise LocalProtocolError(f"a resume of height {resume.height} at {height}")
+            self._quiet_below = resume.signed_round + 1
+            if resume.locked_round >= 0:
+                self._locked, self._locked_round = resume.locked, resume.locked_round
 
     @property
     def height(self) -> int:
         return self._height
+
+    def resume_point(self) -> Resume:
+        """What a node must keep (durably, before it sends what this call follows) to
+        restart at this height without signing twice or forgetting its lock."""
+        return Resume(self._height, self._round, self._locked, self._locked_round)
 
     @property
     def round(self) -> int:
@@ -666,8 +709,8 @@ class Machine:
         """StartRound (line 11): propose validValue, else a new block; or wait for one."""
         self._move("new-round")
         self._round = round
-        if self._key is not None and self.me == proposer_for(self.validators, self._height,
-                                                             round):
+        if (self._key is not None and round >= self._quiet_below
+                and self.me == proposer_for(self.validators, self._height, round)):
             block = self._valid if self._valid is not None else self._make_block(round)
             p = Proposal(self.chain_id, self._height, round, block, self._valid_round, self.me)
             data = seal_proposal(self._key, p)
@@ -687,7 +730,7 @@ class Machine:
     def _cast(self, kind: str, bid: bytes | None) -> None:
         """Sign and broadcast our vote for the current round (observers only move on)."""
         self._move(kind)
-        if self._key is None or self.me is None:
+        if self._key is None or self.me is None or self._round < self._quiet_below:
             return
         v = Vote(self.chain_id, self._height, self._round, kind, bid, self.me)
         data = seal_vote(self._key, v)

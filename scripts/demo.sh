@@ -3,7 +3,10 @@
 # 127.0.0.1 (with simulated GPUs of various sizes), queried through the CLI; then a model
 # and a dataset shared through SMIP (published on node-1, fetched on node-2 and node-3 at
 # once, compared byte for byte, loaded); then a training job of the tiny GPT on the
-# stdlib corpus runs on the testnet (loss per round, receipts); then it is stopped.
+# stdlib corpus runs on the testnet (loss per round, receipts); its receipts and round
+# records become final on the testnet's chain, the balances they earned are shown, one
+# node's stored chain is replayed from genesis, a revenue record for the final model is
+# split along its lineage; then the testnet is stopped.
 source "$(dirname "$0")/setup.sh"
 dir=${IOLLM_DEMO_DIR:-$(mktemp -d -t iollm-demo.XXXXXX)}
 trap 'iollm testnet down --dir "$dir" || true' EXIT
@@ -120,3 +123,47 @@ echo
 echo "== iollm receipts, on node-1 (issued as coordinator) and node-2 (earned as a worker)"
 iollm receipts --job "${job:0:12}" --home "$dir/node-1"
 iollm receipts --home "$dir/node-2"
+echo
+echo "== the chain: node-1 recorded the job, each receipt and a round record per round as"
+echo "   ledger transactions; the 4 validators (bootstrap, node-1..3) finalize them in blocks"
+echo "== iollm ledger wait --job, on node-1: until every one of them is final"
+iollm ledger wait --job "${job:0:12}" --timeout 120 --home "$dir/node-1"
+names() {  # which node is which peer id, for the balance listings
+    python - "$dir/testnet.json" <<'PY'
+import json, sys
+for n in json.load(open(sys.argv[1]))["nodes"]:
+    print(f"  {n['peer_id']}  {n['name']}")
+PY
+}
+echo
+echo "== iollm ledger balance --all, asked on node-2: what the job earned (mining emission"
+echo "   per block of receipts and a breakthrough reward per round that set the best"
+echo "   held-out loss, split by tokens x quality; the designer, node-1, takes 20% first)"
+iollm ledger balance --all --home "$dir/node-2"
+echo "  where:"
+names
+echo
+echo "== iollm ledger blocks --limit 5, asked on node-3"
+iollm ledger blocks --limit 5 --home "$dir/node-3"
+echo
+echo "== iollm ledger verify --home node-3: replay its stored chain from genesis, here"
+iollm ledger verify --home "$dir/node-3"
+echo
+final=$(iollm job status "${job:0:12}" --json --home "$dir/node-1" |
+        python -c "import json,sys; print(json.load(sys.stdin)['base'])")
+before=$(iollm ledger balance --all --json --home "$dir/node-1")
+echo "== iollm revenue record ${final:0:12} 1000 --wait, on node-1: the final model earned"
+echo "   1000 units; they are split along its lineage (the designer's 20% first, the rest"
+echo "   over every receipt of its 3 rounds by weight)"
+iollm revenue record "${final:0:12}" 1000 --memo "demo: first sale" --wait --home "$dir/node-1"
+iollm ledger balance --all --home "$dir/node-1"
+echo "  what the revenue paid each:"
+python - "$dir/testnet.json" "$before" "$(iollm ledger balance --all --json --home "$dir/node-1")" <<'PY'
+import json, sys
+names = {n["peer_id"]: n["name"] for n in json.load(open(sys.argv[1]))["nodes"]}
+before = {r["peer"]: r["balance"] for r in json.loads(sys.argv[2])}
+after = {r["peer"]: r["balance"] for r in json.loads(sys.argv[3])}
+for peer in sorted(after, key=lambda p: names.get(p, p)):
+    print(f"  {names.get(peer, peer):<10} +{after[peer] - before.get(peer, 0)}")
+print(f"  total      +{sum(after.values()) - sum(before.values())}")
+PY

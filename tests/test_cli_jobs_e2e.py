@@ -1,6 +1,8 @@
 """Training end to end through the CLI: a testnet of real daemon processes, the built-in
 model and corpus published, bad job files refused with the field named, a job run to
-the end, its receipts listed on the coordinator and on a worker."""
+the end, its receipts listed on the coordinator and on a worker; then the chain: the
+job's records final, the balances they earned, blocks listed, two homes replayed to one
+state root, revenue split, and bad genesis files refused."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def job_file(path: Path, base: str, data: str, **train: int) -> Path:
     return path
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(460)
 def test_init_stdlib_submit_status_receipts(tmp_path: Path) -> None:
     net = tmp_path / "net"
     iollm("testnet", "up", "--nodes", "2", "--dir", str(net), "--timeout", "60", timeout=90)
@@ -88,8 +90,113 @@ def test_init_stdlib_submit_status_receipts(tmp_path: Path) -> None:
         assert earned and {r["worker"] for r in earned} == {peer}, earned
         table = iollm("receipts", "--home", str(worker)).stdout
         assert earned[0]["receipt"][:12] in table and "accepted" in table
+        check_ledger(tmp_path, net, job, {r["worker"] for r in issued}, base)
     finally:
         iollm("testnet", "down", "--dir", str(net), check=False)
+
+
+def balances(home: Path) -> dict[str, int]:
+    rows = json.loads(iollm("ledger", "balance", "--all", "--json", "--home", str(home)).stdout)
+    return {r["peer"]: r["balance"] for r in rows}
+
+
+def verified(home: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads(iollm("ledger", "verify", "--json", "--home", str(home)).stdout)
+
+
+def check_ledger(tmp_path: Path, net: Path, job: str, workers: set[str], base: str) -> None:
+    """The chain after the job (testnet up: the first 3 nodes validate; node-1 is the
+    coordinator, so the job's designer)."""
+    coordinator = net / "node-1"
+    home = ("--home", str(coordinator))
+    names = {n["name"]: n["peer_id"] for n in json.loads((net / "testnet.json").read_text())
+             ["nodes"]}
+    designer = names["node-1"]
+    waited = iollm("ledger", "wait", "--job", job[:10], "--timeout", "90", *home, timeout=120)
+    assert re.search(r"registered in block \d+; 2 of 2 receipts and 1 of 1 round records "
+                     r"final", waited.stdout), waited.stdout + waited.stderr
+    # Every worker and the designer earned; the balances sum to the supply.
+    earned = balances(coordinator)
+    assert workers and all(earned.get(w, 0) > 0 for w in workers), (workers, earned)
+    assert earned.get(designer, 0) > 0, earned
+    table = iollm("ledger", "balance", "--all", *home).stdout
+    total = re.search(r"^\s*(\d+)  total of (\d+) accounts at height \d+ \(supply (\d+):",
+                      table, re.M)
+    assert total, table
+    assert int(total[1]) == int(total[3]) == sum(earned.values()), table
+    assert int(total[2]) == len(earned) and designer in table
+    one = iollm("ledger", "balance", "--home", str(net / "node-2"), "--json").stdout
+    assert json.loads(one)["balance"] == earned.get(names["node-2"], 0)
+    # Blocks: final, signed by all 3 validators (more than 2/3 of 30), the receipts in.
+    blocks = json.loads(iollm("ledger", "blocks", "--limit", "1000", "--json", *home).stdout)
+    assert [b["height"] for b in blocks] == list(range(blocks[0]["height"], 0, -1))
+    assert sum(b["kinds"].get("receipt", 0) for b in blocks) == 2, blocks
+    assert sum(b["kinds"].get("round", 0) for b in blocks) == 1
+    assert sum(b["kinds"].get("job", 0) for b in blocks) == 1
+    assert all(b["signatures"] == 3 for b in blocks)
+    listing = iollm("ledger", "blocks", "--limit", "5", *home).stdout
+    assert len(listing.splitlines()) == 5 and "signatures" in listing
+    assert "receipt" in iollm("ledger", "blocks", "--limit", "1000", *home).stdout
+    # Two homes replayed from genesis, here, beside their running nodes: one state root
+    # at one height (blocks keep coming, empty, so try until both read the same height).
+    deadline = time.monotonic() + 60
+    while True:
+        a, b = verified(coordinator), verified(net / "node-2")
+        if a["height"] == b["height"]:
+            break
+        assert time.monotonic() < deadline, (a, b)
+    assert a["state_root"] == b["state_root"] and a["block"] == b["block"], (a, b)
+    assert a["totals"]["supply"] == sum(earned.values())  # nothing minted after the job
+    text = iollm("ledger", "verify", "--home", str(net / "bootstrap")).stdout
+    assert re.search(r"chain iollm-testnet: \d+ blocks verified", text), text
+    # Revenue of the job's final version: split along its lineage, exactly the amount.
+    final = json.loads(iollm("job", "status", job, "--json", *home).stdout)["base"]
+    assert final != base
+    first = json.loads(iollm("revenue", "record", final[:12], "1000", "--wait", "--json",
+                             *home, timeout=90).stdout)
+    after = balances(coordinator)
+    moved = {p: after.get(p, 0) - earned.get(p, 0) for p in after}
+    assert sum(moved.values()) == 1000 and min(moved.values()) >= 0, moved
+    assert moved[designer] >= 200 and all(moved.get(w, 0) > 0 for w in workers), moved
+    # The same record again is a new record (the next nonce), not a replay.
+    second = json.loads(iollm("revenue", "record", final, "1000", "--wait", "--json", *home,
+                              timeout=90).stdout)
+    assert (first["nonce"], second["nonce"]) == (1, 2) and first["tx"] != second["tx"]
+    again = balances(coordinator)
+    assert {p: again[p] - after.get(p, 0) for p in again} == moved
+    # Models the ledger cannot pay: refused at once, naming the model, holding no nonce.
+    for model, why in (("abababab", "no known version starts with abababab"),
+                       ("ab" * 32, "no round record on the chain produced abababababababab"),
+                       (base, f"no round record on the chain produced {base[:16]}")):
+        bad = iollm("revenue", "record", model, "10", *home, check=False)
+        assert bad.returncode == 1 and why in bad.stderr, (model, bad.stderr)
+    third = json.loads(iollm("revenue", "record", final, "1", "--json", *home).stdout)
+    assert third["nonce"] == 3
+    # A genesis file that is not one, and one of another chain: refused before the node
+    # starts anything (no probe, no listening), naming the field or the chain.
+    fresh = tmp_path / "fresh"
+    iollm("init", "--home", str(fresh))
+    garbage = tmp_path / "garbage.toml"
+    for text, field in (("chain_id = 'x'\ngenesis_time_ms = 0\n[[validators]]\n"
+                         f"peer_id = '{designer}'\npower = 0\n", "validators[0].power"),
+                        ("not = toml = at all", "toml"),
+                        ("chain_id = 'x'\ngenesis_time_ms = 0\ncolour = 'red'\n", "colour")):
+        garbage.write_text(text)
+        t0 = time.monotonic()
+        bad = iollm("node", "start", "--home", str(fresh), "--genesis", str(garbage),
+                    check=False, timeout=30)
+        assert bad.returncode == 1 and field in bad.stderr, (text, bad.stderr)
+        assert time.monotonic() - t0 < 15
+    assert not (fresh / "genesis.toml").exists() and not (fresh / "node.json").exists()
+    from protocol.genesis import make_genesis
+
+    other = tmp_path / "other.toml"
+    other.write_text(make_genesis("another-chain", [designer], 0).to_toml())
+    refused = iollm("node", "start", "--home", str(net / "node-2"), "--genesis", str(other),
+                    check=False, timeout=30)
+    assert refused.returncode == 1, refused.stderr
+    assert "follows chain 'iollm-testnet'" in refused.stderr and "another-chain" in \
+        refused.stderr, refused.stderr
 
 
 @pytest.mark.slow  # about a minute: `bash scripts/test.sh -m slow`

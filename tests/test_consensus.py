@@ -710,3 +710,39 @@ def open_vote_or_none(data: bytes) -> Vote | None:
         return open_vote(data)
     except RemoteProtocolError:
         return None
+
+
+def test_a_restarted_validator_resumes_without_signing_twice_and_keeps_its_lock() -> None:
+    i = non_proposer(1, 0)
+    m = machine(i)
+    m.start(0)
+    v0 = blk(1, proposer_for(EQUAL, 1, 0), 0)
+    m.on_proposal(propose(1, 0, v0), 1)
+    others = [x for x in range(4) if x != i]
+    for j in others[:2]:
+        m.on_vote(vote(j, PREVOTE, block_id(v0)), 2)
+    point = m.resume_point()  # what the node wrote before its precommit went out
+    assert point == c.Resume(1, 0, block_id(v0), 0)
+    assert c.Resume.decode(point.encode()) == point
+    with pytest.raises(LocalProtocolError):
+        c.Resume.decode(b"\x93\x01\x02\x03")
+    # It crashes and restarts at height 1: round 0 again signs nothing (not even a nil
+    # prevote on the proposal it may never see again), and it stays locked on v0.
+    again = Machine(CHAIN, EQUAL, KEYS[i], 1, FAST, valid_block=accepts(1),  # type: ignore[arg-type]
+                    make_block=lambda r: blk(1, IDS[i], r), max_proposal_bytes=MAX_P,
+                    resume=point)
+    again.start(0)
+    out = again.on_proposal(propose(1, 0, v0), 1)
+    assert not [a for a in out if isinstance(a, Broadcast)]
+    for j in others:
+        again.on_vote(vote(j, PRECOMMIT, None), 3)
+    again.on_timeout(PRECOMMIT, 1, 0, 200)
+    assert again.round == 1
+    if IDS[i] != proposer_for(EQUAL, 1, 1):
+        v1 = blk(1, proposer_for(EQUAL, 1, 1), 1, "other")
+        out = again.on_proposal(propose(1, 1, v1), 201)
+        own = [open_vote(a.data) for a in out if isinstance(a, Broadcast)]
+        assert own == [Vote(CHAIN, 1, 1, PREVOTE, None, IDS[i])]  # the lock survived
+    with pytest.raises(LocalProtocolError):
+        Machine(CHAIN, EQUAL, KEYS[i], 2, FAST, valid_block=accepts(2),  # type: ignore[arg-type]
+                make_block=lambda r: b"", max_proposal_bytes=MAX_P, resume=point)

@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 import trio
 
-from node.cluster import LocalNode, local_cluster
+from node.cluster import LocalNode, local_cluster, node_peer_id
 from node.config import DiscoverySection, WorkerSection
 from protocol.feed import verify_chain
+from protocol.genesis import Genesis, make_genesis
 from protocol.jobs import open_receipt
+from protocol.ledger import encode_tx, tx_id
 from tests.netutil import make_env
 
 CORPUS_BYTES = 1_200_000  # enough for 2 rounds x 7 tasks of disjoint slices, fast to hash
@@ -85,12 +87,13 @@ async def start_job(nodes: list[LocalNode], assets: dict[str, Path], **kw: Any) 
     return await coordinator.jobs.submit(job_toml(model, data, **kw))
 
 
-def cluster(tmp_path: Path, workers: list[WorkerSection | None]):  # type: ignore[no-untyped-def]
+def cluster(tmp_path: Path, workers: list[WorkerSection | None],  # type: ignore[no-untyped-def]
+            genesis: Genesis | None = None):
     config = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=5,
                               gossip_interval_s=1)
     (tmp_path / "nodes").mkdir()
     return local_cluster(tmp_path / "nodes", [make_env() for _ in workers], wall_ms, config,
-                         models=True, workers=workers)
+                         models=True, workers=workers, genesis=genesis)
 
 
 def run(fn: Any, timeout: float) -> Any:
@@ -103,11 +106,15 @@ def run(fn: Any, timeout: float) -> Any:
 
 @pytest.mark.timeout(200)
 def test_three_workers_two_rounds_loss_goes_down(tmp_path: Path, assets: dict[str, Path]) -> None:
+    """...and the job's receipts and round records become final on the nodes' chain (all
+    four validate), which pays every worker and the designer."""
     honest = WorkerSection()
+    genesis = make_genesis("test-jobs", [node_peer_id(i) for i in range(4)], wall_ms(),
+                           block_interval_ms=500)
 
     async def main() -> None:
-        async with cluster(tmp_path, [WorkerSection(enabled=False), honest, honest, honest]
-                           ) as nodes:
+        async with cluster(tmp_path, [WorkerSection(enabled=False), honest, honest, honest],
+                           genesis) as nodes:
             jobs = nodes[0].jobs
             assert jobs is not None
             jid = await start_job(nodes, assets, rounds=2, workers=3, inner_steps=20,
@@ -135,8 +142,59 @@ def test_three_workers_two_rounds_loss_goes_down(tmp_path: Path, assets: dict[st
                 assert len(chain) == len(rows)
             assert {open_receipt(r.envelope).worker for r in issued} == {
                 n.peer_id for n in nodes[1:]}
+            await check_rewards(nodes, jid, issued, rounds)
 
     run(main, timeout=180)
+
+
+async def check_rewards(nodes: list[LocalNode], jid: str, issued: list[Any],
+                        rounds: list[dict[str, Any]]) -> None:
+    """The job, its 6 receipts and its 2 round records are final on every node's chain;
+    every worker and the designer (the coordinator) earned; nothing else was minted."""
+    coordinator = nodes[0].chain
+    assert coordinator is not None
+    row = await nodes[0].storage.get_job(jid)
+    assert row is not None
+    txs = [tx_id(encode_tx("job", row.envelope))] + [
+        tx_id(encode_tx("receipt", r.envelope)) for r in issued]
+    final = await coordinator.wait_final(txs, timeout=30)
+    assert set(final) == set(txs), f"{len(final)} of {len(txs)} txs final"
+    # A round record waits for its receipts (receipts-pending), so it may be a block
+    # later: wait for the blocks, each ledger read afresh.
+    versions = [bytes.fromhex(r["version"]) for r in rounds]
+    with trio.fail_after(30):
+        while not all(coordinator.ledger.version_entry(v) for v in versions):
+            await coordinator.wait_height(coordinator.ledger.height + 1, timeout=30)
+    height = coordinator.ledger.height
+    for n in nodes:  # every validator reaches that height, to the same state
+        assert n.chain is not None and await n.chain.wait_height(height, timeout=30)
+    led = coordinator.ledger
+    for r, v in zip(rounds, versions, strict=True):
+        entry = led.version_entry(v)
+        assert entry is not None and entry.job_id.hex() == jid and entry.round == r["round"]
+        assert sorted(x.hex() for x in entry.receipts) == sorted(r["receipts"])
+    assert led.receipts_counted == 6
+    assert all(led.is_counted(bytes.fromhex(x.receipt_id)) for x in issued)
+    job = led.job(bytes.fromhex(jid))
+    assert job is not None and job.designer == nodes[0].peer_id
+    assert job.designer_share_bps == 2000 and job.best_micro is not None
+    balances = led.balances()
+    for n in nodes[1:]:
+        assert balances.get(n.peer_id, 0) > 0, (n.peer_id, balances)
+    # The designer takes 20% of each block's emission for its receipts (and of each
+    # breakthrough): at least a fifth, rounded down, of what was minted for receipts.
+    g = coordinator.genesis
+    receipt_blocks = {led.receipt(bytes.fromhex(x.receipt_id)).height  # type: ignore[union-attr]
+                      for x in issued}
+    assert balances[nodes[0].peer_id] >= len(receipt_blocks) * g.rewards.emission_per_block // 5
+    assert set(balances) == {n.peer_id for n in nodes}
+    assert sum(balances.values()) == led.supply == led.emitted  # no allocations, no revenue
+    roots = set()
+    for n in nodes:
+        assert n.chain is not None
+        if n.chain.ledger.height == led.height:
+            roots.add(n.chain.ledger.state_root())
+    assert roots == {led.state_root()}
 
 
 @pytest.mark.timeout(200)

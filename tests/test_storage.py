@@ -378,19 +378,17 @@ def test_outbox_keeps_txs_until_removed_across_restarts(tmp_path: Path) -> None:
     async def body() -> None:
         async with open_storage(path) as db:
             assert await db.outbox() == []
-            await db.outbox_add("b" * 64, b"tx-b", 200)
-            await db.outbox_add("a" * 64, b"tx-a", 100)
-            await db.outbox_add("b" * 64, b"tx-b again", 300)  # kept once, as first added
+            await db.outbox_add([("b" * 64, b"tx-b", 200), ("a" * 64, b"tx-a", 100)])
+            await db.outbox_add([("b" * 64, b"tx-b again", 300)])  # kept once, as first added
             assert await db.outbox() == [("a" * 64, b"tx-a", 100), ("b" * 64, b"tx-b", 200)]
             await db.outbox_remove(["a" * 64, "c" * 64])  # one unknown id: ignored
             assert await db.outbox() == [("b" * 64, b"tx-b", 200)]
             await db.outbox_remove([])
         async with open_storage(path) as db:  # a crash must not lose a receipt
             assert await db.outbox() == [("b" * 64, b"tx-b", 200)]
-            # More ids than SQLite binds in one statement: removed in parts.
+            # More rows than SQLite binds in one statement: added and removed in parts.
             ids = [f"{i:064x}" for i in range(1200)]
-            for i, t in enumerate(ids):
-                await db.outbox_add(t, b"tx", 1000 + i)
+            await db.outbox_add([(t, b"tx", 1000 + i) for i, t in enumerate(ids)])
             assert len(await db.outbox()) == 1201
             await db.outbox_remove(ids[:1199])
             assert [t for t, _, _ in await db.outbox()] == ["b" * 64, ids[1199]]

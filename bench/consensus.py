@@ -1,0 +1,301 @@
+"""Chain benchmark: receipts finalized per second and finality latency, four validators.
+
+    .venv/bin/python bench/consensus.py [--rate 1200] [--seconds 60] [--warmup 10]
+                                        [--block-interval-ms 250] [--dir DIR] [--keep]
+
+In one run, all on 127.0.0.1:
+  (a) baseline: how many receipts one process checks per second here (``check_tx``: the
+      two Ed25519 signatures and the decoding every validator does for every receipt),
+      the bound a validator on one core cannot pass;
+  (b) a local testnet of four validator daemons (``iollm testnet up --nodes 3``, its
+      genesis with ``--block-interval-ms`` and blocks of up to 1 MiB - 8 KiB); a job is
+      registered, then signed receipts (pre-generated, each a worker's result inside a
+      coordinator's receipt, as a real job makes them) are offered at a steady ``--rate``
+      per second for ``--warmup`` + ``--seconds``, spread over the four validators' APIs;
+      one validator's final blocks are watched (every 50 ms) for their tx ids.
+Throughput: receipts in final blocks during the measured window, per second. Latency:
+from the moment a receipt's POST returned to the watcher seeing it in a final block, for
+the receipts offered during the window (the 50 ms poll is part of it). After the load,
+the four validators must hold the same blocks, and ``iollm ledger verify`` on one home
+must replay them to the root the node reports.
+
+Goals (exit 1 when one is missed): at least 1000 receipts per second; p50 finality under
+2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from benchstats import percentile  # bench/ is on sys.path when run as a script
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOAL_RATE = 1000.0
+GOAL_P50_S = 2.0
+BLOCK_BYTES = (1 << 20) - 8192  # gossipsub carries at most 1 MiB a message
+SEND_EVERY_S = 0.1
+POLL_S = 0.05
+DRAIN_S = 60.0
+
+
+def log(msg: str) -> None:
+    print(f"[consensus {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- load: a job and its receipts ----------------------------------------------------------
+
+
+def _keys() -> tuple[Any, list[Any]]:
+    from nacl.signing import SigningKey
+
+    return SigningKey(b"\x11" * 32), [SigningKey(bytes([0x20 + i]) * 32) for i in range(8)]
+
+
+def make_job() -> bytes:
+    from protocol.jobs import Job, seal_job, spec_with_defaults
+    from protocol.peerid import peer_id_from_public_key
+
+    coordinator, _ = _keys()
+    spec = spec_with_defaults(name="bench", base_model=b"\x01" * 32, dataset=b"\x02" * 32,
+                              rounds=1, workers_per_round=8, inner_steps=1)
+    me = peer_id_from_public_key(bytes(coordinator.verify_key))
+    return seal_job(coordinator, Job(spec, me, 1))
+
+
+def make_receipts(args: tuple[bytes, int, int]) -> list[bytes]:
+    """Receipt txs ``start .. start + n - 1`` of the job (worker i % 8 did task i)."""
+    from protocol.jobs import TaskResult, issue_receipt, job_id, seal_task_result
+    from protocol.ledger import encode_tx
+    from protocol.peerid import peer_id_from_public_key
+
+    job, start, n = args
+    coordinator, workers = _keys()
+    jid = job_id(job)
+    out = []
+    for i in range(start, start + n):
+        w = workers[i % len(workers)]
+        result = seal_task_result(w, TaskResult(
+            jid, 0, f"t{i}", peer_id_from_public_key(bytes(w.verify_key)),
+            i.to_bytes(32, "big"), 3.0, 2.0, 8192, 1000))
+        out.append(encode_tx("receipt", issue_receipt(
+            coordinator, result, metrics={"own_gain": 0.12, "heldout_gain": 0.01},
+            issued_ms=1)))
+    return out
+
+
+def generate(job: bytes, n: int) -> list[bytes]:
+    parts = [(job, s, min(2000, n - s)) for s in range(0, n, 2000)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return [tx for chunk in pool.map(make_receipts, parts) for tx in chunk]
+
+
+def measure_check_rate(genesis_toml: str, txs: list[bytes]) -> float:
+    from protocol.genesis import parse_genesis
+    from protocol.ledger import check_tx
+
+    g = parse_genesis(genesis_toml)
+    t0 = time.perf_counter()
+    for tx in txs:
+        check_tx(g, tx)
+    return len(txs) / (time.perf_counter() - t0)
+
+
+# --- the testnet, driven through the API ---------------------------------------------------
+
+
+class Validator:
+    def __init__(self, entry: dict[str, Any]) -> None:
+        from node.api import read_token_file
+
+        self.name, self.api, self.home = entry["name"], entry["api"], Path(entry["home"])
+        self.token = read_token_file(self.home / "api.token")
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
+        from node.api import api_request
+
+        return api_request(self.api, self.token, method, path, body, timeout=timeout)
+
+
+def offer(validators: list[Validator], txs: list[bytes], rate: float, seconds: float,
+          submitted: dict[str, float], errors: list[str]) -> None:
+    """Send ``rate`` txs a second for ``seconds``, in batches every SEND_EVERY_S, each
+    batch to the next validator; records when each POST returned."""
+    from protocol.ledger import tx_id
+
+    per_batch = max(1, round(rate * SEND_EVERY_S))
+    jobs: queue.Queue[tuple[Validator, list[bytes]] | None] = queue.Queue()
+
+    def sender() -> None:
+        while (item := jobs.get()) is not None:
+            v, batch = item
+            try:
+                v.call("POST", "/v1/ledger/txs", {"txs": [t.hex() for t in batch]})
+            except Exception as exc:  # the figure will show it; keep the pace
+                errors.append(f"{v.name}: {exc}")
+                continue
+            now = time.monotonic()
+            for t in batch:
+                submitted[tx_id(t).hex()] = now
+
+    threads = [threading.Thread(target=sender, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    start = time.monotonic()
+    sent = 0
+    i = 0
+    while sent < len(txs) and time.monotonic() - start < seconds:
+        batch = txs[sent:sent + per_batch]
+        jobs.put((validators[i % len(validators)], batch))
+        sent += len(batch)
+        i += 1
+        wait = start + i * SEND_EVERY_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)  # pacing the offered load, not synchronisation
+    for _ in threads:
+        jobs.put(None)
+    for t in threads:
+        t.join(timeout=120)
+
+
+def watch(v: Validator, final: dict[str, float], blocks: list[dict[str, Any]],
+          stop: threading.Event) -> None:
+    height = 1
+    while not stop.is_set():
+        try:
+            rows = v.call("GET", f"/v1/ledger/blocks?from={height}&limit=50&txs=1")
+        except Exception as exc:
+            log(f"watcher: {exc}")
+            rows = []
+        now = time.monotonic()
+        for b in rows:
+            for t in b["tx_ids"]:
+                final.setdefault(t, now)
+            blocks.append({**b, "seen": now, "tx_ids": None})
+            height = b["height"] + 1
+        if not rows:
+            stop.wait(POLL_S)
+
+
+def run(args: argparse.Namespace) -> int:
+    from node.testnet import STATE_FILE, testnet_down, testnet_up
+    from protocol.ledger import encode_tx, tx_id
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="iollm-consensus-"))
+    work.mkdir(parents=True, exist_ok=True)
+    total = int(args.rate * (args.warmup + args.seconds))
+    log(f"generating {total} signed receipts")
+    t0 = time.monotonic()
+    job = make_job()
+    txs = generate(job, total)
+    log(f"    {time.monotonic() - t0:.1f} s ({len(txs[0])} bytes a receipt tx)")
+
+    net = work / "testnet"
+    log("starting a testnet of four validators")
+    testnet_up(net, 3, timeout=180, validators=4, genesis_overrides={
+        "block_interval_ms": args.block_interval_ms, "max_block_bytes": BLOCK_BYTES})
+    genesis_toml = (net / "genesis.toml").read_text()
+    log("(a) receipts one process checks per second")
+    check_rate = measure_check_rate(genesis_toml, txs[:2000])
+    log(f"    {check_rate:.0f} /s")
+    try:
+        state = json.loads((net / STATE_FILE).read_text())
+        validators = [Validator(e) for e in state["nodes"]]
+        final: dict[str, float] = {}
+        blocks: list[dict[str, Any]] = []
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch, args=(validators[0], final, blocks, stop),
+                                   daemon=True)
+        watcher.start()
+        job_tx = encode_tx("job", job)
+        validators[0].call("POST", "/v1/ledger/txs", {"txs": [job_tx.hex()]})
+        deadline = time.monotonic() + 60
+        while tx_id(job_tx).hex() not in final:
+            if time.monotonic() > deadline:
+                raise SystemExit("the job tx was not final within 60 s")
+            time.sleep(POLL_S)  # waiting on another process, with a deadline
+        log(f"(b) offering {args.rate:g} receipts/s for {args.warmup:g} + {args.seconds:g} s")
+        submitted: dict[str, float] = {}
+        errors: list[str] = []
+        load_start = time.monotonic()
+        offer(validators, txs, args.rate, args.warmup + args.seconds, submitted, errors)
+        load_end = time.monotonic()
+        log(f"    offered {len(submitted)} in {load_end - load_start:.1f} s; draining")
+        deadline = time.monotonic() + DRAIN_S
+        while time.monotonic() < deadline and not all(t in final for t in submitted):
+            time.sleep(0.2)  # waiting on the validators, with a deadline
+        stop.set()
+        watcher.join(timeout=10)
+
+        w0, w1 = load_start + args.warmup, load_start + args.warmup + args.seconds
+        in_window = [t for t, at in final.items() if w0 <= at < w1 and t in submitted]
+        rate = len(in_window) / args.seconds
+        lat = sorted(final[t] - s for t, s in submitted.items() if w0 <= s < w1 and t in final)
+        missing = sum(1 for t in submitted if t not in final)
+        p50, p99 = percentile(lat, 50), percentile(lat, 99)
+        window_blocks = [b for b in blocks if w0 <= b["seen"] < w1]
+        rounds = sum(1 for b in window_blocks if b["commit_round"] > 0)
+
+        heights = [v.call("GET", "/v1/ledger")["height"] for v in validators]
+        top = min(heights)
+        same = len({json.dumps(v.call("GET", f"/v1/ledger/blocks?from={top}&limit=1"))
+                    for v in validators}) == 1
+        verify = subprocess.run([sys.executable, "-m", "node.cli", "ledger", "verify", "--home",
+                                 str(validators[1].home), "--json"], capture_output=True,
+                                text=True, timeout=600)
+        verified = json.loads(verify.stdout) if verify.returncode == 0 else None
+    finally:
+        if not args.keep:
+            testnet_down(net)
+
+    print(f"(a) one process checks {check_rate:.0f} receipts/s (baseline)")
+    print(f"(b) four validators: {rate:.0f} receipts/s finalized = {rate / check_rate:.2f}x "
+          f"the baseline; offered {args.rate:g}/s")
+    print(f"    finality latency p50 {p50:.2f} s, p99 {p99:.2f} s over {len(lat)} receipts")
+    print(f"    {len(window_blocks)} blocks in the window ({len(window_blocks) / args.seconds:.1f}"
+          f"/s, {len(in_window) / max(1, len(window_blocks)):.0f} receipts each, {rounds} "
+          f"decided after round 0); {missing} offered receipts not final after the drain; "
+          f"{len(errors)} failed POSTs")
+    print(f"    validators at heights {heights}; same block at {top}: {same}; ledger verify: "
+          + (f"height {verified['height']}, root {verified['state_root'][:16]}"
+             if verified else f"FAILED {verify.stderr.strip()[-300:]}"))
+    missed = []
+    if rate < GOAL_RATE:
+        missed.append(f"throughput {rate:.0f}/s < {GOAL_RATE:.0f}/s")
+    if not p50 < GOAL_P50_S:
+        missed.append(f"p50 finality {p50:.2f} s >= {GOAL_P50_S:g} s")
+    if not same or verified is None:
+        missed.append("the validators disagree or the chain does not verify")
+    if missed:
+        print("goal missed: " + "; ".join(missed))
+        return 1
+    print(f"goals met: >= {GOAL_RATE:.0f} receipts/s, p50 < {GOAL_P50_S:g} s")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", type=float, default=1200.0, help="receipts offered per second")
+    p.add_argument("--seconds", type=float, default=60.0, help="measured window (s)")
+    p.add_argument("--warmup", type=float, default=10.0, help="load before the window (s)")
+    p.add_argument("--block-interval-ms", type=int, default=250,
+                   help="the genesis block interval (default 250)")
+    p.add_argument("--dir", help="work directory (default: a new temporary one)")
+    p.add_argument("--keep", action="store_true", help="leave the testnet running")
+    return run(p.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
