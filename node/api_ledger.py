@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from node.api import ApiError, Request, Routes, body_fields, text_field
-from node.consensus import Chain
+from node.consensus import Chain, ChainBusy
 from protocol.consensus import Commit
 from protocol.envelope import unpack_strict
 from protocol.errors import ProtocolError
@@ -136,7 +136,8 @@ def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str]) -> R
     async def tx_status(request: Request) -> Any:
         c = need()
         tid = _hex_id(request.query.get("id"), "id")
-        return {"tx": tid.hex(), "final": c.final_height(tid), "pending": tid in c.mempool}
+        return {"tx": tid.hex(), "final": await c.final_height(tid),
+                "pending": tid in c.mempool}
 
     async def submit(request: Request) -> Any:
         c = need()
@@ -149,9 +150,11 @@ def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str]) -> R
         except ValueError:
             raise ApiError(400, "txs: every entry must be hex") from None
         try:
-            ids = await c.submit_many(raw)
+            ids = await c.submit_many(raw, refuse_when_full=True)
         except ProtocolError as exc:
             raise ApiError(400, f"txs: {exc}") from None
+        except ChainBusy as exc:
+            raise ApiError(503, str(exc)) from None
         return {"ids": [t.hex() for t in ids]}
 
     async def revenue(request: Request) -> Any:

@@ -20,6 +20,7 @@ Every node that has a genesis runs it:
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import os
@@ -73,19 +74,25 @@ TX_TOPIC = "/iollm/txs/1"
 CONSENSUS_TOPIC = "/iollm/consensus/1"
 HEAD_TOPIC = "/iollm/chain/1"
 BLOCKS_PROTOCOL = "/iollm/blocks/1.0.0"
+CONSENSUS_PROTOCOL = "/iollm/consensus/1.0.0"  # validator to validator, direct
 
 TX_BATCH_BYTES = 256 * 1024  # one gossip message of txs (gossipsub's cap is 1 MiB)
 TX_FLUSH_S = 0.05  # submitted txs wait this long to share a gossip message
-MAX_MEMPOOL_TXS = 50_000
+MAX_MEMPOOL_TXS = 8_000  # about 7 full blocks: beyond, new txs are refused
 RETRY_TTL_MS = 600_000  # a tx refused as "not yet" (unknown job...) is kept this long
 CHECKED_CACHE = 100_000  # tx ids whose signatures this node verified
-RESUBMIT_S = 10.0  # own unfinished txs are gossiped again this often
+RESUBMIT_S = 10.0  # own txs not final after this long are gossiped again
+RESUBMIT_MAX = 2000  # at most this many a pass
 REBROADCAST_S = 1.0  # a validator repeats its own votes of the current height
 HEAD_EVERY_S = 2.0  # a validator announces its head at least this often
 CONNECT_EVERY_S = 5.0  # a validator dials the validators it is not connected to
 EMPTY_BLOCK_S = 5.0  # with an empty mempool a validator waits this long before a height
 MAX_CLOCK_DRIFT_MS = 10_000  # a block's time may be this far ahead of this node's clock
 MAX_FUTURE_MESSAGES = 256  # consensus messages kept for the next height
+DIRECT_QUEUE = 64  # consensus messages waiting for one validator's stream
+DIRECT_WRITE_TIMEOUT_S = 10.0
+DIRECT_RETRY_S = 1.0
+DIRECT_IDLE_TIMEOUT_S = 600.0  # a validator sends at least its rebroadcast every second
 SYNC_BATCH = 32  # blocks one sync request asks for
 SYNC_TIMEOUT_S = 30.0
 SNAPSHOT_EVERY = 50  # blocks between ledger snapshots (a restart replays the rest)
@@ -95,6 +102,10 @@ RESUME_KEY = "consensus_resume"  # kv: the validator's write-ahead point (Resume
 
 class ChainError(Exception):
     """A request the chain cannot do as asked (the message says why)."""
+
+
+class ChainBusy(ChainError):
+    """The mempool is full: the same request later may succeed."""
 
 
 @dataclass
@@ -178,6 +189,7 @@ class Chain:
         self.evidence_seen: set[tuple[str, str]] = set()
         self._nursery: trio.Nursery | None = None
         self._resume: Resume | None = None  # as last written to storage
+        self._direct: dict[str, trio.MemorySendChannel[bytes]] = {}  # validator -> queue
 
     # -- service ------------------------------------------------------------------------
 
@@ -194,6 +206,12 @@ class Chain:
             nursery.start_soon(self._publish_txs)
             nursery.start_soon(self._resubmit)
             if self.is_validator:
+                self.net.host.set_stream_handler(CONSENSUS_PROTOCOL, self._serve_consensus)
+                for pid in self.powers:
+                    if pid != self.peer_id:
+                        send, recv = trio.open_memory_channel[bytes](DIRECT_QUEUE)
+                        self._direct[pid] = send
+                        nursery.start_soon(self._send_direct, ID.from_base58(pid), recv)
                 nursery.start_soon(self._connect_validators)
                 nursery.start_soon(self._announce_heads)
                 nursery.start_soon(self._consensus)
@@ -246,10 +264,19 @@ class Chain:
         check; a tx that is final already is not sent again."""
         return (await self.submit_many([encode_tx(kind, payload)]))[0]
 
-    async def submit_many(self, txs: Sequence[bytes]) -> list[bytes]:
+    async def submit_many(self, txs: Sequence[bytes], *, refuse_when_full: bool = False
+                          ) -> list[bytes]:
+        """:meth:`submit` for many. With ``refuse_when_full`` (the API: load from outside)
+        ChainBusy when the mempool is full, rather than taking more than the chain can
+        finalize and starving consensus of the CPU."""
+        if refuse_when_full and len(self.mempool) + len(txs) > self.mempool.max_txs:
+            # Before any signature check: refusing must cost less than taking.
+            raise ChainBusy(f"the mempool holds {len(self.mempool)} txs, at most "
+                            f"{self.mempool.max_txs}: try again in a few seconds")
         checked = [self._check(t) for t in txs]  # all or nothing: raises on the first bad
         now = self.clock_ms()
-        fresh = [c for c in checked if c.id not in self._final]
+        done = await self.final_heights([c.id for c in checked])
+        fresh = [c for c in checked if c.id not in done]
         for c in fresh:  # in the mempool before any await: next_nonce counts it at once
             self.mempool.add(c, now, own=True)
         await self.storage.outbox_add([(c.id.hex(), c.data, now) for c in fresh])
@@ -283,8 +310,8 @@ class Chain:
         """Validators keep every tx that checks; other nodes only relay (gossipsub does)."""
         while True:
             message = await subscription.get()
-            if not self.is_validator:
-                continue
+            if not self.is_validator or len(self.mempool) >= self.mempool.max_txs:
+                continue  # full: checking more would only starve consensus; senders repeat
             try:
                 batch = unpack_strict(message.data, TX_BATCH_BYTES + 1024)
             except RemoteProtocolError:
@@ -292,9 +319,11 @@ class Chain:
             if not isinstance(batch, list):
                 continue
             now = self.clock_ms()
-            for tx in batch:
+            for i, tx in enumerate(batch):
                 if not isinstance(tx, bytes):
                     continue
+                if i % 64 == 63:  # a batch is ~40 ms of signature checks: let consensus in
+                    await trio.lowlevel.checkpoint()
                 try:
                     checked = self._check(tx)
                 except RemoteProtocolError as exc:
@@ -305,29 +334,38 @@ class Chain:
             await trio.lowlevel.checkpoint()
 
     async def _resubmit(self) -> None:
-        """Gossip this node's unfinished txs again; forget those that can never apply."""
+        """Gossip again this node's txs that waited RESUBMIT_S without becoming final, a
+        bounded number a pass (a burst of them would crowd out everything else); forget
+        those that can never apply."""
+        trial_proposer = self.genesis.validators[0].peer_id  # any validator: a trial block
         while True:
             await trio.sleep(RESUBMIT_S)
-            rows = await self.storage.outbox()
-            if not rows:
-                continue
+            now = self.clock_ms()
+            rows = [r for r in await self.storage.outbox(RESUBMIT_MAX)
+                    if now - r[2] >= RESUBMIT_S * 1000]
             checked = []
-            for tx_id, tx, _ in rows:
+            for tid, tx, _ in rows:
                 try:
                     checked.append(self._check(tx))
                 except RemoteProtocolError:
-                    await self.storage.outbox_remove([tx_id])
+                    await self.storage.outbox_remove([tid])
+            if not checked:
+                continue
             _, refused = self.ledger.build_block(
-                checked, time_ms=self.ledger.last_time_ms + 1, proposer=self.peer_id,
-                max_bytes=2**62)
+                checked, time_ms=self.ledger.last_time_ms + 1, proposer=trial_proposer,
+                max_bytes=self.genesis.max_block_bytes)
             never = {tx.id for tx, why in refused if not why.retry}
             for tx, why in refused:
                 if not why.retry:
-                    log.warning("tx %s (%s) will never apply: %s", tx.id.hex()[:16], tx.kind, why)
+                    log.warning("tx %s (%s) will never apply: %s", tx.id.hex()[:16], tx.kind,
+                                why)
             if never:
                 await self.storage.outbox_remove([t.hex() for t in never])
                 self.mempool.drop(never)
-            self._outgoing += [c.data for c in checked if c.id not in never]
+            for c in checked:
+                if c.id not in never:
+                    self.mempool.add(c, now, own=True)
+                    self._outgoing.append(c.data)
             self._flush.set()
 
     # -- consensus (validators) ---------------------------------------------------------
@@ -428,7 +466,12 @@ class Chain:
         for a in actions:
             if isinstance(a, Broadcast):
                 await self._save_resume()
-                await self._publish(CONSENSUS_TOPIC, packb([a.kind, a.data]))
+                message = packb([a.kind, a.data])
+                for send in self._direct.values():
+                    with contextlib.suppress(trio.WouldBlock):  # a stuck peer: it syncs
+                        send.send_nowait(message)
+                if a.kind == "vote":  # small; the gossip path also reaches validators
+                    await self._publish(CONSENSUS_TOPIC, message)  # no direct link reaches
             elif isinstance(a, SetTimeout):
                 self._timer_seq += 1
                 heapq.heappush(self._timers, (a.at_ms, self._timer_seq, a.step, a.height,
@@ -496,10 +539,11 @@ class Chain:
         if after is None:
             after = self.ledger.apply_block(block, [self._check(t) for t in block.txs])
         bid = block_id(data)
-        if not await self.storage.put_block(block.height, bid.hex(), data, commit):
+        tx_ids = [self._check(t).id for t in block.txs]
+        if not await self.storage.put_block(block.height, bid.hex(), data, commit,
+                                            [t.hex() for t in tx_ids]):
             return
         self.ledger = after
-        tx_ids = [self._check(t).id for t in block.txs]
         self.mempool.drop(tx_ids)
         for t in tx_ids:
             self._final[t] = block.height
@@ -514,16 +558,27 @@ class Chain:
         if self.is_validator:
             await self._publish(HEAD_TOPIC, self._head())
 
-    def final_height(self, tx_id: bytes) -> int | None:
-        """The height of the final block holding ``tx_id``, if one came recently."""
-        return self._final.get(tx_id)
+    async def final_heights(self, tx_ids: Sequence[bytes]) -> dict[bytes, int]:
+        """tx id -> the height of the final block holding it, for those that are final:
+        recent blocks from memory, older ones from the stored index."""
+        out = {t: self._final[t] for t in tx_ids if t in self._final}
+        rest = [t.hex() for t in tx_ids if t not in out]
+        if rest:
+            out.update((bytes.fromhex(t), h)
+                       for t, h in (await self.storage.tx_heights(rest)).items())
+        return out
+
+    async def final_height(self, tx_id: bytes) -> int | None:
+        return (await self.final_heights([tx_id])).get(tx_id)
 
     async def wait_final(self, tx_ids: Sequence[bytes], timeout: float) -> dict[bytes, int]:
         """Wait until every tx is in a final block (or ``timeout``); those that are."""
+        final = await self.final_heights(tx_ids)
         with trio.move_on_after(timeout):
-            while not all(t in self._final for t in tx_ids):
+            while len(final) < len(set(tx_ids)):
                 await self._new_block.wait()
-        return {t: self._final[t] for t in tx_ids if t in self._final}
+                final.update((t, self._final[t]) for t in tx_ids if t in self._final)
+        return final
 
     async def wait_height(self, height: int, timeout: float) -> bool:
         with trio.move_on_after(timeout):
@@ -631,13 +686,13 @@ class Chain:
             await reset_quietly(stream)
             raise
 
-    async def _open(self, peer: ID) -> Any:
+    async def _open(self, peer: ID, protocol: str = BLOCKS_PROTOCOL) -> Any:
         if peer not in self.net.host.get_connected_peers():
             cap = self.discovery.local_record(peer.to_base58())
             addrs = [parse_multiaddr(a) for a in cap.record.addrs] if cap else []
             await self.net.connect(PeerInfo(peer, addrs), timeout=SYNC_TIMEOUT_S)
         with trio.fail_after(SYNC_TIMEOUT_S):
-            return await self.net.host.new_stream(peer, [BLOCKS_PROTOCOL])
+            return await self.net.host.new_stream(peer, [protocol])
 
     async def _serve_blocks(self, stream: Any) -> None:
         try:
@@ -651,6 +706,40 @@ class Chain:
             await stream.close()
         except Exception as exc:  # a peer that vanished, stalled or sent garbage
             log.debug("serving blocks ended: %r", exc)
+            await reset_quietly(stream)
+
+    async def _send_direct(self, peer: ID, queue: trio.MemoryReceiveChannel[bytes]) -> None:
+        """Carry this validator's consensus messages to one other validator on a stream
+        of their own. Gossipsub alone was not enough: under a load of transactions its
+        per-peer queues drop messages, proposals of a megabyte among them, and a round
+        lost that way costs its timeouts (specs/consensus.md, "Network")."""
+        while True:
+            message = await queue.receive()
+            stream = None
+            try:
+                stream = await self._open(peer, CONSENSUS_PROTOCOL)
+                while True:
+                    await write_frame(stream, message, DIRECT_WRITE_TIMEOUT_S)
+                    message = await queue.receive()
+            except Exception as exc:  # gone, stalled, or not reachable: try again later
+                log.debug("consensus stream to %s: %r", peer, exc)
+                if stream is not None:
+                    await reset_quietly(stream)
+                await trio.sleep(DIRECT_RETRY_S)
+
+    async def _serve_consensus(self, stream: Any) -> None:
+        try:
+            while True:
+                frame = await read_frame(stream, self.max_proposal_bytes + 64,
+                                         DIRECT_IDLE_TIMEOUT_S)
+                kind, data = unpack_strict(frame, self.max_proposal_bytes + 64)
+                if kind not in ("proposal", "vote") or not isinstance(data, bytes):
+                    raise RemoteProtocolError("malformed", "a consensus frame is [kind, bin]")
+                sender = stream.muxed_conn.peer_id
+                with contextlib.suppress(trio.WouldBlock):
+                    self._inbox_send.send_nowait((kind, data, sender))
+        except Exception as exc:  # closed, idle, or garbage: the stream goes
+            log.debug("consensus stream ended: %r", exc)
             await reset_quietly(stream)
 
     async def _connect_validators(self) -> None:

@@ -143,6 +143,10 @@ MIGRATIONS: list[tuple[str, ...]] = [
             block    BLOB NOT NULL,         -- protocol.ledger.Block bytes
             commit_  BLOB NOT NULL          -- its commit certificate, verified before storing
         )""",
+        """CREATE TABLE txs (
+            tx_id  TEXT PRIMARY KEY,        -- hex; every tx of a stored final block
+            height INTEGER NOT NULL
+        )""",
         """CREATE TABLE outbox (
             tx_id    TEXT PRIMARY KEY,      -- hex; a tx this node submitted, not yet final
             tx       BLOB NOT NULL,
@@ -529,12 +533,32 @@ class Storage:
 
     # -- chain --------------------------------------------------------------------------
 
-    async def put_block(self, height: int, block_id: str, block: bytes, commit: bytes) -> bool:
-        """Store a final block and its certificate; False when that height is stored."""
+    async def put_block(self, height: int, block_id: str, block: bytes, commit: bytes,
+                        tx_ids: Sequence[str] = ()) -> bool:
+        """Store a final block, its certificate and the index of its txs; False when that
+        height is stored. (The index is written after the block: a crash between leaves
+        txs unindexed, and the ledger, which replays blocks, still counts them once.)"""
         rows = await self._run(
             "INSERT INTO blocks (height, block_id, block, commit_) VALUES (?, ?, ?, ?)"
             " ON CONFLICT DO NOTHING RETURNING height", (height, block_id, block, commit))
-        return bool(rows)
+        if not rows:
+            return False
+        for start in range(0, len(tx_ids), 400):  # 2 parameters a row, under SQLite's cap
+            part = tx_ids[start:start + 400]
+            await self._run("INSERT INTO txs (tx_id, height) VALUES "
+                            + ",".join(["(?, ?)"] * len(part)) + " ON CONFLICT DO NOTHING",
+                            [x for t in part for x in (t, height)])
+        return True
+
+    async def tx_heights(self, tx_ids: Sequence[str]) -> dict[str, int]:
+        """tx id -> the height of the stored final block holding it, for those that are."""
+        out: dict[str, int] = {}
+        for start in range(0, len(tx_ids), 500):
+            part = list(tx_ids[start:start + 500])
+            rows = await self._run(f"SELECT tx_id, height FROM txs WHERE tx_id IN "
+                                   f"({','.join('?' * len(part))})", part)
+            out.update((r[0], r[1]) for r in rows)
+        return out
 
     async def get_blocks(self, from_height: int, limit: int) -> list[tuple[int, bytes, bytes]]:
         """(height, block, commit) from ``from_height`` on, in order, at most ``limit``."""
@@ -569,8 +593,10 @@ class Storage:
                             + ",".join(["(?, ?, ?)"] * len(part)) + " ON CONFLICT DO NOTHING",
                             [x for row in part for x in row])
 
-    async def outbox(self) -> list[tuple[str, bytes, int]]:
-        rows = await self._run("SELECT tx_id, tx, added_ms FROM outbox ORDER BY added_ms")
+    async def outbox(self, limit: int = -1) -> list[tuple[str, bytes, int]]:
+        """(tx id, tx, added_ms), oldest first, at most ``limit`` (-1: all)."""
+        rows = await self._run("SELECT tx_id, tx, added_ms FROM outbox ORDER BY added_ms"
+                               " LIMIT ?", (limit,))
         return [(r[0], bytes(r[1]), r[2]) for r in rows]
 
     async def outbox_remove(self, tx_ids: Sequence[str]) -> None:

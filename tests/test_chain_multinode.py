@@ -117,7 +117,7 @@ def test_four_validators_finalize_receipts_once_and_a_fresh_node_replays(tmp_pat
                 await chain_of(n).wait_height(max(final.values()), timeout=20)
             led = follower.ledger
             assert led.receipts_counted == 12
-            assert follower.final_height(reissued_id) is None
+            assert await follower.final_height(reissued_id) is None
             # Workers were paid, the designer took its share, nothing created from air.
             assert all(led.balance(node_peer_id(w)) > 0 for w in (1, 2, 3))
             assert led.balance(node_peer_id(4)) > 0

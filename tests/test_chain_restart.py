@@ -21,10 +21,6 @@ def wall_ms() -> int:
     return int(time.time() * 1000)
 
 
-@pytest.mark.xfail(strict=True, reason="Chain._load replays the stored blocks into the ledger "
-                   "but not into Chain._final, the index final_height and wait_final read: "
-                   "after a restart every earlier tx reads as not final (GET /v1/ledger/tx, "
-                   "POST /v1/ledger/wait). See the report of issue 5's integration.")
 @pytest.mark.timeout(60)
 def test_a_tx_final_before_a_restart_is_final_after_it(tmp_path: Path) -> None:
     # One validator: it decides alone, so the test needs no other node.
@@ -47,8 +43,8 @@ def test_a_tx_final_before_a_restart_is_final_after_it(tmp_path: Path) -> None:
             chain = (await nodes.restart(0)).chain
             assert chain is not None and chain.ledger.height >= height  # replayed
             assert len(chain.ledger.jobs()) == 1  # the ledger holds the job...
-            # ...but the node no longer knows that its tx is final:
-            assert chain.final_height(tid) == height
+            # ...and the node still knows that its tx is final (the stored tx index):
+            assert await chain.final_height(tid) == height
             assert await chain.wait_final([tid], timeout=2) == {tid: height}
 
     async def bounded() -> None:

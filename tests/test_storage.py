@@ -413,3 +413,21 @@ def test_snapshot_keeps_only_the_latest(tmp_path: Path) -> None:
             assert conn.execute("SELECT height FROM ledger_snapshot").fetchall() == [(100,)]
 
     run(body)
+
+
+def test_the_tx_index_names_the_height_of_every_stored_tx(tmp_path: Path) -> None:
+    path = tmp_path / "node.db"
+    ids = [f"{i:064x}" for i in range(900)]  # more than one statement binds
+
+    async def body() -> None:
+        async with open_storage(path) as db:
+            assert await db.put_block(1, "aa" * 32, b"b1", b"c1", ids[:850])
+            assert await db.put_block(2, "bb" * 32, b"b2", b"c2", ids[850:])
+            # A block refused (its height is stored) indexes nothing.
+            assert not await db.put_block(2, "cc" * 32, b"b3", b"c3", ["ff" * 32])
+        async with open_storage(path) as db:  # durable: a restart still knows
+            got = await db.tx_heights(ids + ["ff" * 32])
+            assert got == {**{t: 1 for t in ids[:850]}, **{t: 2 for t in ids[850:]}}
+            assert await db.tx_heights([]) == {}
+
+    run(body)
