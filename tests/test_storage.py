@@ -426,7 +426,7 @@ def test_the_tx_index_names_the_height_of_every_stored_tx(tmp_path: Path) -> Non
             # A block refused (its height is stored) indexes nothing.
             assert not await db.put_block(2, "cc" * 32, b"b3", b"c3", ["ff" * 32])
         async with open_storage(path) as db:  # durable: a restart still knows
-            got = await db.tx_heights(ids + ["ff" * 32])
+            got = await db.tx_heights([*ids, "ff" * 32])
             assert got == {**{t: 1 for t in ids[:850]}, **{t: 2 for t in ids[850:]}}
             assert await db.tx_heights([]) == {}
 
