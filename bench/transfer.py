@@ -159,12 +159,14 @@ class Node:
         op_id = self.call(method, path, body)["op"]
         deadline = time.monotonic() + timeout
         shown = 0.0
+        phases: dict[str, float] = {}  # phase -> when a poll first saw it
         while time.monotonic() < deadline:
             op = self.call("GET", f"/v1/ops?id={op_id}")
+            phases.setdefault(op["phase"], time.monotonic())
             if op["state"] != "running":
                 if op["state"] != "done":
                     raise SystemExit(f"bench: {what} on {self.name} failed: {op['error']}")
-                return dict(op)
+                return dict(op) | {"phases_seen": phases}
             if time.monotonic() - shown >= 2:
                 shown = time.monotonic()
                 done, total = op["done_bytes"], op["total_bytes"] or 1
@@ -217,6 +219,10 @@ def timed_fetch(node: Node, version: str, mib: float, out: Path | None = None
     op = node.run_op("POST", "/v1/models/fetch", body, "fetch")
     seconds = (op["ended_ms"] - op["started_ms"]) / 1000
     peak = node.peak_mib() if exact_peak else float("nan")
+    seen = op["phases_seen"]
+    if "chunks" in seen:  # polled every 0.1 s: the share of the time before the chunks
+        log(f"    {seen['chunks'] - min(seen.values()):.2f} s (as polled) before the chunks "
+            f"phase began, of {seconds:.2f} s")
     if out is not None:  # written out after the timing: a copy of the store's files
         node.run_op("POST", "/v1/models/fetch", {"version": version, "out": str(out)},
                     "export")

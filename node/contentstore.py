@@ -227,7 +227,7 @@ def _read_region(path: Path, offset: int, length: int) -> bytes:
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 
 
-def _read_region_if_cached(path: Path, offset: int, length: int) -> bytes | None:
+def _read_region_if_cached(path: Path, offset: int, length: int) -> bytearray | None:
     """The region, if the page cache holds all of it; None if any of it would have to come
     from the disk (or the platform cannot tell). Cheap enough for the event loop: a served
     chunk is usually hot, and a thread hop per chunk cost the server about a quarter of
@@ -247,7 +247,7 @@ def _read_region_if_cached(path: Path, offset: int, length: int) -> bytes | None
             return None
     finally:
         os.close(fd)
-    return bytes(buf) if got == length else None
+    return buf if got == length else None  # not copied into bytes: served as it is
 
 
 def _copy_hashing(src: BinaryIO, dst: BinaryIO, hasher: ShardHasher, limit: int) -> int:
@@ -406,12 +406,12 @@ class ContentStore:
         data = await trio.to_thread.run_sync(_read_region, path, 0, HASH_BYTES * info.chunk_count)
         return data
 
-    async def read_chunk(self, root: bytes, index: int) -> bytes:
+    async def read_chunk(self, root: bytes, index: int) -> bytes | bytearray:
         """Chunk ``index`` of a complete shard (LocalProtocolError if no such index)."""
         info = self.info(root)
         offset, length = chunk_span(info.size, info.chunk_size, index)
         path = self._shards / info.root_hex
-        data = _read_region_if_cached(path, offset, length)
+        data: bytes | bytearray | None = _read_region_if_cached(path, offset, length)
         if data is None:  # some of it is on the disk only: read it without blocking the loop
             data = await trio.to_thread.run_sync(_read_region, path, offset, length)
         return data

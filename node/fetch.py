@@ -24,7 +24,7 @@ import trio
 from libp2p.peer.id import ID
 
 from node.contentstore import PartialShard
-from node.framing import FrameError, read_frame, reset_quietly, write_frame
+from node.framing import FrameError, FrameReader, reset_quietly, write_frame
 from node.host import Network
 from protocol.errors import RemoteProtocolError
 from protocol.hashtree import chunk_span
@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 PROVIDER_LOOKUP_RETRIES_S = (0.0, 2.0, 5.0, 10.0)  # DHT lookups while no provider is known
 WAIT_FOR_WORK_S = 1.0  # an idle worker re-checks the queue at least this often
+WRITES_PER_WORKER = 3  # chunks of one worker being verified and written at once (memory)
 
 
 class SmipClient:
@@ -73,12 +74,14 @@ class SmipClient:
         self.net = net
         self.peer = peer
         self.stream: Any = None
+        self.reader: FrameReader | None = None
 
     async def open(self) -> SmipClient:
         from node.models import SMIP_PROTOCOL
 
         with trio.fail_after(RESPONSE_TIMEOUT_S):
             self.stream = await self.net.host.new_stream(self.peer, [SMIP_PROTOCOL])
+        self.reader = FrameReader(self.stream)
         return self
 
     async def __aenter__(self) -> SmipClient:
@@ -89,7 +92,7 @@ class SmipClient:
         await self.close(failed=exc is not None)
 
     async def close(self, *, failed: bool = False) -> None:
-        stream, self.stream = self.stream, None
+        stream, self.stream, self.reader = self.stream, None, None
         if stream is None:
             return
         if failed:
@@ -122,15 +125,16 @@ class SmipClient:
     async def receive(self, request: Request,
                       shard: ShardEntry | None = None) -> tuple[ResponseHeader, bytes]:
         """Read and check the answer to ``request``, the oldest one outstanding."""
-        if self.stream is None:
+        reader = self.reader
+        if reader is None:
             raise FrameError("stream closed")
         try:
             header = decode_response_header(
-                await read_frame(self.stream, MAX_RESPONSE_HEADER_BYTES, RESPONSE_TIMEOUT_S))
+                await reader.read_frame(MAX_RESPONSE_HEADER_BYTES, RESPONSE_TIMEOUT_S))
             n = check_response_header(request, header, shard=shard)
             if header.status != STATUS_OK:
                 return header, b""
-            payload = await read_frame(self.stream, n, payload_deadline_s(n))
+            payload = await reader.read_frame(n, payload_deadline_s(n))
             if len(payload) != n:
                 raise RemoteProtocolError("malformed", f"payload of {len(payload)} bytes, "
                                                        f"header said {n}")
@@ -339,6 +343,7 @@ class ChunkFetcher:
         per byte)."""
         client: SmipClient | None = None
         outstanding: deque[tuple[_Shard, int | None, Request]] = deque()
+        writes = trio.Semaphore(WRITES_PER_WORKER)
         try:
             while True:
                 while len(outstanding) < PIPELINE_DEPTH and not self.finished \
@@ -370,8 +375,16 @@ class ChunkFetcher:
                 if index is None:
                     await self._got_leaves(shard, payload)
                 else:
-                    await self._got_chunk(shard, index, payload)
+                    # Verified and written by a task of its own, so that the next answer
+                    # is read (and the next request sent) while this chunk is hashed and
+                    # written in a thread; at most WRITES_PER_WORKER chunks wait so.
+                    await writes.acquire()
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._write, provider, shard, index, payload,
+                                             writes)
                 outstanding.popleft()  # only once handled: a chunk that fails goes back
+                if provider.dropped:  # by a write that found a bad chunk
+                    raise FrameError("dropped")
         except Exception as exc:  # bad bytes, a stall, a failed dial or write
             if isinstance(exc, RemoteProtocolError):
                 self._drop(provider, str(exc))  # "reason: what was wrong"
@@ -387,6 +400,19 @@ class ChunkFetcher:
             if client is not None:
                 await client.close()
             self._notify()
+
+    async def _write(self, provider: _Provider, shard: _Shard, index: int, payload: bytes,
+                     slot: trio.Semaphore) -> None:
+        """Verify and write one chunk; a bad one drops its provider (whose worker stops at
+        its next answer) and goes back to the queue."""
+        try:
+            await self._got_chunk(shard, index, payload)
+        except Exception as exc:  # a bad chunk, a failed write
+            self._drop(provider, str(exc) if isinstance(exc, RemoteProtocolError)
+                       else f"failed: {exc!r}")
+            self._put_back(shard, index)
+        finally:
+            slot.release()
 
     def _put_back(self, shard: _Shard, index: int | None) -> None:
         if index is None:

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from collections import deque
 from typing import Any
 
 import trio
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
+from libp2p.stream_muxer.yamux.yamux import HEADER_SIZE as YAMUX_HEADER_BYTES
+from libp2p.stream_muxer.yamux.yamux import MAX_MESSAGE_SIZE as YAMUX_MAX_FRAME_BYTES
 
 FRAME_HEADER = struct.Struct(">I")
+READ_AHEAD_BYTES = 1 << 20  # the most one FrameReader read asks the stream for
+# The most data one yamux frame carries when it must fit in one Noise message: py-libp2p's
+# yamux cuts a write into frames of 64 KiB (12 header bytes + 65524), one byte over
+# Noise's 65519-byte plaintext limit, so every frame of a bulk write crosses the wire as
+# two Noise messages (65519 + 17 bytes), each with its own length read, decryption and
+# socket reads on the receiver. Writes cut at this size keep it at one.
+BULK_WRITE_BYTES = min(MAX_PLAINTEXT_LENGTH, YAMUX_MAX_FRAME_BYTES) - YAMUX_HEADER_BYTES
 
 
 class FrameError(Exception):
@@ -51,6 +62,100 @@ async def write_frame(stream: Any, payload: bytes, timeout: float) -> None:
         return
     assert scope.cancelled_caught
     raise FrameError(f"could not send a frame within {timeout:g} s")
+
+
+async def write_bulk(stream: Any, data: bytes | bytearray | memoryview, timeout: float) -> None:
+    """Write a large buffer within ``timeout`` seconds, without copying it, in pieces of
+    BULK_WRITE_BYTES (one yamux frame and one Noise message each)."""
+    view = memoryview(data).cast("B")
+    with trio.move_on_after(timeout) as scope:
+        for start in range(0, len(view), BULK_WRITE_BYTES):
+            await stream.write(view[start:start + BULK_WRITE_BYTES])
+        return
+    assert scope.cancelled_caught
+    raise FrameError(f"could not send {len(view)} bytes within {timeout:g} s")
+
+
+def frame_prefix(length: int) -> bytes:
+    """The 4-byte length prefix of a frame of ``length`` bytes."""
+    return FRAME_HEADER.pack(length)
+
+
+class FrameReader:
+    """Frames from one stream through a read-ahead buffer, for streams that carry many
+    frames in a row (pipelined requests and answers).
+
+    Every py-libp2p ``read`` takes two locks and sends a yamux window update, and a frame
+    read with ``read_frame`` costs at least two reads (the prefix, then the body): on a
+    chunk stream that was a large share of the receiver's work per MiB. Here one read
+    takes all that the muxer holds (up to READ_AHEAD_BYTES), and frames are cut from what
+    was read; a frame inside one read is a slice, a longer one one join. What is buffered
+    here beyond the frame being read is at most READ_AHEAD_BYTES. Same errors as
+    ``read_frame``; after one the reader (and its stream) must not be used again.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._pieces: deque[bytes] = deque()
+        self._offset = 0  # bytes of _pieces[0] already taken
+        self._available = 0  # bytes buffered, less _offset
+
+    @property
+    def buffered(self) -> int:
+        return self._available
+
+    async def _fill(self, n: int) -> None:
+        while self._available < n:
+            try:
+                piece = await self.stream.read(READ_AHEAD_BYTES)
+            except Exception as exc:  # StreamEOF, StreamReset, muxer errors: all "gone"
+                raise FrameError(f"stream ended after {self._available} of {n} bytes "
+                                 f"({exc!r})") from None
+            if not piece:
+                raise FrameError(f"stream ended after {self._available} of {n} bytes")
+            self._pieces.append(piece)
+            self._available += len(piece)
+
+    def _take(self, n: int) -> bytes:
+        """``n`` buffered bytes (the caller checked they are there)."""
+        first = self._pieces[0]
+        start, end = self._offset, self._offset + n
+        if end <= len(first):  # the usual case: inside one piece
+            data = first if start == 0 and end == len(first) else first[start:end]
+            if end == len(first):
+                self._pieces.popleft()
+                end = 0
+            self._offset = end
+            self._available -= n
+            return data
+        parts: list[bytes | memoryview] = []
+        need = n
+        while need:
+            piece = self._pieces[0]
+            view = memoryview(piece)[self._offset:]
+            if len(view) <= need:
+                parts.append(view)
+                need -= len(view)
+                self._pieces.popleft()
+                self._offset = 0
+            else:
+                parts.append(view[:need])
+                self._offset += need
+                need = 0
+        self._available -= n
+        return b"".join(parts)
+
+    async def read_frame(self, max_bytes: int, timeout: float) -> bytes:
+        """One frame of at most ``max_bytes`` within ``timeout`` seconds."""
+        with trio.move_on_after(timeout) as scope:
+            await self._fill(FRAME_HEADER.size)
+            (length,) = FRAME_HEADER.unpack(self._take(FRAME_HEADER.size))
+            if length > max_bytes:
+                raise FrameError(f"frame of {length} bytes exceeds the {max_bytes}-byte limit")
+            await self._fill(length)
+            return self._take(length) if length else b""
+        assert scope.cancelled_caught
+        raise FrameError(f"no complete frame within {timeout:g} s")
 
 
 async def reset_quietly(stream: Any) -> None:

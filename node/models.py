@@ -36,7 +36,14 @@ from prometheus_client import CollectorRegistry, Counter
 
 from node.contentstore import ContentStore, ContentStoreError, NotInStore
 from node.discovery import Discovery
-from node.framing import FrameError, read_frame, reset_quietly, write_frame
+from node.framing import (
+    FrameError,
+    FrameReader,
+    frame_prefix,
+    reset_quietly,
+    write_bulk,
+    write_frame,
+)
 from node.host import Network
 from node.storage import ManifestRow, Storage
 from protocol.capability import next_seq
@@ -446,10 +453,11 @@ class Models:
             peer = stream.muxed_conn.peer_id
         except AttributeError:
             peer = None
+        reader = FrameReader(stream)
         try:
             while True:
                 try:
-                    data = await read_frame(stream, MAX_REQUEST_BYTES, STREAM_IDLE_TIMEOUT_S)
+                    data = await reader.read_frame(MAX_REQUEST_BYTES, STREAM_IDLE_TIMEOUT_S)
                 except FrameError:
                     break  # closed, idle, or an oversized request: the stream goes
                 try:
@@ -490,12 +498,22 @@ class Models:
             if not load.per_peer[peer]:
                 del load.per_peer[peer]
 
-    async def _respond(self, stream: Any, header: ResponseHeader, payload: bytes = b"") -> None:
-        await write_frame(stream, encode_response_header(header), RESPONSE_TIMEOUT_S)
-        if header.status == STATUS_OK:
-            await write_frame(stream, payload, payload_deadline_s(len(payload)))
+    async def _respond(self, stream: Any, header: ResponseHeader,
+                       payload: bytes | bytearray = b"") -> None:
+        """The header frame and the payload's length prefix in one write, then the payload
+        uncopied, in pieces that each cross the wire as one yamux frame in one Noise
+        message (node/framing.py, write_bulk)."""
+        encoded = encode_response_header(header)
+        if header.status != STATUS_OK:
+            await write_frame(stream, encoded, RESPONSE_TIMEOUT_S)
+            return
+        with trio.move_on_after(RESPONSE_TIMEOUT_S) as scope:
+            await stream.write(frame_prefix(len(encoded)) + encoded + frame_prefix(len(payload)))
+        if scope.cancelled_caught:
+            raise FrameError(f"could not send a header within {RESPONSE_TIMEOUT_S:g} s")
+        await write_bulk(stream, payload, payload_deadline_s(len(payload)))
 
-    async def _answer(self, request: Request) -> tuple[ResponseHeader, bytes]:
+    async def _answer(self, request: Request) -> tuple[ResponseHeader, bytes | bytearray]:
         try:
             if isinstance(request, ManifestRequest):
                 held = self.held.get(request.version)
