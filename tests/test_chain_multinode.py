@@ -19,6 +19,7 @@ from node.config import DiscoverySection
 from node.consensus import Chain
 from protocol.consensus import PRECOMMIT, PREVOTE, Broadcast, Vote, open_vote, seal_vote
 from protocol.errors import RemoteProtocolError
+from protocol.feed import ForkEvidence, next_entry
 from protocol.genesis import Genesis, make_genesis
 from protocol.jobs import Job, TaskResult, issue_receipt, seal_job, seal_task_result
 from protocol.jobs import job_id as compute_job_id
@@ -111,6 +112,13 @@ def test_four_validators_finalize_receipts_once_and_a_fresh_node_replays(tmp_pat
             with pytest.raises(RemoteProtocolError):
                 await follower.submit("receipt", bytes(forged))
 
+            # Node 2 signed two different feed entries at one position: anyone may send
+            # the pair, and the chain records it against node 2.
+            a = next_entry(node_key(2), None, None, "receipt", b"one", 1)
+            b = next_entry(node_key(2), None, None, "receipt", b"two", 1)
+            ids.append(await follower.submit("feed-fork",
+                                             ForkEvidence(node_peer_id(2), 1, a, b).encode()))
+
             final = await follower.wait_final(ids, timeout=40)
             assert set(final) == set(ids)
             for n in nodes[:5]:
@@ -122,6 +130,8 @@ def test_four_validators_finalize_receipts_once_and_a_fresh_node_replays(tmp_pat
             assert all(led.balance(node_peer_id(w)) > 0 for w in (1, 2, 3))
             assert led.balance(node_peer_id(4)) > 0
             assert sum(led.balances().values()) == led.supply
+            assert [(e.kind, e.offender) for e in led.evidence()] == [
+                ("feed-fork", node_peer_id(2))]
 
             # One validator down: the other three go on.
             h = led.height
@@ -140,6 +150,8 @@ def test_four_validators_finalize_receipts_once_and_a_fresh_node_replays(tmp_pat
             rows = await nodes[0].storage.get_blocks(fresh.ledger.height, 1)
             assert rows[0][1] == (await nodes[5].storage.get_blocks(fresh.ledger.height, 1))[0][1]
             assert fresh.ledger.receipts_counted == 12
+            if ref.ledger.height == fresh.ledger.height:
+                assert ref.ledger.state_root() == fresh.ledger.state_root()
             assert fresh.ledger.balances() == {k: v for k, v in
                                                 follower.ledger.balances().items()}
 
