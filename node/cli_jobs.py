@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from node.cli import CliError, call_node
+from node.cli import CliError, call_node, int_arg
 from node.cli_models import SHORT, _short_peer, _when, wait_for_operation
 
 WATCH_POLL_S = 1.0
@@ -162,14 +162,7 @@ def _job_arg(text: str) -> str:
     return value
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError("the seed must be in [0, 2**63)")
-    return value
+_seed = int_arg(0, 2**63 - 1, "a seed in [0, 2**63)")
 
 
 def add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from node.api_ledger import ledger_totals
-from node.cli import CliError, _home, call_node
+from node.cli import CliError, _home, call_node, int_arg
 from node.cli_models import _short_peer, _when
 from node.config import RUNTIME_FILE, STATE_DB
 from node.consensus import GENESIS_FILE, ChainError, load_genesis
@@ -186,24 +186,8 @@ def cmd_revenue_record(args: argparse.Namespace) -> int:
     return 0
 
 
-def _amount(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of units >= 1")
-    return value
-
-
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected 1..1000")
-    return value
+_amount = int_arg(1, 2**63 - 1, "a whole number of units >= 1")
+_limit = int_arg(1, 1000, "a count in 1..1000")
 
 
 def add_ledger_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],

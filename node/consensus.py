@@ -47,7 +47,6 @@ from protocol.consensus import (
     Machine,
     Resume,
     SetTimeout,
-    Timeouts,
     open_proposal,
     open_vote,
     verify_commit,
@@ -169,8 +168,7 @@ class Chain:
         self.peer_id = discovery.peer_id
         self.powers = genesis.powers
         self.is_validator = self.peer_id in self.powers
-        t = genesis.timeouts
-        self.timeouts = Timeouts(t.propose_ms, t.prevote_ms, t.precommit_ms, t.delta_ms)
+        self.timeouts = genesis.timeouts
         self.max_proposal_bytes = genesis.max_block_bytes + 1024
         self.ledger = Ledger.from_genesis(genesis)
         self.mempool = Mempool()

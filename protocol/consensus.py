@@ -50,6 +50,7 @@ MAX_VOTE_BYTES = 512  # whole vote envelope (a vote is about 300 bytes)
 MAX_VALIDATORS = 128
 MAX_COMMIT_BYTES = MAX_VALIDATORS * (MAX_VOTE_BYTES + 3) + 128
 MAX_ROUND = 2**32 - 1
+MAX_TIMEOUT_MS = 600_000  # of any step in round 0, and of delta_ms
 MAX_FUTURE_ROUNDS = 4  # rounds above ours kept per validator (the f+1 skip needs only one)
 MAX_CHAIN_ID_CHARS = 64
 PROPOSER_SEED = "iollm/proposer/v1"
@@ -458,7 +459,8 @@ class Timeouts:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            check_int(f.name, getattr(self, f.name), 1 if f.name != "delta_ms" else 0)
+            check_int(f.name, getattr(self, f.name), 1 if f.name != "delta_ms" else 0,
+                      MAX_TIMEOUT_MS)
 
     def of(self, step: str, round: int) -> int:
         base = {PROPOSE: self.propose_ms, PREVOTE: self.prevote_ms,

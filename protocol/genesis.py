@@ -29,8 +29,9 @@ from functools import cached_property
 from typing import Any
 
 from protocol.checks import MAX_INT, digest, packb
+from protocol.consensus import MAX_TIMEOUT_MS, Timeouts
 from protocol.envelope import unpack_strict
-from protocol.errors import ProtocolError, RemoteProtocolError
+from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.peerid import public_key_from_peer_id
 
 GENESIS_TYPE = "genesis"
@@ -40,7 +41,6 @@ MAX_VALIDATORS = 256
 MAX_ALLOCATIONS = 10_000
 MAX_POWER = 2**32
 MAX_REWARD = 2**50  # emission_per_block, breakthrough_reward: far below MAX_INT
-MAX_TIMEOUT_MS = 600_000
 MAX_INTERVAL_MS = 3_600_000
 MICRO = 1_000_000  # micro-nats per nat
 MAX_MICRO = 10**12  # 1e6 nats: protocol/jobs.py MAX_LOSS
@@ -125,22 +125,6 @@ class Validator:
     def __post_init__(self) -> None:
         _peer("peer_id", self.peer_id)
         _int("power", self.power, 1, MAX_POWER)
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Tendermint round timeouts: round r waits ``propose_ms + r * delta_ms`` for a
-    proposal, and likewise for prevotes and precommits (specs/consensus.md)."""
-
-    propose_ms: int = 1000
-    prevote_ms: int = 500
-    precommit_ms: int = 500
-    delta_ms: int = 500
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            _int(f.name, getattr(self, f.name), 1 if f.name != "delta_ms" else 0,
-                 MAX_TIMEOUT_MS)
 
 
 @dataclass(frozen=True)
@@ -258,7 +242,7 @@ class Genesis:
                        RewardParams(*d["rewards"]), Timeouts(*d["timeouts"]),
                        d["block_interval_ms"], d["max_block_bytes"],
                        tuple((p, a) for p, a in d["allocations"]))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, LocalProtocolError) as exc:
             raise GenesisError("encoding", f"bad genesis encoding: {exc}") from None
 
     @cached_property
@@ -339,10 +323,11 @@ def genesis_from_toml_dict(doc: Mapping[str, Any]) -> Genesis:
             top[key] = doc[key]
     timeouts = _table("timeouts", doc.get("timeouts", {}),
                       frozenset(f.name for f in fields(Timeouts)))
-    try:
-        top["timeouts"] = Timeouts(**timeouts)
-    except GenesisError as exc:
-        raise GenesisError(f"timeouts.{exc.field}", exc.message) from None
+    for f in fields(Timeouts):  # the consensus module's; checked here to name the field
+        if f.name in timeouts:
+            _int(f"timeouts.{f.name}", timeouts[f.name], 1 if f.name != "delta_ms" else 0,
+                 MAX_TIMEOUT_MS)
+    top["timeouts"] = Timeouts(**timeouts)
     rewards_toml = _table("rewards", doc.get("rewards", {}), _REWARD_TOML)
     rewards: dict[str, int] = {}
     for key, value in rewards_toml.items():
@@ -403,8 +388,12 @@ def make_genesis(chain_id: str, validators: Sequence[str], genesis_time_ms: int,
         raise GenesisError(unknown[0], "unknown field")
     rewards = replace(overrides.pop("rewards", RewardParams()),
                       **{k: overrides.pop(k) for k in list(overrides) if k in reward_names})
-    timeouts = replace(overrides.pop("timeouts", Timeouts()),
-                       **{k: overrides.pop(k) for k in list(overrides) if k in timeout_names})
+    try:
+        timeouts = replace(overrides.pop("timeouts", Timeouts()),
+                           **{k: overrides.pop(k) for k in list(overrides)
+                              if k in timeout_names})
+    except LocalProtocolError as exc:  # protocol.checks.Invalid: the message names it
+        raise GenesisError("timeouts", str(exc)) from None
     allocations = overrides.pop("allocations", ())
     if isinstance(allocations, Mapping):
         allocations = allocations.items()
