@@ -25,6 +25,7 @@ from typing import Any, ClassVar, TypeVar
 from nacl.signing import SigningKey
 
 from protocol.checks import Invalid, check_int, check_keys, digest, fail, packb, to_remote
+from protocol.consensus import block_id, verify_double_vote
 from protocol.envelope import (
     DOMAIN_REVENUE,
     DOMAIN_ROUND,
@@ -330,7 +331,6 @@ def _check_fork(genesis: Genesis, payload: bytes) -> tuple[Any, bytes]:
 
 
 def _check_double_vote(genesis: Genesis, payload: bytes) -> tuple[Any, bytes]:
-    from protocol.consensus import verify_double_vote  # written alongside; see module doc
 
     pair = unpack_strict(payload, MAX_VOTES_BYTES)
     if not (isinstance(pair, list) and len(pair) == 2
@@ -391,8 +391,8 @@ class Block:
 
     @cached_property
     def id(self) -> bytes:
-        """:func:`block_id` of :meth:`encode`."""
-        return digest(self._encoded)
+        """:func:`protocol.consensus.block_id` of :meth:`encode`."""
+        return block_id(self._encoded)
 
     @classmethod
     def decode(cls, data: bytes, max_bytes: int) -> Block:
@@ -417,11 +417,6 @@ class Block:
         if block.encode() != data:
             raise RemoteProtocolError("malformed", "not the canonical encoding of the block")
         return block
-
-
-def block_id(data: bytes) -> bytes:
-    """BLAKE2b-256 of a block's encoding."""
-    return digest(data)
 
 
 def votes_payload(vote_a: bytes, vote_b: bytes) -> bytes:
