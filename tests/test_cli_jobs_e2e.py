@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,11 +97,13 @@ def test_init_stdlib_submit_status_receipts(tmp_path: Path) -> None:
 
 
 def balances(home: Path) -> dict[str, int]:
+    """Every account of the ledger, as the node at ``home`` holds it."""
     rows = json.loads(iollm("ledger", "balance", "--all", "--json", "--home", str(home)).stdout)
     return {r["peer"]: r["balance"] for r in rows}
 
 
-def verified(home: Path) -> dict:  # type: ignore[type-arg]
+def verified(home: Path) -> dict[str, Any]:
+    """``iollm ledger verify --json``: the home's chain replayed from genesis."""
     return json.loads(iollm("ledger", "verify", "--json", "--home", str(home)).stdout)
 
 
