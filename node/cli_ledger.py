@@ -1,5 +1,6 @@
 """``iollm ledger ...`` and ``iollm revenue record``.
 
+    ledger status           GET /v1/ledger
     ledger balance [PEER]   GET /v1/ledger/balance (--all: every account)
     ledger blocks           GET /v1/ledger/blocks?limit=
     ledger wait --job JOB   GET /v1/jobs/status, then POST /v1/ledger/records: until the
@@ -54,6 +55,23 @@ def cmd_ledger_balance(args: argparse.Namespace) -> int:
         print(json.dumps(b, indent=2))
         return 0
     print(f"{b['balance']}  {b['peer']}  (height {b['height']})")
+    return 0
+
+
+def cmd_ledger_status(args: argparse.Namespace) -> int:
+    info = call_node(args, "/v1/ledger")
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    t = info["totals"]
+    print(f"chain {info['chain_id']}  genesis {info['genesis'][:16]}  "
+          f"({'validator' if info['validator'] else 'follower'})")
+    print(f"height {info['height']}  block {info['block'][:16]}  state root "
+          f"{info['state_root'][:16]}  mempool {info['mempool']} txs")
+    print(f"supply {t['supply']} (allocated {t['allocated']}, emitted {t['emitted']}, "
+          f"revenue {t['revenue']}); {t['receipts']} receipts counted")
+    for v in info["validators"]:
+        print(f"  validator {v['peer']}  power {v['power']}")
     return 0
 
 
@@ -198,6 +216,10 @@ def add_ledger_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                     "(receipts, round records, revenue, evidence); every node replays them "
                     "to the same balances (specs/consensus.md, specs/rewards.md).")
     actions = group.add_subparsers(dest="ledger_command", metavar="ACTION", required=True)
+    p = actions.add_parser("status", parents=[client], help="the chain this node follows",
+                           description="Chain id, height, last block, state root, supply, "
+                                       "validators and the mempool of the running node.")
+    p.set_defaults(func=cmd_ledger_status)
     p = actions.add_parser("balance", parents=[client], help="a peer's balance",
                            description="The balance of PEER (default: this node) in the "
                                        "ledger after the last final block.")

@@ -140,6 +140,8 @@ def check_ledger(tmp_path: Path, net: Path, job: str, workers: set[str], base: s
     listing = iollm("ledger", "blocks", "--limit", "5", *home).stdout
     assert len(listing.splitlines()) == 5 and "signatures" in listing
     assert "receipt" in iollm("ledger", "blocks", "--limit", "1000", *home).stdout
+    status = iollm("ledger", "status", *home).stdout
+    assert "chain iollm-testnet" in status and status.count("  validator ") == 3, status
     # Two homes replayed from genesis, here, beside their running nodes: one state root
     # at one height (blocks keep coming, empty, so try until both read the same height).
     deadline = time.monotonic() + 60
