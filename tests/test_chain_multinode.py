@@ -16,7 +16,7 @@ import trio
 
 from node.cluster import local_cluster, node_key, node_peer_id
 from node.config import DiscoverySection
-from node.consensus import Chain
+from node.consensus import Chain, ChainBusy
 from protocol.consensus import PRECOMMIT, PREVOTE, Broadcast, Vote, open_vote, seal_vote
 from protocol.errors import RemoteProtocolError
 from protocol.feed import ForkEvidence, next_entry
@@ -169,6 +169,11 @@ def test_two_of_four_down_halts_without_forking_and_resumes(tmp_path: Path) -> N
             await c0.submit_many([encode_tx("job", job)] +
                                  [encode_tx("receipt", r) for r in receipts[:2]])
             assert await c0.wait_height(2, timeout=40)
+            # A full mempool refuses load from outside before checking it (the API's 503).
+            room, c0.mempool.max_txs = c0.mempool.max_txs, len(c0.mempool)
+            with pytest.raises(ChainBusy):
+                await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_full=True)
+            c0.mempool.max_txs = room
             nodes[2].kill()
             nodes[3].kill()
             # Whatever was in flight finishes; from then on nothing is final: half the
