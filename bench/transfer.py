@@ -211,14 +211,24 @@ def wait_providers(node: Node, version: str, n: int, timeout: float = 60) -> Non
         time.sleep(0.2)  # announcements travel by gossip; polled with a deadline
 
 
-def timed_fetch(node: Node, version: str, mib: float, out: Path | None = None
-                ) -> dict[str, float]:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (clock ticks of 10 ms)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_fetch(node: Node, version: str, mib: float, providers: list[Node],
+                out: Path | None = None) -> dict[str, float]:
     rss = node.rss_mib()
     exact_peak = node.reset_peak()
     body: dict[str, Any] = {"version": version}
+    cpu = [_cpu_s(n.pid) for n in (node, *providers)]
     op = node.run_op("POST", "/v1/models/fetch", body, "fetch")
+    cpu = [_cpu_s(n.pid) - c for n, c in zip((node, *providers), cpu, strict=True)]
     seconds = (op["ended_ms"] - op["started_ms"]) / 1000
     peak = node.peak_mib() if exact_peak else float("nan")
+    log(f"    CPU per MiB (includes the 0.1 s polls): fetcher {1000 * cpu[0] / mib:.2f} ms, "
+        f"providers {1000 * sum(cpu[1:]) / mib:.2f} ms")
     seen = op["phases_seen"]
     if "chunks" in seen:  # polled every 0.1 s: the share of the time before the chunks
         log(f"    {seen['chunks'] - min(seen.values()):.2f} s (as polled) before the chunks "
@@ -227,7 +237,8 @@ def timed_fetch(node: Node, version: str, mib: float, out: Path | None = None
         node.run_op("POST", "/v1/models/fetch", {"version": version, "out": str(out)},
                     "export")
     return {"seconds": seconds, "mib_s": mib / seconds, "rss_before_mib": rss,
-            "peak_mib": peak}
+            "peak_mib": peak, "fetcher_cpu_ms_per_mib": 1000 * cpu[0] / mib,
+            "providers_cpu_ms_per_mib": 1000 * sum(cpu[1:]) / mib}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -266,17 +277,17 @@ def run(args: argparse.Namespace) -> int:
 
         log("(b) node-2 fetches from node-1 alone")
         wait_providers(n2, version, 1)
-        one = timed_fetch(n2, version, size_mib)
+        one = timed_fetch(n2, version, size_mib, [n1])
         log(f"    {one['mib_s']:.1f} MiB/s, peak {one['peak_mib']:.0f} MiB")
 
         log("node-3 fetches (untimed), so that three nodes provide it")
         wait_providers(n3, version, 2)
-        timed_fetch(n3, version, size_mib)
+        timed_fetch(n3, version, size_mib, [n1, n2])
 
         log("(c) node-4 fetches from node-1, node-2 and node-3")
         wait_providers(n4, version, 3)
         out = work / "fetched"
-        three = timed_fetch(n4, version, size_mib, out=out)
+        three = timed_fetch(n4, version, size_mib, [n1, n2, n3], out=out)
         log(f"    {three['mib_s']:.1f} MiB/s, peak {three['peak_mib']:.0f} MiB")
         files = sorted(p.name for p in model.iterdir())
         same, _, _ = filecmp.cmpfiles(model, out, files, shallow=False)

@@ -63,7 +63,11 @@ log = logging.getLogger(__name__)
 
 PROVIDER_LOOKUP_RETRIES_S = (0.0, 2.0, 5.0, 10.0)  # DHT lookups while no provider is known
 WAIT_FOR_WORK_S = 1.0  # an idle worker re-checks the queue at least this often
-WRITES_PER_WORKER = 3  # chunks of one worker being verified and written at once (memory)
+# Chunks received and not yet verified and written, for the whole fetch: the memory they
+# hold (at most 8 chunks: 8 MiB at the usual 1 MiB, 128 MiB at the largest 16 MiB chunk
+# size). Writing new pages into the page cache measured 0.5 to 3.5 ms per MiB on a
+# shared machine (dirty-page throttling by the kernel), so several writes must overlap.
+WRITES_IN_FLIGHT = 8
 
 
 class SmipClient:
@@ -254,6 +258,7 @@ class ChunkFetcher:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._lookups: list[trio.CancelScope] = []  # cancelled once every shard is done
+        self._writes = trio.Semaphore(WRITES_IN_FLIGHT)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -343,7 +348,6 @@ class ChunkFetcher:
         per byte)."""
         client: SmipClient | None = None
         outstanding: deque[tuple[_Shard, int | None, Request]] = deque()
-        writes = trio.Semaphore(WRITES_PER_WORKER)
         try:
             while True:
                 while len(outstanding) < PIPELINE_DEPTH and not self.finished \
@@ -377,11 +381,10 @@ class ChunkFetcher:
                 else:
                     # Verified and written by a task of its own, so that the next answer
                     # is read (and the next request sent) while this chunk is hashed and
-                    # written in a thread; at most WRITES_PER_WORKER chunks wait so.
-                    await writes.acquire()
+                    # written in a thread; at most WRITES_IN_FLIGHT chunks wait so.
+                    await self._writes.acquire()
                     assert self._nursery is not None
-                    self._nursery.start_soon(self._write, provider, shard, index, payload,
-                                             writes)
+                    self._nursery.start_soon(self._write, provider, shard, index, payload)
                 outstanding.popleft()  # only once handled: a chunk that fails goes back
                 if provider.dropped:  # by a write that found a bad chunk
                     raise FrameError("dropped")
@@ -401,8 +404,8 @@ class ChunkFetcher:
                 await client.close()
             self._notify()
 
-    async def _write(self, provider: _Provider, shard: _Shard, index: int, payload: bytes,
-                     slot: trio.Semaphore) -> None:
+    async def _write(self, provider: _Provider, shard: _Shard, index: int,
+                     payload: bytes) -> None:
         """Verify and write one chunk; a bad one drops its provider (whose worker stops at
         its next answer) and goes back to the queue."""
         try:
@@ -412,7 +415,7 @@ class ChunkFetcher:
                        else f"failed: {exc!r}")
             self._put_back(shard, index)
         finally:
-            slot.release()
+            self._writes.release()
 
     def _put_back(self, shard: _Shard, index: int | None) -> None:
         if index is None:

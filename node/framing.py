@@ -26,6 +26,12 @@ READ_AHEAD_BYTES = 1 << 20  # the most one FrameReader read asks the stream for
 # two Noise messages (65519 + 17 bytes), each with its own length read, decryption and
 # socket reads on the receiver. Writes cut at this size keep it at one.
 BULK_WRITE_BYTES = min(MAX_PLAINTEXT_LENGTH, YAMUX_MAX_FRAME_BYTES) - YAMUX_HEADER_BYTES
+# A FrameReader that needs more than this and last found less waits COALESCE_WAIT_S before
+# its next read: a reader that keeps up with the wire otherwise reads every yamux frame
+# alone, and each read sends a window update (py-libp2p releases credit on every read)
+# that the sender must decrypt and handle, as many small messages as data messages.
+COALESCE_BELOW_BYTES = 4 * BULK_WRITE_BYTES
+COALESCE_WAIT_S = 0.001
 
 
 class FrameError(Exception):
@@ -99,6 +105,7 @@ class FrameReader:
         self._pieces: deque[bytes] = deque()
         self._offset = 0  # bytes of _pieces[0] already taken
         self._available = 0  # bytes buffered, less _offset
+        self._last_read = 0  # bytes the latest stream read returned
 
     @property
     def buffered(self) -> int:
@@ -106,6 +113,10 @@ class FrameReader:
 
     async def _fill(self, n: int) -> None:
         while self._available < n:
+            if self._last_read < COALESCE_BELOW_BYTES < n - self._available:
+                # The last read found the muxer's buffer nearly empty (this side keeps up
+                # with the wire) and much more is needed: let it fill a little first.
+                await trio.sleep(COALESCE_WAIT_S)
             try:
                 piece = await self.stream.read(READ_AHEAD_BYTES)
             except Exception as exc:  # StreamEOF, StreamReset, muxer errors: all "gone"
@@ -115,6 +126,7 @@ class FrameReader:
                 raise FrameError(f"stream ended after {self._available} of {n} bytes")
             self._pieces.append(piece)
             self._available += len(piece)
+            self._last_read = len(piece)
 
     def _take(self, n: int) -> bytes:
         """``n`` buffered bytes (the caller checked they are there)."""
