@@ -1,7 +1,7 @@
 """Chain benchmark: receipts finalized per second and finality latency, four validators.
 
     .venv/bin/python bench/consensus.py [--rate 1200] [--seconds 60] [--warmup 10]
-                                        [--block-interval-ms 250] [--dir DIR] [--keep]
+                                        [--block-interval-ms 100] [--dir DIR] [--keep]
 
 In one run, all on 127.0.0.1:
   (a) baseline: how many receipts one process checks per second here (``check_tx``: the
@@ -290,8 +290,8 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=1200.0, help="receipts offered per second")
     p.add_argument("--seconds", type=float, default=60.0, help="measured window (s)")
     p.add_argument("--warmup", type=float, default=10.0, help="load before the window (s)")
-    p.add_argument("--block-interval-ms", type=int, default=250,
-                   help="the genesis block interval (default 250)")
+    p.add_argument("--block-interval-ms", type=int, default=100,
+                   help="the genesis block interval (default 100)")
     p.add_argument("--dir", help="work directory (default: a new temporary one)")
     p.add_argument("--keep", action="store_true", help="leave the testnet running")
     return run(p.parse_args())
