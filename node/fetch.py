@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import trio
+from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 
 from node.contentstore import PartialShard
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 
 PROVIDER_LOOKUP_RETRIES_S = (0.0, 2.0, 5.0, 10.0)  # DHT lookups while no provider is known
 WAIT_FOR_WORK_S = 1.0  # an idle worker re-checks the queue at least this often
+OPEN_TRIES = 2  # a stream that cannot be opened for want of a connection: dial once more
+OPEN_RETRY_S = 0.5
 # Chunks received and not yet verified and written, for the whole fetch: the memory they
 # hold (at most 8 chunks: 8 MiB at the usual 1 MiB, 128 MiB at the largest 16 MiB chunk
 # size). Writing new pages into the page cache measured 0.5 to 3.5 ms per MiB on a
@@ -83,8 +86,19 @@ class SmipClient:
     async def open(self) -> SmipClient:
         from node.models import SMIP_PROTOCOL
 
-        with trio.fail_after(RESPONSE_TIMEOUT_S):
-            self.stream = await self.net.host.new_stream(self.peer, [SMIP_PROTOCOL])
+        for attempt in range(OPEN_TRIES):
+            try:
+                with trio.fail_after(RESPONSE_TIMEOUT_S):
+                    self.stream = await self.net.host.new_stream(self.peer, [SMIP_PROTOCOL])
+                break
+            except SwarmException as exc:
+                # The connection went (a stream cancelled mid-frame leaves the muxer's
+                # byte stream cut; py-libp2p drops one of two crossing dials): not the
+                # provider's fault, so dial once more before it counts as failed.
+                if attempt + 1 == OPEN_TRIES:
+                    raise
+                log.debug("stream to %s failed (%r); dialling again", self.peer, exc)
+                await trio.sleep(OPEN_RETRY_S)
         self.reader = FrameReader(self.stream)
         return self
 
