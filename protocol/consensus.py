@@ -43,6 +43,7 @@ from protocol.votes import (  # re-exported: the consensus interface is this mod
     block_id,
     check_chain,
     check_validators,
+    message_height,
     open_proposal,
     open_vote,
     own_id,
@@ -61,7 +62,8 @@ __all__ = [
     "MAX_FUTURE_ROUNDS", "MAX_ROUND", "MAX_TIMEOUT_MS", "MAX_VALIDATORS", "MAX_VOTE_BYTES",
     "PRECOMMIT", "PREVOTE", "PROPOSE", "PROPOSER_SEED", "STEPS", "TRANSITIONS", "VOTE_KINDS",
     "Action", "Broadcast", "Commit", "Decide", "Evidence", "IllegalTransition", "Machine",
-    "Proposal", "Resume", "SetTimeout", "Timeouts", "Vote", "block_id", "open_proposal",
+    "Proposal", "Resume", "SetTimeout", "Timeouts", "Vote", "block_id", "message_height",
+    "open_proposal",
     "open_vote", "proposer_for", "quorum", "seal_proposal", "seal_vote", "verify_commit",
     "verify_double_proposal", "verify_double_vote",
 ]  # fmt: skip

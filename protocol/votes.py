@@ -339,3 +339,18 @@ def verify_double_proposal(chain_id: str, validators: Mapping[str, int], a: byte
     if pa == pb:
         raise RemoteProtocolError("not-evidence", "the proposals agree")
     return pa
+
+
+def message_height(data: bytes, max_bytes: int) -> tuple[str, int] | None:
+    """(chain_id, height) of a proposal or vote envelope, read WITHOUT checking it: for
+    routing a message to the machine of its height (which checks everything) or noticing
+    that a peer is ahead, never for trusting it. None when the bytes lack that shape."""
+    try:
+        envelope = unpack_strict(bytes(data), max_bytes)
+        body = unpack_strict(envelope[4], max_bytes)
+        chain_id, height = body["chain_id"], body["height"]
+    except (RemoteProtocolError, TypeError, KeyError, IndexError):
+        return None
+    if isinstance(chain_id, str) and type(height) is int:
+        return chain_id, height
+    return None

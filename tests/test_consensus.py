@@ -747,3 +747,19 @@ def test_a_restarted_validator_resumes_without_signing_twice_and_keeps_its_lock(
     with pytest.raises(LocalProtocolError):
         Machine(CHAIN, EQUAL, KEYS[i], 2, FAST, valid_block=accepts(2),  # type: ignore[arg-type]
                 make_block=lambda r: b"", max_proposal_bytes=MAX_P, resume=point)
+
+
+@given(st.binary(max_size=300))
+def test_message_height_reads_shape_only_and_never_raises(data: bytes) -> None:
+    got = c.message_height(data, MAX_P)
+    assert got is None or (isinstance(got[0], str) and isinstance(got[1], int))
+
+
+def test_message_height_of_votes_and_proposals() -> None:
+    assert c.message_height(vote(0, height=7), MAX_P) == (CHAIN, 7)
+    assert c.message_height(propose(3, 1), MAX_P) == (CHAIN, 3)
+    tampered = bytearray(vote(0, height=7))
+    tampered[-3] ^= 1  # the signature no longer verifies: the height still reads (routing
+    assert c.message_height(bytes(tampered), MAX_P) is not None  # only; the machine checks)
+    assert reason(open_vote, bytes(tampered)) in ("bad-signature", "malformed")
+    assert c.message_height(b"\x00" * 10, MAX_P) is None
