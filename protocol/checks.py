@@ -9,11 +9,13 @@ peer.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any, NoReturn
 
 import msgpack
 
 from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.peerid import public_key_from_peer_id
 
 MAX_INT = 2**63 - 1  # every integer field fits SQLite's signed 64-bit INTEGER
 ID_BYTES = 32  # every id in protocol/ is a BLAKE2b-256 digest
@@ -66,4 +68,36 @@ def check_keys(
         missing = sorted(required - keys)
         extra = sorted(map(str, keys - required - optional))[:8]
         fail(f"{name}: missing fields {missing}, unknown fields {extra}")
+    return d
+
+
+def check_peer(name: str, value: object) -> None:
+    """An Ed25519 libp2p peer id (reason "bad-peer-id")."""
+    try:
+        public_key_from_peer_id(value)  # type: ignore[arg-type]
+    except RemoteProtocolError as exc:
+        fail(f"{name}: {exc}", "bad-peer-id")
+
+
+MAX_CHAIN_ID_CHARS = 64
+CHAIN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a chain id, in every chain-bound record
+
+
+def check_chain(value: object) -> None:
+    if not (isinstance(value, str) and CHAIN_ID.fullmatch(value)):
+        fail(f"chain_id must be 1..{MAX_CHAIN_ID_CHARS} characters of [A-Za-z0-9._-]")
+
+
+def check_header(what: str, d: object, type_: str, version: int) -> dict[str, Any]:
+    """The decoded map ``d`` once its type tag, then its version ``v``, are right; a
+    RemoteProtocolError ("malformed", "wrong-type", "unknown-version") otherwise."""
+    if not isinstance(d, dict):
+        raise RemoteProtocolError("malformed", f"{what} must be a map")
+    if d.get("type") != type_:
+        raise RemoteProtocolError("wrong-type", f"expected type {type_!r}, "
+                                                f"got {d.get('type')!r:.40}")
+    v = d.get("v")
+    if type(v) is not int or v != version:  # True == 1 == 1.0 in Python; neither is 1
+        raise RemoteProtocolError("unknown-version", f"{what} version {v!r:.20}, "
+                                                     f"we speak {version}")
     return d

@@ -26,7 +26,16 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from protocol.checks import Invalid, check_int, check_keys, digest, fail, packb, to_remote
+from protocol.checks import (
+    Invalid,
+    check_header,
+    check_int,
+    check_keys,
+    digest,
+    fail,
+    packb,
+    to_remote,
+)
 from protocol.envelope import DOMAIN_FEED, open_envelope, seal, unpack_strict
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.peerid import peer_id_from_public_key, public_key_from_peer_id
@@ -59,16 +68,7 @@ def _check_author(value: object) -> None:
 
 def _check_header(what: str, d: object, type_: str) -> dict[str, Any]:
     """The map ``d`` once its type tag and version are right (checked in that order)."""
-    if not isinstance(d, dict):
-        raise RemoteProtocolError("malformed", f"{what} must be a map")
-    if d.get("type") != type_:
-        raise RemoteProtocolError("wrong-type", f"expected type {type_!r}, "
-                                                f"got {d.get('type')!r:.40}")
-    v = d.get("v")
-    if type(v) is not int or v != FEED_VERSION:  # True == 1 == 1.0; neither is 1
-        raise RemoteProtocolError("unknown-version", f"{what} version {v!r:.20}, "
-                                                     f"we speak {FEED_VERSION}")
-    return d
+    return check_header(what, d, type_, FEED_VERSION)
 
 
 # --- entries -----------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ This module imports the standard library (tomllib, decimal, re) and protocol/ on
 from __future__ import annotations
 
 import json
-import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -28,16 +27,14 @@ from decimal import Decimal, InvalidOperation
 from functools import cached_property
 from typing import Any
 
-from protocol.checks import MAX_INT, digest, packb
-from protocol.consensus import MAX_TIMEOUT_MS, Timeouts
+from protocol.checks import CHAIN_ID, MAX_CHAIN_ID_CHARS, MAX_INT, digest, packb
+from protocol.consensus import MAX_TIMEOUT_MS, MAX_VALIDATORS, Timeouts
 from protocol.envelope import unpack_strict
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.peerid import public_key_from_peer_id
 
 GENESIS_TYPE = "genesis"
 GENESIS_VERSION = 1
-MAX_CHAIN_ID = 64  # characters of [A-Za-z0-9._-]
-MAX_VALIDATORS = 256
 MAX_ALLOCATIONS = 10_000
 MAX_POWER = 2**32
 MAX_REWARD = 2**50  # emission_per_block, breakthrough_reward: far below MAX_INT
@@ -50,7 +47,6 @@ MIN_BLOCK_BYTES = 64 * 1024  # the largest transaction (fork evidence, 35 KB) fi
 DEFAULT_BLOCK_BYTES = 768 * 1024
 MAX_GENESIS_BYTES = 4 << 20
 
-_CHAIN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class GenesisError(ProtocolError, ValueError):
@@ -166,8 +162,8 @@ class Genesis:
     allocations: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.chain_id, str) and _CHAIN_ID.fullmatch(self.chain_id)):
-            raise GenesisError("chain_id", f"must be 1..{MAX_CHAIN_ID} characters of "
+        if not (isinstance(self.chain_id, str) and CHAIN_ID.fullmatch(self.chain_id)):
+            raise GenesisError("chain_id", f"must be 1..{MAX_CHAIN_ID_CHARS} characters of "
                                            f"[A-Za-z0-9._-], got {_show(self.chain_id)}")
         _int("genesis_time_ms", self.genesis_time_ms, 0, MAX_INT)
         _int("block_interval_ms", self.block_interval_ms, 1, MAX_INTERVAL_MS)

@@ -30,7 +30,17 @@ from typing import Any, ClassVar, TypeVar
 
 from nacl.signing import SigningKey
 
-from protocol.checks import Invalid, check_int, check_keys, digest, fail, packb, to_remote
+from protocol.checks import (
+    Invalid,
+    check_header,
+    check_int,
+    check_keys,
+    check_peer,
+    digest,
+    fail,
+    packb,
+    to_remote,
+)
 from protocol.envelope import (
     DOMAIN_JOB,
     DOMAIN_RECEIPT,
@@ -55,7 +65,7 @@ from protocol.jobspec import (
     parse_job_toml,
     spec_with_defaults,
 )
-from protocol.peerid import peer_id_from_public_key, public_key_from_peer_id
+from protocol.peerid import peer_id_from_public_key
 from protocol.smip import FORBIDDEN_RANGES, ID_BYTES
 
 __all__ = [
@@ -101,11 +111,6 @@ def _check_opt_id(name: str, value: object) -> None:
         _check_id(name, value)
 
 
-def _check_peer(name: str, value: object) -> None:
-    try:
-        public_key_from_peer_id(value)  # type: ignore[arg-type]
-    except RemoteProtocolError as exc:
-        fail(f"{name}: {exc}", "bad-peer-id")
 
 
 def _check_task_id(value: object, *, allow_empty: bool = False) -> None:
@@ -194,15 +199,7 @@ class _Message:
     @classmethod
     def from_dict(cls: type[M], d: object) -> M:
         """Inverse of :meth:`to_dict`: type, then version, then fields; RemoteProtocolError."""
-        if not isinstance(d, dict):
-            raise RemoteProtocolError("malformed", f"a {cls.TYPE} message must be a map")
-        if d.get("type") != cls.TYPE:
-            raise RemoteProtocolError("wrong-type", f"expected type {cls.TYPE!r}, "
-                                                    f"got {d.get('type')!r:.40}")
-        v = d.get("v")
-        if type(v) is not int or v != JOBS_VERSION:  # True == 1 == 1.0; neither is 1
-            raise RemoteProtocolError("unknown-version",
-                                      f"{cls.TYPE} version {v!r:.20}, we speak {JOBS_VERSION}")
+        d = check_header(f"a {cls.TYPE} message", d, cls.TYPE, JOBS_VERSION)
         names = frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]
         try:
             d = dict(check_keys(cls.TYPE, d, names - cls.OPTIONAL | {"type", "v"},
@@ -259,7 +256,7 @@ class Job(_Message):
     def __post_init__(self) -> None:
         if not isinstance(self.spec, JobSpec):
             fail("spec must be a JobSpec")
-        _check_peer("coordinator", self.coordinator)
+        check_peer("coordinator", self.coordinator)
         check_int("submitted_ms", self.submitted_ms)
 
     def to_dict(self) -> dict[str, Any]:
@@ -334,7 +331,7 @@ class TaskAssign(_Message):
             fail(f"job must be at most {MAX_JOB_BYTES} bytes of job envelope")
         check_int("round", self.round, 0, MAX_ROUNDS - 1)
         _check_task_id(self.task_id)
-        _check_peer("worker", self.worker)
+        check_peer("worker", self.worker)
         for name in ("base_version", "dataset_version"):
             _check_id(name, getattr(self, name))
         check_int("slice_start", self.slice_start)
@@ -424,7 +421,7 @@ class TaskResult(_Message):
         _check_id("job_id", self.job_id)
         check_int("round", self.round, 0, MAX_ROUNDS - 1)
         _check_task_id(self.task_id)
-        _check_peer("worker", self.worker)
+        check_peer("worker", self.worker)
         _check_id("delta_version", self.delta_version)
         _check_float("first_loss", self.first_loss, 0.0, MAX_LOSS)
         _check_float("last_loss", self.last_loss, 0.0, MAX_LOSS)
@@ -510,8 +507,8 @@ class Receipt(_Message):
         _check_id("job_id", self.job_id)
         check_int("round", self.round, 0, MAX_ROUNDS - 1)
         _check_task_id(self.task_id)
-        _check_peer("worker", self.worker)
-        _check_peer("coordinator", self.coordinator)
+        check_peer("worker", self.worker)
+        check_peer("coordinator", self.coordinator)
         _check_id("delta_version", self.delta_version)
         check_int("tokens", self.tokens)
         if not isinstance(self.metrics, dict) or len(self.metrics) > MAX_METRICS:

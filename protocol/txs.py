@@ -17,14 +17,24 @@ the transaction may become valid later (the mempool keeps it) or never can.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any, ClassVar, TypeVar
 
 from nacl.signing import SigningKey
 
-from protocol.checks import Invalid, check_int, check_keys, digest, fail, packb, to_remote
+from protocol.checks import (
+    Invalid,
+    check_chain,
+    check_header,
+    check_int,
+    check_keys,
+    check_peer,
+    digest,
+    fail,
+    packb,
+    to_remote,
+)
 from protocol.consensus import block_id, verify_double_vote
 from protocol.envelope import (
     DOMAIN_REVENUE,
@@ -38,7 +48,7 @@ from protocol.feed import MAX_EVIDENCE_BYTES, ForkEvidence, verify_fork_evidence
 from protocol.genesis import Genesis
 from protocol.jobs import MAX_JOB_BYTES, MAX_RECEIPT_BYTES, open_job, open_receipt
 from protocol.jobspec import MAX_ROUNDS
-from protocol.peerid import peer_id_from_public_key, public_key_from_peer_id
+from protocol.peerid import peer_id_from_public_key
 from protocol.smip import FORBIDDEN_RANGES, ID_BYTES
 
 TXS_VERSION = 1  # "v" of round records, revenue records and blocks
@@ -86,19 +96,10 @@ def _check_id(name: str, value: object) -> None:
         fail(f"{name} must be {ID_BYTES} bytes")
 
 
-def _check_peer(name: str, value: object) -> None:
-    try:
-        public_key_from_peer_id(value)  # type: ignore[arg-type]
-    except RemoteProtocolError as exc:
-        fail(f"{name}: {exc}", "bad-peer-id")
 
 
-_CHAIN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def _check_chain(value: object) -> None:
-    if not (isinstance(value, str) and _CHAIN_ID.fullmatch(value)):
-        fail("chain_id must be 1..64 characters of [A-Za-z0-9._-]")
 
 
 # --- signed records: a map with "type" and "v", strict keys ------------------------------------
@@ -125,15 +126,7 @@ class _Record:
 
     @classmethod
     def from_dict(cls: type[R], d: object) -> R:
-        if not isinstance(d, dict):
-            raise RemoteProtocolError("malformed", f"a {cls.TYPE} must be a map")
-        if d.get("type") != cls.TYPE:
-            raise RemoteProtocolError("wrong-type", f"expected type {cls.TYPE!r}, "
-                                                    f"got {d.get('type')!r:.40}")
-        v = d.get("v")
-        if type(v) is not int or v != TXS_VERSION:
-            raise RemoteProtocolError("unknown-version", f"{cls.TYPE} version {v!r:.20}, "
-                                                         f"we speak {TXS_VERSION}")
+        d = check_header(f"a {cls.TYPE}", d, cls.TYPE, TXS_VERSION)
         names = frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]
         try:
             d = dict(check_keys(cls.TYPE, d, names | {"type", "v"}))
@@ -188,10 +181,10 @@ class RoundRecord(_Record):
     receipts: tuple[bytes, ...]
 
     def __post_init__(self) -> None:
-        _check_chain(self.chain_id)
+        check_chain(self.chain_id)
         _check_id("job_id", self.job_id)
         check_int("round", self.round, 0, MAX_ROUNDS - 1)
-        _check_peer("coordinator", self.coordinator)
+        check_peer("coordinator", self.coordinator)
         _check_id("version", self.version)
         _check_id("parent", self.parent)
         if self.version == self.parent:
@@ -227,8 +220,8 @@ class Revenue(_Record):
     memo: str = ""
 
     def __post_init__(self) -> None:
-        _check_chain(self.chain_id)
-        _check_peer("payer", self.payer)
+        check_chain(self.chain_id)
+        check_peer("payer", self.payer)
         _check_id("model", self.model)
         check_int("amount", self.amount, 1)
         check_int("nonce", self.nonce, 1)
@@ -305,7 +298,7 @@ def _check_receipt(genesis: Genesis, payload: bytes) -> tuple[Any, bytes]:
     return receipt, digest(unpack_strict(payload, MAX_RECEIPT_BYTES)[4])
 
 
-def _check_chain_of(genesis: Genesis, record: RoundRecord | Revenue) -> None:
+def __check_chain_of(genesis: Genesis, record: RoundRecord | Revenue) -> None:
     if record.chain_id != genesis.chain_id:
         raise TxRefused("wrong-chain", f"{record.TYPE} for chain {record.chain_id!r}, this "
                                        f"is {genesis.chain_id!r}")
@@ -313,13 +306,13 @@ def _check_chain_of(genesis: Genesis, record: RoundRecord | Revenue) -> None:
 
 def _check_round(genesis: Genesis, payload: bytes) -> tuple[Any, bytes]:
     record, ref = RoundRecord.open(payload)
-    _check_chain_of(genesis, record)
+    __check_chain_of(genesis, record)
     return record, ref
 
 
 def _check_revenue(genesis: Genesis, payload: bytes) -> tuple[Any, bytes]:
     record, ref = Revenue.open(payload)
-    _check_chain_of(genesis, record)
+    __check_chain_of(genesis, record)
     return record, ref
 
 
@@ -365,10 +358,10 @@ class Block:
     txs: tuple[bytes, ...]
 
     def __post_init__(self) -> None:
-        _check_chain(self.chain_id)
+        check_chain(self.chain_id)
         check_int("height", self.height, 1)
         check_int("time_ms", self.time_ms)
-        _check_peer("proposer", self.proposer)
+        check_peer("proposer", self.proposer)
         _check_id("prev_id", self.prev_id)
         _check_id("state_root", self.state_root)
         if (self.height == 1) != (self.prev_id == ZERO_ID):

@@ -10,18 +10,21 @@ bytes from a peer raise RemoteProtocolError(reason) and nothing else.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from nacl.signing import SigningKey
 
-from protocol.checks import (
+from protocol.checks import (  # noqa: F401 - MAX_CHAIN_ID_CHARS and check_chain re-exported
     ID_BYTES,
+    MAX_CHAIN_ID_CHARS,
     Invalid,
+    check_chain,
+    check_header,
     check_int,
     check_keys,
+    check_peer,
     digest,
     fail,
     packb,
@@ -29,7 +32,7 @@ from protocol.checks import (
 )
 from protocol.envelope import DOMAIN_PROPOSAL, DOMAIN_VOTE, open_envelope, seal, unpack_strict
 from protocol.errors import LocalProtocolError, RemoteProtocolError
-from protocol.peerid import peer_id_from_public_key, public_key_from_peer_id
+from protocol.peerid import peer_id_from_public_key
 
 # --- constants (specs/consensus.md, "Constants") -----------------------------------------------
 
@@ -41,23 +44,13 @@ MAX_VOTE_BYTES = 512  # whole vote envelope (a vote is about 300 bytes)
 MAX_VALIDATORS = 128
 MAX_COMMIT_BYTES = MAX_VALIDATORS * (MAX_VOTE_BYTES + 3) + 128
 MAX_ROUND = 2**32 - 1
-MAX_CHAIN_ID_CHARS = 64
 PROPOSER_SEED = "iollm/proposer/v1"
-_CHAIN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 # --- field checks ------------------------------------------------------------------------------
 
 
-def _check_peer(name: str, value: object) -> None:
-    try:
-        public_key_from_peer_id(value)  # type: ignore[arg-type]
-    except RemoteProtocolError as exc:
-        fail(f"{name}: {exc}", "bad-peer-id")
 
 
-def check_chain(value: object) -> None:
-    if not (isinstance(value, str) and _CHAIN_ID.fullmatch(value)):
-        fail(f"chain_id must be 1..{MAX_CHAIN_ID_CHARS} characters of [A-Za-z0-9._-]")
 
 
 def _check_id(name: str, value: object) -> None:
@@ -70,7 +63,7 @@ def check_validators(validators: Mapping[str, int]) -> dict[str, int]:
     if not isinstance(validators, Mapping) or not 1 <= len(validators) <= MAX_VALIDATORS:
         raise LocalProtocolError(f"validators must be a map of 1..{MAX_VALIDATORS} peer ids")
     for peer, power in validators.items():
-        _check_peer("validator", peer)
+        check_peer("validator", peer)
         check_int("voting power", power, 1)
     check_int("total voting power", sum(validators.values()), 1)
     return dict(validators)
@@ -78,15 +71,7 @@ def check_validators(validators: Mapping[str, int]) -> dict[str, int]:
 
 def _body(type_: str, d: object, names: frozenset[str]) -> dict[str, Any]:
     """The fields of a decoded body once its type tag and version are right."""
-    if not isinstance(d, dict):
-        raise RemoteProtocolError("malformed", f"a {type_} must be a map")
-    if d.get("type") != type_:
-        raise RemoteProtocolError("wrong-type", f"expected type {type_!r}, "
-                                                f"got {d.get('type')!r:.40}")
-    v = d.get("v")
-    if type(v) is not int or v != CONSENSUS_VERSION:  # True == 1 == 1.0; neither is 1
-        raise RemoteProtocolError("unknown-version", f"{type_} version {v!r:.20}, "
-                                                     f"we speak {CONSENSUS_VERSION}")
+    d = check_header(f"a {type_}", d, type_, CONSENSUS_VERSION)
     try:
         d = dict(check_keys(type_, d, names | {"type", "v"}))
     except Invalid as exc:
@@ -144,7 +129,7 @@ class Proposal:
         if not isinstance(self.block, bytes):
             fail("block must be bytes")
         check_int("valid_round", self.valid_round, -1, self.round - 1)
-        _check_peer("proposer", self.proposer)
+        check_peer("proposer", self.proposer)
 
     @property
     def block_id(self) -> bytes:
@@ -186,7 +171,7 @@ class Vote:
             fail(f"kind must be one of {VOTE_KINDS}")
         if self.block_id is not None:
             _check_id("block_id", self.block_id)
-        _check_peer("validator", self.validator)
+        check_peer("validator", self.validator)
 
 
 def seal_vote(key: SigningKey, v: Vote) -> bytes:
