@@ -198,7 +198,7 @@ async def fetch_manifest(models: Models, version: bytes, providers: list[ID]) ->
                 continue
             manifest = open_manifest(payload, version)
         except Exception as exc:  # ProtocolError, FrameError, TooSlowError, a failed dial
-            reasons.append(f"{peer}: {exc or type(exc).__name__}")
+            reasons.append(f"{peer}: {str(exc) or type(exc).__name__}")
             models.metrics.dropped.labels(getattr(exc, "reason", "unreachable")).inc()
             continue
         return HeldVersion(version, payload, manifest, "partial")
@@ -406,7 +406,7 @@ class ChunkFetcher:
             if isinstance(exc, RemoteProtocolError):
                 self._drop(provider, str(exc))  # "reason: what was wrong"
             elif isinstance(exc, (FrameError, trio.TooSlowError)):
-                self._drop(provider, f"stalled: {exc}")
+                self._drop(provider, f"stalled: {str(exc) or 'no answer in time'}")
             else:
                 self._drop(provider, f"failed: {exc!r}")
             for shard, index, _ in reversed(outstanding):
