@@ -225,13 +225,17 @@ def test_a_worker_killed_mid_round_has_its_task_reassigned(tmp_path: Path,
 # 5 on 2026-12-02: the workers' stream opens to the coordinator timed out (10 s) while
 # the process's event loop was busy about 30% of the time, so no task of a round ever
 # completed. Not understood yet (see the closing note of that day); the groups pass.
-ADVERSARY_GROUPS = [["random", "zero", "copy"], ["copy-noise", "wrong-slice"]]
+# Each group says how many of its kinds may go untried (their tasks moved to another
+# worker): one in all, as when the five ran together.
+ADVERSARY_GROUPS = [(["random", "zero", "copy"], 1), (["copy-noise", "wrong-slice"], 0)]
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("adversaries", ADVERSARY_GROUPS, ids="+".join)
+@pytest.mark.parametrize(("adversaries", "may_miss"), ADVERSARY_GROUPS,
+                         ids=["+".join(kinds) for kinds, _ in ADVERSARY_GROUPS])
 def test_cheating_workers_are_rejected_and_the_job_completes(
-        tmp_path: Path, assets: dict[str, Path], adversaries: list[str]) -> None:
+        tmp_path: Path, assets: dict[str, Path], adversaries: list[str], may_miss: int
+) -> None:
     workers = [WorkerSection(enabled=False), WorkerSection(), WorkerSection()] + [
         WorkerSection(adversary=a) for a in adversaries]
 
@@ -249,7 +253,7 @@ def test_cheating_workers_are_rejected_and_the_job_completes(
             # A task may move to another worker (py-libp2p sometimes drops a connection
             # under load, and a worker whose stream breaks is lost for the round), so
             # judge by worker: every task an honest worker did is accepted, every task a
-            # cheat did is rejected, and at least all but one kind of cheat was tried.
+            # cheat did is rejected, and all but ``may_miss`` kinds of cheat were tried.
             tried = set()
             for n, w in zip(nodes[1:], workers[1:], strict=True):
                 verdicts = {t["verdict"] for t in rnd["tasks"] if t["worker"] == n.peer_id}
@@ -259,7 +263,7 @@ def test_cheating_workers_are_rejected_and_the_job_completes(
                         tried.add(w.adversary)
                 else:
                     assert verdicts <= {"accepted"}, rnd["tasks"]
-            assert len(tried) >= len(adversaries) - 1, (tried, rnd["tasks"])
+            assert len(tried) >= len(adversaries) - may_miss, (tried, rnd["tasks"])
             receipts = await nodes[0].storage.list_receipts(jid)
             assert receipts and {r.worker for r in receipts} <= {nodes[1].peer_id,
                                                                   nodes[2].peer_id}
