@@ -52,10 +52,13 @@ thread; the largest unit of memory is one chunk (at most 16 MiB) or one copy blo
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import mmap
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +198,77 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+# O_DIRECT writes want the buffer, offset and length aligned to the device's logical block
+# size; 4096 covers every Linux block device and filesystem that takes O_DIRECT at all.
+_DIRECT_ALIGN = 4096
+_DIRECT_PIECE = 1 << 20  # the aligned copy buffer, one per writing thread
+
+
+class _DirectWriter:
+    """Writes fetched chunks around the page cache (O_DIRECT) where the OS allows it.
+
+    Why: a fetched shard is written once and not read again soon, and buffered writes of
+    new data cost the kernel 0.7-2.7 ms of CPU per MiB on the 2-core VMs we measure on
+    (fresh page-cache pages; a direct write costs 0.1-0.2 ms), CPU the fetch needs for
+    decrypting and hashing. The data is copied into a page-aligned buffer first (about
+    0.1 ms per MiB). A chunk's unaligned tail (a shard's last chunk) goes through the
+    buffered descriptor, as does everything where O_DIRECT is missing (macOS) or refused
+    (tmpfs: EINVAL at open or at the first write), so this is only ever a speed-up.
+    Linux keeps the two descriptors coherent; fsync of either flushes the file."""
+
+    def __init__(self, path: Path, buffered_fd: int) -> None:
+        self._buffered = buffered_fd
+        self._fd: int | None = None
+        self._refused = False
+        flag = getattr(os, "O_DIRECT", 0)
+        if flag:
+            with contextlib.suppress(OSError):
+                self._fd = os.open(path, os.O_WRONLY | flag)
+        self._local = threading.local()
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        fd = self._fd
+        if fd is not None and not self._refused and offset % _DIRECT_ALIGN == 0:
+            aligned = len(view) - len(view) % _DIRECT_ALIGN
+            try:
+                done = self._pwrite_direct(fd, view[:aligned], offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # Refused by this filesystem: buffered from now on. Not closed here, as
+                # another thread may be writing through it; close() does that.
+                self._refused = True
+                done = 0
+            view, offset = view[done:], offset + done
+        if view:
+            _pwrite_all(self._buffered, view, offset)
+
+    def _pwrite_direct(self, fd: int, view: memoryview, offset: int) -> int:
+        """Write the aligned ``view`` at ``offset``; returns the bytes written (all, unless
+        the kernel wrote an unaligned short count, after which the caller goes buffered)."""
+        buf: mmap.mmap | None = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = mmap.mmap(-1, _DIRECT_PIECE)  # page-aligned
+        done = 0
+        with memoryview(buf) as aligned_buf:
+            while done < len(view):
+                k = min(len(aligned_buf), len(view) - done)
+                aligned_buf[:k] = view[done : done + k]
+                n = os.pwrite(fd, aligned_buf[:k], offset + done)
+                done += n
+                if n == 0 or n % _DIRECT_ALIGN:
+                    break
+        return done
+
+    def close(self) -> None:
+        """Close the direct descriptor (not the buffered one, which the caller owns); called
+        once no thread writes any more."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def _pread(fd: int, length: int, offset: int) -> bytes:
@@ -711,6 +785,8 @@ class PartialShard:
         self._store = store
         self._leaves = leaves
         self._data = data
+        self._direct = None if data is None else _DirectWriter(
+            store._partial_paths(info.root_hex)[0], data.fileno())
         self._have_file = have_file
         self._have = have
         self._count = sum(have)
@@ -772,8 +848,8 @@ class PartialShard:
         verify_chunk(self._leaves, self.size, self.chunk_size, index, data)
         if self._have[index]:
             return False
-        assert self._data is not None and self._have_file is not None
-        _pwrite_all(self._data.fileno(), data, offset)
+        assert self._direct is not None and self._have_file is not None
+        self._direct.pwrite(data, offset)
         # Not fsynced: after a crash, resume re-verifies each listed chunk anyway.
         self._have_file.write(b"%d\n" % index)
         return True
@@ -805,7 +881,9 @@ class PartialShard:
             return self._result
 
     def _sync_and_close(self) -> None:
-        assert self._data is not None and self._have_file is not None
+        assert self._data is not None and self._direct is not None
+        assert self._have_file is not None
+        self._direct.close()
         os.fsync(self._data.fileno())
         self._data.close()
         self._have_file.close()
@@ -816,6 +894,8 @@ class PartialShard:
             return
         self._closed = True
         await self._drain()
+        if self._direct is not None:
+            self._direct.close()
         for f in (self._data, self._have_file):
             if f is not None:
                 f.close()

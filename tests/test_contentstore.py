@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -263,6 +264,63 @@ def test_fetch_in_random_order_gives_identical_file(tmp_path: Path) -> None:
                 await again.write_chunk(0, bytes(CS))
 
     run(body)
+
+
+_ALIGN = contentstore._DIRECT_ALIGN
+_PIECE = contentstore._DIRECT_PIECE
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=st.lists(st.tuples(st.integers(0, 3 * _PIECE // _ALIGN), st.integers(0, 3),
+                                 st.integers(0, 2 * _PIECE + 2 * _ALIGN)),
+                       min_size=1, max_size=6))
+def test_direct_writer_writes_what_buffered_writes_would(
+    tmp_path: Path, writes: list[tuple[int, int, int]]
+) -> None:
+    # Offsets on and off the alignment, lengths from 0 to past two copy buffers, so that
+    # aligned heads, unaligned tails and multi-piece writes all occur.
+    path = tmp_path / "direct.data"
+    size = 6 * _PIECE
+    expected = bytearray(size)
+    with open(path, "w+b", 0) as f:
+        f.truncate(size)
+        writer = contentstore._DirectWriter(path, f.fileno())
+        for block, skew, length in writes:
+            offset = block * _ALIGN + skew * 1000
+            data = random.Random(offset ^ length).randbytes(length)
+            writer.pwrite(data, offset)
+            expected[offset : offset + length] = data
+        direct = writer._fd is not None and not writer._refused
+        writer.close()
+    assert path.read_bytes() == bytes(expected)
+    if sys.platform == "linux":  # tmp_path is on a filesystem that takes O_DIRECT here
+        assert direct
+
+
+def test_direct_writer_falls_back_when_the_filesystem_refuses(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    # Some filesystems accept O_DIRECT at open and refuse the first write with EINVAL.
+    path = tmp_path / "refused.data"
+    real_pwrite = os.pwrite
+    with open(path, "w+b", 0) as f:
+        writer = contentstore._DirectWriter(path, f.fileno())
+        if writer._fd is None:
+            pytest.skip("no O_DIRECT on this platform")
+
+        def pwrite(fd: int, data: Any, offset: int) -> int:
+            if fd == writer._fd:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(contentstore.os, "pwrite", pwrite)
+        data = random.Random(3).randbytes(2 * _PIECE + 5)
+        writer.pwrite(data, 0)
+        writer.pwrite(data[:_ALIGN], 3 * _PIECE)
+        assert writer._refused
+        writer.close()
+    assert path.read_bytes() == data + bytes(_PIECE - 5) + data[:_ALIGN]
 
 
 def test_concurrent_fetches_of_one_root_share_one_partial(tmp_path: Path) -> None:
