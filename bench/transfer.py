@@ -130,7 +130,9 @@ def measure_raw(nbytes: int) -> float:
     finally:
         if server.poll() is None:
             server.kill()
-    return float(result["bytes"]) / MIB / float(result["seconds"])
+    mib = float(result["bytes"]) / MIB
+    log(f"    CPU per MiB: receiver {1000 * float(result['cpu_s']) / mib:.2f} ms")
+    return mib / float(result["seconds"])
 
 
 # --- (b), (c) fetches between daemons -------------------------------------------------------

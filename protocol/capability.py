@@ -477,10 +477,10 @@ def sync_answer(records: list[CapabilityRecord], request: SyncRequest,
 
 
 def capability_dht_key(peer_id: str) -> str:
-    """``/iollm-cap/`` + hex of the first 16 bytes of BLAKE2b-256(peer id, UTF-8): 43 bytes."""
+    """``/iollm-cap/`` + hex of the first 16 bytes of SHA-256(peer id, UTF-8): 43 bytes."""
     if not isinstance(peer_id, str):
         raise LocalProtocolError("peer_id must be a str")
-    digest = hashlib.blake2b(peer_id.encode("utf-8"), digest_size=32).digest()
+    digest = hashlib.sha256(peer_id.encode("utf-8")).digest()
     return DHT_KEY_PREFIX + digest[:DHT_KEY_DIGEST_BYTES].hex()
 
 

@@ -18,7 +18,7 @@ from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.peerid import public_key_from_peer_id
 
 MAX_INT = 2**63 - 1  # every integer field fits SQLite's signed 64-bit INTEGER
-ID_BYTES = 32  # every id in protocol/ is a BLAKE2b-256 digest
+ID_BYTES = 32  # every id in protocol/ is a SHA-256 digest
 
 
 def packb(obj: object) -> bytes:
@@ -28,8 +28,8 @@ def packb(obj: object) -> bytes:
 
 
 def digest(data: bytes) -> bytes:
-    """BLAKE2b-256: every id in protocol/."""
-    return hashlib.blake2b(data, digest_size=ID_BYTES).digest()
+    """SHA-256: every id in protocol/ (specs/records.md, "Hashes")."""
+    return hashlib.sha256(data).digest()
 
 
 class Invalid(LocalProtocolError):

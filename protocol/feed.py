@@ -8,7 +8,7 @@ not the id of the author's entry before it, are *fork evidence* that anyone can 
 the author's public key alone (:func:`verify_fork_evidence`). The receipts a node holds
 are the first kind of entry (``FEED_KIND_RECEIPT``); consensus over them comes later.
 
-An entry's id (:func:`entry_id`) is BLAKE2b-256 of its envelope's *body* bytes: the body is
+An entry's id (:func:`entry_id`) is SHA-256 of its envelope's *body* bytes: the body is
 what the author signed, while anyone can re-encode the envelope around it; hashing the
 envelope would let a relayer make "another" entry at a position and frame an honest author.
 
@@ -140,7 +140,7 @@ def open_entry(data: bytes) -> FeedEntry:
 
 
 def entry_id(data: bytes) -> bytes:
-    """BLAKE2b-256 of the entry envelope's body bytes (the entry is checked first)."""
+    """SHA-256 of the entry envelope's body bytes (the entry is checked first)."""
     return _open(data)[1]
 
 

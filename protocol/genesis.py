@@ -3,7 +3,7 @@
 See specs/rewards.md, "Genesis" (normative). A genesis is TOML a person writes
 (:func:`parse_genesis`; example: ``bootstrap/genesis.example.toml``) or code builds
 (:func:`make_genesis`, for ``iollm testnet up``). Every node of a chain holds the same one;
-its id (:attr:`Genesis.id`) is BLAKE2b-256 of its canonical msgpack encoding
+its id (:attr:`Genesis.id`) is SHA-256 of its canonical msgpack encoding
 (:meth:`Genesis.encode`), so two nodes compare genesis files by comparing 32 bytes.
 
 Amounts are integer reward units. The two loss parameters are written in nats in TOML
@@ -243,7 +243,7 @@ class Genesis:
 
     @cached_property
     def id(self) -> bytes:
-        """BLAKE2b-256 of :meth:`encode`."""
+        """SHA-256 of :meth:`encode`."""
         return digest(self.encode())
 
     def to_toml(self) -> str:

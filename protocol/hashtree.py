@@ -2,7 +2,7 @@
 
 A shard of ``size`` bytes is cut into ``n = max(1, ceil(size / chunk_size))`` chunks; chunk
 ``i`` is bytes ``[i * chunk_size, min(size, (i + 1) * chunk_size))`` and an empty shard has
-one empty chunk. With H = BLAKE2b-256 (specs/records.md, "Hashes"):
+one empty chunk. With H = SHA-256 (specs/records.md, "Hashes"):
 
     leaf_i = H(0x00 || chunk_i)
     node   = H(0x01 || left || right)
@@ -59,7 +59,7 @@ _BytesLike = bytes | bytearray | memoryview
 
 
 def _h(*parts: _BytesLike) -> bytes:
-    h = hashlib.blake2b(digest_size=HASH_BYTES)
+    h = hashlib.sha256()
     for part in parts:
         h.update(part)
     return h.digest()
@@ -139,7 +139,7 @@ def hash_bytes(data: _BytesLike, chunk_size: int) -> tuple[bytes, bytes]:
 class ShardHasher:
     """Streaming hasher: feed a shard in pieces of any size, get ``(root, leaves, size)``.
 
-    Holds no chunk in memory: each leaf's BLAKE2b state is fed as bytes arrive, so memory
+    Holds no chunk in memory: each leaf's SHA-256 state is fed as bytes arrive, so memory
     is the leaf layer (32 bytes a chunk) whatever the shard size.
     """
 
@@ -148,7 +148,7 @@ class ShardHasher:
         self.chunk_size = chunk_size
         self.size = 0
         self._leaves = bytearray()
-        self._leaf = hashlib.blake2b(LEAF_PREFIX, digest_size=HASH_BYTES)
+        self._leaf = hashlib.sha256(LEAF_PREFIX)
         self._in_chunk = 0  # bytes fed into self._leaf so far
         self._done = False
 
@@ -171,7 +171,7 @@ class ShardHasher:
 
     def _close_leaf(self) -> None:
         self._leaves += self._leaf.digest()
-        self._leaf = hashlib.blake2b(LEAF_PREFIX, digest_size=HASH_BYTES)
+        self._leaf = hashlib.sha256(LEAF_PREFIX)
         self._in_chunk = 0
 
     def finish(self) -> tuple[bytes, bytes, int]:

@@ -5,7 +5,7 @@ and ``now_ms``; node/ does the streams, the training and the storage.
 
 * A *job* (:class:`Job`, domain ``iollm/job/v1``) is a :class:`~protocol.jobspec.JobSpec`
   signed by the node that coordinates it, the one it was submitted to. Its id is
-  BLAKE2b-256 of the envelope's *body* bytes (:func:`job_id`): the body is what the
+  SHA-256 of the envelope's *body* bytes (:func:`job_id`): the body is what the
   signature covers, so nobody but the signer can make two ids for one job (an envelope can
   be re-encoded by anyone; see specs/jobs.md, FAQ).
 * On one task stream the coordinator sends :class:`TaskAssign`, the worker answers
@@ -273,7 +273,7 @@ class Job(_Message):
 
 
 def job_id(envelope_bytes: bytes) -> bytes:
-    """BLAKE2b-256 of the job envelope's body bytes (the envelope is opened and verified
+    """SHA-256 of the job envelope's body bytes (the envelope is opened and verified
     first: RemoteProtocolError on anything that is not a validly signed job envelope)."""
     return digest(open_envelope(envelope_bytes, DOMAIN_JOB, MAX_JOB_BYTES).body)
 
@@ -567,7 +567,7 @@ def open_receipt(data: bytes) -> Receipt:
 
 
 def receipt_id(data: bytes) -> bytes:
-    """BLAKE2b-256 of the receipt envelope's body bytes (opened and verified first)."""
+    """SHA-256 of the receipt envelope's body bytes (opened and verified first)."""
     return digest(open_envelope(data, DOMAIN_RECEIPT, MAX_RECEIPT_BYTES).body)
 
 

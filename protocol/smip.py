@@ -6,7 +6,7 @@ given bytes and ``now_ms``; node/ does the DHT, gossip, streams and disk.
 * A *manifest* is a signed envelope (domain ``iollm/manifest/v1``) naming a model or
   dataset version: kind, name, parent versions, an architecture config and its shards, each
   with size, chunk size and hash-tree root (protocol/hashtree.py). Its *version id* is
-  BLAKE2b-256 of the exact envelope bytes, so an id names one publisher's one signed
+  SHA-256 of the exact envelope bytes, so an id names one publisher's one signed
   statement, and a manifest fetched by id is checked by hashing before any decoding.
 * An *announcement* (domain ``iollm/announce/v1``, gossip topic ``iollm/smip/announce/1``)
   says "peer P provides version V"; receivers keep one per (P, V), the highest ``seq``.
@@ -35,8 +35,8 @@ from protocol.checks import MAX_INT as MAX_INT  # re-exported: specs/smip.md nam
 from protocol.checks import Invalid as _Invalid
 from protocol.checks import check_int as _check_int
 from protocol.checks import check_keys as _check_keys
+from protocol.checks import digest, packb
 from protocol.checks import fail as _fail
-from protocol.checks import packb
 from protocol.checks import to_remote as _remote
 from protocol.envelope import DOMAIN_ANNOUNCE, DOMAIN_MANIFEST, open_envelope, seal, unpack_strict
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -132,8 +132,8 @@ def _check_version_field(what: str, d: object, expected: int) -> None:
 
 
 def version_id(envelope_bytes: bytes) -> bytes:
-    """BLAKE2b-256 of the exact manifest envelope bytes: the version id."""
-    return hashlib.blake2b(envelope_bytes, digest_size=ID_BYTES).digest()
+    """SHA-256 of the exact manifest envelope bytes: the version id."""
+    return digest(envelope_bytes)
 
 
 def id_hex(digest: bytes) -> str:

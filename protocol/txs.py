@@ -1,6 +1,6 @@
 """Ledger transactions and blocks on the wire (specs/rewards.md, "Transactions", "Blocks").
 
-A transaction is ``packb([kind, payload])`` (:func:`encode_tx`); its id is BLAKE2b-256 of
+A transaction is ``packb([kind, payload])`` (:func:`encode_tx`); its id is SHA-256 of
 those bytes (:func:`tx_id`). :func:`check_tx` is the stateless, expensive half of
 validation: it decodes the payload and checks every signature in it, and returns a
 :class:`CheckedTx` that the ledger (protocol/ledger.py) applies without checking a

@@ -106,7 +106,7 @@ def own_id(key: SigningKey) -> str:
 
 
 def block_id(block: bytes) -> bytes:
-    """A block's id: BLAKE2b-256 of its bytes."""
+    """A block's id: SHA-256 of its bytes."""
     return digest(block)
 
 

@@ -557,7 +557,7 @@ def test_frame_refuses_bad_payloads() -> None:
 
 def test_dht_key() -> None:
     key = capability_dht_key(PEER)
-    expected = hashlib.blake2b(PEER.encode(), digest_size=32).digest()[:16].hex()
+    expected = hashlib.sha256(PEER.encode()).digest()[:16].hex()
     assert key == "/iollm-cap/" + expected
     assert len(key) == 43 and len(key.encode()) <= 50
     assert capability_dht_key(PEERS[1]) != key

@@ -368,7 +368,7 @@ def test_train_split() -> None:
 def test_job_round_trip_and_id_is_the_body_hash() -> None:
     job, envelope = open_job(JOB)
     assert job == Job(spec(), C, NOW) and envelope.signer == C
-    assert hashlib.blake2b(envelope.body, digest_size=32).digest() == JOB_ID
+    assert hashlib.sha256(envelope.body).digest() == JOB_ID
     # Anyone can re-encode an envelope (here: bin32 headers); the id does not move.
     pk, sig = envelope.public_key, envelope.signature
     body = envelope.body
@@ -522,7 +522,7 @@ def test_receipt_round_trip_and_both_signatures() -> None:
     assert r.metrics == METRICS and r.task_result == result() and r.result == RESULT
     assert list(msgpack.unpackb(open_receipt(RECEIPT).encode())["metrics"]) == sorted(METRICS)
     body = open_receipt(RECEIPT).encode()
-    assert receipt_id(RECEIPT) == hashlib.blake2b(body, digest_size=32).digest()
+    assert receipt_id(RECEIPT) == hashlib.sha256(body).digest()
     assert seal_receipt(C_KEY, r) == RECEIPT  # Ed25519 is deterministic
     with pytest.raises(LocalProtocolError):
         seal_receipt(W_KEY, r)

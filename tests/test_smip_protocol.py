@@ -248,7 +248,7 @@ headers = st.builds(
 def test_manifest_sign_open_round_trip(km: tuple[SigningKey, Manifest]) -> None:
     key, m = km
     data, vid = sign_manifest(key, m)
-    assert vid == hashlib.blake2b(data, digest_size=32).digest() == version_id(data)
+    assert vid == hashlib.sha256(data).digest() == version_id(data)
     assert open_manifest(data) == m
     assert open_manifest(data, vid) == m
     assert Manifest.decode_body(m.encode_body()) == m
@@ -563,7 +563,7 @@ def test_provider_keys() -> None:
 
 
 def vid(i: int) -> bytes:
-    return hashlib.blake2b(bytes([i]), digest_size=32).digest()
+    return hashlib.sha256(bytes([i])).digest()
 
 
 def graph(edges: dict[int, list[int]]) -> dict[bytes, Manifest]:
@@ -601,10 +601,10 @@ def test_lineage_bounds() -> None:
     n = 6000  # deeper than Python's recursion limit
     g = {}
     for i in range(n):
-        child = hashlib.blake2b(i.to_bytes(4, "big"), digest_size=32).digest()
-        parent = hashlib.blake2b((i + 1).to_bytes(4, "big"), digest_size=32).digest()
+        child = hashlib.sha256(i.to_bytes(4, "big")).digest()
+        parent = hashlib.sha256((i + 1).to_bytes(4, "big")).digest()
         g[child] = dataclasses.replace(manifest(), parents=(parent,))
-    start = hashlib.blake2b((0).to_bytes(4, "big"), digest_size=32).digest()
+    start = hashlib.sha256((0).to_bytes(4, "big")).digest()
     full = lineage(start, g.get, max_depth=n + 1, max_versions=n + 2)
     assert len(full.versions) == n + 1 and len(full.missing) == 1 and not full.truncated
     deep = lineage(start, g.get, max_depth=10)
@@ -615,7 +615,7 @@ def test_lineage_bounds() -> None:
 
 
 def test_shared_and_new_shards() -> None:
-    a, b, c = (hashlib.blake2b(x, digest_size=32).digest() for x in (b"a", b"b", b"c"))
+    a, b, c = (hashlib.sha256(x).digest() for x in (b"a", b"b", b"c"))
     parent = manifest(shards=[shard("emb", root=a), shard("head", root=b)])
     other = manifest(shards=[shard("x", root=c)])
     child = manifest(shards=[shard("emb", root=a), shard("head", root=c), shard("renamed",
@@ -919,7 +919,7 @@ def test_chunk_flow_end_to_end() -> None:
 def provider_announcements(n: int, same_time: bool = False) -> dict[Announcement, bytes]:
     out = {}
     for i in range(n):
-        ann = announcement(hashlib.blake2b(bytes([i]), digest_size=32).digest(),
+        ann = announcement(hashlib.sha256(bytes([i])).digest(),
                            manifest_created=NOW if same_time else NOW + i * 1000)  # fmt: skip
         out[ann] = sign_announcement(KEY, ann)
     return out
@@ -1062,11 +1062,10 @@ def test_spec_hash_tree_vectors() -> None:
     assert [rows[f"leaf_{i}"] for i in range(3)] == [leaves[32 * i : 32 * i + 32].hex()
                                                      for i in range(3)]  # fmt: skip
     assert rows["leaf_2"] == leaf_hash(data[2 * CS :]).hex()
-    node_01 = hashlib.blake2b(b"\x01" + leaves[:64], digest_size=32).digest()
+    node_01 = hashlib.sha256(b"\x01" + leaves[:64]).digest()
     assert rows["node_01"] == node_01.hex()
     assert rows["root"] == root.hex() == root_from_leaves(leaves).hex()
-    assert rows["root"] == hashlib.blake2b(b"\x01" + node_01 + leaves[64:],
-                                           digest_size=32).hexdigest()  # fmt: skip
+    assert rows["root"] == hashlib.sha256(b"\x01" + node_01 + leaves[64:]).hexdigest()
     for cs in (MIN_CHUNK_SIZE, MAX_CHUNK_SIZE):
         assert rows["empty_root"] == hash_bytes(b"", cs)[0].hex()
 
