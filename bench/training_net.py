@@ -55,6 +55,7 @@ lr = {recipe.lr!r}
 outer_lr = {recipe.outer_lr!r}
 outer_momentum = {recipe.outer_momentum!r}
 seed = {recipe.seed}
+delta_bits = {recipe.delta_bits}
 [data]
 heldout_fraction = {recipe.heldout_fraction!r}
 [checks]

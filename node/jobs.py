@@ -567,7 +567,7 @@ class Jobs:
         train_fields = {"model_dir": str(model_dir), "data_files": data_files,
                         "steps": spec.inner_steps, "batch_size": spec.batch_size,
                         "seq_len": spec.seq_len, "lr": spec.lr, "device": "cpu",
-                        "threads": self.threads}
+                        "threads": self.threads, "delta_bits": spec.delta_bits}
         reexec = [{"id": tid, "train": dict(train_fields, op="train",
                                             slice_start=plans[tid].slice_start,
                                             slice_len=plans[tid].slice_len,
@@ -617,7 +617,7 @@ class Jobs:
             "op": "outer", "model_dir": str(model_dir), "deltas": accepted,
             "momentum": state["momentum"], "outer_lr": spec.outer_lr,
             "outer_momentum": spec.outer_momentum, "aggregate": "trimmed",
-            "out_model_dir": str(out_dir), "out_update": str(update),
+            "delta_bits": spec.delta_bits, "out_model_dir": str(out_dir), "out_update": str(update),
             "out_momentum": str(momentum),
             "data_files": [str(self.models.store.shard_path(s.root))
                            for s in dataset.manifest.shards],

@@ -17,9 +17,10 @@ Ops (fields without a default are required):
 ``train``   {"op": "train", "model_dir": D, "data_files": [F, ...], "slice_start": s,
              "slice_len": n, "seed": k, "steps": H, "batch_size": B, "seq_len": T, "lr": x,
              "warmup": 0, "lr_end": null, "device": "cpu"|"cuda"|"auto", "threads": 1,
-             "out_dir": O}
-            -> O/delta.safetensors (int8); {"first_loss", "last_loss", "tokens", "wall_s",
-               "delta": path, "delta_bytes": size, "device": device used}
+             "delta_bits": 8|4, "out_dir": O}
+            -> O/delta.safetensors (int8; int4 with "delta_bits": 4); {"first_loss",
+               "last_loss", "tokens", "wall_s", "delta": path, "delta_bytes": size,
+               "device": device used}
 ``check``   {"op": "check", "model_dir": D, "data_files": [...], "heldout_fraction": h,
              "eval_batches": n, "batch_size": b, "seq_len": T, "seed": k, "window_seed": k,
              "deltas": [{"id", "path", "slice_start", "slice_len", "seed", "steps",
@@ -36,6 +37,7 @@ Ops (fields without a default are required):
                "reason"}}, "thresholds": {...}, "check_wall_s", "reexec_wall_s"}
 ``outer``   {"op": "outer", "model_dir": D, "deltas": [paths], "momentum": M0|null,
              "outer_lr": x, "outer_momentum": m, "aggregate": "trimmed"|"clip",
+             "delta_bits": 8|4 (of the published update),
              "out_model_dir": O, "out_update": U, "out_momentum": M, "data_files": [...],
              "heldout_fraction": h, "eval_batches": n, "batch_size": 32, "seq_len": null,
              "seed": 0, "threads": 1}
@@ -154,7 +156,8 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 
 
 def load_delta(path: Path, config: gpt.GPTConfig) -> dict[str, torch.Tensor]:
-    """A dequantized int8 delta, checked against the model's tensor names and shapes."""
+    """A dequantized delta (int8 or int4), checked against the model's tensor names and
+    shapes."""
     q = load_tensors(path, "delta")
     try:
         delta = trainer.dequantize(q)
@@ -228,6 +231,14 @@ def train_args(req: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def delta_bits(req: dict[str, Any]) -> int:
+    """Bits a value of the delta or update a request writes (8 unless it says 4)."""
+    bits = int_field(req, "delta_bits", 4, 8)
+    if bits not in (8, 4):
+        raise RequestError(f"delta_bits: 8 or 4, got {bits}")
+    return bits
+
+
 def run_training(config: gpt.GPTConfig, base: dict[str, torch.Tensor], tokens: Any,
                  args: dict[str, Any], device: str, what: str) -> trainer.TaskOutput:
     every = max(1, args["steps"] // 10)
@@ -255,7 +266,7 @@ def op_train(req: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = run_training(config, base, tokens, args, device, "train")
     wall = time.perf_counter() - t0
-    data = save(trainer.quantize_int8(out.delta))
+    data = save(trainer.quantize(out.delta, delta_bits(req)))
     path = out_dir / DELTA_FILE
     write_atomic(path, data)
     return {"first_loss": out.first_loss, "last_loss": out.last_loss,
@@ -324,14 +335,16 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
             if rid in results:
                 continue  # its delta was already rejected as unreadable
             raise RequestError(f"reexec: no delta with id {rid!r}")
-        args = train_args(field(r, "train", dict))
+        train = field(r, "train", dict)
+        args = train_args(train)
         c = by_id[rid]
         if (args["slice_start"], args["slice_len"], args["seed"], args["steps"],
                 args["batch_size"], args["seq_len"]) != (c.slice_start, c.slice_len, c.seed,
                                                         c.steps, c.batch_size, c.seq_len):
             raise RequestError(f"reexec {rid}: train fields differ from the delta's entry")
         out = run_training(config, base, tokens, args, device, f"reexec {rid}")
-        diff = trainer.reexec_diff(c.delta, trainer.dequantize(trainer.quantize_int8(out.delta)))
+        rerun = trainer.dequantize(trainer.quantize(out.delta, delta_bits(train)))
+        diff = trainer.reexec_diff(c.delta, rerun)
         metrics[rid]["reexec_diff"] = diff
         metrics[rid]["reexec_match"] = diff <= tol
     reexec_wall = time.perf_counter() - t1
@@ -396,7 +409,7 @@ def op_outer(req: dict[str, Any]) -> dict[str, Any]:
     avg = trainer.robust_aggregate(deltas, method=aggregate)
     update, new_m = trainer.outer_step(base, avg, momentum, field(req, "outer_lr", float),
                                        field(req, "outer_momentum", float))
-    q, new_state, new_r = trainer.publish_update(base, update, residual)
+    q, new_state, new_r = trainer.publish_update(base, update, residual, delta_bits(req))
     upd = save(q)
     write_atomic(path_field(req, "out_update"), upd)
     buf = {**new_m, **{k + RESIDUAL_SUFFIX: v for k, v in new_r.items()}}

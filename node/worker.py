@@ -241,7 +241,8 @@ class Worker:
                 "seed": assign.seed, "steps": assign.inner_steps,
                 "batch_size": assign.batch_size, "seq_len": assign.seq_len, "lr": assign.lr,
                 "device": "cpu" if job.spec.device == "cpu" else self.config.device,
-                "threads": self.config.threads, "out_dir": str(out_dir),
+                "threads": self.config.threads, "delta_bits": job.spec.delta_bits,
+                "out_dir": str(out_dir),
             }
             timeout = max(1.0, assign.deadline_ms / 1000 - time.time()) + TRAIN_TIMEOUT_SLACK_S
             answer = await self._adversary(

@@ -40,6 +40,7 @@ MAX_TASK_S = 7 * 24 * 3600
 MAX_TOLERANCE = 10.0  # |heldout_tolerance|, in nats per byte: ln 256 is 5.5
 BPS = 10_000  # basis points in 1
 DEVICES: tuple[str, ...] = ("any", "cpu", "cuda")
+DELTA_BITS: tuple[int, ...] = (8, 4)  # int8 per row, or int4 in groups (specs/jobs.md)
 
 
 class JobSpecError(ProtocolError, ValueError):
@@ -61,7 +62,7 @@ class Field:
 
     path: str  # TOML path: "name", "train.rounds"
     attr: str  # JobSpec attribute (and wire key)
-    kind: str  # "text" | "id" | "int" | "float" | "choice" | "share"
+    kind: str  # "text" | "id" | "int" | "float" | "choice" | "share" | "bits"
     lo: float = 0
     hi: float = MAX_INT
     lo_open: bool = False  # the bound itself is excluded
@@ -96,6 +97,8 @@ FIELDS: tuple[Field, ...] = (
     _f("train.outer_momentum", "float", 0, 1, hi_open=True, default=0.9,
        doc="outer Nesterov momentum"),
     _f("train.seed", "int", 0, MAX_INT, default=0, doc="task seeds derive from it"),
+    _f("train.delta_bits", "bits", 4, 8, default=8,
+       doc="bits a value of the deltas and outer updates on the wire: 8 or 4"),
     _f("data.heldout_fraction", "float", 0, 0.5, lo_open=True, hi_open=True, default=0.05,
        doc="the last fraction of the dataset bytes, never trained on"),
     _f("requirements.min_vram_gb", "int", 0, MAX_VRAM_GB, default=0,
@@ -180,6 +183,10 @@ def _problem(f: Field, value: object) -> str | None:
         ok = isinstance(value, str) and value in DEVICES
         return None if ok else f"expected one of {', '.join(map(json.dumps, DEVICES))}, " \
                                f"got {_show(value)}"
+    if f.kind == "bits":
+        ok = isinstance(value, int) and not isinstance(value, bool) and value in DELTA_BITS
+        return None if ok else f"expected {' or '.join(map(str, DELTA_BITS))}, got " \
+                               f"{_show(value)}"
     if f.kind in ("int", "share"):
         if isinstance(value, int) and not isinstance(value, bool) and _in_range(f, value):
             return None
@@ -262,6 +269,7 @@ class JobSpec:
     outer_lr: float
     outer_momentum: float
     seed: int
+    delta_bits: int
     heldout_fraction: float
     min_vram_gb: int
     device: str

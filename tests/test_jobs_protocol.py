@@ -186,6 +186,8 @@ def valid_specs(draw: st.DrawFn) -> JobSpec:
             v = draw(st.binary(min_size=32, max_size=32))
         elif f.kind == "choice":
             v = draw(st.sampled_from(["any", "cpu", "cuda"]))
+        elif f.kind == "bits":
+            v = draw(st.sampled_from([8, 4]))
         elif f.kind in ("int", "share"):
             v = draw(st.integers(int(f.lo), int(f.hi)))
         else:
@@ -248,6 +250,8 @@ BAD_VALUES = [
     ("train.outer_momentum", "1.0", "in [0, 1)"),
     ("train.outer_momentum", "-0.1", "in [0, 1)"),
     ("train.seed", "-1", "expected an integer >= 0, got -1"),
+    ("train.delta_bits", "6", "train.delta_bits: expected 8 or 4, got 6"),
+    ("train.delta_bits", "true", "expected 8 or 4, got true"),
     ("data.heldout_fraction", "0.5", "in (0, 0.5)"),
     ("data.heldout_fraction", "0", "in (0, 0.5)"),
     ("requirements.min_vram_gb", "8.5", "expected an integer in [0, 4096], got 8.5"),

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load, save
 
 from node import corpus, gpt, trainer
@@ -135,6 +137,82 @@ def test_dequantize_rejects_malformed_files(mutate: Any, message: str) -> None:
     mutate(q)
     with pytest.raises(ValueError, match=message):
         trainer.dequantize(q)
+
+
+def test_quantize_int4_round_trip_error_is_bounded_per_group() -> None:
+    g = torch.Generator().manual_seed(1)
+    group = trainer.INT4_GROUP
+    delta = {"m": torch.randn(6, 300, generator=g) * torch.logspace(-6, 0, 300),
+             "v": torch.randn(5, generator=g), "z": torch.zeros(3, 4), "s": torch.tensor(2.5),
+             "t": torch.randn(2, 3, 129, generator=g)}
+    q = trainer.quantize(delta, 4)
+    assert q["m"].dtype == torch.uint8 and tuple(q["m"].shape) == (6, 192)  # 384 / 2
+    assert tuple(q["m.__scale"].shape) == (6, 3) and q["m.__shape"].tolist() == [6, 300]
+    assert q["s.__shape"].tolist() == []
+    back = trainer.dequantize(load(save(q)))  # safetensors-savable
+    assert {k: tuple(v.shape) for k, v in back.items()} == {
+        k: tuple(v.shape) for k, v in delta.items()}
+    for k, t in delta.items():
+        rows = t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
+        pad = (-rows.shape[1]) % group
+        groups = torch.nn.functional.pad(rows, (0, pad)).reshape(rows.shape[0], -1, group)
+        bound = groups.abs().amax(dim=2, keepdim=True) / 7 / 2 * (1 + 1e-5)
+        got = torch.nn.functional.pad(back[k].reshape(rows.shape), (0, pad))
+        err = (got.reshape(groups.shape) - groups).abs()
+        assert (err <= bound).all(), k  # at most half a step of its own group's scale
+    assert torch.equal(back["z"], torch.zeros(3, 4))
+    # Group scales keep small values precise: the first group (1e-6..1e-4) is not zero.
+    assert back["m"][:, :group].abs().sum() > 0
+    # About half the bytes of int8 on the model's own tensors (rows of 128 values).
+    model = gpt.init_state(gpt.SIZES["tiny"], 0)
+    ratio = trainer.payload_bytes(trainer.quantize(model, 4)) / trainer.payload_bytes(
+        trainer.quantize(model, 8))
+    assert 0.5 < ratio < 0.56
+    with pytest.raises(ValueError, match="8 or 4"):
+        trainer.quantize(delta, 2)
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda q: q.pop("w.__shape"), "no int64"),
+    (lambda q: q.__setitem__("w.__shape", torch.tensor([4, 200])), "expected"),
+    (lambda q: q.__setitem__("w.__shape", torch.tensor([4.0, 2.0])), "no int64"),
+    (lambda q: q.__setitem__("w.__shape", torch.tensor([-4, -2])), "not a tensor shape"),
+    (lambda q: q.__setitem__("w.__scale", torch.ones(4)), "scale of 'w' has shape"),
+    (lambda q: q.__setitem__("w", q["w"][:, :-1].contiguous()), "has shape"),
+    (lambda q: q.__setitem__("w", torch.zeros_like(q["w"])), "unused int4 code"),
+    (lambda q: q.__setitem__("x.__shape", torch.tensor([1])), "has no tensor"),
+])
+def test_dequantize_rejects_malformed_int4_files(mutate: Any, message: str) -> None:
+    q = trainer.quantize_int4({"w": torch.ones(4, 2)})
+    mutate(q)
+    with pytest.raises(ValueError, match=message):
+        trainer.dequantize(q)
+
+
+def test_dequantize_int8_refuses_a_shape_entry() -> None:
+    q = trainer.quantize_int8({"w": torch.ones(4, 2)})
+    q["w.__shape"] = torch.tensor([4, 2])
+    with pytest.raises(ValueError, match="int4 tensors only"):
+        trainer.dequantize(q)
+
+
+@settings(max_examples=60, deadline=None)
+@given(raw=st.binary(max_size=64), shape=st.lists(st.integers(0, 6), max_size=3),
+       scale=st.floats(allow_nan=True, allow_infinity=True, width=32))
+def test_dequantize_int4_never_fails_otherwise_than_with_value_error(
+    raw: bytes, shape: list[int], scale: float
+) -> None:
+    # A peer's file is data: whatever its bytes, the decoder answers or raises ValueError.
+    n_rows = shape[0] if len(shape) >= 2 else 1
+    packed = torch.frombuffer(bytearray(raw.ljust(64 * max(n_rows, 1), b"\x88")),
+                              dtype=torch.uint8)[: n_rows * 64].reshape(n_rows, 64)
+    q = {"w": packed.clone(), "w.__scale": torch.full((n_rows, 1), scale),
+         "w.__shape": torch.tensor(shape, dtype=torch.int64)}
+    try:
+        out = trainer.dequantize(q)
+    except ValueError:
+        return
+    assert list(out["w"].shape) == shape and torch.isfinite(out["w"]).all()
 
 
 # --------------------------------------------------------------------------- aggregation
