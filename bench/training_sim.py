@@ -57,7 +57,7 @@ class Recipe:
     # The network: rounds of `inner_steps` inner steps, then an outer Nesterov step.
     inner_steps: int = 40
     inner_warmup: int = 0  # linear lr warmup at the start of every task (fresh AdamW)
-    outer_lr: float = 0.7
+    outer_lr: float = 0.85
     outer_momentum: float = 0.9
     aggregate: str = "trimmed"
     # Bits a value of the deltas and outer updates on the wire: 8 (int8) or 4 (int4 in
