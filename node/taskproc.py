@@ -64,6 +64,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from node import adversary, corpus, gpt, trainer
+from protocol.jobspec import DELTA_BITS
 
 __all__ = ["OPS", "RequestError", "answer", "handle", "main"]
 
@@ -234,8 +235,8 @@ def train_args(req: dict[str, Any]) -> dict[str, Any]:
 def delta_bits(req: dict[str, Any]) -> int:
     """Bits a value of the delta or update a request writes (8 unless it says 4)."""
     bits = int_field(req, "delta_bits", 4, 8)
-    if bits not in (8, 4):
-        raise RequestError(f"delta_bits: 8 or 4, got {bits}")
+    if bits not in DELTA_BITS:  # the job spec's choices
+        raise RequestError(f"delta_bits: one of {DELTA_BITS}, got {bits}")
     return bits
 
 
