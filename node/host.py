@@ -50,6 +50,7 @@ KAD_PROTOCOL_ID = TProtocol("/ipfs/kad/1.0.0")
 # this long after the previous one.
 PROVIDE_SPACING_S = 1.1
 HEARTBEAT_S = 1  # gossipsub heartbeat (py-libp2p default 120 s; go-libp2p 1 s)
+CLOSE_TIMEOUT_S = 2.0  # closing the connections at shutdown, before the services stop
 # The library logs every normal stream EOF of the DHT as a warning.
 logging.getLogger("libp2p.kad_dht").setLevel(logging.ERROR)
 
@@ -270,4 +271,12 @@ async def open_network(
         await pubsub.wait_until_ready()
         if not host.get_addrs():
             raise ListenError(0, f"could not listen on any of {[str(a) for a in listen]}")
-        yield Network(host=host, dht=dht, pubsub=pubsub, gossipsub=gossipsub)
+        try:
+            yield Network(host=host, dht=dht, pubsub=pubsub, gossipsub=gossipsub)
+        finally:
+            # Close the connections while the services still run: the services stop in
+            # reverse order before the host does, and a pubsub stream handler that read a
+            # message after pubsub's nursery closed raised "Nursery is closed to new
+            # arrivals" out of the daemon at shutdown. Swarm.close is idempotent.
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                await host.get_network().close()
