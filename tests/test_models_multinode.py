@@ -21,10 +21,13 @@ from protocol.smip import (
     SMIP_PROTOCOL_ID,
     STATUS_OK,
     ChunkRequest,
+    LeavesRequest,
     ManifestRequest,
     Request,
     ResponseHeader,
     parse_id,
+    shard_provider_key,
+    version_provider_key,
 )
 from tests.netutil import FakeClock, make_env, wait_until
 
@@ -130,14 +133,15 @@ def test_publish_fetch_many_providers_bad_provider_forged_manifest(
             await bad.models.fetch(version)  # type: ignore[union-attr]
             genuine_envelope = bad.models.held[parse_id(version)].envelope  # type: ignore[union-attr]
             honest_answer = bad.models._answer  # type: ignore[union-attr]
-            corrupt_chunks = False
+            corrupt_chunks = corrupt_leaves = False
 
             async def lying_answer(request: Request) -> tuple[ResponseHeader, bytes]:
                 header, payload = await honest_answer(request)
                 if header.status == STATUS_OK and payload:
                     if isinstance(request, ManifestRequest) and not corrupt_chunks:
                         payload = payload[:-1] + bytes([payload[-1] ^ 1])
-                    elif isinstance(request, ChunkRequest) and corrupt_chunks:
+                    elif ((isinstance(request, ChunkRequest) and corrupt_chunks)
+                          or (isinstance(request, LeavesRequest) and corrupt_leaves)):
                         payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
                 return header, payload
 
@@ -160,6 +164,36 @@ def test_publish_fetch_many_providers_bad_provider_forged_manifest(
 
             with pytest.raises(FetchError, match="no provider"):
                 await late.models.fetch("ab" * 32)  # type: ignore[union-attr]
+
+            # A fetch whose only known provider does not hold the version (a stale hint,
+            # no announcement heard): the manifest comes from the DHT's providers.
+            other_dir = write_model(tmp_path / "other", shards=1, mib_per_shard=0.25, seed=2)
+            other = await a.models.publish(other_dir, kind="model", name="other")  # type: ignore[union-attr]
+            held_other = a.models.held[parse_id(other)]  # type: ignore[union-attr]
+            keys = [version_provider_key(held_other.version)] + [
+                shard_provider_key(s.root) for s in held_other.manifest.shards]
+
+            async def a_provides_all() -> bool:
+                for key in keys:
+                    found = await late.models.discovery.find_providers(key)  # type: ignore[union-attr]
+                    if a.net.peer_id not in {p.peer_id for p in found}:
+                        return False
+                return True
+
+            await wait_until(a_provides_all, timeout=30)
+            monkeypatch.setattr(late.models, "providers_of", lambda version: [])
+            await late.models.fetch(other, hint=[c.net.peer_id])  # type: ignore[union-attr]
+            assert late.models.held[parse_id(other)].state == "complete"  # type: ignore[union-attr]
+
+            # BAD, the only provider C knows of, serves corrupted leaf layers: it is
+            # dropped, and each shard, left without a provider, is looked up on the DHT
+            # at once and fetched from A.
+            await bad.models.fetch(other)  # type: ignore[union-attr]
+            corrupt_leaves = True
+            monkeypatch.setattr(c.models, "providers_of", lambda version: [bad.net.peer_id])
+            await c.models.fetch(other, out_dir=tmp_path / "out-other")  # type: ignore[union-attr]
+            assert digest_tree(tmp_path / "out-other") == digest_tree(other_dir)
+            assert dropped(c, "bad-leaves") == 1
 
     run(scenario, timeout=150)
 
