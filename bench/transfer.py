@@ -15,7 +15,10 @@ In one run, all on 127.0.0.1:
       pair's ratio, each pair's ratio and the ratio against (a) on the quiet machine
       (before the testnet starts and after it stops) are printed too;
   (c) node-3 fetches node-2's model too (untimed), then node-4 fetches it from node-1,
-      node-2 and node-3 at once; its files are written out and compared byte for byte.
+      node-2 and node-3 at once; its files are written out and compared byte for byte;
+  (d) latency, no goal: node-2 fetches five 2 MiB models (two shards and a config.json)
+      from node-1, one after the other; their time is mostly fixed costs (stream
+      opening, manifest, leaf layers, files and database rows).
 A fetch's time is the daemon's own operation time (from the API request to the verified,
 complete version in the store: provider lookup, manifest, leaf layers, chunks).
 
@@ -46,6 +49,8 @@ RAW_PROTOCOL = "/iollm-bench/raw/1.0.0"
 RAW_WRITE = MIB
 GOAL_RATIO = 0.8
 GOAL_PEAK_MIB = 300.0
+SMALL_MIB = 2.0  # (d): the models whose fetch time is mostly fixed costs
+SMALL_RUNS = 5
 
 
 def log(msg: str) -> None:
@@ -321,6 +326,24 @@ def run(args: argparse.Namespace) -> int:
         files = sorted(p.name for p in models[0].iterdir())
         same, _, _ = filecmp.cmpfiles(models[0], out, files, shallow=False)
         identical = same == files
+
+        log(f"(d) latency: node-2 fetches {SMALL_MIB:g} MiB models from node-1, one at a time")
+        latency_ms = []
+        for i in range(SMALL_RUNS):
+            small = work / f"small-{i}"
+            if not small.exists():
+                subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"),
+                                "model", str(small), "--mib", str(SMALL_MIB), "--shards", "2",
+                                "--seed", str(100 + i)], check=True, timeout=120,
+                               capture_output=True)
+            op = n1.run_op("POST", "/v1/models/publish",
+                           {"path": str(small), "kind": "model", "name": f"bench-small-{i}"},
+                           "publish")
+            v = op["result"]["version"]
+            wait_providers(n2, v, 1)
+            op = n2.run_op("POST", "/v1/models/fetch", {"version": v}, "fetch")
+            latency_ms.append(float(op["ended_ms"] - op["started_ms"]))
+        log(f"    {', '.join(f'{x:.0f}' for x in latency_ms)} ms")
     finally:
         testnet_down(net)
 
@@ -343,6 +366,7 @@ def run(args: argparse.Namespace) -> int:
         "ratio_one_to_quiet_raw": round(one["mib_s"] / max(quiet), 3),
         "ratio_three_to_raw": round(three["mib_s"] / baseline, 3),
         "byte_identical": identical,
+        "small_fetch_ms": latency_ms,
     }
     print(json.dumps(figures, indent=2))
     print(f"\n(a) raw stream            {baseline:7.1f} MiB/s  (runs with the testnet up: "
@@ -361,6 +385,10 @@ def run(args: argparse.Namespace) -> int:
           f"{three['mib_s'] / baseline:.2f}x  peak {three['peak_mib']:.0f} MiB "
           f"(before {three['rss_before_mib']:.0f} MiB)")
     print(f"    fetched files byte-identical to the published ones: {identical}")
+    median = sorted(latency_ms)[len(latency_ms) // 2]
+    small_runs = ", ".join(f"{x:.0f}" for x in latency_ms)
+    print(f"(d) fetch of a {SMALL_MIB:g} MiB model (3 files), 1 provider: median "
+          f"{median:.0f} ms (runs: {small_runs})")
 
     missed = []
     if ratio < GOAL_RATIO:
