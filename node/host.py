@@ -30,6 +30,7 @@ from libp2p.host.basic_host import BasicHost
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.exceptions import RawConnError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
@@ -37,6 +38,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.records.validator import Validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer import muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
@@ -51,8 +53,44 @@ KAD_PROTOCOL_ID = TProtocol("/ipfs/kad/1.0.0")
 PROVIDE_SPACING_S = 1.1
 HEARTBEAT_S = 1  # gossipsub heartbeat (py-libp2p default 120 s; go-libp2p 1 s)
 CLOSE_TIMEOUT_S = 2.0  # closing the connections at shutdown, before the services stop
+# A peer that takes longer than this to take one yamux frame (at most 64 KiB) has its
+# connection closed: a frame begun cannot be abandoned (AtomicYamux).
+FRAME_WRITE_TIMEOUT_S = 10.0
 # The library logs every normal stream EOF of the DHT as a warning.
 logging.getLogger("libp2p.kad_dht").setLevel(logging.ERROR)
+
+
+class AtomicYamux(Yamux):
+    """Yamux whose frames are written whole, or the connection is closed.
+
+    py-libp2p's frame write can be cancelled half-way: a task cancelled (by a timeout, or
+    a fetch that ended) while its frame was being encrypted and sent left the Noise
+    session's nonce advanced or the byte stream cut, and every later message on that
+    connection failed authentication. One timed-out write on one stream broke gossip,
+    the DHT and consensus with that peer (tests/test_host.py reproduces it). Here a frame
+    write, once it holds the connection, is shielded from cancellation (the cancellation
+    takes effect right after it); a peer that does not take the frame within
+    FRAME_WRITE_TIMEOUT_S gets its connection closed instead.
+    """
+
+    async def _write_frame(self, data: bytes) -> None:
+        async with self._write_lock:
+            with trio.CancelScope(shield=True), trio.move_on_after(
+                    FRAME_WRITE_TIMEOUT_S) as stalled:
+                await self.secured_conn.write(data)
+            if stalled.cancelled_caught:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                    await self.secured_conn.close()
+                # "connection closed": py-libp2p's callers treat that as a closed peer.
+                raise RawConnError(f"connection closed: a frame write stalled for "
+                                   f"{FRAME_WRITE_TIMEOUT_S:g} s")
+        await trio.lowlevel.checkpoint()
+
+
+# py-libp2p 0.8.1 builds every yamux connection from this module's name ``Yamux``
+# (muxer_multistream.new_conn), whatever class muxer_opt maps the protocol to; the test
+# that connections are AtomicYamux catches a version that changes this.
+muxer_multistream.Yamux = AtomicYamux  # type: ignore[misc]
 
 
 class BadMultiaddr(ValueError):
@@ -243,7 +281,7 @@ async def open_network(
                 key_pair, noise_privkey=noise_key.private_key
             )
         },
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): AtomicYamux},
         listen_addrs=listen,
         connection_config=ConnectionConfig(max_connections_per_peer=1),
         addrs_factory=expand_unspecified,
