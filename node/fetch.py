@@ -94,10 +94,10 @@ class SmipClient:
                     self.stream = await self.net.host.new_stream(self.peer, [SMIP_PROTOCOL])
                 break
             except (SwarmException, StreamFailure) as exc:
-                # The connection went (a stream cancelled mid-frame leaves the muxer's
-                # byte stream cut, and the next stream's negotiation fails on it;
-                # py-libp2p drops one of two crossing dials): not the provider's fault,
-                # so dial once more before it counts as failed.
+                # The connection went (closed by the peer or after a stalled frame
+                # write, node/host.py; py-libp2p drops one of two crossing dials) and
+                # the stream's negotiation failed on it: not the provider's fault, so
+                # dial once more before it counts as failed.
                 if attempt + 1 == OPEN_TRIES:
                     raise
                 log.debug("stream to %s failed (%r); dialling again", self.peer, exc)

@@ -305,13 +305,21 @@ class Machine:
         """What to gossip again (gossip is lossy; node/ calls this every second or so): our
         latest proposal, prevote and precommit; the 2f+1 prevotes behind our validValue,
         so a peer can accept its re-proposal (rule 28: the paper assumes every message a
-        correct process received reaches all of them, this stands in for that); once
-        decided, the decided proposal and its precommits."""
+        correct process received reaches all of them, this stands in for that); the 2f+1
+        precommits that ended the latest earlier round, so a peer still in that round can
+        follow (rule 47: a validator that left it without precommitting, or a precommit
+        the peer lost, would otherwise leave it short of 2f+1 for good); once decided,
+        the decided proposal and its precommits."""
         props = [self._own["proposal"]] if "proposal" in self._own else []
         votes = [self._own[k] for k in VOTE_KINDS if k in self._own]
         if self._valid_round >= 0:
             bid = block_id(self._valid)  # type: ignore[arg-type]
             votes += self._voters(self._valid_round, PREVOTE, bid)
+        ended = [r for r, kind in self._votes if kind == PRECOMMIT and r < self._round
+                 and self._any_power(r, PRECOMMIT) >= self._quorum]
+        if ended:
+            held = self._votes[(max(ended), PRECOMMIT)]
+            votes += [data for w in sorted(held) for data in held[w].values()]
         if self.decided is not None:
             props.append(self._proposals[self.decided.round][2])
             votes += self.decided.commit.votes
