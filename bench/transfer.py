@@ -187,6 +187,12 @@ class Node:
             time.sleep(0.1)  # polling another process, with a deadline
         raise SystemExit(f"bench: {what} on {self.name} did not finish in {timeout:.0f} s")
 
+    def publish(self, path: Path, name: str) -> str:
+        """Publish a model directory on this node; its version id."""
+        op = self.run_op("POST", "/v1/models/publish",
+                         {"path": str(path), "kind": "model", "name": name}, "publish")
+        return str(op["result"]["version"])
+
     def rss_mib(self) -> float:
         return _status_kib(self.pid, "VmRSS") / 1024
 
@@ -205,6 +211,13 @@ class Node:
             if v["version"] == version:
                 return int(v["providers"])
         return 0
+
+
+def make_model(path: Path, mib: float, shards: int, seed: int) -> None:
+    """A safetensors model directory of ``mib`` MiB (scripts/make_demo_data.py)."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "model",
+                    str(path), "--mib", str(mib), "--shards", str(shards), "--seed", str(seed)],
+                   check=True, timeout=1800, stdout=subprocess.DEVNULL)
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -270,9 +283,7 @@ def run(args: argparse.Namespace) -> int:
     for seed, path in enumerate(models):
         if not path.exists():
             log(f"writing a {args.mib:g} MiB model of {args.shards} shards to {path}")
-            subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"),
-                            "model", str(path), "--mib", str(args.mib), "--shards",
-                            str(args.shards), "--seed", str(seed)], check=True, timeout=1800)
+            make_model(path, args.mib, args.shards, seed)
     size_mib = sum(p.stat().st_size for p in models[0].iterdir()) / MIB
 
     net = work / "testnet"
@@ -288,9 +299,7 @@ def run(args: argparse.Namespace) -> int:
             name = f"bench-model-{i + 1}"
             log(f"publishing {name} on node-1")
             t0 = time.monotonic()
-            op = n1.run_op("POST", "/v1/models/publish",
-                           {"path": str(path), "kind": "model", "name": name}, "publish")
-            versions.append(op["result"]["version"])
+            versions.append(n1.publish(path, name))
             log(f"    {versions[-1][:12]} in {time.monotonic() - t0:.1f} s")
 
         raw: list[float] = []  # (a) with the testnet up, one run before each (b) run
@@ -310,8 +319,7 @@ def run(args: argparse.Namespace) -> int:
             ones.append(timed_fetch(fetcher, v, size_mib, [n1]))
             log(f"    {ones[-1]['mib_s']:.1f} MiB/s ({ones[-1]['mib_s'] / raw[-1]:.2f}x the raw "
                 f"run before it), peak {ones[-1]['peak_mib']:.0f} MiB")
-        best = max(range(len(ones)), key=lambda i: ones[i]["mib_s"])
-        one = ones[best]
+        one = max(ones, key=lambda f: f["mib_s"])
 
         version = versions[0]
         log("node-3 fetches node-2's model (untimed), so that three nodes provide it")
@@ -332,14 +340,8 @@ def run(args: argparse.Namespace) -> int:
         for i in range(SMALL_RUNS):
             small = work / f"small-{i}"
             if not small.exists():
-                subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"),
-                                "model", str(small), "--mib", str(SMALL_MIB), "--shards", "2",
-                                "--seed", str(100 + i)], check=True, timeout=120,
-                               capture_output=True)
-            op = n1.run_op("POST", "/v1/models/publish",
-                           {"path": str(small), "kind": "model", "name": f"bench-small-{i}"},
-                           "publish")
-            v = op["result"]["version"]
+                make_model(small, SMALL_MIB, 2, 100 + i)
+            v = n1.publish(small, f"bench-small-{i}")
             wait_providers(n2, v, 1)
             op = n2.run_op("POST", "/v1/models/fetch", {"version": v}, "fetch")
             latency_ms.append(float(op["ended_ms"] - op["started_ms"]))

@@ -238,7 +238,7 @@ async def fetch_version(models: Models, version: bytes, progress: Progress,
         try:
             held = await fetch_manifest(models, version, providers)
         except FetchError:
-            if providers is not known:
+            if not known:  # these were the DHT's providers already
                 raise
             more = [p for p in await find_providers(models, version_provider_key(version), [])
                     if p not in known]
