@@ -69,11 +69,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_node_start(args: argparse.Namespace) -> int:
     import trio
 
-    from node.consensus import ChainError
     from node.daemon import StartOptions, run_daemon
-    from node.host import BadMultiaddr, ListenError
-    from node.identity import IdentityError
-    from node.probe import ProbeError
 
     home = _home(args)
     config = load_config(home)
@@ -82,16 +78,50 @@ def cmd_node_start(args: argparse.Namespace) -> int:
                            genesis=Path(args.genesis).expanduser() if args.genesis else None)
     try:
         trio.run(run_daemon, home, config, options)
-    except (IdentityError, BadMultiaddr, ProbeError, ChainError) as exc:
-        raise CliError(str(exc)) from None
     except KeyboardInterrupt:
         logging.getLogger("node").info("interrupted during start-up")
         return 130
-    except ListenError as exc:
-        raise CliError(exc.strerror or str(exc)) from None
-    except OSError as exc:
-        raise CliError(f"cannot start the node: {exc}") from None
+    except Exception as exc:
+        raise CliError(fatal_reason(exc)) from None
     return 0
+
+
+def fatal_reason(exc: BaseException) -> str:
+    """One line saying why the daemon stopped.
+
+    The services run in one nursery tree, so an error arrives wrapped in exception groups;
+    the first leaf that is not a cancellation is the cause. Errors the user can act on
+    (a bad key, address, genesis; a port in use; the home's disk failing) are stated as
+    they are. Anything else is a bug: its traceback goes to the log first, then this line.
+    """
+    import sqlite3
+
+    from node.consensus import ChainError
+    from node.host import BadMultiaddr, ListenError
+    from node.identity import IdentityError
+    from node.probe import ProbeError
+
+    cause = _first_cause(exc)
+    if isinstance(cause, ListenError):
+        return cause.strerror or str(cause)
+    if isinstance(cause, IdentityError | BadMultiaddr | ProbeError | ChainError | ConfigError):
+        return str(cause)
+    if isinstance(cause, OSError):
+        return f"the node stopped: {cause}"
+    if isinstance(cause, sqlite3.Error):
+        return f"the node stopped: its state database failed: {cause}"
+    logging.getLogger("node").error("the node stopped on an unexpected error", exc_info=cause)
+    return (f"the node stopped on an unexpected error: {type(cause).__name__}: {cause} "
+            f"(traceback in the log above; please report it)")
+
+
+def _first_cause(exc: BaseException) -> BaseException:
+    if isinstance(exc, BaseExceptionGroup):
+        import trio
+
+        leaves = [_first_cause(e) for e in exc.exceptions]
+        return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
+    return exc
 
 
 # -- commands that talk to a running node ---------------------------------------------------
@@ -189,6 +219,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"routing table:    {status['routing_table_size']} peers")
     for a in status["addrs"]:
         print(f"listening:        {a}")
+    print(f"protocols:        {' '.join(status['protocols'])}")
+    banned = status["banned_peers"]
+    print(f"banned peers:     {len(banned)}" + "".join(f"\n  {p}" for p in banned))
     return 0
 
 

@@ -259,7 +259,8 @@ async def run_daemon(
 
     async with open_storage(home / STATE_DB) as storage, ContentStore(
         config.store.directory(home), storage, config.store.quota_bytes, clock_ms
-    ) as store, open_network(key, listen, {DHT_NAMESPACE: validator}) as net:
+    ) as store, open_network(key, listen, {DHT_NAMESPACE: validator},
+                             registry=registry) as net:
         discovery = Discovery(net, key, storage, config.discovery, env, software=SOFTWARE,
                               clock_ms=clock_ms, metrics=metrics, bootstrap=bootstrap)
         models = Models(net, key, storage, store, discovery, clock_ms=clock_ms,
@@ -280,6 +281,8 @@ async def run_daemon(
                 "uptime_s": round(time.monotonic() - started, 3),
                 "connected_peers": len(net.host.get_connected_peers()),
                 "routing_table_size": net.dht.get_routing_table_size(),
+                "protocols": net.protocols(),
+                "banned_peers": net.guard.banned(),
                 "record": record_to_json(current.record) if current else None,
                 # True once the record has been put, gossiped and provided under every
                 # class at least once (testnet up waits for it).

@@ -43,6 +43,10 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from nacl.signing import SigningKey
+from prometheus_client import CollectorRegistry
+
+from node.streamguard import StreamGuard
+from protocol.penalty import PenaltyPolicy
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +208,25 @@ class _NoAddProviderEcho:
         await self._stream.write(held + data)
 
 
+class GuardedPubsub(Pubsub):
+    """Pubsub that forgets a peer whose stream failed in any way.
+
+    py-libp2p 0.8.1's ``Pubsub.stream_handler`` cleans up (resets the stream, drops the
+    peer's subscriptions and mesh links) only for StreamError, ParseError and
+    IncompleteReadError; a frame that is not an RPC protobuf raises ``DecodeError``,
+    which it lets through with the peer half-registered. Here every failure gets the
+    library's own clean-up, then goes on to the stream guard, which resets the stream,
+    logs and counts it (tests/test_stream_guard.py fails if the library's handler
+    changes what it catches)."""
+
+    async def stream_handler(self, stream: Any) -> None:
+        try:
+            await super().stream_handler(stream)
+        except Exception:
+            self._handle_dead_peer(stream.muxed_conn.peer_id)
+            raise
+
+
 class InteropKadDHT(KadDHT):
     """KadDHT whose server side never answers ADD_PROVIDER (see _NoAddProviderEcho)."""
 
@@ -219,6 +242,7 @@ class Network:
     dht: KadDHT
     pubsub: Pubsub
     gossipsub: GossipSub
+    guard: StreamGuard
     _provide_lock: trio.Lock = field(default_factory=trio.Lock)
     _next_provide: float = 0.0
 
@@ -231,6 +255,10 @@ class Network:
         pid = self.peer_id.to_base58()
         return [f"{a}/p2p/{pid}" if "/p2p/" not in str(a) else str(a)
                 for a in self.host.get_addrs()]
+
+    def protocols(self) -> list[str]:
+        """Every protocol id this host serves (a handler is registered for it)."""
+        return sorted(str(p) for p in self.host.get_mux().get_protocols() if p)
 
     async def provide_slot(self) -> None:
         """Wait for this node's next provide slot (PROVIDE_SPACING_S after the previous
@@ -270,8 +298,13 @@ async def open_network(
     listen: list[multiaddr.Multiaddr],
     validators: dict[str, Validator],
     gossip_topics_validated: bool = True,
+    registry: CollectorRegistry | None = None,
+    penalties: PenaltyPolicy | None = None,
 ) -> AsyncIterator[Network]:
-    """Start host, DHT (server mode) and gossipsub; yield once all are listening."""
+    """Start host, DHT (server mode) and gossipsub; yield once all are listening.
+
+    Every inbound stream runs under the stream guard (node/streamguard.py), whose
+    counters go to ``registry``; ``penalties`` says when a failing peer is banned."""
     key_pair = libp2p_key_pair(signing_key)
     noise_key = create_x25519_key_pair()
     host = new_host(
@@ -288,6 +321,8 @@ async def open_network(
     )
     assert isinstance(host, BasicHost)
     _disable_auto_connector(host)
+    guard = StreamGuard(host, registry or CollectorRegistry(), penalties)
+    guard.install()
     dht = InteropKadDHT(host, DHTMode.SERVER, enable_random_walk=False)
     for namespace, validator in validators.items():
         dht.register_validator(namespace, validator)
@@ -299,18 +334,24 @@ async def open_network(
         heartbeat_interval=HEARTBEAT_S,
         spam_protection_enabled=False,
     )
-    pubsub = Pubsub(host, gossipsub)
+    pubsub = GuardedPubsub(host, gossipsub)
     async with (
         host.run(listen_addrs=listen),
         background_trio_service(dht),
-        background_trio_service(pubsub),
-        background_trio_service(gossipsub),
+        background_trio_service(pubsub) as pubsub_manager,
+        background_trio_service(gossipsub) as gossipsub_manager,
+        # Innermost: cancelling it at the end must not cover the library's services, whose
+        # exits turn an exception in flight into Cancelled (the scope would swallow it).
+        trio.open_nursery() as guard_nursery,
     ):
+        await guard_nursery.start(guard.run)
+        guard.guard_tasks(pubsub_manager, "pubsub")
+        guard.guard_tasks(gossipsub_manager, "gossipsub")
         await pubsub.wait_until_ready()
         if not host.get_addrs():
             raise ListenError(0, f"could not listen on any of {[str(a) for a in listen]}")
         try:
-            yield Network(host=host, dht=dht, pubsub=pubsub, gossipsub=gossipsub)
+            yield Network(host=host, dht=dht, pubsub=pubsub, gossipsub=gossipsub, guard=guard)
         finally:
             # Close the connections while the services still run: the services stop in
             # reverse order before the host does, and a pubsub stream handler that read a
@@ -318,3 +359,4 @@ async def open_network(
             # arrivals" out of the daemon at shutdown. Swarm.close is idempotent.
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
                 await host.get_network().close()
+            guard_nursery.cancel_scope.cancel()

@@ -1,0 +1,224 @@
+"""One guard around every inbound stream of the host: no handler error ends the node.
+
+py-libp2p runs each inbound stream's handler (ours, and its own: pubsub, Kademlia,
+identify, ping) in the nursery of the stream's connection, which is inside the host's
+nursery: an exception a handler does not catch (py-libp2p 0.8.1's pubsub lets a protobuf
+``DecodeError`` through) travels up and ends the daemon. A peer could stop any node it
+can reach with one malformed frame.
+
+The guard sits at the one place every inbound stream passes: the swarm's common stream
+handler, which negotiates the protocol and dispatches to the registered handler. It
+wraps that call, so a protocol registered later is covered with no change here. An
+error that escapes a handler:
+
+- resets that stream (and nothing else: the connection and its other streams go on);
+- is logged as one line with the peer and protocol (the traceback at debug level only);
+- is counted in ``iollm_stream_handler_errors_total{protocol, kind}``;
+- if it is a failure an honest peer cannot cause, is a strike against the peer
+  (protocol/penalty.py); a peer with too many strikes is disconnected and its
+  connections are refused until the ban ends.
+
+A peer that vanishes (reset, EOF, timeout, broken link) is counted as ``gone``, not as
+a strike: honest peers crash and lose their links.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.host.basic_host import BasicHost
+from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
+from libp2p.network.connection.exceptions import RawConnError
+from libp2p.network.stream.exceptions import StreamError
+from libp2p.peer.id import ID
+from libp2p.stream_muxer.exceptions import MuxedConnError, MuxedStreamError
+from multiaddr import Multiaddr
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from protocol.penalty import PeerPenalties, PenaltyPolicy
+
+log = logging.getLogger(__name__)
+
+# Ways a peer vanishes mid-stream. Everything else a handler raises is the peer's input
+# making our code (or the library's) fail, and counts against it.
+PEER_GONE_ERRORS: tuple[type[BaseException], ...] = (
+    StreamError, IncompleteReadError, ConnectionClosedError, RawConnError, MuxedStreamError,
+    MuxedConnError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+    EOFError, ConnectionError,
+)
+RESET_TIMEOUT_S = 2.0  # resetting a stream of a peer that does not read
+NOT_NEGOTIATED = "(none)"  # the protocol label of a stream that failed before negotiation
+DISCONNECT_QUEUE = 256  # peers waiting to be disconnected; more are caught on their next stream
+
+StreamHandler = Callable[[INetStream], Awaitable[None]]
+
+
+def peer_of(stream: INetStream) -> ID:
+    return stream.muxed_conn.peer_id
+
+
+class StreamGuard(INotifee):
+    """Installed on a host by :meth:`install`; :meth:`run` does the disconnections."""
+
+    def __init__(self, host: BasicHost, registry: CollectorRegistry,
+                 policy: PenaltyPolicy | None = None,
+                 clock: Callable[[], float] = trio.current_time) -> None:
+        self._host = host
+        self._clock = clock
+        self.penalties = PeerPenalties(policy)
+        # py-libp2p's own inbound entry point: protocol negotiation, then the handler.
+        self._dispatch: StreamHandler = host._swarm_stream_handler
+        self._to_disconnect, self._disconnect_queue = trio.open_memory_channel[ID](
+            DISCONNECT_QUEUE)
+        self.errors = Counter(
+            "iollm_stream_handler_errors",
+            "inbound streams whose handler failed, by protocol and kind: error (counts "
+            "against the peer), gone (the peer vanished), refused (a banned peer)",
+            ["protocol", "kind"], registry=registry)
+        self.bans = Counter("iollm_peers_banned", "peers banned for repeated handler errors",
+                            registry=registry)
+        Gauge("iollm_peers_banned_now", "peers banned at this moment",
+              registry=registry).set_function(lambda: len(self.banned()))
+
+    def install(self) -> None:
+        network = self._host.get_network()
+        network.set_stream_handler(self.handle)
+        network.register_notifee(self)
+
+    def banned(self) -> list[str]:
+        return self.penalties.banned(self._clock())
+
+    def is_banned(self, peer: ID) -> bool:
+        return self.penalties.is_banned(peer.to_base58(), self._clock())
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Close the connections of banned peers. Done here, not in the handler or the
+        notifee that found them: closing a connection cancels its own tasks."""
+        task_status.started()
+        async for peer in self._disconnect_queue:
+            with trio.move_on_after(RESET_TIMEOUT_S):
+                try:
+                    await self._host.get_network().close_peer(peer)
+                except Exception as exc:  # already closing, or closed meanwhile
+                    log.debug("closing banned peer %s: %r", peer, exc)
+
+    async def handle(self, stream: INetStream) -> None:
+        """The swarm's handler of every inbound stream."""
+        peer = peer_of(stream)
+        if self.is_banned(peer):
+            self.errors.labels(protocol=NOT_NEGOTIATED, kind="refused").inc()
+            await _reset(stream)
+            self._disconnect(peer)
+            return
+        try:
+            await self._dispatch(stream)
+        except Exception as exc:
+            await _reset(stream)
+            self.failed(peer, str(stream.get_protocol() or NOT_NEGOTIATED), exc)
+
+    def failed(self, peer: ID, protocol: str, exc: BaseException) -> None:
+        """Account for one handler failure of ``peer`` on ``protocol``."""
+        if _only(exc, PEER_GONE_ERRORS):
+            self.errors.labels(protocol=protocol, kind="gone").inc()
+            log.debug("%s stream from %s ended: %r", protocol, peer, exc)
+            return
+        self.errors.labels(protocol=protocol, kind="error").inc()
+        log.warning("%s stream from %s failed: %s", protocol, peer, _one_line(exc))
+        log.debug("the failure's traceback", exc_info=exc)
+        if self.penalties.strike(peer.to_base58(), self._clock()):
+            policy = self.penalties.policy
+            self.bans.inc()
+            log.warning("banning %s for %g s: %d failed streams within %g s", peer,
+                        policy.ban_s, policy.strikes, policy.window_s)
+            self._disconnect(peer)
+
+    def guard_tasks(self, manager: Any, service: str) -> None:
+        """Contain the failures of the tasks a library service spawns per message.
+
+        py-libp2p's pubsub checks each received message in a task of its own service
+        (``push_msg``, spawned by the stream reader); an error there (a message whose
+        ``key`` is no public key raised protobuf's DecodeError) ends the whole pubsub
+        service, and with it the node. Wrapping the service manager's ``run_task`` keeps
+        the failure to that task; the peer it names first (the message's forwarder, in
+        every such task of pubsub) gets the strike. Daemon tasks (the service's own
+        loops) are left as they are: one of those failing is a library bug, not input.
+        """
+        run_task = manager.run_task
+
+        def guarded_run_task(async_fn: Callable[..., Awaitable[Any]], *args: Any,
+                             daemon: bool = False, name: str | None = None,
+                             **kwargs: Any) -> None:
+            if daemon:
+                run_task(async_fn, *args, daemon=daemon, name=name, **kwargs)
+                return
+
+            async def contained(*task_args: Any) -> None:
+                try:
+                    await async_fn(*task_args)
+                except Exception as exc:
+                    peer = task_args[0] if task_args and isinstance(task_args[0], ID) else None
+                    label = f"{service}:{getattr(async_fn, '__name__', 'task')}"
+                    if peer is None:
+                        self.errors.labels(protocol=label, kind="error").inc()
+                        log.warning("%s failed: %s", label, _one_line(exc))
+                    else:
+                        self.failed(peer, label, exc)
+
+            run_task(contained, *args, daemon=daemon,
+                     name=name or getattr(async_fn, "__name__", None), **kwargs)
+
+        manager.run_task = guarded_run_task
+
+    def _disconnect(self, peer: ID) -> None:
+        # When the queue is full, the peer's next stream or connection queues it again.
+        with contextlib.suppress(trio.WouldBlock):
+            self._to_disconnect.send_nowait(peer)
+
+    # -- INotifee: a banned peer's new connection is closed at once -------------------
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        peer = conn.muxed_conn.peer_id
+        if self.is_banned(peer):
+            log.debug("refusing a connection of banned peer %s", peer)
+            self._disconnect(peer)
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+
+def _only(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """True when ``exc``, or every leaf of an exception group, is one of ``kinds``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only(e, kinds) for e in exc.exceptions)
+    return isinstance(exc, kinds)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+async def _reset(stream: Any) -> None:
+    # Shielded: the stream must not be left half-open when the caller is being cancelled.
+    # An error means it was reset or closed already: nothing left to do.
+    with (trio.CancelScope(shield=True), trio.move_on_after(RESET_TIMEOUT_S),
+          contextlib.suppress(Exception)):
+        await stream.reset()
+
