@@ -117,13 +117,13 @@ def measure_check_rate(genesis_toml: str, txs: list[bytes]) -> float:
 
 class Validator:
     def __init__(self, entry: dict[str, Any]) -> None:
-        from node.api import read_token_file
+        from node.api.server import read_token_file
 
         self.name, self.api, self.home = entry["name"], entry["api"], Path(entry["home"])
         self.token = read_token_file(self.home / "api.token")
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
-        from node.api import api_request
+        from node.api.server import api_request
 
         return api_request(self.api, self.token, method, path, body, timeout=timeout)
 
@@ -189,7 +189,7 @@ def watch(v: Validator, final: dict[str, float], blocks: list[dict[str, Any]],
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.testnet import STATE_FILE, testnet_down, testnet_up
+    from node.cli.testnet import STATE_FILE, testnet_down, testnet_up
     from protocol.ledger import encode_tx, tx_id
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="iollm-consensus-"))

@@ -44,9 +44,11 @@ import trio
 from benchstats import percentile
 from hivemind_env import HivemindEnvError, ensure_hivemind_venv
 
-from node.cluster import LocalNode, local_cluster
 from node.config import DiscoverySection
 from protocol.capability import EnvReport, GpuInfo, matches
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the test cluster, tests/
+from tests.cluster import LocalNode, local_cluster
 
 BENCH_DIR = Path(__file__).resolve().parent
 GIB = 2**30

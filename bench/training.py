@@ -10,7 +10,7 @@ batch of all workers together, from the seed's initialisation):
   (b) the network: `workers` workers, each `steps` steps of its own batch in rounds of
       `inner_steps`, int4 deltas, checks, robust aggregate, Nesterov outer step, int4
       outer update: a real job on a local cluster (bench/training_net.py), or with
-      `--sim` in this process with the same functions as node.taskproc
+      `--sim` in this process with the same functions as node.jobs.taskproc
       (bench/training_sim.py);
   (c) one worker alone, `steps` steps of its own batch: what a node reaches alone.
 It prints the three held-out losses (the same held-out windows for all three), the
@@ -54,7 +54,7 @@ from bench.training_sim import (  # noqa: E402
     log,
     run_simulated_network,
 )
-from node import corpus, gpt, trainer  # noqa: E402
+from node.ml import corpus, gpt, trainer  # noqa: E402
 
 GOAL_EFFICIENCY = 0.8
 GOAL_BYTES_RATIO = 400.0

@@ -4,7 +4,7 @@
 returns the same figures, but nothing is simulated: one coordinator and ``recipe.workers``
 worker nodes run in one trio process on 127.0.0.1 (real py-libp2p hosts, DHT, gossip,
 SMIP), the base model and the corpus are published through SMIP, the job is submitted as
-a user would (a TOML spec), every worker trains in its own ``python -m node.taskproc``
+a user would (a TOML spec), every worker trains in its own ``python -m node.jobs.taskproc``
 child, the coordinator checks and merges in its own, and the final version is read back
 from the coordinator's content store. Bytes are what SMIP moved: per worker, the payload
 of the deltas it published (the coordinator fetches each once) and everything it fetched,
@@ -25,10 +25,10 @@ import torch
 import trio
 
 from bench.training_sim import NetworkResult, Recipe
-from node import gpt
-from node.cluster import LocalNode, local_cluster
 from node.config import DiscoverySection, WorkerSection
+from node.ml import gpt
 from protocol.capability import EnvReport
+from tests.cluster import LocalNode, local_cluster
 
 State = dict[str, torch.Tensor]
 JOB_TIMEOUT_S = 3 * 3600.0

@@ -1,11 +1,11 @@
 """The training benchmark's recipe and its in-process network simulation (part (b)).
 
 :func:`run_simulated_network` plays a job's rounds with exactly the functions the worker
-and the coordinator run inside ``python -m node.taskproc``: :func:`node.trainer.train_task`,
-:func:`~node.trainer.quantize_int8`, :func:`~node.trainer.check_round` and a sampled
-re-execution, :func:`~node.trainer.judge`, :func:`~node.trainer.robust_aggregate`,
-:func:`~node.trainer.outer_step`, :func:`~node.trainer.publish_update`, and each worker's
-:func:`~node.trainer.apply_update` rebuild (checked byte-identical to the coordinator's).
+and the coordinator run inside ``python -m node.jobs.taskproc``: :func:`node.ml.trainer.train_task`,
+:func:`~node.ml.trainer.quantize_int8`, :func:`~node.ml.trainer.check_round` and a sampled
+re-execution, :func:`~node.ml.trainer.judge`, :func:`~node.ml.trainer.robust_aggregate`,
+:func:`~node.ml.trainer.outer_step`, :func:`~node.ml.trainer.publish_update`, and each worker's
+:func:`~node.ml.trainer.apply_update` rebuild (checked byte-identical to the coordinator's).
 Deltas and updates are serialized to safetensors bytes, so the byte counts are those of
 the real files. Only the transport is missing: ``bench/training.py`` takes any function of
 the same signature as :func:`run_simulated_network` for part (b), such as the lead's
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from node import gpt, trainer
+from node.ml import gpt, trainer
 
 State = dict[str, torch.Tensor]
 

@@ -68,7 +68,7 @@ def raw_server() -> None:
     from multiaddr import Multiaddr
     from nacl.signing import SigningKey
 
-    from node.host import open_network
+    from node.p2p.host import open_network
 
     block = os.urandom(RAW_WRITE)
 
@@ -98,7 +98,7 @@ def raw_client(addr: str, nbytes: int) -> None:
     from multiaddr import Multiaddr
     from nacl.signing import SigningKey
 
-    from node.host import open_network, peer_info_from_multiaddr
+    from node.p2p.host import open_network, peer_info_from_multiaddr
 
     async def main() -> None:
         async with open_network(SigningKey.generate(), [Multiaddr("/ip4/127.0.0.1/tcp/0")],
@@ -152,7 +152,7 @@ class Node:
     """One daemon of the testnet, driven through its local API."""
 
     def __init__(self, entry: dict[str, Any]) -> None:
-        from node.api import read_token_file
+        from node.api.server import read_token_file
 
         self.name = entry["name"]
         self.home = Path(entry["home"])
@@ -161,7 +161,7 @@ class Node:
         self.token = read_token_file(self.home / "api.token")
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
-        from node.api import api_request
+        from node.api.server import api_request
 
         return api_request(self.api, self.token, method, path, body, timeout=60)
 
@@ -267,7 +267,7 @@ def timed_fetch(node: Node, version: str, mib: float, providers: list[Node],
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.testnet import STATE_FILE, testnet_down, testnet_up
+    from node.cli.testnet import STATE_FILE, testnet_down, testnet_up
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="iollm-transfer-"))
     work.mkdir(parents=True, exist_ok=True)

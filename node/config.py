@@ -3,10 +3,10 @@
 Home layout (``~/.iollm``, ``$IOLLM_HOME`` or ``--home``)::
 
     node.key     Ed25519 identity, mode 0600          (node/identity.py)
-    api.token    bearer token of the local API, 0600  (node/api.py)
+    api.token    bearer token of the local API, 0600  (node/api/server.py)
     config.toml  this module
     state.db     SQLite state, WAL                    (node/storage.py)
-    store/       content-addressed shards of models and datasets (node/contentstore.py;
+    store/       content-addressed shards of models and datasets (node/smip/store.py;
                  ``[store] dir`` puts it elsewhere)
     node.json    written while the daemon runs: pid, peer id, addresses, API url
 """

@@ -33,7 +33,10 @@ import trio
 from prometheus_client import CollectorRegistry, Gauge
 
 from node import __version__
-from node.api import (
+from node.api.jobs import job_routes
+from node.api.ledger import ledger_routes
+from node.api.ops import Operations
+from node.api.server import (
     ApiError,
     Request,
     Routes,
@@ -42,8 +45,7 @@ from node.api import (
     serve_api,
     text_field,
 )
-from node.api_jobs import job_routes
-from node.api_ledger import ledger_routes
+from node.chain.service import Chain, load_genesis
 from node.config import (
     RUNTIME_FILE,
     STATE_DB,
@@ -52,24 +54,23 @@ from node.config import (
     ConfigError,
     read_bootstrap_file,
 )
-from node.consensus import Chain, load_genesis
-from node.contentstore import ContentStore
-from node.discovery import CapabilityValidator, Discovery, DiscoveryMetrics
-from node.host import (
+from node.discovery.service import CapabilityValidator, Discovery, DiscoveryMetrics
+from node.identity import load_key
+from node.jobs.coordinator import Jobs
+from node.jobs.receipts import Receipts
+from node.jobs.worker import Worker
+from node.ml.probe import env_to_json, parse_fake_gpus, probe_in_subprocess
+from node.p2p.host import (
     ListenError,
     check_listen_addrs,
     open_network,
     parse_multiaddr,
     peer_info_from_multiaddr,
 )
-from node.identity import load_key
-from node.jobs import Jobs
-from node.models import Models, ModelsMetrics, Progress
-from node.ops import Operations
-from node.probe import env_to_json, parse_fake_gpus, probe_in_subprocess
-from node.receipts import Receipts
+from node.smip.service import Models, ModelsMetrics
+from node.smip.store import ContentStore
+from node.smip.types import Progress
 from node.storage import open_storage
-from node.worker import Worker
 from protocol.capability import DHT_NAMESPACE, CapabilityRecord
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class StartOptions:
     listen: list[str] | None = None  # overrides config node.listen
     bootstrap: list[str] | None = None  # added to config node.bootstrap
     api_port: int | None = None  # overrides config api.port
-    genesis: Path | None = None  # the chain to join (kept in the home: node/consensus.py)
+    genesis: Path | None = None  # the chain to join (kept in the home: node/chain/service.py)
 
 
 def _float_param(request: Request, name: str) -> float | None:

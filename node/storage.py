@@ -1,5 +1,5 @@
 """The node's state in SQLite: a small key-value table, known peers, capability records,
-the content store's shard metadata and pins (the shard bytes live on disk: node/contentstore.py).
+the content store's shard metadata and pins (the shard bytes live on disk: node/smip/store.py).
 
 aiosqlite is asyncio-only; it runs here under trio through trio-asyncio. That bridge is
 confined to this module: `open_storage` opens a trio-asyncio loop for its own lifetime and
@@ -79,7 +79,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX capabilities_by_expiry ON capabilities (expires_ms)",
     ),
-    (  # 1 -> 2: the content store (node/contentstore.py)
+    (  # 1 -> 2: the content store (node/smip/store.py)
         """CREATE TABLE shards (
             root         TEXT PRIMARY KEY,  -- hex of the 32-byte hash-tree root
             size         INTEGER NOT NULL,
@@ -97,7 +97,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX pins_by_root ON pins (root)",
     ),
-    (  # 2 -> 3: SMIP versions this node holds (node/models.py)
+    (  # 2 -> 3: SMIP versions this node holds (node/smip/service.py)
         """CREATE TABLE manifests (
             version    TEXT PRIMARY KEY,    -- hex of the version id (hash of the envelope)
             kind       TEXT NOT NULL,
@@ -114,7 +114,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
             envelope     BLOB NOT NULL,     -- the signed job, verified before storing
             role         TEXT NOT NULL CHECK (role IN ('coordinator', 'worker', 'seen')),
             submitted_ms INTEGER NOT NULL,
-            state        TEXT NOT NULL,     -- JSON: the coordinator's progress (node/jobs.py)
+            state        TEXT NOT NULL,     -- JSON: the coordinator's progress
+                                            -- (node/jobs/coordinator.py)
             updated_ms   INTEGER NOT NULL
         )""",
         """CREATE TABLE receipts (
@@ -369,7 +370,7 @@ class Storage:
         return len(rows)
 
 
-    # -- SMIP versions (node/models.py) ---------------------------------------------------
+    # -- SMIP versions (node/smip/service.py) ---------------------------------------------------
 
     async def put_manifest(self, row: ManifestRow) -> None:
         """Insert or replace the row of a version; committed on return."""
@@ -390,7 +391,7 @@ class Storage:
     async def set_manifest_state(self, version: str, state: str) -> None:
         await self._run("UPDATE manifests SET state = ? WHERE version = ?", (state, version))
 
-    # -- content store: shards and pins (node/contentstore.py) ---------------------------
+    # -- content store: shards and pins (node/smip/store.py) ---------------------------
 
     async def put_shard(
         self, root: str, size: int, chunk_size: int, state: str, last_used_ms: int
@@ -467,7 +468,7 @@ class Storage:
         return [row[0] for row in rows]
 
 
-    # -- training jobs, receipts and feeds (node/jobs.py, node/worker.py) --------------
+    # -- training jobs, receipts and feeds (node/jobs/coordinator.py, node/jobs/worker.py) --
 
     async def put_job(self, row: JobRow) -> None:
         """Insert a job, or update its role (a coordinator row is never downgraded) and

@@ -1,7 +1,7 @@
 """Capability records: what a node offers (its environment probe), signed and expiring.
 
 See specs/capability.md (normative) and specs/records.md (the envelope). This module is
-pure: it validates and decides, given ``now_ms``; node/discovery.py does the I/O.
+pure: it validates and decides, given ``now_ms``; node/discovery/service.py does the I/O.
 
 Units (the one place they are defined; specs/capability.md repeats them):
 

@@ -6,7 +6,7 @@ total power (:func:`quorum`), "f+1" more than 1/3. It takes signed envelopes fro
 network and timeout firings, each with ``now_ms``, and returns actions as values:
 :class:`Broadcast` (gossip these bytes), :class:`SetTimeout` (call ``on_timeout`` at
 ``at_ms``), :class:`Decide` (the block is final, with its :class:`Commit` certificate) and
-:class:`Evidence` (a validator signed two conflicting messages). node/consensus.py owns
+:class:`Evidence` (a validator signed two conflicting messages). node/chain/service.py owns
 the gossip, the clock, the blocks and one machine per height.
 
 The machine's steps move through :data:`TRANSITIONS` only; rule numbers in comments are

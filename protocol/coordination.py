@@ -3,7 +3,7 @@
 A round is a fixed list of micro-tasks (:func:`plan_round`: data slice and seed each) and
 a set of candidate workers. :class:`RoundMachine` decides which worker is offered which
 task, and what happens when a worker refuses, dies, stalls or submits. It takes events
-and ``now_ms`` and returns :class:`Assign` decisions; node/jobs.py sends them, owns the
+and ``now_ms`` and returns :class:`Assign` decisions; node/jobs/coordinator.py sends them, owns the
 streams and the clock, and feeds the outcomes back. Nothing here waits or reads a clock.
 
 Each task moves through the table :data:`TRANSITIONS`::

@@ -78,7 +78,7 @@ ANNOUNCE_REFRESH_MS = 20 * 60 * 1000  # a provider re-signs and re-gossips this 
 MAX_VERSIONS_PER_PROVIDER = 4096  # a receiver keeps at most this many entries per provider
 REPROVIDE_INTERVAL_MS = 12 * 60 * 60 * 1000  # DHT provider records live 48 h (py-libp2p)
 
-FRAME_HEADER_BYTES = 4  # node/framing.py: big-endian unsigned length
+FRAME_HEADER_BYTES = 4  # node/p2p/framing.py: big-endian unsigned length
 MAX_REQUEST_BYTES = 512
 MAX_RESPONSE_HEADER_BYTES = 512
 MAX_MESSAGE_CHARS = 200  # printable ASCII error text in a response header
@@ -798,7 +798,7 @@ _REQUESTS: dict[str, tuple[type[Any], frozenset[str], frozenset[str]]] = {
 
 
 def encode_request(request: Request) -> bytes:
-    """The payload of a request frame (node/framing.py adds the 4-byte length)."""
+    """The payload of a request frame (node/p2p/framing.py adds the 4-byte length)."""
     if not isinstance(request, (ManifestRequest, LeavesRequest, ChunkRequest, ListRequest)):
         raise LocalProtocolError(f"not a request: {type(request).__name__}")
     return packb(request.to_dict())

@@ -16,7 +16,7 @@ import varint
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from node.host import Network
+from node.p2p.host import Network
 
 MAX_VARINT = 2**63 - 1  # the largest length prefix a 64-bit reader can hold
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import trio
 
-from node.cluster import LocalNode, local_cluster
 from node.config import DiscoverySection
 from protocol.capability import EnvReport, GpuInfo
+from tests.cluster import LocalNode, local_cluster
 
 GIB = 2**30
 

@@ -1,4 +1,4 @@
-"""node/api.py: a real server on 127.0.0.1 port 0, real clients in threads."""
+"""node/api/server.py: a real server on 127.0.0.1 port 0, real clients in threads."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import prometheus_client
 import pytest
 import trio
 
-from node.api import (
+from node.api.server import (
     MAX_BODY_BYTES,
     ApiClientError,
     ApiError,
@@ -193,7 +193,7 @@ def test_oversize_body() -> None:
 
 def test_handler_errors(caplog: pytest.LogCaptureFixture) -> None:
     async def body(port: int) -> None:
-        with caplog.at_level(logging.ERROR, logger="node.api"):
+        with caplog.at_level(logging.ERROR, logger="node.api.server"):
             error = await call_error(port, "GET", "/boom")
         assert (error.status, error.message) == (500, "internal error")
         assert "secret" not in str(error)

@@ -1,4 +1,4 @@
-"""The chain on real py-libp2p hosts on 127.0.0.1 (node/consensus.py): four validators
+"""The chain on real py-libp2p hosts on 127.0.0.1 (node/chain/service.py): four validators
 finalize blocks of receipts; one down, the chain goes on; two of four down, it halts
 without forking and resumes when they return; a validator that signs two votes in one
 round cannot cause conflicting finality and is recorded; a fresh node replays the chain
@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 import trio
 
-from node.cluster import local_cluster, node_key, node_peer_id
+from node.chain.service import Chain, ChainBusy
 from node.config import DiscoverySection
-from node.consensus import Chain, ChainBusy
 from protocol.consensus import PRECOMMIT, PREVOTE, Broadcast, Vote, open_vote, seal_vote
 from protocol.errors import RemoteProtocolError
 from protocol.feed import ForkEvidence, next_entry
@@ -25,6 +24,7 @@ from protocol.jobs import Job, TaskResult, issue_receipt, seal_job, seal_task_re
 from protocol.jobs import job_id as compute_job_id
 from protocol.jobspec import spec_with_defaults
 from protocol.ledger import encode_tx
+from tests.cluster import local_cluster, node_key, node_peer_id
 from tests.netutil import make_env
 
 VALIDATORS = 4
@@ -213,7 +213,7 @@ class DoubleVoter(Chain):
                     await self._publish_vote(seal_vote(self.key, other))
 
     async def _publish_vote(self, data: bytes) -> None:
-        from node.consensus import CONSENSUS_TOPIC
+        from node.chain.service import CONSENSUS_TOPIC
         from protocol.checks import packb
 
         await self._publish(CONSENSUS_TOPIC, packb(["vote", data]))

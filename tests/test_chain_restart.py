@@ -1,4 +1,4 @@
-"""The chain service across a restart (node/consensus.py): what a node knows of its final
+"""The chain service across a restart (node/chain/service.py): what a node knows of its final
 transactions must not depend on whether they became final before or after it started."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.cluster import local_cluster, node_key, node_peer_id
 from node.config import DiscoverySection
 from protocol.genesis import make_genesis
 from protocol.jobs import Job, seal_job
 from protocol.jobspec import spec_with_defaults
+from tests.cluster import local_cluster, node_key, node_peer_id
 from tests.netutil import make_env
 
 

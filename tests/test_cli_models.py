@@ -1,4 +1,4 @@
-"""node/cli_models.py without a node: parsing, the progress view, the show format."""
+"""node/cli/models.py without a node: parsing, the progress view, the show format."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from node.cli import build_parser
-from node.cli_models import ProgressView, format_show, version_arg
+from node.cli.app import build_parser
+from node.cli.models import ProgressView, format_show, version_arg
 
 V1, V2, V3 = "1a" * 32, "2b" * 32, "3c" * 32
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from node.api import ApiError
+from node.api.server import ApiError
 from node.daemon import resolve_version
-from node.models import VersionInfo
+from node.smip.types import VersionInfo
 from tests import netutil
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""node/contentstore.py on real files in tmp_path, with a real Storage (SQLite under trio)."""
+"""node/smip/store.py on real files in tmp_path, with a real Storage (SQLite under trio)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import node.contentstore as contentstore
-from node.contentstore import (
+import node.smip.store as contentstore
+from node.smip.store import (
     ContentStore,
     ContentStoreError,
     FetchConflict,
@@ -381,7 +381,7 @@ FETCH_CHILD = textwrap.dedent(
     """
     import os, signal, sys
     import trio
-    from node.contentstore import ContentStore
+    from node.smip.store import ContentStore
     from node.storage import open_storage
     from protocol.hashtree import hash_bytes
 
@@ -485,7 +485,7 @@ IMPORT_CHILD = textwrap.dedent(
     """
     import os, signal, sys
     import trio
-    import node.contentstore as cs
+    import node.smip.store as cs
     from node.storage import open_storage
 
     cs.COPY_HOP_BYTES = 1 << 16

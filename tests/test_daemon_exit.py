@@ -1,4 +1,4 @@
-"""How the daemon ends: one clear line for errors that must stop it (node/cli.py)."""
+"""How the daemon ends: one clear line for errors that must stop it (node/cli/app.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.cli import fatal_reason
+from node.cli.app import fatal_reason
 from node.identity import IdentityError
 from tests.netutil import iollm
 
@@ -77,7 +77,7 @@ def test_the_systemd_unit_starts_a_real_command() -> None:
     import configparser
     import shlex
 
-    from node.cli import build_parser
+    from node.cli.app import build_parser
 
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # type: ignore[assignment,method-assign]

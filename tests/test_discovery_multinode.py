@@ -10,7 +10,7 @@ from libp2p.records.record import make_signed_put_record
 from nacl.signing import SigningKey
 
 from node.config import DiscoverySection
-from node.discovery import CAPABILITY_PROTOCOL
+from node.discovery.service import CAPABILITY_PROTOCOL
 from protocol.capability import CapabilityRecord, capability_dht_key, class_provider_key
 from protocol.envelope import DOMAIN_CAPABILITY, seal
 from tests.netutil import FakeClock, make_env, node_cluster, wait_until
@@ -193,8 +193,8 @@ def test_no_answer_to_add_provider(tmp_path: Path) -> None:
     import varint
     from libp2p.kad_dht.pb.kademlia_pb2 import Message
 
-    from node.framing import reset_quietly
-    from node.host import KAD_PROTOCOL_ID
+    from node.p2p.framing import reset_quietly
+    from node.p2p.host import KAD_PROTOCOL_ID
 
     clock = FakeClock()
 
@@ -225,7 +225,7 @@ def test_no_answer_to_add_provider(tmp_path: Path) -> None:
 def test_gossip_rejects_forged_and_keeps_newest(tmp_path: Path) -> None:
     """Gossip verdicts: a record claiming another peer is rejected; a replayed older record
     of a peer never replaces the newer replica; a newer one does."""
-    from node.discovery import CAPABILITY_TOPIC
+    from node.discovery.service import CAPABILITY_TOPIC
 
     clock = FakeClock()
 
@@ -279,8 +279,8 @@ def test_record_sync_fills_a_node_and_survives_a_lying_or_frozen_peer(tmp_path: 
     """A node that lost every replica gets them back from one peer over the sync stream; a
     peer whose answer holds a forged record, or that freezes mid-answer, costs only those
     records and at most the stream timeout."""
-    from node.discovery import SYNC_PROTOCOL
-    from node.framing import read_frame, write_frame
+    from node.discovery.service import SYNC_PROTOCOL
+    from node.p2p.framing import read_frame, write_frame
 
     clock = FakeClock()
 

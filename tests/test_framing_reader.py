@@ -1,11 +1,11 @@
-"""node/framing.py FrameReader and write_bulk against a scripted stream (no network)."""
+"""node/p2p/framing.py FrameReader and write_bulk against a scripted stream (no network)."""
 
 from __future__ import annotations
 
 import pytest
 import trio
 
-from node.framing import BULK_WRITE_BYTES, FrameError, FrameReader, frame_prefix, write_bulk
+from node.p2p.framing import BULK_WRITE_BYTES, FrameError, FrameReader, frame_prefix, write_bulk
 
 
 class ScriptedStream:

@@ -1,4 +1,4 @@
-"""node/gpt.py (the byte-level GPT, its files) and node/corpus.py (the stdlib corpus)."""
+"""node/ml/gpt.py (the byte-level GPT, its files) and node/ml/corpus.py (the stdlib corpus)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from node import corpus, gpt
+from node.ml import corpus, gpt
 
 torch.set_num_threads(1)
 

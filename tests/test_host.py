@@ -1,4 +1,4 @@
-"""The libp2p host of node/host.py between two real hosts on 127.0.0.1, in one trio
+"""The libp2p host of node/p2p/host.py between two real hosts on 127.0.0.1, in one trio
 process: a write cancelled half-way must not break the connection (AtomicYamux)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from libp2p.custom_types import TProtocol
 from multiaddr import Multiaddr
 from nacl.signing import SigningKey
 
-import node.host
-from node.host import AtomicYamux, Network, open_network, peer_info_from_multiaddr
+import node.p2p.host
+from node.p2p.host import AtomicYamux, Network, open_network, peer_info_from_multiaddr
 from tests.netutil import wait_until
 
 SINK = TProtocol("/iollm-test/sink/1")
@@ -95,10 +95,10 @@ def test_a_stalled_frame_write_closes_the_connection(monkeypatch: pytest.MonkeyP
             stream = await a.host.new_stream(info.peer_id, [SINK])
             # Every frame now "stalls" at once: the write fails and the connection is
             # closed (a frame begun cannot be abandoned); a new dial makes a fresh one.
-            monkeypatch.setattr(node.host, "FRAME_WRITE_TIMEOUT_S", 0.0)
+            monkeypatch.setattr(node.p2p.host, "FRAME_WRITE_TIMEOUT_S", 0.0)
             with pytest.raises(Exception, match=r"stalled|closed"):
                 await stream.write(BIG)
-            monkeypatch.setattr(node.host, "FRAME_WRITE_TIMEOUT_S", 10.0)
+            monkeypatch.setattr(node.p2p.host, "FRAME_WRITE_TIMEOUT_S", 10.0)
             with trio.fail_after(10):
                 await first.muxed_conn.event_closed.wait()
 

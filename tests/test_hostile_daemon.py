@@ -23,12 +23,12 @@ from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 from nacl.signing import SigningKey
 
-from node import testnet
-from node.api import api_request, read_token_file
+from node.api.server import api_request, read_token_file
+from node.cli import testnet
 from node.config import TOKEN_FILE
-from node.discovery import CAPABILITY_TOPIC
-from node.framing import read_frame
-from node.host import Network, open_network, peer_info_from_multiaddr
+from node.discovery.service import CAPABILITY_TOPIC
+from node.p2p.framing import read_frame
+from node.p2p.host import Network, open_network, peer_info_from_multiaddr
 from protocol.capability import (
     MAX_CAPABILITY_BYTES,
     new_capability_record,

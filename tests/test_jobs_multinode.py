@@ -1,7 +1,7 @@
 """Training jobs across real py-libp2p hosts on 127.0.0.1, in one trio process: a job of
 three workers and two rounds, a worker killed mid-round, and workers that cheat.
 
-Every worker trains in its own child process (node/taskproc.py), as in the daemon; the
+Every worker trains in its own child process (node/jobs/taskproc.py), as in the daemon; the
 model is the tiny built-in GPT and the data a slice of the standard-library corpus.
 """
 
@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import trio
 
-from node.cluster import LocalNode, local_cluster, node_peer_id
 from node.config import DiscoverySection, WorkerSection
 from protocol.feed import verify_chain
 from protocol.genesis import Genesis, make_genesis
 from protocol.jobs import open_receipt
 from protocol.ledger import encode_tx, tx_id
+from tests.cluster import LocalNode, local_cluster, node_peer_id
 from tests.netutil import make_env
 
 CORPUS_BYTES = 1_200_000  # enough for 2 rounds x 7 tasks of disjoint slices, fast to hash
@@ -40,8 +40,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for request in ({"op": "init", "arch": "gpt", "size": "tiny", "seed": 0,
                      "out_dir": str(root / "model")},
                     {"op": "corpus", "out": str(root / "corpus.txt")}):
-        proc = subprocess.run([sys.executable, "-m", "node.taskproc"], input=json.dumps(request),
-                              capture_output=True, text=True, timeout=300, check=False)
+        proc = subprocess.run([sys.executable, "-m", "node.jobs.taskproc"],
+                              input=json.dumps(request), capture_output=True, text=True,
+                              timeout=300, check=False)
         assert proc.returncode == 0, proc.stderr[-2000:]
     data = (root / "corpus.txt").read_bytes()[:CORPUS_BYTES]
     (root / "data").mkdir()

@@ -12,11 +12,10 @@ import pytest
 import trio
 from safetensors.numpy import load_file, save_file
 
-import node.fetch
-from node.cluster import LocalNode, local_cluster
+import node.smip.fetch
 from node.config import DiscoverySection
-from node.fetch import fetch_manifest
-from node.models import FetchError, Progress, PublishError
+from node.smip.fetch import fetch_manifest
+from node.smip.types import FetchError, Progress, PublishError
 from protocol.smip import (
     SMIP_PROTOCOL_ID,
     STATUS_OK,
@@ -29,6 +28,7 @@ from protocol.smip import (
     shard_provider_key,
     version_provider_key,
 )
+from tests.cluster import LocalNode, local_cluster
 from tests.netutil import FakeClock, make_env, wait_until
 
 MIB = 1 << 20
@@ -98,7 +98,7 @@ async def wait_known(n: LocalNode, version: str, providers: int = 1) -> None:
 
 def test_publish_fetch_many_providers_bad_provider_forged_manifest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(node.fetch, "PROVIDER_LOOKUP_RETRIES_S", (0.0,))
+    monkeypatch.setattr(node.smip.fetch, "PROVIDER_LOOKUP_RETRIES_S", (0.0,))
     clock = FakeClock()
     model = write_model(tmp_path / "model", shards=3, mib_per_shard=4.5)
 
@@ -200,7 +200,7 @@ def test_publish_fetch_many_providers_bad_provider_forged_manifest(
 
 def test_resume_child_version_and_frozen_provider(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(node.fetch, "RESPONSE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(node.smip.fetch, "RESPONSE_TIMEOUT_S", 1.0)
     clock = FakeClock()
     model = write_model(tmp_path / "model", shards=10, mib_per_shard=0.5)
 

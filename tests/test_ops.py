@@ -1,4 +1,4 @@
-"""node/ops.py: long operations in a real trio nursery, driven by events, on a fake clock."""
+"""node/api/ops.py: long operations in a real trio nursery, driven by events, on a fake clock."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import trio
 import trio.testing
 
-from node.models import FetchError, Progress, PublishError
-from node.ops import Operations
+from node.api.ops import Operations
+from node.smip.types import FetchError, Progress, PublishError
 
 DEADLINE_S = 10
 
@@ -99,7 +99,7 @@ def test_user_errors_fail_with_their_message(exc: Exception, message: str,
         assert failed["phase"] == "manifest"  # where it stopped
         assert failed["ended_ms"] is not None
 
-    with caplog.at_level(logging.INFO, logger="node.ops"):
+    with caplog.at_level(logging.INFO, logger="node.api.ops"):
         run(body)
     assert "Traceback" not in caplog.text
 
@@ -130,7 +130,7 @@ def test_a_bug_is_an_internal_error_logged_with_traceback_and_the_node_goes_on(
         release.set()
         assert (await finish(ops, slow))["result"] == 7
 
-    with caplog.at_level(logging.ERROR, logger="node.ops"):
+    with caplog.at_level(logging.ERROR, logger="node.api.ops"):
         run(body)
     assert caplog.text.count("Traceback") == 2
     assert "index out of step" in caplog.text

@@ -1,4 +1,4 @@
-"""Environment probe (node/probe.py): the real probe on this machine, the fake-GPU override
+"""Environment probe (node/ml/probe.py): the real probe on this machine, the fake-GPU override
 and its config parser, the human and JSON renderings, and the probe without torch or with
 a (simulated) CUDA torch."""
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 import trio
 
-from node.probe import (
+from node.ml.probe import (
     ProbeError,
     env_to_json,
     format_env,
@@ -324,7 +324,7 @@ def test_gpu_benchmark_failure_falls_back_to_cpu(
 
 def test_importing_the_probe_does_not_import_torch() -> None:
     # The daemon must start fast: torch is imported only when the probe runs.
-    code = "import sys, node.probe; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, node.ml.probe; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
 
 

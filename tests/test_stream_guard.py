@@ -1,4 +1,4 @@
-"""The stream guard (node/streamguard.py) on real hosts on 127.0.0.1, in one trio process:
+"""The stream guard (node/p2p/guard.py) on real hosts on 127.0.0.1, in one trio process:
 no inbound stream, however malformed, ends the host; repeated offenders are banned."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from multiaddr import Multiaddr
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry
 
-from node.host import Network, open_network, peer_info_from_multiaddr
+from node.p2p.host import Network, open_network, peer_info_from_multiaddr
 from protocol.penalty import PenaltyPolicy
 from tests.hostile import attack, malformed_payloads
 from tests.netutil import wait_until
@@ -246,7 +246,7 @@ def test_pubsub_checks_messages_in_manager_tasks() -> None:
 
 def test_library_pubsub_handler_still_lets_decode_errors_through() -> None:
     # GuardedPubsub exists because this clause misses protobuf's DecodeError. When the
-    # library catches it (or everything), the patch can go: revisit node/host.py.
+    # library catches it (or everything), the patch can go: revisit node/p2p/host.py.
     source = inspect.getsource(Pubsub.stream_handler)
     assert "except (StreamError, ParseError, IncompleteReadError)" in source
     assert "DecodeError" not in source and "except Exception" not in source

@@ -1,4 +1,4 @@
-"""``python -m node.taskproc`` as the daemon runs it: a child process, one JSON request on
+"""``python -m node.jobs.taskproc`` as the daemon runs it: a child process, one JSON request on
 stdin, one JSON answer as the last stdout line. A 34k-parameter GPT and a few steps: each
 child costs about 2 s, nearly all of it importing torch."""
 
@@ -21,7 +21,7 @@ SLICE = 100_000
 def start(req: Any) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     data = req if isinstance(req, bytes) else json.dumps(req).encode()
-    proc = subprocess.Popen([sys.executable, "-m", "node.taskproc"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "node.jobs.taskproc"], cwd=ROOT, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     assert proc.stdin is not None
@@ -156,7 +156,7 @@ def test_errors(job: Path) -> None:
     rc, answer, _ = finish(start(b"{not json"))
     assert rc == 1 and answer == {"ok": False, "error": answer["error"]}
     assert "not JSON" in answer["error"]
-    from node import taskproc
+    from node.jobs import taskproc
 
     bad_slice = {**train_req(job, 0, "never"), "slice_start": 12_000_000_000}
     cases = [

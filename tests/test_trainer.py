@@ -1,4 +1,4 @@
-"""node/trainer.py: inner training, int8 deltas, robust aggregation, outer step, checks.
+"""node/ml/trainer.py: inner training, int8 deltas, robust aggregation, outer step, checks.
 
 Everything runs on one CPU thread with a 2-layer, 64-wide GPT (0.11M parameters) on the
 standard-library corpus. The check tests play one round from a briefly pre-trained base:
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, save
 
-from node import corpus, gpt, trainer
+from node.ml import corpus, gpt, trainer
 
 torch.set_num_threads(1)
 

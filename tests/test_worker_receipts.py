@@ -1,4 +1,4 @@
-"""node/worker.py requirement checks and node/receipts.py: receipts stored once, forged
+"""node/jobs/worker.py requirement checks and node/jobs/receipts.py: receipts stored once, forged
 ones refused, this node's feed an unbroken chain. No network: storage on disk only."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import trio
 from nacl.signing import SigningKey
 
-from node.receipts import Receipts
+from node.jobs.receipts import Receipts
+from node.jobs.worker import meets_requirements
 from node.storage import open_storage
-from node.worker import meets_requirements
 from protocol.errors import RemoteProtocolError
 from protocol.feed import FEED_KIND_RECEIPT, open_entry, verify_chain
 from protocol.jobs import Job, TaskResult, issue_receipt, seal_task_result, spec_with_defaults

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from node.api_ledger import ledger_totals
-from node.cli import CliError, _home, call_node, int_arg
-from node.cli_models import _short_peer, _when
+from node.api.ledger import ledger_totals
+from node.chain.service import GENESIS_FILE, ChainError, load_genesis
+from node.cli.common import CliError, call_node, home_of, int_arg, short_peer, when
 from node.config import RUNTIME_FILE, STATE_DB
-from node.consensus import GENESIS_FILE, ChainError, load_genesis
 from protocol.consensus import verify_commit
 from protocol.errors import ProtocolError
 from protocol.ledger import Block, Ledger, block_id, check_tx
@@ -84,8 +83,8 @@ def cmd_ledger_blocks(args: argparse.Namespace) -> int:
         print("no final block yet")
     for b in rows:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(b["kinds"].items())) or "empty"
-        print(f"{b['height']:>7}  {b['id'][:16]}  {_when(b['time_ms'])}  proposer "
-              f"{_short_peer(b['proposer'])}  {b['txs']} txs ({kinds})  round "
+        print(f"{b['height']:>7}  {b['id'][:16]}  {when(b['time_ms'])}  proposer "
+              f"{short_peer(b['proposer'])}  {b['txs']} txs ({kinds})  round "
               f"{b['commit_round']}, {b['signatures']} signatures")
     return 0
 
@@ -122,7 +121,7 @@ def cmd_ledger_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_of(args)
     try:
         genesis = load_genesis(home, None)
     except ChainError as exc:

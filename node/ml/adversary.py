@@ -1,10 +1,10 @@
-"""TEST ONLY: the deltas a cheating worker would send (``worker.adversary``, node/worker.py).
+"""TEST ONLY: the deltas a cheating worker would send (``worker.adversary``, node/jobs/worker.py).
 
 The coordinator's checks (specs/jobs.md, "Checking") are only as good as the attacks they
 are tried against, so the test suite runs real workers that cheat in the ways the issue
 names: a random delta, a zero delta (a lazy worker), another worker's delta copied
-exactly or with small noise, and (in node/worker.py) honest training on the wrong slice.
-Run through ``python -m node.taskproc`` as the ``forge`` op; never used by an honest node.
+exactly or with small noise, and (in node/jobs/worker.py) honest training on the wrong slice.
+Run through ``python -m node.jobs.taskproc`` as the ``forge`` op; never used by an honest node.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from node import gpt, trainer
+from node.ml import gpt, trainer
 
 RANDOM_STD = 0.02  # about an honest delta's size after a few dozen AdamW steps
 NOISE_FRACTION = 0.05  # "small noise": 5% of each tensor's own spread

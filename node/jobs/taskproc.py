@@ -1,6 +1,6 @@
-"""The torch side of a node: ``python -m node.taskproc``, one operation per process.
+"""The torch side of a node: ``python -m node.jobs.taskproc``, one operation per process.
 
-The daemon never imports torch (node/taskrun.py runs this module as a child). Protocol:
+The daemon never imports torch (node/jobs/taskrun.py runs this module as a child). Protocol:
 ONE JSON object on stdin (the request), progress lines on stderr, ONE JSON object as the
 last line of stdout: ``{"ok": true, ...}`` and exit 0, or ``{"ok": false, "error": msg}``
 and exit 1. Numbers in answers are finite (a non-finite metric is sent as null).
@@ -63,7 +63,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from node import adversary, corpus, gpt, trainer
+from node.ml import adversary, corpus, gpt, trainer
 from protocol.jobspec import DELTA_BITS
 
 __all__ = ["OPS", "RequestError", "answer", "handle", "main"]
@@ -441,7 +441,7 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "check": op_check,
     "outer": op_outer,
     "apply": op_apply,
-    "forge": lambda req: adversary.forge(req),  # TEST ONLY: cheating workers (node/adversary.py)
+    "forge": lambda req: adversary.forge(req),  # TEST ONLY: cheating workers (node/ml/adversary.py)
 }
 
 

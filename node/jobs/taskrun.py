@@ -1,4 +1,4 @@
-"""Running torch work in a child process (``python -m node.taskproc``) from trio.
+"""Running torch work in a child process (``python -m node.jobs.taskproc``) from trio.
 
 The daemon never imports torch (about 200 MiB of resident memory, and seconds of import
 time, that a node which only shares models should not pay). Training a micro-task,
@@ -42,7 +42,7 @@ async def run_taskproc(request: dict[str, Any], *, timeout_s: float, what: str) 
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
     data = json.dumps(request, allow_nan=False).encode()
     with trio.move_on_after(timeout_s) as scope:
-        proc = await trio.run_process([sys.executable, "-m", "node.taskproc"], stdin=data,
+        proc = await trio.run_process([sys.executable, "-m", "node.jobs.taskproc"], stdin=data,
                                       capture_stdout=True, capture_stderr=True, check=False,
                                       env=env, preexec_fn=_lower_priority)
     if scope.cancelled_caught:

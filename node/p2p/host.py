@@ -4,8 +4,8 @@ TCP + Noise + Yamux only (the library's defaults also offer plaintext, secio, TL
 mplex), one connection per peer (otherwise every dial waits a fixed 250 ms), the Kademlia
 DHT in server mode, gossipsub with a 1 s heartbeat and the burst limits lifted.
 
-The py-libp2p objects are confined to this module and node/discovery.py; nothing here
-decides anything about records, that is protocol/'s job.
+The services get the ``Network`` this module builds; nothing here decides anything about
+records, that is protocol/'s job.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry
 
-from node.streamguard import StreamGuard
+from node.p2p.guard import StreamGuard
 from protocol.penalty import PenaltyPolicy
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ async def open_network(
 ) -> AsyncIterator[Network]:
     """Start host, DHT (server mode) and gossipsub; yield once all are listening.
 
-    Every inbound stream runs under the stream guard (node/streamguard.py), whose
+    Every inbound stream runs under the stream guard (node/p2p/guard.py), whose
     counters go to ``registry``; ``penalties`` says when a failing peer is banned."""
     key_pair = libp2p_key_pair(signing_key)
     noise_key = create_x25519_key_pair()

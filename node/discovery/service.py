@@ -32,18 +32,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from libp2p.custom_types import TProtocol
-from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
-from libp2p.records.validator import Validator
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from node.config import DiscoverySection
-from node.framing import read_frame, reset_quietly, write_frame
-from node.host import BadMultiaddr, Network, parse_multiaddr
 from node.identity import peer_id_of
-from node.lookup import K, Unresponsive, walk
+from node.p2p import PeerId, PeerInfo, ProtocolId, RecordValidator
+from node.p2p.framing import read_frame, reset_quietly, write_frame
+from node.p2p.host import BadMultiaddr, Network, parse_multiaddr
+from node.p2p.lookup import K, Unresponsive, walk
 from node.storage import Storage
 from protocol.capability import (
     CAPABILITY_PROTOCOL_ID,
@@ -74,8 +71,8 @@ from protocol.errors import RemoteProtocolError
 
 log = logging.getLogger(__name__)
 
-CAPABILITY_PROTOCOL = TProtocol(CAPABILITY_PROTOCOL_ID)
-SYNC_PROTOCOL = TProtocol(SYNC_PROTOCOL_ID)
+CAPABILITY_PROTOCOL = ProtocolId(CAPABILITY_PROTOCOL_ID)
+SYNC_PROTOCOL = ProtocolId(SYNC_PROTOCOL_ID)
 CAPABILITY_TOPIC = "/iollm/capability/1"
 SEQ_KEY = "capability.seq"
 FETCH_CONCURRENCY = 16
@@ -113,7 +110,7 @@ class DiscoveryMetrics:
             "iollm_dht_routing_table_size", "Peers in the DHT routing table", registry=registry)
 
 
-class CapabilityValidator(Validator):
+class CapabilityValidator(RecordValidator):
     """py-libp2p DHT validator for the ``/iollm-cap/`` namespace (protocol/ decides)."""
 
     def __init__(self, clock_ms: Callable[[], int], metrics: DiscoveryMetrics) -> None:
@@ -269,7 +266,7 @@ class Discovery:
                 except BadMultiaddr:
                     continue  # the validator does not parse addresses; a bad one is skipped
             if addrs:
-                self.net.host.get_peerstore().add_addrs(ID.from_base58(record.peer_id), addrs,
+                self.net.host.get_peerstore().add_addrs(PeerId.from_base58(record.peer_id), addrs,
                                                         RECORD_PEER_ADDR_TTL_S)
 
     async def _restore(self) -> None:
@@ -293,7 +290,7 @@ class Discovery:
                 except BadMultiaddr:
                     log.debug("skipping bad stored address %r of %s", text, peer_id)
             try:
-                info = PeerInfo(ID.from_base58(peer_id), good)
+                info = PeerInfo(PeerId.from_base58(peer_id), good)
                 await self.net.connect(info, timeout=self.config.query_timeout_s)
             except Exception as exc:
                 log.debug("known peer %s not reachable: %r", peer_id, exc)
@@ -354,7 +351,7 @@ class Discovery:
             table = self.net.dht.routing_table
             candidates = list(self.net.host.get_connected_peers())
             if table.size() < K:
-                candidates += [ID.from_base58(pid) for pid in self.replicas
+                candidates += [PeerId.from_base58(pid) for pid in self.replicas
                                if pid != self.peer_id]
             for peer in candidates:
                 if not table.peer_in_table(peer):
@@ -404,7 +401,7 @@ class Discovery:
             log.debug("serving a record sync failed: %r", exc)
             await reset_quietly(stream)
 
-    async def sync_from(self, peer: ID, since_ms: int = 0) -> int:
+    async def sync_from(self, peer: PeerId, since_ms: int = 0) -> int:
         """Pull the records ``peer`` holds (created at or after ``since_ms``) and keep the
         valid ones that are newer than ours. Returns how many were new; raises nothing
         (a failed sync is logged and counts 0)."""
@@ -454,14 +451,14 @@ class Discovery:
             peer = preferred[0] if round_ == 0 and preferred else self.rng.choice(connected)
             await self.sync_from(peer)
 
-    def _gossip_validator(self, sender: ID, message: Any) -> bool:
+    def _gossip_validator(self, sender: PeerId, message: Any) -> bool:
         """Gossip verdict: accept only a valid record signed by the message's author."""
         try:
             record = verify_capability(message.data, self.clock_ms())
         except RemoteProtocolError as exc:
             self.metrics.rejected.labels(exc.reason).inc()
             return False
-        return record.peer_id == ID(message.from_id).to_base58()
+        return record.peer_id == PeerId(message.from_id).to_base58()
 
     async def _receive_gossip(self, subscription: Any) -> None:
         while True:
@@ -503,7 +500,7 @@ class Discovery:
         stream = None
         try:
             with trio.fail_after(timeout):
-                stream = await self.net.host.new_stream(ID.from_base58(peer_id),
+                stream = await self.net.host.new_stream(PeerId.from_base58(peer_id),
                                                         [CAPABILITY_PROTOCOL])
             data = await read_frame(stream, MAX_CAPABILITY_BYTES, timeout)
             await stream.close()
@@ -522,7 +519,7 @@ class Discovery:
         key = capability_dht_key(peer_id).encode()
         store = self.net.dht.value_store
 
-        async def get_value(peer: ID) -> tuple[bytes | None, list[ID]]:
+        async def get_value(peer: PeerId) -> tuple[bytes | None, list[PeerId]]:
             value, closer = await store._get_from_peer(peer, key, return_closer_peers=True)
             return (value if isinstance(value, bytes) else None), closer
 
@@ -573,9 +570,9 @@ class Discovery:
         non-empty, and may return duplicates; this asks the network every time."""
         key = bytes.fromhex(key_hex)
         store = self.net.dht.provider_store
-        found: dict[ID, PeerInfo] = {p.peer_id: p for p in store.get_providers(key)}
+        found: dict[PeerId, PeerInfo] = {p.peer_id: p for p in store.get_providers(key)}
 
-        async def get_providers(peer: ID) -> tuple[list[PeerInfo] | None, list[ID]]:
+        async def get_providers(peer: PeerId) -> tuple[list[PeerInfo] | None, list[PeerId]]:
             providers, closer = await store._get_providers_from_peer_with_closers(peer, key)
             return providers[:MAX_PROVIDERS], closer
 

@@ -12,7 +12,7 @@ One stream of ``/iollm/task/1.0.0`` per task, opened by the job's coordinator:
                                          to this node's feed
 
 A broken stream at any point ends the task here; the coordinator gives the task to
-another worker. The torch work runs in ``python -m node.taskproc`` (node/taskrun.py).
+another worker. The torch work runs in ``python -m node.jobs.taskproc`` (node/jobs/taskrun.py).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from libp2p.custom_types import TProtocol
-from libp2p.peer.id import ID
 from nacl.signing import SigningKey
 
 from node.config import WorkerSection
-from node.framing import FrameError, read_frame, reset_quietly, write_frame
-from node.models import FetchError, HeldVersion, Models, PublishError
-from node.receipts import Receipts
-from node.taskrun import TaskProcError, finite, run_taskproc
+from node.jobs.receipts import Receipts
+from node.jobs.taskrun import TaskProcError, finite, run_taskproc
+from node.p2p import PeerId, ProtocolId
+from node.p2p.framing import FrameError, read_frame, reset_quietly, write_frame
+from node.smip.service import Models
+from node.smip.types import FetchError, HeldVersion, PublishError
 from protocol.capability import EnvReport, vram_at_least
 from protocol.errors import RemoteProtocolError
 from protocol.jobs import (
@@ -52,7 +52,7 @@ from protocol.smip import id_hex
 log = logging.getLogger(__name__)
 
 TASK_PROTOCOL_ID = "/iollm/task/1.0.0"
-TASK_PROTOCOL = TProtocol(TASK_PROTOCOL_ID)
+TASK_PROTOCOL = ProtocolId(TASK_PROTOCOL_ID)
 ASSIGN_TIMEOUT_S = 10.0  # for the assignment frame after the stream opens
 REPLY_TIMEOUT_S = 10.0
 RESULT_WRITE_TIMEOUT_S = 30.0
@@ -120,7 +120,7 @@ class Worker:
         task_status.started()
         await trio.sleep_forever()
 
-    async def _fetch(self, version: bytes, hint: list[ID]) -> HeldVersion:
+    async def _fetch(self, version: bytes, hint: list[PeerId]) -> HeldVersion:
         """Fetch a version, trying again after a pause when it fails: at the start of a
         round every worker asks the coordinator for the same versions at once."""
         for delay in (*FETCH_RETRIES_S, None):
@@ -179,7 +179,7 @@ class Worker:
             log.exception("task failed")
             await reset_quietly(stream)
 
-    def _judge(self, peer: ID, data: bytes) -> tuple[TaskAssign | None, Job | None, str]:
+    def _judge(self, peer: PeerId, data: bytes) -> tuple[TaskAssign | None, Job | None, str]:
         """The assignment, its job, and why it is refused ("" when it is taken)."""
         try:
             assign = TaskAssign.decode(data)
@@ -193,7 +193,7 @@ class Worker:
             return assign, job, f"{BUSY_PREFIX}: {self.busy} of {self.config.max_tasks} tasks"
         return assign, job, meets_requirements(job, self.env)
 
-    async def _base(self, coordinator: ID, assign: TaskAssign) -> HeldVersion:
+    async def _base(self, coordinator: PeerId, assign: TaskAssign) -> HeldVersion:
         """The task's base version: rebuilt from the parent and the small outer update
         when this node holds the parent, else fetched whole."""
         models, base = self.models, assign.base_version
@@ -222,7 +222,7 @@ class Worker:
                 shutil.rmtree(work, ignore_errors=True)
         return await self._fetch(base, [coordinator])
 
-    async def _train(self, coordinator: ID, assign: TaskAssign, job: Job) -> bytes:
+    async def _train(self, coordinator: PeerId, assign: TaskAssign, job: Job) -> bytes:
         """Fetch, train, publish the delta; the sealed result."""
         started = time.monotonic()
         models = self.models
@@ -266,7 +266,7 @@ class Worker:
             wall_ms=int((time.monotonic() - started) * 1000))
         return seal_task_result(self.key, result)
 
-    async def _adversary(self, coordinator: ID, assign: TaskAssign, request: dict[str, Any],
+    async def _adversary(self, coordinator: PeerId, assign: TaskAssign, request: dict[str, Any],
                          timeout: float) -> dict[str, Any] | None:
         """TEST ONLY (``worker.adversary``): misbehave as configured, writing the forged
         delta where an honest one would go. None when honest."""
@@ -294,7 +294,7 @@ class Worker:
                 "last_loss": answer.get("last_loss", 2.0),
                 "tokens": request["steps"] * request["batch_size"] * request["seq_len"]}
 
-    async def _delta_to_copy(self, coordinator: ID, assign: TaskAssign) -> Path:
+    async def _delta_to_copy(self, coordinator: PeerId, assign: TaskAssign) -> Path:
         prefix = f"delta {id_hex(assign.job_id)[:12]} r{assign.round}-"
         with trio.fail_after(COPY_WAIT_S):
             while True:
@@ -304,5 +304,5 @@ class Worker:
                     break
                 await trio.sleep(0.5)
         held = await self._fetch(bytes.fromhex(found[0].version),
-                                 [ID.from_base58(found[0].publisher)])
+                                 [PeerId.from_base58(found[0].publisher)])
         return self.models.store.shard_path(held.manifest.shards[0].root)

@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 from nacl.signing import SigningKey
 
-from node.discovery import Discovery
-from node.framing import FrameError, read_frame, reset_quietly, write_frame
-from node.host import Network, parse_multiaddr
+from node.discovery.service import Discovery
+from node.p2p import PeerId, PeerInfo
+from node.p2p.framing import FrameError, read_frame, reset_quietly, write_frame
+from node.p2p.host import Network, parse_multiaddr
 from node.storage import Storage
 from protocol.checks import packb
 from protocol.consensus import (
@@ -183,7 +182,8 @@ class Chain:
         self._timer_seq = 0
         self._outgoing: list[bytes] = []
         self._flush = trio.Event()
-        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[str, bytes, ID | None]](1024)
+        self._inbox_send, self._inbox = trio.open_memory_channel[
+            tuple[str, bytes, PeerId | None]](1024)
         self._sync_lock = trio.Lock()
         self._new_block = trio.Event()  # set and replaced at every final block
         self._final: OrderedDict[bytes, int] = OrderedDict()
@@ -212,7 +212,7 @@ class Chain:
                     if pid != self.peer_id:
                         send, recv = trio.open_memory_channel[bytes](DIRECT_QUEUE)
                         self._direct[pid] = send
-                        nursery.start_soon(self._send_direct, ID.from_base58(pid), recv)
+                        nursery.start_soon(self._send_direct, PeerId.from_base58(pid), recv)
                 nursery.start_soon(self._connect_validators)
                 nursery.start_soon(self._announce_heads)
                 nursery.start_soon(self._consensus)
@@ -446,7 +446,7 @@ class Chain:
         got = message_height(data, self.max_proposal_bytes)
         return got[1] if got is not None and got[0] == self.genesis.chain_id else None
 
-    async def _feed(self, kind: str, data: bytes, sender: ID | None) -> None:
+    async def _feed(self, kind: str, data: bytes, sender: PeerId | None) -> None:
         """One consensus message to the machine of its height, kept for the next height,
         or taken as a sign that this node is behind."""
         height = self._height_of(kind, data)
@@ -625,7 +625,7 @@ class Chain:
                 continue
             if kind not in ("proposal", "vote") or not isinstance(data, bytes):
                 continue
-            sender = ID(message.from_id) if isinstance(message.from_id, bytes) else None
+            sender = PeerId(message.from_id) if isinstance(message.from_id, bytes) else None
             if self.is_validator:
                 try:
                     self._inbox_send.send_nowait((kind, data, sender))
@@ -639,14 +639,15 @@ class Chain:
     def _start_sync(self, peer: Any, nursery: trio.Nursery | None = None) -> None:
         if self._sync_lock.locked():
             return
-        pid = peer if isinstance(peer, ID) else ID(peer) if isinstance(peer, bytes) else None
+        pid = (peer if isinstance(peer, PeerId) else PeerId(peer) if isinstance(peer, bytes)
+               else None)
         if pid is None or pid == self.net.peer_id:
             return
         nursery = nursery or self._nursery
         if nursery is not None:
             nursery.start_soon(self._sync_from, pid)
 
-    async def _sync_from(self, peer: ID) -> None:
+    async def _sync_from(self, peer: PeerId) -> None:
         """Take blocks from ``peer`` until it has no more: each one only after its
         certificate verifies and the ledger applies it to the same state root."""
         if self._sync_lock.locked():
@@ -662,7 +663,7 @@ class Chain:
             except Exception as exc:  # a dial that fails in the library's own ways
                 log.info("catching up from %s failed: %r", peer, exc)
 
-    async def _sync_batch(self, peer: ID) -> int:
+    async def _sync_batch(self, peer: PeerId) -> int:
         stream = await self._open(peer)
         try:
             start = self.ledger.height + 1
@@ -695,7 +696,7 @@ class Chain:
             await reset_quietly(stream)
             raise
 
-    async def _open(self, peer: ID, protocol: str = BLOCKS_PROTOCOL) -> Any:
+    async def _open(self, peer: PeerId, protocol: str = BLOCKS_PROTOCOL) -> Any:
         if peer not in self.net.host.get_connected_peers():
             cap = self.discovery.local_record(peer.to_base58())
             addrs = [parse_multiaddr(a) for a in cap.record.addrs] if cap else []
@@ -717,7 +718,7 @@ class Chain:
             log.debug("serving blocks ended: %r", exc)
             await reset_quietly(stream)
 
-    async def _send_direct(self, peer: ID, queue: trio.MemoryReceiveChannel[bytes]) -> None:
+    async def _send_direct(self, peer: PeerId, queue: trio.MemoryReceiveChannel[bytes]) -> None:
         """Carry this validator's consensus messages to one other validator on a stream
         of their own. Gossipsub alone was not enough: under a load of transactions its
         per-peer queues drop messages, proposals of a megabyte among them, and a round
@@ -757,7 +758,7 @@ class Chain:
         while True:
             connected = set(self.net.host.get_connected_peers())
             for pid in self.powers:
-                peer = ID.from_base58(pid)
+                peer = PeerId.from_base58(pid)
                 if pid == self.peer_id or peer in connected:
                     continue
                 cap = self.discovery.local_record(pid)

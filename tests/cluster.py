@@ -20,16 +20,16 @@ from libp2p.peer.peerinfo import PeerInfo
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry
 
+from node.chain.service import Chain
 from node.config import DiscoverySection, WorkerSection
-from node.consensus import Chain
-from node.contentstore import ContentStore
-from node.discovery import CapabilityValidator, Discovery, DiscoveryMetrics
-from node.host import Network, open_network
-from node.jobs import Jobs
-from node.models import Models, ModelsMetrics
-from node.receipts import Receipts
+from node.discovery.service import CapabilityValidator, Discovery, DiscoveryMetrics
+from node.jobs.coordinator import Jobs
+from node.jobs.receipts import Receipts
+from node.jobs.worker import Worker
+from node.p2p.host import Network, open_network
+from node.smip.service import Models, ModelsMetrics
+from node.smip.store import ContentStore
 from node.storage import Storage, open_storage
-from node.worker import Worker
 from protocol.capability import DHT_NAMESPACE, EnvReport
 from protocol.genesis import Genesis
 from protocol.peerid import peer_id_from_public_key

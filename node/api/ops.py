@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from node.models import FetchError, Progress, PublishError
+from node.smip.types import FetchError, Progress, PublishError
 
 __all__ = ["KEEP_FINISHED_MS", "MAX_FINISHED", "Operations"]
 

@@ -19,19 +19,17 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from node.cli import CliError, call_node
+from node.cli.common import SHORT, CliError, call_node, short_peer, when
 
 POLL_S = 0.2  # how often a waiting command asks the node how its operation goes
 LOG_EVERY_S = 5.0  # without a terminal, one progress line this often (and at each phase)
 RATE_WINDOW_S = 3.0  # the MiB/s shown is the average over this much recent time
 MIN_PREFIX_CHARS = 8  # node/daemon.py refuses shorter prefixes
 BAR_WIDTH = 24
-SHORT = 12  # hex digits of a version shown in tables (SMIP's short form)
 
 
 # -- formatting ------------------------------------------------------------------------------
@@ -42,14 +40,6 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
-
-
-def _when(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _short_peer(peer_id: str) -> str:
-    return peer_id if len(peer_id) <= 20 else f"{peer_id[:10]}…{peer_id[-6:]}"
 
 
 class ProgressView:
@@ -197,8 +187,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for v in versions:
         size = _size(v["size"]) if v["size"] else "?"
         print(f"{v['version'][:SHORT]}  {v['name']:<{width}}  {v['state']:<9}  {size:>10}  "
-              f"{v['providers']:>9}  {_when(v['created_ms']):<23}  "
-              f"{_short_peer(v['publisher'])}")
+              f"{v['providers']:>9}  {when(v['created_ms']):<23}  "
+              f"{short_peer(v['publisher'])}")
     return 0
 
 
@@ -207,7 +197,7 @@ def format_show(info: dict[str, Any]) -> str:
         f"{info['kind']} {info['name']!r}",
         f"version    {info['version']}",
         f"publisher  {info['publisher']}",
-        f"created    {_when(info['created_ms'])}",
+        f"created    {when(info['created_ms'])}",
         f"state      {info['state']}, {_size(info['size'])}, "
         f"{info['providers']} provider(s) known",
         f"config     {json.dumps(info.get('config') or {}, sort_keys=True)[:200]}",
@@ -218,7 +208,7 @@ def format_show(info: dict[str, Any]) -> str:
     lines.append("lineage    (this version, then its ancestors, first parent first)")
     known = {e["version"] for e in info["lineage"] if e["known"]}
     for depth, entry in enumerate(info["lineage"]):
-        label = (f"{entry['name']!r}  {_when(entry['created_ms'])}" if entry["known"]
+        label = (f"{entry['name']!r}  {when(entry['created_ms'])}" if entry["known"]
                  else "(manifest not held here)")
         arrow = "  " * depth + ("└─ " if depth else "")
         lines.append(f"  {arrow}{entry['version'][:SHORT]}  {label}")

@@ -6,10 +6,10 @@ The node that submits a job coordinates it. For each round it
    meet the job's requirements, waiting a little for enough of them;
 2. plans the round's micro-tasks (protocol.coordination.plan_round) and lets
    protocol.coordination.RoundMachine decide who trains what; this module only opens
-   the ``/iollm/task/1.0.0`` streams (node/worker.py is the other end), owns the
+   the ``/iollm/task/1.0.0`` streams (node/jobs/worker.py is the other end), owns the
    deadlines and feeds the outcomes back to the machine;
 3. fetches every submitted delta through SMIP and checks them in one child process
-   (held-out gain, own-slice gain, copies, re-execution of a sample: node/taskproc.py);
+   (held-out gain, own-slice gain, copies, re-execution of a sample: node/jobs/taskproc.py);
 4. signs a receipt for each accepted task and answers every worker with its verdict;
 5. combines the accepted deltas (robust aggregate, Nesterov outer step, in a child
    process), publishes the new version with its parent link and the int8 outer update
@@ -22,6 +22,7 @@ in (that round's tasks are planned again identically and re-trained).
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import math
@@ -34,25 +35,25 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 from nacl.signing import SigningKey
 
-from node.consensus import Chain
-from node.discovery import Discovery
-from node.framing import FrameError, read_frame, reset_quietly, write_frame
-from node.host import Network, parse_multiaddr
-from node.models import FetchError, Models, PublishError
-from node.receipts import Receipts
-from node.storage import JobRow, Storage
-from node.taskrun import TaskProcError, finite, run_taskproc
-from node.worker import (
+from node.chain.service import Chain
+from node.discovery.service import Discovery
+from node.jobs.receipts import Receipts
+from node.jobs.taskrun import TaskProcError, finite, run_taskproc
+from node.jobs.worker import (
     BUSY_PREFIX,
     FETCH_RETRIES_S,
     TASK_PROTOCOL,
     materialize,
     meets_requirements,
 )
+from node.p2p import PeerId, PeerInfo
+from node.p2p.framing import FrameError, read_frame, reset_quietly, write_frame
+from node.p2p.host import Network, parse_multiaddr
+from node.smip.service import Models
+from node.smip.types import FetchError, PublishError
+from node.storage import JobRow, Storage
 from protocol.coordination import Assign, RoundMachine, plan_round
 from protocol.errors import ProtocolError, RemoteProtocolError
 from protocol.jobs import (
@@ -161,7 +162,7 @@ class Jobs:
             task_status.started()
             await trio.sleep_forever()
 
-    def _gossip_validator(self, sender: ID, message: Any) -> bool:
+    def _gossip_validator(self, sender: PeerId, message: Any) -> bool:
         try:
             open_job(message.data)
         except RemoteProtocolError:
@@ -316,16 +317,16 @@ class Jobs:
         """Set once the job coordinated here is done or failed."""
         return self._ended.setdefault(jid, trio.Event())
 
-    async def _fetch(self, version: str, hint: list[ID] | None = None) -> Any:
+    async def _fetch(self, version: str, hint: builtins.list[PeerId] | None = None) -> Any:
         await self.models.fetch(version, hint=hint or [])
         return self.models.held[bytes.fromhex(version)]
 
-    def _candidates(self, job: Job) -> list[str]:
+    def _candidates(self, job: Job) -> builtins.list[str]:
         return sorted(c.record.peer_id for c in self.discovery.live_records()
                       if c.record.peer_id != self.peer_id
                       and not meets_requirements(job, c.record.env))
 
-    async def _wait_for_workers(self, job: Job) -> list[str]:
+    async def _wait_for_workers(self, job: Job) -> builtins.list[str]:
         with trio.move_on_after(NO_WORKER_TIMEOUT_S):
             waited = 0.0
             while True:
@@ -493,6 +494,7 @@ class Jobs:
                             await reset_quietly(stream)
                             stream = None
                         await trio.sleep(OFFER_RETRY_S)
+            assert stream is not None  # the loop above ends with a stream, or raises
             if reply.task_id != a.task.task_id:
                 raise RemoteProtocolError("malformed", "the reply names another task")
             if not reply.accepted:
@@ -518,7 +520,7 @@ class Jobs:
                 await reset_quietly(stream)
 
     async def _open(self, worker: str) -> Any:
-        peer = ID.from_base58(worker)
+        peer = PeerId.from_base58(worker)
         if peer not in self.net.host.get_connected_peers():
             cap = self.discovery.local_record(worker)
             addrs = [parse_multiaddr(a) for a in cap.record.addrs] if cap else []
@@ -528,7 +530,7 @@ class Jobs:
     # -- checking and the outer step ------------------------------------------------------
 
     async def _check(self, jid: str, job: Job, state: dict[str, Any], dataset: Any,
-                     job_dir: Path, tasks: list[Any], submitted: dict[str, _Outcome]
+                     job_dir: Path, tasks: builtins.list[Any], submitted: dict[str, _Outcome]
                      ) -> dict[str, Any]:
         """Fetch the deltas and check them all in one child process. Returns its answer,
         with ``deltas[task id]`` holding each verdict and the delta's file ``path``."""
@@ -548,7 +550,7 @@ class Jobs:
                     for delay in (*FETCH_RETRIES_S, None):  # a busy worker's answer is late
                         try:
                             held = await self._fetch(outcome.result.delta_version.hex(),
-                                                     hint=[ID.from_base58(outcome.assign.worker)])
+                                                     hint=[PeerId.from_base58(outcome.assign.worker)])
                             break
                         except FetchError:
                             if delay is None:
@@ -607,7 +609,7 @@ class Jobs:
                 "reexec": len(reexec)}
 
     async def _outer(self, jid: str, job: Job, state: dict[str, Any], dataset: Any,
-                     job_dir: Path, accepted: list[str], record: dict[str, Any]) -> None:
+                     job_dir: Path, accepted: builtins.list[str], record: dict[str, Any]) -> None:
         spec, r = job.spec, state["round"]
         model_dir = job_dir / f"r{r}-base"
         out_dir, update = job_dir / f"r{r}-new", job_dir / f"r{r}-update" / "update.safetensors"

@@ -1,4 +1,4 @@
-"""The local API's routes for the chain and the ledger (node/consensus.py).
+"""The local API's routes for the chain and the ledger (node/chain/service.py).
 
     GET  /v1/ledger                         -> chain id, height, state root, validators
     GET  /v1/ledger/balance?peer=           -> {"peer", "balance", "height"} (default: this node)
@@ -24,8 +24,8 @@ from typing import Any
 
 import trio
 
-from node.api import ApiError, Request, Routes, body_fields, text_field
-from node.consensus import Chain, ChainBusy
+from node.api.server import ApiError, Request, Routes, body_fields, text_field
+from node.chain.service import Chain, ChainBusy
 from protocol.consensus import Commit
 from protocol.envelope import unpack_strict
 from protocol.errors import ProtocolError

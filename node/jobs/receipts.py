@@ -10,6 +10,7 @@ protocol.feed turns that into evidence.
 
 from __future__ import annotations
 
+import builtins
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -74,7 +75,7 @@ class Receipts:
                         "issued_ms": r.issued_ms})
         return out
 
-    async def feed(self, author: str | None = None, after_seq: int = 0) -> list[dict[str, Any]]:
+    async def feed(self, author: str | None = None, after_seq: int = 0) -> builtins.list[dict[str, Any]]:
         out = []
         for seq, eid, data in await self.storage.feed_entries(author or self.peer_id, after_seq):
             e = open_entry(data)

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from node.cli import CliError, call_node, int_arg
-from node.cli_models import SHORT, _short_peer, _when, wait_for_operation
+from node.cli.common import SHORT, CliError, call_node, int_arg, short_peer, when
+from node.cli.models import wait_for_operation
 
 WATCH_POLL_S = 1.0
 
@@ -71,7 +71,7 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
 def format_status(s: dict[str, Any]) -> str:
     spec = s["spec"]
     lines = [f"job {s['job']}  {s['name']!r}",
-             f"coordinator {s['coordinator']}  submitted {_when(s['submitted_ms'])}",
+             f"coordinator {s['coordinator']}  submitted {when(s['submitted_ms'])}",
              f"recipe      {spec['rounds']} rounds x {spec['workers_per_round']} workers, "
              f"{spec['inner_steps']} inner steps, batch {spec['batch_size']} x "
              f"{spec['seq_len']}, lr {spec['lr']:g}, outer lr {spec['outer_lr']:g} "
@@ -93,7 +93,7 @@ def format_status(s: dict[str, Any]) -> str:
             loss = (f"loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}"
                     if "first_loss" in t else "")
             why = f"  ({t['reason']})" if t.get("reason") else ""
-            lines.append(f"       {t['task']:<8} {_short_peer(t['worker'] or '-'):<18} "
+            lines.append(f"       {t['task']:<8} {short_peer(t['worker'] or '-'):<18} "
                          f"{t['verdict']:<8} {loss}{why}")
     lines.append(f"version     {s['base']}")
     return "\n".join(lines)
@@ -131,7 +131,7 @@ def cmd_job_list(args: argparse.Namespace) -> int:
     for j in jobs:
         rnd = "-" if j["round"] is None else f"{j['round']}/{j['rounds']}"
         print(f"{j['job'][:SHORT]}  {j['name'][:20]:<20}  {j['status']:<9}  {rnd:<6}  "
-              f"{_when(j['submitted_ms']):<23}  {_short_peer(j['coordinator'])}")
+              f"{when(j['submitted_ms']):<23}  {short_peer(j['coordinator'])}")
     return 0
 
 
@@ -149,7 +149,7 @@ def cmd_receipts(args: argparse.Namespace) -> int:
     for r in receipts:
         gain = r["metrics"].get("heldout_gain")
         print(f"{r['receipt'][:SHORT]}  {r['job'][:SHORT]}  {r['round']:>3}  {r['task']:<8}  "
-              f"{_short_peer(r['worker']):<18}  {r['tokens']:>8}  "
+              f"{short_peer(r['worker']):<18}  {r['tokens']:>8}  "
               f"{'?' if gain is None else f'{gain:.4f}':>13}  {r['verdict']}")
     return 0
 

@@ -1,6 +1,6 @@
 """DiLoCo-style training as pure torch functions: inner training, deltas, checks, outer step.
 
-One round of a job, from the base version ``base`` (a state, see :mod:`node.gpt`):
+One round of a job, from the base version ``base`` (a state, see :mod:`node.ml.gpt`):
 
 1. each worker runs :func:`train_task` on its data slice: ``steps`` inner AdamW steps from
    ``base``, a fresh optimizer per task, and returns ``delta = trained - base`` (fp32),
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from node import gpt
+from node.ml import gpt
 
 __all__ = [
     "ADAM_BETAS",

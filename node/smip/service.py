@@ -8,7 +8,7 @@ One service (``Models.run``) in the daemon's nursery. It
   starts providing it and every ``ANNOUNCE_REFRESH_MS``, and keeps the verified
   announcements of other nodes (one per provider and version, replays harmless);
 * provides the version key and the shard keys on the DHT, in the node's provide slots;
-* publishes local files (``publish``) and fetches versions (``fetch``, in node/fetch.py):
+* publishes local files (``publish``) and fetches versions (``fetch``, in node/smip/fetch.py):
   manifest from any provider, then verified chunks from every provider at once, resumable.
 
 Bytes from the network are checked by protocol/smip.py and protocol/hashtree.py before use;
@@ -29,14 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from libp2p.custom_types import TProtocol
-from libp2p.peer.id import ID
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Counter
 
-from node.contentstore import ContentStore, ContentStoreError, NotInStore
-from node.discovery import Discovery
-from node.framing import (
+from node.discovery.service import Discovery
+from node.p2p import PeerId
+from node.p2p.framing import (
     FrameError,
     FrameReader,
     frame_prefix,
@@ -44,7 +42,17 @@ from node.framing import (
     write_bulk,
     write_frame,
 )
-from node.host import Network
+from node.p2p.host import Network
+from node.smip.fetch import SmipClient, fetch_manifest, fetch_version
+from node.smip.store import ContentStore, ContentStoreError, NotInStore
+from node.smip.types import (
+    SMIP_PROTOCOL,
+    FetchError,
+    HeldVersion,
+    Progress,
+    PublishError,
+    VersionInfo,
+)
 from node.storage import ManifestRow, Storage
 from protocol.capability import next_seq
 from protocol.errors import ProtocolError, RemoteProtocolError
@@ -57,7 +65,6 @@ from protocol.smip import (
     MAX_SHARDS,
     REPROVIDE_INTERVAL_MS,
     RESPONSE_TIMEOUT_S,
-    SMIP_PROTOCOL_ID,
     STATUS_BAD_REQUEST,
     STATUS_BUSY,
     STATUS_INTERNAL,
@@ -95,7 +102,6 @@ from protocol.smip import (
 
 log = logging.getLogger(__name__)
 
-SMIP_PROTOCOL = TProtocol(SMIP_PROTOCOL_ID)
 ANNOUNCE_SEQ_KEY = "smip.announce.seq"
 ANNOUNCE_REPEATS_S = (1.0, 2.0, 5.0)  # after a version starts being provided
 LIST_STARTUP_S = (2.0, 10.0, 30.0)  # after joining: ask peers for their versions
@@ -104,14 +110,6 @@ MAX_INFLIGHT_PER_PEER = 8
 MAX_INFLIGHT_TOTAL = 64
 # Weights in pickle-based formats can run code when loaded: never published, never fetched.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
-
-
-class PublishError(Exception):
-    """The files cannot be published as asked (the message says why, for the user)."""
-
-
-class FetchError(Exception):
-    """A fetch failed: no provider left, the version is unknown, ... (the message says)."""
 
 
 class ModelsMetrics:
@@ -126,47 +124,6 @@ class ModelsMetrics:
         self.announcements = Counter("iollm_smip_announcements",
                                      "announcements received, by verdict", ["verdict"],
                                      registry=registry)
-
-
-@dataclass
-class Progress:
-    """What a long operation is doing; the service writes it, the API reads it."""
-
-    phase: str = "starting"
-    done_bytes: int = 0
-    total_bytes: int = 0
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    version: str  # 64 hex
-    kind: str
-    name: str
-    created_ms: int
-    publisher: str
-    state: str  # "complete", "partial" or "announced"
-    size: int  # 0 when only announced
-    providers: int
-    parents: list[str]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "kind": self.kind, "name": self.name,
-                "created_ms": self.created_ms, "publisher": self.publisher,
-                "state": self.state, "size": self.size, "providers": self.providers,
-                "parents": self.parents}
-
-
-@dataclass
-class HeldVersion:
-    """A version whose verified manifest this node stores."""
-
-    version: bytes
-    envelope: bytes
-    manifest: Manifest
-    state: str  # "partial" or "complete"
-    announcement: bytes | None = None  # our current signed announcement, when complete
-    announced: Announcement | None = None  # the same, decoded
 
 
 # --- checking local files before they are published ---------------------------------------
@@ -250,7 +207,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 @dataclass
 class _Inflight:
     total: int = 0
-    per_peer: dict[ID, int] = field(default_factory=dict)
+    per_peer: dict[PeerId, int] = field(default_factory=dict)
 
 
 class Models:
@@ -383,16 +340,16 @@ class Models:
             return None
         return verdict.announcement
 
-    def _gossip_validator(self, sender: ID, message: Any) -> bool:
+    def _gossip_validator(self, sender: PeerId, message: Any) -> bool:
         """Accept only verified announcements signed by the message's author; repeats are
         dropped here, so gossipsub does not forward them again. py-libp2p runs this on our
         own publishes too: refusing those would keep them from ever leaving the node."""
         try:
-            from_id = ID(message.from_id).to_base58()
+            from_id = PeerId(message.from_id).to_base58()
         except Exception:
             return False
         if from_id == self.peer_id:
-            return True  # signed by us just now (node/models.py _announce)
+            return True  # signed by us just now (node/smip/service.py _announce)
         ann = self._judge(bytes(message.data))
         if ann is None or ann.provider != from_id:
             return False
@@ -415,10 +372,9 @@ class Models:
                 for peer in peers[:LIST_PEERS]:
                     nursery.start_soon(self.list_from, peer)
 
-    async def list_from(self, peer: ID) -> int:
+    async def list_from(self, peer: PeerId) -> int:
         """Page through ``peer``'s own announcements; returns how many were new. A peer
         whose answer fails its checks is logged and skipped."""
-        from node.fetch import SmipClient  # the client side lives with the fetcher
 
         new = 0
         try:
@@ -439,9 +395,9 @@ class Models:
             log.debug("list from %s failed: %r", peer, exc)
         return new
 
-    def providers_of(self, version: bytes) -> list[ID]:
+    def providers_of(self, version: bytes) -> list[PeerId]:
         now = self.clock_ms()
-        return [ID.from_base58(p) for (p, v), ann in self.announcements.items()
+        return [PeerId.from_base58(p) for (p, v), ann in self.announcements.items()
                 if v == version and ann.expires_ms > now]
 
     # -- serving ------------------------------------------------------------------------
@@ -480,7 +436,7 @@ class Models:
             log.debug("serving SMIP to %s ended: %r", peer, exc)
             await reset_quietly(stream)
 
-    def _admit(self, peer: ID | None) -> bool:
+    def _admit(self, peer: PeerId | None) -> bool:
         load = self._inflight
         mine = load.per_peer.get(peer, 0) if peer is not None else 0
         if load.total >= MAX_INFLIGHT_TOTAL or mine >= MAX_INFLIGHT_PER_PEER:
@@ -490,7 +446,7 @@ class Models:
             load.per_peer[peer] = mine + 1
         return True
 
-    def _release(self, peer: ID | None) -> None:
+    def _release(self, peer: PeerId | None) -> None:
         load = self._inflight
         load.total -= 1
         if peer is not None:
@@ -502,7 +458,7 @@ class Models:
                        payload: bytes | bytearray = b"") -> None:
         """The header frame and the payload's length prefix in one write, then the payload
         uncopied, in pieces that each cross the wire as one yamux frame in one Noise
-        message (node/framing.py, write_bulk)."""
+        message (node/p2p/framing.py, write_bulk)."""
         encoded = encode_response_header(header)
         if header.status != STATUS_OK:
             await write_frame(stream, encoded, RESPONSE_TIMEOUT_S)
@@ -594,11 +550,10 @@ class Models:
     # -- fetching -----------------------------------------------------------------------
 
     async def fetch(self, version: str, *, out_dir: Path | None = None,
-                    progress: Progress | None = None, hint: Sequence[ID] = ()) -> VersionInfo:
+                    progress: Progress | None = None, hint: Sequence[PeerId] = ()) -> VersionInfo:
         """Fetch a version (resuming what is on disk), then write its files to ``out_dir``
         if given. ``hint``: peers known to provide it (asked first, before any lookup).
         FetchError when it cannot be completed."""
-        from node.fetch import fetch_version
 
         progress = progress or Progress()
         try:
@@ -619,13 +574,12 @@ class Models:
         assert info is not None
         return info
 
-    async def adopt(self, version: bytes, directory: Path, hint: Sequence[ID]) -> bool:
+    async def adopt(self, version: bytes, directory: Path, hint: Sequence[PeerId]) -> bool:
         """Take files rebuilt here (``directory``, under their manifest paths) as
         ``version``, instead of fetching its shards: the manifest is fetched and verified
         as usual, and every file must hash to its shard's root. True when the version is
         now held complete; False when a file differs (what was imported stays unpinned,
         so eviction reclaims it) or is missing."""
-        from node.fetch import fetch_manifest
 
         lock = self._fetch_locks.setdefault(version, trio.Lock())
         async with lock:

@@ -11,40 +11,30 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from node import __version__
+from node.cli.common import CliError, call_node, home_of, int_arg, nonnegative
 from node.config import (
     CONFIG_FILE,
     DEFAULT_CONFIG_TOML,
-    RUNTIME_FILE,
     TOKEN_FILE,
     ConfigError,
-    default_home,
     load_config,
 )
 
 EXIT_USAGE = 2
 
 
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit code 1."""
-
-
-def _home(args: argparse.Namespace) -> Path:
-    return Path(args.home).expanduser() if args.home else default_home()
-
-
 # -- init ----------------------------------------------------------------------------------
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from node.api import generate_token, write_token_file
+    from node.api.server import generate_token, write_token_file
     from node.identity import IdentityError, create_key, peer_id_of
 
-    home = _home(args)
+    home = home_of(args)
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         key = create_key(home, force=args.force)
@@ -71,7 +61,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
 
     from node.daemon import StartOptions, run_daemon
 
-    home = _home(args)
+    home = home_of(args)
     config = load_config(home)
     options = StartOptions(listen=args.listen or None, bootstrap=args.bootstrap or None,
                            api_port=args.api_port,
@@ -96,10 +86,10 @@ def fatal_reason(exc: BaseException) -> str:
     """
     import sqlite3
 
-    from node.consensus import ChainError
-    from node.host import BadMultiaddr, ListenError
+    from node.chain.service import ChainError
     from node.identity import IdentityError
-    from node.probe import ProbeError
+    from node.ml.probe import ProbeError
+    from node.p2p.host import BadMultiaddr, ListenError
 
     cause = _first_cause(exc)
     if isinstance(cause, ListenError):
@@ -125,28 +115,6 @@ def _first_cause(exc: BaseException) -> BaseException:
 
 
 # -- commands that talk to a running node ---------------------------------------------------
-
-
-def call_node(args: argparse.Namespace, path: str, method: str = "GET", body: Any = None) -> Any:
-    """Call the running node's API; any failure becomes a one-line CliError."""
-    from node.api import ApiClientError, api_request, read_token_file
-
-    home = _home(args)
-    runtime = home / RUNTIME_FILE
-    try:
-        base = json.loads(runtime.read_text())["api"]
-    except FileNotFoundError:
-        raise CliError(f"no node is running with home {home} (start one: iollm node start)"
-                       ) from None
-    except (ValueError, KeyError):
-        raise CliError(f"{runtime} is damaged; restart the node") from None
-    try:
-        token = read_token_file(home / TOKEN_FILE)
-        return api_request(base, token, method, path, body, timeout=args.timeout)
-    except ApiClientError as exc:
-        raise CliError(str(exc)) from None
-    except OSError as exc:
-        raise CliError(f"cannot read the API token: {exc}") from None
 
 
 def _gib(n: int) -> str:
@@ -198,9 +166,9 @@ def cmd_gpus(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from node.probe import env_to_json, format_env, probe_environment
+    from node.ml.probe import env_to_json, format_env, probe_environment
 
-    home = _home(args)
+    home = home_of(args)
     report = probe_environment(home if home.exists() else Path.cwd(),
                                bench_seconds=args.bench_seconds)
     print(json.dumps(env_to_json(report), indent=2) if args.json else format_env(report))
@@ -229,7 +197,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_testnet_up(args: argparse.Namespace) -> int:
-    from node.testnet import TestnetError, testnet_up
+    from node.cli.testnet import TestnetError, testnet_up
 
     try:
         testnet_up(Path(args.dir), args.nodes, simulate_gpus=args.simulate_gpus,
@@ -240,7 +208,7 @@ def cmd_testnet_up(args: argparse.Namespace) -> int:
 
 
 def cmd_testnet_down(args: argparse.Namespace) -> int:
-    from node.testnet import TestnetError, testnet_down
+    from node.cli.testnet import TestnetError, testnet_down
 
     try:
         testnet_down(Path(args.dir))
@@ -252,32 +220,7 @@ def cmd_testnet_down(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------------------
 
 
-def int_arg(lo: int, hi: int, what: str) -> Callable[[str], int]:
-    """An argparse ``type``: a whole number in [lo, hi], else an error naming ``what``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = lo - 1
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-
-    return parse
-
-
 _tcp_port = int_arg(0, 65535, "a TCP port (0-65535)")
-
-
-def _nonnegative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Report OS, Python, torch and CUDA versions, each GPU, "
                                    "CPU cores, RAM, free disk and a short matmul benchmark.")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--bench-seconds", type=_nonnegative, default=0.5, metavar="S",
+    p.add_argument("--bench-seconds", type=nonnegative, default=0.5, metavar="S",
                    help="length of the matmul benchmark (default 0.5)")
     p.set_defaults(func=cmd_env)
 
@@ -343,17 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gpus", parents=[client], help="GPUs the network offers",
                        description="Query the DHT for nodes meeting the filters; only "
                                    "verified, unexpired records; most capable first.")
-    p.add_argument("--min-vram", type=_nonnegative, metavar="GB",
+    p.add_argument("--min-vram", type=nonnegative, metavar="GB",
                    help="at least this much memory on one GPU (GiB)")
-    p.add_argument("--min-tflops", type=_nonnegative, metavar="X",
+    p.add_argument("--min-tflops", type=nonnegative, metavar="X",
                    help="at least this measured matmul throughput (TFLOP/s)")
     p.set_defaults(func=cmd_gpus)
 
-    from node.cli_jobs import add_job_commands
-    from node.cli_models import add_model_commands
+    from node.cli.jobs import add_job_commands
+    from node.cli.models import add_model_commands
 
     add_job_commands(sub, client, add_model_commands(sub, client))
-    from node.cli_ledger import add_ledger_commands
+    from node.cli.ledger import add_ledger_commands
 
     add_ledger_commands(sub, home, client)
 
@@ -398,11 +341,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    # Run node.cli, not this __main__ copy of it, so that node.cli_models (which imports
-    # node.cli) raises the very CliError that main() catches.
-    from node.cli import main as _main
-
-    sys.exit(_main())

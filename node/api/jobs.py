@@ -21,12 +21,13 @@ from typing import Any
 
 import trio
 
-from node.api import ApiError, Request, Routes, body_fields, text_field
-from node.jobs import JobError, Jobs
-from node.models import Models, Progress
-from node.ops import Operations
-from node.receipts import Receipts
-from node.taskrun import run_taskproc
+from node.api.ops import Operations
+from node.api.server import ApiError, Request, Routes, body_fields, text_field
+from node.jobs.coordinator import JobError, Jobs
+from node.jobs.receipts import Receipts
+from node.jobs.taskrun import run_taskproc
+from node.smip.service import Models
+from node.smip.types import Progress
 
 ARCHS = ("gpt",)
 SIZES = ("tiny", "small")

@@ -6,7 +6,7 @@ layer and the chunks of every missing shard from all providers at once. Each pro
 ``STREAMS_PER_PROVIDER`` workers, one stream each, with up to ``PIPELINE_DEPTH`` requests
 outstanding; a free slot takes the lowest-numbered waiting chunk of a shard its provider
 serves. Every chunk is verified against its leaf
-before it is written (node/contentstore.py); a provider that sends bad bytes or stalls is
+before it is written (node/smip/store.py); a provider that sends bad bytes or stalls is
 dropped for the rest of the fetch and its chunk goes back to the queue. A fetch that stops
 (killed, cancelled) resumes from the chunks already verified on disk.
 """
@@ -21,13 +21,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import trio
-from libp2p.host.exceptions import StreamFailure
-from libp2p.network.exceptions import SwarmException
-from libp2p.peer.id import ID
 
-from node.contentstore import PartialShard
-from node.framing import FrameError, FrameReader, reset_quietly, write_frame
-from node.host import Network
+from node.p2p import OPEN_STREAM_ERRORS, PeerId
+from node.p2p.framing import FrameError, FrameReader, reset_quietly, write_frame
+from node.p2p.host import Network
+from node.smip.store import PartialShard
+from node.smip.types import SMIP_PROTOCOL, FetchError, HeldVersion, Progress
 from protocol.errors import RemoteProtocolError
 from protocol.hashtree import chunk_span
 from protocol.smip import (
@@ -59,7 +58,7 @@ from protocol.smip import (
 )
 
 if TYPE_CHECKING:
-    from node.models import HeldVersion, Models, Progress
+    from node.smip.service import Models
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +78,22 @@ class SmipClient:
     """One stream to one provider, carrying requests in sequence. Any failure resets the
     stream and makes the client unusable (the caller opens another one)."""
 
-    def __init__(self, net: Network, peer: ID) -> None:
+    def __init__(self, net: Network, peer: PeerId) -> None:
         self.net = net
         self.peer = peer
         self.stream: Any = None
         self.reader: FrameReader | None = None
 
     async def open(self) -> SmipClient:
-        from node.models import SMIP_PROTOCOL
 
         for attempt in range(OPEN_TRIES):
             try:
                 with trio.fail_after(RESPONSE_TIMEOUT_S):
                     self.stream = await self.net.host.new_stream(self.peer, [SMIP_PROTOCOL])
                 break
-            except (SwarmException, StreamFailure) as exc:
+            except OPEN_STREAM_ERRORS as exc:
                 # The connection went (closed by the peer or after a stalled frame
-                # write, node/host.py; py-libp2p drops one of two crossing dials) and
+                # write, node/p2p/host.py; py-libp2p drops one of two crossing dials) and
                 # the stream's negotiation failed on it: not the provider's fault, so
                 # dial once more before it counts as failed.
                 if attempt + 1 == OPEN_TRIES:
@@ -174,7 +172,7 @@ class SmipClient:
 # --- finding providers and the manifest ---------------------------------------------------
 
 
-async def find_providers(models: Models, key_hex: str, known: list[ID]) -> list[ID]:
+async def find_providers(models: Models, key_hex: str, known: list[PeerId]) -> list[PeerId]:
     """``known`` (from announcements) followed by the DHT's providers of the key, without
     this node and without duplicates."""
     found = list(known)
@@ -186,10 +184,9 @@ async def find_providers(models: Models, key_hex: str, known: list[ID]) -> list[
     return [p for p in dict.fromkeys(found) if p != own]
 
 
-async def fetch_manifest(models: Models, version: bytes, providers: list[ID]) -> HeldVersion:
+async def fetch_manifest(models: Models, version: bytes, providers: list[PeerId]) -> HeldVersion:
     """The first manifest answer that verifies against the id, asked one provider at a
     time. FetchError when none does."""
-    from node.models import FetchError, HeldVersion
 
     reasons = []
     for peer in providers:
@@ -210,10 +207,9 @@ async def fetch_manifest(models: Models, version: bytes, providers: list[ID]) ->
 
 
 async def fetch_version(models: Models, version: bytes, progress: Progress,
-                        hint: Sequence[ID] = ()) -> HeldVersion:
+                        hint: Sequence[PeerId] = ()) -> HeldVersion:
     """Fetch a version completely into the store (resuming), or raise FetchError.
     ``hint``: peers known to provide it, tried before the announced and DHT providers."""
-    from node.models import FetchError
 
     progress.phase = "providers"
     own = models.net.peer_id
@@ -267,23 +263,23 @@ async def fetch_version(models: Models, version: bytes, progress: Progress,
 @dataclass
 class _Shard:
     entry: ShardEntry
-    providers: set[ID]
+    providers: set[PeerId]
     partial: PartialShard | None = None
     waiting: deque[int] = field(default_factory=deque)
-    refused: set[ID] = field(default_factory=set)  # answered not-found / too-large / internal
+    refused: set[PeerId] = field(default_factory=set)  # answered not-found / too-large / internal
     leaves_busy: bool = False
     done: bool = False
 
 
 @dataclass
 class _Provider:
-    peer: ID
+    peer: PeerId
     dropped: str = ""  # why it was dropped, "" while in use
     busy_until: float = 0.0
 
 
 class ChunkFetcher:
-    def __init__(self, models: Models, shards: list[ShardEntry], providers: list[ID],
+    def __init__(self, models: Models, shards: list[ShardEntry], providers: list[PeerId],
                  progress: Progress) -> None:
         self.models = models
         self.progress = progress
@@ -303,7 +299,6 @@ class ChunkFetcher:
         return all(s.done for s in self.shards)
 
     async def run(self) -> None:
-        from node.models import FetchError
 
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -325,7 +320,7 @@ class ChunkFetcher:
 
     async def _more_providers(self, shard: _Shard) -> None:
         """Add the DHT's providers of one shard (another version may hold it too)."""
-        found: list[ID] = []
+        found: list[PeerId] = []
         with trio.CancelScope() as scope:
             self._lookups.append(scope)
             if self.finished:

@@ -1,0 +1,79 @@
+"""What every command group of ``iollm`` shares: the one-line error, the node home, the
+API call to the running node, argument types and the formats of times and peer ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from node.config import RUNTIME_FILE, TOKEN_FILE, default_home
+
+SHORT = 12  # hex digits of a version shown in tables (SMIP's short form)
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit code 1."""
+
+
+def home_of(args: argparse.Namespace) -> Path:
+    return Path(args.home).expanduser() if args.home else default_home()
+
+
+def call_node(args: argparse.Namespace, path: str, method: str = "GET", body: Any = None) -> Any:
+    """Call the running node's API; any failure becomes a one-line CliError."""
+    from node.api.server import ApiClientError, api_request, read_token_file
+
+    home = home_of(args)
+    runtime = home / RUNTIME_FILE
+    try:
+        base = json.loads(runtime.read_text())["api"]
+    except FileNotFoundError:
+        raise CliError(f"no node is running with home {home} (start one: iollm node start)"
+                       ) from None
+    except (ValueError, KeyError):
+        raise CliError(f"{runtime} is damaged; restart the node") from None
+    try:
+        token = read_token_file(home / TOKEN_FILE)
+        return api_request(base, token, method, path, body, timeout=args.timeout)
+    except ApiClientError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot read the API token: {exc}") from None
+
+
+def int_arg(lo: int, hi: int, what: str) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number in [lo, hi], else an error naming ``what``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = lo - 1
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+def nonnegative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number")
+    return value
+
+
+def when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def short_peer(peer_id: str) -> str:
+    return peer_id if len(peer_id) <= 20 else f"{peer_id[:10]}…{peer_id[-6:]}"

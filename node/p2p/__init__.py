@@ -1,0 +1,26 @@
+"""Everything that touches py-libp2p: the host (TCP + Noise + Yamux, the Kademlia DHT,
+gossipsub), the library patches (AtomicYamux, the auto-connector, the pubsub clean-up),
+the stream guard that every inbound stream passes, length-prefixed framing with deadlines,
+and the DHT walk over the library's private per-peer requests.
+
+Owns: the libp2p objects and every call into the library's internals. May import:
+libp2p, protocol/, and nothing else of node/. No other package imports libp2p
+(tests/test_layout.py): the services take the names they need from here. Each patch has
+a guard test that fails when the library changes under it.
+"""
+
+from libp2p.custom_types import TProtocol as ProtocolId
+from libp2p.host.exceptions import StreamFailure
+from libp2p.network.exceptions import SwarmException
+from libp2p.peer.id import ID as PeerId
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.records.validator import Validator as RecordValidator
+
+from node.p2p.host import Network, open_network
+
+# What opening a stream raises when the connection went away or the negotiation failed on
+# it (py-libp2p drops one of two crossing dials): worth one more dial, not the peer's fault.
+OPEN_STREAM_ERRORS: tuple[type[Exception], ...] = (SwarmException, StreamFailure)
+
+__all__ = ["OPEN_STREAM_ERRORS", "Network", "PeerId", "PeerInfo", "ProtocolId",
+           "RecordValidator", "open_network"]
