@@ -1,16 +1,16 @@
 """Many nodes in one trio process, on 127.0.0.1: for multi-node tests and benchmarks.
 
-The nodes are complete (storage, host, DHT, gossipsub, discovery, and with ``models=True``
-the content store and SMIP), only without the environment probe (the caller passes each
-node's EnvReport) and the local API. Node 0 is every other node's bootstrap peer, as in
-``iollm testnet up``.
+The nodes are built by the daemon's own wiring (node.daemon.build_node): storage, host,
+DHT, gossipsub, discovery, and with ``models=True`` the content store and SMIP, with a
+worker config the worker and jobs services, with a genesis the chain; only without the
+environment probe (the caller passes each node's EnvReport) and the local API. Node 0 is
+every other node's bootstrap peer, as in ``iollm testnet up``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,37 +18,27 @@ import multiaddr
 import trio
 from libp2p.peer.peerinfo import PeerInfo
 from nacl.signing import SigningKey
-from prometheus_client import CollectorRegistry
 
 from node.chain.service import Chain
 from node.config import DiscoverySection, WorkerSection
-from node.discovery.service import CapabilityValidator, Discovery, DiscoveryMetrics
-from node.jobs.coordinator import Jobs
-from node.jobs.receipts import Receipts
-from node.jobs.worker import Worker
-from node.p2p.host import Network, open_network
-from node.smip.service import Models, ModelsMetrics
-from node.smip.store import ContentStore
-from node.storage import Storage, open_storage
-from protocol.capability import DHT_NAMESPACE, EnvReport
+from node.daemon import Node, NodeSpec, build_node
+from protocol.capability import EnvReport
 from protocol.genesis import Genesis
 from protocol.peerid import peer_id_from_public_key
 
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 
 
-@dataclass
 class LocalNode:
-    key: SigningKey
-    net: Network
-    storage: Storage
-    discovery: Discovery
-    scope: trio.CancelScope
-    models: Models | None = None
-    worker: Worker | None = None
-    jobs: Jobs | None = None
-    receipts: Receipts | None = None
-    chain: Chain | None = None
+    """A node of the cluster: the services ``build_node`` started, and the scope that
+    stops them (``kill``)."""
+
+    def __init__(self, node: Node, scope: trio.CancelScope) -> None:
+        self.node = node
+        self.scope = scope
+        self.key, self.net, self.storage = node.key, node.net, node.storage
+        self.discovery, self.models, self.chain = node.discovery, node.models, node.chain
+        self.worker, self.jobs, self.receipts = node.worker, node.jobs, node.receipts
 
     @property
     def peer_id(self) -> str:
@@ -96,43 +86,17 @@ async def _run_node(
     *,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    key = node_key(index)
-    metrics = DiscoveryMetrics(CollectorRegistry())
-    validator = CapabilityValidator(clock_ms, metrics)
+    spec = NodeSpec(key=node_key(index), home=directory / f"home{index}",
+                    database=directory / f"node{index}.db", listen=[LOOPBACK], env=env,
+                    discovery=config, clock_ms=clock_ms,
+                    store=directory / f"store{index}" if models else None,
+                    quota_bytes=quota_bytes, worker=worker_config, genesis=genesis,
+                    bootstrap=bootstrap, software="iollm/local", chain_class=chain_class)
+    assert worker_config is None or models, "jobs need models=True"
     with trio.CancelScope() as scope:
-        async with (
-            open_storage(directory / f"node{index}.db") as storage,
-            open_network(key, [LOOPBACK], {DHT_NAMESPACE: validator}) as net,
-            trio.open_nursery() as nursery,
-        ):
-            discovery = Discovery(net, key, storage, config, env, software="iollm/local",
-                                  clock_ms=clock_ms, metrics=metrics, bootstrap=bootstrap)
-            await nursery.start(discovery.run)
-            service = None
-            if models:
-                store = ContentStore(directory / f"store{index}", storage, quota_bytes, clock_ms)
-                await store.open()
-                nursery.start_soon(_close_at_exit, store)
-                service = Models(net, key, storage, store, discovery, clock_ms=clock_ms,
-                                 metrics=ModelsMetrics(CollectorRegistry()))
-                await nursery.start(service.run)
-            node = LocalNode(key, net, storage, discovery, scope, service)
-            if genesis is not None:
-                node.chain = chain_class(net, key, storage, genesis, discovery,
-                                         clock_ms=clock_ms)
-                await nursery.start(node.chain.run)
-            if worker_config is not None:
-                assert service is not None, "jobs need models=True"
-                home = directory / f"home{index}"
-                node.receipts = Receipts(storage, key, discovery.peer_id, clock_ms)
-                node.worker = Worker(net, key, service, node.receipts, worker_config, env,
-                                     home / "work")
-                node.jobs = Jobs(net, key, storage, service, discovery, node.receipts, home,
-                                 clock_ms=clock_ms, threads=worker_config.threads,
-                                 chain=node.chain)
-                await nursery.start(node.worker.run)
-                await nursery.start(node.jobs.run)
-            task_status.started(node)
+        async with build_node(spec) as built:
+            task_status.started(LocalNode(built, scope))
+            await trio.sleep_forever()
 
 
 def node_key(index: int) -> SigningKey:
@@ -164,14 +128,6 @@ class Cluster(list[LocalNode]):
         else:
             self[index] = node
         return node
-
-
-async def _close_at_exit(store: ContentStore) -> None:
-    try:
-        await trio.sleep_forever()
-    finally:
-        with trio.CancelScope(shield=True):
-            await store.aclose()
 
 
 @asynccontextmanager

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from node.api.models import resolve_version
 from node.api.server import ApiError
-from node.daemon import resolve_version
 from node.smip.types import VersionInfo
 from tests import netutil
 
