@@ -38,7 +38,7 @@ from typing import Any
 
 import aiosqlite
 import trio
-import trio_asyncio  # type: ignore[import-untyped]
+import trio_asyncio
 
 __all__ = [
     "MIGRATIONS",

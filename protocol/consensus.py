@@ -23,12 +23,11 @@ from dataclasses import dataclass, fields
 
 from nacl.signing import SigningKey
 
-from protocol.checks import check_int, packb
+from protocol.checks import MAX_CHAIN_ID_CHARS, check_chain, check_int, packb
 from protocol.envelope import unpack_strict
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.votes import (  # re-exported: the consensus interface is this module
     CONSENSUS_VERSION,
-    MAX_CHAIN_ID_CHARS,
     MAX_COMMIT_BYTES,
     MAX_ROUND,
     MAX_VALIDATORS,
@@ -41,7 +40,6 @@ from protocol.votes import (  # re-exported: the consensus interface is this mod
     Proposal,
     Vote,
     block_id,
-    check_chain,
     check_validators,
     message_height,
     open_proposal,
@@ -209,7 +207,8 @@ class Machine:
         self._total = sum(self.validators.values())
         self._quorum, self._skip = quorum(self.validators), skip_power(self._total)
         me = own_id(key) if key is not None else None
-        self._key, self.me = (key, me) if me in self.validators else (None, None)
+        self._key: SigningKey | None = key if me in self.validators else None
+        self.me: str | None = me if me in self.validators else None
         self.timeouts, self._max_bytes = timeouts, max_proposal_bytes
         self._valid_block, self._make_block = valid_block, make_block
         self._height, self._round, self._step, self._started = height, 0, PROPOSE, False
@@ -323,8 +322,8 @@ class Machine:
         if self.decided is not None:
             props.append(self._proposals[self.decided.round][2])
             votes += self.decided.commit.votes
-        return ([Broadcast(d, "proposal") for d in dict.fromkeys(props)]
-                + [Broadcast(d, "vote") for d in dict.fromkeys(votes)])
+        actions: list[Action] = [Broadcast(d, "proposal") for d in dict.fromkeys(props)]
+        return actions + [Broadcast(d, "vote") for d in dict.fromkeys(votes)]
 
     def _ours(self, chain_id: str, height: int) -> bool:
         if not self._started:

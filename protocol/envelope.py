@@ -61,10 +61,11 @@ class Envelope:
         return peer_id_from_public_key(self.public_key)
 
     def encode(self) -> bytes:
-        return msgpack.packb(
+        data: bytes = msgpack.packb(
             [ENVELOPE_VERSION, self.domain, self.public_key, self.signature, self.body],
             use_bin_type=True,
         )
+        return data
 
 
 def seal(signing_key: SigningKey, domain: str, body: bytes) -> Envelope:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.checks import ID_BYTES, MAX_INT, digest, packb
+from protocol.consensus import block_id
 from protocol.envelope import unpack_strict
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.genesis import Genesis, RewardParams
@@ -44,7 +45,6 @@ from protocol.txs import (
     Revenue,
     RoundRecord,
     TxRefused,
-    block_id,
     check_tx,
     encode_tx,
     tx_id,
@@ -557,7 +557,7 @@ class Ledger:
         job = self._get("jobs", top.job_id)
         designer = rev.amount * job.designer_share_bps // BPS
         workers: dict[str, int] = {}
-        for _, entry in self.lineage(rev.model):
+        for _height, entry in self.lineage(rev.model):
             for rid in entry.receipts:
                 r = self._get("receipts", rid)
                 workers[r.worker] = workers.get(r.worker, 0) + r.weight

@@ -16,9 +16,8 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from protocol.checks import (  # noqa: F401 - MAX_CHAIN_ID_CHARS and check_chain re-exported
+from protocol.checks import (
     ID_BYTES,
-    MAX_CHAIN_ID_CHARS,
     Invalid,
     check_chain,
     check_header,

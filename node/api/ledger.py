@@ -213,8 +213,8 @@ def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str]) -> R
             job = led.job(jid)
             got_r = {r.hex(): e.height for r in receipts
                      if (e := led.receipt(r)) is not None and e.job_id == jid}
-            got_v = {v.hex(): e.height for v in versions
-                     if (e := led.version_entry(v)) is not None and e.job_id == jid}
+            got_v = {v.hex(): ve.height for v in versions
+                     if (ve := led.version_entry(v)) is not None and ve.job_id == jid}
             done = job is not None and len(got_r) == len(set(receipts)) \
                 and len(got_v) == len(set(versions))
             left = deadline - trio.current_time()

@@ -400,7 +400,7 @@ async def serve_api(
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    task_status: Any = trio.TASK_STATUS_IGNORED,  # trio.TaskStatus[int]
 ) -> None:
     """Serve the API until cancelled; ``task_status.started(port)`` once listening.
 

@@ -34,11 +34,22 @@ import trio
 from nacl.signing import SigningKey
 
 from node.discovery.service import Discovery
-from node.p2p import PeerId, PeerInfo
+from node.p2p import PeerId, PeerInfo, ProtocolId
 from node.p2p.framing import FrameError, read_frame, reset_quietly, write_frame
 from node.p2p.host import Network, parse_multiaddr
 from node.storage import Storage
-from protocol.checks import packb
+from protocol.chainwire import (
+    BLOCK_FRAME_OVERHEAD,
+    CONSENSUS_FRAME_OVERHEAD,
+    MAX_SYNC_REQUEST_BYTES,
+    BlockFrame,
+    ConsensusFrame,
+    Head,
+    SyncRequest,
+    decode_tx_batch,
+    encode_tx_batch,
+    tx_batches,
+)
 from protocol.consensus import (
     Broadcast,
     Decide,
@@ -49,7 +60,6 @@ from protocol.consensus import (
     message_height,
     verify_commit,
 )
-from protocol.envelope import unpack_strict
 from protocol.errors import RemoteProtocolError
 from protocol.genesis import Genesis, GenesisError, parse_genesis
 from protocol.ledger import (
@@ -64,14 +74,15 @@ from protocol.ledger import (
 from protocol.ledger import (
     tx_id as ledger_tx_id,
 )
+from protocol.txs import votes_payload
 
 log = logging.getLogger(__name__)
 
 TX_TOPIC = "/iollm/txs/1"
 CONSENSUS_TOPIC = "/iollm/consensus/1"
 HEAD_TOPIC = "/iollm/chain/1"
-BLOCKS_PROTOCOL = "/iollm/blocks/1.0.0"
-CONSENSUS_PROTOCOL = "/iollm/consensus/1.0.0"  # validator to validator, direct
+BLOCKS_PROTOCOL = ProtocolId("/iollm/blocks/1.0.0")
+CONSENSUS_PROTOCOL = ProtocolId("/iollm/consensus/1.0.0")  # validator to validator, direct
 
 TX_BATCH_BYTES = 256 * 1024  # one gossip message of txs (gossipsub's cap is 1 MiB)
 TX_FLUSH_S = 0.05  # submitted txs wait this long to share a gossip message
@@ -172,6 +183,8 @@ class Chain:
         self.is_validator = self.peer_id in self.powers
         self.timeouts = genesis.timeouts
         self.max_proposal_bytes = genesis.max_block_bytes + 1024
+        self._max_consensus_frame = self.max_proposal_bytes + CONSENSUS_FRAME_OVERHEAD
+        self._max_block_frame = self.max_proposal_bytes + BLOCK_FRAME_OVERHEAD
         self.ledger = Ledger.from_genesis(genesis)
         self.mempool = Mempool()
         self.machine: Machine | None = None
@@ -298,8 +311,8 @@ class Chain:
             await trio.sleep(TX_FLUSH_S)
             self._flush = trio.Event()
             txs, self._outgoing = self._outgoing, []
-            for batch in _batches(txs, TX_BATCH_BYTES):
-                await self._publish(TX_TOPIC, packb(batch))
+            for batch in tx_batches(txs, TX_BATCH_BYTES):
+                await self._publish(TX_TOPIC, encode_tx_batch(batch))
 
     async def _publish(self, topic: str, data: bytes) -> None:
         try:
@@ -314,15 +327,11 @@ class Chain:
             if not self.is_validator or len(self.mempool) >= self.mempool.max_txs:
                 continue  # full: checking more would only starve consensus; senders repeat
             try:
-                batch = unpack_strict(message.data, TX_BATCH_BYTES + 1024)
+                batch = decode_tx_batch(message.data, TX_BATCH_BYTES + 1024)
             except RemoteProtocolError:
-                continue
-            if not isinstance(batch, list):
                 continue
             now = self.clock_ms()
             for i, tx in enumerate(batch):
-                if not isinstance(tx, bytes):
-                    continue
                 if i % 64 == 63:  # a batch is ~40 ms of signature checks: let consensus in
                     await trio.lowlevel.checkpoint()
                 try:
@@ -355,10 +364,10 @@ class Chain:
             _, refused = self.ledger.build_block(
                 checked, time_ms=self.ledger.last_time_ms + 1, proposer=trial_proposer,
                 max_bytes=self.genesis.max_block_bytes)
-            never = {tx.id for tx, why in refused if not why.retry}
-            for tx, why in refused:
+            never = {c.id for c, why in refused if not why.retry}
+            for c, why in refused:
                 if not why.retry:
-                    log.warning("tx %s (%s) will never apply: %s", tx.id.hex()[:16], tx.kind,
+                    log.warning("tx %s (%s) will never apply: %s", c.id.hex()[:16], c.kind,
                                 why)
             if never:
                 await self.storage.outbox_remove([t.hex() for t in never])
@@ -475,7 +484,7 @@ class Chain:
         for a in actions:
             if isinstance(a, Broadcast):
                 await self._save_resume()
-                message = packb([a.kind, a.data])
+                message = ConsensusFrame(a.kind, a.data).encode()
                 for send in self._direct.values():
                     with contextlib.suppress(trio.WouldBlock):  # a stuck peer: it syncs
                         send.send_nowait(message)
@@ -507,7 +516,7 @@ class Chain:
         self.evidence_seen.add((ev.validator, ev.kind))
         log.warning("validator %s signed two votes in one round; reporting it", ev.validator)
         try:
-            await self.submit("double-vote", packb([ev.a, ev.b]))
+            await self.submit("double-vote", votes_payload(ev.a, ev.b))
         except RemoteProtocolError as exc:
             log.info("evidence against %s not submitted: %s", ev.validator, exc)
 
@@ -598,7 +607,7 @@ class Chain:
     # -- heads and catch-up -------------------------------------------------------------
 
     def _head(self) -> bytes:
-        return packb([self.genesis.chain_id, self.ledger.height])
+        return Head(self.genesis.chain_id, self.ledger.height).encode()
 
     async def _announce_heads(self) -> None:
         while True:
@@ -609,22 +618,20 @@ class Chain:
         while True:
             message = await subscription.get()
             try:
-                chain_id, height = unpack_strict(message.data, 256)
-            except (RemoteProtocolError, TypeError, ValueError):
+                head = Head.decode(message.data)
+            except RemoteProtocolError:
                 continue
-            if chain_id == self.genesis.chain_id and isinstance(height, int) \
-                    and height > self.ledger.height:
+            if head.chain_id == self.genesis.chain_id and head.height > self.ledger.height:
                 self._start_sync(message.from_id, nursery)
 
     async def _receive_consensus(self, subscription: Any, nursery: trio.Nursery) -> None:
         while True:
             message = await subscription.get()
             try:
-                kind, data = unpack_strict(message.data, self.max_proposal_bytes + 64)
-            except (RemoteProtocolError, TypeError, ValueError):
+                frame = ConsensusFrame.decode(message.data, self._max_consensus_frame)
+            except RemoteProtocolError:
                 continue
-            if kind not in ("proposal", "vote") or not isinstance(data, bytes):
-                continue
+            kind, data = frame.kind, frame.data
             sender = PeerId(message.from_id) if isinstance(message.from_id, bytes) else None
             if self.is_validator:
                 try:
@@ -667,19 +674,14 @@ class Chain:
         stream = await self._open(peer)
         try:
             start = self.ledger.height + 1
-            await write_frame(stream, packb({"from": start, "limit": SYNC_BATCH}),
-                              SYNC_TIMEOUT_S)
+            await write_frame(stream, SyncRequest(start, SYNC_BATCH).encode(), SYNC_TIMEOUT_S)
             got = 0
             while True:
-                frame = await read_frame(stream, self.max_proposal_bytes + 64 * 1024,
-                                         SYNC_TIMEOUT_S)
+                frame = await read_frame(stream, self._max_block_frame, SYNC_TIMEOUT_S)
                 if not frame:
                     break
-                pair = unpack_strict(frame, self.max_proposal_bytes + 64 * 1024)
-                if not (isinstance(pair, list) and len(pair) == 2
-                        and all(isinstance(x, bytes) for x in pair)):
-                    raise RemoteProtocolError("malformed", "a block frame is [block, commit]")
-                data, commit = pair
+                pair = BlockFrame.decode(frame, self._max_block_frame)
+                data, commit = pair.block, pair.commit
                 block = Block.decode(data, self.genesis.max_block_bytes)
                 if block.height <= self.ledger.height:
                     continue  # consensus finished it here meanwhile
@@ -696,7 +698,7 @@ class Chain:
             await reset_quietly(stream)
             raise
 
-    async def _open(self, peer: PeerId, protocol: str = BLOCKS_PROTOCOL) -> Any:
+    async def _open(self, peer: PeerId, protocol: ProtocolId = BLOCKS_PROTOCOL) -> Any:
         if peer not in self.net.host.get_connected_peers():
             cap = self.discovery.local_record(peer.to_base58())
             addrs = [parse_multiaddr(a) for a in cap.record.addrs] if cap else []
@@ -706,12 +708,11 @@ class Chain:
 
     async def _serve_blocks(self, stream: Any) -> None:
         try:
-            req = unpack_strict(await read_frame(stream, 256, SYNC_TIMEOUT_S), 256)
-            start, limit = req["from"], req["limit"]
-            if not (isinstance(start, int) and isinstance(limit, int) and start >= 1):
-                raise RemoteProtocolError("malformed", "a sync request is {from, limit}")
-            for _, data, commit in await self.storage.get_blocks(start, min(limit, SYNC_BATCH)):
-                await write_frame(stream, packb([data, commit]), SYNC_TIMEOUT_S)
+            req = SyncRequest.decode(await read_frame(stream, MAX_SYNC_REQUEST_BYTES,
+                                                      SYNC_TIMEOUT_S))
+            for _, data, commit in await self.storage.get_blocks(req.start,
+                                                                 min(req.limit, SYNC_BATCH)):
+                await write_frame(stream, BlockFrame(data, commit).encode(), SYNC_TIMEOUT_S)
             await write_frame(stream, b"", SYNC_TIMEOUT_S)
             await stream.close()
         except Exception as exc:  # a peer that vanished, stalled or sent garbage
@@ -740,11 +741,10 @@ class Chain:
     async def _serve_consensus(self, stream: Any) -> None:
         try:
             while True:
-                frame = await read_frame(stream, self.max_proposal_bytes + 64,
-                                         DIRECT_IDLE_TIMEOUT_S)
-                kind, data = unpack_strict(frame, self.max_proposal_bytes + 64)
-                if kind not in ("proposal", "vote") or not isinstance(data, bytes):
-                    raise RemoteProtocolError("malformed", "a consensus frame is [kind, bin]")
+                frame = ConsensusFrame.decode(
+                    await read_frame(stream, self._max_consensus_frame, DIRECT_IDLE_TIMEOUT_S),
+                    self._max_consensus_frame)
+                kind, data = frame.kind, frame.data
                 sender = stream.muxed_conn.peer_id
                 with contextlib.suppress(trio.WouldBlock):
                     self._inbox_send.send_nowait((kind, data, sender))
@@ -770,18 +770,6 @@ class Chain:
                 except Exception as exc:  # down, or not reachable yet: next time
                     log.debug("dialling validator %s: %r", pid, exc)
             await trio.sleep(CONNECT_EVERY_S)
-
-
-def _batches(txs: Sequence[bytes], max_bytes: int) -> list[list[bytes]]:
-    out: list[list[bytes]] = []
-    size = max_bytes
-    for t in txs:
-        if size + len(t) + 8 > max_bytes:
-            out.append([])
-            size = 0
-        out[-1].append(t)
-        size += len(t) + 8
-    return out
 
 
 GENESIS_FILE = "genesis.toml"  # in the node home: the chain this home follows

@@ -40,7 +40,7 @@ from node.identity import peer_id_of
 from node.p2p import PeerId, PeerInfo, ProtocolId, RecordValidator
 from node.p2p.framing import read_frame, reset_quietly, write_frame
 from node.p2p.host import BadMultiaddr, Network, parse_multiaddr
-from node.p2p.lookup import K, Unresponsive, walk
+from node.p2p.lookup import K, Unresponsive, providers_from_peer, value_from_peer, walk
 from node.storage import Storage
 from protocol.capability import (
     CAPABILITY_PROTOCOL_ID,
@@ -517,11 +517,9 @@ class Discovery:
         py-libp2p's ``get_value`` answers from the local store whenever it holds any copy,
         so a stale local copy would hide a newer one; this always asks the network."""
         key = capability_dht_key(peer_id).encode()
-        store = self.net.dht.value_store
 
         async def get_value(peer: PeerId) -> tuple[bytes | None, list[PeerId]]:
-            value, closer = await store._get_from_peer(peer, key, return_closer_peers=True)
-            return (value if isinstance(value, bytes) else None), closer
+            return await value_from_peer(self.net.dht, peer, key)
 
         result = await walk(self.net.dht, key, get_value, rpc_timeout=self.config.rpc_timeout_s,
                             timeout=self.config.query_timeout_s, unresponsive=self.unresponsive)
@@ -573,7 +571,7 @@ class Discovery:
         found: dict[PeerId, PeerInfo] = {p.peer_id: p for p in store.get_providers(key)}
 
         async def get_providers(peer: PeerId) -> tuple[list[PeerInfo] | None, list[PeerId]]:
-            providers, closer = await store._get_providers_from_peer_with_closers(peer, key)
+            providers, closer = await providers_from_peer(self.net.dht, peer, key)
             return providers[:MAX_PROVIDERS], closer
 
         result = await walk(self.net.dht, key, get_providers, rpc_timeout=self.config.rpc_timeout_s,

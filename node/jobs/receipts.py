@@ -75,7 +75,8 @@ class Receipts:
                         "issued_ms": r.issued_ms})
         return out
 
-    async def feed(self, author: str | None = None, after_seq: int = 0) -> builtins.list[dict[str, Any]]:
+    async def feed(self, author: str | None = None,
+                   after_seq: int = 0) -> builtins.list[dict[str, Any]]:
         out = []
         for seq, eid, data in await self.storage.feed_entries(author or self.peer_id, after_seq):
             e = open_entry(data)

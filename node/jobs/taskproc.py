@@ -112,9 +112,11 @@ def int_field(req: dict[str, Any], name: str, lo: int = 0, default: Any = ...) -
 
 
 def path_field(req: dict[str, Any], name: str, default: Any = ...) -> Path:
+    """An absolute path; a field given ``default=None`` may be absent: None then (typed as
+    a Path for the callers that never pass a default, which get a RequestError instead)."""
     value = field(req, name, str, default)
     if value is None:
-        return value  # type: ignore[no-any-return]
+        return None  # type: ignore[return-value]
     if not os.path.isabs(value):
         raise RequestError(f"field {name!r}: path {value!r} is not absolute")
     return Path(value)
@@ -289,8 +291,8 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
     th_req = field(req, "thresholds", dict, {})
     try:
         trainer.judge({}, th_req)  # validates the names
-    except ValueError as e:
-        raise RequestError(str(e)) from None
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
     entries = field(req, "deltas", list)
     results: dict[str, dict[str, Any]] = {}
     cands: list[trainer.Candidate] = []

@@ -125,7 +125,7 @@ def probe_environment(
 
     # GPUs are listed before the benchmark runs, so that their free memory does not
     # count the benchmark's own buffers.
-    gpus: tuple[GpuInfo, ...] = _probe_gpus(torch) if cuda_ok else ()
+    gpus: tuple[GpuInfo, ...] = _probe_gpus(torch) if torch is not None and cuda_ok else ()
     if fake_gpus is not None:
         gpus = tuple(fake_gpus)
         if not all(isinstance(g, GpuInfo) for g in gpus):
@@ -140,7 +140,7 @@ def probe_environment(
         python=platform.python_version(),
         torch=str(torch.__version__) if torch is not None else "",
         # torch.version.cuda is None on ROCm builds, where torch.cuda still drives the GPUs.
-        cuda=(torch.version.cuda or "") if cuda_ok else "",
+        cuda=(torch.version.cuda or "") if torch is not None and cuda_ok else "",
         gpus=gpus,
         cpu_cores=_cpu_cores(),
         ram_bytes=int(psutil.virtual_memory().total),

@@ -15,7 +15,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import multiaddr
 import psutil
@@ -231,7 +231,8 @@ class InteropKadDHT(KadDHT):
     """KadDHT whose server side never answers ADD_PROVIDER (see _NoAddProviderEcho)."""
 
     async def handle_stream(self, stream: Any) -> None:
-        await super().handle_stream(_NoAddProviderEcho(stream))
+        # The wrapper is a stream in every way the handler uses (reads, writes, ids).
+        await super().handle_stream(cast(Any, _NoAddProviderEcho(stream)))
 
 
 @dataclass
@@ -289,7 +290,7 @@ def _disable_auto_connector(host: BasicHost) -> None:
     their muxer upgrade and stall DHT queries for their 30 s timeouts. The DHT dials the
     peers it needs; nothing else should.
     """
-    host.get_network().auto_connector.maybe_connect = _no_auto_connect  # type: ignore[attr-defined,method-assign]
+    host.get_network().auto_connector.maybe_connect = _no_auto_connect  # type: ignore[attr-defined]
 
 
 @asynccontextmanager

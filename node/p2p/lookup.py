@@ -18,12 +18,13 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import trio
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.kad_dht.utils import xor_distance
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +144,22 @@ async def walk(
                 launch()
     closest = sorted(responded, key=candidates.__getitem__)[:k]
     return WalkResult(answers, closest, failed)
+
+
+# -- one request to one peer: py-libp2p's private per-peer calls, kept here ----------------
+# (tests/test_p2p_guards.py fails when their signatures change)
+
+
+async def value_from_peer(dht: KadDHT, peer: ID, key: bytes) -> tuple[bytes | None, list[ID]]:
+    """One GET_VALUE: ``peer``'s value for ``key`` if it holds one, and the closer peers it
+    names."""
+    value, closer = cast(Any, await dht.value_store._get_from_peer(
+        peer, key, return_closer_peers=True))
+    return (value if isinstance(value, bytes) else None), list(closer or [])
+
+
+async def providers_from_peer(dht: KadDHT, peer: ID, key: bytes
+                              ) -> tuple[list[PeerInfo], list[ID]]:
+    """One GET_PROVIDERS: the providers ``peer`` knows for ``key``, and the closer peers."""
+    providers, closer = await dht.provider_store._get_providers_from_peer_with_closers(peer, key)
+    return list(providers), list(closer)

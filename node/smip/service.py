@@ -470,6 +470,7 @@ class Models:
         await write_bulk(stream, payload, payload_deadline_s(len(payload)))
 
     async def _answer(self, request: Request) -> tuple[ResponseHeader, bytes | bytearray]:
+        payload: bytes | bytearray  # a chunk is served from the read buffer, not copied
         try:
             if isinstance(request, ManifestRequest):
                 held = self.held.get(request.version)

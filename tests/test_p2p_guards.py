@@ -1,0 +1,43 @@
+"""Guards on the py-libp2p internals that node/p2p relies on: each fails when the library
+changes under the patch or private call it names (see shared/notes/libp2p-0.8.1.md)."""
+
+from __future__ import annotations
+
+import inspect
+
+import trio
+from libp2p.kad_dht.provider_store import ProviderStore
+from libp2p.kad_dht.value_store import ValueStore
+from multiaddr import Multiaddr
+from nacl.signing import SigningKey
+
+from node.p2p import host as p2p_host
+from node.p2p import open_network
+
+
+def _parameters(function: object) -> list[str]:
+    return list(inspect.signature(function).parameters)  # type: ignore[arg-type]
+
+
+def test_private_dht_requests_keep_their_signatures() -> None:
+    # node/p2p/lookup.py: value_from_peer and providers_from_peer.
+    value_params = _parameters(ValueStore._get_from_peer)
+    assert value_params[:3] == ["self", "peer_id", "key"]
+    assert "return_closer_peers" in value_params
+    assert _parameters(ProviderStore._get_providers_from_peer_with_closers)[:3] == [
+        "self", "peer_id", "key"]
+
+
+def test_the_auto_connector_is_off() -> None:
+    """_disable_auto_connector replaces the swarm's AutoConnector.maybe_connect; if the
+    library renames either, the assignment would silently do nothing."""
+
+    async def scenario() -> None:
+        with trio.fail_after(30):
+            async with open_network(SigningKey.generate(),
+                                    [Multiaddr("/ip4/127.0.0.1/tcp/0")], {}) as net:
+                connector = net.host.get_network().auto_connector
+                assert type(connector).maybe_connect is not p2p_host._no_auto_connect
+                assert connector.maybe_connect is p2p_host._no_auto_connect
+
+    trio.run(scenario)
