@@ -64,6 +64,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from node.ml import adversary, corpus, gpt, trainer
+from protocol import checking
 from protocol.jobspec import DELTA_BITS
 
 __all__ = ["OPS", "RequestError", "answer", "handle", "main"]
@@ -290,7 +291,7 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
     device = pick_device(field(req, "device", str, "cpu"))
     th_req = field(req, "thresholds", dict, {})
     try:
-        trainer.judge({}, th_req)  # validates the names
+        checking.judge({}, th_req)  # validates the names
     except ValueError as exc:
         raise RequestError(str(exc)) from None
     entries = field(req, "deltas", list)
@@ -328,7 +329,7 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
         m["reexec_diff"] = None
     check_wall = time.perf_counter() - t0
     t1 = time.perf_counter()
-    tol = trainer.judge_thresholds(th_req).reexec_tol
+    tol = checking.judge_thresholds(th_req).reexec_tol
     by_id = {c.id: c for c in cands}
     for r in field(req, "reexec", list, []):
         if not isinstance(r, dict):
@@ -352,10 +353,10 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
         metrics[rid]["reexec_match"] = diff <= tol
     reexec_wall = time.perf_counter() - t1
     for did, m in metrics.items():
-        m["verdict"], m["reason"] = trainer.judge(m, th_req)
+        m["verdict"], m["reason"] = checking.judge(m, th_req)
         results[did] = m
     ordered = {e["id"]: results[e["id"]] for e in entries}
-    return {"results": ordered, "thresholds": trainer.judge_thresholds(th_req).to_json(),
+    return {"results": ordered, "thresholds": checking.judge_thresholds(th_req).to_json(),
             "check_wall_s": check_wall, "reexec_wall_s": reexec_wall}
 
 

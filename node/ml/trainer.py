@@ -5,9 +5,10 @@ One round of a job, from the base version ``base`` (a state, see :mod:`node.ml.g
 1. each worker runs :func:`train_task` on its data slice: ``steps`` inner AdamW steps from
    ``base``, a fresh optimizer per task, and returns ``delta = trained - base`` (fp32),
    which goes on the wire as :func:`quantize_int8` (about 1 byte a parameter);
-2. the coordinator checks every delta (:func:`check_delta`, :func:`judge`): held-out loss
-   of ``base + delta``, gain on the worker's own slice against gain on other training data,
-   cosine against the round's earlier deltas, and for a sample of tasks a re-execution;
+2. the coordinator checks every delta (:func:`check_delta`, then protocol/checking.py's
+   ``judge``): held-out loss of ``base + delta``, gain on the worker's own slice against
+   gain on other training data, cosine against the round's earlier deltas, and for a
+   sample of tasks a re-execution;
 3. it combines the accepted deltas with :func:`robust_aggregate`, takes a Nesterov outer
    step (:func:`outer_step`, the outer gradient is ``-avg_delta``), quantizes the update
    to int8 (:func:`publish_update`, with error feedback) and publishes the next version,
@@ -29,7 +30,6 @@ Public API::
     publish_update(base, update, residual) -> (q_update, new_state, new_residual)
     apply_update(base, q_update) -> new_state
     check_round(config, base, candidates, tokens, ...) -> metrics by id
-    judge(metrics, params=None) -> (verdict, reason)
 """
 
 from __future__ import annotations
@@ -54,14 +54,11 @@ __all__ = [
     "WEIGHT_DECAY",
     "Candidate",
     "TaskOutput",
-    "Thresholds",
     "apply_update",
     "check_round",
     "cosine",
     "dequantize",
     "evaluate",
-    "judge",
-    "judge_thresholds",
     "max_cosine",
     "outer_step",
     "payload_bytes",
@@ -519,74 +516,6 @@ def publish_update(base: Mapping[str, Tensor], update: Mapping[str, Tensor],
 # --------------------------------------------------------------------------- checks
 
 
-@dataclasses.dataclass(frozen=True)
-class Thresholds:
-    """Default verdict thresholds; each is overridable per request (the check op's
-    ``thresholds``). Measured margins are in the comments (tiny GPT, stdlib corpus)."""
-
-    # Held-out loss may get worse by at most this much (nats/byte). Lenient on purpose, it
-    # only stops a delta that wrecks the model: one honest worker's slice can be atypical
-    # (prose, a data table) and its delta alone then hurts held-out loss (measured down to
-    # -0.30 with the benchmark's recipe, -0.44 in tests/test_trainer.py), while the average
-    # of a round's deltas does not.
-    min_heldout_gain: float = -1.0
-    # Loss must fall on the windows the task trained on (catches random, zero, wrong-slice
-    # deltas and copies: none of them lowers the loss on these exact bytes). Benchmark
-    # recipe (tiny GPT, 80 inner steps of 8 x 128, 287 kB interleaved slices, 16 windows):
-    # honest 0.21-0.41 over 8 tasks; random -0.15, wrong slice -0.05..+0.01, copy
-    # -0.03..+0.02, noisy copy -0.03..+0.09 (cosine catches those). From scratch the
-    # windows a task trained on are no more improved than any others: this check and the
-    # next mean little in a job's first rounds from an untrained model. With the slices
-    # of plan_round now (a quarter of the split each, 4 workers) one pass memorises less:
-    # honest 0.016-0.26 over 120 tasks of 80 and 40 inner steps, 16 windows (0.022 and
-    # 0.024 among those measured with 8), hence 0.01; re-execution stays what reliably
-    # catches a wrong slice.
-    min_own_gain: float = 0.01
-    # ... and not by much less than on another worker's trained windows. Measured by the
-    # lead with 30 inner steps of 8 x 64 bytes (tiny GPT, stdlib corpus): own - other gain
-    # of honest deltas ranged from -0.24 to +0.85 nats over 24 tasks (content differences
-    # between slices dominate what one pass memorises), and a worker trained on the wrong
-    # slice scored -0.26 in a job run; so this only catches gross cases, safely for honest
-    # workers, and re-execution is what reliably catches a wrong slice.
-    min_own_excess: float = -0.5
-    # Cosine with any earlier delta of the round above this: a copy. Honest deltas of one
-    # round: <= 0.54 with the benchmark recipe (0.78 from scratch), <= 0.83 in the tests;
-    # a copy 1.0, a copy plus 10% noise 0.995.
-    max_cosine: float = 0.95
-    # Delta norm relative to the base's norm below this: no (or hardly any) work done.
-    min_rel_norm: float = 1e-3
-    # Re-execution: relative L2 difference of the dequantized deltas above this: a mismatch.
-    # Same thread count: 0 (bit-identical); 1 against 2 threads: 5e-4 (100 steps) and
-    # 1.2e-3 (80 steps); half the steps: 0.54; another seed: about 1. CPU only: a bf16
-    # CUDA run against a CPU one was not measured.
-    reexec_tol: float = 0.05
-
-    def to_json(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
-
-
-DEFAULT_THRESHOLDS = Thresholds()
-
-
-def judge_thresholds(params: Mapping[str, float] | Thresholds | None = None) -> Thresholds:
-    """The defaults with ``params`` (by field name) replacing some; ValueError on an
-    unknown name or a non-number."""
-    if params is None:
-        return DEFAULT_THRESHOLDS
-    if isinstance(params, Thresholds):
-        return params
-    known = {f.name for f in dataclasses.fields(Thresholds)}
-    bad = sorted(set(params) - known)
-    if bad:
-        raise ValueError(f"unknown threshold {bad[0]!r}")
-    values: dict[str, float] = {}
-    for k, v in params.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"threshold {k!r} must be a finite number")
-        values[k] = float(v)
-    return dataclasses.replace(DEFAULT_THRESHOLDS, **values)
-
-
 def cosine_matrix(deltas: Sequence[Mapping[str, Tensor]]) -> Tensor:
     """All pairwise cosines (n, n) in one Gram matrix (fp64): one pass over the data
     instead of n^2 calls of :func:`cosine`."""
@@ -696,8 +625,9 @@ def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
     on windows the task trained on; ``other_gain`` on the trained windows of the candidate
     whose slice lies farthest away (another worker's data, also training data);
     ``max_cosine``/``max_cosine_with`` against every other delta and
-    ``max_cosine_earlier``/``..._with`` against earlier ones only (what :func:`judge` uses:
-    of a copy and its original, only the later arrival is the copy); ``rel_norm``
+    ``max_cosine_earlier``/``..._with`` against earlier ones only (what ``judge`` in
+    protocol/checking.py uses: of a copy and its original, only the later arrival is the
+    copy); ``rel_norm``
     (||delta|| / ||base||).
     """
     if not candidates:
@@ -763,40 +693,3 @@ def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
             "rel_norm": norm(c.delta) / base_norm,
         }
     return out
-
-
-def judge(metrics: Mapping[str, Any],
-          params: Mapping[str, float] | Thresholds | None = None) -> tuple[str, str]:
-    """("accept" | "reject", reason) for one delta's metrics. Metrics that are absent (or
-    None, such as reexec_match for a task not re-executed) are not judged."""
-    th = judge_thresholds(params)
-
-    def get(name: str) -> float | None:
-        v = metrics.get(name)
-        return None if v is None else float(v)
-
-    for name in ("heldout_new", "heldout_gain", "own_gain", "other_gain"):
-        v = get(name)
-        if v is not None and not math.isfinite(v):
-            return "reject", f"{name} is not finite"
-    if metrics.get("reexec_match") is False:
-        return "reject", (f"re-execution differs (relative diff {get('reexec_diff') or 0:.3g} "
-                          f"> {th.reexec_tol:g})")
-    rel = get("rel_norm")
-    if rel is not None and rel < th.min_rel_norm:
-        return "reject", f"delta norm {rel:.3g} of the base's, under {th.min_rel_norm:g}: no work"
-    cos = get("max_cosine_earlier")
-    if cos is not None and cos > th.max_cosine:
-        return "reject", (f"cosine {cos:.4f} with earlier delta "
-                          f"{metrics.get('max_cosine_earlier_with')}: a copy")
-    gain = get("heldout_gain")
-    if gain is not None and gain < th.min_heldout_gain:
-        return "reject", f"held-out gain {gain:.4f} under {th.min_heldout_gain:g}"
-    own, other = get("own_gain"), get("other_gain")
-    if own is not None and own < th.min_own_gain:
-        return "reject", (f"gain on its own training windows {own:.4f} under "
-                          f"{th.min_own_gain:g}: not trained on its slice")
-    if own is not None and other is not None and own - other < th.min_own_excess:
-        return "reject", (f"gain on its own training windows {own:.4f} does not exceed the "
-                          f"gain on other data {other:.4f} by {th.min_own_excess:g}")
-    return "accept", "ok"
