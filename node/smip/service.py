@@ -11,7 +11,7 @@ One service (``Models.run``) in the daemon's nursery. It
 * publishes local files (``publish``) and fetches versions (``fetch``, in node/smip/fetch.py):
   manifest from any provider, then verified chunks from every provider at once, resumable.
 
-Bytes from the network are checked by protocol/smip.py and protocol/hashtree.py before use;
+Bytes from the network are checked by protocol/smip/ and protocol/hashtree.py before use;
 this module moves them and owns the timeouts. Nothing from the network is ever unpickled:
 model files are safetensors, checked before they are stored.
 """
