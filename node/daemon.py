@@ -54,6 +54,7 @@ from node.config import (
     read_bootstrap_file,
 )
 from node.discovery.service import CapabilityValidator, Discovery, DiscoveryMetrics
+from node.homelock import hold_home
 from node.identity import load_key
 from node.jobs.coordinator import Jobs
 from node.jobs.receipts import Receipts
@@ -188,7 +189,13 @@ async def run_daemon(
     clock_ms: Callable[[], int] = wall_clock_ms,
 ) -> None:
     """Run a node until cancelled or signalled. Raises on start-up errors (the CLI turns
-    them into one line)."""
+    them into one line); HomeLocked when another daemon runs on ``home``."""
+    with hold_home(home):
+        await _run_daemon(home, config, options, clock_ms)
+
+
+async def _run_daemon(home: Path, config: Config, options: StartOptions,
+                      clock_ms: Callable[[], int]) -> None:
     key = load_key(home)
     token = read_token_file(home / TOKEN_FILE)
     listen = [parse_multiaddr(a) for a in (options.listen or config.node.listen)]

@@ -87,6 +87,7 @@ def fatal_reason(exc: BaseException) -> str:
     import sqlite3
 
     from node.chain.service import ChainError
+    from node.homelock import HomeLocked
     from node.identity import IdentityError
     from node.ml.probe import ProbeError
     from node.p2p.host import BadMultiaddr, ListenError
@@ -94,7 +95,8 @@ def fatal_reason(exc: BaseException) -> str:
     cause = _first_cause(exc)
     if isinstance(cause, ListenError):
         return cause.strerror or str(cause)
-    if isinstance(cause, IdentityError | BadMultiaddr | ProbeError | ChainError | ConfigError):
+    if isinstance(cause, IdentityError | BadMultiaddr | ProbeError | ChainError | ConfigError
+                  | HomeLocked):
         return str(cause)
     if isinstance(cause, OSError):
         return f"the node stopped: {cause}"
