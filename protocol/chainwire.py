@@ -15,13 +15,14 @@ Every decoder takes the bytes and a size cap, and raises only RemoteProtocolErro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from protocol.checks import MAX_CHAIN_ID_CHARS, MAX_INT, packb
 from protocol.envelope import unpack_strict
 from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.votes import Proposal, Vote, open_proposal, open_vote
 
 CONSENSUS_KINDS = ("proposal", "vote")
 MAX_HEAD_BYTES = 256
@@ -144,6 +145,37 @@ class BlockFrame:
                 and all(isinstance(x, bytes) for x in value)):
             raise _malformed("a block frame is [block, commit]")
         return cls(value[0], value[1])
+
+
+# -- gossip validation: what a node relays on the chain's topics ------------------------
+# Each raises RemoteProtocolError(reason) for a message no honest node sends; the node
+# drops it before gossipsub relays it (specs/consensus.md, "Network").
+
+
+def check_consensus_gossip(data: bytes, chain_id: str, validators: Container[str],
+                           max_bytes: int) -> Proposal | Vote:
+    """A consensus frame whose message is a proposal or vote of this chain, signed by one
+    of its validators (the signature checked)."""
+    frame = ConsensusFrame.decode(data, max_bytes)
+    message: Proposal | Vote
+    if frame.kind == "proposal":
+        message = open_proposal(frame.data, max_bytes)
+        signer = message.proposer
+    else:
+        message = open_vote(frame.data)
+        signer = message.validator
+    if message.chain_id != chain_id:
+        raise RemoteProtocolError("wrong-chain", f"{message.chain_id!r}, not {chain_id!r}")
+    if signer not in validators:
+        raise RemoteProtocolError("not-a-validator", f"{signer} is not a validator")
+    return message
+
+
+def check_head_gossip(data: bytes, chain_id: str) -> Head:
+    head = Head.decode(data)
+    if head.chain_id != chain_id:
+        raise RemoteProtocolError("wrong-chain", f"{head.chain_id!r}, not {chain_id!r}")
+    return head
 
 
 def _unpack(data: bytes, max_bytes: int) -> Any:

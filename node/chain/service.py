@@ -46,6 +46,8 @@ from protocol.chainwire import (
     ConsensusFrame,
     Head,
     SyncRequest,
+    check_consensus_gossip,
+    check_head_gossip,
     decode_tx_batch,
     encode_tx_batch,
     tx_batches,
@@ -210,6 +212,10 @@ class Chain:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         await self._load()
         self.net.host.set_stream_handler(BLOCKS_PROTOCOL, self._serve_blocks)
+        for topic, check in ((TX_TOPIC, self._valid_txs), (CONSENSUS_TOPIC, self._valid_consensus),
+                             (HEAD_TOPIC, self._valid_head)):
+            self.net.pubsub.set_topic_validator(topic, _topic_validator(self.net, topic, check),
+                                                False)
         subs = {t: await self.net.pubsub.subscribe(t)
                 for t in (TX_TOPIC, CONSENSUS_TOPIC, HEAD_TOPIC)}
         async with trio.open_nursery() as nursery:
@@ -304,6 +310,18 @@ class Chain:
         pending = [w.tx.record.nonce for w in self.mempool.own()
                    if w.tx.kind == "revenue" and w.tx.record.payer == self.peer_id]
         return max([self.ledger.nonce(self.peer_id), *pending]) + 1
+
+    # -- gossip validation: checked before gossipsub relays a message ------------------
+
+    def _valid_txs(self, data: bytes) -> None:
+        decode_tx_batch(data, TX_BATCH_BYTES + 1024)  # each tx is checked on arrival
+
+    def _valid_consensus(self, data: bytes) -> None:
+        check_consensus_gossip(data, self.genesis.chain_id, self.powers,
+                               self._max_consensus_frame)
+
+    def _valid_head(self, data: bytes) -> None:
+        check_head_gossip(data, self.genesis.chain_id)
 
     async def _publish_txs(self) -> None:
         while True:
@@ -770,6 +788,20 @@ class Chain:
                 except Exception as exc:  # down, or not reachable yet: next time
                     log.debug("dialling validator %s: %r", pid, exc)
             await trio.sleep(CONNECT_EVERY_S)
+
+
+def _topic_validator(net: Network, topic: str, check: Callable[[bytes], object]
+                     ) -> Callable[[PeerId, Any], bool]:
+    """A gossipsub topic validator from a check that raises RemoteProtocolError."""
+
+    def validate(_forwarder: PeerId, message: Any) -> bool:
+        try:
+            check(bytes(message.data))
+        except RemoteProtocolError as exc:
+            return net.reject_gossip(topic, exc.reason)
+        return True
+
+    return validate
 
 
 GENESIS_FILE = "genesis.toml"  # in the node home: the chain this home follows

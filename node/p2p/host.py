@@ -43,7 +43,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from nacl.signing import SigningKey
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from node.p2p.guard import StreamGuard
 from protocol.penalty import PenaltyPolicy
@@ -244,8 +244,15 @@ class Network:
     pubsub: Pubsub
     gossipsub: GossipSub
     guard: StreamGuard
+    gossip_rejected: Counter
     _provide_lock: trio.Lock = field(default_factory=trio.Lock)
     _next_provide: float = 0.0
+
+    def reject_gossip(self, topic: str, reason: str) -> bool:
+        """Count a gossip message a topic validator drops (it is not relayed); False, the
+        validator's verdict, for ``return net.reject_gossip(...)``."""
+        self.gossip_rejected.labels(topic=topic, reason=reason).inc()
+        return False
 
     @property
     def peer_id(self) -> ID:
@@ -322,7 +329,11 @@ async def open_network(
     )
     assert isinstance(host, BasicHost)
     _disable_auto_connector(host)
-    guard = StreamGuard(host, registry or CollectorRegistry(), penalties)
+    registry = registry or CollectorRegistry()
+    guard = StreamGuard(host, registry, penalties)
+    gossip_rejected = Counter("iollm_gossip_rejected",
+                              "gossip messages dropped by a topic validator before relaying, "
+                              "by topic and reason", ["topic", "reason"], registry=registry)
     guard.install()
     dht = InteropKadDHT(host, DHTMode.SERVER, enable_random_walk=False)
     for namespace, validator in validators.items():
@@ -352,7 +363,8 @@ async def open_network(
         if not host.get_addrs():
             raise ListenError(0, f"could not listen on any of {[str(a) for a in listen]}")
         try:
-            yield Network(host=host, dht=dht, pubsub=pubsub, gossipsub=gossipsub, guard=guard)
+            yield Network(host=host, dht=dht, pubsub=pubsub, gossipsub=gossipsub, guard=guard,
+                          gossip_rejected=gossip_rejected)
         finally:
             # Close the connections while the services still run: the services stop in
             # reverse order before the host does, and a pubsub stream handler that read a

@@ -1,0 +1,127 @@
+"""The chain's gossip topics relay only what could be honest (protocol/chainwire.py's
+checks, run as topic validators before gossipsub relays).
+
+A victim node runs the chain service; an attacker and a probe are plain hosts connected
+to the victim alone, so whatever the probe receives on a chain topic the victim relayed.
+The attacker publishes each kind of bad message on every topic, then a valid one: the
+probe gets the valid one and none of the bad.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+from multiaddr import Multiaddr
+from nacl.signing import SigningKey
+
+from node.chain.service import CONSENSUS_TOPIC, HEAD_TOPIC, TX_TOPIC
+from node.config import DiscoverySection
+from node.daemon import NodeSpec, build_node
+from node.p2p import Network, open_network
+from node.p2p.host import peer_info_from_multiaddr
+from protocol.chainwire import ConsensusFrame, Head
+from protocol.consensus import PREVOTE, Vote, seal_vote
+from protocol.genesis import make_genesis
+from protocol.peerid import peer_id_from_public_key
+from tests.netutil import make_env, wait_until
+
+LOOPBACK = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+CHAIN = "gossip-test"
+
+
+def _pack(value: Any) -> bytes:
+    return bytes(msgpack.packb(value, use_bin_type=True))
+
+
+def bad_messages(validator: SigningKey, stranger: SigningKey) -> dict[str, list[bytes]]:
+    def vote(key: SigningKey, chain: str) -> bytes:
+        who = peer_id_from_public_key(bytes(key.verify_key))
+        return seal_vote(key, Vote(chain, 1, 0, PREVOTE, None, who))
+
+    forged = bytearray(vote(validator, CHAIN))
+    forged[-1] ^= 1  # the body changed after signing
+    nested = b"\x91" * 5000 + b"\xc0"  # 5000 nested arrays
+    common = [b"", b"\xff" * 64, nested, bytes(900_000)]
+    return {
+        TX_TOPIC: [*common, _pack(["not", "bytes"]), _pack({"txs": []})],
+        CONSENSUS_TOPIC: [
+            *common,
+            ConsensusFrame("vote", vote(stranger, CHAIN)).encode(),  # not a validator
+            ConsensusFrame("vote", vote(validator, "another-chain")).encode(),
+            ConsensusFrame("vote", bytes(forged)).encode(),
+            _pack(["commit", b"x"]),
+        ],
+        HEAD_TOPIC: [*common, Head("another-chain", 5).encode(), _pack([CHAIN, -1]),
+                     _pack([CHAIN, True])],
+    }
+
+
+async def _received(subscription: Any, into: list[bytes]) -> None:
+    while True:
+        into.append(bytes((await subscription.get()).data))
+
+
+def test_chain_topics_relay_only_valid_messages(tmp_path: Path) -> None:
+    validator = SigningKey.generate()
+    stranger = SigningKey.generate()
+    genesis = make_genesis(CHAIN, [peer_id_from_public_key(bytes(validator.verify_key))],
+                           int(time.time() * 1000))
+    spec = NodeSpec(key=validator, home=tmp_path, database=tmp_path / "state.db",
+                    listen=LOOPBACK, env=make_env(), clock_ms=lambda: int(time.time() * 1000),
+                    discovery=DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200),
+                    genesis=genesis)
+    bad = bad_messages(validator, stranger)
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            victim = await stack.enter_async_context(build_node(spec))
+            attacker: Network = await stack.enter_async_context(
+                open_network(stranger, LOOPBACK, {}))
+            probe: Network = await stack.enter_async_context(
+                open_network(SigningKey.generate(), LOOPBACK, {}))
+            info = peer_info_from_multiaddr(victim.net.listen_addrs()[0])
+            got: dict[str, list[bytes]] = {t: [] for t in bad}
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            for topic in bad:
+                nursery.start_soon(_received, await probe.pubsub.subscribe(topic), got[topic])
+            await probe.connect(info)
+            await attacker.connect(info)
+
+            async def victim_meshed() -> bool:  # the victim knows the probe's topics
+                topics = victim.net.pubsub.peer_topics
+                return all(probe.peer_id in topics.get(t, set()) for t in bad)
+
+            await wait_until(victim_meshed, 10)
+            for topic, messages in bad.items():
+                for message in messages:
+                    await attacker.pubsub.publish(topic, message)
+            # A valid head last: once the probe has it, the bad ones had their chance.
+            good = Head(CHAIN, 0).encode()
+            with trio.fail_after(20):
+                while good not in got[HEAD_TOPIC]:
+                    await attacker.pubsub.publish(HEAD_TOPIC, good)
+                    with trio.move_on_after(1):
+                        while good not in got[HEAD_TOPIC]:
+                            await trio.sleep(0.02)  # polling a list the receiver fills
+            for topic, messages in bad.items():
+                leaked = [m[:40] for m in got[topic] if m in messages]
+                assert leaked == [], (topic, leaked)
+            counted = {(s.labels["topic"], s.labels["reason"]): s.value
+                       for metric in victim.net.gossip_rejected.collect()
+                       for s in metric.samples if s.name.endswith("_total")}
+            assert counted[(CONSENSUS_TOPIC, "not-a-validator")] >= 1
+            assert counted[(CONSENSUS_TOPIC, "wrong-chain")] >= 1
+            assert counted[(HEAD_TOPIC, "wrong-chain")] >= 1
+            assert sum(v for (t, _), v in counted.items() if t == TX_TOPIC) >= 1
+            nursery.cancel_scope.cancel()
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            await scenario()
+
+    trio.run(main)
