@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,9 @@ def check_ledger(tmp_path: Path, net: Path, job: str, workers: set[str], base: s
     assert int(total[2]) == len(earned) and designer in table
     one = iollm("ledger", "balance", "--home", str(net / "node-2"), "--json").stdout
     assert json.loads(one)["balance"] == earned.get(names["node-2"], 0)
+    not_a_peer = iollm("ledger", "balance", "alice", "--home", str(net / "node-2"), check=False)
+    assert not_a_peer.returncode == 1
+    assert "'alice' is not a peer id" in not_a_peer.stderr, not_a_peer.stderr
     # Blocks: final, signed by all 3 validators (more than 2/3 of 30), the receipts in.
     blocks = json.loads(iollm("ledger", "blocks", "--limit", "1000", "--json", *home).stdout)
     assert [b["height"] for b in blocks] == list(range(blocks[0]["height"], 0, -1))
@@ -197,7 +201,16 @@ def check_ledger(tmp_path: Path, net: Path, job: str, workers: set[str], base: s
 
     other = tmp_path / "other.toml"
     other.write_text(make_genesis("another-chain", [designer], 0).to_toml())
-    refused = iollm("node", "start", "--home", str(net / "node-2"), "--genesis", str(other),
+    # node-2 runs: its home is refused before anything else (one daemon per home).
+    busy = iollm("node", "start", "--home", str(net / "node-2"), "--genesis", str(other),
+                 check=False, timeout=30)
+    assert busy.returncode == 1 and "a daemon is already running on" in busy.stderr, busy.stderr
+    # A stopped home that follows the testnet's chain refuses another genesis.
+    stopped = tmp_path / "node-2-copy"
+    stopped.mkdir()
+    for name in ("node.key", "config.toml", "api.token", "genesis.toml"):
+        shutil.copy2(net / "node-2" / name, stopped / name)
+    refused = iollm("node", "start", "--home", str(stopped), "--genesis", str(other),
                     check=False, timeout=30)
     assert refused.returncode == 1, refused.stderr
     assert "follows chain 'iollm-testnet'" in refused.stderr and "another-chain" in \

@@ -141,6 +141,12 @@ def test_publish_list_fetch_show_and_errors(tmp_path: Path) -> None:
         error = bad.stderr.strip().splitlines()[-1]
         assert error.startswith("iollm: error: ") and "safetensors" in error, bad.stderr
         assert "Traceback" not in bad.stderr
+        # The other kind: refused by name, on a node that fetched it and on its publisher.
+        for home in (homes[1], homes[0]):
+            wrong = iollm("dataset", "fetch", version[:12], "--home", str(home), check=False)
+            assert wrong.returncode == 1, wrong.stdout
+            assert "is a model, not a dataset: use `iollm model fetch`" in wrong.stderr, \
+                wrong.stderr
         unknown = iollm("model", "fetch", "deadbeef00", "--home", str(homes[2]), check=False)
         assert unknown.returncode == 1
         assert "no known version starts with deadbeef00" in unknown.stderr

@@ -28,8 +28,9 @@ from node.api.server import ApiError, Request, Routes, body_fields, text_field
 from node.chain.service import Chain, ChainBusy
 from protocol.consensus import Commit
 from protocol.envelope import unpack_strict
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, RemoteProtocolError
 from protocol.ledger import Block, Ledger, Revenue, block_id, tx_id
+from protocol.peerid import public_key_from_peer_id
 
 MAX_LIST = 1000
 MAX_SUBMIT = 1000  # txs in one POST /v1/ledger/txs (the 1 MiB body cap binds first)
@@ -116,6 +117,10 @@ def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str]) -> R
     async def balance(request: Request) -> Any:
         c = need()
         peer = (request.query.get("peer") or "").strip() or c.peer_id
+        try:
+            public_key_from_peer_id(peer)
+        except RemoteProtocolError:
+            raise ApiError(400, f"peer: {peer[:80]!r} is not a peer id (12D3KooW...)") from None
         return {"peer": peer, "balance": c.ledger.balance(peer), "height": c.ledger.height}
 
     async def balances(_: Request) -> Any:

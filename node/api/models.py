@@ -79,12 +79,13 @@ def model_routes(models: Models, ops: Operations, nursery: trio.Nursery) -> Rout
         return {"op": ops.start(nursery, "publish", work)}
 
     async def fetch(request: Request) -> Any:
-        body = body_fields(request, {"version"}, {"out"})
+        body = body_fields(request, {"version"}, {"out", "kind"})
         version = resolve_version(models, body["version"])
         out = None if body.get("out") is None else _path(body["out"], "out")
+        kind = None if body.get("kind") is None else _kind(body["kind"])
 
         async def work(progress: Progress) -> Any:
-            info = await models.fetch(version, out_dir=out, progress=progress)
+            info = await models.fetch(version, out_dir=out, progress=progress, kind=kind)
             return {**info.to_json(), "out": None if out is None else str(out)}
 
         return {"op": ops.start(nursery, "fetch", work)}

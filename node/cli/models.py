@@ -160,7 +160,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     out = str(Path(args.out).expanduser().absolute()) if args.out else None
-    started = call_node(args, "/v1/models/fetch", "POST", {"version": args.version, "out": out})
+    started = call_node(args, "/v1/models/fetch", "POST",
+                        {"version": args.version, "out": out, "kind": args.kind})
     info = wait_for_operation(args, started["op"], "fetch",
                               "Run the same command again to wait for it; a stopped fetch "
                               "resumes where it was.")

@@ -207,9 +207,11 @@ async def fetch_manifest(models: Models, version: bytes, providers: list[PeerId]
 
 
 async def fetch_version(models: Models, version: bytes, progress: Progress,
-                        hint: Sequence[PeerId] = ()) -> HeldVersion:
+                        hint: Sequence[PeerId] = (), kind: str | None = None) -> HeldVersion:
     """Fetch a version completely into the store (resuming), or raise FetchError.
-    ``hint``: peers known to provide it, tried before the announced and DHT providers."""
+    ``hint``: peers known to provide it, tried before the announced and DHT providers.
+    ``kind``: what the caller asked for; a version of the other kind is refused once its
+    manifest is known, before any chunk is fetched."""
 
     progress.phase = "providers"
     own = models.net.peer_id
@@ -243,6 +245,7 @@ async def fetch_version(models: Models, version: bytes, progress: Progress,
             providers = [*known, *more]
             held = await fetch_manifest(models, version, more)
         await models.remember_manifest(held)
+    check_kind(version, held.manifest.kind, kind)
     shards = list({s.root: s for s in held.manifest.shards}.values())
     todo = [s for s in shards if not models.store.has(s.root)]
     progress.total_bytes = sum(s.size for s in shards)
@@ -255,6 +258,12 @@ async def fetch_version(models: Models, version: bytes, progress: Progress,
         await ChunkFetcher(models, todo, providers, progress).run()
     await models.mark_complete(held)
     return held
+
+
+def check_kind(version: bytes, actual: str, wanted: str | None) -> None:
+    if wanted is not None and actual != wanted:
+        raise FetchError(f"{id_hex(version)[:16]} is a {actual}, not a {wanted}: use "
+                         f"`iollm {actual} fetch`")
 
 
 # --- chunks from many providers -----------------------------------------------------------

@@ -43,7 +43,7 @@ from node.p2p.framing import (
     write_frame,
 )
 from node.p2p.host import Network
-from node.smip.fetch import SmipClient, fetch_manifest, fetch_version
+from node.smip.fetch import SmipClient, check_kind, fetch_manifest, fetch_version
 from node.smip.store import ContentStore, ContentStoreError, NotInStore
 from node.smip.types import (
     SMIP_PROTOCOL,
@@ -551,21 +551,26 @@ class Models:
     # -- fetching -----------------------------------------------------------------------
 
     async def fetch(self, version: str, *, out_dir: Path | None = None,
-                    progress: Progress | None = None, hint: Sequence[PeerId] = ()) -> VersionInfo:
+                    progress: Progress | None = None, hint: Sequence[PeerId] = (),
+                    kind: str | None = None) -> VersionInfo:
         """Fetch a version (resuming what is on disk), then write its files to ``out_dir``
-        if given. ``hint``: peers known to provide it (asked first, before any lookup).
-        FetchError when it cannot be completed."""
+        if given. ``hint``: peers known to provide it (asked first, before any lookup);
+        ``kind``: "model" or "dataset", when the caller wants only that kind. FetchError
+        when it cannot be completed."""
 
         progress = progress or Progress()
         try:
             vid = self.resolve(version)
         except KeyError as exc:
             raise FetchError(str(exc.args[0])) from None
+        known = self.info_of(vid)
+        if known is not None:
+            check_kind(vid, known.kind, kind)
         lock = self._fetch_locks.setdefault(vid, trio.Lock())
         async with lock:  # a second fetch of one version waits for the first, then is quick
             held = self.held.get(vid)
             if held is None or held.state != "complete":
-                held = await fetch_version(self, vid, progress, hint=hint)
+                held = await fetch_version(self, vid, progress, hint=hint, kind=kind)
                 self._start_providing(held)
         if out_dir is not None:
             progress.phase = "writing"
