@@ -1,5 +1,6 @@
-"""The chain's gossip topics relay only what could be honest (protocol/chainwire.py's
-checks, run as topic validators before gossipsub relays).
+"""The chain against a hostile peer: its gossip topics relay only what could be honest
+(protocol/chainwire.py's checks, run as topic validators before gossipsub relays), and
+its consensus stream takes only its validators, and only whole frames.
 
 A victim node runs the chain service; an attacker and a probe are plain hosts connected
 to the victim alone, so whatever the probe receives on a chain topic the victim relayed.
@@ -9,17 +10,21 @@ probe gets the valid one and none of the bad.
 
 from __future__ import annotations
 
+import contextlib
+import struct
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import trio
 from multiaddr import Multiaddr
 from nacl.signing import SigningKey
 
-from node.chain.service import CONSENSUS_TOPIC, HEAD_TOPIC, TX_TOPIC
+from node.chain import service as chain_service
+from node.chain.service import CONSENSUS_PROTOCOL, CONSENSUS_TOPIC, HEAD_TOPIC, TX_TOPIC
 from node.config import DiscoverySection
 from node.daemon import NodeSpec, build_node
 from node.p2p import Network, open_network
@@ -119,6 +124,55 @@ def test_chain_topics_relay_only_valid_messages(tmp_path: Path) -> None:
             assert counted[(HEAD_TOPIC, "wrong-chain")] >= 1
             assert sum(v for (t, _), v in counted.items() if t == TX_TOPIC) >= 1
             nursery.cancel_scope.cancel()
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            await scenario()
+
+    trio.run(main)
+
+
+def test_consensus_streams_are_for_validators_and_frames_must_finish(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer outside the genesis is refused before a byte is read; a validator that starts
+    a frame and stalls has its stream reset after the frame's body deadline, not after
+    the 600 s idle timeout."""
+    victim_key, other_validator, stranger = (SigningKey.generate() for _ in range(3))
+    genesis = make_genesis(CHAIN, [peer_id_from_public_key(bytes(k.verify_key))
+                                   for k in (victim_key, other_validator)],
+                           int(time.time() * 1000))
+    spec = NodeSpec(key=victim_key, home=tmp_path, database=tmp_path / "state.db",
+                    listen=LOOPBACK, env=make_env(), clock_ms=lambda: int(time.time() * 1000),
+                    discovery=DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200),
+                    genesis=genesis)
+    monkeypatch.setattr(chain_service, "FRAME_BODY_BASE_S", 0.5)
+    stall = struct.pack(">I", 500_000) + bytes(10)  # 500 kB announced, 10 bytes sent
+
+    async def held_for(net: Network, victim: Network) -> float:
+        """Seconds until the victim resets a stream that sent ``stall``, then nothing."""
+        started = trio.current_time()
+        with contextlib.suppress(Exception):  # reset (maybe while negotiating): refused
+            stream = await net.host.new_stream(victim.peer_id, [CONSENSUS_PROTOCOL])
+            await stream.write(stall)
+            started = trio.current_time()
+            while await stream.read(1024):
+                pass
+        return trio.current_time() - started
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            victim = await stack.enter_async_context(build_node(spec))
+            info = peer_info_from_multiaddr(victim.net.listen_addrs()[0])
+            deadline = 0.5 + 500_000 / 262_144  # FRAME_BODY_BASE_S + 500 kB at 256 KiB/s
+            nets = []
+            for key in (stranger, other_validator):
+                nets.append(await stack.enter_async_context(open_network(key, LOOPBACK, {})))
+                await nets[-1].connect(info)
+            # The stranger is refused at once, well before any frame deadline.
+            assert await held_for(nets[0], victim.net) < 1.0
+            # The validator's half-sent frame is dropped at its deadline.
+            held = await held_for(nets[1], victim.net)
+            assert deadline - 0.5 <= held < deadline + 2.0, held
 
     async def main() -> None:
         with trio.fail_after(60):

@@ -103,6 +103,10 @@ DIRECT_QUEUE = 64  # consensus messages waiting for one validator's stream
 DIRECT_WRITE_TIMEOUT_S = 10.0
 DIRECT_RETRY_S = 1.0
 DIRECT_IDLE_TIMEOUT_S = 600.0  # a validator sends at least its rebroadcast every second
+# A consensus frame begun must be complete within this, plus its size at the slowest rate
+# a validator's link may have: a partial frame is held in memory until then.
+FRAME_BODY_BASE_S = 5.0
+FRAME_BODY_MIN_BYTES_PER_S = 256 * 1024
 SYNC_BATCH = 32  # blocks one sync request asks for
 SYNC_TIMEOUT_S = 30.0
 SNAPSHOT_EVERY = 50  # blocks between ledger snapshots (a restart replays the rest)
@@ -757,13 +761,20 @@ class Chain:
                 await trio.sleep(DIRECT_RETRY_S)
 
     async def _serve_consensus(self, stream: Any) -> None:
+        """The direct stream of another validator of this genesis; anyone else's is reset
+        before a byte of it is read."""
+        sender = stream.muxed_conn.peer_id
+        if sender.to_base58() not in self.powers:
+            log.debug("consensus stream from %s refused: not a validator", sender)
+            await reset_quietly(stream)
+            return
         try:
             while True:
                 frame = ConsensusFrame.decode(
-                    await read_frame(stream, self._max_consensus_frame, DIRECT_IDLE_TIMEOUT_S),
+                    await read_frame(stream, self._max_consensus_frame, DIRECT_IDLE_TIMEOUT_S,
+                                     body_timeout=_frame_body_deadline),
                     self._max_consensus_frame)
                 kind, data = frame.kind, frame.data
-                sender = stream.muxed_conn.peer_id
                 with contextlib.suppress(trio.WouldBlock):
                     self._inbox_send.send_nowait((kind, data, sender))
         except Exception as exc:  # closed, idle, or garbage: the stream goes
@@ -788,6 +799,10 @@ class Chain:
                 except Exception as exc:  # down, or not reachable yet: next time
                     log.debug("dialling validator %s: %r", pid, exc)
             await trio.sleep(CONNECT_EVERY_S)
+
+
+def _frame_body_deadline(length: int) -> float:
+    return FRAME_BODY_BASE_S + length / FRAME_BODY_MIN_BYTES_PER_S
 
 
 def _topic_validator(net: Network, topic: str, check: Callable[[bytes], object]

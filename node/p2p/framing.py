@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -51,12 +52,18 @@ async def read_exactly(stream: Any, n: int) -> bytes:
     return bytes(buf)
 
 
-async def read_frame(stream: Any, max_bytes: int, timeout: float) -> bytes:
-    """Read one frame of at most ``max_bytes`` within ``timeout`` seconds."""
+async def read_frame(stream: Any, max_bytes: int, timeout: float, *,
+                     body_timeout: Callable[[int], float] | None = None) -> bytes:
+    """Read one frame of at most ``max_bytes`` within ``timeout`` seconds. With
+    ``body_timeout``, ``timeout`` is for the header only and the body of a frame of
+    ``length`` bytes must follow within ``body_timeout(length)``: a stream may idle long
+    between frames, but a frame begun is not held half-sent (its buffer is memory)."""
     with trio.move_on_after(timeout) as scope:
         (length,) = FRAME_HEADER.unpack(await read_exactly(stream, FRAME_HEADER.size))
         if length > max_bytes:
             raise FrameError(f"frame of {length} bytes exceeds the {max_bytes}-byte limit")
+        if body_timeout is not None:
+            scope.deadline = trio.current_time() + body_timeout(length)
         return await read_exactly(stream, length)
     assert scope.cancelled_caught
     raise FrameError(f"no complete frame within {timeout:g} s")
