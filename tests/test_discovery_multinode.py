@@ -342,3 +342,36 @@ def test_record_sync_fills_a_node_and_survives_a_lying_or_frozen_peer(tmp_path: 
             assert empty.discovery.local_record(frozen.peer_id) is not None
 
     run(scenario)
+
+
+def test_only_dht_peers_enter_the_routing_table(tmp_path: Path) -> None:
+    """Any libp2p peer may connect; one whose identify does not list Kademlia is kept out
+    of the routing table (it would be handed out in FIND_NODE answers), a node is let in."""
+    from multiaddr import Multiaddr
+
+    from node.p2p import open_network
+    from node.p2p.host import KAD_PROTOCOL_ID
+
+    async def scenario() -> None:
+        async with node_cluster(tmp_path, [make_env(), make_env()], FakeClock()) as nodes, \
+                open_network(SigningKey.generate(), [Multiaddr("/ip4/127.0.0.1/tcp/0")],
+                             {}) as stranger:
+            stranger.host.remove_stream_handler(KAD_PROTOCOL_ID)  # a peer without the DHT
+            node = nodes[0]
+            await stranger.host.connect(node.info())
+
+            async def identified() -> bool:
+                return node.net.speaks(stranger.peer_id, KAD_PROTOCOL_ID) is False
+
+            await wait_until(identified, 10)
+            rounds = node.discovery.routing_rounds
+
+            async def two_more_rounds() -> bool:
+                return node.discovery.routing_rounds >= rounds + 2
+
+            await wait_until(two_more_rounds, 70)  # the upkeep slows to one pass in 30 s
+            table = node.net.dht.routing_table
+            assert not table.peer_in_table(stranger.peer_id)
+            assert table.peer_in_table(nodes[1].net.peer_id)
+
+    run(scenario)

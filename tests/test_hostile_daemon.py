@@ -153,6 +153,20 @@ class Honest:
                         return
                     await trio.sleep(0.1)  # polling another process within the deadline
 
+    async def consensus(self, victim: Victim) -> None:
+        """The consensus stream is for the genesis' validators: a peer outside it (as this
+        honest one is) is refused before it can send a frame."""
+        try:
+            stream = await self.net.host.new_stream(victim.peer_id,
+                                                    [TProtocol("/iollm/consensus/1.0.0")])
+            with trio.fail_after(5):
+                while await stream.read(1024):
+                    pass
+        except trio.TooSlowError:
+            raise AssertionError("a non-validator's consensus stream was kept open") from None
+        except Exception:  # reset while negotiating, or right after: refused
+            return
+
     async def capability(self, victim: Victim) -> None:
         stream = await self.net.host.new_stream(victim.peer_id,
                                                 [TProtocol("/iollm/capability/1.0.0")])
@@ -168,6 +182,7 @@ HONEST = {
     "/ipfs/kad/1.0.0": Honest.kademlia,
     "/meshsub/1.1.0": Honest.gossip,
     "/iollm/capability/1.0.0": Honest.capability,
+    "/iollm/consensus/1.0.0": Honest.consensus,
 }
 
 

@@ -41,3 +41,14 @@ def test_the_auto_connector_is_off() -> None:
                 assert connector.maybe_connect is p2p_host._no_auto_connect
 
     trio.run(scenario)
+
+
+def test_library_logs_go_through_the_nodes_handlers() -> None:
+    """py-libp2p sets its root logger's propagate to False on import; node/p2p/host.py
+    turns it back on (a later import of libp2p does not undo it: it runs once)."""
+    import logging
+
+    import libp2p
+
+    assert libp2p is not None
+    assert logging.getLogger("libp2p").propagate is True

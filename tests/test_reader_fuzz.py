@@ -191,6 +191,7 @@ def test_kademlia_reader(hosts: Hosts, payload: bytes) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 1000 examples, about a quarter of a second each
 @LONG
 @given(payload=frames(rpc_messages()))
 def test_pubsub_reader_long(hosts: Hosts, payload: bytes) -> None:
@@ -198,6 +199,7 @@ def test_pubsub_reader_long(hosts: Hosts, payload: bytes) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 @LONG
 @given(payload=frames(kad_messages()))
 def test_kademlia_reader_long(hosts: Hosts, payload: bytes) -> None:

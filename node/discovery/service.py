@@ -39,7 +39,7 @@ from node.config import DiscoverySection
 from node.identity import peer_id_of
 from node.p2p import PeerId, PeerInfo, ProtocolId, RecordValidator
 from node.p2p.framing import read_frame, reset_quietly, write_frame
-from node.p2p.host import BadMultiaddr, Network, parse_multiaddr
+from node.p2p.host import KAD_PROTOCOL_ID, BadMultiaddr, Network, parse_multiaddr
 from node.p2p.lookup import K, Unresponsive, providers_from_peer, value_from_peer, walk
 from node.storage import Storage
 from protocol.capability import (
@@ -156,6 +156,7 @@ class Discovery:
         self.peer_id = peer_id_of(key)
         self.current: PeerCapability | None = None
         self.bootstrapped = trio.Event()
+        self.routing_rounds = 0  # passes of the routing-table upkeep (tests wait on it)
         self.published = trio.Event()  # set after the first network publish completes
         self.unresponsive = Unresponsive()
         # Every verified record this node holds (its own included), by peer id: the
@@ -349,7 +350,11 @@ class Discovery:
         period = 0.5
         while True:
             table = self.net.dht.routing_table
-            candidates = list(self.net.host.get_connected_peers())
+            # A connected peer enters the table only once identify shows it serves the DHT:
+            # any libp2p peer may connect, and one that does not speak Kademlia would be
+            # handed out in FIND_NODE answers. Peers of verified records are iollm nodes.
+            candidates = [p for p in self.net.host.get_connected_peers()
+                          if self.net.speaks(p, KAD_PROTOCOL_ID)]
             if table.size() < K:
                 candidates += [PeerId.from_base58(pid) for pid in self.replicas
                                if pid != self.peer_id]
@@ -362,6 +367,7 @@ class Discovery:
                             log.debug("add_peer %s failed: %r", peer, exc)
             self.metrics.connected.set(len(self.net.host.get_connected_peers()))
             self.metrics.routing_table.set(self.net.dht.get_routing_table_size())
+            self.routing_rounds += 1
             await trio.sleep(period)
             period = min(period * 2, 30.0)
 

@@ -62,6 +62,11 @@ CLOSE_TIMEOUT_S = 2.0  # closing the connections at shutdown, before the service
 FRAME_WRITE_TIMEOUT_S = 10.0
 # The library logs every normal stream EOF of the DHT as a warning.
 logging.getLogger("libp2p.kad_dht").setLevel(logging.ERROR)
+# py-libp2p, when imported, cuts its loggers off from the root (propagate False, no
+# handler unless LIBP2P_DEBUG is set): its warnings then reached stderr through logging's
+# last-resort handler, without timestamp, level or component. Through the root logger
+# they get the node's own format and levels (node/cli/app.py sets them).
+logging.getLogger("libp2p").propagate = True
 
 
 class AtomicYamux(Yamux):
@@ -276,6 +281,15 @@ class Network:
             if wait > 0:
                 await trio.sleep(wait)
             self._next_provide = trio.current_time() + PROVIDE_SPACING_S
+
+    def speaks(self, peer: ID, protocol: str) -> bool | None:
+        """Whether ``peer`` lists ``protocol`` in its identify answer; None until it has
+        been identified (py-libp2p identifies each new connection in the background)."""
+        try:
+            protocols = self.host.get_peerstore().get_protocols(peer)
+        except Exception:  # PeerStoreError: never seen
+            return None
+        return (protocol in protocols) if protocols else None
 
     async def connect(self, info: PeerInfo, timeout: float = 5.0) -> None:
         """Dial a peer and put it in the DHT routing table (not done by the library)."""
