@@ -77,7 +77,7 @@ def test_publish_list_fetch_show_and_errors(tmp_path: Path) -> None:
     iollm("testnet", "up", "--nodes", "3", "--dir", str(net), "--timeout", "60", timeout=90)
     homes = [net / f"node-{i}" for i in (1, 2, 3)]
     try:
-        # A full id nobody provides: the fetch looks for providers until its deadline; it
+        # A full id nobody provides: the fetch fails after one DHT lookup; it
         # runs while the rest of the test does.
         nowhere = start_iollm("model", "fetch", "ab" * 32, "--home", str(homes[2]))
 

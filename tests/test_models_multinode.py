@@ -98,7 +98,6 @@ async def wait_known(n: LocalNode, version: str, providers: int = 1) -> None:
 
 def test_publish_fetch_many_providers_bad_provider_forged_manifest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(node.smip.fetch, "PROVIDER_LOOKUP_RETRIES_S", (0.0,))
     clock = FakeClock()
     model = write_model(tmp_path / "model", shards=3, mib_per_shard=4.5)
 
@@ -292,3 +291,19 @@ def test_publish_refuses_what_is_not_safetensors(tmp_path: Path) -> None:
             assert a.models.store.complete_shards() == []  # type: ignore[union-attr]
 
     run(scenario)
+
+
+def test_an_id_nobody_provides_fails_after_one_lookup(tmp_path: Path) -> None:
+    """A full id that no announcement and no provider record names: "no provider" after
+    one DHT walk (bounded by query_timeout_s, 5 s here), not after retries."""
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        async with cluster(tmp_path, 3, clock) as nodes:
+            started = trio.current_time()
+            with pytest.raises(FetchError, match="no provider"):
+                await nodes[2].models.fetch("ab" * 32)  # type: ignore[union-attr]
+            assert trio.current_time() - started < 5 + 2.0
+
+    run(scenario)
+

@@ -62,7 +62,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROVIDER_LOOKUP_RETRIES_S = (0.0, 2.0, 5.0, 10.0)  # DHT lookups while no provider is known
+# DHT lookups of a version nobody announced, each a full walk (at most the discovery
+# config's query_timeout_s): one. An id no announcement and no provider record names
+# fails after it, with "no provider"; retries here only made such a fetch take 19 s.
+PROVIDER_LOOKUP_RETRIES_S: tuple[float, ...] = (0.0,)
 MORE_PROVIDERS_AFTER_S = 0.5  # a shard's DHT lookup for more providers waits this long
 WAIT_FOR_WORK_S = 1.0  # an idle worker re-checks the queue at least this often
 OPEN_TRIES = 2  # a stream that cannot be opened for want of a connection: dial once more
