@@ -57,6 +57,10 @@ rpc_timeout_s = 3
 [probe]
 # Length of the matmul benchmark in the environment probe, in seconds.
 bench_seconds = 0.5
+# A start within this many seconds of a probe of the same machine, boot, interpreter and
+# filesystem reuses its report (kept in ~/.cache/iollm, or $XDG_CACHE_HOME/iollm) instead
+# of probing again: each probe imports torch in a child process. 0 probes at every start.
+reuse_s = 600.0
 # TEST ONLY: pretend to have these GPUs, e.g.
 # fake_gpus = [{name = "NVIDIA A100-SXM4-40GB", memory_gb = 40, compute_capability = "8.0"}]
 fake_gpus = []
@@ -112,6 +116,7 @@ class DiscoverySection:
 @dataclass(frozen=True)
 class ProbeSection:
     bench_seconds: float = 0.5
+    reuse_s: float = 600.0
     fake_gpus: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -216,6 +221,8 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
         raise ConfigError(f"{source}: api.port {config.api.port} is not a TCP port")
     if not 0 < config.probe.bench_seconds <= 60:
         raise ConfigError(f"{source}: probe.bench_seconds must be in (0, 60]")
+    if not 0 <= config.probe.reuse_s <= 86_400:
+        raise ConfigError(f"{source}: probe.reuse_s must be in [0, 86400]")
     if not (math.isfinite(config.store.quota_gb) and 0 < config.store.quota_gb < 2**33):
         raise ConfigError(f"{source}: store.quota_gb must be a number of GiB in (0, 2**33), "
                           f"got {config.store.quota_gb}")
@@ -253,3 +260,9 @@ def read_bootstrap_file(path: Path) -> list[str]:
     except OSError as exc:
         raise ConfigError(f"cannot read bootstrap file {path}: {exc.strerror}") from None
     return [s for line in lines if (s := line.split("#", 1)[0].strip())]
+
+
+def cache_dir() -> Path:
+    """Where a node keeps what it may recompute (the probe's report): machine-wide."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "iollm"

@@ -51,6 +51,7 @@ from node.config import (
     ConfigError,
     DiscoverySection,
     WorkerSection,
+    cache_dir,
     read_bootstrap_file,
 )
 from node.discovery.service import CapabilityValidator, Discovery, DiscoveryMetrics
@@ -212,8 +213,10 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
     genesis = load_genesis(home, options.genesis)  # before the probe: a bad file fails fast
 
     log.info("probing the environment (%.1f s benchmark)", config.probe.bench_seconds)
-    env = await probe_in_subprocess(home, bench_seconds=config.probe.bench_seconds,
-                                    fake_gpus=fake_gpus)
+    env = await probe_in_subprocess(
+        home, bench_seconds=config.probe.bench_seconds, fake_gpus=fake_gpus,
+        cache=cache_dir() if config.probe.reuse_s > 0 else None,
+        cache_max_age_s=config.probe.reuse_s)
     registry = CollectorRegistry()
     Gauge("iollm_start_time_seconds", "Unix time the daemon started",
           registry=registry).set(time.time())

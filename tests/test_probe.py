@@ -359,3 +359,36 @@ def test_probe_in_subprocess_failures_are_one_line_errors(
             trio.run(lambda: probe_in_subprocess(tmp_path, bench_seconds=0))
     with pytest.raises(ValueError):
         trio.run(lambda: probe_in_subprocess(tmp_path, bench_seconds=-1))
+
+
+def test_a_recent_probe_is_reused_and_a_stale_or_other_one_is_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """probe_in_subprocess(cache=DIR): the first call probes (a child process) and keeps
+    the report; the next, within the age limit, reuses it without a child; an older
+    report, or one for another benchmark length, is probed anew."""
+    import node.ml.probe as probe_module
+
+    cache = tmp_path / "cache"
+    first = trio.run(lambda: probe_in_subprocess(tmp_path, bench_seconds=0, cache=cache))
+    [kept] = list(cache.iterdir())
+    # From now on every child process fails to start: only a reuse can answer.
+    children: list[object] = []
+
+    async def no_child(command: object, **_: object) -> None:
+        children.append(command)
+        raise FileNotFoundError("no interpreter")
+
+    monkeypatch.setattr(probe_module.trio, "run_process", no_child)
+    again = trio.run(lambda: probe_in_subprocess(tmp_path, bench_seconds=0, cache=cache))
+    assert again == first and children == []
+    fake = parse_fake_gpus([{"name": "Fake", "memory_gb": 8}])
+    faked = trio.run(lambda: probe_in_subprocess(tmp_path, bench_seconds=0, cache=cache,
+                                                 fake_gpus=fake))
+    assert faked.gpus == fake and faked.cpu_cores == first.cpu_cores
+    for other in ({"bench_seconds": 0.1}, {"bench_seconds": 0, "cache_max_age_s": -1}):
+        with pytest.raises(ProbeError, match="could not start"):  # a new probe was tried
+            trio.run(lambda o=other: probe_in_subprocess(tmp_path, cache=cache, **o))
+    kept.write_text("{damaged")
+    with pytest.raises(ProbeError, match="could not start"):
+        trio.run(lambda: probe_in_subprocess(tmp_path, bench_seconds=0, cache=cache))
+    assert len(children) == 3

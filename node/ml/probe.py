@@ -25,6 +25,7 @@ Public API::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -276,17 +277,63 @@ class ProbeError(Exception):
 PROBE_START_TIMEOUT_S = 120.0
 
 
+def _probe_cache_key(disk_path: str | os.PathLike[str], bench_seconds: float) -> str:
+    """What a cached report is valid for: this boot of this machine, this interpreter (and
+    so this torch), the benchmark's length, and the filesystem whose free space it read."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:  # not Linux: the cache is keyed on the interpreter alone
+        boot = "no-boot-id"
+    device = os.stat(disk_path).st_dev
+    return f"{boot}|{sys.executable}|{bench_seconds!r}|{device}"
+
+
+def _read_cached(cache: Path, key: str, max_age_s: float) -> EnvReport | None:
+    try:
+        entry = json.loads(cache.read_text())
+        if entry["key"] != key or not 0 <= time.time() - entry["time"] <= max_age_s:
+            return None
+        return EnvReport.from_dict(entry["report"])
+    except (OSError, ValueError, KeyError, TypeError, RemoteProtocolError):
+        return None  # absent, stale or damaged: probe again
+
+
+def _write_cached(cache: Path, key: str, report: EnvReport) -> None:
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "time": time.time(),
+                                   "report": env_to_json(report)}))
+        os.replace(tmp, cache)
+    except OSError as exc:  # a read-only cache directory costs only the next start's time
+        log.debug("probe cache %s not written: %s", cache, exc)
+
+
 async def probe_in_subprocess(
     disk_path: str | os.PathLike[str],
     *,
     bench_seconds: float = 0.5,
     fake_gpus: Sequence[GpuInfo] | None = None,
+    cache: Path | None = None,
+    cache_max_age_s: float = 600.0,
 ) -> EnvReport:
     """:func:`probe_environment` run by a child process (``iollm env --json``), so that
     torch is never imported here. ``fake_gpus`` replaces the child's GPU list, as in
     :func:`probe_environment`. ProbeError when the child fails, stalls or answers with
-    something that is not a report."""
+    something that is not a report.
+
+    With ``cache`` (a directory), a report that the same machine, boot and interpreter
+    made for the same benchmark length and filesystem within ``cache_max_age_s`` is used
+    instead of a new probe (each probe imports torch in a child: seconds of CPU at every
+    daemon start), and a new report is kept there."""
     _check_bench_seconds(bench_seconds)
+    key = _probe_cache_key(disk_path, bench_seconds) if cache is not None else ""
+    if cache is not None:
+        cache = cache / f"probe-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        cached = _read_cached(cache, key, cache_max_age_s)
+        if cached is not None:
+            log.info("environment probe reused from %s", cache)
+            return _with_fake_gpus(cached, fake_gpus)
     cmd = [sys.executable, "-m", "node.cli", "env", "--json", "--home", os.fspath(disk_path),
            "--bench-seconds", repr(float(bench_seconds))]
     try:
@@ -296,6 +343,8 @@ async def probe_in_subprocess(
     except trio.TooSlowError:
         raise ProbeError(f"the environment probe did not finish within "
                          f"{PROBE_START_TIMEOUT_S + bench_seconds:.0f} s") from None
+    except OSError as exc:  # the interpreter cannot be started
+        raise ProbeError(f"the environment probe could not start: {exc}") from None
     if proc.returncode != 0:
         lines = proc.stderr.decode(errors="replace").strip().splitlines()
         raise ProbeError(f"the environment probe failed (exit {proc.returncode}): "
@@ -304,9 +353,13 @@ async def probe_in_subprocess(
         report = EnvReport.from_dict(json.loads(proc.stdout))
     except (ValueError, RemoteProtocolError) as exc:
         raise ProbeError(f"the environment probe printed no valid report: {exc}") from None
-    if fake_gpus is not None:
-        report = dataclasses.replace(report, gpus=tuple(fake_gpus))
-    return report
+    if cache is not None:
+        _write_cached(cache, key, report)
+    return _with_fake_gpus(report, fake_gpus)
+
+
+def _with_fake_gpus(report: EnvReport, fake_gpus: Sequence[GpuInfo] | None) -> EnvReport:
+    return report if fake_gpus is None else dataclasses.replace(report, gpus=tuple(fake_gpus))
 
 
 def _require(entry: Mapping[str, Any], field: str, where: str) -> Any:
