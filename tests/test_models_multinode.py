@@ -255,10 +255,12 @@ def test_resume_child_version_and_frozen_provider(tmp_path: Path,
             async def freeze(stream) -> None:  # type: ignore[no-untyped-def]
                 await trio.sleep_forever()
 
+            await wait_known(frozen, parent)  # an id nobody announced fails at once
             await frozen.models.fetch(parent)  # type: ignore[union-attr]
             frozen.net.host.set_stream_handler(SMIP_PROTOCOL_ID, freeze)  # type: ignore[arg-type]
             third = await a.models.publish(write_model(tmp_path / "m3", 2, 1.0, seed=3),  # type: ignore[union-attr]
                                            kind="model", name="third")
+            await wait_known(frozen, third)
             await frozen.models.fetch(third)  # type: ignore[union-attr]
             frozen.net.host.set_stream_handler(SMIP_PROTOCOL_ID, freeze)  # type: ignore[arg-type]
             await wait_known(b, third, providers=2)

@@ -104,8 +104,9 @@ DIRECT_WRITE_TIMEOUT_S = 10.0
 DIRECT_RETRY_S = 1.0
 DIRECT_IDLE_TIMEOUT_S = 600.0  # a validator sends at least its rebroadcast every second
 # A consensus frame begun must be complete within this, plus its size at the slowest rate
-# a validator's link may have: a partial frame is held in memory until then.
-FRAME_BODY_BASE_S = 5.0
+# a validator's link may have: a partial frame is held in memory until then. Never less
+# than the sender's own write timeout, or a slow but honest write would be cut.
+FRAME_BODY_BASE_S = DIRECT_WRITE_TIMEOUT_S
 FRAME_BODY_MIN_BYTES_PER_S = 256 * 1024
 SYNC_BATCH = 32  # blocks one sync request asks for
 SYNC_TIMEOUT_S = 30.0

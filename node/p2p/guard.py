@@ -78,7 +78,8 @@ class StreamGuard(INotifee):
         self.errors = Counter(
             "iollm_stream_handler_errors",
             "inbound streams whose handler failed, by protocol and kind: error (counts "
-            "against the peer), gone (the peer vanished), refused (a banned peer)",
+            "against the peer), gone (the peer vanished), refused (a banned peer); and "
+            "tasks of the library's services that failed (protocol service:task, kind task)",
             ["protocol", "kind"], registry=registry)
         self.bans = Counter("iollm_peers_banned", "peers banned for repeated handler errors",
                             registry=registry)
@@ -138,15 +139,15 @@ class StreamGuard(INotifee):
             self._disconnect(peer)
 
     def guard_tasks(self, manager: Any, service: str) -> None:
-        """Contain the failures of the tasks a library service spawns per message.
+        """Contain the failures of the tasks a library service spawns as it goes.
 
-        py-libp2p's pubsub checks each received message in a task of its own service
-        (``push_msg``, spawned by the stream reader); an error there (a message whose
-        ``key`` is no public key raised protobuf's DecodeError) ends the whole pubsub
-        service, and with it the node. Wrapping the service manager's ``run_task`` keeps
-        the failure to that task; the peer it names first (the message's forwarder, in
-        every such task of pubsub) gets the strike. Daemon tasks (the service's own
-        loops) are left as they are: one of those failing is a library bug, not input.
+        An error in one of them ends the whole service (pubsub, gossipsub), and with it
+        the node. Wrapping the service manager's ``run_task`` keeps the failure to that
+        task; it is logged and counted, never a strike: these tasks are also our own
+        outbound work (sending, replays, retries), where a failure is no peer's fault.
+        The per-message check that reads a peer's input is guarded in GuardedPubsub
+        (node/p2p/host.py), before this wrapping exists. Daemon tasks (the service's own
+        loops) are left as they are: one of those failing is a library bug.
         """
         run_task = manager.run_task
 
@@ -161,13 +162,11 @@ class StreamGuard(INotifee):
                 try:
                     await async_fn(*task_args)
                 except Exception as exc:
-                    peer = task_args[0] if task_args and isinstance(task_args[0], ID) else None
                     label = f"{service}:{getattr(async_fn, '__name__', 'task')}"
-                    if peer is None:
-                        self.errors.labels(protocol=label, kind="error").inc()
-                        log.warning("%s failed: %s", label, _one_line(exc))
-                    else:
-                        self.failed(peer, label, exc)
+                    kind = "gone" if _only(exc, PEER_GONE_ERRORS) else "task"
+                    self.errors.labels(protocol=label, kind=kind).inc()
+                    log.warning("%s failed: %s", label, _one_line(exc))
+                    log.debug("the failure's traceback", exc_info=exc)
 
             run_task(contained, *args, daemon=daemon,
                      name=name or getattr(async_fn, "__name__", None), **kwargs)

@@ -224,12 +224,26 @@ class GuardedPubsub(Pubsub):
     logs and counts it (tests/test_stream_guard.py fails if the library's handler
     changes what it catches)."""
 
+    guard: StreamGuard  # set by open_network before the service starts
+
     async def stream_handler(self, stream: Any) -> None:
         try:
             await super().stream_handler(stream)
         except Exception:
             self._handle_dead_peer(stream.muxed_conn.peer_id)
             raise
+
+    async def push_msg(self, msg_forwarder: ID, msg: Any) -> None:
+        """The library checks each received message in a task of pubsub's own service
+        (``push_msg``); an error there (a ``key`` that is no public key raised DecodeError)
+        ended the service and the node. A received message's failure is the forwarder's
+        strike; our own publish still raises to its caller."""
+        try:
+            await super().push_msg(msg_forwarder, msg)
+        except Exception as exc:
+            if msg_forwarder == self.my_id:
+                raise
+            self.guard.failed(msg_forwarder, "pubsub:push_msg", exc)
 
 
 class InteropKadDHT(KadDHT):
@@ -361,6 +375,7 @@ async def open_network(
         spam_protection_enabled=False,
     )
     pubsub = GuardedPubsub(host, gossipsub)
+    pubsub.guard = guard
     async with (
         host.run(listen_addrs=listen),
         background_trio_service(dht),

@@ -563,9 +563,9 @@ class Models:
             vid = self.resolve(version)
         except KeyError as exc:
             raise FetchError(str(exc.args[0])) from None
-        known = self.info_of(vid)
-        if known is not None:
-            check_kind(vid, known.kind, kind)
+        held_now = self.held.get(vid)
+        if held_now is not None:  # a verified manifest (an announcement's kind is a claim)
+            check_kind(vid, held_now.manifest.kind, kind)
         lock = self._fetch_locks.setdefault(vid, trio.Lock())
         async with lock:  # a second fetch of one version waits for the first, then is quick
             held = self.held.get(vid)
