@@ -24,7 +24,7 @@ from multiaddr import Multiaddr
 from nacl.signing import SigningKey
 
 from node.chain import service as chain_service
-from node.chain.service import CONSENSUS_PROTOCOL, CONSENSUS_TOPIC, HEAD_TOPIC, TX_TOPIC
+from node.chain.service import CONSENSUS_PROTOCOL, chain_topics
 from node.config import DiscoverySection
 from node.daemon import NodeSpec, build_node
 from node.p2p import Network, open_network
@@ -37,6 +37,8 @@ from tests.netutil import make_env, wait_until
 
 LOOPBACK = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
 CHAIN = "gossip-test"
+TOPICS = chain_topics(CHAIN)
+TX_TOPIC, CONSENSUS_TOPIC, HEAD_TOPIC = TOPICS.txs, TOPICS.consensus, TOPICS.heads
 
 
 def _pack(value: Any) -> bytes:

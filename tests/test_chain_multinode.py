@@ -213,10 +213,9 @@ class DoubleVoter(Chain):
                     await self._publish_vote(seal_vote(self.key, other))
 
     async def _publish_vote(self, data: bytes) -> None:
-        from node.chain.service import CONSENSUS_TOPIC
         from protocol.checks import packb
 
-        await self._publish(CONSENSUS_TOPIC, packb(["vote", data]))
+        await self._publish(self.topics.consensus, packb(["vote", data]))
 
 
 @pytest.mark.timeout(150)

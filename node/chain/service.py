@@ -3,16 +3,16 @@
 
 Every node that has a genesis runs it:
 
-* **Transactions** travel in batches on gossip topic ``TX_TOPIC``. Each is checked once
+* **Transactions** travel in batches on gossip topic ``TX_TOPIC`` + chain id. Each is checked once
   per node (every signature: ``protocol.ledger.check_tx``, cached by tx id) and waits in
   the mempool until a final block holds it. A node keeps the txs it submitted itself in
   its ``outbox`` table and gossips them again until they are final, because gossip is
   best effort (shared/notes/libp2p-0.8.1.md) and a crash must not lose a receipt.
 * **Validators** (peer ids in the genesis) run one ``protocol.consensus.Machine`` per
-  height over gossip topic ``CONSENSUS_TOPIC``; this module only carries its messages,
+  height over gossip topic ``CONSENSUS_TOPIC`` + chain id; this module only carries its messages,
   owns its timers and asks the ledger whether a proposed block is valid.
 * **Final blocks** are stored with their commit certificate. Validators announce their
-  head on ``HEAD_TOPIC``; a node that learns of a higher height asks that peer for the
+  head on ``HEAD_TOPIC`` + chain id; a node that learns of a higher height asks that peer for the
   blocks on ``BLOCKS_PROTOCOL`` and takes each only after its certificate verifies and
   the ledger re-derives its state root. So a node that joins late, or a validator that was
   down, catches up from anyone without trusting them.
@@ -80,9 +80,22 @@ from protocol.txs import votes_payload
 
 log = logging.getLogger(__name__)
 
-TX_TOPIC = "/iollm/txs/1"
-CONSENSUS_TOPIC = "/iollm/consensus/1"
-HEAD_TOPIC = "/iollm/chain/1"
+# Gossip topics, one set per chain (the chain id appended): nodes of another genesis on
+# the same network are in other meshes, and drop nothing of this chain's traffic.
+TX_TOPIC = "/iollm/txs/1/"
+CONSENSUS_TOPIC = "/iollm/consensus/1/"
+HEAD_TOPIC = "/iollm/chain/1/"
+
+
+@dataclass(frozen=True)
+class ChainTopics:
+    txs: str
+    consensus: str
+    heads: str
+
+
+def chain_topics(chain_id: str) -> ChainTopics:
+    return ChainTopics(TX_TOPIC + chain_id, CONSENSUS_TOPIC + chain_id, HEAD_TOPIC + chain_id)
 BLOCKS_PROTOCOL = ProtocolId("/iollm/blocks/1.0.0")
 CONSENSUS_PROTOCOL = ProtocolId("/iollm/consensus/1.0.0")  # validator to validator, direct
 
@@ -187,6 +200,7 @@ class Chain:
         self.clock_ms = clock_ms
         self.peer_id = discovery.peer_id
         self.powers = genesis.powers
+        self.topics = chain_topics(genesis.chain_id)
         self.is_validator = self.peer_id in self.powers
         self.timeouts = genesis.timeouts
         self.max_proposal_bytes = genesis.max_block_bytes + 1024
@@ -217,17 +231,18 @@ class Chain:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         await self._load()
         self.net.host.set_stream_handler(BLOCKS_PROTOCOL, self._serve_blocks)
-        for topic, check in ((TX_TOPIC, self._valid_txs), (CONSENSUS_TOPIC, self._valid_consensus),
-                             (HEAD_TOPIC, self._valid_head)):
+        t = self.topics
+        for topic, check in ((t.txs, self._valid_txs), (t.consensus, self._valid_consensus),
+                             (t.heads, self._valid_head)):
             self.net.pubsub.set_topic_validator(topic, _topic_validator(self.net, topic, check),
                                                 False)
-        subs = {t: await self.net.pubsub.subscribe(t)
-                for t in (TX_TOPIC, CONSENSUS_TOPIC, HEAD_TOPIC)}
+        subs = {topic: await self.net.pubsub.subscribe(topic)
+                for topic in (t.txs, t.consensus, t.heads)}
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._receive_txs, subs[TX_TOPIC])
-            nursery.start_soon(self._receive_consensus, subs[CONSENSUS_TOPIC], nursery)
-            nursery.start_soon(self._receive_heads, subs[HEAD_TOPIC], nursery)
+            nursery.start_soon(self._receive_txs, subs[t.txs])
+            nursery.start_soon(self._receive_consensus, subs[t.consensus], nursery)
+            nursery.start_soon(self._receive_heads, subs[t.heads], nursery)
             nursery.start_soon(self._publish_txs)
             nursery.start_soon(self._resubmit)
             if self.is_validator:
@@ -335,7 +350,7 @@ class Chain:
             self._flush = trio.Event()
             txs, self._outgoing = self._outgoing, []
             for batch in tx_batches(txs, TX_BATCH_BYTES):
-                await self._publish(TX_TOPIC, encode_tx_batch(batch))
+                await self._publish(self.topics.txs, encode_tx_batch(batch))
 
     async def _publish(self, topic: str, data: bytes) -> None:
         try:
@@ -512,7 +527,7 @@ class Chain:
                     with contextlib.suppress(trio.WouldBlock):  # a stuck peer: it syncs
                         send.send_nowait(message)
                 if a.kind == "vote":  # small; the gossip path also reaches validators
-                    await self._publish(CONSENSUS_TOPIC, message)  # no direct link reaches
+                    await self._publish(self.topics.consensus, message)  # no direct link reaches
             elif isinstance(a, SetTimeout):
                 self._timer_seq += 1
                 heapq.heappush(self._timers, (a.at_ms, self._timer_seq, a.step, a.height,
@@ -597,7 +612,7 @@ class Chain:
         self._new_block.set()
         self._new_block = trio.Event()
         if self.is_validator:
-            await self._publish(HEAD_TOPIC, self._head())
+            await self._publish(self.topics.heads, self._head())
 
     async def final_heights(self, tx_ids: Sequence[bytes]) -> dict[bytes, int]:
         """tx id -> the height of the final block holding it, for those that are final:
@@ -635,7 +650,7 @@ class Chain:
     async def _announce_heads(self) -> None:
         while True:
             await trio.sleep(HEAD_EVERY_S)
-            await self._publish(HEAD_TOPIC, self._head())
+            await self._publish(self.topics.heads, self._head())
 
     async def _receive_heads(self, subscription: Any, nursery: trio.Nursery) -> None:
         while True:
