@@ -155,6 +155,8 @@ async def build_node(spec: NodeSpec) -> AsyncIterator[Node]:
                              chain=node.chain)
             await nursery.start(node.worker.run)
             await nursery.start(node.jobs.run)
+        # Peers that connected during start-up saw only the protocols registered by then.
+        await net.announce_protocols()
         yield node
         nursery.cancel_scope.cancel()
 

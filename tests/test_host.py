@@ -110,3 +110,54 @@ def test_a_stalled_frame_write_closes_the_connection(monkeypatch: pytest.MonkeyP
             assert await _echo_once(a, info, b"again") == b"again"
 
     _run(scenario)
+
+
+def test_our_protocols_are_not_asked_of_a_peer_that_serves_none() -> None:
+    """Network.open_stream: once identify shows a peer serves none of our /iollm/
+    protocols (not an iollm node), asking it for one fails at once (NotServed), without
+    a negotiation (py-libp2p would log a block of ERROR lines for each); other protocols
+    are asked as before."""
+    from node.p2p.host import NotServed
+
+    async def scenario() -> None:
+        async with _pair() as (a, _, info):  # b serves only the test protocols
+            async def identified() -> bool:
+                return a.is_iollm_node(info.peer_id) is not None
+
+            await wait_until(identified, timeout=10)
+            assert a.is_iollm_node(info.peer_id) is False
+            with pytest.raises(NotServed):
+                await a.open_stream(info.peer_id, "/iollm/smip/1.0.0")
+            stream = await a.open_stream(info.peer_id, str(ECHO))
+            await stream.write(b"hi")
+            with trio.fail_after(5):
+                assert await stream.read(100) == b"hi"
+
+    _run(scenario)
+
+
+def test_protocols_registered_later_reach_connected_peers() -> None:
+    """A node's services register their protocols after its host is up; build_node then
+    pushes its identify answer (Network.announce_protocols), so a peer that identified it
+    early does not take it for a foreign peer for the life of the connection."""
+
+    async def scenario() -> None:
+        async with _pair() as (a, b, info):
+            async def identified() -> bool:
+                return a.is_iollm_node(info.peer_id) is not None
+
+            await wait_until(identified, timeout=10)
+            assert a.is_iollm_node(info.peer_id) is False
+            b.host.set_stream_handler(TProtocol("/iollm/late/1.0.0"), _echo)
+            await b.announce_protocols()
+
+            async def updated() -> bool:
+                return a.is_iollm_node(info.peer_id) is True
+
+            await wait_until(updated, timeout=10)
+            stream = await a.open_stream(info.peer_id, "/iollm/late/1.0.0")
+            await stream.write(b"late")
+            with trio.fail_after(5):
+                assert await stream.read(100) == b"late"
+
+    _run(scenario)

@@ -21,7 +21,7 @@ from multiaddr import Multiaddr
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry
 
-from node.p2p.host import Network, open_network, peer_info_from_multiaddr
+from node.p2p.host import Network, NotServed, open_network, peer_info_from_multiaddr
 from protocol.penalty import PenaltyPolicy
 from tests.hostile import attack, malformed_payloads
 from tests.netutil import wait_until
@@ -192,6 +192,9 @@ def test_repeated_offender_is_disconnected_and_refused() -> None:
                 ended = await attack(attacker, victim.peer_id, MESHSUB, b"")
                 assert ended.startswith("not opened") or ended in ("StreamReset", "StreamEOF")
             await wait_until(dropped, 10)
+            # The victim does not dial it either, while the ban lasts.
+            with pytest.raises(NotServed, match="banned"):
+                await victim.connect(peer_info_from_multiaddr(attacker.listen_addrs()[0]))
             # The honest peer was never touched.
             assert victim.host.get_network().get_connections(honest.peer_id)
             assert errors(registry, MESHSUB) == policy.strikes

@@ -742,7 +742,7 @@ class Chain:
             addrs = [parse_multiaddr(a) for a in cap.record.addrs] if cap else []
             await self.net.connect(PeerInfo(peer, addrs), timeout=SYNC_TIMEOUT_S)
         with trio.fail_after(SYNC_TIMEOUT_S):
-            return await self.net.host.new_stream(peer, [protocol])
+            return await self.net.open_stream(peer, protocol)
 
     async def _serve_blocks(self, stream: Any) -> None:
         try:

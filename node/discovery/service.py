@@ -416,7 +416,7 @@ class Discovery:
         new = 0
         try:
             with trio.fail_after(timeout):
-                stream = await self.net.host.new_stream(peer, [SYNC_PROTOCOL])
+                stream = await self.net.open_stream(peer, SYNC_PROTOCOL)
             request = SyncRequest(since_ms=since_ms, limit=MAX_SYNC_RECORDS)
             await write_frame(stream, request.encode(), timeout)
             for _ in range(MAX_SYNC_RECORDS):
@@ -506,8 +506,8 @@ class Discovery:
         stream = None
         try:
             with trio.fail_after(timeout):
-                stream = await self.net.host.new_stream(PeerId.from_base58(peer_id),
-                                                        [CAPABILITY_PROTOCOL])
+                stream = await self.net.open_stream(PeerId.from_base58(peer_id),
+                                                    CAPABILITY_PROTOCOL)
             data = await read_frame(stream, MAX_CAPABILITY_BYTES, timeout)
             await stream.close()
         except Exception as exc:  # TooSlowError, FrameError, any stream failure

@@ -525,7 +525,7 @@ class Jobs:
             cap = self.discovery.local_record(worker)
             addrs = [parse_multiaddr(a) for a in cap.record.addrs] if cap else []
             await self.net.connect(PeerInfo(peer, addrs), timeout=OFFER_TIMEOUT_S)
-        return await self.net.host.new_stream(peer, [TASK_PROTOCOL])
+        return await self.net.open_stream(peer, TASK_PROTOCOL)
 
     # -- checking and the outer step ------------------------------------------------------
 

@@ -27,6 +27,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.host.basic_host import BasicHost
+from libp2p.identity.identify_push.identify_push import push_identify_to_peers
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
 from libp2p.network.config import ConnectionConfig
@@ -51,6 +52,7 @@ from protocol.penalty import PenaltyPolicy
 log = logging.getLogger(__name__)
 
 KAD_PROTOCOL_ID = TProtocol("/ipfs/kad/1.0.0")
+IOLLM_PREFIX = "/iollm/"  # every protocol of ours
 # py-libp2p accepts at most 10 ADD_PROVIDER from one sender per 10 s window and silently
 # drops (and resets) the rest: every provide of a node, of any service, starts at least
 # this long after the previous one.
@@ -104,6 +106,10 @@ muxer_multistream.Yamux = AtomicYamux  # type: ignore[misc]
 
 class BadMultiaddr(ValueError):
     """A multiaddr given by the user (config, --listen, --bootstrap) does not parse."""
+
+
+class NotServed(Exception):
+    """The peer's identify answer does not list the protocol asked for."""
 
 
 class ListenError(OSError):
@@ -305,8 +311,42 @@ class Network:
             return None
         return (protocol in protocols) if protocols else None
 
+    async def open_stream(self, peer: ID, protocol: str) -> Any:
+        """A new stream to ``peer`` on ``protocol``. One of ours is not asked of a peer
+        whose identify answer lists none of ours (NotServed, at once: it is not an iollm
+        node, and py-libp2p would negotiate, fail and log a block of ERROR lines each
+        time). A node is always asked: it may have identified before its services
+        registered their protocols, and py-libp2p does not push the update."""
+        if protocol.startswith(IOLLM_PREFIX) and self.is_iollm_node(peer) is False:
+            raise NotServed(f"{peer} is not an iollm node (serves none of our protocols)")
+        return await self.host.new_stream(peer, [TProtocol(protocol)])
+
+    async def announce_protocols(self, timeout: float = 5.0) -> None:
+        """Push our identify answer to the connected peers (identify/push): peers that
+        identified this node before its services registered their protocols learn them."""
+        with trio.move_on_after(timeout):
+            try:
+                await push_identify_to_peers(self.host)
+            except Exception as exc:  # a peer gone meanwhile: it identifies us anew later
+                log.debug("identify push failed: %r", exc)
+
+    def is_iollm_node(self, peer: ID) -> bool | None:
+        """Whether ``peer``'s identify answer lists any of our protocols; None until it
+        has been identified."""
+        try:
+            protocols = self.host.get_peerstore().get_protocols(peer)
+        except Exception:  # PeerStoreError: never seen
+            return None
+        if not protocols:
+            return None
+        return any(str(p).startswith(IOLLM_PREFIX) for p in protocols)
+
     async def connect(self, info: PeerInfo, timeout: float = 5.0) -> None:
-        """Dial a peer and put it in the DHT routing table (not done by the library)."""
+        """Dial a peer and put it in the DHT routing table (not done by the library). A
+        peer this node has banned is not dialed (NotServed): its connection would be
+        closed at once."""
+        if self.guard.is_banned(info.peer_id):
+            raise NotServed(f"{info.peer_id} is banned for now")
         with trio.fail_after(timeout):
             await self.host.connect(info)
             await self.dht.add_peer(info.peer_id, skip_server_mode_check=True)

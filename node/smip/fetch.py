@@ -92,7 +92,7 @@ class SmipClient:
         for attempt in range(OPEN_TRIES):
             try:
                 with trio.fail_after(RESPONSE_TIMEOUT_S):
-                    self.stream = await self.net.host.new_stream(self.peer, [SMIP_PROTOCOL])
+                    self.stream = await self.net.open_stream(self.peer, SMIP_PROTOCOL)
                 break
             except OPEN_STREAM_ERRORS as exc:
                 # The connection went (closed by the peer or after a stalled frame
