@@ -21,6 +21,8 @@ from multiaddr import Multiaddr
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry
 
+import node.p2p.guard
+from node.p2p.guard import NOT_NEGOTIATED
 from node.p2p.host import Network, NotServed, open_network, peer_info_from_multiaddr
 from protocol.penalty import PenaltyPolicy
 from tests.hostile import attack, malformed_payloads
@@ -198,6 +200,58 @@ def test_repeated_offender_is_disconnected_and_refused() -> None:
             # The honest peer was never touched.
             assert victim.host.get_network().get_connections(honest.peer_id)
             assert errors(registry, MESHSUB) == policy.strikes
+
+    _run(scenario)
+
+
+def test_one_peer_cannot_hold_more_than_its_share_of_streams(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer opening streams and leaving them open gets MAX_STREAMS_PER_PEER running at
+    once; the rest are reset unread (kind over-limit, not a strike), another peer is
+    still served, and closing streams frees the share again."""
+    monkeypatch.setattr(node.p2p.guard, "MAX_STREAMS_PER_PEER", 8)
+    hold = TProtocol("/iollm-test/hold/1")
+
+    async def holding(stream: Any) -> None:
+        with contextlib.suppress(Exception):
+            while await stream.read(100):  # until the peer ends or resets the stream
+                pass
+
+    async def scenario() -> None:
+        async with trio_nodes(3) as [(victim, registry), (greedy, _), (other, _)]:
+            victim.host.set_stream_handler(hold, holding)
+            held, refused = [], 0
+            for _ in range(12):
+                try:  # one over the limit is reset while it negotiates
+                    stream = await greedy.host.new_stream(victim.peer_id, [hold])
+                    await stream.write(b"x")
+                    held.append(stream)
+                except Exception:
+                    refused += 1
+
+            async def settled() -> bool:
+                return errors(registry, NOT_NEGOTIATED, "over-limit") == refused
+
+            await wait_until(settled, 10)
+            # Its long-lived pubsub stream counts too: 8 in all, the rest refused.
+            assert victim.guard.open_streams[greedy.peer_id] == 8
+            assert refused + len(held) == 12 and refused >= 4
+            assert not victim.guard.banned()
+            def count(net: Network) -> int:
+                return victim.guard.open_streams.get(net.peer_id, 0)
+
+            base = count(other)  # its pubsub stream
+            stream = await other.host.new_stream(victim.peer_id, [hold])  # another peer
+            await stream.write(b"y")
+            await wait_until(lambda: _true(count(other) == base + 1), 10)
+            for s in held:
+                with contextlib.suppress(Exception):
+                    await s.reset()
+            rest = 8 - len(held)
+            await wait_until(lambda: _true(count(greedy) == rest), 10)
+            again = await greedy.host.new_stream(victim.peer_id, [hold])
+            await again.write(b"z")
+            await wait_until(lambda: _true(count(greedy) == rest + 1), 10)
 
     _run(scenario)
 

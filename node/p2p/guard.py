@@ -54,6 +54,13 @@ PEER_GONE_ERRORS: tuple[type[BaseException], ...] = (
 RESET_TIMEOUT_S = 2.0  # resetting a stream of a peer that does not read
 NOT_NEGOTIATED = "(none)"  # the protocol label of a stream that failed before negotiation
 DISCONNECT_QUEUE = 256  # peers waiting to be disconnected; more are caught on their next stream
+# Inbound streams open at once, from one peer and in all. py-libp2p's resource manager
+# (libp2p.rcmgr, 0.8.1) limits streams in total and per service, not per peer, so one
+# peer could take the whole allowance; the guard, which sees every inbound stream,
+# counts them. An honest node uses a few at a time (one SMIP stream per provider, a
+# task stream per offer, the sync and capability streams).
+MAX_STREAMS_PER_PEER = 64
+MAX_STREAMS = 1024
 
 StreamHandler = Callable[[INetStream], Awaitable[None]]
 
@@ -75,10 +82,13 @@ class StreamGuard(INotifee):
         self._dispatch: StreamHandler = host._swarm_stream_handler
         self._to_disconnect, self._disconnect_queue = trio.open_memory_channel[ID](
             DISCONNECT_QUEUE)
+        self.open_streams: dict[ID, int] = {}  # inbound streams running, by peer
+        self._open_total = 0
         self.errors = Counter(
             "iollm_stream_handler_errors",
             "inbound streams whose handler failed, by protocol and kind: error (counts "
-            "against the peer), gone (the peer vanished), refused (a banned peer); and "
+            "against the peer), gone (the peer vanished), refused (a banned peer), "
+            "over-limit (too many streams open at once, MAX_STREAMS_PER_PEER); and "
             "tasks of the library's services that failed (protocol service:task, kind task)",
             ["protocol", "kind"], registry=registry)
         self.bans = Counter("iollm_peers_banned", "peers banned for repeated handler errors",
@@ -116,11 +126,26 @@ class StreamGuard(INotifee):
             await _reset(stream)
             self._disconnect(peer)
             return
+        held = self.open_streams.get(peer, 0)
+        if held >= MAX_STREAMS_PER_PEER or self._open_total >= MAX_STREAMS:
+            # Not a strike: the peer may just be busy; the stream is refused, not read.
+            self.errors.labels(protocol=NOT_NEGOTIATED, kind="over-limit").inc()
+            await _reset(stream)
+            return
+        self.open_streams[peer] = held + 1
+        self._open_total += 1
         try:
             await self._dispatch(stream)
         except Exception as exc:
             await _reset(stream)
             self.failed(peer, str(stream.get_protocol() or NOT_NEGOTIATED), exc)
+        finally:
+            self._open_total -= 1
+            left = self.open_streams[peer] - 1
+            if left:
+                self.open_streams[peer] = left
+            else:
+                del self.open_streams[peer]
 
     def failed(self, peer: ID, protocol: str, exc: BaseException) -> None:
         """Account for one handler failure of ``peer`` on ``protocol``."""
