@@ -302,14 +302,19 @@ class Network:
                 await trio.sleep(wait)
             self._next_provide = trio.current_time() + PROVIDE_SPACING_S
 
-    def speaks(self, peer: ID, protocol: str) -> bool | None:
-        """Whether ``peer`` lists ``protocol`` in its identify answer; None until it has
-        been identified (py-libp2p identifies each new connection in the background)."""
+    def _identified(self, peer: ID) -> list[str] | None:
+        """The protocols ``peer`` listed in its identify answer; None until it has been
+        identified (py-libp2p identifies each new connection in the background)."""
         try:
             protocols = self.host.get_peerstore().get_protocols(peer)
         except Exception:  # PeerStoreError: never seen
             return None
-        return (protocol in protocols) if protocols else None
+        return [str(p) for p in protocols] if protocols else None
+
+    def speaks(self, peer: ID, protocol: str) -> bool | None:
+        """Whether ``peer`` lists ``protocol`` in its identify answer; None until known."""
+        protocols = self._identified(peer)
+        return None if protocols is None else protocol in protocols
 
     async def open_stream(self, peer: ID, protocol: str) -> Any:
         """A new stream to ``peer`` on ``protocol``. One of ours is not asked of a peer
@@ -331,15 +336,9 @@ class Network:
                 log.debug("identify push failed: %r", exc)
 
     def is_iollm_node(self, peer: ID) -> bool | None:
-        """Whether ``peer``'s identify answer lists any of our protocols; None until it
-        has been identified."""
-        try:
-            protocols = self.host.get_peerstore().get_protocols(peer)
-        except Exception:  # PeerStoreError: never seen
-            return None
-        if not protocols:
-            return None
-        return any(str(p).startswith(IOLLM_PREFIX) for p in protocols)
+        """Whether ``peer``'s identify answer lists any of our protocols; None until known."""
+        protocols = self._identified(peer)
+        return None if protocols is None else any(p.startswith(IOLLM_PREFIX) for p in protocols)
 
     async def connect(self, info: PeerInfo, timeout: float = 5.0) -> None:
         """Dial a peer and put it in the DHT routing table (not done by the library). A
