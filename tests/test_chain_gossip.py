@@ -45,6 +45,17 @@ def _pack(value: Any) -> bytes:
     return bytes(msgpack.packb(value, use_bin_type=True))
 
 
+def victim_spec(home: Path, key: SigningKey, validators: list[SigningKey]) -> NodeSpec:
+    """A node of chain CHAIN (``key``), whose genesis names ``validators``, with no SMIP
+    and no jobs: what the chain service needs."""
+    genesis = make_genesis(CHAIN, [peer_id_from_public_key(bytes(k.verify_key))
+                                   for k in validators], int(time.time() * 1000))
+    return NodeSpec(key=key, home=home, database=home / "state.db", listen=LOOPBACK,
+                    env=make_env(), clock_ms=lambda: int(time.time() * 1000),
+                    discovery=DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200),
+                    genesis=genesis)
+
+
 def bad_messages(validator: SigningKey, stranger: SigningKey) -> dict[str, list[bytes]]:
     def vote(key: SigningKey, chain: str) -> bytes:
         who = peer_id_from_public_key(bytes(key.verify_key))
@@ -76,12 +87,7 @@ async def _received(subscription: Any, into: list[bytes]) -> None:
 def test_chain_topics_relay_only_valid_messages(tmp_path: Path) -> None:
     validator = SigningKey.generate()
     stranger = SigningKey.generate()
-    genesis = make_genesis(CHAIN, [peer_id_from_public_key(bytes(validator.verify_key))],
-                           int(time.time() * 1000))
-    spec = NodeSpec(key=validator, home=tmp_path, database=tmp_path / "state.db",
-                    listen=LOOPBACK, env=make_env(), clock_ms=lambda: int(time.time() * 1000),
-                    discovery=DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200),
-                    genesis=genesis)
+    spec = victim_spec(tmp_path, validator, [validator])
     bad = bad_messages(validator, stranger)
 
     async def scenario() -> None:
@@ -99,11 +105,15 @@ def test_chain_topics_relay_only_valid_messages(tmp_path: Path) -> None:
             await probe.connect(info)
             await attacker.connect(info)
 
-            async def victim_meshed() -> bool:  # the victim knows the probe's topics
-                topics = victim.net.pubsub.peer_topics
-                return all(probe.peer_id in topics.get(t, set()) for t in bad)
+            async def meshed() -> bool:
+                # The victim knows the probe's topics, and the attacker the victim's: a
+                # message published before that reaches nobody (nothing to count).
+                to_probe = victim.net.pubsub.peer_topics
+                to_victim = attacker.pubsub.peer_topics
+                return all(probe.peer_id in to_probe.get(t, set())
+                           and victim.net.peer_id in to_victim.get(t, set()) for t in bad)
 
-            await wait_until(victim_meshed, 10)
+            await wait_until(meshed, 10)
             for topic, messages in bad.items():
                 for message in messages:
                     await attacker.pubsub.publish(topic, message)
@@ -140,13 +150,7 @@ def test_consensus_streams_are_for_validators_and_frames_must_finish(
     a frame and stalls has its stream reset after the frame's body deadline, not after
     the 600 s idle timeout."""
     victim_key, other_validator, stranger = (SigningKey.generate() for _ in range(3))
-    genesis = make_genesis(CHAIN, [peer_id_from_public_key(bytes(k.verify_key))
-                                   for k in (victim_key, other_validator)],
-                           int(time.time() * 1000))
-    spec = NodeSpec(key=victim_key, home=tmp_path, database=tmp_path / "state.db",
-                    listen=LOOPBACK, env=make_env(), clock_ms=lambda: int(time.time() * 1000),
-                    discovery=DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200),
-                    genesis=genesis)
+    spec = victim_spec(tmp_path, victim_key, [victim_key, other_validator])
     monkeypatch.setattr(chain_service, "FRAME_BODY_BASE_S", 0.5)
     stall = struct.pack(">I", 500_000) + bytes(10)  # 500 kB announced, 10 bytes sent
 
