@@ -53,6 +53,10 @@ query_timeout_s = 10
 # Deadline for one request to one peer within a query; a peer that misses it is skipped
 # by later queries for a minute. Seconds.
 rpc_timeout_s = 3
+# A publish step that failed (the DHT put, a class provide) is tried again after this
+# many seconds, then after twice and four times as long, rather than only at the next
+# refresh. Seconds.
+retry_interval_s = 15
 
 [probe]
 # Length of the matmul benchmark in the environment probe, in seconds.
@@ -111,6 +115,7 @@ class DiscoverySection:
     gossip_interval_s: float = 60.0
     query_timeout_s: float = 10.0
     rpc_timeout_s: float = 3.0
+    retry_interval_s: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -208,7 +213,8 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
         sections[name] = cls(**kwargs)
     config = Config(**sections)
     d = config.discovery
-    if min(d.refresh_interval_s, d.gossip_interval_s, d.query_timeout_s, d.rpc_timeout_s) <= 0:
+    if min(d.refresh_interval_s, d.gossip_interval_s, d.query_timeout_s, d.rpc_timeout_s,
+           d.retry_interval_s) <= 0:
         raise ConfigError(f"{source}: discovery intervals must be positive")
     if d.record_ttl_s <= d.refresh_interval_s:
         raise ConfigError(

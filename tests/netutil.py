@@ -13,7 +13,7 @@ import trio
 
 from node.config import DiscoverySection
 from protocol.capability import EnvReport, GpuInfo
-from tests.cluster import LocalNode, local_cluster
+from tests.cluster import Cluster, local_cluster
 
 GIB = 2**30
 
@@ -41,12 +41,13 @@ def make_env(gpu_gib: Sequence[int] = (), tflops: float = 1.0) -> EnvReport:
 
 def node_cluster(
     tmp_path: Path, envs: Sequence[EnvReport], clock: FakeClock, *,
-    config: DiscoverySection | None = None,
-) -> AbstractAsyncContextManager[list[LocalNode]]:
-    """A local cluster with test defaults: no refresh during a test, 5 s query deadline."""
+    config: DiscoverySection | None = None, start: int | None = None,
+) -> AbstractAsyncContextManager[Cluster]:
+    """A local cluster with test defaults: no refresh during a test, 5 s query deadline,
+    failed publish steps retried after 2 s. Only the first ``start`` nodes start."""
     config = config or DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200,
-                                        query_timeout_s=5)
-    return local_cluster(tmp_path, envs, clock, config)
+                                        query_timeout_s=5, retry_interval_s=2)
+    return local_cluster(tmp_path, envs, clock, config, start=start)
 
 
 async def wait_until(predicate, timeout: float, interval: float = 0.05) -> None:  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ from node.config import DiscoverySection
 from node.discovery.service import CAPABILITY_PROTOCOL
 from protocol.capability import CapabilityRecord, capability_dht_key, class_provider_key
 from protocol.envelope import DOMAIN_CAPABILITY, seal
+from tests.cluster import LocalNode
 from tests.netutil import FakeClock, make_env, node_cluster, wait_until
 
 # Ten nodes: CPU-only ones and GPUs from 8 to 80 GiB (one with two cards).
@@ -29,7 +30,9 @@ def run(fn, *args, timeout: float = 90):  # type: ignore[no-untyped-def]
 
 
 async def _all_published(nodes) -> None:  # type: ignore[no-untyped-def]
-    with trio.fail_after(30):
+    # A bound, not a wait: a node with many capability classes takes 1.1 s per class to
+    # publish (provide pacing, node/p2p/host.py), about 12 s for the GPU nodes here.
+    with trio.fail_after(60):
         for n in nodes:
             await n.discovery.published.wait()
 
@@ -92,6 +95,32 @@ def test_every_node_finds_every_other_and_filters_exactly(tmp_path: Path) -> Non
                     assert cap is not None and cap.envelope == target.discovery.current.envelope  # type: ignore[union-attr]
 
     run(scenario)
+
+
+def test_a_provide_that_reached_nobody_is_tried_again(tmp_path: Path) -> None:
+    """A node alone when it first publishes (its provides reach no peer) provides its
+    classes to the peer that joins afterwards, without waiting for its next refresh."""
+    key = bytes.fromhex(class_provider_key("gpu-mem-24"))
+
+    async def scenario() -> None:
+        async with node_cluster(tmp_path, [make_env((24,)), make_env()], FakeClock(),
+                                start=1) as nodes:
+            await _all_published(nodes)
+            first = nodes[0].net.peer_id
+            joiner = await nodes.restart(1)
+            assert first not in _providers(joiner, key)
+
+            async def provided() -> bool:
+                return first in _providers(joiner, key)
+
+            await wait_until(provided, timeout=30)
+
+    run(scenario)
+
+
+def _providers(node: LocalNode, key: bytes) -> set[ID]:
+    """The providers of ``key`` in ``node``'s own DHT store (what others told it)."""
+    return {p.peer_id for p in node.net.dht.provider_store.get_providers(key)}
 
 
 def test_forged_and_expired_records_are_rejected(tmp_path: Path) -> None:

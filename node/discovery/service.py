@@ -29,7 +29,7 @@ import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 from nacl.signing import SigningKey
@@ -81,8 +81,18 @@ KNOWN_PEERS_REDIAL = 16  # most recently seen peers dialled at start-up
 MAX_PROVIDERS = 1000
 SYNC_STARTUP_S = (0.0, 5.0, 15.0, 30.0, 60.0)  # s after joining: pull records from a peer
 SYNC_INTERVAL_S = 300.0  # then this often, from one random connected peer
+PUBLISH_RETRIES = 3  # a failed publish step is tried again this often before the refresh
 SYNC_SERVE_CONCURRENCY = 4  # sync answers being written at once; more requests wait
 RECORD_PEER_ADDR_TTL_S = 3600  # peerstore lifetime of addresses taken from records
+
+
+class _Step(NamedTuple):
+    """One DHT step of publishing: ``fn(*args)``; paced steps wait for a provide slot."""
+
+    what: str
+    fn: Callable[..., Awaitable[Any]]
+    args: tuple[Any, ...]
+    paced: bool
 
 
 @dataclass(frozen=True)
@@ -216,40 +226,64 @@ class Discovery:
 
     async def _publish_network(self) -> None:
         """Put the DHT value and gossip at once, provide the class keys paced; each step
-        bounded by the query timeout and best-effort (the next refresh repeats them all)."""
+        bounded by the query timeout. A DHT step that failed is tried again after
+        ``retry_interval_s``, 2x and 4x that (the next refresh repeats them all anyway):
+        one dropped ADD_PROVIDER would otherwise hide this node from a class for a
+        whole refresh interval."""
         assert self.current is not None
         await self.bootstrapped.wait()
         envelope = self.current.envelope
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._attempt, "DHT put of the capability record",
-                               self.net.dht.put_value, capability_dht_key(self.peer_id),
-                               envelope)
-            nursery.start_soon(self._attempt, "gossip of the capability record",
-                               self.net.pubsub.publish, CAPABILITY_TOPIC, envelope)
-            nursery.start_soon(self._provide_classes)
-        self.published.set()
-
-    async def _provide_classes(self) -> None:
-        """One provide per class, the most selective first, each in the node's next provide
-        slot (``Network.provide_slot``: py-libp2p drops ADD_PROVIDER beyond 10 per sender
-        per 10 s, and a node has up to 15 classes)."""
         classes = capability_classes(self.env)
         generic = [c for c in classes if not c.startswith("gpu-mem-")]
+        # The most selective class first.
         ordered = generic + [c for c in reversed(classes) if c.startswith("gpu-mem-")]
+        steps = [_Step("DHT put of the capability record", self.net.dht.put_value,
+                       (capability_dht_key(self.peer_id), envelope), paced=False)]
+        steps += [_Step(f"providing class {name}", self.net.dht.provide,
+                        (class_provider_key(name),), paced=True) for name in ordered]
         async with trio.open_nursery() as nursery:
-            for name in ordered:
-                await self.net.provide_slot()
-                nursery.start_soon(self._attempt, f"providing class {name}",
-                                   self.net.dht.provide, class_provider_key(name))
+            nursery.start_soon(self._attempt, "gossip of the capability record",
+                               self.net.pubsub.publish, CAPABILITY_TOPIC, envelope)
+            failed = await self._run_steps(steps)
+        self.published.set()
+        for retry in range(PUBLISH_RETRIES):
+            if not failed:
+                return
+            await trio.sleep(self.config.retry_interval_s * 2**retry)
+            failed = await self._run_steps(failed)
+        for step in failed:
+            log.warning("%s failed %d times; the next refresh tries again", step.what,
+                        PUBLISH_RETRIES + 1)
 
-    async def _attempt(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    async def _run_steps(self, steps: list[_Step]) -> list[_Step]:
+        """Run DHT publish steps (the put at once, each provide in the node's next provide
+        slot: ``Network.provide_slot``, py-libp2p drops ADD_PROVIDER beyond 10 per sender
+        per 10 s, and a node has up to 15 classes); the steps that failed."""
+        failed: list[_Step] = []
+
+        async def one(step: _Step) -> None:
+            if not await self._attempt(step.what, step.fn, *step.args):
+                failed.append(step)
+
+        async with trio.open_nursery() as nursery:
+            for step in steps:
+                if step.paced:
+                    await self.net.provide_slot()
+                nursery.start_soon(one, step)
+        return failed
+
+    async def _attempt(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
+        """Whether ``fn(*args)`` finished in time without an error or a False result."""
         started = trio.current_time()
+        ok = False
         with trio.move_on_after(self.config.query_timeout_s):
             try:
-                await fn(*args)
+                ok = await fn(*args) is not False
             except Exception as exc:
                 log.info("%s failed: %r", what, exc)
-        log.debug("%s took %.3f s", what, trio.current_time() - started)
+        log.debug("%s took %.3f s (%s)", what, trio.current_time() - started,
+                  "done" if ok else "failed")
+        return ok
 
     def _store_replica(self, record: CapabilityRecord, envelope: bytes) -> None:
         """Keep a verified record as the replica of its peer, and put it in the local DHT
