@@ -23,8 +23,8 @@ import trio
 from multiaddr import Multiaddr
 from nacl.signing import SigningKey
 
-from node.chain import service as chain_service
-from node.chain.service import CONSENSUS_PROTOCOL, chain_topics
+from node.chain import links as chain_links
+from node.chain.network import CONSENSUS_PROTOCOL, chain_topics
 from node.config import DiscoverySection
 from node.daemon import NodeSpec, build_node
 from node.p2p import Network, open_network
@@ -151,7 +151,7 @@ def test_consensus_streams_are_for_validators_and_frames_must_finish(
     the 600 s idle timeout."""
     victim_key, other_validator, stranger = (SigningKey.generate() for _ in range(3))
     spec = victim_spec(tmp_path, victim_key, [victim_key, other_validator])
-    monkeypatch.setattr(chain_service, "FRAME_BODY_BASE_S", 0.5)
+    monkeypatch.setattr(chain_links, "FRAME_BODY_BASE_S", 0.5)
     stall = struct.pack(">I", 500_000) + bytes(10)  # 500 kB announced, 10 bytes sent
 
     async def held_for(net: Network, victim: Network) -> float:

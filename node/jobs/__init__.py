@@ -4,6 +4,6 @@ receipts and their feed, and the child processes that do the torch work (taskrun
 ``python -m node.jobs.taskproc``; the daemon itself never imports torch).
 
 Owns: the task stream, the job topic, the work directory. May import: node.p2p,
-node.discovery, node.smip, node.chain, node.storage, node.config, protocol/; node.ml
+node.discovery, node.smip, node.chain, node.storage, node.config, node.drive, protocol/; node.ml
 only from taskproc (the child process).
 """

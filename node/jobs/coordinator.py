@@ -39,6 +39,7 @@ from nacl.signing import SigningKey
 
 from node.chain.service import Chain
 from node.discovery.service import Discovery
+from node.drive import drive
 from node.jobs.receipts import Receipts
 from node.jobs.taskrun import TaskProcError, finite, run_taskproc
 from node.jobs.worker import (
@@ -376,22 +377,9 @@ class Jobs:
                     nursery.start_soon(self._offer, a, msg, p, send)
 
             launch(machine.start(self.clock_ms()))
-            next_poll = trio.current_time() + WORKER_POLL_S
-            while not machine.done:
-                deadline = machine.next_deadline()
-                wake = next_poll if deadline is None else min(
-                    next_poll, trio.current_time() + max(0, deadline - self.clock_ms()) / 1000)
-                outcome = None
-                with trio.move_on_at(wake):
-                    outcome = await recv.receive()
+
+            async def on_outcome(outcome: _Outcome) -> None:
                 now = self.clock_ms()
-                if outcome is None:
-                    if trio.current_time() >= next_poll:
-                        next_poll = trio.current_time() + WORKER_POLL_S
-                        for w in self._candidates(job):
-                            launch(machine.add_worker(w, now))
-                    launch(machine.on_tick(now))
-                    continue
                 tid, w = outcome.assign.task.task_id, outcome.assign.worker
                 if outcome.kind == "accepted":
                     launch(machine.on_accepted(tid, w, now))
@@ -409,6 +397,16 @@ class Jobs:
                     else:
                         self._answer(pending, tid, w, Verdict.reject(
                             tid, "too late: the task went to another worker"))
+
+            async def on_wake(now: int, ticked: bool) -> None:
+                if ticked:  # new workers may have come since the round started
+                    for w in self._candidates(job):
+                        launch(machine.add_worker(w, now))
+                launch(machine.on_tick(now))
+
+            await drive(recv, clock_ms=self.clock_ms, deadline_ms=machine.next_deadline,
+                        tick_s=WORKER_POLL_S, on_item=on_outcome, on_wake=on_wake,
+                        done=lambda: machine.done)
             # In arrival order: of a delta and its copy, the later arrival is the copy.
             taken = machine.submitted()
             submitted: dict[str, _Outcome] = {t: taken[t][1] for t in arrivals}

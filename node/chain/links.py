@@ -1,0 +1,124 @@
+"""Validator streams: each validator keeps a direct ``/iollm/consensus/1.0.0`` stream to
+every other validator of its genesis, and a connection to each (specs/consensus.md,
+"Validator streams").
+
+Gossipsub alone was not enough: under a load of transactions its per-peer queues drop
+messages, proposals of a megabyte among them, and a round lost that way costs its
+timeouts. A stream from anyone who is not a validator is reset before a byte is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from node.chain.network import CONSENSUS_PROTOCOL, open_to
+from node.discovery.service import Discovery
+from node.p2p import PeerId, PeerInfo
+from node.p2p.framing import read_frame, reset_quietly, write_frame
+from node.p2p.host import Network, parse_multiaddr
+from protocol.chainwire import ConsensusFrame
+
+log = logging.getLogger(__name__)
+
+DIRECT_QUEUE = 64  # consensus messages waiting for one validator's stream
+DIRECT_WRITE_TIMEOUT_S = 10.0
+DIRECT_RETRY_S = 1.0
+DIRECT_IDLE_TIMEOUT_S = 600.0  # a validator sends at least its rebroadcast every second
+CONNECT_EVERY_S = 5.0  # a validator dials the validators it is not connected to
+# A consensus frame begun must be complete within this, plus its size at the slowest rate
+# a validator's link may have: a partial frame is held in memory until then. Never less
+# than the sender's own write timeout, or a slow but honest write would be cut.
+FRAME_BODY_BASE_S = DIRECT_WRITE_TIMEOUT_S
+FRAME_BODY_MIN_BYTES_PER_S = 256 * 1024
+
+# Where a received message goes: (kind, data, the validator that sent it).
+Deliver = Callable[[str, bytes, PeerId], None]
+
+
+class ValidatorLinks:
+    def __init__(self, net: Network, discovery: Discovery, powers: dict[str, int], *,
+                 peer_id: str, max_frame: int, deliver: Deliver) -> None:
+        self.net = net
+        self.discovery = discovery
+        self.powers = powers
+        self.peer_id = peer_id
+        self.max_frame = max_frame
+        self.deliver = deliver
+        self._queues: dict[str, trio.MemorySendChannel[bytes]] = {}
+
+    async def run(self) -> None:
+        self.net.host.set_stream_handler(CONSENSUS_PROTOCOL, self._serve)
+        async with trio.open_nursery() as nursery:
+            for pid in self.powers:
+                if pid != self.peer_id:
+                    send, recv = trio.open_memory_channel[bytes](DIRECT_QUEUE)
+                    self._queues[pid] = send
+                    nursery.start_soon(self._send, PeerId.from_base58(pid), recv)
+            nursery.start_soon(self._connect)
+
+    def broadcast(self, message: bytes) -> None:
+        """Queue an encoded ConsensusFrame for every other validator; a validator whose
+        queue is full (its stream stuck) misses it and catches up by block sync."""
+        for send in self._queues.values():
+            with contextlib.suppress(trio.WouldBlock):
+                send.send_nowait(message)
+
+    async def _send(self, peer: PeerId, queue: trio.MemoryReceiveChannel[bytes]) -> None:
+        while True:
+            message = await queue.receive()
+            stream = None
+            try:
+                stream = await open_to(self.net, self.discovery, peer, CONSENSUS_PROTOCOL)
+                while True:
+                    await write_frame(stream, message, DIRECT_WRITE_TIMEOUT_S)
+                    message = await queue.receive()
+            except Exception as exc:  # gone, stalled, or not reachable: try again later
+                log.debug("consensus stream to %s: %r", peer, exc)
+                if stream is not None:
+                    await reset_quietly(stream)
+                await trio.sleep(DIRECT_RETRY_S)
+
+    async def _serve(self, stream: Any) -> None:
+        sender = stream.muxed_conn.peer_id
+        if sender.to_base58() not in self.powers:
+            log.debug("consensus stream from %s refused: not a validator", sender)
+            await reset_quietly(stream)
+            return
+        try:
+            while True:
+                frame = ConsensusFrame.decode(
+                    await read_frame(stream, self.max_frame, DIRECT_IDLE_TIMEOUT_S,
+                                     body_timeout=frame_body_deadline),
+                    self.max_frame)
+                self.deliver(frame.kind, frame.data, sender)
+        except Exception as exc:  # closed, idle, or garbage: the stream goes
+            log.debug("consensus stream ended: %r", exc)
+            await reset_quietly(stream)
+
+    async def _connect(self) -> None:
+        """Keep a connection to every other validator whose address discovery knows, so
+        the consensus topic's mesh holds them all."""
+        while True:
+            connected = set(self.net.host.get_connected_peers())
+            for pid in self.powers:
+                peer = PeerId.from_base58(pid)
+                if pid == self.peer_id or peer in connected:
+                    continue
+                cap = self.discovery.local_record(pid)
+                if cap is None:
+                    continue
+                try:
+                    await self.net.connect(
+                        PeerInfo(peer, [parse_multiaddr(a) for a in cap.record.addrs]))
+                except Exception as exc:  # down, or not reachable yet: next time
+                    log.debug("dialling validator %s: %r", pid, exc)
+            await trio.sleep(CONNECT_EVERY_S)
+
+
+def frame_body_deadline(length: int) -> float:
+    return FRAME_BODY_BASE_S + length / FRAME_BODY_MIN_BYTES_PER_S

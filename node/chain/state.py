@@ -1,0 +1,150 @@
+"""What the chain's services share: the genesis, the ledger, the checked-tx cache, the
+mempool and the index of final txs. :meth:`ChainState.commit` is the one way the ledger
+moves on, whether a block came from this node's consensus or from block sync."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+
+import trio
+
+from node.storage import Storage
+from protocol import mempool
+from protocol.errors import RemoteProtocolError
+from protocol.genesis import Genesis
+from protocol.ledger import Block, CheckedTx, Ledger, block_id, check_tx
+from protocol.ledger import tx_id as ledger_tx_id
+
+log = logging.getLogger(__name__)
+
+CHECKED_CACHE = 100_000  # tx ids whose signatures this node verified
+RECENT_FINAL = 200_000  # tx id -> height of the block that holds it, for waiters
+SNAPSHOT_EVERY = 50  # blocks between ledger snapshots (a restart replays the rest)
+LOAD_BATCH = 32  # stored blocks read at once when the ledger is rebuilt
+
+
+class Mempool(mempool.Mempool):
+    """protocol.mempool's policy, and an event that consensus waits on: set when a tx
+    arrives, replaced when the pool empties."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = trio.Event()
+
+    def add(self, tx: CheckedTx, now_ms: int, *, own: bool = False) -> bool:
+        added = super().add(tx, now_ms, own=own)
+        if added:
+            self.arrived.set()
+        return added
+
+    def drop(self, tx_ids: Iterable[bytes]) -> None:
+        super().drop(tx_ids)
+        if not len(self) and self.arrived.is_set():
+            self.arrived = trio.Event()
+
+
+class ChainState:
+    def __init__(self, genesis: Genesis, storage: Storage, clock_ms: Callable[[], int]) -> None:
+        self.genesis = genesis
+        self.storage = storage
+        self.clock_ms = clock_ms
+        self.powers = genesis.powers
+        self.ledger = Ledger.from_genesis(genesis)
+        self.mempool = Mempool()
+        self.new_block = trio.Event()  # set and replaced at every final block
+        self._checked: OrderedDict[bytes, CheckedTx] = OrderedDict()
+        self._final: OrderedDict[bytes, int] = OrderedDict()
+
+    async def load(self) -> None:
+        """The ledger from the latest snapshot and the blocks stored after it, then this
+        node's own txs from its outbox into the mempool. Stored blocks were verified when
+        they came; replaying them re-checks every tx anyway."""
+        snap = await self.storage.get_snapshot()
+        if snap is not None:
+            self.ledger = Ledger.decode(snap[1])
+        while True:
+            rows = await self.storage.get_blocks(self.ledger.height + 1, LOAD_BATCH)
+            if not rows:
+                break
+            for height, data, _ in rows:
+                block = Block.decode(data, self.genesis.max_block_bytes)
+                self.ledger = self.ledger.apply_block(block, [self.check(t) for t in block.txs])
+                assert self.ledger.height == height
+        for tx_id, tx, added_ms in await self.storage.outbox():
+            try:
+                self.mempool.add(self.check(tx), added_ms, own=True)
+            except RemoteProtocolError as exc:
+                log.warning("dropping stored tx %s: %s", tx_id[:16], exc)
+                await self.storage.outbox_remove([tx_id])
+
+    def check(self, tx: bytes) -> CheckedTx:
+        """check_tx, once per tx id (verifying signatures is the expensive part)."""
+        tid = ledger_tx_id(tx)
+        hit = self._checked.get(tid)
+        if hit is not None:
+            self._checked.move_to_end(tid)
+            return hit
+        checked = check_tx(self.genesis, tx)
+        self._checked[tid] = checked
+        if len(self._checked) > CHECKED_CACHE:
+            self._checked.popitem(last=False)
+        return checked
+
+    def is_final(self, tx_id: bytes) -> bool:
+        """Whether ``tx_id`` is in a recent final block (the in-memory index only)."""
+        return tx_id in self._final
+
+    async def commit(self, data: bytes, commit: bytes, after: Ledger | None) -> bool:
+        """Store a final block and move the ledger on; whether this call did. Consensus
+        and sync may both bring one height: the first to store it wins. ``after`` is the
+        ledger after the block when the caller has it already (a validated proposal)."""
+        block = Block.decode(data, self.genesis.max_block_bytes)
+        if block.height != self.ledger.height + 1:
+            return False
+        if after is None:
+            after = self.ledger.apply_block(block, [self.check(t) for t in block.txs])
+        bid = block_id(data)
+        tx_ids = [self.check(t).id for t in block.txs]
+        if not await self.storage.put_block(block.height, bid.hex(), data, commit,
+                                            [t.hex() for t in tx_ids]):
+            return False
+        self.ledger = after
+        self.mempool.drop(tx_ids)
+        for t in tx_ids:
+            self._final[t] = block.height
+        while len(self._final) > RECENT_FINAL:
+            self._final.popitem(last=False)
+        await self.storage.outbox_remove([t.hex() for t in tx_ids])
+        if block.height % SNAPSHOT_EVERY == 0:
+            await self.storage.put_snapshot(block.height, self.ledger.encode())
+        log.info("block %d final: %d txs, %s", block.height, len(block.txs), bid.hex()[:16])
+        self.new_block.set()
+        self.new_block = trio.Event()
+        return True
+
+    async def final_heights(self, tx_ids: Sequence[bytes]) -> dict[bytes, int]:
+        """tx id -> the height of the final block holding it, for those that are final:
+        recent blocks from memory, older ones from the stored index."""
+        out = {t: self._final[t] for t in tx_ids if t in self._final}
+        rest = [t.hex() for t in tx_ids if t not in out]
+        if rest:
+            out.update((bytes.fromhex(t), h)
+                       for t, h in (await self.storage.tx_heights(rest)).items())
+        return out
+
+    async def wait_final(self, tx_ids: Sequence[bytes], timeout: float) -> dict[bytes, int]:
+        """Wait until every tx is in a final block (or ``timeout``); those that are."""
+        final = await self.final_heights(tx_ids)
+        with trio.move_on_after(timeout):
+            while len(final) < len(set(tx_ids)):
+                await self.new_block.wait()
+                final.update((t, self._final[t]) for t in tx_ids if t in self._final)
+        return final
+
+    async def wait_height(self, height: int, timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            while self.ledger.height < height:
+                await self.new_block.wait()
+        return self.ledger.height >= height

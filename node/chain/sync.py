@@ -1,0 +1,155 @@
+"""Heads and catch-up (specs/consensus.md, "Block sync").
+
+Validators announce their head on the head topic; a node that learns of a higher height
+(a head, or a consensus message two heights on) asks that peer for blocks on
+``/iollm/blocks/1.0.0`` and takes each only after its commit certificate verifies and
+the ledger re-derives its state root. So a node that joins late, or a validator that was
+down, catches up from anyone without trusting them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from node.chain.network import BLOCKS_PROTOCOL, open_to, publish
+from node.chain.state import ChainState
+from node.discovery.service import Discovery
+from node.p2p import PeerId
+from node.p2p.framing import FrameError, read_frame, reset_quietly, write_frame
+from node.p2p.host import Network
+from protocol.chainwire import (
+    BLOCK_FRAME_OVERHEAD,
+    MAX_SYNC_REQUEST_BYTES,
+    BlockFrame,
+    Head,
+    SyncRequest,
+    check_head_gossip,
+)
+from protocol.consensus import verify_commit
+from protocol.errors import RemoteProtocolError
+from protocol.ledger import Block, block_id
+
+log = logging.getLogger(__name__)
+
+HEAD_EVERY_S = 2.0  # a validator announces its head at least this often
+SYNC_BATCH = 32  # blocks one sync request asks for
+SYNC_TIMEOUT_S = 30.0
+
+
+class BlockSync:
+    def __init__(self, state: ChainState, net: Network, discovery: Discovery, topic: str,
+                 *, max_proposal_bytes: int) -> None:
+        self.state = state
+        self.net = net
+        self.discovery = discovery
+        self.topic = topic
+        self.max_frame = max_proposal_bytes + BLOCK_FRAME_OVERHEAD
+        self._lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, subscription: Any, *, announce: bool,
+                  task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve blocks, follow others' heads, and (``announce``: validators) announce
+        this node's own at every final block and every HEAD_EVERY_S."""
+        self.net.host.set_stream_handler(BLOCKS_PROTOCOL, self._serve)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._receive_heads, subscription)
+            if announce:
+                nursery.start_soon(self._announce)
+            task_status.started()
+
+    def check_gossip(self, data: bytes) -> None:
+        """The relay check of the head topic."""
+        check_head_gossip(data, self.state.genesis.chain_id)
+
+    def behind(self, peer: Any) -> None:
+        """``peer`` has blocks this node lacks: take them, unless a sync runs already."""
+        if self._lock.locked() or self._nursery is None:
+            return
+        pid = (peer if isinstance(peer, PeerId) else PeerId(peer) if isinstance(peer, bytes)
+               else None)
+        if pid is None or pid == self.net.peer_id:
+            return
+        self._nursery.start_soon(self._sync_from, pid)
+
+    def _head(self) -> bytes:
+        return Head(self.state.genesis.chain_id, self.state.ledger.height).encode()
+
+    async def _announce(self) -> None:
+        while True:
+            with trio.move_on_after(HEAD_EVERY_S):
+                await self.state.new_block.wait()
+            await publish(self.net, self.topic, self._head())
+
+    async def _receive_heads(self, subscription: Any) -> None:
+        while True:
+            message = await subscription.get()
+            try:
+                head = Head.decode(message.data)
+            except RemoteProtocolError:
+                continue
+            if (head.chain_id == self.state.genesis.chain_id
+                    and head.height > self.state.ledger.height):
+                self.behind(message.from_id)
+
+    async def _sync_from(self, peer: PeerId) -> None:
+        """Take blocks from ``peer`` until it has no more: each one only after its
+        certificate verifies and the ledger applies it to the same state root."""
+        if self._lock.locked():
+            return
+        async with self._lock:
+            try:
+                while True:
+                    got = await self._sync_batch(peer)
+                    if got < SYNC_BATCH:
+                        return
+            except (FrameError, RemoteProtocolError, OSError, trio.TooSlowError) as exc:
+                log.info("catching up from %s stopped: %s", peer, exc)
+            except Exception as exc:  # a dial that fails in the library's own ways
+                log.info("catching up from %s failed: %r", peer, exc)
+
+    async def _sync_batch(self, peer: PeerId) -> int:
+        state = self.state
+        stream = await open_to(self.net, self.discovery, peer, BLOCKS_PROTOCOL, SYNC_TIMEOUT_S)
+        try:
+            start = state.ledger.height + 1
+            await write_frame(stream, SyncRequest(start, SYNC_BATCH).encode(), SYNC_TIMEOUT_S)
+            got = 0
+            while True:
+                frame = await read_frame(stream, self.max_frame, SYNC_TIMEOUT_S)
+                if not frame:
+                    break
+                pair = BlockFrame.decode(frame, self.max_frame)
+                data, commit = pair.block, pair.commit
+                block = Block.decode(data, state.genesis.max_block_bytes)
+                if block.height <= state.ledger.height:
+                    continue  # consensus finished it here meanwhile
+                if block.height != state.ledger.height + 1:
+                    raise RemoteProtocolError("gap", f"block {block.height} after "
+                                                     f"{state.ledger.height}")
+                verify_commit(state.genesis.chain_id, state.powers, block.height,
+                              block_id(data), commit)
+                await state.commit(data, commit, None)
+                got += 1
+            await stream.close()
+            return got
+        except BaseException:
+            await reset_quietly(stream)
+            raise
+
+    async def _serve(self, stream: Any) -> None:
+        try:
+            req = SyncRequest.decode(await read_frame(stream, MAX_SYNC_REQUEST_BYTES,
+                                                      SYNC_TIMEOUT_S))
+            for _, data, commit in await self.state.storage.get_blocks(
+                    req.start, min(req.limit, SYNC_BATCH)):
+                await write_frame(stream, BlockFrame(data, commit).encode(), SYNC_TIMEOUT_S)
+            await write_frame(stream, b"", SYNC_TIMEOUT_S)
+            await stream.close()
+        except Exception as exc:  # a peer that vanished, stalled or sent garbage
+            log.debug("serving blocks ended: %r", exc)
+            await reset_quietly(stream)

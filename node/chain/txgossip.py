@@ -1,0 +1,162 @@
+"""Transactions: submitted here, gossiped in batches, taken into validators' mempools.
+
+A node keeps the txs it submitted itself in its ``outbox`` table and gossips them again
+until they are final, because gossip is best effort (shared/notes/libp2p-0.8.1.md) and a
+crash must not lose a receipt. Each tx is checked once per node (every signature:
+``protocol.ledger.check_tx``, cached by tx id in :class:`ChainState`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from node.chain.network import publish
+from node.chain.state import ChainState
+from node.p2p.host import Network
+from protocol.chainwire import decode_tx_batch, encode_tx_batch, tx_batches
+from protocol.errors import RemoteProtocolError
+from protocol.ledger import encode_tx
+
+log = logging.getLogger(__name__)
+
+TX_BATCH_BYTES = 256 * 1024  # one gossip message of txs (gossipsub's cap is 1 MiB)
+TX_FLUSH_S = 0.05  # submitted txs wait this long to share a gossip message
+RESUBMIT_S = 10.0  # own txs not final after this long are gossiped again
+RESUBMIT_MAX = 2000  # at most this many a pass
+
+
+class ChainError(Exception):
+    """A request the chain cannot do as asked (the message says why)."""
+
+
+class ChainBusy(ChainError):
+    """The mempool is full: the same request later may succeed."""
+
+
+class TxGossip:
+    def __init__(self, state: ChainState, net: Network, topic: str, *, peer_id: str,
+                 is_validator: bool) -> None:
+        self.state = state
+        self.net = net
+        self.topic = topic
+        self.peer_id = peer_id
+        self.is_validator = is_validator
+        self._outgoing: list[bytes] = []
+        self._flush = trio.Event()
+
+    async def run(self, subscription: Any) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._receive, subscription)
+            nursery.start_soon(self._publish)
+            nursery.start_soon(self._resubmit)
+
+    def check_gossip(self, data: bytes) -> None:
+        """The relay check of the topic: the batch decodes (each tx is checked on arrival)."""
+        decode_tx_batch(data, TX_BATCH_BYTES + 1024)
+
+    async def submit(self, kind: str, payload: bytes) -> bytes:
+        """Send one of this node's own transactions to the validators, kept in the outbox
+        until final; its tx id. RemoteProtocolError (with the reason) when it does not
+        check; a tx that is final already is not sent again."""
+        return (await self.submit_many([encode_tx(kind, payload)]))[0]
+
+    async def submit_many(self, txs: Sequence[bytes], *, refuse_when_full: bool = False
+                          ) -> list[bytes]:
+        """:meth:`submit` for many. With ``refuse_when_full`` (the API: load from outside)
+        ChainBusy when the mempool is full, rather than taking more than the chain can
+        finalize and starving consensus of the CPU."""
+        pool = self.state.mempool
+        if refuse_when_full and pool.is_full(len(txs)):
+            # Before any signature check: refusing must cost less than taking.
+            raise ChainBusy(f"the mempool holds {len(pool)} txs, at most "
+                            f"{pool.max_txs}: try again in a few seconds")
+        checked = [self.state.check(t) for t in txs]  # all or nothing: raises on the first bad
+        now = self.state.clock_ms()
+        done = await self.state.final_heights([c.id for c in checked])
+        fresh = [c for c in checked if c.id not in done]
+        for c in fresh:  # in the mempool before any await: next_nonce counts it at once
+            pool.add(c, now, own=True)
+        await self.state.storage.outbox_add([(c.id.hex(), c.data, now) for c in fresh])
+        self._outgoing += [c.data for c in fresh]
+        self._flush.set()
+        return [c.id for c in checked]
+
+    def next_nonce(self) -> int:
+        """The nonce of this node's next revenue record: after the ledger's and after
+        those still waiting in the mempool."""
+        pending = [w.tx.record.nonce for w in self.state.mempool.own()
+                   if w.tx.kind == "revenue" and w.tx.record.payer == self.peer_id]
+        return max([self.state.ledger.nonce(self.peer_id), *pending]) + 1
+
+    async def _publish(self) -> None:
+        while True:
+            await self._flush.wait()
+            await trio.sleep(TX_FLUSH_S)
+            self._flush = trio.Event()
+            txs, self._outgoing = self._outgoing, []
+            for batch in tx_batches(txs, TX_BATCH_BYTES):
+                await publish(self.net, self.topic, encode_tx_batch(batch))
+
+    async def _receive(self, subscription: Any) -> None:
+        """Validators keep every tx that checks; other nodes only relay (gossipsub does)."""
+        pool = self.state.mempool
+        while True:
+            message = await subscription.get()
+            if not self.is_validator or pool.is_full():
+                continue  # full: checking more would only starve consensus; senders repeat
+            try:
+                batch = decode_tx_batch(message.data, TX_BATCH_BYTES + 1024)
+            except RemoteProtocolError:
+                continue
+            now = self.state.clock_ms()
+            for i, tx in enumerate(batch):
+                if i % 64 == 63:  # a batch is ~40 ms of signature checks: let consensus in
+                    await trio.lowlevel.checkpoint()
+                try:
+                    checked = self.state.check(tx)
+                except RemoteProtocolError as exc:
+                    log.debug("tx refused from %s: %s", message.from_id, exc)
+                    continue
+                if not self.state.is_final(checked.id):
+                    pool.add(checked, now)
+            await trio.lowlevel.checkpoint()
+
+    async def _resubmit(self) -> None:
+        """Gossip again this node's txs that waited RESUBMIT_S without becoming final, a
+        bounded number a pass (a burst of them would crowd out everything else); forget
+        those that can never apply."""
+        state = self.state
+        trial_proposer = state.genesis.validators[0].peer_id  # any validator: a trial block
+        while True:
+            await trio.sleep(RESUBMIT_S)
+            now = state.clock_ms()
+            rows = [r for r in await state.storage.outbox(RESUBMIT_MAX)
+                    if now - r[2] >= RESUBMIT_S * 1000]
+            checked = []
+            for tid, tx, _ in rows:
+                try:
+                    checked.append(state.check(tx))
+                except RemoteProtocolError:
+                    await state.storage.outbox_remove([tid])
+            if not checked:
+                continue
+            _, refused = state.ledger.build_block(
+                checked, time_ms=state.ledger.last_time_ms + 1, proposer=trial_proposer,
+                max_bytes=state.genesis.max_block_bytes)
+            never = {c.id for c, why in refused if not why.retry}
+            for c, why in refused:
+                if not why.retry:
+                    log.warning("tx %s (%s) will never apply: %s", c.id.hex()[:16], c.kind,
+                                why)
+            if never:
+                await state.storage.outbox_remove([t.hex() for t in never])
+                state.mempool.drop(never)
+            for c in checked:
+                if c.id not in never:
+                    state.mempool.add(c, now, own=True)
+                    self._outgoing.append(c.data)
+            self._flush.set()

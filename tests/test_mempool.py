@@ -1,0 +1,71 @@
+"""protocol/mempool.py: admission and expiry, checked against a plain model of
+specs/consensus.md "Mempool and blocks" over random sequences of events."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.mempool import Mempool
+from protocol.txs import CheckedTx, TxRefused
+
+MAX, TTL = 4, 1000
+
+
+def tx(n: int) -> CheckedTx:
+    return CheckedTx(id=bytes([n]) * 32, kind="receipt", data=bytes([n]), record=None,
+                     ref=bytes(32))
+
+
+ids = st.integers(0, 9)
+events = st.one_of(
+    st.tuples(st.just("add"), ids, st.booleans()),
+    st.tuples(st.just("drop"), st.lists(ids, max_size=3)),
+    st.tuples(st.just("refused"), st.lists(st.tuples(ids, st.booleans()), max_size=4)),
+    st.tuples(st.just("wait"), st.integers(0, 700)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(events, max_size=40))
+def test_matches_the_model(steps: list[tuple]) -> None:  # type: ignore[type-arg]
+    pool = Mempool(max_txs=MAX, retry_ttl_ms=TTL)
+    model: dict[int, tuple[int, bool]] = {}  # arrival order: dicts keep insertion order
+    now = 0
+    for step in steps:
+        if step[0] == "add":
+            _, n, own = step
+            expected = n not in model and (len(model) < MAX or own)
+            if n in model:
+                model[n] = (model[n][0], model[n][1] or own)
+            elif expected:
+                model[n] = (now, own)
+            assert pool.add(tx(n), now, own=own) == expected
+        elif step[0] == "drop":
+            pool.drop(tx(n).id for n in step[1])
+            for n in step[1]:
+                model.pop(n, None)
+        elif step[0] == "refused":
+            refusals = [(tx(n), TxRefused("r", "why", retry)) for n, retry in step[1]]
+            gone = {n for n, retry in step[1]
+                    if n in model and (not retry or now - model[n][0] > TTL)}
+            assert {i[0] for i in pool.refused(refusals, now)} == gone
+            for n in gone:
+                del model[n]
+        else:
+            now += step[1]
+        assert [c.id[0] for c in pool.candidates()] == list(model)  # arrival order
+        assert {w.tx.id[0] for w in pool.own()} == {n for n, (_, own) in model.items() if own}
+        assert len(pool) == len(model)
+        others = [n for n, (_, own) in model.items() if not own]
+        assert len(others) <= MAX  # others' txs never take the pool past its bound
+
+
+def test_a_full_pool_refuses_others_and_takes_its_own() -> None:
+    pool = Mempool(max_txs=2)
+    assert pool.add(tx(1), 0) and pool.add(tx(2), 0)
+    assert pool.is_full() and not pool.is_full(0)
+    assert not pool.add(tx(3), 0)
+    assert pool.add(tx(4), 0, own=True) and len(pool) == 3
+    assert not pool.add(tx(1), 0, own=True)  # held already: now it is own too
+    assert {w.tx.id[0] for w in pool.own()} == {1, 4}
