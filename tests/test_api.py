@@ -29,6 +29,9 @@ from node.api.server import (
     serve_api,
     write_token_file,
 )
+from node.chain.service import ChainBusy, ChainError
+from node.jobs.coordinator import JobError, UnknownJob
+from protocol.errors import RemoteProtocolError
 
 TOKEN = generate_token()
 DEADLINE_S = 30
@@ -54,6 +57,19 @@ async def hang(request: Request) -> Any:
     await trio.sleep_forever()
 
 
+SERVICE_ERRORS: dict[str, Exception] = {
+    "/busy": ChainBusy("the mempool is full"),
+    "/missing": UnknownJob("no job known here starts with 'abcdefgh'"),
+    "/conflict": ChainError("this home follows another chain"),
+    "/bad-spec": JobError("rounds: expected 1..1000"),
+    "/forged": RemoteProtocolError("bad-signature", "the signature does not verify"),
+}
+
+
+async def service_error(request: Request) -> Any:
+    raise SERVICE_ERRORS[request.path]
+
+
 ROUTES: Routes = {
     ("GET", "/hang"): hang,
     ("GET", "/status"): status,
@@ -61,6 +77,7 @@ ROUTES: Routes = {
     ("PUT", "/echo"): echo,
     ("GET", "/boom"): boom,
     ("GET", "/teapot"): teapot,
+    **{("GET", path): service_error for path in SERVICE_ERRORS},
 }
 
 
@@ -204,6 +221,20 @@ def test_handler_errors(caplog: pytest.LogCaptureFixture) -> None:
     run_with_server(body)
     assert "secret-detail" in caplog.text  # the traceback is logged, not sent
     assert "RuntimeError" in caplog.text
+
+
+def test_service_errors_map_to_their_status_in_one_place() -> None:
+    """Handlers let a service's error through; the server answers its kind's status
+    (node/errors.py) and its message, and 400 for input that does not check."""
+    expected = {"/busy": 503, "/missing": 404, "/conflict": 409, "/bad-spec": 400,
+                "/forged": 400}
+
+    async def body(port: int) -> None:
+        for path, status in expected.items():
+            error = await call_error(port, "GET", path)
+            assert (error.status, error.message) == (status, str(SERVICE_ERRORS[path])), path
+
+    run_with_server(body)
 
 
 def test_metrics_from_the_given_registry() -> None:

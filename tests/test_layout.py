@@ -120,3 +120,12 @@ def test_ml_imports_nothing_else_of_node() -> None:
     for name, deps in graph.items():
         if name.startswith("node.ml"):
             assert all(d.startswith("node.ml") for d in deps), (name, deps)
+
+
+def test_the_package_imports_no_test_code() -> None:
+    """Test-only code (the cluster, the cheating workers) lives in tests/: the installed
+    package imports none of it (taskproc loads tests/adversary.py by name only when a
+    worker is configured to cheat)."""
+    for name, path in MODULES.items():
+        assert not any(t == "tests" or t.startswith("tests.") for t in imports(path)), name
+    assert not (NODE / "ml" / "adversary.py").exists()

@@ -11,8 +11,8 @@ import pytest
 import trio
 import trio.testing
 
-from node.api.ops import Operations
-from node.smip.types import FetchError, Progress, PublishError
+from node.api.ops import Operations, UnknownOperation
+from node.smip.types import FetchError, Progress, PublishError, UnknownVersion
 
 DEADLINE_S = 10
 
@@ -81,6 +81,8 @@ def test_progress_while_running_then_the_result() -> None:
         (FetchError("no provider left for version 1234"), "no provider left for version 1234"),
         (ValueError("bad name"), "bad name"),
         (KeyError("unknown version ab12"), "unknown version ab12"),  # without repr quotes
+        (UnknownVersion("no version known here starts with ab12"),
+         "no version known here starts with ab12"),
         (ExceptionGroup("in a nursery", [FetchError("a"), ValueError("b")]), "a; b"),
     ],
 )
@@ -155,7 +157,7 @@ def test_a_result_that_is_not_json_is_an_internal_error() -> None:
 
 
 def test_unknown_id_is_a_key_error() -> None:
-    with pytest.raises(KeyError, match="no operation 'nope'"):
+    with pytest.raises(UnknownOperation, match="no operation 'nope'"):
         Operations(Clock()).get("nope")
 
 
@@ -192,13 +194,13 @@ def test_finished_operations_are_kept_bounded_by_count() -> None:
             done.append(ops.start(nursery, "publish", quick))
             await trio.testing.wait_all_tasks_blocked()
         for old in done[:2]:
-            with pytest.raises(KeyError):
+            with pytest.raises(UnknownOperation):
                 ops.get(old)
         assert [ops.get(i)["result"] for i in done[2:]] == ["ok", "ok"]
         assert ops.get(running)["state"] == "running"  # running ones are never dropped
         release.set()
         assert (await finish(ops, running))["result"] == "slow"
-        with pytest.raises(KeyError):  # it finished last, so the oldest finished one went
+        with pytest.raises(UnknownOperation):  # it finished last, so the oldest finished one went
             ops.get(done[2])
 
     run(body)
@@ -218,7 +220,7 @@ def test_finished_operations_are_forgotten_after_a_while() -> None:
         clock.now_ms += 30_000
         assert ops.get(first["id"])["state"] == "done"  # exactly 60 s: still kept
         clock.now_ms += 1
-        with pytest.raises(KeyError):
+        with pytest.raises(UnknownOperation):
             ops.get(first["id"])
         assert ops.get(second["id"])["state"] == "done"
 

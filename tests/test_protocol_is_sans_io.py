@@ -13,7 +13,7 @@ FORBIDDEN = ("trio", "libp2p", "aiosqlite", "torch", "asyncio")
 # Every module of protocol/ (the test below fails on one that is missing here).
 MODULES = ("capability", "chainwire", "checking", "checks", "consensus", "coordination",
            "envelope", "errors", "feed", "genesis", "hashtree", "jobs", "jobspec", "ledger",
-           "penalty", "peerid", "smip", "txs", "votes")
+           "mempool", "penalty", "peerid", "smip", "txs", "votes")
 
 CHECK = f"""
 import importlib, sys

@@ -23,7 +23,7 @@ import trio
 
 from node.api.ops import Operations
 from node.api.server import ApiError, Request, Routes, body_fields, text_field
-from node.jobs.coordinator import JobError, Jobs
+from node.jobs.coordinator import Jobs
 from node.jobs.receipts import Receipts
 from node.jobs.taskrun import run_taskproc
 from node.smip.service import Models
@@ -38,10 +38,7 @@ def job_routes(jobs: Jobs, receipts: Receipts, models: Models, ops: Operations,
                nursery: trio.Nursery, tmp_root: Path) -> Routes:
     async def submit(request: Request) -> Any:
         body = body_fields(request, {"spec"})
-        try:
-            return {"job": await jobs.submit(text_field(body["spec"], "spec"))}
-        except JobError as exc:
-            raise ApiError(400, str(exc)) from None
+        return {"job": await jobs.submit(text_field(body["spec"], "spec"))}
 
     async def listing(_: Request) -> Any:
         return jobs.list()
@@ -50,18 +47,12 @@ def job_routes(jobs: Jobs, receipts: Receipts, models: Models, ops: Operations,
         jid = (request.query.get("id") or "").strip()
         if not jid:
             raise ApiError(400, "id: missing (GET /v1/jobs/status?id=JOB)")
-        try:
-            return jobs.status(jid)
-        except KeyError as exc:
-            raise ApiError(404, str(exc.args[0])) from None
+        return jobs.status(jid)
 
     async def receipt_list(request: Request) -> Any:
         job = (request.query.get("job") or "").strip().lower() or None
         if job is not None and len(job) < 64:
-            try:
-                job = jobs.status(job)["job"]
-            except KeyError as exc:
-                raise ApiError(404, str(exc.args[0])) from None
+            job = jobs.status(job)["job"]
         return await receipts.list(job)
 
     async def feed(request: Request) -> Any:

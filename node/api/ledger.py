@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from node.api.server import ApiError, Request, Routes, body_fields, text_field
-from node.chain.service import Chain, ChainBusy
+from node.chain.service import Chain
 from protocol.consensus import Commit
 from protocol.envelope import unpack_strict
 from protocol.errors import ProtocolError, RemoteProtocolError
@@ -158,8 +158,6 @@ def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str]) -> R
             ids = await c.submit_many(raw, refuse_when_full=True)
         except ProtocolError as exc:
             raise ApiError(400, f"txs: {exc}") from None
-        except ChainBusy as exc:
-            raise ApiError(503, str(exc)) from None
         return {"ids": [t.hex() for t in ids]}
 
     async def revenue(request: Request) -> Any:

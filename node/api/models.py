@@ -94,10 +94,7 @@ def model_routes(models: Models, ops: Operations, nursery: trio.Nursery) -> Rout
         op_id = request.query.get("id")
         if not op_id:
             raise ApiError(400, "id: missing (GET /v1/ops?id=OPERATION)")
-        try:
-            return ops.get(op_id)
-        except KeyError as exc:
-            raise ApiError(404, str(exc.args[0])) from None
+        return ops.get(op_id)
 
     async def versions(request: Request) -> Any:
         kind = request.query.get("kind") or None
@@ -105,10 +102,7 @@ def model_routes(models: Models, ops: Operations, nursery: trio.Nursery) -> Rout
 
     async def show(request: Request) -> Any:
         version = resolve_version(models, request.query.get("version"))
-        try:
-            return await models.show(version)
-        except KeyError:
-            raise ApiError(404, f"unknown version {version}") from None
+        return await models.show(version)
 
     return {
         ("POST", "/v1/models/publish"): publish,

@@ -11,8 +11,9 @@ on when the client stops waiting and ends with the daemon. Its function receives
 `Progress` that it updates as it works; `get` reads it. The function's return value, which
 must be JSON-able, becomes ``result``.
 
-Errors. The errors of bad input or of a failed transfer (`PublishError`, `FetchError`,
-`ValueError`, `KeyError`) end the operation ``failed`` with their message, for the user.
+Errors. The errors of bad input or of a failed transfer (the node's own errors,
+node/errors.py: `PublishError`, `FetchError`, `UnknownVersion`...; and `ValueError`,
+`KeyError`) end the operation ``failed`` with their message, for the user.
 Any other exception is a bug: it is logged with its traceback and reported as
 ``internal error: <type>: <message>``; it never reaches the nursery, so one failed
 operation cannot stop the node.
@@ -33,7 +34,8 @@ from typing import Any
 
 import trio
 
-from node.smip.types import FetchError, Progress, PublishError
+from node.errors import NodeError, NotFound
+from node.smip.types import Progress
 
 __all__ = ["KEEP_FINISHED_MS", "MAX_FINISHED", "Operations"]
 
@@ -43,7 +45,7 @@ KEEP_FINISHED_MS = 60 * 60 * 1000  # a finished operation is forgotten an hour a
 MAX_FINISHED = 256  # and at most this many finished operations are kept
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
-USER_ERRORS: tuple[type[Exception], ...] = (PublishError, FetchError, ValueError, KeyError)
+USER_ERRORS: tuple[type[Exception], ...] = (NodeError, ValueError, KeyError)
 
 OpFunction = Callable[[Progress], Awaitable[Any]]
 
@@ -96,6 +98,10 @@ def user_error_message(exc: BaseException) -> str | None:
     return None
 
 
+class UnknownOperation(NotFound):
+    """No operation has that id (never started, or forgotten after it ended)."""
+
+
 class Operations:
     """The daemon's long operations by id. Used from one trio run."""
 
@@ -121,11 +127,11 @@ class Operations:
         return op_id
 
     def get(self, op_id: str) -> dict[str, Any]:
-        """The operation's state as JSON; KeyError if unknown or forgotten."""
+        """The operation's state as JSON; UnknownOperation if unknown or forgotten."""
         self._prune()
         op = self._ops.get(op_id)
         if op is None:
-            raise KeyError(f"no operation {op_id!r} (unknown, or finished long ago)")
+            raise UnknownOperation(f"no operation {op_id!r} (unknown, or finished long ago)")
         return op.to_json()
 
     async def _run(self, op: _Op, fn: OpFunction) -> None:

@@ -44,6 +44,9 @@ import h11
 import prometheus_client
 import trio
 
+from node.errors import NodeError
+from protocol.errors import ProtocolError
+
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT_S",
     "DEFAULT_MAX_CONNECTIONS",
@@ -91,8 +94,10 @@ Handler = Callable[[Request], Awaitable[Any]]
 Routes = dict[tuple[str, str], Handler]  # (method, path) -> handler; exact path match
 
 
-class ApiError(Exception):
-    """Raised by a handler to answer `status` with ``{"error": message}``."""
+class ApiError(NodeError):
+    """Raised by a handler to answer `status` with ``{"error": message}``: what is wrong
+    with the request itself (a missing field, a bad parameter). A service's own errors
+    are NodeErrors with their status already (node/errors.py)."""
 
     def __init__(self, status: int, message: str) -> None:
         if not 400 <= status <= 599:
@@ -233,8 +238,10 @@ class _Server:
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         try:
             return _json_response(200, await handler(Request(method, path, query, value)))
-        except ApiError as exc:
-            return _error(exc.status, exc.message)
+        except NodeError as exc:  # every status of the node's errors is chosen here
+            return _error(exc.status, str(exc))
+        except ProtocolError as exc:  # input that does not check
+            return _error(400, str(exc))
         except Exception:
             # The traceback stays in the log: it may name files, keys or peers.
             log.exception("API handler for %s %s failed", method, path)

@@ -16,6 +16,7 @@ import trio
 
 from node.chain.network import publish
 from node.chain.state import ChainState
+from node.errors import Busy, Conflict
 from node.p2p.host import Network
 from protocol.chainwire import decode_tx_batch, encode_tx_batch, tx_batches
 from protocol.errors import RemoteProtocolError
@@ -29,11 +30,11 @@ RESUBMIT_S = 10.0  # own txs not final after this long are gossiped again
 RESUBMIT_MAX = 2000  # at most this many a pass
 
 
-class ChainError(Exception):
+class ChainError(Conflict):
     """A request the chain cannot do as asked (the message says why)."""
 
 
-class ChainBusy(ChainError):
+class ChainBusy(Busy, ChainError):
     """The mempool is full: the same request later may succeed."""
 
 

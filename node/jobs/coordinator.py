@@ -40,6 +40,7 @@ from nacl.signing import SigningKey
 from node.chain.service import Chain
 from node.discovery.service import Discovery
 from node.drive import drive
+from node.errors import NodeError, NotFound
 from node.jobs.receipts import Receipts
 from node.jobs.taskrun import TaskProcError, finite, run_taskproc
 from node.jobs.worker import (
@@ -96,8 +97,12 @@ EMPTY_ROUND_RETRIES = 3  # a round in which no task completed is run again this 
 EMPTY_ROUND_PAUSE_S = 10.0
 
 
-class JobError(Exception):
+class JobError(NodeError):
     """A job cannot be submitted as given (the message names the field)."""
+
+
+class UnknownJob(NotFound, JobError):
+    """No job known here has that id, or more than one starts with that prefix."""
 
 
 @dataclass
@@ -238,7 +243,7 @@ class Jobs:
     def status(self, jid: str) -> dict[str, Any]:
         matches = [j for j in self.jobs if j.startswith(jid.lower())] if len(jid) >= 8 else []
         if len(matches) != 1:
-            raise KeyError(f"{'no' if not matches else 'more than one'} job known here "
+            raise UnknownJob(f"{'no' if not matches else 'more than one'} job known here "
                            f"starts with {jid!r}")
         jid = matches[0]
         job = self.jobs[jid]

@@ -49,6 +49,7 @@ Ops (fields without a default are required):
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -63,7 +64,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from node.ml import adversary, corpus, gpt, trainer
+from node.ml import corpus, gpt, trainer
 from protocol import checking
 from protocol.jobspec import DELTA_BITS
 
@@ -437,6 +438,19 @@ def op_apply(req: dict[str, Any]) -> dict[str, Any]:
     return {"params": gpt.n_params(new_state), "sha256": sha, "wall_s": time.perf_counter() - t0}
 
 
+def op_forge(req: dict[str, Any]) -> dict[str, Any]:
+    """A cheating worker's delta (``worker.adversary``, for tests of the checks). The code
+    is tests/adversary.py, which this package never imports otherwise: a node configured
+    to cheat must run from a source checkout, with the repository root on its path."""
+    try:
+        adversary = importlib.import_module("tests.adversary")
+    except ImportError:
+        raise RequestError("worker.adversary is for tests only: it needs tests/adversary.py "
+                           "of a source checkout on the Python path") from None
+    result: dict[str, Any] = adversary.forge(req)
+    return result
+
+
 OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "init": op_init,
     "corpus": op_corpus,
@@ -444,7 +458,7 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "check": op_check,
     "outer": op_outer,
     "apply": op_apply,
-    "forge": lambda req: adversary.forge(req),  # TEST ONLY: cheating workers (node/ml/adversary.py)
+    "forge": op_forge,
 }
 
 

@@ -51,6 +51,7 @@ from node.smip.types import (
     HeldVersion,
     Progress,
     PublishError,
+    UnknownVersion,
     VersionInfo,
 )
 from node.storage import ManifestRow, Storage
@@ -561,8 +562,8 @@ class Models:
         progress = progress or Progress()
         try:
             vid = self.resolve(version)
-        except KeyError as exc:
-            raise FetchError(str(exc.args[0])) from None
+        except UnknownVersion as exc:
+            raise FetchError(str(exc)) from None
         held_now = self.held.get(vid)
         if held_now is not None:  # a verified manifest (an announcement's kind is a claim)
             check_kind(vid, held_now.manifest.kind, kind)
@@ -640,7 +641,7 @@ class Models:
 
     def resolve(self, text: str | bytes) -> bytes:
         """A version id from 64 hex characters or a unique prefix of at least 8 of the
-        versions known here. KeyError (with a message) otherwise."""
+        versions known here. UnknownVersion (with a message) otherwise."""
         if isinstance(text, bytes):
             return text
         t = text.strip().lower()
@@ -648,13 +649,14 @@ class Models:
             try:
                 return bytes.fromhex(t)
             except ValueError:
-                raise KeyError(f"{text!r} is not a version id") from None
+                raise UnknownVersion(f"{text!r} is not a version id") from None
         if len(t) < 8 or any(c not in "0123456789abcdef" for c in t):
-            raise KeyError(f"{text!r} is not a version id or a prefix of at least 8 hex digits")
+            raise UnknownVersion(f"{text!r} is not a version id or a prefix of at least 8 hex "
+                                 "digits")
         known = {v for v in self.held} | {v for _, v in self.announcements}
         matches = [v for v in known if v.hex().startswith(t)]
         if len(matches) != 1:
-            raise KeyError(f"{'no' if not matches else 'more than one'} version known "
+            raise UnknownVersion(f"{'no' if not matches else 'more than one'} version known "
                            f"here starts with {t}")
         return matches[0]
 
@@ -685,7 +687,7 @@ class Models:
         vid = self.resolve(version)
         info = self.info_of(vid)
         if info is None:
-            raise KeyError(f"version {version} is not known here")
+            raise UnknownVersion(f"version {version} is not known here")
         out = info.to_json()
         held = self.held.get(vid)
         if held is None:

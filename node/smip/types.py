@@ -8,18 +8,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from node.errors import NodeError, NotFound
 from node.p2p import ProtocolId
 from protocol.smip import SMIP_PROTOCOL_ID, Announcement, Manifest
 
 SMIP_PROTOCOL = ProtocolId(SMIP_PROTOCOL_ID)
 
 
-class PublishError(Exception):
+class PublishError(NodeError):
     """The files cannot be published as asked (the message says why, for the user)."""
 
 
-class FetchError(Exception):
+class FetchError(NodeError):
     """A fetch failed: no provider left, the version is unknown, ... (the message says)."""
+
+
+class UnknownVersion(NotFound):
+    """No version known here matches that id or prefix (or the text is not one)."""
 
 
 @dataclass

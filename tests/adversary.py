@@ -1,10 +1,12 @@
-"""TEST ONLY: the deltas a cheating worker would send (``worker.adversary``, node/jobs/worker.py).
+"""The deltas a cheating worker sends (``worker.adversary``, node/jobs/worker.py): test code,
+outside the installed package, loaded by the task child's ``forge`` op only when a worker
+is configured to cheat (node/jobs/taskproc.py, ``op_forge``).
 
 The coordinator's checks (specs/jobs.md, "Checking") are only as good as the attacks they
 are tried against, so the test suite runs real workers that cheat in the ways the issue
 names: a random delta, a zero delta (a lazy worker), another worker's delta copied
 exactly or with small noise, and (in node/jobs/worker.py) honest training on the wrong slice.
-Run through ``python -m node.jobs.taskproc`` as the ``forge`` op; never used by an honest node.
+Never used by an honest node.
 """
 
 from __future__ import annotations
