@@ -28,7 +28,7 @@ from node.chain.network import CONSENSUS_PROTOCOL, chain_topics
 from node.config import DiscoverySection
 from node.daemon import NodeSpec, build_node
 from node.p2p import Network, open_network
-from node.p2p.host import peer_info_from_multiaddr
+from node.p2p.host import GRAYLIST_SCORE, peer_info_from_multiaddr
 from protocol.chainwire import ConsensusFrame, Head
 from protocol.consensus import PREVOTE, Vote, seal_vote
 from protocol.genesis import make_genesis
@@ -179,6 +179,66 @@ def test_consensus_streams_are_for_validators_and_frames_must_finish(
             # The validator's half-sent frame is dropped at its deadline.
             held = await held_for(nets[1], victim.net)
             assert deadline - 0.5 <= held < deadline + 2.0, held
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            await scenario()
+
+    trio.run(main)
+
+
+def test_a_peer_that_keeps_sending_invalid_gossip_is_graylisted(tmp_path: Path) -> None:
+    """Gossipsub peer scoring (node/p2p/host.py, SCORE_PARAMS): a peer that keeps sending
+    invalid messages on a topic is graylisted there once it passes GRAYLIST_SCORE: the
+    rest of its flood, and a valid message of its own, are dropped before any check; an
+    honest peer's message still goes through."""
+    validator = SigningKey.generate()
+    spec = victim_spec(tmp_path, validator, [validator])
+    flood = 300
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            victim = await stack.enter_async_context(build_node(spec))
+            attacker, honest, probe = [await stack.enter_async_context(
+                open_network(SigningKey.generate(), LOOPBACK, {})) for _ in range(3)]
+            info = peer_info_from_multiaddr(victim.net.listen_addrs()[0])
+            got: list[bytes] = []
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            nursery.start_soon(_received, await probe.pubsub.subscribe(HEAD_TOPIC), got)
+            for net in (probe, attacker, honest):
+                await net.connect(info)
+
+            async def meshed() -> bool:
+                return (probe.peer_id in victim.net.pubsub.peer_topics.get(HEAD_TOPIC, set())
+                        and all(victim.net.peer_id in n.pubsub.peer_topics.get(HEAD_TOPIC, set())
+                                for n in (attacker, honest)))
+
+            await wait_until(meshed, 10)
+            scorer = victim.net.gossipsub.scorer
+            assert scorer is not None
+            from_attacker, from_honest = Head(CHAIN, 1).encode(), Head(CHAIN, 2).encode()
+            for i in range(flood):  # a valid head in the middle of the flood
+                await attacker.pubsub.publish(HEAD_TOPIC, from_attacker if i == flood // 2
+                                              else Head("another-chain", i).encode())
+                await trio.lowlevel.checkpoint()
+
+            async def graylisted() -> bool:
+                return scorer.is_graylisted(attacker.peer_id, [HEAD_TOPIC])
+
+            await wait_until(graylisted, 10)
+            assert not scorer.is_graylisted(honest.peer_id, [HEAD_TOPIC])
+            with trio.fail_after(20):  # the honest head, published after the flood
+                while from_honest not in got:
+                    await honest.pubsub.publish(HEAD_TOPIC, from_honest)
+                    with trio.move_on_after(1):
+                        while from_honest not in got:
+                            await trio.sleep(0.02)  # polling a list the receiver fills
+            assert from_attacker not in got
+            refused = sum(s.value for metric in victim.net.gossip_rejected.collect()
+                          for s in metric.samples if s.name.endswith("_total"))
+            # The validator saw about -GRAYLIST_SCORE of them; the rest were dropped unchecked.
+            assert -GRAYLIST_SCORE <= refused < flood / 4, refused
+            nursery.cancel_scope.cancel()
 
     async def main() -> None:
         with trio.fail_after(60):

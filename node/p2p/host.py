@@ -36,6 +36,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 from libp2p.records.validator import Validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -58,6 +59,19 @@ IOLLM_PREFIX = "/iollm/"  # every protocol of ours
 # this long after the previous one.
 PROVIDE_SPACING_S = 1.1
 HEARTBEAT_S = 1  # gossipsub heartbeat (py-libp2p default 120 s; go-libp2p 1 s)
+# Gossipsub peer scoring, invalid messages only (P4; the other terms stay at py-libp2p's
+# zero weights, and IP colocation must stay off: testnets run on one address). Each
+# message a topic validator refuses costs its forwarder one point on that topic, decaying
+# by INVALID_DECAY a heartbeat (half-life about 23 s). At GRAYLIST_SCORE the forwarder is
+# graylisted on the topic: its messages there are dropped before any check, it is not
+# grafted into the topic's mesh or sent gossip, until its count decays. An honest node
+# never forwards what fails a check (it validates before relaying).
+INVALID_DECAY = 0.97
+GRAYLIST_SCORE = -10.0
+SCORE_PARAMS = ScoreParams(
+    p4_invalid_messages=TopicScoreParams(weight=1.0, cap=1000.0, decay=INVALID_DECAY),
+    publish_threshold=GRAYLIST_SCORE, gossip_threshold=GRAYLIST_SCORE,
+    graylist_threshold=GRAYLIST_SCORE)
 CLOSE_TIMEOUT_S = 2.0  # closing the connections at shutdown, before the services stop
 # A peer that takes longer than this to take one yamux frame (at most 64 KiB) has its
 # connection closed: a frame begun cannot be abandoned (AtomicYamux).
@@ -412,6 +426,7 @@ async def open_network(
         degree_high=12,
         heartbeat_interval=HEARTBEAT_S,
         spam_protection_enabled=False,
+        score_params=SCORE_PARAMS,
     )
     pubsub = GuardedPubsub(host, gossipsub)
     pubsub.guard = guard
