@@ -52,3 +52,21 @@ def test_library_logs_go_through_the_nodes_handlers() -> None:
 
     assert libp2p is not None
     assert logging.getLogger("libp2p").propagate is True
+
+
+def test_the_resource_manager_is_ours_and_steady() -> None:
+    """open_network hands new_host its own ResourceManager (new_host builds a default one
+    otherwise, circuit breaker and degradation on) and the swarm uses it."""
+
+    async def scenario() -> None:
+        with trio.fail_after(30):
+            async with open_network(SigningKey.generate(),
+                                    [Multiaddr("/ip4/127.0.0.1/tcp/0")], {}) as net:
+                manager = net.host.get_network()._resource_manager  # private: the check
+                assert manager is not None
+                assert manager.circuit_breaker is None
+                assert manager.graceful_degradation is None
+                assert manager.limits.max_connections == p2p_host.MAX_CONNECTIONS
+                assert manager.limits.max_streams == p2p_host.RCMGR_MAX_STREAMS
+
+    trio.run(scenario)

@@ -37,6 +37,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.score import ScoreParams, TopicScoreParams
+from libp2p.rcmgr import ResourceLimits, ResourceManager
 from libp2p.records.validator import Validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -47,7 +48,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Counter
 
-from node.p2p.guard import StreamGuard
+from node.p2p.guard import MAX_STREAMS, StreamGuard
 from protocol.penalty import PenaltyPolicy
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,14 @@ HEARTBEAT_S = 1  # gossipsub heartbeat (py-libp2p default 120 s; go-libp2p 1 s)
 # graylisted on the topic: its messages there are dropped before any check, it is not
 # grafted into the topic's mesh or sent gossip, until its count decays. An honest node
 # never forwards what fails a check (it validates before relaying).
+# py-libp2p's resource manager: its connection cap and per-peer dial rate limit serve as
+# they are. Its circuit breaker (every connection refused for 60 s after 5 failed
+# acquisitions) and graceful degradation (limits cut by up to half when reached, so they
+# move under load) are off; its stream cap, which queues streams on a semaphore rather
+# than refusing them, sits above the stream guard's (node/p2p/guard.py: MAX_STREAMS
+# inbound at once, refused unread and counted beyond).
+MAX_CONNECTIONS = 1000
+RCMGR_MAX_STREAMS = 4 * MAX_STREAMS
 INVALID_DECAY = 0.97
 GRAYLIST_SCORE = -10.0
 SCORE_PARAMS = ScoreParams(
@@ -407,6 +416,9 @@ async def open_network(
         listen_addrs=listen,
         connection_config=ConnectionConfig(max_connections_per_peer=1),
         addrs_factory=expand_unspecified,
+        resource_manager=ResourceManager(
+            ResourceLimits(max_connections=MAX_CONNECTIONS, max_streams=RCMGR_MAX_STREAMS),
+            enable_circuit_breaker=False, enable_graceful_degradation=False),
     )
     assert isinstance(host, BasicHost)
     _disable_auto_connector(host)
