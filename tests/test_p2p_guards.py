@@ -70,3 +70,17 @@ def test_the_resource_manager_is_ours_and_steady() -> None:
                 assert manager.limits.max_streams == p2p_host.RCMGR_MAX_STREAMS
 
     trio.run(scenario)
+
+
+def test_the_patched_reads_and_the_negotiation_hook_are_where_they_were() -> None:
+    """The stream guard wraps the handler that multiselect.negotiate returns, which
+    BasicHost._swarm_stream_handler then runs; the Kademlia request cap is the module name
+    that KadDHT._do_handle_stream reads (node/p2p/host.py, KAD_MAX_REQUEST_BYTES)."""
+    import libp2p.kad_dht.kad_dht as kad_dht_module
+    from libp2p.host.basic_host import BasicHost
+    from libp2p.kad_dht.kad_dht import KadDHT
+
+    dispatch = inspect.getsource(BasicHost._swarm_stream_handler)
+    assert "self.multiselect.negotiate(" in dispatch and "await handler(net_stream)" in dispatch
+    assert "MAX_DHT_MESSAGE_SIZE" in inspect.getsource(KadDHT._do_handle_stream)
+    assert kad_dht_module.MAX_DHT_MESSAGE_SIZE == p2p_host.KAD_MAX_REQUEST_BYTES

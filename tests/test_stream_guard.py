@@ -314,3 +314,62 @@ def _true(value: bool) -> Awaitable[bool]:
         return value
 
     return constant()
+
+
+def test_one_peer_cannot_make_the_node_buffer_more_than_its_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each negotiated stream reserves its protocol's frame cap plus the receive window
+    against its peer's PEER_BUFFER_BYTES; one over is reset unread (kind over-budget, not
+    a strike), another peer is still served, and ending streams frees the budget."""
+    big = 1 << 20
+    hold = TProtocol("/iollm-test/big-frames/1")
+
+    async def holding(stream: Any) -> None:
+        with contextlib.suppress(Exception):
+            while await stream.read(100):  # until the peer ends or resets the stream
+                pass
+
+    async def scenario() -> None:
+        async with trio_nodes(3) as [(victim, registry), (greedy, _), (other, _)]:
+            victim.serve(hold, holding, big)
+            share = victim.guard.stream_share(str(hold))
+            assert share == big + node.p2p.guard.YAMUX_WINDOW_BYTES
+            # Room for four such streams beside its pubsub stream (opened on connection).
+            meshsub = victim.guard.stream_share("/meshsub/1.1.0")
+            await wait_until(lambda: _true(victim.guard.buffered.get(greedy.peer_id, 0)
+                                           == meshsub), 10)
+            budget = meshsub + 4 * share
+            monkeypatch.setattr(node.p2p.guard, "PEER_BUFFER_BYTES", budget)
+            held, refused = [], 0
+            for _ in range(8):
+                try:  # refused after negotiation: the write or a later read fails
+                    stream = await greedy.host.new_stream(victim.peer_id, [hold])
+                    await stream.write(b"x")
+                    held.append(stream)
+                except Exception:
+                    refused += 1
+
+            async def settled() -> bool:
+                return errors(registry, str(hold), "over-budget") >= 4
+
+            await wait_until(settled, 10)
+            assert victim.guard.buffered[greedy.peer_id] <= budget
+            assert not victim.guard.banned()
+            stream = await other.host.new_stream(victim.peer_id, [hold])  # another peer
+            await stream.write(b"y")
+            await wait_until(lambda: _true(victim.guard.buffered.get(other.peer_id, 0)
+                                           >= share), 10)
+            before = victim.guard.buffered[greedy.peer_id]
+            for s in held:
+                with contextlib.suppress(Exception):
+                    await s.reset()
+            await wait_until(lambda: _true(victim.guard.buffered[greedy.peer_id] == meshsub),
+                             10)
+            assert meshsub < before
+            again = await greedy.host.new_stream(victim.peer_id, [hold])
+            await again.write(b"z")
+            await wait_until(lambda: _true(errors(registry, str(hold), "over-budget") == 4
+                                           and victim.guard.buffered[greedy.peer_id]
+                                           <= budget), 10)
+
+    _run(scenario)

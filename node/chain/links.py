@@ -52,7 +52,7 @@ class ValidatorLinks:
         self._queues: dict[str, trio.MemorySendChannel[bytes]] = {}
 
     async def run(self) -> None:
-        self.net.host.set_stream_handler(CONSENSUS_PROTOCOL, self._serve)
+        self.net.serve(CONSENSUS_PROTOCOL, self._serve, self.max_frame)
         async with trio.open_nursery() as nursery:
             for pid in self.powers:
                 if pid != self.peer_id:

@@ -54,7 +54,7 @@ class BlockSync:
                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve blocks, follow others' heads, and (``announce``: validators) announce
         this node's own at every final block and every HEAD_EVERY_S."""
-        self.net.host.set_stream_handler(BLOCKS_PROTOCOL, self._serve)
+        self.net.serve(BLOCKS_PROTOCOL, self._serve, MAX_SYNC_REQUEST_BYTES)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._receive_heads, subscription)

@@ -177,8 +177,8 @@ class Discovery:
     # -- service -----------------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        self.net.host.set_stream_handler(CAPABILITY_PROTOCOL, self._serve_record)
-        self.net.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
+        self.net.serve(CAPABILITY_PROTOCOL, self._serve_record, 0)  # it only writes
+        self.net.serve(SYNC_PROTOCOL, self._serve_sync, MAX_SYNC_REQUEST_BYTES)
         self.net.pubsub.set_topic_validator(CAPABILITY_TOPIC, self._gossip_validator, False)
         subscription = await self.net.pubsub.subscribe(CAPABILITY_TOPIC)
         async with trio.open_nursery() as nursery:

@@ -116,7 +116,7 @@ class Worker:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)  # what a crash left behind
-        self.net.host.set_stream_handler(TASK_PROTOCOL, self._serve)
+        self.net.serve(TASK_PROTOCOL, self._serve, max(MAX_ASSIGN_BYTES, MAX_VERDICT_BYTES))
         task_status.started()
         await trio.sleep_forever()
 

@@ -20,6 +20,14 @@ error that escapes a handler:
 
 A peer that vanishes (reset, EOF, timeout, broken link) is counted as ``gone``, not as
 a strike: honest peers crash and lose their links.
+
+It also bounds what a peer's inbound streams can make the node hold. Each stream counts
+against MAX_STREAMS_PER_PEER (and MAX_STREAMS in all) before it is negotiated, and once
+negotiated it reserves what it may buffer: its protocol's frame cap (declared with
+:meth:`StreamGuard.declare`; DEFAULT_FRAME_BYTES for a protocol that declared none) plus
+the muxer's receive window, against PEER_BUFFER_BYTES (BUFFER_BYTES in all) for as long
+as its handler runs. A stream over either bound is reset unread and counted
+(``over-limit``, ``over-budget``): not a strike, as a busy honest peer may reach them.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from libp2p.network.connection.exceptions import RawConnError
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.exceptions import MuxedConnError, MuxedStreamError
+from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE as YAMUX_WINDOW_BYTES
 from multiaddr import Multiaddr
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -61,6 +70,13 @@ DISCONNECT_QUEUE = 256  # peers waiting to be disconnected; more are caught on t
 # task stream per offer, the sync and capability streams).
 MAX_STREAMS_PER_PEER = 64
 MAX_STREAMS = 1024
+# What one peer's inbound streams may hold at once in partial frames and unread data, and
+# all peers' together; a stream's share is its protocol's frame cap plus the receive
+# window (py-libp2p's yamux grows the window beyond its initial size only as the handler
+# reads, and the handler reads at most one frame ahead).
+PEER_BUFFER_BYTES = 16 << 20
+BUFFER_BYTES = 256 << 20
+DEFAULT_FRAME_BYTES = 64 << 10
 
 StreamHandler = Callable[[INetStream], Awaitable[None]]
 
@@ -84,11 +100,15 @@ class StreamGuard(INotifee):
             DISCONNECT_QUEUE)
         self.open_streams: dict[ID, int] = {}  # inbound streams running, by peer
         self._open_total = 0
+        self.frame_caps: dict[str, int] = {}  # protocol -> largest frame its handler reads
+        self.buffered: dict[ID, int] = {}  # bytes reserved by each peer's inbound streams
+        self._buffered_total = 0
         self.errors = Counter(
             "iollm_stream_handler_errors",
             "inbound streams whose handler failed, by protocol and kind: error (counts "
             "against the peer), gone (the peer vanished), refused (a banned peer), "
-            "over-limit (too many streams open at once, MAX_STREAMS_PER_PEER); and "
+            "over-limit (too many streams open at once, MAX_STREAMS_PER_PEER), "
+            "over-budget (its streams may buffer too much, PEER_BUFFER_BYTES); and "
             "tasks of the library's services that failed (protocol service:task, kind task)",
             ["protocol", "kind"], registry=registry)
         self.bans = Counter("iollm_peers_banned", "peers banned for repeated handler errors",
@@ -100,6 +120,51 @@ class StreamGuard(INotifee):
         network = self._host.get_network()
         network.set_stream_handler(self.handle)
         network.register_notifee(self)
+        # Negotiation is where a stream's protocol becomes known: its handler is wrapped
+        # there (basic_host's _swarm_stream_handler calls multiselect.negotiate, then the
+        # handler it returns; tests/test_p2p_guards.py fails if that changes).
+        multiselect = self._host.multiselect
+        negotiate = multiselect.negotiate
+
+        async def negotiate_within_budget(communicator: Any, timeout: Any) -> Any:
+            protocol, handler = await negotiate(communicator, timeout)
+            if protocol is None or handler is None:
+                return protocol, handler
+            return protocol, self._within_budget(str(protocol), handler)
+
+        multiselect.negotiate = negotiate_within_budget  # type: ignore[method-assign,assignment]
+
+    def declare(self, protocol: str, max_frame_bytes: int) -> None:
+        """The largest frame ``protocol``'s handler reads at once: what each of its inbound
+        streams reserves (beside the receive window) while it runs."""
+        self.frame_caps[protocol] = max_frame_bytes
+
+    def stream_share(self, protocol: str) -> int:
+        return self.frame_caps.get(protocol, DEFAULT_FRAME_BYTES) + YAMUX_WINDOW_BYTES
+
+    def _within_budget(self, protocol: str, handler: StreamHandler) -> StreamHandler:
+        share = self.stream_share(protocol)
+
+        async def run(stream: INetStream) -> None:
+            peer = peer_of(stream)
+            held = self.buffered.get(peer, 0)
+            if held + share > PEER_BUFFER_BYTES or self._buffered_total + share > BUFFER_BYTES:
+                self.errors.labels(protocol=protocol, kind="over-budget").inc()
+                await _reset(stream)
+                return
+            self.buffered[peer] = held + share
+            self._buffered_total += share
+            try:
+                await handler(stream)
+            finally:
+                self._buffered_total -= share
+                left = self.buffered[peer] - share
+                if left:
+                    self.buffered[peer] = left
+                else:
+                    del self.buffered[peer]
+
+        return run
 
     def banned(self) -> list[str]:
         return self.penalties.banned(self._clock())

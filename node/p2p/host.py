@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import libp2p.kad_dht.kad_dht as kad_dht_module
 import multiaddr
 import psutil
 import trio
@@ -74,6 +75,14 @@ HEARTBEAT_S = 1  # gossipsub heartbeat (py-libp2p default 120 s; go-libp2p 1 s)
 # than refusing them, sits above the stream guard's (node/p2p/guard.py: MAX_STREAMS
 # inbound at once, refused unread and counted beyond).
 MAX_CONNECTIONS = 1000
+# The largest Kademlia request a peer may send us: py-libp2p reads requests up to 4 MiB,
+# and each open Kademlia stream may hold one half-sent (node/p2p/guard.py counts a
+# stream's frame cap against its peer's buffer budget). Our records are at most 8 KiB
+# (protocol/capability.py); go-libp2p's largest, IPNS records, a few KiB. The patch
+# reaches the request handler only (KadDHT._do_handle_stream reads the module name); the
+# answers our own lookups read keep the library's limit.
+KAD_MAX_REQUEST_BYTES = 64 << 10
+kad_dht_module.MAX_DHT_MESSAGE_SIZE = KAD_MAX_REQUEST_BYTES
 RCMGR_MAX_STREAMS = 4 * MAX_STREAMS
 INVALID_DECAY = 0.97
 GRAYLIST_SCORE = -10.0
@@ -296,6 +305,14 @@ class Network:
     _provide_lock: trio.Lock = field(default_factory=trio.Lock)
     _next_provide: float = 0.0
 
+    def serve(self, protocol: str, handler: Callable[[Any], Awaitable[None]],
+              max_frame_bytes: int) -> None:
+        """Serve ``protocol`` with ``handler``, which reads frames of at most
+        ``max_frame_bytes`` (what each inbound stream of it may hold: the guard counts it
+        against the peer's buffer budget)."""
+        self.host.set_stream_handler(TProtocol(str(protocol)), handler)
+        self.guard.declare(str(protocol), max_frame_bytes)
+
     def reject_gossip(self, topic: str, reason: str) -> bool:
         """Count a gossip message a topic validator drops (it is not relayed); False, the
         validator's verdict, for ``return net.reject_gossip(...)``."""
@@ -442,6 +459,8 @@ async def open_network(
     )
     pubsub = GuardedPubsub(host, gossipsub)
     pubsub.guard = guard
+    guard.declare(str(KAD_PROTOCOL_ID), KAD_MAX_REQUEST_BYTES)
+    guard.declare(str(PROTOCOL_ID_V11), pubsub.max_inbound_rpc_size)
     async with (
         host.run(listen_addrs=listen),
         background_trio_service(dht),

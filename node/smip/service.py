@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry, Counter
 from node.discovery.service import Discovery
 from node.p2p import PeerId
 from node.p2p.framing import (
+    READ_AHEAD_BYTES,
     FrameError,
     FrameReader,
     frame_prefix,
@@ -251,7 +252,8 @@ class Models:
                 continue
             self.held[bytes.fromhex(row.version)] = HeldVersion(
                 bytes.fromhex(row.version), row.envelope, manifest, row.state)
-        self.net.host.set_stream_handler(SMIP_PROTOCOL, self._serve)
+        # A request frame, and what the serving FrameReader may have read ahead of it.
+        self.net.serve(SMIP_PROTOCOL, self._serve, MAX_REQUEST_BYTES + READ_AHEAD_BYTES)
         self.net.pubsub.set_topic_validator(ANNOUNCE_TOPIC, self._gossip_validator, False)
         subscription = await self.net.pubsub.subscribe(ANNOUNCE_TOPIC)
         async with trio.open_nursery() as nursery:
