@@ -31,6 +31,9 @@ def malformed_payloads(seed: int = 0) -> dict[str, bytes]:
         # reproduction on /meshsub/1.1.0: py-libp2p's pubsub raised DecodeError).
         "not the message": varint.encode(16) + b"\xff" * 16,
         "max length, truncated body": varint.encode(MAX_VARINT) + b"\x00" * 32,
+        # A 4 GiB frame announced: as our 4-byte prefix, and as the library's varint.
+        "4 GiB prefix": b"\xff\xff\xff\xff" + b"\x00" * 32,
+        "4 GiB varint": varint.encode(1 << 32) + b"\x00" * 32,
         "random bytes": rng.randbytes(rng.randrange(1, 2048)),
     }
 

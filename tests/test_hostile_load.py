@@ -163,3 +163,58 @@ def _refused(metrics: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                if line.startswith("iollm_stream_handler_errors_total{")
                and ('kind="over-limit"' in line or 'kind="over-budget"' in line))
+
+
+# A frame begun on each of our protocols must be complete within the handler's read
+# deadline (the whole frame's, not an idle gap's): a writer of one byte a second is cut
+# then. The library's Kademlia and pubsub readers have no deadline: a slow writer there
+# holds its stream, within the per-peer stream and buffer limits (specs/limits.md).
+SLOW_DEADLINES = {
+    "/iollm/smip/1.0.0": 30.0,  # STREAM_IDLE_TIMEOUT_S
+    "/iollm/blocks/1.0.0": 30.0,  # SYNC_TIMEOUT_S
+    "/iollm/capability-sync/1.0.0": 10.0,  # min(query_timeout_s, STREAM_TIMEOUT_S)
+    "/iollm/task/1.0.0": 10.0,  # ASSIGN_TIMEOUT_S
+}
+
+
+@pytest.mark.timeout(240)
+def test_a_slow_writer_is_cut_at_the_frames_deadline(tmp_path: Path) -> None:
+    state = testnet.testnet_up(tmp_path / "net", 1, validators=1, timeout=150)
+    try:
+        victim = Victim(state["nodes"][0])
+        held_for = trio.run(_slow_writers, victim)
+    finally:
+        testnet.testnet_down(tmp_path / "net")
+    print(held_for)
+    for protocol, deadline in SLOW_DEADLINES.items():
+        assert held_for[protocol] is not None, (protocol, held_for)
+        assert deadline - 1 <= held_for[protocol] <= deadline + 5, (protocol, held_for)
+
+
+async def _slow_writers(victim: Victim) -> dict[str, float | None]:
+    held_for: dict[str, float | None] = {}
+
+    async def slow(attacker: Any, protocol: str) -> None:
+        """Announce a 100-byte frame, then send it one byte a second; the seconds until
+        the node ends the stream (None: still open after deadline + 10 s)."""
+        held_for[protocol] = None
+        stream = await attacker.host.new_stream(victim.peer_id, [TProtocol(protocol)])
+        started = trio.current_time()
+        with trio.move_on_after(SLOW_DEADLINES[protocol] + 10):
+            try:
+                await stream.write(struct.pack(">I", 100))
+                for _ in range(99):
+                    await stream.write(b"\x00")
+                    await trio.sleep(1)  # the attack itself: one byte a second
+            except Exception:  # reset or closed by the node
+                held_for[protocol] = trio.current_time() - started
+        with trio.move_on_after(1), contextlib.suppress(Exception):
+            await stream.reset()
+
+    async with fresh_attacker() as attacker:
+        await attacker.connect(peer_info_from_multiaddr(victim.addr))
+        async with trio.open_nursery() as nursery:
+            for protocol in SLOW_DEADLINES:
+                nursery.start_soon(slow, attacker, protocol)
+    await victim.assert_alive("the slow writers")
+    return held_for
