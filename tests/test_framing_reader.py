@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import trio
 
-from node.p2p.framing import BULK_WRITE_BYTES, FrameError, FrameReader, frame_prefix, write_bulk
+from node.p2p.framing import (
+    BULK_WRITE_BYTES,
+    FrameEnded,
+    FrameError,
+    FrameReader,
+    frame_prefix,
+    write_bulk,
+)
 
 
 class ScriptedStream:
@@ -67,9 +74,11 @@ def test_many_small_frames_take_few_reads() -> None:
 
 
 def test_oversized_frame_and_early_end_are_frame_errors() -> None:
-    with pytest.raises(FrameError, match="exceeds"):
+    # Only the peer's end is FrameEnded: a server closes after it and resets after the rest.
+    with pytest.raises(FrameError, match="exceeds") as oversized:
         read_all([frames(b"x" * 100)], 1, max_bytes=99)
-    with pytest.raises(FrameError, match="ended after"):
+    assert not isinstance(oversized.value, FrameEnded)
+    with pytest.raises(FrameEnded, match="ended after"):
         read_all([frames(b"x" * 100)[:50]], 1)
 
 
@@ -80,8 +89,9 @@ def test_stalled_stream_times_out() -> None:
             raise AssertionError
 
     async def main() -> None:
-        with pytest.raises(FrameError, match="within"):
+        with pytest.raises(FrameError, match="within") as stalled:
             await FrameReader(Frozen()).read_frame(10, 0.05)
+        assert not isinstance(stalled.value, FrameEnded)
 
     trio.run(main)
 

@@ -172,9 +172,12 @@ def _refused(metrics: str) -> float:
 SLOW_DEADLINES = {
     "/iollm/smip/1.0.0": 30.0,  # STREAM_IDLE_TIMEOUT_S
     "/iollm/blocks/1.0.0": 30.0,  # SYNC_TIMEOUT_S
-    "/iollm/capability-sync/1.0.0": 10.0,  # min(query_timeout_s, STREAM_TIMEOUT_S)
+    "/iollm/capability-sync/1.0.0": 5.0,  # min(query_timeout_s 10, STREAM_TIMEOUT_S 5)
     "/iollm/task/1.0.0": 10.0,  # ASSIGN_TIMEOUT_S
 }
+# Under every cap above (capability-sync's request cap is 64 bytes: a longer frame is
+# refused at its prefix) and long enough to outlast every deadline at a byte a second.
+SLOW_FRAME_BYTES = 50
 
 
 @pytest.mark.timeout(240)
@@ -195,15 +198,15 @@ async def _slow_writers(victim: Victim) -> dict[str, float | None]:
     held_for: dict[str, float | None] = {}
 
     async def slow(attacker: Any, protocol: str) -> None:
-        """Announce a 100-byte frame, then send it one byte a second; the seconds until
+        """Announce a frame of SLOW_FRAME_BYTES, then send it a byte a second; the seconds until
         the node ends the stream (None: still open after deadline + 10 s)."""
         held_for[protocol] = None
         stream = await attacker.host.new_stream(victim.peer_id, [TProtocol(protocol)])
         started = trio.current_time()
         with trio.move_on_after(SLOW_DEADLINES[protocol] + 10):
             try:
-                await stream.write(struct.pack(">I", 100))
-                for _ in range(99):
+                await stream.write(struct.pack(">I", SLOW_FRAME_BYTES))
+                for _ in range(SLOW_FRAME_BYTES - 1):
                     await stream.write(b"\x00")
                     await trio.sleep(1)  # the attack itself: one byte a second
             except Exception:  # reset or closed by the node

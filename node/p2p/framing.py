@@ -39,15 +39,21 @@ class FrameError(Exception):
     """The peer closed early, stalled past the deadline, or announced an oversized frame."""
 
 
+class FrameEnded(FrameError):
+    """The peer closed or reset the stream: nothing is owed to it. The other FrameErrors
+    (a stall, an oversized frame) are the peer's fault, and a server resets the stream,
+    since a close would only end its own side and leave the peer writing into it."""
+
+
 async def read_exactly(stream: Any, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         try:
             chunk = await stream.read(n - len(buf))
         except Exception as exc:  # StreamEOF, StreamReset, muxer errors: all "gone"
-            raise FrameError(f"stream ended after {len(buf)} of {n} bytes ({exc!r})") from None
+            raise FrameEnded(f"stream ended after {len(buf)} of {n} bytes ({exc!r})") from None
         if not chunk:
-            raise FrameError(f"stream ended after {len(buf)} of {n} bytes")
+            raise FrameEnded(f"stream ended after {len(buf)} of {n} bytes")
         buf += chunk
     return bytes(buf)
 
@@ -127,10 +133,10 @@ class FrameReader:
             try:
                 piece = await self.stream.read(READ_AHEAD_BYTES)
             except Exception as exc:  # StreamEOF, StreamReset, muxer errors: all "gone"
-                raise FrameError(f"stream ended after {self._available} of {n} bytes "
+                raise FrameEnded(f"stream ended after {self._available} of {n} bytes "
                                  f"({exc!r})") from None
             if not piece:
-                raise FrameError(f"stream ended after {self._available} of {n} bytes")
+                raise FrameEnded(f"stream ended after {self._available} of {n} bytes")
             self._pieces.append(piece)
             self._available += len(piece)
             self._last_read = len(piece)

@@ -36,6 +36,7 @@ from node.discovery.service import Discovery
 from node.p2p import PeerId
 from node.p2p.framing import (
     READ_AHEAD_BYTES,
+    FrameEnded,
     FrameError,
     FrameReader,
     frame_prefix,
@@ -417,8 +418,12 @@ class Models:
             while True:
                 try:
                     data = await reader.read_frame(MAX_REQUEST_BYTES, STREAM_IDLE_TIMEOUT_S)
-                except FrameError:
-                    break  # closed, idle, or an oversized request: the stream goes
+                except FrameEnded:
+                    break  # the client is done
+                except FrameError as exc:  # idle, stalled mid-frame, or oversized
+                    log.debug("SMIP stream from %s cut: %s", peer, exc)
+                    await reset_quietly(stream)
+                    return
                 try:
                     request = decode_request(data)
                 except RemoteProtocolError as exc:
