@@ -31,6 +31,11 @@ class Conflict(NodeError):
 
 
 class Busy(NodeError):
-    """Overloaded: the same request later may succeed (503)."""
+    """Overloaded: the same request later may succeed (503), after ``retry_after_s``
+    seconds where the service can tell (the API sends it as Retry-After)."""
 
     status = 503
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

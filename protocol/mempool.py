@@ -11,11 +11,20 @@ in arrival order, at most ``max_txs`` of them. The policy:
   once; one that may succeed later (an unknown job, not yet final) keeps it for
   ``RETRY_TTL_MS`` after it arrived, then drops it.
 - **Final.** The txs of a final block leave the pool.
+- **Finality budget** (:class:`Admission`). A tx is worth taking only if the chain can
+  finalize it soon. The pool counts the txs it saw finalized over the last
+  ``RATE_WINDOW_MS`` (the drain rate) and takes, from outside (the API), only while the
+  txs ahead of a new one would drain within ``FINALITY_BUDGET_MS``; from gossip, while
+  they would drain within ``GOSSIP_BUDGETS`` budgets, so that what one validator took
+  from its API the others take too. At least ``MIN_ADMIT`` are always taken (a chain just
+  started or idle has no rate yet). What is refused is refused before any signature is
+  checked: checking what cannot be finalized in time would only take CPU from the blocks.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import math
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +32,11 @@ from protocol.ledger import CheckedTx, TxRefused
 
 MAX_MEMPOOL_TXS = 8_000  # about 7 full blocks: beyond, others' txs are refused
 RETRY_TTL_MS = 600_000  # a tx refused as "not yet" is kept this long after it arrived
+FINALITY_BUDGET_MS = 1_000  # the API takes a tx while those ahead drain within this
+GOSSIP_BUDGETS = 2  # gossip: within this many budgets (the API's take is taken everywhere)
+RATE_WINDOW_MS = 5_000  # the drain rate: txs finalized over this long
+MIN_ADMIT = 500  # a pool of fewer txs always takes more, whatever the rate
+MAX_RETRY_AFTER_S = 30
 
 
 @dataclass
@@ -82,3 +96,47 @@ class Mempool:
                 if not why.retry or now_ms - self._txs[tx.id].added_ms > self.retry_ttl_ms]
         self.drop(gone)
         return gone
+
+
+class Admission:
+    """The finality budget: how many txs a pool may hold and still see the last of them
+    final within ``budget_ms``, at the rate blocks have been draining it."""
+
+    def __init__(self, budget_ms: int = FINALITY_BUDGET_MS, window_ms: int = RATE_WINDOW_MS,
+                 floor: int = MIN_ADMIT) -> None:
+        self.budget_ms = budget_ms
+        self.window_ms = window_ms
+        self.floor = floor
+        self._final: deque[tuple[int, int]] = deque()  # (ms, txs) of each final block
+        self._in_window = 0
+
+    def finalized(self, txs: int, now_ms: int) -> None:
+        """A block of ``txs`` txs became final."""
+        self._final.append((now_ms, txs))
+        self._in_window += txs
+        self._trim(now_ms)
+
+    def rate(self, now_ms: int) -> float:
+        """Txs finalized per second over the window."""
+        self._trim(now_ms)
+        return self._in_window * 1000 / self.window_ms
+
+    def limit(self, now_ms: int, budgets: int = 1) -> int:
+        """The most txs a pool may hold: what drains within ``budgets`` budgets."""
+        return max(self.floor, int(self.rate(now_ms) * self.budget_ms * budgets / 1000))
+
+    def admits(self, held: int, adding: int, now_ms: int, budgets: int = 1) -> bool:
+        return held + adding <= self.limit(now_ms, budgets)
+
+    def retry_after_s(self, held: int, adding: int, now_ms: int) -> int:
+        """Seconds until a pool of ``held`` txs would take ``adding`` more, at the
+        current rate (1 to MAX_RETRY_AFTER_S; the most when nothing drains)."""
+        rate = self.rate(now_ms)
+        if rate <= 0:
+            return MAX_RETRY_AFTER_S
+        over = held + adding - self.limit(now_ms)
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(over / rate)))
+
+    def _trim(self, now_ms: int) -> None:
+        while self._final and self._final[0][0] <= now_ms - self.window_ms:
+            self._in_window -= self._final.popleft()[1]

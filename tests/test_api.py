@@ -58,7 +58,7 @@ async def hang(request: Request) -> Any:
 
 
 SERVICE_ERRORS: dict[str, Exception] = {
-    "/busy": ChainBusy("the mempool is full"),
+    "/busy": ChainBusy("the chain cannot finalize more in time", retry_after_s=3),
     "/missing": UnknownJob("no job known here starts with 'abcdefgh'"),
     "/conflict": ChainError("this home follows another chain"),
     "/bad-spec": JobError("rounds: expected 1..1000"),
@@ -233,6 +233,11 @@ def test_service_errors_map_to_their_status_in_one_place() -> None:
         for path, status in expected.items():
             error = await call_error(port, "GET", path)
             assert (error.status, error.message) == (status, str(SERVICE_ERRORS[path])), path
+        # A busy service says when to come back, where it can tell.
+        status_code, headers, _ = await raw(port, "GET", "/busy", headers=AUTH)
+        assert (status_code, headers.get("retry-after")) == (503, "3")
+        _, headers, _ = await raw(port, "GET", "/missing", headers=AUTH)
+        assert "retry-after" not in headers
 
     run_with_server(body)
 

@@ -26,6 +26,7 @@ from protocol.jobs import Job, TaskResult, issue_receipt, seal_job, seal_task_re
 from protocol.jobs import job_id as compute_job_id
 from protocol.jobspec import spec_with_defaults
 from protocol.ledger import encode_tx
+from protocol.mempool import Admission
 from tests.cluster import local_cluster, node_key, node_peer_id
 from tests.netutil import make_env
 
@@ -176,6 +177,13 @@ def test_two_of_four_down_halts_without_forking_and_resumes(tmp_path: Path) -> N
             with pytest.raises(ChainBusy):
                 await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_full=True)
             c0.mempool.max_txs = room
+            # So does one over the finality budget, and it says when to come back.
+            budget, c0.mempool.admission = c0.mempool.admission, Admission(
+                floor=len(c0.mempool))
+            with pytest.raises(ChainBusy) as busy:
+                await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_full=True)
+            assert busy.value.retry_after_s is not None and busy.value.retry_after_s >= 1
+            c0.mempool.admission = budget
             nodes[2].kill()
             nodes[3].kill()
             # Whatever was in flight finishes; from then on nothing is final: half the

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.mempool import Mempool
+from protocol.mempool import MAX_RETRY_AFTER_S, Admission, Mempool
 from protocol.txs import CheckedTx, TxRefused
 
 MAX, TTL = 4, 1000
@@ -69,3 +69,47 @@ def test_a_full_pool_refuses_others_and_takes_its_own() -> None:
     assert pool.add(tx(4), 0, own=True) and len(pool) == 3
     assert not pool.add(tx(1), 0, own=True)  # held already: now it is own too
     assert {w.tx.id[0] for w in pool.own()} == {1, 4}
+
+
+# -- the finality budget --------------------------------------------------------------------
+
+BUDGET, WINDOW, FLOOR = 1000, 5000, 10
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 2000)), max_size=30),
+       st.integers(0, 5000), st.integers(1, 500))
+def test_admission_takes_what_drains_within_the_budget(blocks: list[tuple[int, int]],
+                                                      held: int, adding: int) -> None:
+    """Blocks of ``txs`` final ``gap`` ms apart: the limit is what the last WINDOW ms
+    finalized, per second, times the budget, never under the floor; a refused pool is
+    told to come back once the excess would have drained, within 1..MAX_RETRY_AFTER_S."""
+    a = Admission(budget_ms=BUDGET, window_ms=WINDOW, floor=FLOOR)
+    now, history = 0, []
+    for gap, txs in blocks:
+        now += gap
+        a.finalized(txs, now)
+        history.append((now, txs))
+    rate = sum(txs for at, txs in history if at > now - WINDOW) * 1000 / WINDOW
+    assert a.rate(now) == rate
+    limit = max(FLOOR, int(rate * BUDGET / 1000))
+    assert a.limit(now) == limit
+    assert a.limit(now, budgets=2) == max(FLOOR, int(rate * 2 * BUDGET / 1000))
+    assert a.admits(held, adding, now) == (held + adding <= limit)
+    after = a.retry_after_s(held, adding, now)
+    assert 1 <= after <= MAX_RETRY_AFTER_S
+    if rate == 0:
+        assert after == MAX_RETRY_AFTER_S  # nothing drains: come back much later
+    elif held + adding > limit:
+        assert after * rate >= held + adding - limit or after == MAX_RETRY_AFTER_S
+
+
+def test_an_idle_chain_takes_the_floor_and_a_busy_one_its_rate() -> None:
+    a = Admission(budget_ms=1000, window_ms=5000, floor=500)
+    assert a.admits(0, 500, 0) and not a.admits(1, 500, 0)  # no rate yet: the floor
+    for i in range(50):  # 100 ms blocks of 200 txs: 2,000 finalized a second
+        a.finalized(200, i * 100)
+    assert a.rate(4900) == 2000 and a.limit(4900) == 2000
+    assert a.admits(1900, 100, 4900) and not a.admits(1901, 100, 4900)
+    assert a.retry_after_s(3000, 100, 4900) == 1  # 1,100 over at 2,000/s
+    assert a.limit(4900 + 5000) == 500  # the chain went quiet: back to the floor

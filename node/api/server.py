@@ -44,7 +44,7 @@ import h11
 import prometheus_client
 import trio
 
-from node.errors import NodeError
+from node.errors import Busy, NodeError
 from protocol.errors import ProtocolError
 
 __all__ = [
@@ -238,6 +238,9 @@ class _Server:
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         try:
             return _json_response(200, await handler(Request(method, path, query, value)))
+        except Busy as exc:
+            after = [] if exc.retry_after_s is None else [("Retry-After", str(exc.retry_after_s))]
+            return _error(exc.status, str(exc), headers=after)
         except NodeError as exc:  # every status of the node's errors is chosen here
             return _error(exc.status, str(exc))
         except ProtocolError as exc:  # input that does not check

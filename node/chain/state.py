@@ -32,6 +32,7 @@ class Mempool(mempool.Mempool):
     def __init__(self) -> None:
         super().__init__()
         self.arrived = trio.Event()
+        self.admission = mempool.Admission()
 
     def add(self, tx: CheckedTx, now_ms: int, *, own: bool = False) -> bool:
         added = super().add(tx, now_ms, own=own)
@@ -112,6 +113,7 @@ class ChainState:
             return False
         self.ledger = after
         self.mempool.drop(tx_ids)
+        self.mempool.admission.finalized(len(tx_ids), self.clock_ms())
         for t in tx_ids:
             self._final[t] = block.height
         while len(self._final) > RECENT_FINAL:

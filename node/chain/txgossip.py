@@ -21,6 +21,7 @@ from node.p2p.host import Network
 from protocol.chainwire import decode_tx_batch, encode_tx_batch, tx_batches
 from protocol.errors import RemoteProtocolError
 from protocol.ledger import encode_tx
+from protocol.mempool import GOSSIP_BUDGETS
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class ChainError(Conflict):
 
 
 class ChainBusy(Busy, ChainError):
-    """The mempool is full: the same request later may succeed."""
+    """The chain cannot finalize more in time: the same request later may succeed."""
 
 
 class TxGossip:
@@ -68,13 +69,20 @@ class TxGossip:
     async def submit_many(self, txs: Sequence[bytes], *, refuse_when_full: bool = False
                           ) -> list[bytes]:
         """:meth:`submit` for many. With ``refuse_when_full`` (the API: load from outside)
-        ChainBusy when the mempool is full, rather than taking more than the chain can
-        finalize and starving consensus of the CPU."""
+        ChainBusy when the chain could not finalize them within the finality budget
+        (protocol/mempool.py), rather than taking more than it can finalize in time and
+        starving consensus of the CPU. This node's own work (receipts, evidence) is
+        always taken: its outbox keeps it until final."""
         pool = self.state.mempool
-        if refuse_when_full and pool.is_full(len(txs)):
+        if refuse_when_full:
             # Before any signature check: refusing must cost less than taking.
-            raise ChainBusy(f"the mempool holds {len(pool)} txs, at most "
-                            f"{pool.max_txs}: try again in a few seconds")
+            now, held = self.state.clock_ms(), len(pool)
+            if pool.is_full(len(txs)) or not pool.admission.admits(held, len(txs), now):
+                after = pool.admission.retry_after_s(held, len(txs), now)
+                raise ChainBusy(
+                    f"the chain cannot finalize {len(txs)} more txs in time: "
+                    f"{held} are waiting, {pool.admission.rate(now):.0f}/s are being "
+                    f"finalized; try again in {after} s", retry_after_s=after)
         checked = [self.state.check(t) for t in txs]  # all or nothing: raises on the first bad
         now = self.state.clock_ms()
         done = await self.state.final_heights([c.id for c in checked])
@@ -107,8 +115,9 @@ class TxGossip:
         pool = self.state.mempool
         while True:
             message = await subscription.get()
-            if not self.is_validator or pool.is_full():
-                continue  # full: checking more would only starve consensus; senders repeat
+            if not self.is_validator or pool.is_full() or not pool.admission.admits(
+                    len(pool), 1, self.state.clock_ms(), budgets=GOSSIP_BUDGETS):
+                continue  # checking more would only starve consensus; senders repeat
             try:
                 batch = decode_tx_batch(message.data, TX_BATCH_BYTES + 1024)
             except RemoteProtocolError:
