@@ -198,10 +198,9 @@ class Consensus:
             if isinstance(a, Broadcast):
                 await self._save_resume()
                 message = ConsensusFrame(a.kind, a.data).encode()
-                if self.links is not None:
-                    self.links.broadcast(message)
-                if a.kind == "vote":  # small; the gossip path also reaches validators
-                    await publish(self.net, self.topic, message)  # no direct link reaches
+                direct = self.links is not None and self.links.broadcast(message)
+                if a.kind == "vote" and not direct:  # small: gossip reaches a validator
+                    await publish(self.net, self.topic, message)  # no direct stream does
             elif isinstance(a, SetTimeout):
                 self._timers.set(a.at_ms, (a.step, a.height, a.round))
             elif isinstance(a, Decide):

@@ -9,7 +9,6 @@ timeouts. A stream from anyone who is not a validator is reset before a byte is 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +49,7 @@ class ValidatorLinks:
         self.max_frame = max_frame
         self.deliver = deliver
         self._queues: dict[str, trio.MemorySendChannel[bytes]] = {}
+        self._open: set[str] = set()  # validators with a stream open to them now
 
     async def run(self) -> None:
         self.net.serve(CONSENSUS_PROTOCOL, self._serve, self.max_frame)
@@ -61,12 +61,19 @@ class ValidatorLinks:
                     nursery.start_soon(self._send, PeerId.from_base58(pid), recv)
             nursery.start_soon(self._connect)
 
-    def broadcast(self, message: bytes) -> None:
+    def broadcast(self, message: bytes) -> bool:
         """Queue an encoded ConsensusFrame for every other validator; a validator whose
-        queue is full (its stream stuck) misses it and catches up by block sync."""
-        for send in self._queues.values():
-            with contextlib.suppress(trio.WouldBlock):
+        queue is full (its stream stuck) misses it and catches up by block sync. True
+        when every other validator's open stream took it: a gossip copy would then only
+        cost each node the message a second time, and a third from each forwarder."""
+        reached = 0
+        for pid, send in self._queues.items():
+            try:
                 send.send_nowait(message)
+            except trio.WouldBlock:
+                continue
+            reached += pid in self._open
+        return reached == len(self.powers) - 1
 
     async def _send(self, peer: PeerId, queue: trio.MemoryReceiveChannel[bytes]) -> None:
         while True:
@@ -74,11 +81,13 @@ class ValidatorLinks:
             stream = None
             try:
                 stream = await open_to(self.net, self.discovery, peer, CONSENSUS_PROTOCOL)
+                self._open.add(peer.to_base58())
                 while True:
                     await write_frame(stream, message, DIRECT_WRITE_TIMEOUT_S)
                     message = await queue.receive()
             except Exception as exc:  # gone, stalled, or not reachable: try again later
                 log.debug("consensus stream to %s: %r", peer, exc)
+                self._open.discard(peer.to_base58())
                 if stream is not None:
                     await reset_quietly(stream)
                 await trio.sleep(DIRECT_RETRY_S)
