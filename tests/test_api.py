@@ -21,6 +21,7 @@ from node.api.server import (
     MAX_BODY_BYTES,
     ApiClientError,
     ApiError,
+    Gated,
     Request,
     Routes,
     api_request,
@@ -78,7 +79,13 @@ ROUTES: Routes = {
     ("GET", "/boom"): boom,
     ("GET", "/teapot"): teapot,
     **{("GET", path): service_error for path in SERVICE_ERRORS},
+    ("POST", "/gated"): Gated(echo, lambda: GATE_ERRORS and _raise(GATE_ERRORS[0])),
 }
+GATE_ERRORS: list[Exception] = []  # what /gated's gate raises, when set
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
 
 
 def run_with_server(
@@ -422,3 +429,27 @@ def test_token_file_mode_0600_and_round_trip(tmp_path: Path) -> None:
         write_token_file(tmp_path / "bad.token", "has space")
     with pytest.raises(FileNotFoundError):
         read_token_file(tmp_path / "missing.token")
+
+
+def test_a_gate_refuses_on_the_head_before_the_body_is_read() -> None:
+    """A gated route's NodeError answers the request before its body is read: status,
+    Retry-After and a closed connection, even for a body that would not parse; with the
+    gate open the handler sees the body as usual."""
+    big = b'{"pad": "' + b"x" * (900 * 1024) + b'"'  # over 900 KiB, and not even JSON
+
+    async def body(port: int) -> None:
+        assert await call(port, "POST", "/gated", {"a": 1}) == {"a": 1}
+        GATE_ERRORS.append(ChainBusy("the chain cannot finalize more in time",
+                                     retry_after_s=4))
+        try:
+            status_code, headers, answer = await raw(
+                port, "POST", "/gated", body=big,
+                headers={**AUTH, "Content-Type": "application/json"})
+        finally:
+            GATE_ERRORS.clear()
+        assert status_code == 503, answer
+        assert headers.get("retry-after") == "4" and headers.get("connection") == "close"
+        assert b"finalize more in time" in answer  # not a JSON error about the body
+        assert await call(port, "POST", "/gated", {"b": 2}) == {"b": 2}
+
+    run_with_server(body)

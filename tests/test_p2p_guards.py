@@ -4,7 +4,9 @@ changes under the patch or private call it names (see shared/notes/libp2p-0.8.1.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
+import pytest
 import trio
 from libp2p.kad_dht.provider_store import ProviderStore
 from libp2p.kad_dht.value_store import ValueStore
@@ -12,7 +14,9 @@ from multiaddr import Multiaddr
 from nacl.signing import SigningKey
 
 from node.p2p import host as p2p_host
-from node.p2p import open_network
+from node.p2p import open_network, wire
+
+LOOPBACK = Multiaddr("/ip4/127.0.0.1/tcp/0")
 
 
 def _parameters(function: object) -> list[str]:
@@ -84,3 +88,65 @@ def test_the_patched_reads_and_the_negotiation_hook_are_where_they_were() -> Non
     assert "self.multiselect.negotiate(" in dispatch and "await handler(net_stream)" in dispatch
     assert "MAX_DHT_MESSAGE_SIZE" in inspect.getsource(KadDHT._do_handle_stream)
     assert kad_dht_module.MAX_DHT_MESSAGE_SIZE == p2p_host.KAD_MAX_REQUEST_BYTES
+
+
+def test_yamux_frames_fit_one_noise_message() -> None:
+    """node/p2p/wire.py lowers the yamux module's MAX_MESSAGE_SIZE, which the write path
+    reads to cut frames (and a read-everything call to slice its buffer); a version that
+    reads it where frames are received, or stops reading it in ``write``, would change
+    what this node accepts, or nothing."""
+    import libp2p.stream_muxer.yamux.yamux as yamux_module
+    from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
+
+    assert yamux_module.MAX_MESSAGE_SIZE == MAX_PLAINTEXT_LENGTH
+    # Its definition, the write path, and a comment and a slice in YamuxStream.read.
+    assert inspect.getsource(yamux_module).count("MAX_MESSAGE_SIZE") == 4
+    assert "MAX_MESSAGE_SIZE - HEADER_SIZE" in inspect.getsource(yamux_module.YamuxStream.write)
+    assert inspect.getsource(yamux_module.YamuxStream.read).count("MAX_MESSAGE_SIZE") == 2
+
+
+def test_signed_peer_records_are_built_and_checked_once_per_peer() -> None:
+    """Each pubsub module still calls the two names wire.py rebinds; the record a host
+    sends is built once per RECORD_REFRESH_S, and the same record from the same peer is
+    verified and stored once, a new one again; a forged one is still refused."""
+    from libp2p.pubsub.pb.rpc_pb2 import RPC
+
+    for module in wire.PATCHED_MODULES:
+        source = inspect.getsource(module)
+        assert "env_to_send_in_RPC(" in source or module is not wire.gossipsub_module
+        assert module.env_to_send_in_RPC is wire.env_to_send_in_rpc
+        assert module.maybe_consume_signed_record is wire.maybe_consume_signed_record
+    assert "maybe_consume_signed_record(" in inspect.getsource(wire.pubsub_module)
+    assert "env_to_send_in_RPC(" in inspect.getsource(wire.gossipsub_module)
+
+    calls = {"build": 0, "check": 0}
+
+    def counted(name: str, function: Any) -> Any:
+        def call(*args: Any) -> Any:
+            calls[name] += 1
+            return function(*args)
+        return call
+
+    async def scenario() -> None:
+        with trio.fail_after(30):
+            async with (open_network(SigningKey.generate(), [LOOPBACK], {}) as a,
+                        open_network(SigningKey.generate(), [LOOPBACK], {}) as b):
+                sent = wire.env_to_send_in_rpc(a.host)[0]
+                assert [wire.env_to_send_in_rpc(a.host)[0] for _ in range(3)] == [sent] * 3
+                assert calls["build"] == 1
+                message = RPC(senderRecord=sent)
+                sender = a.host.get_id()
+                assert all(wire.maybe_consume_signed_record(message, b.host, sender)
+                           for _ in range(3))
+                assert calls["check"] == 1
+                assert b.host.get_peerstore().get_peer_record(sender) is not None
+                forged = RPC(senderRecord=sent[:-1] + bytes([sent[-1] ^ 1]))
+                assert not wire.maybe_consume_signed_record(forged, b.host, sender)
+                assert calls["check"] == 2
+                # Another peer's record is not taken as this peer's.
+                assert not wire.maybe_consume_signed_record(message, b.host, b.host.get_id())
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wire, "library_env_to_send", counted("build", wire.library_env_to_send))
+        patch.setattr(wire, "library_consume", counted("check", wire.library_consume))
+        trio.run(scenario)

@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from node.api.server import ApiError, Request, Routes, body_fields, text_field
+from node.api.server import ApiError, Gated, Request, Routes, body_fields, text_field
 from node.chain.service import Chain
 from protocol.consensus import Commit
 from protocol.envelope import unpack_strict
@@ -144,6 +144,11 @@ def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str]) -> R
         return {"tx": tid.hex(), "final": await c.final_height(tid),
                 "pending": tid in c.mempool}
 
+    def submit_gate() -> None:
+        """A chain over its finality budget refuses a batch before it is read."""
+        if chain is not None:
+            chain.refuse_if_busy(1)
+
     async def submit(request: Request) -> Any:
         c = need()
         body = body_fields(request, {"txs"})
@@ -237,7 +242,7 @@ def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str]) -> R
         ("GET", "/v1/ledger/balances"): balances,
         ("GET", "/v1/ledger/blocks"): blocks,
         ("GET", "/v1/ledger/tx"): tx_status,
-        ("POST", "/v1/ledger/txs"): submit,
+        ("POST", "/v1/ledger/txs"): Gated(submit, submit_gate),
         ("POST", "/v1/ledger/revenue"): revenue,
         ("POST", "/v1/ledger/wait"): wait,
         ("POST", "/v1/ledger/records"): records,

@@ -55,6 +55,7 @@ __all__ = [
     "METRICS_PATH",
     "ApiClientError",
     "ApiError",
+    "Gated",
     "Handler",
     "Request",
     "Routes",
@@ -92,6 +93,20 @@ class Request:
 
 Handler = Callable[[Request], Awaitable[Any]]
 Routes = dict[tuple[str, str], Handler]  # (method, path) -> handler; exact path match
+
+
+@dataclass(frozen=True)
+class Gated:
+    """A handler behind a gate that the server runs on the request's head, before it
+    reads the body: a NodeError from ``gate`` is the answer (and the connection closes,
+    its body unread). For load the node cannot take, refusing must cost less than
+    taking: a refused megabyte is neither read nor parsed."""
+
+    handler: Handler
+    gate: Callable[[], None]
+
+    async def __call__(self, request: Request) -> Any:
+        return await self.handler(request)
 
 
 class ApiError(NodeError):
@@ -188,6 +203,13 @@ def _error(status: int, message: str, **kwargs: Any) -> _Response:
     return _json_response(status, {"error": message}, **kwargs)
 
 
+def _node_error(exc: NodeError) -> _Response:
+    """Every status of the node's errors is chosen here (node/errors.py)."""
+    if isinstance(exc, Busy) and exc.retry_after_s is not None:
+        return _error(exc.status, str(exc), headers=[("Retry-After", str(exc.retry_after_s))])
+    return _error(exc.status, str(exc))
+
+
 @dataclass
 class _Server:
     routes: Routes
@@ -211,6 +233,15 @@ class _Server:
         length = next((v for k, v in request.headers if k == b"content-length"), None)
         if length is not None and int(length) > MAX_BODY_BYTES:  # h11 checked it is a number
             return _body_too_large()
+        route = self.routes.get((request.method.decode("ascii").upper(),
+                                 unquote(urlsplit(request.target.decode("ascii", "replace")).path)))
+        if isinstance(route, Gated):
+            try:
+                route.gate()
+            except NodeError as exc:
+                response = _node_error(exc)
+                response.close = True
+                return response
         return None
 
     async def dispatch(self, method: str, target: str, body: bytes) -> _Response:
@@ -238,11 +269,8 @@ class _Server:
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         try:
             return _json_response(200, await handler(Request(method, path, query, value)))
-        except Busy as exc:
-            after = [] if exc.retry_after_s is None else [("Retry-After", str(exc.retry_after_s))]
-            return _error(exc.status, str(exc), headers=after)
-        except NodeError as exc:  # every status of the node's errors is chosen here
-            return _error(exc.status, str(exc))
+        except NodeError as exc:
+            return _node_error(exc)
         except ProtocolError as exc:  # input that does not check
             return _error(400, str(exc))
         except Exception:

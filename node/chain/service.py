@@ -92,6 +92,9 @@ class Chain:
                           ) -> list[bytes]:
         return await self.txs.submit_many(txs, refuse_when_full=refuse_when_full)
 
+    def refuse_if_busy(self, adding: int) -> None:
+        self.txs.refuse_if_busy(adding)
+
     def next_nonce(self) -> int:
         return self.txs.next_nonce()
 

@@ -74,15 +74,8 @@ class TxGossip:
         starving consensus of the CPU. This node's own work (receipts, evidence) is
         always taken: its outbox keeps it until final."""
         pool = self.state.mempool
-        if refuse_when_full:
-            # Before any signature check: refusing must cost less than taking.
-            now, held = self.state.clock_ms(), len(pool)
-            if pool.is_full(len(txs)) or not pool.admission.admits(held, len(txs), now):
-                after = pool.admission.retry_after_s(held, len(txs), now)
-                raise ChainBusy(
-                    f"the chain cannot finalize {len(txs)} more txs in time: "
-                    f"{held} are waiting, {pool.admission.rate(now):.0f}/s are being "
-                    f"finalized; try again in {after} s", retry_after_s=after)
+        if refuse_when_full:  # before any signature check: refusing must cost less
+            self.refuse_if_busy(len(txs))
         checked = [self.state.check(t) for t in txs]  # all or nothing: raises on the first bad
         now = self.state.clock_ms()
         done = await self.state.final_heights([c.id for c in checked])
@@ -93,6 +86,18 @@ class TxGossip:
         self._outgoing += [c.data for c in fresh]
         self._flush.set()
         return [c.id for c in checked]
+
+    def refuse_if_busy(self, adding: int) -> None:
+        """ChainBusy, with the seconds to wait, when the mempool would not take
+        ``adding`` more txs from outside: over the finality budget, or full."""
+        pool = self.state.mempool
+        now, held = self.state.clock_ms(), len(pool)
+        if pool.is_full(adding) or not pool.admission.admits(held, adding, now):
+            after = pool.admission.retry_after_s(held, adding, now)
+            raise ChainBusy(
+                f"the chain cannot finalize {adding} more txs in time: {held} are waiting, "
+                f"{pool.admission.rate(now):.0f}/s are being finalized; try again in "
+                f"{after} s", retry_after_s=after)
 
     def next_nonce(self) -> int:
         """The nonce of this node's next revenue record: after the ledger's and after

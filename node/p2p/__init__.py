@@ -1,5 +1,6 @@
 """Everything that touches py-libp2p: the host (TCP + Noise + Yamux, the Kademlia DHT,
-gossipsub), the library patches (AtomicYamux, the auto-connector, the pubsub clean-up),
+gossipsub), the library patches (AtomicYamux, the auto-connector, the pubsub clean-up; wire.py:
+yamux frames that fit one Noise message, a signed peer record once per peer),
 the stream guard that every inbound stream passes, length-prefixed framing with deadlines,
 and the DHT walk over the library's private per-peer requests.
 

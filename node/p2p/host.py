@@ -49,6 +49,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Counter
 
+import node.p2p.wire  # noqa: F401  (its patches: before any host is built)
 from node.p2p.guard import MAX_STREAMS, StreamGuard
 from protocol.penalty import PenaltyPolicy
 

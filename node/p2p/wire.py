@@ -1,0 +1,92 @@
+"""Two patches that cut py-libp2p 0.8.1's per-message work on the wire, the same bytes
+and messages otherwise. Imported by node/p2p/host.py before any host is built; each has
+a guard test in tests/test_p2p_guards.py.
+
+* **Yamux frames that fit one Noise message.** The library cuts a stream write into
+  yamux frames of 64 KiB (12 header bytes + 65524), one byte more than Noise's largest
+  plaintext (65519): every frame of a large write crossed the wire as two Noise
+  messages, each with its own length read, decryption and handling on the receiver.
+  ``MAX_MESSAGE_SIZE`` is read where frames are cut for sending (and to slice what a
+  read-everything call returns), never where frames are received: lowering it changes
+  what this node sends, not what it accepts. (node/p2p/framing.py's ``write_bulk`` cut SMIP's
+  writes to this size before; now every protocol's are: gossip batches, proposals.)
+* **A signed peer record once per peer, not once per message.** The library puts this
+  host's signed peer record in every pubsub RPC it sends, rebuilding its address list
+  from its sockets and re-marshalling the envelope each time, and a receiver verifies the
+  record's signature and stores it again on every RPC. Here a host's record is rebuilt
+  at most every ``RECORD_REFRESH_S`` (or when none is cached), and a receiver that took
+  the very same bytes from the same peer within ``RECORD_REFRESH_S`` does not verify and
+  store them again (the store also refreshes the record's address TTL of two hours, so it
+  is repeated that often).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import libp2p.pubsub.floodsub as floodsub_module
+import libp2p.pubsub.gossipsub as gossipsub_module
+import libp2p.pubsub.pubsub as pubsub_module
+import libp2p.stream_muxer.yamux.yamux as yamux_module
+import trio
+from libp2p.peer.peerstore import env_to_send_in_RPC as library_env_to_send
+from libp2p.pubsub.utils import maybe_consume_signed_record as library_consume
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
+
+RECORD_REFRESH_S = 60.0
+MAX_REMEMBERED_PEERS = 4096  # senders whose last record a host remembers
+
+yamux_module.MAX_MESSAGE_SIZE = MAX_PLAINTEXT_LENGTH
+
+_sent: weakref.WeakKeyDictionary[Any, tuple[float, tuple[bytes, bool]]] = (
+    weakref.WeakKeyDictionary())
+_taken: weakref.WeakKeyDictionary[Any, OrderedDict[Any, tuple[bytes, float]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _now() -> float:
+    try:
+        return trio.current_time()
+    except RuntimeError:  # outside trio: no caching
+        return float("nan")
+
+
+def env_to_send_in_rpc(host: Any) -> tuple[bytes, bool]:
+    """The library's record to send, rebuilt at most every RECORD_REFRESH_S."""
+    now = _now()
+    cached = _sent.get(host)
+    if cached is not None and now - cached[0] < RECORD_REFRESH_S:
+        return cached[1]
+    fresh = library_env_to_send(host)
+    _sent[host] = (now, fresh)
+    return fresh
+
+
+def maybe_consume_signed_record(msg: Any, host: Any, peer_id: Any) -> bool:
+    """The library's check and store of a sender's record, skipped for the bytes this
+    host took from that peer within RECORD_REFRESH_S."""
+    if not msg.HasField("senderRecord"):
+        return True
+    record = msg.senderRecord
+    now = _now()
+    taken = _taken.setdefault(host, OrderedDict())
+    last = taken.get(peer_id)
+    if last is not None and last[0] == record and now - last[1] < RECORD_REFRESH_S:
+        return True
+    if not library_consume(msg, host, peer_id):
+        return False
+    taken[peer_id] = (record, now)
+    taken.move_to_end(peer_id)
+    while len(taken) > MAX_REMEMBERED_PEERS:
+        taken.popitem(last=False)
+    return True
+
+
+# Each module calls the name it imported: the patch rebinds it where it is called (the
+# guard test checks that each of these modules still has both names).
+PATCHED_MODULES = (pubsub_module, gossipsub_module, floodsub_module)
+for _module in PATCHED_MODULES:
+    _module.env_to_send_in_RPC = env_to_send_in_rpc  # type: ignore[attr-defined]
+    _module.maybe_consume_signed_record = maybe_consume_signed_record  # type: ignore[attr-defined]
