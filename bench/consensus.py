@@ -14,7 +14,8 @@ In one run, all on 127.0.0.1:
       genesis with ``--block-interval-ms`` and blocks of up to 1 MiB - 8 KiB); a job is
       registered, then signed receipts (pre-generated, each a worker's result inside a
       coordinator's receipt, as a real job makes them) are offered, one phase per entry
-      of ``--loads`` (multiples of the goal capacity), at a steady rate for ``--warmup``
+      of ``--loads`` (multiples of the goal capacity from the first (a) run: the load is
+      set before the others exist), at a steady rate for ``--warmup``
       + ``--seconds``, spread over the four validators' APIs; a batch the API refuses
       (503, over the chain's finality budget) is counted and not sent again. One
       validator's final blocks are watched (every 50 ms) for their tx ids.

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 
+from node.chain import txgossip
 from node.chain.consensus import Consensus
 from node.chain.network import publish
 from node.chain.service import Chain, ChainBusy
@@ -175,13 +176,12 @@ def test_two_of_four_down_halts_without_forking_and_resumes(tmp_path: Path) -> N
             # A full mempool refuses load from outside before checking it (the API's 503).
             room, c0.mempool.max_txs = c0.mempool.max_txs, len(c0.mempool)
             with pytest.raises(ChainBusy):
-                await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_full=True)
+                await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_busy=True)
             c0.mempool.max_txs = room
             # So does one over the finality budget, and it says when to come back.
-            budget, c0.mempool.admission = c0.mempool.admission, Admission(
-                floor=len(c0.mempool))
+            budget, c0.mempool.admission = c0.mempool.admission, Closed()
             with pytest.raises(ChainBusy) as busy:
-                await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_full=True)
+                await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_busy=True)
             assert busy.value.retry_after_s is not None and busy.value.retry_after_s >= 1
             c0.mempool.admission = budget
             nodes[2].kill()
@@ -208,12 +208,19 @@ def test_two_of_four_down_halts_without_forking_and_resumes(tmp_path: Path) -> N
     run(main, timeout=140)
 
 
+class Closed(Admission):
+    """A finality budget spent: the mempool takes nothing from outside or from gossip."""
+
+    def admits(self, held: int, adding: int, now_ms: int, budgets: int = 1) -> bool:
+        return False
+
+
 class DoubleVoting(Consensus):
     """A validator that signs, next to each vote it sends, another one for a different
     block in the same round (the vote an attacker would show the other half)."""
 
-    async def act(self, actions: Any) -> None:
-        await super().act(actions)
+    async def act(self, actions: Any, *, gossip: bool = False) -> None:
+        await super().act(actions, gossip=gossip)
         for a in actions:
             if isinstance(a, Broadcast) and a.kind == "vote":
                 v = open_vote(a.data)
@@ -258,3 +265,33 @@ def test_a_double_voting_validator_is_recorded_and_cannot_fork(tmp_path: Path) -
             assert c0.ledger.receipts_counted == 6
 
     run(main, timeout=140)
+
+
+@pytest.mark.timeout(120)
+def test_txs_validators_drop_over_their_budget_are_sent_again(tmp_path: Path,
+                                                              monkeypatch: Any) -> None:
+    """Validators over their finality budget drop gossiped txs before checking them; the
+    node that submitted them keeps them in its outbox and gossips them again, so an
+    overload loses none of a coordinator's receipts."""
+    monkeypatch.setattr(txgossip, "RESUBMIT_S", 1.0)
+    g = genesis()
+
+    async def main() -> None:
+        async with cluster(tmp_path, 5, g) as nodes:
+            validators = [chain_of(n) for n in nodes[:4]]
+            follower = chain_of(nodes[4])
+            budgets = [v.mempool.admission for v in validators]
+            for v in validators:
+                v.mempool.admission = Closed()
+            job, receipts = job_and_receipts(4, [1, 2], 2)
+            ids = await follower.submit_many([encode_tx("job", job)] +
+                                             [encode_tx("receipt", r) for r in receipts])
+            assert await follower.wait_final(ids, timeout=3) == {}
+            assert all(len(v.mempool) == 0 for v in validators)  # dropped, unchecked
+            for v, budget in zip(validators, budgets, strict=True):
+                v.mempool.admission = budget
+            final = await follower.wait_final(ids, timeout=40)
+            assert set(final) == set(ids)
+            assert validators[0].ledger.receipts_counted == 2
+
+    run(main, timeout=110)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.mempool import MAX_RETRY_AFTER_S, Admission, Mempool
+from protocol.mempool import BLOCKS_AHEAD, MAX_RETRY_AFTER_S, Admission, Mempool
 from protocol.txs import CheckedTx, TxRefused
 
 MAX, TTL = 4, 1000
@@ -79,37 +79,56 @@ BUDGET, WINDOW, FLOOR = 1000, 5000, 10
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 2000)), max_size=30),
        st.integers(0, 5000), st.integers(1, 500))
-def test_admission_takes_what_drains_within_the_budget(blocks: list[tuple[int, int]],
-                                                      held: int, adding: int) -> None:
+def test_admission_takes_what_drains_within_the_horizon(blocks: list[tuple[int, int]],
+                                                       held: int, adding: int) -> None:
     """Blocks of ``txs`` final ``gap`` ms apart: the limit is what the last WINDOW ms
-    finalized, per second, times the budget, never under the floor; a refused pool is
-    told to come back once the excess would have drained, within 1..MAX_RETRY_AFTER_S."""
+    finalized, per second, times the horizon (the budget, or BLOCKS_AHEAD mean gaps
+    between those blocks), never under the floor; an empty pool takes any batch; a
+    refused pool is told to come back once enough would have drained, within
+    1..MAX_RETRY_AFTER_S."""
     a = Admission(budget_ms=BUDGET, window_ms=WINDOW, floor=FLOOR)
     now, history = 0, []
     for gap, txs in blocks:
         now += gap
         a.finalized(txs, now)
         history.append((now, txs))
-    rate = sum(txs for at, txs in history if at > now - WINDOW) * 1000 / WINDOW
+    recent = [(at, txs) for at, txs in history if at > now - WINDOW]
+    rate = sum(txs for _, txs in recent) * 1000 / WINDOW
     assert a.rate(now) == rate
-    limit = max(FLOOR, int(rate * BUDGET / 1000))
+    horizon = float(BUDGET) if len(recent) < 2 else max(
+        BUDGET, BLOCKS_AHEAD * (recent[-1][0] - recent[0][0]) / (len(recent) - 1))
+    limit = max(FLOOR, int(rate * horizon / 1000))
     assert a.limit(now) == limit
-    assert a.limit(now, budgets=2) == max(FLOOR, int(rate * 2 * BUDGET / 1000))
-    assert a.admits(held, adding, now) == (held + adding <= limit)
+    assert a.limit(now, budgets=2) == max(FLOOR, int(rate * horizon * 2 / 1000))
+    assert a.admits(held, adding, now) == (held == 0 or held + adding <= limit)
     after = a.retry_after_s(held, adding, now)
     assert 1 <= after <= MAX_RETRY_AFTER_S
     if rate == 0:
         assert after == MAX_RETRY_AFTER_S  # nothing drains: come back much later
-    elif held + adding > limit:
-        assert after * rate >= held + adding - limit or after == MAX_RETRY_AFTER_S
+    elif not a.admits(held, adding, now):
+        # By then the pool has drained to what may be held with the batch added.
+        assert after * rate >= held - max(0, limit - adding) or after == MAX_RETRY_AFTER_S
 
 
 def test_an_idle_chain_takes_the_floor_and_a_busy_one_its_rate() -> None:
     a = Admission(budget_ms=1000, window_ms=5000, floor=500)
     assert a.admits(0, 500, 0) and not a.admits(1, 500, 0)  # no rate yet: the floor
+    assert a.admits(0, 900, 0)  # an empty pool takes any batch: waiting would not help
     for i in range(50):  # 100 ms blocks of 200 txs: 2,000 finalized a second
         a.finalized(200, i * 100)
     assert a.rate(4900) == 2000 and a.limit(4900) == 2000
     assert a.admits(1900, 100, 4900) and not a.admits(1901, 100, 4900)
-    assert a.retry_after_s(3000, 100, 4900) == 1  # 1,100 over at 2,000/s
+    assert a.retry_after_s(3000, 100, 4900) == 1  # 1,100 to drain at 2,000/s
     assert a.limit(4900 + 5000) == 500  # the chain went quiet: back to the floor
+
+
+def test_slow_blocks_do_not_shrink_the_intake_to_the_floor() -> None:
+    """Blocks every 2 s, each taking all that was admitted: the limit must keep up with
+    two blocks' worth, or each block would shrink the next one's share (the limit
+    follows the rate, the rate follows what was admitted)."""
+    a = Admission(budget_ms=1000, window_ms=5000, floor=500)
+    block = 2000
+    for i in range(20):  # the pool takes its limit, the block takes the pool
+        a.finalized(block, i * 2000)
+        block = a.limit(i * 2000)
+    assert block >= 2000  # with a 1 s horizon it fell to 1000, 500, 500, ...

@@ -160,7 +160,7 @@ def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str]) -> R
         except ValueError:
             raise ApiError(400, "txs: every entry must be hex") from None
         try:
-            ids = await c.submit_many(raw, refuse_when_full=True)
+            ids = await c.submit_many(raw, refuse_when_busy=True)
         except ProtocolError as exc:
             raise ApiError(400, f"txs: {exc}") from None
         return {"ids": [t.hex() for t in ids]}

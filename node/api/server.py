@@ -100,7 +100,7 @@ class Gated:
     """A handler behind a gate that the server runs on the request's head, before it
     reads the body: a NodeError from ``gate`` is the answer (and the connection closes,
     its body unread). For load the node cannot take, refusing must cost less than
-    taking: a refused megabyte is neither read nor parsed."""
+    taking: a refused megabyte is not parsed (only drained before the close)."""
 
     handler: Handler
     gate: Callable[[], None]
@@ -203,6 +203,11 @@ def _error(status: int, message: str, **kwargs: Any) -> _Response:
     return _json_response(status, {"error": message}, **kwargs)
 
 
+def _route_path(target: str) -> str:
+    """The path a route is found by: percent-decoded, without the query."""
+    return unquote(urlsplit(target).path)
+
+
 def _node_error(exc: NodeError) -> _Response:
     """Every status of the node's errors is chosen here (node/errors.py)."""
     if isinstance(exc, Busy) and exc.retry_after_s is not None:
@@ -234,7 +239,7 @@ class _Server:
         if length is not None and int(length) > MAX_BODY_BYTES:  # h11 checked it is a number
             return _body_too_large()
         route = self.routes.get((request.method.decode("ascii").upper(),
-                                 unquote(urlsplit(request.target.decode("ascii", "replace")).path)))
+                                 _route_path(request.target.decode("ascii", errors="replace"))))
         if isinstance(route, Gated):
             try:
                 route.gate()
@@ -246,7 +251,7 @@ class _Server:
 
     async def dispatch(self, method: str, target: str, body: bytes) -> _Response:
         url = urlsplit(target)
-        path = unquote(url.path)
+        path = _route_path(target)
         if path == METRICS_PATH:
             if method != "GET":
                 return _error(405, "method not allowed", headers=[("Allow", "GET")])

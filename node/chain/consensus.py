@@ -125,8 +125,8 @@ class Consensus:
             await self._feed(*item)
 
         async def on_wake(now: int, ticked: bool) -> None:
-            if ticked:
-                await self.act(machine.rebroadcast())
+            if ticked:  # once a second also on gossip: a stream that took a vote may
+                await self.act(machine.rebroadcast(), gossip=True)  # lose it, unseen
             for step, h, r in self._timers.due(now):
                 await self.act(machine.on_timeout(step, h, r, now))
 
@@ -192,15 +192,17 @@ class Consensus:
             return
         await self.act(actions)
 
-    async def act(self, actions: Sequence[object]) -> None:
-        """Carry out the machine's actions (tests' misbehaving validators extend this)."""
+    async def act(self, actions: Sequence[object], *, gossip: bool = False) -> None:
+        """Carry out the machine's actions (tests' misbehaving validators extend this).
+        Votes go on gossip too when ``gossip`` or when no direct stream is open to some
+        validator."""
         for a in actions:
             if isinstance(a, Broadcast):
                 await self._save_resume()
                 message = ConsensusFrame(a.kind, a.data).encode()
                 direct = self.links is not None and self.links.broadcast(message)
-                if a.kind == "vote" and not direct:  # small: gossip reaches a validator
-                    await publish(self.net, self.topic, message)  # no direct stream does
+                if a.kind == "vote" and (gossip or not direct):  # small: gossip reaches
+                    await publish(self.net, self.topic, message)  # what streams do not
             elif isinstance(a, SetTimeout):
                 self._timers.set(a.at_ms, (a.step, a.height, a.round))
             elif isinstance(a, Decide):

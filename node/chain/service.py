@@ -88,9 +88,9 @@ class Chain:
     async def submit(self, kind: str, payload: bytes) -> bytes:
         return await self.txs.submit(kind, payload)
 
-    async def submit_many(self, txs: Sequence[bytes], *, refuse_when_full: bool = False
+    async def submit_many(self, txs: Sequence[bytes], *, refuse_when_busy: bool = False
                           ) -> list[bytes]:
-        return await self.txs.submit_many(txs, refuse_when_full=refuse_when_full)
+        return await self.txs.submit_many(txs, refuse_when_busy=refuse_when_busy)
 
     def refuse_if_busy(self, adding: int) -> None:
         self.txs.refuse_if_busy(adding)

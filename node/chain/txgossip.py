@@ -66,15 +66,15 @@ class TxGossip:
         check; a tx that is final already is not sent again."""
         return (await self.submit_many([encode_tx(kind, payload)]))[0]
 
-    async def submit_many(self, txs: Sequence[bytes], *, refuse_when_full: bool = False
+    async def submit_many(self, txs: Sequence[bytes], *, refuse_when_busy: bool = False
                           ) -> list[bytes]:
-        """:meth:`submit` for many. With ``refuse_when_full`` (the API: load from outside)
+        """:meth:`submit` for many. With ``refuse_when_busy`` (the API: load from outside)
         ChainBusy when the chain could not finalize them within the finality budget
         (protocol/mempool.py), rather than taking more than it can finalize in time and
         starving consensus of the CPU. This node's own work (receipts, evidence) is
         always taken: its outbox keeps it until final."""
         pool = self.state.mempool
-        if refuse_when_full:  # before any signature check: refusing must cost less
+        if refuse_when_busy:  # before any signature check: refusing must cost less
             self.refuse_if_busy(len(txs))
         checked = [self.state.check(t) for t in txs]  # all or nothing: raises on the first bad
         now = self.state.clock_ms()
@@ -120,14 +120,15 @@ class TxGossip:
         pool = self.state.mempool
         while True:
             message = await subscription.get()
-            if not self.is_validator or pool.is_full() or not pool.admission.admits(
-                    len(pool), 1, self.state.clock_ms(), budgets=GOSSIP_BUDGETS):
-                continue  # checking more would only starve consensus; senders repeat
+            if not self.is_validator or pool.is_full():
+                continue
             try:
                 batch = decode_tx_batch(message.data, TX_BATCH_BYTES + 1024)
             except RemoteProtocolError:
                 continue
             now = self.state.clock_ms()
+            if not pool.admission.admits(len(pool), len(batch), now, budgets=GOSSIP_BUDGETS):
+                continue  # checking more would only starve consensus; senders repeat
             for i, tx in enumerate(batch):
                 if i % 64 == 63:  # a batch is ~40 ms of signature checks: let consensus in
                     await trio.lowlevel.checkpoint()

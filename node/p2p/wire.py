@@ -71,7 +71,9 @@ def maybe_consume_signed_record(msg: Any, host: Any, peer_id: Any) -> bool:
         return True
     record = msg.senderRecord
     now = _now()
-    taken = _taken.setdefault(host, OrderedDict())
+    taken = _taken.get(host)
+    if taken is None:
+        taken = _taken[host] = OrderedDict()
     last = taken.get(peer_id)
     if last is not None and last[0] == record and now - last[1] < RECORD_REFRESH_S:
         return True
