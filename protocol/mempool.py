@@ -14,15 +14,15 @@ in arrival order, at most ``max_txs`` of them. The policy:
 - **Finality budget** (:class:`Admission`). A tx is worth taking only if the chain can
   finalize it soon. The pool counts the txs it saw finalized over the last
   ``RATE_WINDOW_MS`` (the drain rate) and takes, from outside (the API), only while the
-  txs ahead of a new one would drain within the *horizon*: ``FINALITY_BUDGET_MS``, or
-  the next ``BLOCKS_AHEAD`` blocks at the pace blocks have been final, whichever is
-  longer (a chain whose blocks come slower than the budget would otherwise cut its own
-  intake to the floor, block after block). From gossip it takes while they would drain
-  within ``GOSSIP_BUDGETS`` horizons, so that what one validator took from its API the
-  others take too. An empty pool takes any batch, and at least ``MIN_ADMIT`` are always
-  taken (a chain just started or idle has no rate yet). What is refused is refused
-  before any signature is checked: checking what cannot be finalized in time would only
-  take CPU from the blocks.
+  txs ahead of a new one would drain within the budget (:func:`budget_for`:
+  ``FINALITY_BUDGET_MS``, or ``BLOCKS_AHEAD`` of the genesis's block intervals on a chain
+  whose blocks come slower: with a budget shorter than the time between blocks, each
+  block would cut the next one's intake, down to the floor). From gossip it takes a
+  batch while fewer than ``GOSSIP_BUDGETS`` budgets' worth are waiting, so that what one
+  validator took from its API the others take too. An empty pool takes any batch, and
+  at least ``MIN_ADMIT`` are always taken (a chain just started or idle has no rate
+  yet). What is refused is refused before any signature is checked: checking what
+  cannot be finalized in time would only take CPU from the blocks.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from protocol.ledger import CheckedTx, TxRefused
 MAX_MEMPOOL_TXS = 8_000  # about 7 full blocks: beyond, others' txs are refused
 RETRY_TTL_MS = 600_000  # a tx refused as "not yet" is kept this long after it arrived
 FINALITY_BUDGET_MS = 1_000  # the API takes a tx while those ahead drain within this
-GOSSIP_BUDGETS = 2  # gossip: within this many horizons (the API's take is taken everywhere)
-BLOCKS_AHEAD = 2  # the horizon is at least this many blocks at the recent pace
+GOSSIP_BUDGETS = 2  # gossip: within this many budgets (the API's take is taken everywhere)
+BLOCKS_AHEAD = 2  # the budget is at least this many block intervals
 RATE_WINDOW_MS = 5_000  # the drain rate: txs finalized over this long
 MIN_ADMIT = 500  # a pool of fewer txs always takes more, whatever the rate
 MAX_RETRY_AFTER_S = 30
@@ -103,9 +103,17 @@ class Mempool:
         return gone
 
 
+def budget_for(block_interval_ms: int) -> int:
+    """The finality budget of a chain: FINALITY_BUDGET_MS, or BLOCKS_AHEAD block
+    intervals, whichever is longer. (The genesis's interval, not the measured time
+    between blocks: that grows with the blocks' size, and a budget following it would
+    let blocks, and the latency, grow without end.)"""
+    return max(FINALITY_BUDGET_MS, BLOCKS_AHEAD * block_interval_ms)
+
+
 class Admission:
     """The finality budget: how many txs a pool may hold and still see the last of them
-    final within its horizon, at the rate blocks have been draining it."""
+    final within ``budget_ms``, at the rate blocks have been draining it."""
 
     def __init__(self, budget_ms: int = FINALITY_BUDGET_MS, window_ms: int = RATE_WINDOW_MS,
                  floor: int = MIN_ADMIT) -> None:
@@ -126,19 +134,9 @@ class Admission:
         self._trim(now_ms)
         return self._in_window * 1000 / self.window_ms
 
-    def horizon_ms(self, now_ms: int) -> float:
-        """The budget, or BLOCKS_AHEAD blocks at the mean gap between the blocks final
-        in the window, whichever is longer."""
-        self._trim(now_ms)
-        if len(self._final) < 2:
-            return self.budget_ms
-        gap = (self._final[-1][0] - self._final[0][0]) / (len(self._final) - 1)
-        return max(self.budget_ms, BLOCKS_AHEAD * gap)
-
     def limit(self, now_ms: int, budgets: int = 1) -> int:
-        """The most txs a pool may hold: what drains within ``budgets`` horizons."""
-        return max(self.floor,
-                   int(self.rate(now_ms) * self.horizon_ms(now_ms) * budgets / 1000))
+        """The most txs a pool may hold: what drains within ``budgets`` budgets."""
+        return max(self.floor, int(self.rate(now_ms) * self.budget_ms * budgets / 1000))
 
     def admits(self, held: int, adding: int, now_ms: int, budgets: int = 1) -> bool:
         return held == 0 or held + adding <= self.limit(now_ms, budgets)

@@ -6,7 +6,13 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.mempool import BLOCKS_AHEAD, MAX_RETRY_AFTER_S, Admission, Mempool
+from protocol.mempool import (
+    FINALITY_BUDGET_MS,
+    MAX_RETRY_AFTER_S,
+    Admission,
+    Mempool,
+    budget_for,
+)
 from protocol.txs import CheckedTx, TxRefused
 
 MAX, TTL = 4, 1000
@@ -79,27 +85,23 @@ BUDGET, WINDOW, FLOOR = 1000, 5000, 10
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 2000)), max_size=30),
        st.integers(0, 5000), st.integers(1, 500))
-def test_admission_takes_what_drains_within_the_horizon(blocks: list[tuple[int, int]],
-                                                       held: int, adding: int) -> None:
+def test_admission_takes_what_drains_within_the_budget(blocks: list[tuple[int, int]],
+                                                      held: int, adding: int) -> None:
     """Blocks of ``txs`` final ``gap`` ms apart: the limit is what the last WINDOW ms
-    finalized, per second, times the horizon (the budget, or BLOCKS_AHEAD mean gaps
-    between those blocks), never under the floor; an empty pool takes any batch; a
-    refused pool is told to come back once enough would have drained, within
-    1..MAX_RETRY_AFTER_S."""
+    finalized, per second, times the budget, never under the floor; an empty pool takes
+    any batch; a refused pool is told to come back once enough would have drained,
+    within 1..MAX_RETRY_AFTER_S."""
     a = Admission(budget_ms=BUDGET, window_ms=WINDOW, floor=FLOOR)
     now, history = 0, []
     for gap, txs in blocks:
         now += gap
         a.finalized(txs, now)
         history.append((now, txs))
-    recent = [(at, txs) for at, txs in history if at > now - WINDOW]
-    rate = sum(txs for _, txs in recent) * 1000 / WINDOW
+    rate = sum(txs for at, txs in history if at > now - WINDOW) * 1000 / WINDOW
     assert a.rate(now) == rate
-    horizon = float(BUDGET) if len(recent) < 2 else max(
-        BUDGET, BLOCKS_AHEAD * (recent[-1][0] - recent[0][0]) / (len(recent) - 1))
-    limit = max(FLOOR, int(rate * horizon / 1000))
+    limit = max(FLOOR, int(rate * BUDGET / 1000))
     assert a.limit(now) == limit
-    assert a.limit(now, budgets=2) == max(FLOOR, int(rate * horizon * 2 / 1000))
+    assert a.limit(now, budgets=2) == max(FLOOR, int(rate * 2 * BUDGET / 1000))
     assert a.admits(held, adding, now) == (held == 0 or held + adding <= limit)
     after = a.retry_after_s(held, adding, now)
     assert 1 <= after <= MAX_RETRY_AFTER_S
@@ -122,13 +124,22 @@ def test_an_idle_chain_takes_the_floor_and_a_busy_one_its_rate() -> None:
     assert a.limit(4900 + 5000) == 500  # the chain went quiet: back to the floor
 
 
-def test_slow_blocks_do_not_shrink_the_intake_to_the_floor() -> None:
-    """Blocks every 2 s, each taking all that was admitted: the limit must keep up with
-    two blocks' worth, or each block would shrink the next one's share (the limit
-    follows the rate, the rate follows what was admitted)."""
-    a = Admission(budget_ms=1000, window_ms=5000, floor=500)
+def intake_after(budget_ms: int, interval_ms: int, blocks: int) -> int:
+    """A chain whose every block takes all that its pool admitted, the pool taking its
+    limit between blocks: the size of the last block."""
+    a = Admission(budget_ms=budget_ms, window_ms=5000, floor=500)
     block = 2000
-    for i in range(20):  # the pool takes its limit, the block takes the pool
-        a.finalized(block, i * 2000)
-        block = a.limit(i * 2000)
-    assert block >= 2000  # with a 1 s horizon it fell to 1000, 500, 500, ...
+    for i in range(blocks):
+        a.finalized(block, i * interval_ms)
+        block = a.limit(i * interval_ms)
+    return block
+
+
+def test_slow_blocks_do_not_shrink_the_intake_to_the_floor() -> None:
+    """The limit follows the rate and the rate what was admitted: with blocks 2 s apart
+    and a 1 s budget each block would halve the next (down to the floor); the budget of
+    a chain is at least two of its block intervals."""
+    assert budget_for(100) == FINALITY_BUDGET_MS and budget_for(2000) == 4000
+    assert intake_after(1000, 2000, 20) == 500  # what a fixed 1 s budget did
+    assert intake_after(budget_for(2000), 2000, 20) >= 2000
+    assert intake_after(budget_for(100), 100, 100) >= 2000

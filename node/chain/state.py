@@ -54,6 +54,7 @@ class ChainState:
         self.powers = genesis.powers
         self.ledger = Ledger.from_genesis(genesis)
         self.mempool = Mempool()
+        self.mempool.admission = mempool.Admission(mempool.budget_for(genesis.block_interval_ms))
         self.new_block = trio.Event()  # set and replaced at every final block
         self._checked: OrderedDict[bytes, CheckedTx] = OrderedDict()
         self._final: OrderedDict[bytes, int] = OrderedDict()

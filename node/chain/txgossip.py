@@ -127,7 +127,10 @@ class TxGossip:
             except RemoteProtocolError:
                 continue
             now = self.state.clock_ms()
-            if not pool.admission.admits(len(pool), len(batch), now, budgets=GOSSIP_BUDGETS):
+            # A batch is taken whole while there is room for one more tx (it overshoots
+            # by at most one batch): the more validators hold a tx, the sooner a
+            # proposer includes it.
+            if not pool.admission.admits(len(pool), 1, now, budgets=GOSSIP_BUDGETS):
                 continue  # checking more would only starve consensus; senders repeat
             for i, tx in enumerate(batch):
                 if i % 64 == 63:  # a batch is ~40 ms of signature checks: let consensus in
