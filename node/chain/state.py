@@ -26,13 +26,13 @@ LOAD_BATCH = 32  # stored blocks read at once when the ledger is rebuilt
 
 
 class Mempool(mempool.Mempool):
-    """protocol.mempool's policy, and an event that consensus waits on: set when a tx
-    arrives, replaced when the pool empties."""
+    """protocol.mempool's policy with the chain's finality budget, and an event that
+    consensus waits on: set when a tx arrives, replaced when the pool empties."""
 
-    def __init__(self) -> None:
+    def __init__(self, admission: mempool.Admission) -> None:
         super().__init__()
         self.arrived = trio.Event()
-        self.admission = mempool.Admission()
+        self.admission = admission
 
     def add(self, tx: CheckedTx, now_ms: int, *, own: bool = False) -> bool:
         added = super().add(tx, now_ms, own=own)
@@ -53,8 +53,7 @@ class ChainState:
         self.clock_ms = clock_ms
         self.powers = genesis.powers
         self.ledger = Ledger.from_genesis(genesis)
-        self.mempool = Mempool()
-        self.mempool.admission = mempool.Admission(mempool.budget_for(genesis.block_interval_ms))
+        self.mempool = Mempool(mempool.Admission(mempool.budget_for(genesis.block_interval_ms)))
         self.new_block = trio.Event()  # set and replaced at every final block
         self._checked: OrderedDict[bytes, CheckedTx] = OrderedDict()
         self._final: OrderedDict[bytes, int] = OrderedDict()

@@ -120,18 +120,17 @@ class TxGossip:
         pool = self.state.mempool
         while True:
             message = await subscription.get()
-            if not self.is_validator or pool.is_full():
+            now = self.state.clock_ms()
+            # Checking more would only starve consensus (senders repeat theirs). A batch
+            # is taken whole while there is room for one more tx, overshooting by at
+            # most a batch: the more validators hold a tx, the sooner a block has it.
+            if not self.is_validator or pool.is_full() or not pool.admission.admits(
+                    len(pool), 1, now, budgets=GOSSIP_BUDGETS):
                 continue
             try:
                 batch = decode_tx_batch(message.data, TX_BATCH_BYTES + 1024)
             except RemoteProtocolError:
                 continue
-            now = self.state.clock_ms()
-            # A batch is taken whole while there is room for one more tx (it overshoots
-            # by at most one batch): the more validators hold a tx, the sooner a
-            # proposer includes it.
-            if not pool.admission.admits(len(pool), 1, now, budgets=GOSSIP_BUDGETS):
-                continue  # checking more would only starve consensus; senders repeat
             for i, tx in enumerate(batch):
                 if i % 64 == 63:  # a batch is ~40 ms of signature checks: let consensus in
                     await trio.lowlevel.checkpoint()
