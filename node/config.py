@@ -89,6 +89,52 @@ device = "auto"
 # TEST ONLY: misbehave on purpose, to test the coordinator's checks: "" (honest),
 # "random", "zero", "copy", "copy-noise", "wrong-slice".
 adversary = ""
+
+[chain]
+# Timeouts, retries and limits of this node's chain services (specs/consensus.md). The
+# rules every node must agree on (block times, sizes) are in the genesis, not here.
+# A validator announces its head on gossip at least this often, in seconds.
+head_every_s = 2.0
+# Blocks asked for in one block-sync request, and its deadline in seconds.
+sync_batch = 32
+sync_timeout_s = 30.0
+# Deadline to connect and open a chain stream to a peer, in seconds.
+open_timeout_s = 30.0
+# A validator repeats its votes of the current height this often, in seconds.
+rebroadcast_s = 1.0
+# With an empty mempool a validator waits up to this long before a height, in seconds.
+empty_block_s = 5.0
+# Consensus messages waiting for the machine, and kept for the next height.
+inbox = 1024
+max_future_messages = 256
+# Consensus messages waiting for one validator's direct stream (a full queue skips it).
+direct_queue = 64
+# A write on a validator stream must finish within this; a failed stream is opened again
+# after direct_retry_s; one that brings nothing for direct_idle_timeout_s is dropped.
+direct_write_timeout_s = 10.0
+direct_retry_s = 1.0
+direct_idle_timeout_s = 600.0
+# A validator dials the validators it is not connected to this often, in seconds.
+connect_every_s = 5.0
+# A consensus frame begun must be complete within frame_body_base_s plus its size at
+# frame_body_min_bytes_per_s (bytes a second): a partial frame is held in memory until
+# then. Never less than direct_write_timeout_s, or a slow but honest write is cut.
+frame_body_base_s = 10.0
+frame_body_min_bytes_per_s = 262144
+# Submitted txs wait this long (s) to share a gossip message.
+tx_flush_s = 0.05
+# This node's txs not final after resubmit_s seconds are gossiped again, at most
+# resubmit_max of them a pass.
+resubmit_s = 10.0
+resubmit_max = 2000
+# Tx ids whose signatures this node verified, and tx id -> final height entries kept for
+# waiters (memory: about 200 bytes each).
+checked_cache = 100000
+recent_final = 200000
+# Blocks between ledger snapshots (a restart replays the rest), and blocks read at once
+# when the ledger is rebuilt.
+snapshot_every = 50
+load_batch = 32
 """
 
 
@@ -153,6 +199,35 @@ class WorkerSection:
 
 
 @dataclass(frozen=True)
+class ChainSection:
+    """The chain services' timeouts (seconds), retries and limits; documented in
+    DEFAULT_CONFIG_TOML above."""
+
+    head_every_s: float = 2.0
+    sync_batch: int = 32
+    sync_timeout_s: float = 30.0
+    open_timeout_s: float = 30.0
+    rebroadcast_s: float = 1.0
+    empty_block_s: float = 5.0
+    inbox: int = 1024
+    max_future_messages: int = 256
+    direct_queue: int = 64
+    direct_write_timeout_s: float = 10.0
+    direct_retry_s: float = 1.0
+    direct_idle_timeout_s: float = 600.0
+    connect_every_s: float = 5.0
+    frame_body_base_s: float = 10.0
+    frame_body_min_bytes_per_s: int = 256 * 1024
+    tx_flush_s: float = 0.05
+    resubmit_s: float = 10.0
+    resubmit_max: int = 2000
+    checked_cache: int = 100_000
+    recent_final: int = 200_000
+    snapshot_every: int = 50
+    load_batch: int = 32
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     api: ApiSection = field(default_factory=ApiSection)
@@ -160,6 +235,7 @@ class Config:
     probe: ProbeSection = field(default_factory=ProbeSection)
     store: StoreSection = field(default_factory=StoreSection)
     worker: WorkerSection = field(default_factory=WorkerSection)
+    chain: ChainSection = field(default_factory=ChainSection)
 
 
 _SECTIONS: dict[str, type] = {
@@ -169,6 +245,7 @@ _SECTIONS: dict[str, type] = {
     "probe": ProbeSection,
     "store": StoreSection,
     "worker": WorkerSection,
+    "chain": ChainSection,
 }
 
 
@@ -243,6 +320,13 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
     if w.adversary not in ADVERSARIES:
         raise ConfigError(f"{source}: worker.adversary must be one of "
                           f"{', '.join(repr(a) for a in ADVERSARIES)}, got {w.adversary!r}")
+    c = config.chain
+    for f in fields(c):
+        if not getattr(c, f.name) > 0:
+            raise ConfigError(f"{source}: chain.{f.name} must be positive")
+    if c.frame_body_base_s < c.direct_write_timeout_s:
+        raise ConfigError(f"{source}: chain.frame_body_base_s must be at least "
+                          "chain.direct_write_timeout_s (a slow honest write would be cut)")
     return config
 
 

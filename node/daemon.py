@@ -47,6 +47,7 @@ from node.config import (
     RUNTIME_FILE,
     STATE_DB,
     TOKEN_FILE,
+    ChainSection,
     Config,
     ConfigError,
     DiscoverySection,
@@ -103,6 +104,7 @@ class NodeSpec:
     software: str = SOFTWARE
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     chain_class: type[Chain] = Chain  # tests run misbehaving validators
+    chain: ChainSection = field(default_factory=ChainSection)
 
 
 @dataclass
@@ -144,7 +146,7 @@ async def build_node(spec: NodeSpec) -> AsyncIterator[Node]:
             await nursery.start(node.models.run)
         if spec.genesis is not None:
             node.chain = spec.chain_class(net, spec.key, storage, spec.genesis, discovery,
-                                          clock_ms=spec.clock_ms)
+                                          clock_ms=spec.clock_ms, tunables=spec.chain)
             await nursery.start(node.chain.run)
         if spec.worker is not None and node.models is not None:
             node.receipts = Receipts(storage, spec.key, discovery.peer_id, spec.clock_ms)
@@ -227,7 +229,7 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
                     discovery=config.discovery, clock_ms=clock_ms,
                     store=config.store.directory(home), quota_bytes=config.store.quota_bytes,
                     worker=config.worker, genesis=genesis, bootstrap=bootstrap,
-                    registry=registry)
+                    registry=registry, chain=config.chain)
     async with build_node(spec) as node, trio.open_nursery() as nursery:
         assert node.models is not None and node.jobs is not None and node.receipts is not None
         models = node.models

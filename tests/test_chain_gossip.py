@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import pytest
 import trio
 from multiaddr import Multiaddr
 from nacl.signing import SigningKey
 
-from node.chain import links as chain_links
 from node.chain.network import CONSENSUS_PROTOCOL, chain_topics
-from node.config import DiscoverySection
+from node.config import ChainSection, DiscoverySection
 from node.daemon import NodeSpec, build_node
 from node.p2p import Network, open_network
 from node.p2p.host import GRAYLIST_SCORE, peer_info_from_multiaddr
@@ -145,13 +143,13 @@ def test_chain_topics_relay_only_valid_messages(tmp_path: Path) -> None:
 
 
 def test_consensus_streams_are_for_validators_and_frames_must_finish(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     """A peer outside the genesis is refused before a byte is read; a validator that starts
     a frame and stalls has its stream reset after the frame's body deadline, not after
     the 600 s idle timeout."""
     victim_key, other_validator, stranger = (SigningKey.generate() for _ in range(3))
     spec = victim_spec(tmp_path, victim_key, [victim_key, other_validator])
-    monkeypatch.setattr(chain_links, "FRAME_BODY_BASE_S", 0.5)
+    spec.chain = ChainSection(frame_body_base_s=0.5)
     stall = struct.pack(">I", 500_000) + bytes(10)  # 500 kB announced, 10 bytes sent
 
     async def held_for(net: Network, victim: Network) -> float:
@@ -169,7 +167,7 @@ def test_consensus_streams_are_for_validators_and_frames_must_finish(
         async with AsyncExitStack() as stack:
             victim = await stack.enter_async_context(build_node(spec))
             info = peer_info_from_multiaddr(victim.net.listen_addrs()[0])
-            deadline = 0.5 + 500_000 / 262_144  # FRAME_BODY_BASE_S + 500 kB at 256 KiB/s
+            deadline = 0.5 + 500_000 / 262_144  # frame_body_base_s + 500 kB at 256 KiB/s
             nets = []
             for key in (stranger, other_validator):
                 nets.append(await stack.enter_async_context(open_network(key, LOOPBACK, {})))

@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 import trio
 
-from node.chain import txgossip
 from node.chain.consensus import Consensus
 from node.chain.network import publish
 from node.chain.service import Chain, ChainBusy
-from node.config import DiscoverySection
+from node.config import ChainSection, DiscoverySection
 from protocol.consensus import PRECOMMIT, PREVOTE, Broadcast, Vote, open_vote, seal_vote
 from protocol.errors import RemoteProtocolError
 from protocol.feed import ForkEvidence, next_entry
@@ -45,11 +44,13 @@ def genesis(n_validators: int = VALIDATORS) -> Genesis:
 
 
 def cluster(tmp_path: Path, n: int, g: Genesis, *, start: int | None = None,
-            chain_classes: list[type[Chain]] | None = None) -> Any:
+            chain_classes: list[type[Chain]] | None = None,
+            chain_config: ChainSection | None = None) -> Any:
     config = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=5,
                               gossip_interval_s=1)
     return local_cluster(tmp_path, [make_env() for _ in range(n)], wall_ms, config,
-                         genesis=g, start=start, chain_classes=chain_classes)
+                         genesis=g, start=start, chain_classes=chain_classes,
+                         chain_config=chain_config)
 
 
 def run(fn: Callable[[], Awaitable[None]], timeout: float) -> None:
@@ -268,16 +269,14 @@ def test_a_double_voting_validator_is_recorded_and_cannot_fork(tmp_path: Path) -
 
 
 @pytest.mark.timeout(120)
-def test_txs_validators_drop_over_their_budget_are_sent_again(tmp_path: Path,
-                                                              monkeypatch: Any) -> None:
+def test_txs_validators_drop_over_their_budget_are_sent_again(tmp_path: Path) -> None:
     """Validators over their finality budget drop gossiped txs before checking them; the
     node that submitted them keeps them in its outbox and gossips them again, so an
     overload loses none of a coordinator's receipts."""
-    monkeypatch.setattr(txgossip, "RESUBMIT_S", 1.0)
     g = genesis()
 
     async def main() -> None:
-        async with cluster(tmp_path, 5, g) as nodes:
+        async with cluster(tmp_path, 5, g, chain_config=ChainSection(resubmit_s=1.0)) as nodes:
             validators = [chain_of(n) for n in nodes[:4]]
             follower = chain_of(nodes[4])
             budgets = [v.mempool.admission for v in validators]

@@ -72,3 +72,27 @@ def test_store_section_from_a_file(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("[store]\nquota_gb = -inf\n")
     with pytest.raises(ConfigError, match=r"config\.toml: store\.quota_gb must be"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ({"sync_timeout_s": 0}, "chain.sync_timeout_s must be positive"),
+        ({"resubmit_s": -1}, "chain.resubmit_s must be positive"),
+        ({"rebroadcast_s": float("nan")}, "chain.rebroadcast_s must be positive"),
+        ({"inbox": 0}, "chain.inbox must be positive"),
+        ({"inbox": 1.5}, "chain.inbox: expected int, got 1.5"),
+        ({"frame_body_base_s": 1.0}, "chain.frame_body_base_s must be at least"),
+        ({"block_interval_ms": 100}, "unknown key chain.block_interval_ms"),
+    ],
+)
+def test_bad_chain_values_name_the_key(table: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"chain": table}, "cfg.toml")
+    assert expected in str(info.value)
+
+
+def test_chain_section_values() -> None:
+    chain = parse_config({"chain": {"resubmit_s": 2, "sync_batch": 8}}).chain
+    assert (chain.resubmit_s, chain.sync_batch, chain.inbox) == (2.0, 8, 1024)
+    assert isinstance(chain.resubmit_s, float)

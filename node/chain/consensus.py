@@ -18,6 +18,7 @@ from nacl.signing import SigningKey
 from node.chain.links import ValidatorLinks
 from node.chain.network import publish
 from node.chain.state import ChainState
+from node.config import ChainSection
 from node.drive import Timers, drive
 from node.p2p import PeerId
 from node.p2p.host import Network
@@ -38,11 +39,7 @@ from protocol.txs import votes_payload
 
 log = logging.getLogger(__name__)
 
-REBROADCAST_S = 1.0  # a validator repeats its own votes of the current height
-EMPTY_BLOCK_S = 5.0  # with an empty mempool a validator waits this long before a height
 MAX_CLOCK_DRIFT_MS = 10_000  # a block's time may be this far ahead of this node's clock
-MAX_FUTURE_MESSAGES = 256  # consensus messages kept for the next height
-INBOX = 1024  # consensus messages waiting for the machine
 RESUME_KEY = "consensus_resume"  # kv: the validator's write-ahead point (Resume)
 
 # (kind, data, sender): sender None for messages this node kept for a later height.
@@ -71,7 +68,7 @@ class Consensus:
     def __init__(self, state: ChainState, net: Network, key: SigningKey, topic: str, *,
                  peer_id: str, links: ValidatorLinks | None,
                  submit: Callable[[str, bytes], Awaitable[bytes]],
-                 behind: Callable[[PeerId], None]) -> None:
+                 behind: Callable[[PeerId], None], tunables: ChainSection) -> None:
         """``submit`` sends a tx of this node's (evidence); ``behind`` starts a block
         sync from a peer that is ahead."""
         self.state = state
@@ -82,12 +79,13 @@ class Consensus:
         self.links = links
         self.submit = submit
         self.behind = behind
+        self.tunables = tunables
         self.machine: Machine | None = None
         self.evidence_seen: set[tuple[str, str]] = set()
         self._validated: dict[bytes, Ledger] = {}  # block id -> ledger after it, this height
         self._future: list[tuple[str, bytes]] = []  # messages of the next height
         self._timers: Timers[tuple[str, int, int]] = Timers()
-        self._inbox_send, self._inbox = trio.open_memory_channel[Message](INBOX)
+        self._inbox_send, self._inbox = trio.open_memory_channel[Message](tunables.inbox)
         self._resume: Resume | None = None  # as last written to storage
 
     def deliver(self, kind: str, data: bytes, sender: PeerId | None) -> None:
@@ -131,15 +129,15 @@ class Consensus:
                 await self.act(machine.on_timeout(step, h, r, now))
 
         await drive(self._inbox, clock_ms=state.clock_ms, deadline_ms=self._timers.next_ms,
-                    tick_s=REBROADCAST_S, on_item=on_item, on_wake=on_wake,
+                    tick_s=self.tunables.rebroadcast_s, on_item=on_item, on_wake=on_wake,
                     done=lambda: machine.decided is not None or state.ledger.height >= height)
         self.machine = None
 
     async def _wait_to_start(self, height: int) -> None:
         """The pause between heights: the block interval, and with nothing to put in a
-        block up to EMPTY_BLOCK_S more. A message of this height from another validator
+        block up to ``empty_block_s`` more. A message of this height from another validator
         (it started already) ends the wait, as does a block arriving through sync."""
-        deadline = trio.current_time() + EMPTY_BLOCK_S
+        deadline = trio.current_time() + self.tunables.empty_block_s
         await self._sleep_unless_called(self.state.genesis.block_interval_ms / 1000, height)
         if (len(self.state.mempool) == 0 and not self._future
                 and self.state.ledger.height + 1 == height):
@@ -178,7 +176,8 @@ class Consensus:
             # The next height's messages wait for its machine. A message two heights on
             # means its sender decided a block this node has not: this node missed that
             # block's precommits, and the others no longer repeat them, so it syncs.
-            if height <= ledger_height + 2 and len(self._future) < MAX_FUTURE_MESSAGES:
+            room = len(self._future) < self.tunables.max_future_messages
+            if height <= ledger_height + 2 and room:
                 self._future.append((kind, data))
             if height > ledger_height + 1 and sender is not None:
                 self.behind(sender)

@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from node.chain.network import CONSENSUS_PROTOCOL, open_to
+from node.config import ChainSection
 from node.discovery.service import Discovery
 from node.p2p import PeerId, PeerInfo
 from node.p2p.framing import read_frame, reset_quietly, write_frame
@@ -24,25 +25,16 @@ from protocol.chainwire import ConsensusFrame
 
 log = logging.getLogger(__name__)
 
-DIRECT_QUEUE = 64  # consensus messages waiting for one validator's stream
-DIRECT_WRITE_TIMEOUT_S = 10.0
-DIRECT_RETRY_S = 1.0
-DIRECT_IDLE_TIMEOUT_S = 600.0  # a validator sends at least its rebroadcast every second
-CONNECT_EVERY_S = 5.0  # a validator dials the validators it is not connected to
-# A consensus frame begun must be complete within this, plus its size at the slowest rate
-# a validator's link may have: a partial frame is held in memory until then. Never less
-# than the sender's own write timeout, or a slow but honest write would be cut.
-FRAME_BODY_BASE_S = DIRECT_WRITE_TIMEOUT_S
-FRAME_BODY_MIN_BYTES_PER_S = 256 * 1024
-
 # Where a received message goes: (kind, data, the validator that sent it).
 Deliver = Callable[[str, bytes, PeerId], None]
 
 
 class ValidatorLinks:
     def __init__(self, net: Network, discovery: Discovery, powers: dict[str, int], *,
-                 peer_id: str, max_frame: int, deliver: Deliver) -> None:
+                 peer_id: str, max_frame: int, deliver: Deliver,
+                 tunables: ChainSection) -> None:
         self.net = net
+        self.tunables = tunables
         self.discovery = discovery
         self.powers = powers
         self.peer_id = peer_id
@@ -56,7 +48,7 @@ class ValidatorLinks:
         async with trio.open_nursery() as nursery:
             for pid in self.powers:
                 if pid != self.peer_id:
-                    send, recv = trio.open_memory_channel[bytes](DIRECT_QUEUE)
+                    send, recv = trio.open_memory_channel[bytes](self.tunables.direct_queue)
                     self._queues[pid] = send
                     nursery.start_soon(self._send, PeerId.from_base58(pid), recv)
             nursery.start_soon(self._connect)
@@ -80,17 +72,18 @@ class ValidatorLinks:
             message = await queue.receive()
             stream = None
             try:
-                stream = await open_to(self.net, self.discovery, peer, CONSENSUS_PROTOCOL)
+                stream = await open_to(self.net, self.discovery, peer, CONSENSUS_PROTOCOL,
+                                       self.tunables.open_timeout_s)
                 self._open.add(peer.to_base58())
                 while True:
-                    await write_frame(stream, message, DIRECT_WRITE_TIMEOUT_S)
+                    await write_frame(stream, message, self.tunables.direct_write_timeout_s)
                     message = await queue.receive()
             except Exception as exc:  # gone, stalled, or not reachable: try again later
                 log.debug("consensus stream to %s: %r", peer, exc)
                 self._open.discard(peer.to_base58())
                 if stream is not None:
                     await reset_quietly(stream)
-                await trio.sleep(DIRECT_RETRY_S)
+                await trio.sleep(self.tunables.direct_retry_s)
 
     async def _serve(self, stream: Any) -> None:
         sender = stream.muxed_conn.peer_id
@@ -101,8 +94,9 @@ class ValidatorLinks:
         try:
             while True:
                 frame = ConsensusFrame.decode(
-                    await read_frame(stream, self.max_frame, DIRECT_IDLE_TIMEOUT_S,
-                                     body_timeout=frame_body_deadline),
+                    await read_frame(stream, self.max_frame,
+                                     self.tunables.direct_idle_timeout_s,
+                                     body_timeout=self.frame_body_deadline),
                     self.max_frame)
                 self.deliver(frame.kind, frame.data, sender)
         except Exception as exc:  # closed, idle, or garbage: the stream goes
@@ -126,8 +120,10 @@ class ValidatorLinks:
                         PeerInfo(peer, [parse_multiaddr(a) for a in cap.record.addrs]))
                 except Exception as exc:  # down, or not reachable yet: next time
                     log.debug("dialling validator %s: %r", pid, exc)
-            await trio.sleep(CONNECT_EVERY_S)
+            await trio.sleep(self.tunables.connect_every_s)
 
-
-def frame_body_deadline(length: int) -> float:
-    return FRAME_BODY_BASE_S + length / FRAME_BODY_MIN_BYTES_PER_S
+    def frame_body_deadline(self, length: int) -> float:
+        """A consensus frame of ``length`` bytes begun must be complete by then: a partial
+        frame is held in memory until it is."""
+        t = self.tunables
+        return t.frame_body_base_s + length / t.frame_body_min_bytes_per_s

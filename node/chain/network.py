@@ -24,7 +24,6 @@ CONSENSUS_TOPIC = "/iollm/consensus/1/"
 HEAD_TOPIC = "/iollm/chain/1/"
 BLOCKS_PROTOCOL = ProtocolId("/iollm/blocks/1.0.0")
 CONSENSUS_PROTOCOL = ProtocolId("/iollm/consensus/1.0.0")  # validator to validator, direct
-OPEN_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def topic_validator(net: Network, topic: str, check: Callable[[bytes], object]
 
 
 async def open_to(net: Network, discovery: Discovery, peer: PeerId, protocol: ProtocolId,
-                  timeout: float = OPEN_TIMEOUT_S) -> Any:
+                  timeout: float) -> Any:
     """A stream to ``peer``, dialled first at the addresses of its capability record
     when it is not connected."""
     if peer not in net.host.get_connected_peers():

@@ -30,6 +30,7 @@ from node.chain.network import chain_topics, topic_validator
 from node.chain.state import ChainState, Mempool
 from node.chain.sync import BlockSync
 from node.chain.txgossip import ChainBusy, ChainError, TxGossip
+from node.config import ChainSection
 from node.discovery.service import Discovery
 from node.p2p import PeerId
 from node.p2p.host import Network
@@ -50,7 +51,9 @@ class Chain:
     consensus_class: type[Consensus] = Consensus  # tests' misbehaving validators change it
 
     def __init__(self, net: Network, key: SigningKey, storage: Storage, genesis: Genesis,
-                 discovery: Discovery, *, clock_ms: Any) -> None:
+                 discovery: Discovery, *, clock_ms: Any,
+                 tunables: ChainSection) -> None:
+        """``tunables``: config.toml's [chain] section."""
         self.net = net
         self.key = key
         self.storage = storage
@@ -58,21 +61,22 @@ class Chain:
         self.peer_id = discovery.peer_id
         self.topics = chain_topics(genesis.chain_id)
         self.is_validator = self.peer_id in genesis.powers
-        self.state = ChainState(genesis, storage, clock_ms)
+        self.state = ChainState(genesis, storage, clock_ms, tunables)
         self._max_consensus_frame = frame_limit(genesis)
         self.txs = TxGossip(self.state, net, self.topics.txs, peer_id=self.peer_id,
-                            is_validator=self.is_validator)
+                            is_validator=self.is_validator, tunables=tunables)
         self.sync = BlockSync(self.state, net, discovery, self.topics.heads,
-                              max_proposal_bytes=proposal_limit(genesis))
+                              max_proposal_bytes=proposal_limit(genesis), tunables=tunables)
         self.consensus: Consensus | None = None
         self.links: ValidatorLinks | None = None
         if self.is_validator:
             self.consensus = self.consensus_class(
                 self.state, net, key, self.topics.consensus, peer_id=self.peer_id,
-                links=None, submit=self.txs.submit, behind=self.sync.behind)
+                links=None, submit=self.txs.submit, behind=self.sync.behind,
+                tunables=tunables)
             self.links = ValidatorLinks(net, discovery, genesis.powers, peer_id=self.peer_id,
                                         max_frame=self._max_consensus_frame,
-                                        deliver=self.consensus.deliver)
+                                        deliver=self.consensus.deliver, tunables=tunables)
             self.consensus.links = self.links
 
     # -- what the rest of the node uses --------------------------------------------------

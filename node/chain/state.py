@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import trio
 
+from node.config import ChainSection
 from node.storage import Storage
 from protocol import mempool
 from protocol.errors import RemoteProtocolError
@@ -19,10 +20,6 @@ from protocol.ledger import tx_id as ledger_tx_id
 
 log = logging.getLogger(__name__)
 
-CHECKED_CACHE = 100_000  # tx ids whose signatures this node verified
-RECENT_FINAL = 200_000  # tx id -> height of the block that holds it, for waiters
-SNAPSHOT_EVERY = 50  # blocks between ledger snapshots (a restart replays the rest)
-LOAD_BATCH = 32  # stored blocks read at once when the ledger is rebuilt
 
 
 class Mempool(mempool.Mempool):
@@ -47,8 +44,10 @@ class Mempool(mempool.Mempool):
 
 
 class ChainState:
-    def __init__(self, genesis: Genesis, storage: Storage, clock_ms: Callable[[], int]) -> None:
+    def __init__(self, genesis: Genesis, storage: Storage, clock_ms: Callable[[], int],
+                 tunables: ChainSection) -> None:
         self.genesis = genesis
+        self.tunables = tunables
         self.storage = storage
         self.clock_ms = clock_ms
         self.powers = genesis.powers
@@ -66,7 +65,7 @@ class ChainState:
         if snap is not None:
             self.ledger = Ledger.decode(snap[1])
         while True:
-            rows = await self.storage.get_blocks(self.ledger.height + 1, LOAD_BATCH)
+            rows = await self.storage.get_blocks(self.ledger.height + 1, self.tunables.load_batch)
             if not rows:
                 break
             for height, data, _ in rows:
@@ -89,7 +88,7 @@ class ChainState:
             return hit
         checked = check_tx(self.genesis, tx)
         self._checked[tid] = checked
-        if len(self._checked) > CHECKED_CACHE:
+        if len(self._checked) > self.tunables.checked_cache:
             self._checked.popitem(last=False)
         return checked
 
@@ -116,10 +115,10 @@ class ChainState:
         self.mempool.admission.finalized(len(tx_ids), self.clock_ms())
         for t in tx_ids:
             self._final[t] = block.height
-        while len(self._final) > RECENT_FINAL:
+        while len(self._final) > self.tunables.recent_final:
             self._final.popitem(last=False)
         await self.storage.outbox_remove([t.hex() for t in tx_ids])
-        if block.height % SNAPSHOT_EVERY == 0:
+        if block.height % self.tunables.snapshot_every == 0:
             await self.storage.put_snapshot(block.height, self.ledger.encode())
         log.info("block %d final: %d txs, %s", block.height, len(block.txs), bid.hex()[:16])
         self.new_block.set()

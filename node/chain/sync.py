@@ -16,6 +16,7 @@ import trio
 
 from node.chain.network import BLOCKS_PROTOCOL, open_to, publish
 from node.chain.state import ChainState
+from node.config import ChainSection
 from node.discovery.service import Discovery
 from node.p2p import PeerId
 from node.p2p.framing import FrameError, read_frame, reset_quietly, write_frame
@@ -34,15 +35,13 @@ from protocol.ledger import Block, block_id
 
 log = logging.getLogger(__name__)
 
-HEAD_EVERY_S = 2.0  # a validator announces its head at least this often
-SYNC_BATCH = 32  # blocks one sync request asks for
-SYNC_TIMEOUT_S = 30.0
 
 
 class BlockSync:
     def __init__(self, state: ChainState, net: Network, discovery: Discovery, topic: str,
-                 *, max_proposal_bytes: int) -> None:
+                 *, max_proposal_bytes: int, tunables: ChainSection) -> None:
         self.state = state
+        self.tunables = tunables
         self.net = net
         self.discovery = discovery
         self.topic = topic
@@ -53,7 +52,7 @@ class BlockSync:
     async def run(self, subscription: Any, *, announce: bool,
                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve blocks, follow others' heads, and (``announce``: validators) announce
-        this node's own at every final block and every HEAD_EVERY_S."""
+        this node's own at every final block and every ``head_every_s``."""
         self.net.serve(BLOCKS_PROTOCOL, self._serve, MAX_SYNC_REQUEST_BYTES)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -81,7 +80,7 @@ class BlockSync:
 
     async def _announce(self) -> None:
         while True:
-            with trio.move_on_after(HEAD_EVERY_S):
+            with trio.move_on_after(self.tunables.head_every_s):
                 await self.state.new_block.wait()
             await publish(self.net, self.topic, self._head())
 
@@ -105,7 +104,7 @@ class BlockSync:
             try:
                 while True:
                     got = await self._sync_batch(peer)
-                    if got < SYNC_BATCH:
+                    if got < self.tunables.sync_batch:
                         return
             except (FrameError, RemoteProtocolError, OSError, trio.TooSlowError) as exc:
                 log.info("catching up from %s stopped: %s", peer, exc)
@@ -114,13 +113,16 @@ class BlockSync:
 
     async def _sync_batch(self, peer: PeerId) -> int:
         state = self.state
-        stream = await open_to(self.net, self.discovery, peer, BLOCKS_PROTOCOL, SYNC_TIMEOUT_S)
+        timeout = self.tunables.sync_timeout_s
+        stream = await open_to(self.net, self.discovery, peer, BLOCKS_PROTOCOL,
+                               self.tunables.open_timeout_s)
         try:
             start = state.ledger.height + 1
-            await write_frame(stream, SyncRequest(start, SYNC_BATCH).encode(), SYNC_TIMEOUT_S)
+            request = SyncRequest(start, self.tunables.sync_batch)
+            await write_frame(stream, request.encode(), timeout)
             got = 0
             while True:
-                frame = await read_frame(stream, self.max_frame, SYNC_TIMEOUT_S)
+                frame = await read_frame(stream, self.max_frame, timeout)
                 if not frame:
                     break
                 pair = BlockFrame.decode(frame, self.max_frame)
@@ -142,13 +144,13 @@ class BlockSync:
             raise
 
     async def _serve(self, stream: Any) -> None:
+        timeout = self.tunables.sync_timeout_s
         try:
-            req = SyncRequest.decode(await read_frame(stream, MAX_SYNC_REQUEST_BYTES,
-                                                      SYNC_TIMEOUT_S))
+            req = SyncRequest.decode(await read_frame(stream, MAX_SYNC_REQUEST_BYTES, timeout))
             for _, data, commit in await self.state.storage.get_blocks(
-                    req.start, min(req.limit, SYNC_BATCH)):
-                await write_frame(stream, BlockFrame(data, commit).encode(), SYNC_TIMEOUT_S)
-            await write_frame(stream, b"", SYNC_TIMEOUT_S)
+                    req.start, min(req.limit, self.tunables.sync_batch)):
+                await write_frame(stream, BlockFrame(data, commit).encode(), timeout)
+            await write_frame(stream, b"", timeout)
             await stream.close()
         except Exception as exc:  # a peer that vanished, stalled or sent garbage
             log.debug("serving blocks ended: %r", exc)

@@ -16,6 +16,7 @@ import trio
 
 from node.chain.network import publish
 from node.chain.state import ChainState
+from node.config import ChainSection
 from node.errors import Busy, Conflict
 from node.p2p.host import Network
 from protocol.chainwire import decode_tx_batch, encode_tx_batch, tx_batches
@@ -26,9 +27,6 @@ from protocol.mempool import GOSSIP_BUDGETS
 log = logging.getLogger(__name__)
 
 TX_BATCH_BYTES = 256 * 1024  # one gossip message of txs (gossipsub's cap is 1 MiB)
-TX_FLUSH_S = 0.05  # submitted txs wait this long to share a gossip message
-RESUBMIT_S = 10.0  # own txs not final after this long are gossiped again
-RESUBMIT_MAX = 2000  # at most this many a pass
 
 
 class ChainError(Conflict):
@@ -41,8 +39,9 @@ class ChainBusy(Busy, ChainError):
 
 class TxGossip:
     def __init__(self, state: ChainState, net: Network, topic: str, *, peer_id: str,
-                 is_validator: bool) -> None:
+                 is_validator: bool, tunables: ChainSection) -> None:
         self.state = state
+        self.tunables = tunables
         self.net = net
         self.topic = topic
         self.peer_id = peer_id
@@ -109,7 +108,7 @@ class TxGossip:
     async def _publish(self) -> None:
         while True:
             await self._flush.wait()
-            await trio.sleep(TX_FLUSH_S)
+            await trio.sleep(self.tunables.tx_flush_s)
             self._flush = trio.Event()
             txs, self._outgoing = self._outgoing, []
             for batch in tx_batches(txs, TX_BATCH_BYTES):
@@ -144,16 +143,17 @@ class TxGossip:
             await trio.lowlevel.checkpoint()
 
     async def _resubmit(self) -> None:
-        """Gossip again this node's txs that waited RESUBMIT_S without becoming final, a
+        """Gossip again this node's txs that waited ``resubmit_s`` without becoming final, a
         bounded number a pass (a burst of them would crowd out everything else); forget
         those that can never apply."""
         state = self.state
         trial_proposer = state.genesis.validators[0].peer_id  # any validator: a trial block
+        every_s = self.tunables.resubmit_s
         while True:
-            await trio.sleep(RESUBMIT_S)
+            await trio.sleep(every_s)
             now = state.clock_ms()
-            rows = [r for r in await state.storage.outbox(RESUBMIT_MAX)
-                    if now - r[2] >= RESUBMIT_S * 1000]
+            rows = [r for r in await state.storage.outbox(self.tunables.resubmit_max)
+                    if now - r[2] >= every_s * 1000]
             checked = []
             for tid, tx, _ in rows:
                 try:
