@@ -90,6 +90,28 @@ device = "auto"
 # "random", "zero", "copy", "copy-noise", "wrong-slice".
 adversary = ""
 
+[smip]
+# Sharing models and datasets (specs/smip.md): this node's schedule and limits.
+# A version this node starts to provide is announced on gossip at these seconds after.
+announce_repeats_s = [1.0, 2.0, 5.0]
+# After joining, peers are asked for the versions they hold at these seconds, this many
+# peers each time.
+list_startup_s = [2.0, 10.0, 30.0]
+list_peers = 3
+# Requests served at once: from one peer, and in all (more are refused as busy).
+serve_per_peer = 8
+serve_total = 64
+# A fetch asks the DHT for more providers of a shard after waiting this long, in seconds.
+more_providers_after_s = 0.5
+# A stream to a provider that cannot be opened for want of a connection is dialled again
+# after open_retry_s seconds, open_tries times in all.
+open_tries = 2
+open_retry_s = 0.5
+# Chunks received and not yet verified and written, for a whole fetch: the memory they
+# hold (8 chunks: 8 MiB at the usual 1 MiB chunk). Page-cache writes stall for ms at a
+# time under dirty-page throttling, so several must overlap.
+writes_in_flight = 8
+
 [chain]
 # Timeouts, retries and limits of this node's chain services (specs/consensus.md). The
 # rules every node must agree on (block times, sizes) are in the genesis, not here.
@@ -199,6 +221,21 @@ class WorkerSection:
 
 
 @dataclass(frozen=True)
+class SmipSection:
+    """SMIP's schedule (seconds) and limits; documented in DEFAULT_CONFIG_TOML above."""
+
+    announce_repeats_s: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0])
+    list_startup_s: list[float] = field(default_factory=lambda: [2.0, 10.0, 30.0])
+    list_peers: int = 3
+    serve_per_peer: int = 8
+    serve_total: int = 64
+    more_providers_after_s: float = 0.5
+    open_tries: int = 2
+    open_retry_s: float = 0.5
+    writes_in_flight: int = 8
+
+
+@dataclass(frozen=True)
 class ChainSection:
     """The chain services' timeouts (seconds), retries and limits; documented in
     DEFAULT_CONFIG_TOML above."""
@@ -235,6 +272,7 @@ class Config:
     probe: ProbeSection = field(default_factory=ProbeSection)
     store: StoreSection = field(default_factory=StoreSection)
     worker: WorkerSection = field(default_factory=WorkerSection)
+    smip: SmipSection = field(default_factory=SmipSection)
     chain: ChainSection = field(default_factory=ChainSection)
 
 
@@ -245,6 +283,7 @@ _SECTIONS: dict[str, type] = {
     "probe": ProbeSection,
     "store": StoreSection,
     "worker": WorkerSection,
+    "smip": SmipSection,
     "chain": ChainSection,
 }
 
@@ -320,6 +359,16 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
     if w.adversary not in ADVERSARIES:
         raise ConfigError(f"{source}: worker.adversary must be one of "
                           f"{', '.join(repr(a) for a in ADVERSARIES)}, got {w.adversary!r}")
+    s = config.smip
+    for name in ("announce_repeats_s", "list_startup_s"):
+        times = getattr(s, name)
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 86_400
+                   for t in times) or list(times) != sorted(times):
+            raise ConfigError(f"{source}: smip.{name} must be seconds in [0, 86400), ascending")
+    for f in fields(s):
+        value = getattr(s, f.name)
+        if not isinstance(value, list) and not value > 0:
+            raise ConfigError(f"{source}: smip.{f.name} must be positive")
     c = config.chain
     for f in fields(c):
         if not getattr(c, f.name) > 0:

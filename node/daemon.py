@@ -51,6 +51,7 @@ from node.config import (
     Config,
     ConfigError,
     DiscoverySection,
+    SmipSection,
     WorkerSection,
     cache_dir,
     read_bootstrap_file,
@@ -105,6 +106,7 @@ class NodeSpec:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     chain_class: type[Chain] = Chain  # tests run misbehaving validators
     chain: ChainSection = field(default_factory=ChainSection)
+    smip: SmipSection = field(default_factory=SmipSection)
 
 
 @dataclass
@@ -141,7 +143,7 @@ async def build_node(spec: NodeSpec) -> AsyncIterator[Node]:
         node = Node(spec.key, net, storage, discovery)
         await nursery.start(discovery.run)
         if store is not None:
-            node.models = Models(net, spec.key, storage, store, discovery,
+            node.models = Models(net, spec.key, storage, store, discovery, tunables=spec.smip,
                                  clock_ms=spec.clock_ms, metrics=ModelsMetrics(spec.registry))
             await nursery.start(node.models.run)
         if spec.genesis is not None:
@@ -229,7 +231,7 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
                     discovery=config.discovery, clock_ms=clock_ms,
                     store=config.store.directory(home), quota_bytes=config.store.quota_bytes,
                     worker=config.worker, genesis=genesis, bootstrap=bootstrap,
-                    registry=registry, chain=config.chain)
+                    registry=registry, chain=config.chain, smip=config.smip)
     async with build_node(spec) as node, trio.open_nursery() as nursery:
         assert node.models is not None and node.jobs is not None and node.receipts is not None
         models = node.models

@@ -96,3 +96,20 @@ def test_chain_section_values() -> None:
     chain = parse_config({"chain": {"resubmit_s": 2, "sync_batch": 8}}).chain
     assert (chain.resubmit_s, chain.sync_batch, chain.inbox) == (2.0, 8, 1024)
     assert isinstance(chain.resubmit_s, float)
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ({"announce_repeats_s": [5.0, 1.0]}, "smip.announce_repeats_s must be seconds"),
+        ({"list_startup_s": [-1.0]}, "smip.list_startup_s must be seconds"),
+        ({"list_startup_s": ["soon"]}, "smip.list_startup_s must be seconds"),
+        ({"list_startup_s": 2.0}, "smip.list_startup_s: expected list"),
+        ({"serve_total": 0}, "smip.serve_total must be positive"),
+        ({"open_retry_s": -0.5}, "smip.open_retry_s must be positive"),
+    ],
+)
+def test_bad_smip_values_name_the_key(table: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"smip": table}, "cfg.toml")
+    assert expected in str(info.value)

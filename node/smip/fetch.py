@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from node.config import SmipSection
 from node.p2p import OPEN_STREAM_ERRORS, PeerId
 from node.p2p.framing import FrameError, FrameReader, reset_quietly, write_frame
 from node.p2p.host import Network
@@ -66,30 +67,24 @@ log = logging.getLogger(__name__)
 # config's query_timeout_s): one. An id no announcement and no provider record names
 # fails after it, with "no provider"; retries here only made such a fetch take 19 s.
 PROVIDER_LOOKUP_RETRIES_S: tuple[float, ...] = (0.0,)
-MORE_PROVIDERS_AFTER_S = 0.5  # a shard's DHT lookup for more providers waits this long
 WAIT_FOR_WORK_S = 1.0  # an idle worker re-checks the queue at least this often
-OPEN_TRIES = 2  # a stream that cannot be opened for want of a connection: dial once more
-OPEN_RETRY_S = 0.5
-# Chunks received and not yet verified and written, for the whole fetch: the memory they
-# hold (at most 8 chunks: 8 MiB at the usual 1 MiB, 128 MiB at the largest 16 MiB chunk
-# size). Writing new pages into the page cache measured 0.5 to 3.5 ms per MiB on a
-# shared machine (dirty-page throttling by the kernel), so several writes must overlap.
-WRITES_IN_FLIGHT = 8
 
 
 class SmipClient:
     """One stream to one provider, carrying requests in sequence. Any failure resets the
     stream and makes the client unusable (the caller opens another one)."""
 
-    def __init__(self, net: Network, peer: PeerId) -> None:
+    def __init__(self, net: Network, peer: PeerId, tunables: SmipSection) -> None:
         self.net = net
         self.peer = peer
+        self.tunables = tunables
         self.stream: Any = None
         self.reader: FrameReader | None = None
 
     async def open(self) -> SmipClient:
 
-        for attempt in range(OPEN_TRIES):
+        tries = self.tunables.open_tries
+        for attempt in range(tries):
             try:
                 with trio.fail_after(RESPONSE_TIMEOUT_S):
                     self.stream = await self.net.open_stream(self.peer, SMIP_PROTOCOL)
@@ -99,10 +94,10 @@ class SmipClient:
                 # write, node/p2p/host.py; py-libp2p drops one of two crossing dials) and
                 # the stream's negotiation failed on it: not the provider's fault, so
                 # dial once more before it counts as failed.
-                if attempt + 1 == OPEN_TRIES:
+                if attempt + 1 == tries:
                     raise
                 log.debug("stream to %s failed (%r); dialling again", self.peer, exc)
-                await trio.sleep(OPEN_RETRY_S)
+                await trio.sleep(self.tunables.open_retry_s)
         self.reader = FrameReader(self.stream)
         return self
 
@@ -194,7 +189,7 @@ async def fetch_manifest(models: Models, version: bytes, providers: list[PeerId]
     reasons = []
     for peer in providers:
         try:
-            async with SmipClient(models.net, peer) as client:
+            async with SmipClient(models.net, peer, models.tunables) as client:
                 header, payload = await client.request(ManifestRequest(version))
             if header.status != STATUS_OK:
                 reasons.append(f"{peer}: {header.status}")
@@ -300,7 +295,7 @@ class ChunkFetcher:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._lookups: list[trio.CancelScope] = []  # cancelled once every shard is done
-        self._writes = trio.Semaphore(WRITES_IN_FLIGHT)
+        self._writes = trio.Semaphore(models.tunables.writes_in_flight)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -341,7 +336,7 @@ class ChunkFetcher:
             # opening from a few to 40 ms (2 MiB fetches took 150 ms instead of 100), and
             # a fetch that its known providers serve is often over before more would
             # help. A shard left without a provider is looked up at once.
-            with trio.move_on_after(MORE_PROVIDERS_AFTER_S):
+            with trio.move_on_after(self.models.tunables.more_providers_after_s):
                 while self._has_provider(shard) and not shard.done:
                     changed = self._changed
                     await changed.wait()
@@ -416,7 +411,8 @@ class ChunkFetcher:
                         else ChunkRequest(shard.entry.root, index)
                     outstanding.append((shard, index, request))
                     if client is None:
-                        client = await SmipClient(self.models.net, provider.peer).open()
+                        client = await SmipClient(self.models.net, provider.peer,
+                                                    self.models.tunables).open()
                     await client.send(request)
                 if not outstanding:
                     if self.finished or self._useless(provider):
@@ -433,7 +429,7 @@ class ChunkFetcher:
                     self._refused(provider, shard, index, header)  # puts it back itself
                     continue
                 # Stored by a task of its own, so that the next answer is read (and the
-                # next request sent) meanwhile; at most WRITES_IN_FLIGHT answers wait so.
+                # next request sent) meanwhile; at most ``writes_in_flight`` answers wait so.
                 await self._writes.acquire()
                 assert self._nursery is not None
                 self._nursery.start_soon(self._store, provider, shard, index, payload)

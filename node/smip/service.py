@@ -32,6 +32,7 @@ import trio
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Counter
 
+from node.config import SmipSection
 from node.discovery.service import Discovery
 from node.p2p import PeerId
 from node.p2p.framing import (
@@ -106,11 +107,6 @@ from protocol.smip import (
 log = logging.getLogger(__name__)
 
 ANNOUNCE_SEQ_KEY = "smip.announce.seq"
-ANNOUNCE_REPEATS_S = (1.0, 2.0, 5.0)  # after a version starts being provided
-LIST_STARTUP_S = (2.0, 10.0, 30.0)  # after joining: ask peers for their versions
-LIST_PEERS = 3  # peers asked each time
-MAX_INFLIGHT_PER_PEER = 8
-MAX_INFLIGHT_TOTAL = 64
 # Weights in pickle-based formats can run code when loaded: never published, never fetched.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
 
@@ -224,9 +220,12 @@ class Models:
         *,
         clock_ms: Callable[[], int],
         metrics: ModelsMetrics,
+        tunables: SmipSection,
         rng: random.Random | None = None,
     ) -> None:
+        """``tunables``: config.toml's [smip] section."""
         self.net = net
+        self.tunables = tunables
         self.key = key
         self.storage = storage
         self.store = store
@@ -326,7 +325,8 @@ class Models:
 
     async def _announce_repeatedly(self, held: HeldVersion) -> None:
         await self._announce(held)
-        for delay in (b - a for a, b in itertools.pairwise((0.0, *ANNOUNCE_REPEATS_S))):
+        repeats = (0.0, *self.tunables.announce_repeats_s)
+        for delay in (b - a for a, b in itertools.pairwise(repeats)):
             await trio.sleep(delay)
             if held.announcement is not None:
                 await self._gossip(held.announcement)
@@ -368,12 +368,12 @@ class Models:
         """Late joiners learn the versions announced before they came: ``list`` requests to
         a few connected peers, soon after joining."""
         await self.discovery.bootstrapped.wait()
-        for delay in (b - a for a, b in itertools.pairwise((0.0, *LIST_STARTUP_S))):
+        for delay in (b - a for a, b in itertools.pairwise((0.0, *self.tunables.list_startup_s))):
             await trio.sleep(delay)
             peers = list(self.net.host.get_connected_peers())
             self.rng.shuffle(peers)
             async with trio.open_nursery() as nursery:
-                for peer in peers[:LIST_PEERS]:
+                for peer in peers[:self.tunables.list_peers]:
                     nursery.start_soon(self.list_from, peer)
 
     async def list_from(self, peer: PeerId) -> int:
@@ -382,7 +382,7 @@ class Models:
 
         new = 0
         try:
-            async with SmipClient(self.net, peer) as client:
+            async with SmipClient(self.net, peer, self.tunables) as client:
                 request: ListRequest | None = ListRequest(limit=256)
                 while request is not None:
                     page = await client.list(request, peer.to_base58(), self.clock_ms())
@@ -447,7 +447,8 @@ class Models:
     def _admit(self, peer: PeerId | None) -> bool:
         load = self._inflight
         mine = load.per_peer.get(peer, 0) if peer is not None else 0
-        if load.total >= MAX_INFLIGHT_TOTAL or mine >= MAX_INFLIGHT_PER_PEER:
+        limits = self.tunables
+        if load.total >= limits.serve_total or mine >= limits.serve_per_peer:
             return False
         load.total += 1
         if peer is not None:
