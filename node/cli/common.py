@@ -26,7 +26,7 @@ def home_of(args: argparse.Namespace) -> Path:
 
 def call_node(args: argparse.Namespace, path: str, method: str = "GET", body: Any = None) -> Any:
     """Call the running node's API; any failure becomes a one-line CliError."""
-    from node.api.server import ApiClientError, api_request, read_token_file
+    from node.api.client import ApiClientError, api_request, read_token_file
 
     home = home_of(args)
     runtime = home / RUNTIME_FILE

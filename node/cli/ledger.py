@@ -23,13 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from node.api.ledger import ledger_totals
-from node.chain.service import GENESIS_FILE, ChainError, load_genesis
 from node.cli.common import CliError, call_node, home_of, int_arg, short_peer, when
 from node.config import RUNTIME_FILE, STATE_DB
-from protocol.consensus import verify_commit
-from protocol.errors import ProtocolError
-from protocol.ledger import Block, Ledger, block_id, check_tx
 
 VERIFY_PROGRESS_EVERY = 200  # blocks between progress lines on stderr
 
@@ -121,6 +116,14 @@ def cmd_ledger_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    # The only ledger command that needs the chain's code (it replays here); the others
+    # only talk to the node, and importing this costs them ~0.8 s (node/api/client.py).
+    from node.api.ledger import ledger_totals
+    from node.chain.service import GENESIS_FILE, ChainError, load_genesis
+    from protocol.consensus import verify_commit
+    from protocol.errors import ProtocolError
+    from protocol.ledger import Block, Ledger, block_id, check_tx
+
     home = home_of(args)
     try:
         genesis = load_genesis(home, None)

@@ -145,7 +145,7 @@ def write_genesis(directory: Path, homes: list[Path], validators: int,
 def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
                timeout: float = 120.0, validators: int | None = None,
                genesis_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    from node.api.server import ApiClientError, api_request, read_token_file
+    from node.api.client import ApiClientError, api_request, read_token_file
 
     if not 1 <= nodes <= 64:
         raise TestnetError("--nodes must be between 1 and 64")
