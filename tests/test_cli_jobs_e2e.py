@@ -76,7 +76,13 @@ def test_init_stdlib_submit_status_receipts(tmp_path: Path) -> None:
         submitted = iollm("job", "submit", str(good), "--wait", *home, timeout=240)
         job = submitted.stdout.strip()
         assert HEX64.fullmatch(job), submitted.stdout
-        assert "status      done, round 1 of 1" in submitted.stderr, submitted.stderr
+        # Followed as it ran: the round under way (each task's line as its state
+        # changed), then the round's summary (its wall time, not the tasks' sum) and
+        # each task's verdict.
+        err = submitted.stderr
+        assert "round 1/1  training" in err and " 2/2 accepted " in err, err
+        assert "slowest of 2 parallel tasks" in err and f"job {job[:12]} done" in err, err
+        assert "(HTTP" not in err
 
         status = json.loads(iollm("job", "status", job[:10], "--json", *home).stdout)
         assert status["status"] == "done" and status["rounds"][0]["accepted"] == 2, status
