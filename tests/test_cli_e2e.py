@@ -37,6 +37,11 @@ def test_testnet_up_gpus_and_auth(tmp_path: Path) -> None:
                "--timeout", "150", timeout=200)
     try:
         assert "testnet up" in up.stdout
+        # Progress while it comes up (about 30 s on a loaded machine), on stderr.
+        for line in ("4 node homes and the genesis ready", "bootstrap node listening on",
+                     "node-3 running (4 of 4)", "node-2 published its capability record",
+                     "all 4 records discoverable"):
+            assert line in up.stderr, up.stderr
         state = json.loads((net / "testnet.json").read_text())
         assert len(state["nodes"]) == 4
         all_ids = {n["peer_id"] for n in state["nodes"]}

@@ -142,6 +142,11 @@ def write_genesis(directory: Path, homes: list[Path], validators: int,
     return path
 
 
+def _progress(started: float, msg: str) -> None:
+    """One progress line on stderr: `up` takes tens of seconds, and stdout is its result."""
+    print(f"[{time.monotonic() - started:5.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
                timeout: float = 120.0, validators: int | None = None,
                genesis_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -159,7 +164,8 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
             raise TestnetError(f"a testnet is already running in {directory} "
                                f"(iollm testnet down --dir {directory})")
     directory.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     names = ["bootstrap"] + [f"node-{i}" for i in range(1, nodes + 1)]
     procs: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
     infos: list[dict[str, Any]] = []
@@ -171,6 +177,7 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
                                stdout=subprocess.DEVNULL)
         genesis = write_genesis(directory, [directory / n for n in names], n_validators,
                                 genesis_overrides)
+        _progress(started, f"{len(names)} node homes and the genesis ready in {directory}")
         for i, name in enumerate(names):
             home = directory / name
             gpus = SIMULATED_GPUS[(i - 1) % len(SIMULATED_GPUS)] if simulate_gpus and i else None
@@ -181,8 +188,11 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
             procs.append((name, home, proc))
             if i == 0:  # the others need the bootstrap node's address
                 infos.append(_wait_ready(proc, home, deadline))
-        for _, home, proc in procs[1:]:
+                _progress(started, f"bootstrap node listening on {infos[0]['addrs'][0]}; "
+                                   f"starting {len(names) - 1} more")
+        for name, home, proc in procs[1:]:
             infos.append(_wait_ready(proc, home, deadline))
+            _progress(started, f"{name} running ({len(infos)} of {len(names)})")
         state = {"nodes": [{"name": n, "home": str(h.resolve()), "pid": p.pid, **info}
                            for (n, h, p), info in zip(procs, infos, strict=True)]}
         state_path.write_text(json.dumps(state, indent=2) + "\n")
@@ -201,9 +211,10 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
                 time.sleep(0.2)  # polling another process with a deadline
             else:
                 raise TestnetError(f"node in {home} did not publish its record in time")
+            _progress(started, f"{home.name} published its capability record")
         boot_home = procs[0][1]
         token = read_token_file(boot_home / TOKEN_FILE)
-        seen = 0
+        seen, shown = 0, -1
         while time.monotonic() < deadline:
             try:
                 seen = len(api_request(infos[0]["api"], token, "GET", "/v1/gpus", timeout=30))
@@ -211,6 +222,10 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
                 seen = 0
             if seen == len(names):
                 break
+            if seen != shown:
+                shown = seen
+                _progress(started, f"{seen} of {len(names)} records discoverable from the "
+                                   f"bootstrap node")
             time.sleep(0.5)  # the nodes publish in the background; poll with a deadline
         else:
             raise TestnetError(f"only {seen} of {len(names)} capability records discoverable "
@@ -220,6 +235,7 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
             if proc.poll() is None:
                 proc.terminate()
         raise
+    _progress(started, f"all {len(names)} records discoverable")
     print(f"testnet up in {directory}: {len(names)} nodes on 127.0.0.1")
     for node in state["nodes"]:
         print(f"  {node['name']:<10} {node['addrs'][0]}")
