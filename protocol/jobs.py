@@ -669,3 +669,37 @@ def decode_message(data: bytes) -> Message:
     if len(data) > cls.MAX_BYTES:
         raise RemoteProtocolError("oversized", f"{cls.TYPE} of {len(data)} bytes")
     return cls.from_dict(d)
+
+
+# --- the names of the versions a job publishes -----------------------------------------------
+
+# A job publishes, per task, the worker's delta, and per round the merged version and the
+# int8 outer update that turns the previous version into it. The deltas and updates are
+# the job's internals (`iollm model list` hides them unless --all); the round versions are
+# models. Names are all that every node sees of a version it only heard announced, so the
+# role is read from them: these functions make the names and `job_version_role` reads them.
+_DELTA_NAME = re.compile(r"delta [0-9a-f]{12} [A-Za-z0-9._:-]{1,64}")
+_UPDATE_NAME = re.compile(r".+ update r[0-9]+")
+
+
+def delta_version_name(job: bytes, task_id: str) -> str:
+    return f"delta {job.hex()[:12]} {task_id}"
+
+
+def update_version_name(job_name: str, round_: int) -> str:
+    """The outer update that round ``round_`` (0-based) made."""
+    return f"{job_name} update r{round_ + 1}"
+
+
+def round_version_name(job_name: str, round_: int) -> str:
+    """The version round ``round_`` (0-based) made."""
+    return f"{job_name} r{round_ + 1}"
+
+
+def job_version_role(name: str) -> str | None:
+    """"delta" or "update" for a name a job gives its internal versions, else None."""
+    if _DELTA_NAME.fullmatch(name):
+        return "delta"
+    if _UPDATE_NAME.fullmatch(name):
+        return "update"
+    return None

@@ -88,6 +88,15 @@ def test_init_stdlib_submit_status_receipts(tmp_path: Path) -> None:
         assert status["status"] == "done" and status["rounds"][0]["accepted"] == 2, status
         (rnd,) = status["rounds"]
         assert rnd["heldout_after"] < rnd["heldout_before"]
+        # The job's deltas and outer update are hidden from `model list` unless --all; the
+        # version the round made is the latest of its lineage (its base is not).
+        models = iollm("model", "list", *home)
+        assert "delta " not in models.stdout and "update r1" not in models.stdout
+        assert "3 job-internal deltas and updates hidden" in models.stderr, models.stderr
+        rows = {ln[:12]: ln for ln in models.stdout.splitlines()[1:]}
+        assert "  *  " in rows[status["base"][:12]] and "  *  " not in rows[base[:12]], rows
+        everything = iollm("model", "list", "--all", *home).stdout
+        assert everything.count(" delta ") == 2 and "update r1" in everything
         listed = iollm("job", "list", *home).stdout
         assert job[:12] in listed and "done" in listed
 

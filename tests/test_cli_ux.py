@@ -11,7 +11,14 @@ from typing import Any
 from node.api.client import ApiClientError
 from node.cli.common import explain_api_error
 from node.cli.jobview import JobWatch, format_status, round_summary
+from node.cli.models import latest_of_lineage
 from protocol.checking import judge, passed_checks
+from protocol.jobs import (
+    delta_version_name,
+    job_version_role,
+    round_version_name,
+    update_version_name,
+)
 
 
 def test_api_errors_say_what_is_wrong_not_the_transport() -> None:
@@ -140,3 +147,22 @@ def test_passed_checks_follow_the_rule() -> None:
     assert judge(metrics, {"min_heldout_gain": -0.2})[0] == "reject"
     assert any("tolerated up to 0.5" in c
                for c in passed_checks(metrics, {"min_heldout_gain": -0.5}))
+
+
+# -- model list ------------------------------------------------------------------------
+
+
+def test_job_internal_versions_are_told_by_name() -> None:
+    job = bytes.fromhex("ab" * 32)
+    assert job_version_role(delta_version_name(job, "r0-t1")) == "delta"
+    assert job_version_role(update_version_name("stdlib-tiny", 0)) == "update"
+    for model in (round_version_name("stdlib-tiny", 0), "gpt-tiny", "delta", "my update",
+                  "delta abababababab", "update r1"):
+        assert job_version_role(model) is None, model
+
+
+def test_latest_of_each_lineage() -> None:
+    versions = [{"version": "base", "parents": []}, {"version": "r1", "parents": ["base"]},
+                {"version": "r2", "parents": ["r1"]}, {"version": "other", "parents": []},
+                {"version": "fork", "parents": ["r1"]}]
+    assert latest_of_lineage(versions) == {"r2", "other", "fork"}

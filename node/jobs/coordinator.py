@@ -78,8 +78,10 @@ from protocol.jobs import (
     open_job,
     parse_job_toml,
     receipt_id,
+    round_version_name,
     seal_job,
     seal_receipt,
+    update_version_name,
 )
 from protocol.ledger import RoundRecord
 from protocol.smip import id_hex
@@ -663,10 +665,11 @@ class Jobs:
             "heldout_fraction": spec.heldout_fraction, "eval_batches": spec.eval_batches,
             "batch_size": spec.batch_size, "seq_len": spec.seq_len, "seed": spec.seed,
             "threads": self.threads}, timeout_s=OUTER_TIMEOUT_S, what="the outer step")
-        new = await self.models.publish(out_dir, kind="model", name=f"{spec.name} r{r + 1}",
+        new = await self.models.publish(out_dir, kind="model",
+                                        name=round_version_name(spec.name, r),
                                         parents=[state["base"]])
         upd = await self.models.publish(update, kind="model",
-                                        name=f"{spec.name} update r{r + 1}")
+                                        name=update_version_name(spec.name, r))
         loss = finite(answer.get("heldout_loss"), "heldout_loss")
         record.update(version=new, update=upd, heldout_after=loss)
         old_momentum = state["momentum"]

@@ -49,6 +49,7 @@ from protocol.jobs import (
     TaskResult,
     Verdict,
     check_assign,
+    delta_version_name,
     seal_task_result,
 )
 from protocol.smip import id_hex
@@ -294,8 +295,8 @@ class Worker:
                                             on_step=on_step)
             self.stats.train_s += float(answer.get("wall_s") or 0.0)
             delta = await models.publish(out_dir / "delta.safetensors", kind="model",
-                                         name=f"delta {id_hex(assign.job_id)[:12]} "
-                                              f"{assign.task_id}")
+                                         name=delta_version_name(assign.job_id,
+                                                                 assign.task_id))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         result = TaskResult(
