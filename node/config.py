@@ -66,7 +66,8 @@ bench_seconds = 0.5
 # of probing again: each probe imports torch in a child process. 0 probes at every start.
 reuse_s = 600.0
 # TEST ONLY: pretend to have these GPUs, e.g.
-# fake_gpus = [{name = "NVIDIA A100-SXM4-40GB", memory_gb = 40, compute_capability = "8.0"}]
+# fake_gpus = [{name = "NVIDIA A100-SXM4-40GB", memory_gb = 40, compute_capability = "8.0",
+#               tflops = 250}]   # tflops: the simulated bf16 matmul TFLOP/s
 fake_gpus = []
 
 [store]

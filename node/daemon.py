@@ -60,7 +60,7 @@ from node.identity import load_key
 from node.jobs.coordinator import Jobs
 from node.jobs.receipts import Receipts
 from node.jobs.worker import Worker
-from node.ml.probe import parse_fake_gpus, probe_in_subprocess
+from node.ml.probe import fake_gpus_tflops, parse_fake_gpus, probe_in_subprocess
 from node.p2p import Network, PeerInfo, open_network
 from node.p2p.host import (
     ListenError,
@@ -209,6 +209,7 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
     bootstrap = [peer_info_from_multiaddr(a) for a in bootstrap_addrs]
     try:
         fake_gpus = parse_fake_gpus(config.probe.fake_gpus) if config.probe.fake_gpus else None
+        fake_tflops = fake_gpus_tflops(config.probe.fake_gpus) if fake_gpus else None
     except ValueError as exc:
         raise ConfigError(f"probe.fake_gpus: {exc}") from None
     api_port = config.api.port if options.api_port is None else options.api_port
@@ -217,6 +218,7 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
     log.info("probing the environment (%.1f s benchmark)", config.probe.bench_seconds)
     env = await probe_in_subprocess(
         home, bench_seconds=config.probe.bench_seconds, fake_gpus=fake_gpus,
+        fake_tflops=fake_tflops,
         cache=cache_dir() if config.probe.reuse_s > 0 else None,
         cache_max_age_s=config.probe.reuse_s)
     registry = CollectorRegistry()

@@ -134,7 +134,9 @@ def _describe(record: dict[str, Any]) -> str:
         hw = ", ".join(f"{n}x {label}" for label, n in names.items())
     else:
         hw = "CPU only"
-    return (f"{hw}; {env['tflops']:.3g} TFLOP/s {env['tflops_dtype']}; "
+    # A testnet's simulated GPUs (config [probe] fake_gpus) say so, figure included.
+    sim = " (simulated)" if env.get("tflops_device") == "simulated" else ""
+    return (f"{hw}{sim}; {env['tflops']:.3g} TFLOP/s {env['tflops_dtype']}{sim}; "
             f"{env['cpu_cores']} cores, {_gib(env['ram_bytes'])} RAM")
 
 

@@ -29,13 +29,20 @@ TESTNET_BLOCK_INTERVAL_MS = 1000
 DEFAULT_VALIDATORS = 4  # the first nodes (bootstrap first) validate: 3f+1 with f = 1
 LOCAL_LISTEN = "/ip4/127.0.0.1/tcp/0"
 
-# Simulated GPUs for the demo (--simulate-gpus): node i gets entry i % len.
+# Simulated GPUs for the demo (--simulate-gpus): node i gets entry i % len. "tflops" is
+# the bf16 matmul rate the record then claims: about 70% of each card's peak dense bf16
+# tensor rate (H100 SXM 989, A100 312, RTX 4090 165, RTX 3060 25.6 with fp32
+# accumulation), what a large matmul reaches; the record says "simulated".
 SIMULATED_GPUS: list[list[dict[str, Any]]] = [
-    [{"name": "NVIDIA H100 80GB HBM3", "memory_gb": 80, "compute_capability": "9.0"}],
-    [{"name": "NVIDIA GeForce RTX 4090", "memory_gb": 24, "compute_capability": "8.9"}],
+    [{"name": "NVIDIA H100 80GB HBM3", "memory_gb": 80, "compute_capability": "9.0",
+      "tflops": 700}],
+    [{"name": "NVIDIA GeForce RTX 4090", "memory_gb": 24, "compute_capability": "8.9",
+      "tflops": 115}],
     [],
-    [{"name": "NVIDIA A100-SXM4-40GB", "memory_gb": 40, "compute_capability": "8.0"}] * 2,
-    [{"name": "NVIDIA GeForce RTX 3060", "memory_gb": 12, "compute_capability": "8.6"}],
+    [{"name": "NVIDIA A100-SXM4-40GB", "memory_gb": 40, "compute_capability": "8.0",
+      "tflops": 220}] * 2,
+    [{"name": "NVIDIA GeForce RTX 3060", "memory_gb": 12, "compute_capability": "8.6",
+      "tflops": 18}],
 ]
 
 
@@ -46,7 +53,8 @@ class TestnetError(Exception):
 def _toml_gpus(gpus: list[dict[str, Any]]) -> str:
     items = ", ".join(
         f'{{name = "{g["name"]}", memory_gb = {g["memory_gb"]}, '
-        f'compute_capability = "{g["compute_capability"]}"}}' for g in gpus)
+        f'compute_capability = "{g["compute_capability"]}", tflops = {g["tflops"]}}}'
+        for g in gpus)
     return f"[{items}]"
 
 
