@@ -101,6 +101,7 @@ class NodeSpec:
     genesis: Genesis | None = None
     bootstrap: list[PeerInfo] = field(default_factory=list)
     software: str = SOFTWARE
+    name: str = ""  # [node] name, carried in the capability record
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     chain_class: type[Chain] = Chain  # tests run misbehaving validators
 
@@ -135,7 +136,7 @@ async def build_node(spec: NodeSpec) -> AsyncIterator[Node]:
     ):
         discovery = Discovery(net, spec.key, storage, spec.discovery, spec.env,
                               software=spec.software, clock_ms=spec.clock_ms, metrics=metrics,
-                              bootstrap=spec.bootstrap)
+                              bootstrap=spec.bootstrap, name=spec.name)
         node = Node(spec.key, net, storage, discovery)
         await nursery.start(discovery.run)
         if store is not None:
@@ -229,14 +230,15 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
                     discovery=config.discovery, clock_ms=clock_ms,
                     store=config.store.directory(home), quota_bytes=config.store.quota_bytes,
                     worker=config.worker, genesis=genesis, bootstrap=bootstrap,
-                    registry=registry)
+                    registry=registry, name=config.node.name)
     async with build_node(spec) as node, trio.open_nursery() as nursery:
         assert node.models is not None and node.jobs is not None and node.receipts is not None
         models = node.models
         routes: Routes = status_routes(node.net, node.discovery, env, SOFTWARE)
         routes.update(model_routes(models, ops, nursery))
         routes.update(ledger_routes(node.chain,
-                                    lambda text: resolve_version(models, text, "model")))
+                                    lambda text: resolve_version(models, text, "model"),
+                                    node.discovery.name_of))
         routes.update(job_routes(node.jobs, node.receipts, models, ops, nursery, home / "tmp"))
         try:
             port = await nursery.start(

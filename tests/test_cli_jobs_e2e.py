@@ -144,6 +144,9 @@ def check_ledger(tmp_path: Path, net: Path, job: str, workers: set[str], base: s
     assert total, table
     assert int(total[1]) == int(total[3]) == sum(earned.values()), table
     assert int(total[2]) == len(earned) and designer in table
+    # Each account beside its node's name ([node] name, from its capability record).
+    line = next(ln for ln in table.splitlines() if designer in ln)
+    assert line.endswith(f"{designer}  node-1"), table
     one = iollm("ledger", "balance", "--home", str(net / "node-2"), "--json").stdout
     assert json.loads(one)["balance"] == earned.get(names["node-2"], 0)
     not_a_peer = iollm("ledger", "balance", "alice", "--home", str(net / "node-2"), check=False)

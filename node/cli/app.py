@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from node import __version__
-from node.cli.common import CliError, call_node, home_of, int_arg, nonnegative
+from node.cli.common import CliError, call_node, home_of, int_arg, named, nonnegative
 from node.config import (
     CONFIG_FILE,
     DEFAULT_CONFIG_TOML,
@@ -149,7 +149,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
         print("no connected peers")
     for p in peers:
         cap = p["capability"]
-        print(f"{p['peer_id']}  {_describe(cap) if cap else '(no valid capability record)'}")
+        print(f"{p['peer_id']}  {named(cap)}"
+              f"{_describe(cap) if cap else '(no valid capability record)'}")
     return 0
 
 
@@ -165,7 +166,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         return 0
     print(f"{len(records)} node(s) match")
     for r in records:
-        print(f"{r['peer_id']}  {_describe(r)}")
+        print(f"{r['peer_id']}  {named(r)}{_describe(r)}")
     return 0
 
 

@@ -90,5 +90,12 @@ def when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def named(row: dict[str, Any] | None, width: int = 0) -> str:
+    """A node's name (its capability record's, as the API gives it) and two spaces, to
+    follow its peer id; padded to ``width``; "" when it has none."""
+    name = (row or {}).get("name") or ""
+    return f"{name:<{width}}  " if name or width else ""
+
+
 def short_peer(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 20 else f"{peer_id[:10]}…{peer_id[-6:]}"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from node.cli.common import CliError, call_node, home_of, int_arg, short_peer, when
+from node.cli.common import CliError, call_node, home_of, int_arg, named, short_peer, when
 from node.config import RUNTIME_FILE, STATE_DB
 
 VERIFY_PROGRESS_EVERY = 200  # blocks between progress lines on stderr
@@ -35,8 +35,9 @@ def cmd_ledger_balance(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
             return 0
+        width = max((len(r.get("name") or "") for r in rows), default=0)
         for r in rows:
-            print(f"{r['balance']:>16}  {r['peer']}")
+            print(f"{r['balance']:>16}  {r['peer']}  {named(r, width)}".rstrip())
         info = call_node(args, "/v1/ledger")
         t = info["totals"]
         print(f"{sum(r['balance'] for r in rows):>16}  total of {len(rows)} accounts at height "
@@ -48,7 +49,7 @@ def cmd_ledger_balance(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(b, indent=2))
         return 0
-    print(f"{b['balance']}  {b['peer']}  (height {b['height']})")
+    print(f"{b['balance']}  {b['peer']}  {named(b)}(height {b['height']})")
     return 0
 
 

@@ -58,8 +58,9 @@ def _toml_gpus(gpus: list[dict[str, Any]]) -> str:
     return f"[{items}]"
 
 
-def _node_config(fake_gpus: list[dict[str, Any]] | None) -> str:
-    text = DEFAULT_CONFIG_TOML.replace('listen = ["/ip4/0.0.0.0/tcp/4001"]',
+def _node_config(fake_gpus: list[dict[str, Any]] | None, name: str = "") -> str:
+    text = DEFAULT_CONFIG_TOML.replace('name = ""', f'name = "{name}"')
+    text = text.replace('listen = ["/ip4/0.0.0.0/tcp/4001"]',
                                        f'listen = ["{LOCAL_LISTEN}"]')
     text = text.replace("port = 7780", "port = 0")
     text = text.replace("bench_seconds = 0.5", "bench_seconds = 0.2")
@@ -189,7 +190,7 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
         for i, name in enumerate(names):
             home = directory / name
             gpus = SIMULATED_GPUS[(i - 1) % len(SIMULATED_GPUS)] if simulate_gpus and i else None
-            (home / "config.toml").write_text(_node_config(gpus))
+            (home / "config.toml").write_text(_node_config(gpus, name))
             (home / RUNTIME_FILE).unlink(missing_ok=True)
             bootstrap = infos[0]["addrs"][0] if infos else None
             proc = _start(name, home, bootstrap, genesis)
