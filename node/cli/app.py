@@ -323,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, metavar="S",
                    help="seconds to wait for the testnet to be ready (default 120)")
     p.set_defaults(func=cmd_testnet_up)
+    from node.cli.compose import add_testnet_init
+
+    add_testnet_init(t_sub)
     p = t_sub.add_parser("down", help="stop the testnet's processes")
     p.add_argument("--dir", default="testnet", metavar="DIR",
                    help="testnet directory (default ./testnet)")
