@@ -29,6 +29,9 @@ DEFAULT_CONFIG_TOML = """\
 # iollm node configuration. Every key is optional; the value shown is the default.
 
 [node]
+# A name for this node, shown beside its peer id (peers, balances); carried in its signed
+# capability record. At most 64 printable characters; "" for none.
+name = ""
 # Multiaddrs to listen on (TCP only). Port 0 picks a free port.
 listen = ["/ip4/0.0.0.0/tcp/4001"]
 # Bootstrap peers, full multiaddrs ending in /p2p/<peer id>.
@@ -66,7 +69,8 @@ bench_seconds = 0.5
 # of probing again: each probe imports torch in a child process. 0 probes at every start.
 reuse_s = 600.0
 # TEST ONLY: pretend to have these GPUs, e.g.
-# fake_gpus = [{name = "NVIDIA A100-SXM4-40GB", memory_gb = 40, compute_capability = "8.0"}]
+# fake_gpus = [{name = "NVIDIA A100-SXM4-40GB", memory_gb = 40, compute_capability = "8.0",
+#               tflops = 250}]   # tflops: the simulated bf16 matmul TFLOP/s
 fake_gpus = []
 
 [store]
@@ -166,6 +170,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class NodeSection:
+    name: str = ""
     listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/4001"])
     bootstrap: list[str] = field(default_factory=list)
     bootstrap_file: str = ""
@@ -328,6 +333,14 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
             kwargs[key] = _check_value(f"{source}: {name}.{key}", item, getattr(defaults, key))
         sections[name] = cls(**kwargs)
     config = Config(**sections)
+    if config.node.name:
+        from protocol.capability import check_node_name  # nacl: not for every CLI start
+        from protocol.errors import ProtocolError
+
+        try:
+            check_node_name(config.node.name)
+        except ProtocolError as exc:
+            raise ConfigError(f"{source}: node.{exc}") from None
     d = config.discovery
     if min(d.refresh_interval_s, d.gossip_interval_s, d.query_timeout_s, d.rpc_timeout_s,
            d.retry_interval_s) <= 0:

@@ -62,7 +62,7 @@ from node.identity import load_key
 from node.jobs.coordinator import Jobs
 from node.jobs.receipts import Receipts
 from node.jobs.worker import Worker
-from node.ml.probe import parse_fake_gpus, probe_in_subprocess
+from node.ml.probe import fake_gpus_tflops, parse_fake_gpus, probe_in_subprocess
 from node.p2p import Network, PeerInfo, open_network
 from node.p2p.host import (
     ListenError,
@@ -103,6 +103,7 @@ class NodeSpec:
     genesis: Genesis | None = None
     bootstrap: list[PeerInfo] = field(default_factory=list)
     software: str = SOFTWARE
+    name: str = ""  # [node] name, carried in the capability record
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     chain_class: type[Chain] = Chain  # tests run misbehaving validators
     chain: ChainSection = field(default_factory=ChainSection)
@@ -139,7 +140,7 @@ async def build_node(spec: NodeSpec) -> AsyncIterator[Node]:
     ):
         discovery = Discovery(net, spec.key, storage, spec.discovery, spec.env,
                               software=spec.software, clock_ms=spec.clock_ms, metrics=metrics,
-                              bootstrap=spec.bootstrap)
+                              bootstrap=spec.bootstrap, name=spec.name)
         node = Node(spec.key, net, storage, discovery)
         await nursery.start(discovery.run)
         if store is not None:
@@ -213,6 +214,7 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
     bootstrap = [peer_info_from_multiaddr(a) for a in bootstrap_addrs]
     try:
         fake_gpus = parse_fake_gpus(config.probe.fake_gpus) if config.probe.fake_gpus else None
+        fake_tflops = fake_gpus_tflops(config.probe.fake_gpus) if fake_gpus else None
     except ValueError as exc:
         raise ConfigError(f"probe.fake_gpus: {exc}") from None
     api_port = config.api.port if options.api_port is None else options.api_port
@@ -221,6 +223,7 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
     log.info("probing the environment (%.1f s benchmark)", config.probe.bench_seconds)
     env = await probe_in_subprocess(
         home, bench_seconds=config.probe.bench_seconds, fake_gpus=fake_gpus,
+        fake_tflops=fake_tflops,
         cache=cache_dir() if config.probe.reuse_s > 0 else None,
         cache_max_age_s=config.probe.reuse_s)
     registry = CollectorRegistry()
@@ -231,14 +234,16 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
                     discovery=config.discovery, clock_ms=clock_ms,
                     store=config.store.directory(home), quota_bytes=config.store.quota_bytes,
                     worker=config.worker, genesis=genesis, bootstrap=bootstrap,
-                    registry=registry, chain=config.chain, smip=config.smip)
+                    registry=registry, name=config.node.name, chain=config.chain,
+                    smip=config.smip)
     async with build_node(spec) as node, trio.open_nursery() as nursery:
         assert node.models is not None and node.jobs is not None and node.receipts is not None
         models = node.models
         routes: Routes = status_routes(node.net, node.discovery, env, SOFTWARE)
         routes.update(model_routes(models, ops, nursery))
         routes.update(ledger_routes(node.chain,
-                                    lambda text: resolve_version(models, text, "model")))
+                                    lambda text: resolve_version(models, text, "model"),
+                                    node.discovery.name_of))
         routes.update(job_routes(node.jobs, node.receipts, models, ops, nursery, home / "tmp"))
         try:
             port = await nursery.start(

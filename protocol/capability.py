@@ -55,6 +55,7 @@ MAX_ADDRS = 16
 MAX_STR_CHARS = 256  # free-text fields and multiaddrs
 MAX_SHORT_STR_CHARS = 32  # tags: tflops_dtype, tflops_device, compute_capability
 MAX_SOFTWARE_CHARS = 64
+MAX_NODE_NAME_CHARS = 64  # the optional ``name`` an operator gives a node
 MAX_CPU_CORES = 1 << 20
 MAX_TFLOPS = 1e6  # an exaflop per node is not a measurement, it is a lie
 
@@ -237,6 +238,7 @@ class CapabilityRecord:
     created_ms: int
     expires_ms: int
     env: EnvReport
+    name: str = ""  # the operator's name for the node ([node] name); "" when none
 
     def __post_init__(self) -> None:
         try:
@@ -263,6 +265,7 @@ class CapabilityRecord:
             _fail(f"lifetime over MAX_LIFETIME_MS={MAX_LIFETIME_MS}", "bad-lifetime")
         if not isinstance(self.env, EnvReport):
             _fail(f"env must be an EnvReport, got {type(self.env).__name__}")
+        check_node_name(self.name)
 
     def to_dict(self) -> dict[str, Any]:
         """The body map, version field ``v`` included."""
@@ -275,6 +278,9 @@ class CapabilityRecord:
             "created_ms": self.created_ms,
             "expires_ms": self.expires_ms,
             "env": self.env.to_dict(),
+            # Only when set: a record without a name encodes as before this field, so
+            # nodes that do not know it still take the records of unnamed nodes.
+            **({"name": self.name} if self.name else {}),
         }
 
     @classmethod
@@ -292,7 +298,7 @@ class CapabilityRecord:
                 f"capability version {v!r}, this node speaks {CAPABILITY_VERSION}",
             )
         try:
-            d = dict(_check_keys("capability", d, _RECORD_KEYS))
+            d = dict(_check_keys("capability", d, _RECORD_KEYS, _OPTIONAL_RECORD_KEYS))
             addrs = d["addrs"]
             if not isinstance(addrs, list):
                 _fail(f"addrs must be an array, got {type(addrs).__name__}")
@@ -305,6 +311,7 @@ class CapabilityRecord:
                 created_ms=d["created_ms"],
                 expires_ms=d["expires_ms"],
                 env=env,
+                name=d.get("name", ""),
             )
         except _Invalid as exc:
             raise _remote(exc) from None
@@ -322,6 +329,17 @@ class CapabilityRecord:
 _RECORD_KEYS = frozenset(
     {"v", "peer_id", "addrs", "software", "seq", "created_ms", "expires_ms", "env"}
 )
+_OPTIONAL_RECORD_KEYS = frozenset({"name"})
+
+
+def check_node_name(name: object) -> None:
+    """A node's name: at most MAX_NODE_NAME_CHARS printable characters, no spaces at
+    either end (it is shown in terminals beside peer ids: no control characters, no
+    escape sequences); "" for none."""
+    _check_str("name", name, MAX_NODE_NAME_CHARS)
+    if isinstance(name, str) and (not name.isprintable() or name != name.strip()):
+        _fail(f"name {name[:MAX_NODE_NAME_CHARS]!r} must be printable, without spaces at "
+              f"either end")
 
 
 
@@ -343,10 +361,12 @@ def new_capability_record(
     seq: int,
     now_ms: int,
     lifetime_ms: int = DEFAULT_LIFETIME_MS,
+    name: str = "",
 ) -> CapabilityRecord:
     """A record created now and expiring ``lifetime_ms`` later (LocalProtocolError if
     any field is invalid)."""
-    return CapabilityRecord(peer_id, addrs, software, seq, now_ms, now_ms + lifetime_ms, env)
+    return CapabilityRecord(peer_id, addrs, software, seq, now_ms, now_ms + lifetime_ms, env,
+                            name)
 
 
 # --- signing and verification --------------------------------------------------------------

@@ -118,3 +118,42 @@ def judge(metrics: Mapping[str, Any],
         return "reject", (f"gain on its own training windows {own:.4f} does not exceed the "
                           f"gain on other data {other:.4f} by {th.min_own_excess:g}")
     return "accept", "ok"
+
+
+def passed_checks(metrics: Mapping[str, Any],
+                  params: Mapping[str, float] | Thresholds | None = None) -> list[str]:
+    """What an accepted delta passed, one line per check of :func:`judge` that applied,
+    in its order, with the measured value and the threshold. A held-out loss that rose
+    is said so, with why the rule tolerates it (the rise is within ``min_heldout_gain``:
+    one slice can be atypical, and the round merges every accepted delta)."""
+    th = judge_thresholds(params)
+
+    def get(name: str) -> float | None:
+        v = metrics.get(name)
+        return None if v is None or isinstance(v, bool) else float(v)
+
+    out = []
+    if metrics.get("reexec_match") is True:
+        out.append(f"re-executed: same delta (relative diff {get('reexec_diff') or 0:.2g} "
+                   f"<= {th.reexec_tol:g})")
+    rel = get("rel_norm")
+    if rel is not None:
+        out.append(f"work done: delta norm {rel:.2g} of the base's >= {th.min_rel_norm:g}")
+    cos = get("max_cosine_earlier")
+    if cos is not None:
+        out.append(f"not a copy: cosine {cos:.2f} with earlier deltas <= {th.max_cosine:g}")
+    gain = get("heldout_gain")
+    if gain is not None:
+        if gain >= 0:
+            out.append(f"held-out loss fell {gain:.4f}")
+        else:
+            out.append(f"held-out loss rose {-gain:.4f}, tolerated up to "
+                       f"{-th.min_heldout_gain:g} (checks.heldout_tolerance): one slice can "
+                       f"be atypical, and the round merges every accepted delta")
+    own, other = get("own_gain"), get("other_gain")
+    if own is not None:
+        out.append(f"trained on its slice: loss fell {own:.4f} on its own windows "
+                   f">= {th.min_own_gain:g}")
+    if own is not None and other is not None:
+        out.append(f"own-minus-other gain {own - other:+.4f} >= {th.min_own_excess:g}")
+    return out

@@ -9,7 +9,8 @@ and ``now_ms``; node/ does the streams, the training and the storage.
   signature covers, so nobody but the signer can make two ids for one job (an envelope can
   be re-encoded by anyone; see specs/jobs.md, FAQ).
 * On one task stream the coordinator sends :class:`TaskAssign`, the worker answers
-  :class:`TaskReply`, later sends its :class:`TaskResult` sealed under
+  :class:`TaskReply`, may send :class:`TaskProgress` while it trains, then its
+  :class:`TaskResult` sealed under
   ``iollm/task-result/v1``, and the coordinator answers :class:`Verdict`.
 * An accepted result yields a :class:`Receipt` (``iollm/receipt/v1``) sealed by the
   coordinator around the worker's sealed result: both signatures in one record, each
@@ -83,6 +84,7 @@ JOBS_VERSION = 1  # body field "v" of every message below
 MAX_JOB_BYTES = 4096  # whole envelope
 MAX_ASSIGN_BYTES = MAX_JOB_BYTES + 1024
 MAX_REPLY_BYTES = 2048  # a reason of MAX_REASON_CHARS 4-byte characters fits
+MAX_PROGRESS_BYTES = 256  # a task id and five numbers
 MAX_RESULT_BYTES = 1024  # whole envelope
 MAX_RECEIPT_BYTES = 4096  # whole envelope, the worker's result inside
 MAX_VERDICT_BYTES = MAX_RECEIPT_BYTES + 2048
@@ -400,6 +402,32 @@ class TaskReply(_Message):
 
 
 @dataclass(frozen=True)
+class TaskProgress(_Message):
+    """Worker -> coordinator, on a ``/iollm/task/1.1.0`` stream between its reply and its
+    result, at most every ``PROGRESS_EVERY_S``: ``step`` of ``steps`` inner steps are
+    done, the last measured training ``loss``, ``tokens`` trained so far in ``wall_ms``
+    since the task was taken. For display only: nothing is paid or checked on it."""
+
+    TYPE: ClassVar[str] = "task-progress"
+    MAX_BYTES: ClassVar[int] = MAX_PROGRESS_BYTES
+
+    task_id: str
+    step: int
+    steps: int
+    loss: float
+    tokens: int
+    wall_ms: int
+
+    def __post_init__(self) -> None:
+        _check_task_id(self.task_id)
+        check_int("steps", self.steps, 1, MAX_INNER_STEPS)
+        check_int("step", self.step, 0, self.steps)
+        _check_float("loss", self.loss, 0.0, MAX_LOSS)
+        check_int("tokens", self.tokens)
+        check_int("wall_ms", self.wall_ms)
+
+
+@dataclass(frozen=True)
 class TaskResult(_Message):
     """Worker's signed statement: for this task it trained, published ``delta_version``
     (through SMIP), on ``tokens`` tokens, with these losses and wall time."""
@@ -608,12 +636,23 @@ class Verdict(_Message):
         return cls(task_id, False, safe_reason(reason))
 
 
-Message = TaskAssign | TaskReply | Verdict
-_UNSEALED: dict[str, type[TaskAssign] | type[TaskReply] | type[Verdict]] = {
-    c.TYPE: c for c in (TaskAssign, TaskReply, Verdict)
+Message = TaskAssign | TaskReply | TaskProgress | Verdict
+_UNSEALED: dict[str, type[TaskAssign] | type[TaskReply] | type[TaskProgress] | type[Verdict]] = {
+    c.TYPE: c for c in (TaskAssign, TaskReply, TaskProgress, Verdict)
 }
 
 
+def decode_worker_frame(data: bytes) -> TaskProgress | TaskResult:
+    """A frame the worker sends after its reply: a :class:`TaskProgress`, or its sealed
+    result (checked as :func:`open_task_result` does). Both are msgpack maps; progress is
+    told apart by its type tag (an envelope has none)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise RemoteProtocolError("malformed", "a frame must be bytes")
+    if len(data) <= MAX_PROGRESS_BYTES:
+        d = unpack_strict(bytes(data), MAX_PROGRESS_BYTES)
+        if isinstance(d, dict) and d.get("type") == TaskProgress.TYPE:
+            return TaskProgress.from_dict(d)
+    return open_task_result(bytes(data))
 def decode_message(data: bytes) -> Message:
     """Decode any unsealed task-stream message by its type tag (sealed results travel as
     envelopes: :func:`open_task_result`)."""
@@ -630,3 +669,37 @@ def decode_message(data: bytes) -> Message:
     if len(data) > cls.MAX_BYTES:
         raise RemoteProtocolError("oversized", f"{cls.TYPE} of {len(data)} bytes")
     return cls.from_dict(d)
+
+
+# --- the names of the versions a job publishes -----------------------------------------------
+
+# A job publishes, per task, the worker's delta, and per round the merged version and the
+# int8 outer update that turns the previous version into it. The deltas and updates are
+# the job's internals (`iollm model list` hides them unless --all); the round versions are
+# models. Names are all that every node sees of a version it only heard announced, so the
+# role is read from them: these functions make the names and `job_version_role` reads them.
+_DELTA_NAME = re.compile(r"delta [0-9a-f]{12} [A-Za-z0-9._:-]{1,64}")
+_UPDATE_NAME = re.compile(r".+ update r[0-9]+")
+
+
+def delta_version_name(job: bytes, task_id: str) -> str:
+    return f"delta {job.hex()[:12]} {task_id}"
+
+
+def update_version_name(job_name: str, round_: int) -> str:
+    """The outer update that round ``round_`` (0-based) made."""
+    return f"{job_name} update r{round_ + 1}"
+
+
+def round_version_name(job_name: str, round_: int) -> str:
+    """The version round ``round_`` (0-based) made."""
+    return f"{job_name} r{round_ + 1}"
+
+
+def job_version_role(name: str) -> str | None:
+    """"delta" or "update" for a name a job gives its internal versions, else None."""
+    if _DELTA_NAME.fullmatch(name):
+        return "delta"
+    if _UPDATE_NAME.fullmatch(name):
+        return "update"
+    return None

@@ -6,12 +6,37 @@
 # stdlib corpus runs on the testnet (loss per round, receipts); its receipts and round
 # records become final on the testnet's chain, the balances they earned are shown, one
 # node's stored chain is replayed from genesis, a revenue record for the final model is
-# split along its lineage; then the testnet is stopped.
+# split along its lineage; then the testnet is stopped and its directory (a few hundred
+# MB: homes, stores, logs) removed.
+#
+#   bash scripts/demo.sh [--keep]     --keep: leave the directory for a look afterwards
+#   IOLLM_DEMO_DIR=DIR                run in DIR (kept: it is yours), not a fresh temp dir
+#   IOLLM_DEMO_NODES=N                nodes besides the bootstrap node (default and least: 3)
+keep=0
+for arg in "$@"; do
+    case "$arg" in
+        --keep) keep=1 ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "demo.sh: unknown argument $arg (--keep, --help)" >&2; exit 2 ;;
+    esac
+done
 source "$(dirname "$0")/setup.sh"
+[ -n "${IOLLM_DEMO_DIR:-}" ] && keep=1
 dir=${IOLLM_DEMO_DIR:-$(mktemp -d -t iollm-demo.XXXXXX)}
-trap 'iollm testnet down --dir "$dir" || true' EXIT
-echo "== iollm testnet up --nodes 3 --simulate-gpus --dir $dir"
-iollm testnet up --nodes 3 --simulate-gpus --dir "$dir"
+nodes=${IOLLM_DEMO_NODES:-3}
+finish() {
+    iollm testnet down --dir "$dir" || true
+    if [ "$keep" = 1 ]; then
+        echo "== the demo's files are kept in $dir (remove them with: rm -rf $dir)"
+    else
+        size=$(du -sh "$dir" 2>/dev/null | cut -f1)
+        rm -rf "$dir"
+        echo "== removed the demo's directory $dir (${size:-?}; --keep keeps it)"
+    fi
+}
+trap finish EXIT
+echo "== iollm testnet up --nodes $nodes --simulate-gpus --dir $dir"
+iollm testnet up --nodes "$nodes" --simulate-gpus --dir "$dir"
 echo
 echo "== iollm env (this machine, as the probe sees it)"
 iollm env --bench-seconds 0.3

@@ -10,11 +10,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.iollm-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "== installing torch==2.13.0 and iollm (editable, with test extras)"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 2>&1 \
-        | grep -v "^WARNING: Location" || true
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 \
-        | grep -v "^WARNING: Location" || true
+    # pip's own lines, one per package it collects, are the progress of a set-up that
+    # takes a minute or two; the rest of its chatter is left out.
+    progress() { grep --line-buffered -E "^(Collecting|Successfully installed)" \
+        | cut -c1-100 | sed -u 's/^/   /' || true; }
+    echo "== installing torch==2.13.0 (CPU)"
+    .venv/bin/python -m pip install --disable-pip-version-check torch==2.13.0 2>&1 | progress || true
+    echo "== installing iollm (editable, with test extras) and its dependencies"
+    .venv/bin/python -m pip install --disable-pip-version-check -e '.[dev]' 2>&1 | progress || true
     .venv/bin/python -c "import torch, libp2p, node, protocol" || {
         echo "setup failed: the imports above did not work" >&2; exit 1; }
     touch "$stamp"

@@ -223,6 +223,7 @@ def test_handler_errors(caplog: pytest.LogCaptureFixture) -> None:
         assert "secret" not in str(error)
         error = await call_error(port, "GET", "/teapot")
         assert (error.status, error.message) == (418, "short and stout")
+        assert str(error) == "short and stout"  # what is wrong, not "(HTTP 418)"
         assert await call(port, "GET", "/status") == {"ok": True, "query": {}}  # still up
 
     run_with_server(body)

@@ -154,6 +154,9 @@ def keyed_records(draw: st.DrawFn) -> tuple[SigningKey, CapabilityRecord]:
         created_ms=created,
         expires_ms=created + draw(st.integers(1, MAX_LIFETIME_MS)),
         env=draw(envs),
+        name=draw(st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp", "Zs",
+                                                              "Cf", "Co", "Cn")),
+                          max_size=64)),
     )
     return KEYS[i], rec
 
@@ -195,6 +198,18 @@ def test_record_sign_verify_round_trip(kr: tuple[SigningKey, CapabilityRecord]) 
     assert CapabilityRecord.decode_body(rec.encode_body()) == rec
     key_str = capability_dht_key(rec.peer_id)
     assert validate_dht_entry(key_str, data, rec.expires_ms - 1) == rec
+
+
+def test_a_name_is_carried_and_old_records_still_decode() -> None:
+    named = dataclasses.replace(record(), name="gpu-box 3 (Zürich)")
+    body = msgpack.unpackb(named.encode_body(), raw=False)
+    assert body["name"] == "gpu-box 3 (Zürich)"
+    assert verify_capability(signed(named), NOW) == named
+    # A record without a name (every record before the field) encodes without the key,
+    # byte for byte as before, and decodes with name "".
+    plain = record()
+    assert "name" not in msgpack.unpackb(plain.encode_body(), raw=False)
+    assert verify_capability(signed(plain), NOW).name == ""
 
 
 def test_body_layout() -> None:
@@ -341,6 +356,11 @@ def test_local_construction_errors_are_local() -> None:
         ({"seq": 2**63}, "malformed"),
         ({"created_ms": -5, "expires_ms": 5}, "malformed"),
         ({"env": {"not": "an env"}}, "malformed"),
+        ({"name": "n" * 65}, "malformed"),
+        ({"name": "\x1b[31mred"}, "malformed"),  # no terminal escapes beside peer ids
+        ({"name": "a\u2028b"}, "malformed"),
+        ({"name": " padded"}, "malformed"),
+        ({"name": 7}, "malformed"),
     ],
 )
 def test_record_validation(change: dict[str, Any], reason: str) -> None:

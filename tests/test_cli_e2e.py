@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.netutil import iollm
+from tests.test_cli_startup import run_probed
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> dict:  # type: ignore[type-arg]
@@ -37,6 +38,11 @@ def test_testnet_up_gpus_and_auth(tmp_path: Path) -> None:
                "--timeout", "150", timeout=200)
     try:
         assert "testnet up" in up.stdout
+        # Progress while it comes up (about 30 s on a loaded machine), on stderr.
+        for line in ("4 node homes and the genesis ready", "bootstrap node listening on",
+                     "node-3 running (4 of 4)", "node-2 published its capability record",
+                     "all 4 records discoverable"):
+            assert line in up.stderr, up.stderr
         state = json.loads((net / "testnet.json").read_text())
         assert len(state["nodes"]) == 4
         all_ids = {n["peer_id"] for n in state["nodes"]}
@@ -50,9 +56,24 @@ def test_testnet_up_gpus_and_auth(tmp_path: Path) -> None:
         assert [r["peer_id"] for r in big] == [by_name["node-1"], by_name["node-2"]]
         human = iollm("gpus", "--min-vram", "40", "--home", str(net / "bootstrap")).stdout
         assert "1 node(s) match" in human and "H100" in human
+        # Simulated GPUs say so, and claim a plausible rate: --min-tflops means something.
+        assert "(simulated); 700 TFLOP/s bf16 (simulated)" in human, human
+        fast = json.loads(iollm("gpus", "--json", "--min-tflops", "100",
+                                "--home", str(net / "node-2")).stdout)
+        assert [r["peer_id"] for r in fast] == [by_name["node-1"], by_name["node-2"]]
 
         peers = json.loads(iollm("peers", "--json", "--home", str(net / "bootstrap")).stdout)
         assert {p["peer_id"] for p in peers} == all_ids - {by_name["bootstrap"]}
+        # Each node's name ([node] name) travels in its record and is shown by its id.
+        assert {p["capability"]["name"] for p in peers} == {"node-1", "node-2", "node-3"}
+        table = iollm("peers", "--home", str(net / "bootstrap")).stdout
+        assert f"{by_name['node-2']}  node-2  1x NVIDIA GeForce RTX 4090" in table, table
+        # Commands that only ask the node load none of the daemon's code (a real node
+        # answering, so every formatting path runs).
+        for argv in (["status"], ["peers"], ["gpus"], ["ledger", "balance", "--all"],
+                     ["model", "list"], ["job", "list"]):
+            proc, loaded = run_probed(*argv, "--home", str(net / "node-1"))
+            assert proc.returncode == 0 and loaded == [], (argv, loaded, proc.stderr)
 
         # The probe ran in a child process: no daemon carries torch (~190 MiB resident).
         for n in state["nodes"]:

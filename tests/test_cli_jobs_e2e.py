@@ -76,12 +76,27 @@ def test_init_stdlib_submit_status_receipts(tmp_path: Path) -> None:
         submitted = iollm("job", "submit", str(good), "--wait", *home, timeout=240)
         job = submitted.stdout.strip()
         assert HEX64.fullmatch(job), submitted.stdout
-        assert "status      done, round 1 of 1" in submitted.stderr, submitted.stderr
+        # Followed as it ran: the round under way (each task's line as its state
+        # changed), then the round's summary (its wall time, not the tasks' sum) and
+        # each task's verdict.
+        err = submitted.stderr
+        assert "round 1/1  training" in err and " 2/2 accepted " in err, err
+        assert "slowest of 2 parallel tasks" in err and f"job {job[:12]} done" in err, err
+        assert "(HTTP" not in err
 
         status = json.loads(iollm("job", "status", job[:10], "--json", *home).stdout)
         assert status["status"] == "done" and status["rounds"][0]["accepted"] == 2, status
         (rnd,) = status["rounds"]
         assert rnd["heldout_after"] < rnd["heldout_before"]
+        # The job's deltas and outer update are hidden from `model list` unless --all; the
+        # version the round made is the latest of its lineage (its base is not).
+        models = iollm("model", "list", *home)
+        assert "delta " not in models.stdout and "update r1" not in models.stdout
+        assert "3 job-internal deltas and updates hidden" in models.stderr, models.stderr
+        rows = {ln[:12]: ln for ln in models.stdout.splitlines()[1:]}
+        assert "  *  " in rows[status["base"][:12]] and "  *  " not in rows[base[:12]], rows
+        everything = iollm("model", "list", "--all", *home).stdout
+        assert everything.count(" delta ") == 2 and "update r1" in everything
         listed = iollm("job", "list", *home).stdout
         assert job[:12] in listed and "done" in listed
 
@@ -129,6 +144,9 @@ def check_ledger(tmp_path: Path, net: Path, job: str, workers: set[str], base: s
     assert total, table
     assert int(total[1]) == int(total[3]) == sum(earned.values()), table
     assert int(total[2]) == len(earned) and designer in table
+    # Each account beside its node's name ([node] name, from its capability record).
+    line = next(ln for ln in table.splitlines() if designer in ln)
+    assert line.endswith(f"{designer}  node-1"), table
     one = iollm("ledger", "balance", "--home", str(net / "node-2"), "--json").stdout
     assert json.loads(one)["balance"] == earned.get(names["node-2"], 0)
     not_a_peer = iollm("ledger", "balance", "alice", "--home", str(net / "node-2"), check=False)

@@ -120,8 +120,25 @@ def test_three_workers_two_rounds_loss_goes_down(tmp_path: Path, assets: dict[st
             assert jobs is not None
             jid = await start_job(nodes, assets, rounds=2, workers=3, inner_steps=20,
                                   reexec_fraction=0.34)
-            await jobs.ended(jid).wait()
+            # While it runs, the status shows the round under way: the workers' progress
+            # (TaskProgress on /iollm/task/1.1.0) and the round's phases.
+            seen: list[dict[str, Any]] = []
+            phases: set[str] = set()
+            while not jobs.ended(jid).is_set():
+                live = jobs.status(jid).get("live")
+                if live:
+                    phases.add(live["phase"])
+                    seen += [t for t in live["tasks"] if t["state"] == "training"
+                             and t.get("step") and t.get("loss") is not None]
+                await trio.sleep(0.05)  # sampling another task's state; bounded by run()
+            assert {"training", "checking"} <= phases, phases
+            assert seen and all(0 < t["step"] <= t["steps"] == 20 and t["tokens"] > 0
+                                for t in seen), seen
             status = jobs.status(jid)
+            assert "live" not in status
+            checked = [t for r in status["rounds"] for t in r["tasks"]]
+            assert all(any(c.startswith("trained on its slice") for c in t["checks"])
+                       for t in checked), checked
             assert status["status"] == "done", status
             rounds = status["rounds"]
             assert [r["accepted"] for r in rounds] == [3, 3], json.dumps(rounds, indent=1)

@@ -34,6 +34,7 @@ from protocol.jobs import (
     MAX_ASSIGN_BYTES,
     MAX_JOB_BYTES,
     MAX_METRICS,
+    MAX_PROGRESS_BYTES,
     MAX_REASON_CHARS,
     MAX_RECEIPT_BYTES,
     MAX_REPLY_BYTES,
@@ -44,12 +45,14 @@ from protocol.jobs import (
     JobSpecError,
     Receipt,
     TaskAssign,
+    TaskProgress,
     TaskReply,
     TaskResult,
     Verdict,
     check_assign,
     check_result,
     decode_message,
+    decode_worker_frame,
     issue_receipt,
     job_id,
     open_job,
@@ -423,6 +426,8 @@ def test_messages_round_trip() -> None:
                   TaskReply("", False, "bad assignment")):
         assert TaskReply.decode(reply.encode()) == reply == decode_message(reply.encode())
     assert open_task_result(RESULT) == result()
+    progress = TaskProgress("r1-t0", 5, 50, 3.25, 2560, 1200)
+    assert TaskProgress.decode(progress.encode()) == progress == decode_message(progress.encode())
     for verdict in (Verdict("r1-t0", True, "", RECEIPT), Verdict("r1-t0", False, "copy")):
         assert Verdict.decode(verdict.encode()) == verdict == decode_message(verdict.encode())
 
@@ -591,11 +596,14 @@ def test_maximal_messages_fit_their_caps() -> None:
 SEALED = {
     "job": (JOB, open_job, MAX_JOB_BYTES),
     "result": (RESULT, open_task_result, MAX_RESULT_BYTES),
+    "worker-frame": (RESULT, decode_worker_frame, MAX_RESULT_BYTES),
     "receipt": (RECEIPT, open_receipt, MAX_RECEIPT_BYTES),
 }
 UNSEALED = {
     "assign": (assign().encode(), TaskAssign.decode, MAX_ASSIGN_BYTES),
     "reply": (TaskReply("r1-t0", False, "busy").encode(), TaskReply.decode, MAX_REPLY_BYTES),
+    "progress": (TaskProgress("r1-t0", 5, 50, 3.25, 2560, 1200).encode(), TaskProgress.decode,
+                 MAX_PROGRESS_BYTES),
     "verdict": (Verdict("r1-t0", True, "", RECEIPT).encode(), Verdict.decode,
                 MAX_VERDICT_BYTES),
     "any": (Verdict("r1-t0", False, "no").encode(), decode_message, MAX_VERDICT_BYTES),
@@ -646,11 +654,13 @@ VALUES = st.recursive(SCALARS, lambda kids: st.lists(kids, max_size=4)
 
 
 @settings(max_examples=60, deadline=None)
-@given(VALUES, st.sampled_from(["task-assign", "task-reply", "verdict", "job", "receipt"]))
+@given(VALUES, st.sampled_from(["task-assign", "task-reply", "verdict", "job", "receipt",
+                                "task-progress"]))
 def test_arbitrary_maps_never_crash(value: Any, tag: str) -> None:
     if isinstance(value, dict):
         value = {"type": tag, "v": 1, **value}
-    for decode in (TaskAssign.decode, TaskReply.decode, Verdict.decode, decode_message):
+    for decode in (TaskAssign.decode, TaskReply.decode, Verdict.decode, decode_message,
+                   TaskProgress.decode, decode_worker_frame):
         with contextlib.suppress(RemoteProtocolError):
             decode(packb(value))
     for domain, opener in ((DOMAIN_JOB, open_job), (DOMAIN_RECEIPT, open_receipt),
@@ -674,6 +684,33 @@ def test_assign_round_trip_property(round_: int, start: int, length: int, lr: fl
     assert TaskAssign.decode(a.encode()) == a
 
 
+def test_worker_frames_are_progress_or_the_sealed_result() -> None:
+    progress = TaskProgress("t" * 64, 10**6, 10**6, 1e6, 2**63 - 1, 2**63 - 1)
+    assert len(progress.encode()) <= MAX_PROGRESS_BYTES  # the largest fits its cap
+    assert decode_worker_frame(progress.encode()) == progress
+    assert decode_worker_frame(RESULT) == result()
+    # A progress message is never taken as a result, nor a forged "result" as progress.
+    with pytest.raises(RemoteProtocolError):
+        open_task_result(progress.encode())
+    for bad in (dict(step=51), dict(steps=0), dict(loss=-1.0), dict(loss=float("nan")),
+                dict(tokens=-1), dict(task_id="")):
+        fields_ = {"task_id": "r1-t0", "step": 5, "steps": 50, "loss": 3.0, "tokens": 1,
+                   "wall_ms": 1, **bad}
+        with pytest.raises(LocalProtocolError):
+            TaskProgress(**fields_)  # type: ignore[arg-type]
+        with pytest.raises(RemoteProtocolError):
+            decode_worker_frame(packb({"type": "task-progress", "v": 1, **fields_}))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 10**6).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))),
+       st.floats(0, 1e6), st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1))
+def test_progress_round_trip_property(step_steps: tuple[int, int], loss: float, tokens: int,
+                                      wall_ms: int) -> None:
+    p = TaskProgress("r1-t0", step_steps[0], step_steps[1], loss, tokens, wall_ms)
+    assert decode_worker_frame(p.encode()) == p == TaskProgress.decode(p.encode())
+
+
 # --- specs and the sans-IO rule ----------------------------------------------------------------
 
 
@@ -693,7 +730,8 @@ def test_specs_name_every_field_domain_and_cap() -> None:
                         ("MAX_RECEIPT_BYTES", MAX_RECEIPT_BYTES),
                         ("MAX_ASSIGN_BYTES", MAX_ASSIGN_BYTES),
                         ("MAX_VERDICT_BYTES", MAX_VERDICT_BYTES),
-                        ("MAX_REPLY_BYTES", MAX_REPLY_BYTES)):  # fmt: skip
+                        ("MAX_REPLY_BYTES", MAX_REPLY_BYTES),
+                        ("MAX_PROGRESS_BYTES", MAX_PROGRESS_BYTES)):  # fmt: skip
         assert re.search(rf"`{name}`\s*\|[^|]*\|\s*`?{value}`?", text), name
 
 

@@ -17,9 +17,11 @@ import pytest
 import torch
 import trio
 
+from node.cli.testnet import SIMULATED_GPUS
 from node.ml.probe import (
     ProbeError,
     env_to_json,
+    fake_gpus_tflops,
     format_env,
     parse_fake_gpus,
     probe_environment,
@@ -119,6 +121,27 @@ def test_parse_fake_gpus() -> None:
     (half,) = parse_fake_gpus([{"name": "small", "memory_gb": 1.5}])
     assert half == GpuInfo("small", 3 * GIB // 2, 3 * GIB // 2, "")
     assert parse_fake_gpus([]) == ()
+    assert parse_fake_gpus([{**A100, "tflops": 220}]) == (a100,)
+
+
+def test_simulated_tflops_is_the_fastest_entry() -> None:
+    assert fake_gpus_tflops([A100, RTX]) is None
+    assert fake_gpus_tflops([{**A100, "tflops": 220}, {**RTX, "tflops": 115.5}]) == 220.0
+    assert fake_gpus_tflops([RTX, {**A100, "tflops": 3}]) == 3.0
+
+
+def test_the_testnet_simulates_plausible_gpus() -> None:
+    # Each simulated card claims a bf16 rate within its real peak, and the order of the
+    # cards is the order of their real speed, so --min-tflops picks what it should.
+    peaks = {"H100": 989, "A100": 312, "4090": 165, "3060": 25.6}
+    rates = {}
+    for gpus in SIMULATED_GPUS:
+        assert parse_fake_gpus(gpus) is not None
+        for g in gpus:
+            card = next(k for k in peaks if k in g["name"])
+            assert 0.5 * peaks[card] <= g["tflops"] <= peaks[card], g
+            rates[card] = g["tflops"]
+    assert sorted(rates, key=rates.__getitem__) == ["3060", "4090", "A100", "H100"]
 
 
 @pytest.mark.parametrize(
@@ -136,6 +159,9 @@ def test_parse_fake_gpus() -> None:
         ({"name": "x", "memory_gb": 40, "compute_capability": 8.0}, "compute_capability"),
         ({"name": "x", "memory_gb": 40, "compute_capability": "sm80"}, "compute_capability"),
         ({"name": "x", "memory_gib": 40}, "memory_gib"),  # a typo is not ignored
+        ({"name": "x", "memory_gb": 40, "tflops": 0}, "tflops"),
+        ({"name": "x", "memory_gb": 40, "tflops": "fast"}, "tflops"),
+        ({"name": "x", "memory_gb": 40, "tflops": float("inf")}, "tflops"),
     ],
 )
 def test_parse_fake_gpus_rejects_bad_entries(entry: dict[str, Any], field: str) -> None:
@@ -340,8 +366,11 @@ def test_probe_in_subprocess_matches_the_in_process_probe(tmp_path: Path) -> Non
     assert (child.os, child.python, child.torch, child.cpu_cores, child.ram_bytes) == \
         (here.os, here.python, here.torch, here.cpu_cores, here.ram_bytes)
     assert child.tflops > 0 and child.tflops_device == "cpu"
-    faked = trio.run(lambda: probe_in_subprocess(tmp_path, bench_seconds=0, fake_gpus=fake))
-    assert faked.gpus == fake and faked.tflops == 0.0
+    faked = trio.run(lambda: probe_in_subprocess(tmp_path, bench_seconds=0, fake_gpus=fake,
+                                                 fake_tflops=220.0))
+    # Simulated GPUs say so, with the configured figure rather than this CPU's.
+    assert faked.gpus == fake and faked.tflops == 220.0
+    assert (faked.tflops_dtype, faked.tflops_device) == ("bf16", "simulated")
 
 
 def test_probe_in_subprocess_failures_are_one_line_errors(

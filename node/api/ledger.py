@@ -97,7 +97,9 @@ def ledger_totals(led: Ledger) -> dict[str, int]:
             "supply": led.supply, "receipts": led.receipts_counted}
 
 
-def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str]) -> Routes:
+def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str],
+                  name_of: Callable[[str], str] = lambda _: "") -> Routes:
+    """``name_of(peer)``: the name a peer's capability record gives it ("" if none)."""
     def need() -> Chain:
         if chain is None:
             raise ApiError(409, "this node follows no chain: start it with "
@@ -121,12 +123,13 @@ def ledger_routes(chain: Chain | None, resolve_model: Callable[[Any], str]) -> R
             public_key_from_peer_id(peer)
         except RemoteProtocolError:
             raise ApiError(400, f"peer: {peer[:80]!r} is not a peer id (12D3KooW...)") from None
-        return {"peer": peer, "balance": c.ledger.balance(peer), "height": c.ledger.height}
+        return {"peer": peer, "balance": c.ledger.balance(peer), "height": c.ledger.height,
+                "name": name_of(peer)}
 
     async def balances(_: Request) -> Any:
         c = need()
         items = sorted(c.ledger.balances().items(), key=lambda kv: (-kv[1], kv[0]))
-        return [{"peer": p, "balance": b} for p, b in items]
+        return [{"peer": p, "balance": b, "name": name_of(p)} for p, b in items]
 
     async def blocks(request: Request) -> Any:
         c = need()

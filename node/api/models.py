@@ -18,6 +18,7 @@ from node.api.ops import Operations
 from node.api.server import ApiError, Request, Routes, body_fields, text_field
 from node.smip.service import Models
 from node.smip.types import Progress
+from protocol.jobs import job_version_role
 
 KINDS = ("model", "dataset")
 MIN_PREFIX_CHARS = 8  # a shorter prefix of a version id is refused: too easily ambiguous
@@ -98,7 +99,9 @@ def model_routes(models: Models, ops: Operations, nursery: trio.Nursery) -> Rout
 
     async def versions(request: Request) -> Any:
         kind = request.query.get("kind") or None
-        return [v.to_json() for v in models.list_versions(None if kind is None else _kind(kind))]
+        # "job_role": "delta" or "update" for a job's internal versions (protocol/jobs.py).
+        return [{**v.to_json(), "job_role": job_version_role(v.name)}
+                for v in models.list_versions(None if kind is None else _kind(kind))]
 
     async def show(request: Request) -> Any:
         version = resolve_version(models, request.query.get("version"))

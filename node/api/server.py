@@ -16,7 +16,8 @@ Bearer type)::
           credentials_file: /home/me/.iollm/api.token
         static_configs: [{targets: ["127.0.0.1:8765"]}]
 
-Client: `api_request`, synchronous and standard-library only, for the CLI.
+Client: `api_request` in node/api/client.py, synchronous and standard-library only, so
+that the CLI starts without loading trio (re-exported here).
 
 Errors at start: a non-loopback ``host`` raises ValueError; a port already in use raises
 OSError with ``errno == errno.EADDRINUSE`` (from trio.open_tcp_listeners), which the
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import http.client
 import ipaddress
 import json
 import logging
@@ -44,6 +44,7 @@ import h11
 import prometheus_client
 import trio
 
+from node.api.client import ApiClientError, api_request, read_token_file
 from node.errors import Busy, NodeError
 from protocol.errors import ProtocolError
 
@@ -122,18 +123,6 @@ class ApiError(NodeError):
         self.message = message
 
 
-class ApiClientError(Exception):
-    """A non-2xx answer (`status`, the server's error message), or status 0: no answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message if self.status == 0 else f"{self.message} (HTTP {self.status})"
-
-
 # -- token file --------------------------------------------------------------------------
 
 
@@ -166,14 +155,6 @@ def write_token_file(path: str | os.PathLike[str], token: str | None = None) -> 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return token
-
-
-def read_token_file(path: str | os.PathLike[str]) -> str:
-    """The token in `path`. FileNotFoundError if the node never started in that home."""
-    token = Path(path).read_text(encoding="ascii").strip()
-    if not token:
-        raise ValueError(f"API token file {os.fspath(path)} is empty")
     return token
 
 
@@ -493,69 +474,6 @@ async def serve_api(
         with trio.CancelScope(shield=True):
             for listener in listeners:
                 await listener.aclose()
-
-
-# -- client (synchronous, for the CLI) ---------------------------------------------------
-
-
-def api_request(
-    base_url: str,
-    token: str,
-    method: str,
-    path: str,
-    body: Any = None,
-    timeout: float = 30.0,
-) -> Any:
-    """Call the node's API: `body` (if not None) is sent as JSON; returns the decoded JSON
-    answer (text for non-JSON answers such as ``/metrics``).
-
-    Raises ApiClientError(status, server's message) on a non-2xx answer, and
-    ApiClientError(0, ...) when the node cannot be reached or does not answer in time.
-    Standard library only, no proxies.
-    """
-    url = urlsplit(base_url)
-    if url.scheme != "http" or not url.hostname:
-        raise ValueError(f"API base URL must look like http://127.0.0.1:PORT, not {base_url!r}")
-    headers = {"Authorization": f"Bearer {token}", "Accept": JSON_TYPE}
-    data = None
-    if body is not None:
-        data = json.dumps(body, separators=(",", ":")).encode("utf-8")
-        headers["Content-Type"] = JSON_TYPE
-    conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout)
-    try:
-        try:
-            conn.connect()
-        except OSError:  # refused, unreachable, timed out, unknown host
-            raise ApiClientError(
-                0, f"cannot reach the node at {base_url}: is it running? (iollm node start)"
-            ) from None
-        try:
-            conn.request(method, path, body=data, headers=headers)
-            response = conn.getresponse()
-            raw = response.read()
-        except TimeoutError:
-            raise ApiClientError(
-                0, f"the node at {base_url} did not answer {method} {path} within {timeout:g} s"
-            ) from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise ApiClientError(
-                0, f"connection to the node at {base_url} failed during {method} {path}: {exc}"
-            ) from None
-    finally:
-        conn.close()
-    content_type = response.getheader("Content-Type", "")
-    is_json = content_type.split(";")[0].strip() == JSON_TYPE
-    if 200 <= response.status < 300:
-        if not is_json:
-            return raw.decode("utf-8", errors="replace")
-        return json.loads(raw) if raw else None
-    message = response.reason or "error"
-    if is_json:
-        with contextlib.suppress(ValueError):
-            decoded = json.loads(raw)
-            if isinstance(decoded, dict) and isinstance(decoded.get("error"), str):
-                message = decoded["error"]
-    raise ApiClientError(response.status, message)
 
 
 def body_fields(request: Request, required: Collection[str],

@@ -22,6 +22,7 @@ def record_to_json(record: CapabilityRecord) -> dict[str, Any]:
         "created_ms": record.created_ms,
         "expires_ms": record.expires_ms,
         "env": env_to_json(record.env),
+        "name": record.name,
     }
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from node import __version__
-from node.cli.common import CliError, call_node, home_of, int_arg, nonnegative
+from node.cli.common import CliError, call_node, home_of, int_arg, named, nonnegative
 from node.config import (
     CONFIG_FILE,
     DEFAULT_CONFIG_TOML,
@@ -134,7 +134,9 @@ def _describe(record: dict[str, Any]) -> str:
         hw = ", ".join(f"{n}x {label}" for label, n in names.items())
     else:
         hw = "CPU only"
-    return (f"{hw}; {env['tflops']:.3g} TFLOP/s {env['tflops_dtype']}; "
+    # A testnet's simulated GPUs (config [probe] fake_gpus) say so, figure included.
+    sim = " (simulated)" if env.get("tflops_device") == "simulated" else ""
+    return (f"{hw}{sim}; {env['tflops']:.3g} TFLOP/s {env['tflops_dtype']}{sim}; "
             f"{env['cpu_cores']} cores, {_gib(env['ram_bytes'])} RAM")
 
 
@@ -147,7 +149,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
         print("no connected peers")
     for p in peers:
         cap = p["capability"]
-        print(f"{p['peer_id']}  {_describe(cap) if cap else '(no valid capability record)'}")
+        print(f"{p['peer_id']}  {named(cap)}"
+              f"{_describe(cap) if cap else '(no valid capability record)'}")
     return 0
 
 
@@ -163,7 +166,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         return 0
     print(f"{len(records)} node(s) match")
     for r in records:
-        print(f"{r['peer_id']}  {_describe(r)}")
+        print(f"{r['peer_id']}  {named(r)}{_describe(r)}")
     return 0
 
 
@@ -320,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, metavar="S",
                    help="seconds to wait for the testnet to be ready (default 120)")
     p.set_defaults(func=cmd_testnet_up)
+    from node.cli.compose import add_testnet_init
+
+    add_testnet_init(t_sub)
     p = t_sub.add_parser("down", help="stop the testnet's processes")
     p.add_argument("--dir", default="testnet", metavar="DIR",
                    help="testnet directory (default ./testnet)")

@@ -26,7 +26,7 @@ def home_of(args: argparse.Namespace) -> Path:
 
 def call_node(args: argparse.Namespace, path: str, method: str = "GET", body: Any = None) -> Any:
     """Call the running node's API; any failure becomes a one-line CliError."""
-    from node.api.server import ApiClientError, api_request, read_token_file
+    from node.api.client import ApiClientError, api_request, read_token_file
 
     home = home_of(args)
     runtime = home / RUNTIME_FILE
@@ -41,9 +41,24 @@ def call_node(args: argparse.Namespace, path: str, method: str = "GET", body: An
         token = read_token_file(home / TOKEN_FILE)
         return api_request(base, token, method, path, body, timeout=args.timeout)
     except ApiClientError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(explain_api_error(exc, home, path)) from None
     except OSError as exc:
         raise CliError(f"cannot read the API token: {exc}") from None
+
+
+def explain_api_error(exc: Any, home: Path, path: str) -> str:
+    """The line a user reads for a failed API call: the node's own message says what was
+    wrong with the request; where it can only name the transport, say what it means."""
+    route = path.split("?")[0]
+    if exc.status == 401:
+        return (f"the node refused the API token in {home / TOKEN_FILE} (was the home "
+                f"initialised again after the node started? restart the node)")
+    if exc.status == 404 and exc.message.startswith("no such path"):
+        return f"the running node has no {route}: it runs an older iollm than this command"
+    if exc.status == 500:
+        return (f"the node failed on {route} (a bug: its log has the traceback; please "
+                f"report it)")
+    return str(exc)
 
 
 def int_arg(lo: int, hi: int, what: str) -> Callable[[str], int]:
@@ -73,6 +88,13 @@ def nonnegative(text: str) -> float:
 
 def when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def named(row: dict[str, Any] | None, width: int = 0) -> str:
+    """A node's name (its capability record's, as the API gives it) and two spaces, to
+    follow its peer id; padded to ``width``; "" when it has none."""
+    name = (row or {}).get("name") or ""
+    return f"{name:<{width}}  " if name or width else ""
 
 
 def short_peer(peer_id: str) -> str:

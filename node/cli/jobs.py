@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from node.cli.common import SHORT, CliError, call_node, int_arg, short_peer, when
+from node.cli.jobview import JobWatch, format_status
 from node.cli.models import wait_for_operation
 
 WATCH_POLL_S = 1.0
@@ -68,54 +69,27 @@ def cmd_job_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_status(s: dict[str, Any]) -> str:
-    spec = s["spec"]
-    lines = [f"job {s['job']}  {s['name']!r}",
-             f"coordinator {s['coordinator']}  submitted {when(s['submitted_ms'])}",
-             f"recipe      {spec['rounds']} rounds x {spec['workers_per_round']} workers, "
-             f"{spec['inner_steps']} inner steps, batch {spec['batch_size']} x "
-             f"{spec['seq_len']}, lr {spec['lr']:g}, outer lr {spec['outer_lr']:g} "
-             f"momentum {spec['outer_momentum']:g}"]
-    if not s["coordinated_here"]:
-        lines.append("(coordinated by another node: ask it for the rounds)")
-        return "\n".join(lines)
-    lines.append(f"status      {s['status']}, round {s['round']} of {spec['rounds']}"
-                 + (f": {s['error']}" if s.get("error") else ""))
-    lines.append("ROUND  HELD-OUT BEFORE -> AFTER  ACCEPTED  VERSION       CHECK/TRAIN s")
-    for r in s["rounds"]:
-        before = "?" if r["heldout_before"] is None else f"{r['heldout_before']:.4f}"
-        after = "?" if r.get("heldout_after") is None else f"{r['heldout_after']:.4f}"
-        lines.append(f"{r['round']:>5}  {before:>15} -> {after:<6}  "
-                     f"{r['accepted']:>3}/{len(r['tasks']):<4}  "
-                     f"{(r.get('version') or '-')[:SHORT]:<12}  "
-                     f"{r.get('check_s') or 0:.1f}/{r.get('train_s') or 0:.1f}")
-        for t in r["tasks"]:
-            loss = (f"loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}"
-                    if "first_loss" in t else "")
-            why = f"  ({t['reason']})" if t.get("reason") else ""
-            lines.append(f"       {t['task']:<8} {short_peer(t['worker'] or '-'):<18} "
-                         f"{t['verdict']:<8} {loss}{why}")
-    lines.append(f"version     {s['base']}")
-    return "\n".join(lines)
-
-
 def _watch(args: argparse.Namespace, job: str) -> int:
-    seen = -1
-    while True:
-        status = call_node(args, f"/v1/jobs/status?id={quote(job)}")
-        if len(status.get("rounds", [])) != seen or status.get("status") != "running":
-            seen = len(status.get("rounds", []))
-            print(format_status(status), file=sys.stderr)
-        if status.get("status") != "running":
-            return 0 if status.get("status") == "done" else 1
-        time.sleep(WATCH_POLL_S)  # polling another process: the job has no end time
+    view = JobWatch(sys.stderr)
+    status: dict[str, Any] | None = None
+    try:
+        while True:
+            status = call_node(args, f"/v1/jobs/status?id={quote(job)}")
+            view.update(status)
+            if status.get("status") != "running":
+                break
+            time.sleep(WATCH_POLL_S)  # polling another process: the job has no end time
+    finally:
+        view.close(status if status and status.get("status") != "running" else None)
+    return 0 if status.get("status") == "done" else 1
 
 
 def cmd_job_status(args: argparse.Namespace) -> int:
     if args.watch:
         return _watch(args, args.job)
     status = call_node(args, f"/v1/jobs/status?id={quote(args.job)}")
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    print(json.dumps(status, indent=2) if args.json
+          else format_status(status, checks=args.checks))
     return 0
 
 
@@ -199,16 +173,22 @@ def add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                     "start coordinating it from this node. Prints the job id. See "
                     "specs/jobs.md and bootstrap/jobs/example.toml for the format.")
     p.add_argument("file", metavar="FILE", help="the job spec, a TOML file")
-    p.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    p.add_argument("--wait", action="store_true",
+                   help="follow the job until it ends (as `job status --watch`)")
     p.set_defaults(func=cmd_job_submit)
     p = actions.add_parser("status", parents=[client], help="rounds, workers, losses, versions",
                            description="One job's progress: per round the held-out loss "
-                                       "before and after, each task's worker and verdict, "
-                                       "and the version published.")
+                                       "before and after, each task's worker, verdict and "
+                                       "why, the version published, and the round under "
+                                       "way.")
     p.add_argument("job", metavar="JOB", type=_job_arg,
                    help="job id, or a unique prefix of at least 8 hex digits")
-    p.add_argument("--watch", action="store_true", help="print again after each round, "
-                   "until the job ends")
+    p.add_argument("--watch", action="store_true",
+                   help="follow the job until it ends: one live line per task (worker, "
+                        "inner step, loss, tokens/s) and a summary per round")
+    p.add_argument("--checks", action="store_true",
+                   help="show the checks every accepted task passed (by default only "
+                        "where its held-out loss rose)")
     p.set_defaults(func=cmd_job_status)
     p = actions.add_parser("list", parents=[client], help="jobs this node knows",
                            description="Jobs coordinated here, worked on here, or announced.")

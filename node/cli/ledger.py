@@ -23,13 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from node.api.ledger import ledger_totals
-from node.chain.service import GENESIS_FILE, ChainError, load_genesis
-from node.cli.common import CliError, call_node, home_of, int_arg, short_peer, when
+from node.cli.common import CliError, call_node, home_of, int_arg, named, short_peer, when
 from node.config import RUNTIME_FILE, STATE_DB
-from protocol.consensus import verify_commit
-from protocol.errors import ProtocolError
-from protocol.ledger import Block, Ledger, block_id, check_tx
 
 VERIFY_PROGRESS_EVERY = 200  # blocks between progress lines on stderr
 
@@ -40,8 +35,9 @@ def cmd_ledger_balance(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
             return 0
+        width = max((len(r.get("name") or "") for r in rows), default=0)
         for r in rows:
-            print(f"{r['balance']:>16}  {r['peer']}")
+            print(f"{r['balance']:>16}  {r['peer']}  {named(r, width)}".rstrip())
         info = call_node(args, "/v1/ledger")
         t = info["totals"]
         print(f"{sum(r['balance'] for r in rows):>16}  total of {len(rows)} accounts at height "
@@ -53,7 +49,7 @@ def cmd_ledger_balance(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(b, indent=2))
         return 0
-    print(f"{b['balance']}  {b['peer']}  (height {b['height']})")
+    print(f"{b['balance']}  {b['peer']}  {named(b)}(height {b['height']})")
     return 0
 
 
@@ -121,6 +117,14 @@ def cmd_ledger_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    # The only ledger command that needs the chain's code (it replays here); the others
+    # only talk to the node, and importing this costs them ~0.8 s (node/api/client.py).
+    from node.api.ledger import ledger_totals
+    from node.chain.service import GENESIS_FILE, ChainError, load_genesis
+    from protocol.consensus import verify_commit
+    from protocol.errors import ProtocolError
+    from protocol.ledger import Block, Ledger, block_id, check_tx
+
     home = home_of(args)
     try:
         genesis = load_genesis(home, None)

@@ -174,22 +174,38 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def latest_of_lineage(versions: list[dict[str, Any]]) -> set[str]:
+    """The versions no other listed version names as a parent: the newest of each
+    lineage (a version only heard announced has no known parents, so it is one too)."""
+    parents = {p for v in versions for p in v.get("parents") or []}
+    return {v["version"] for v in versions if v["version"] not in parents}
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     versions = call_node(args, f"/v1/models?kind={args.kind}")
+    hidden = [v for v in versions if v.get("job_role")]
+    if not args.all:
+        versions = [v for v in versions if not v.get("job_role")]
     if args.json:
         print(json.dumps(versions, indent=2))
         return 0
     if not versions:
         print(f"no {args.kind}s known to this node")
-        return 0
-    width = max(4, *(len(v["name"]) for v in versions))
-    print(f"{'VERSION':<{SHORT}}  {'NAME':<{width}}  {'STATE':<9}  {'SIZE':>10}  PROVIDERS  "
-          f"{'CREATED':<23}  PUBLISHER")
-    for v in versions:
-        size = _size(v["size"]) if v["size"] else "?"
-        print(f"{v['version'][:SHORT]}  {v['name']:<{width}}  {v['state']:<9}  {size:>10}  "
-              f"{v['providers']:>9}  {when(v['created_ms']):<23}  "
-              f"{short_peer(v['publisher'])}")
+    else:
+        latest = latest_of_lineage([v for v in versions if not v.get("job_role")])
+        width = max(4, *(len(v["name"]) for v in versions))
+        print(f"{'VERSION':<{SHORT}}  {'NAME':<{width}}  {'LATEST':<6}  {'STATE':<9}  "
+              f"{'SIZE':>10}  PROVIDERS  {'CREATED':<23}  PUBLISHER")
+        for v in versions:
+            size = _size(v["size"]) if v["size"] else "?"
+            mark = (v.get("job_role") or "") if v.get("job_role") else (
+                "*" if v["version"] in latest else "")
+            print(f"{v['version'][:SHORT]}  {v['name']:<{width}}  {mark:<6}  "
+                  f"{v['state']:<9}  {size:>10}  {v['providers']:>9}  "
+                  f"{when(v['created_ms']):<23}  {short_peer(v['publisher'])}")
+    if hidden and not args.all:
+        print(f"({len(hidden)} job-internal deltas and updates hidden: --all shows them)",
+              file=sys.stderr)
     return 0
 
 
@@ -287,7 +303,12 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         p = actions.add_parser(
             "list", parents=[client], help=f"{kind} versions this node knows",
             description=f"{kind.capitalize()} versions held here (complete, or partial: a "
-                        f"fetch under way or stopped) and announced by peers; newest first.")
+                        f"fetch under way or stopped) and announced by peers; newest first. "
+                        f"LATEST marks the newest version of each lineage (no listed "
+                        f"version derives from it).")
+        p.add_argument("--all", action="store_true",
+                       help="also the deltas and outer updates training jobs publish "
+                            "(hidden by default)")
         p.set_defaults(func=cmd_list, kind=kind)
 
         p = actions.add_parser(

@@ -29,13 +29,20 @@ TESTNET_BLOCK_INTERVAL_MS = 1000
 DEFAULT_VALIDATORS = 4  # the first nodes (bootstrap first) validate: 3f+1 with f = 1
 LOCAL_LISTEN = "/ip4/127.0.0.1/tcp/0"
 
-# Simulated GPUs for the demo (--simulate-gpus): node i gets entry i % len.
+# Simulated GPUs for the demo (--simulate-gpus): node i gets entry i % len. "tflops" is
+# the bf16 matmul rate the record then claims: about 70% of each card's peak dense bf16
+# tensor rate (H100 SXM 989, A100 312, RTX 4090 165, RTX 3060 25.6 with fp32
+# accumulation), what a large matmul reaches; the record says "simulated".
 SIMULATED_GPUS: list[list[dict[str, Any]]] = [
-    [{"name": "NVIDIA H100 80GB HBM3", "memory_gb": 80, "compute_capability": "9.0"}],
-    [{"name": "NVIDIA GeForce RTX 4090", "memory_gb": 24, "compute_capability": "8.9"}],
+    [{"name": "NVIDIA H100 80GB HBM3", "memory_gb": 80, "compute_capability": "9.0",
+      "tflops": 700}],
+    [{"name": "NVIDIA GeForce RTX 4090", "memory_gb": 24, "compute_capability": "8.9",
+      "tflops": 115}],
     [],
-    [{"name": "NVIDIA A100-SXM4-40GB", "memory_gb": 40, "compute_capability": "8.0"}] * 2,
-    [{"name": "NVIDIA GeForce RTX 3060", "memory_gb": 12, "compute_capability": "8.6"}],
+    [{"name": "NVIDIA A100-SXM4-40GB", "memory_gb": 40, "compute_capability": "8.0",
+      "tflops": 220}] * 2,
+    [{"name": "NVIDIA GeForce RTX 3060", "memory_gb": 12, "compute_capability": "8.6",
+      "tflops": 18}],
 ]
 
 
@@ -46,12 +53,14 @@ class TestnetError(Exception):
 def _toml_gpus(gpus: list[dict[str, Any]]) -> str:
     items = ", ".join(
         f'{{name = "{g["name"]}", memory_gb = {g["memory_gb"]}, '
-        f'compute_capability = "{g["compute_capability"]}"}}' for g in gpus)
+        f'compute_capability = "{g["compute_capability"]}", tflops = {g["tflops"]}}}'
+        for g in gpus)
     return f"[{items}]"
 
 
-def _node_config(fake_gpus: list[dict[str, Any]] | None) -> str:
-    text = DEFAULT_CONFIG_TOML.replace('listen = ["/ip4/0.0.0.0/tcp/4001"]',
+def _node_config(fake_gpus: list[dict[str, Any]] | None, name: str = "") -> str:
+    text = DEFAULT_CONFIG_TOML.replace('name = ""', f'name = "{name}"')
+    text = text.replace('listen = ["/ip4/0.0.0.0/tcp/4001"]',
                                        f'listen = ["{LOCAL_LISTEN}"]')
     text = text.replace("port = 7780", "port = 0")
     text = text.replace("bench_seconds = 0.5", "bench_seconds = 0.2")
@@ -142,10 +151,15 @@ def write_genesis(directory: Path, homes: list[Path], validators: int,
     return path
 
 
+def _progress(started: float, msg: str) -> None:
+    """One progress line on stderr: `up` takes tens of seconds, and stdout is its result."""
+    print(f"[{time.monotonic() - started:5.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
                timeout: float = 120.0, validators: int | None = None,
                genesis_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    from node.api.server import ApiClientError, api_request, read_token_file
+    from node.api.client import ApiClientError, api_request, read_token_file
 
     if not 1 <= nodes <= 64:
         raise TestnetError("--nodes must be between 1 and 64")
@@ -159,7 +173,8 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
             raise TestnetError(f"a testnet is already running in {directory} "
                                f"(iollm testnet down --dir {directory})")
     directory.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     names = ["bootstrap"] + [f"node-{i}" for i in range(1, nodes + 1)]
     procs: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
     infos: list[dict[str, Any]] = []
@@ -171,18 +186,22 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
                                stdout=subprocess.DEVNULL)
         genesis = write_genesis(directory, [directory / n for n in names], n_validators,
                                 genesis_overrides)
+        _progress(started, f"{len(names)} node homes and the genesis ready in {directory}")
         for i, name in enumerate(names):
             home = directory / name
             gpus = SIMULATED_GPUS[(i - 1) % len(SIMULATED_GPUS)] if simulate_gpus and i else None
-            (home / "config.toml").write_text(_node_config(gpus))
+            (home / "config.toml").write_text(_node_config(gpus, name))
             (home / RUNTIME_FILE).unlink(missing_ok=True)
             bootstrap = infos[0]["addrs"][0] if infos else None
             proc = _start(name, home, bootstrap, genesis)
             procs.append((name, home, proc))
             if i == 0:  # the others need the bootstrap node's address
                 infos.append(_wait_ready(proc, home, deadline))
-        for _, home, proc in procs[1:]:
+                _progress(started, f"bootstrap node listening on {infos[0]['addrs'][0]}; "
+                                   f"starting {len(names) - 1} more")
+        for name, home, proc in procs[1:]:
             infos.append(_wait_ready(proc, home, deadline))
+            _progress(started, f"{name} running ({len(infos)} of {len(names)})")
         state = {"nodes": [{"name": n, "home": str(h.resolve()), "pid": p.pid, **info}
                            for (n, h, p), info in zip(procs, infos, strict=True)]}
         state_path.write_text(json.dumps(state, indent=2) + "\n")
@@ -201,9 +220,10 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
                 time.sleep(0.2)  # polling another process with a deadline
             else:
                 raise TestnetError(f"node in {home} did not publish its record in time")
+            _progress(started, f"{home.name} published its capability record")
         boot_home = procs[0][1]
         token = read_token_file(boot_home / TOKEN_FILE)
-        seen = 0
+        seen, shown = 0, -1
         while time.monotonic() < deadline:
             try:
                 seen = len(api_request(infos[0]["api"], token, "GET", "/v1/gpus", timeout=30))
@@ -211,6 +231,10 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
                 seen = 0
             if seen == len(names):
                 break
+            if seen != shown:
+                shown = seen
+                _progress(started, f"{seen} of {len(names)} records discoverable from the "
+                                   f"bootstrap node")
             time.sleep(0.5)  # the nodes publish in the background; poll with a deadline
         else:
             raise TestnetError(f"only {seen} of {len(names)} capability records discoverable "
@@ -220,6 +244,7 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
             if proc.poll() is None:
                 proc.terminate()
         raise
+    _progress(started, f"all {len(names)} records discoverable")
     print(f"testnet up in {directory}: {len(names)} nodes on 127.0.0.1")
     for node in state["nodes"]:
         print(f"  {node['name']:<10} {node['addrs'][0]}")

@@ -152,6 +152,7 @@ class Discovery:
         metrics: DiscoveryMetrics,
         bootstrap: Sequence[PeerInfo] = (),
         rng: random.Random | None = None,
+        name: str = "",
     ) -> None:
         self.net = net
         self.key = key
@@ -159,6 +160,7 @@ class Discovery:
         self.config = config
         self.env = env
         self.software = software
+        self.name = name  # [node] name, carried in the capability record
         self.clock_ms = clock_ms
         self.metrics = metrics
         self.bootstrap = list(bootstrap)
@@ -217,6 +219,7 @@ class Discovery:
             created_ms=now,
             expires_ms=now + int(self.config.record_ttl_s * 1000),
             env=self.env,
+            name=self.name,
         )
         envelope = sign_capability(self.key, record)
         self.current = PeerCapability(record, envelope)
@@ -567,6 +570,14 @@ class Discovery:
         if not caps:
             return None
         return max(caps, key=lambda c: (c.record.seq, c.record.created_ms))
+
+    def name_of(self, peer_id: str) -> str:
+        """The name in ``peer_id``'s unexpired record held here (this node's own too);
+        "" when it has none or none is held. For display only: it is the peer's claim."""
+        if peer_id == self.peer_id:
+            return self.name
+        cap = self.local_record(peer_id)
+        return cap.record.name if cap is not None else ""
 
     def local_record(self, peer_id: str) -> PeerCapability | None:
         """The unexpired replica of ``peer_id``'s record, if any. A value that a peer PUT

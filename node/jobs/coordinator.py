@@ -31,6 +31,7 @@ import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from node.jobs.taskrun import TaskProcError, finite, run_taskproc
 from node.jobs.worker import (
     BUSY_PREFIX,
     FETCH_RETRIES_S,
+    TASK_PROGRESS_PROTOCOL,
     TASK_PROTOCOL,
     materialize,
     meets_requirements,
@@ -56,6 +58,7 @@ from node.p2p.host import Network, parse_multiaddr
 from node.smip.service import Models
 from node.smip.types import FetchError, PublishError
 from node.storage import JobRow, Storage
+from protocol.checking import passed_checks
 from protocol.coordination import Assign, RoundMachine, plan_round
 from protocol.errors import ProtocolError, RemoteProtocolError
 from protocol.jobs import (
@@ -65,17 +68,20 @@ from protocol.jobs import (
     JobSpec,
     Receipt,
     TaskAssign,
+    TaskProgress,
     TaskReply,
     TaskResult,
     Verdict,
     check_result,
+    decode_worker_frame,
     job_id,
     open_job,
-    open_task_result,
     parse_job_toml,
     receipt_id,
+    round_version_name,
     seal_job,
     seal_receipt,
+    update_version_name,
 )
 from protocol.ledger import RoundRecord
 from protocol.smip import id_hex
@@ -141,6 +147,9 @@ class Jobs:
         self.peer_id = models.peer_id
         self.chain = chain  # where the job, its receipts and round records are recorded
         self.states: dict[str, dict[str, Any]] = {}  # job id hex -> progress (coordinated here)
+        # job id hex -> the round under way: its phase and each task's worker, state and
+        # the worker's last TaskProgress (for `job status --watch`; never stored).
+        self.live: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, Job] = {}  # every job known here
         self._nursery: trio.Nursery | None = None
         self._ended: dict[str, trio.Event] = {}  # set when a job coordinated here ends
@@ -249,7 +258,8 @@ class Jobs:
         job = self.jobs[jid]
         return {"job": jid, "name": job.spec.name, "coordinator": job.coordinator,
                 "submitted_ms": job.submitted_ms, "spec": spec_summary(job.spec),
-                "coordinated_here": jid in self.states, **(self.states.get(jid) or {})}
+                "coordinated_here": jid in self.states, **(self.states.get(jid) or {}),
+                **({"live": _live_view(self.live[jid])} if jid in self.live else {})}
 
     # -- coordinating -------------------------------------------------------------------
 
@@ -363,6 +373,9 @@ class Jobs:
         pending: dict[tuple[str, str], _Pending] = {}
         arrivals: list[str] = []  # task ids, in the order their results were taken
         records: dict[str, Any] = {}
+        live: dict[str, Any] = {"round": r, "phase": "training", "started_ms": started,
+                                "tasks": {}}
+        self.live[jid] = live
         base = bytes.fromhex(state["base"])
         update = bytes.fromhex(state["update"]) if state["update"] else None
         parent = bytes.fromhex(state["update_parent"]) if state["update_parent"] else None
@@ -371,6 +384,9 @@ class Jobs:
             def launch(assigns: list[Assign]) -> None:
                 for a in assigns:
                     p = pending[(a.task.task_id, a.worker)] = _Pending()
+                    live["tasks"][a.task.task_id] = {
+                        "task": a.task.task_id, "worker": a.worker, "state": "offered",
+                        "since_ms": self.clock_ms(), "steps": spec.inner_steps}
                     msg = TaskAssign(
                         job=envelope, round=r, task_id=a.task.task_id,
                         worker=a.worker, base_version=base, dataset_version=spec.dataset,
@@ -379,13 +395,22 @@ class Jobs:
                         batch_size=spec.batch_size, seq_len=spec.seq_len, lr=spec.lr,
                         deadline_ms=a.deadline_ms, update_version=update,
                         update_parent=parent)
-                    nursery.start_soon(self._offer, a, msg, p, send)
+                    nursery.start_soon(self._offer, a, msg, p, send,
+                                       partial(_on_progress, live["tasks"], a.worker))
 
             launch(machine.start(self.clock_ms()))
 
             async def on_outcome(outcome: _Outcome) -> None:
                 now = self.clock_ms()
                 tid, w = outcome.assign.task.task_id, outcome.assign.worker
+                view = live["tasks"].get(tid)
+                if view is not None and view["worker"] == w:
+                    view.update(state=_LIVE_STATE[outcome.kind], since_ms=now,
+                                reason=outcome.reason[:120])
+                    if outcome.result is not None:
+                        view.update(loss=outcome.result.last_loss, step=spec.inner_steps,
+                                    tokens=outcome.result.tokens,
+                                    wall_ms=outcome.result.wall_ms)
                 if outcome.kind == "accepted":
                     launch(machine.on_accepted(tid, w, now))
                 elif outcome.kind == "refused":
@@ -418,8 +443,10 @@ class Jobs:
             for tid in machine.failed():
                 records[tid] = {"task": tid, "worker": None, "verdict": "failed",
                                 "reason": "no worker completed it"}
+            live["phase"] = "checking"
             check = await self._check(jid, job, state, dataset, job_dir, tasks, submitted)
             accepted, receipt_ids = [], []
+            thresholds = _thresholds(spec)
             for tid, outcome in submitted.items():
                 assert outcome.result is not None
                 res, verdict = outcome.result, check["deltas"].get(tid, {})
@@ -446,7 +473,8 @@ class Jobs:
                                 "reason": "" if ok else reason,
                                 "delta": res.delta_version.hex(), "first_loss": res.first_loss,
                                 "last_loss": res.last_loss, "tokens": res.tokens,
-                                "wall_ms": res.wall_ms, "metrics": metrics}
+                                "wall_ms": res.wall_ms, "metrics": metrics,
+                                "checks": passed_checks(verdict, thresholds) if ok else []}
             for p in pending.values():  # streams still open without a verdict: end them
                 p.done.set()
         record: dict[str, Any] = {
@@ -456,12 +484,14 @@ class Jobs:
             "train_s": sum(t.get("wall_ms", 0) for t in records.values()) / 1000,
             "tasks": [records[t] for t in sorted(records)], "accepted": len(accepted),
             "receipts": receipt_ids}
+        live["phase"] = "merging"
         if accepted:
             await self._outer(jid, job, state, dataset, job_dir, accepted, record)
         else:
             log.warning("job %s round %d: no delta accepted; the base stays", jid[:16], r)
             record.update(version=None, heldout_after=record["heldout_before"])
         record["ended_ms"] = self.clock_ms()
+        self.live.pop(jid, None)
         for d in job_dir.glob(f"r{r}-*"):
             shutil.rmtree(d, ignore_errors=True)
         return record
@@ -474,8 +504,9 @@ class Jobs:
             p.done.set()
 
     async def _offer(self, a: Assign, msg: TaskAssign, p: _Pending,
-                     send: trio.MemorySendChannel[_Outcome]) -> None:
-        """One task stream: assignment, reply, result, verdict."""
+                     send: trio.MemorySendChannel[_Outcome],
+                     on_progress: Callable[[TaskProgress], None]) -> None:
+        """One task stream: assignment, reply, progress (on 1.1.0), result, verdict."""
         stream = None
         try:
             with trio.fail_after(OFFER_TIMEOUT_S):
@@ -505,9 +536,15 @@ class Jobs:
                 await stream.close()
                 return
             await send.send(_Outcome("accepted", a))
-            left = max(1.0, (a.deadline_ms - self.clock_ms()) / 1000)
-            data = await read_frame(stream, MAX_RESULT_BYTES, left)
-            result = open_task_result(data)
+            while True:
+                left = max(1.0, (a.deadline_ms - self.clock_ms()) / 1000)
+                data = await read_frame(stream, MAX_RESULT_BYTES, left)
+                frame = decode_worker_frame(data)
+                if isinstance(frame, TaskResult):
+                    result = frame
+                    break
+                if frame.task_id == a.task.task_id:
+                    on_progress(frame)
             check_result(result, msg)  # the assigned worker's signature, for this task
             await send.send(_Outcome("submitted", a, result, data))
             await p.done.wait()
@@ -528,7 +565,7 @@ class Jobs:
             cap = self.discovery.local_record(worker)
             addrs = [parse_multiaddr(a) for a in cap.record.addrs] if cap else []
             await self.net.connect(PeerInfo(peer, addrs), timeout=OFFER_TIMEOUT_S)
-        return await self.net.open_stream(peer, TASK_PROTOCOL)
+        return await self.net.open_stream(peer, [TASK_PROGRESS_PROTOCOL, TASK_PROTOCOL])
 
     # -- checking and the outer step ------------------------------------------------------
 
@@ -595,8 +632,7 @@ class Jobs:
                             "seq_len": spec.seq_len}
                            for tid in submitted if (p := paths.get(tid)) is not None],
                 "reexec": reexec,
-                "thresholds": {"min_heldout_gain": spec.heldout_tolerance,
-                               "max_cosine": spec.max_cosine},
+                "thresholds": _thresholds(spec),
             }
             answer = await run_taskproc(request, timeout_s=CHECK_TIMEOUT_S, what="checking")
         verdicts: dict[str, dict[str, Any]] = answer["results"]
@@ -629,10 +665,11 @@ class Jobs:
             "heldout_fraction": spec.heldout_fraction, "eval_batches": spec.eval_batches,
             "batch_size": spec.batch_size, "seq_len": spec.seq_len, "seed": spec.seed,
             "threads": self.threads}, timeout_s=OUTER_TIMEOUT_S, what="the outer step")
-        new = await self.models.publish(out_dir, kind="model", name=f"{spec.name} r{r + 1}",
+        new = await self.models.publish(out_dir, kind="model",
+                                        name=round_version_name(spec.name, r),
                                         parents=[state["base"]])
         upd = await self.models.publish(update, kind="model",
-                                        name=f"{spec.name} update r{r + 1}")
+                                        name=update_version_name(spec.name, r))
         loss = finite(answer.get("heldout_loss"), "heldout_loss")
         record.update(version=new, update=upd, heldout_after=loss)
         old_momentum = state["momentum"]
@@ -643,6 +680,28 @@ class Jobs:
             Path(old_momentum).unlink(missing_ok=True)
         log.info("job %s round %d: %d accepted, held-out %.4f -> %.4f, version %s", jid[:16],
                  r, len(accepted), record["heldout_before"] or float("nan"), loss, new[:16])
+
+
+def _thresholds(spec: JobSpec) -> dict[str, float]:
+    """The job's overrides of protocol/checking.py's thresholds."""
+    return {"min_heldout_gain": spec.heldout_tolerance, "max_cosine": spec.max_cosine}
+
+
+_LIVE_STATE = {"accepted": "training", "refused": "refused", "lost": "lost",
+               "submitted": "submitted"}
+
+
+def _on_progress(tasks: dict[str, Any], worker: str, progress: TaskProgress) -> None:
+    """A worker's TaskProgress, into the live view of its task (if it still holds it)."""
+    view = tasks.get(progress.task_id)
+    if view is not None and view["worker"] == worker and view["state"] == "training":
+        view.update(step=progress.step, steps=progress.steps, loss=progress.loss,
+                    tokens=progress.tokens, wall_ms=progress.wall_ms)
+
+
+def _live_view(live: dict[str, Any]) -> dict[str, Any]:
+    return {"round": live["round"], "phase": live["phase"], "started_ms": live["started_ms"],
+            "tasks": [dict(t) for _, t in sorted(live["tasks"].items())]}
 
 
 def check_base(spec: JobSpec, config: dict[str, Any]) -> None:

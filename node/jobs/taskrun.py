@@ -14,7 +14,12 @@ import json
 import logging
 import math
 import os
+import re
+import subprocess
 import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -33,24 +38,76 @@ class TaskProcError(Exception):
     """The child failed; the message is its own error line, or how it died."""
 
 
-async def run_taskproc(request: dict[str, Any], *, timeout_s: float, what: str) -> dict[str, Any]:
+# The line taskproc's training loop writes on stderr every tenth of its steps
+# (node/jobs/taskproc.py, run_training): "train: step 5/50 loss 3.1416".
+STEP_LINE = re.compile(r"^\w+: step (\d+)/(\d+) loss (\S+)$")
+MAX_STDERR_KEPT = 64 << 10  # the tail of a child's stderr kept for its error line
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """A training child's progress: ``step`` of ``steps`` done, the loss of that step."""
+
+    step: int
+    steps: int
+    loss: float
+
+
+def parse_step_line(line: str) -> StepProgress | None:
+    m = STEP_LINE.match(line.strip())
+    if m is None:
+        return None
+    try:
+        loss = float(m.group(3))
+    except ValueError:
+        return None
+    return StepProgress(int(m.group(1)), int(m.group(2)), loss)
+
+
+async def run_taskproc(request: dict[str, Any], *, timeout_s: float, what: str,
+                       on_step: Callable[[StepProgress], Awaitable[None]] | None = None,
+                       ) -> dict[str, Any]:
     """Run one taskproc op and return its answer (``ok`` removed). TaskProcError on a
-    failure, a timeout or an unreadable answer."""
+    failure, a timeout or an unreadable answer. ``on_step`` is awaited with each
+    progress line of a training child as it comes (stderr is read while it runs)."""
     env = dict(os.environ)
     threads = str(request.get("threads", 1))
     # Thread pools sized before torch starts; taskproc also calls set_num_threads.
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
     data = json.dumps(request, allow_nan=False).encode()
+    out = bytearray()
+    err = bytearray()
+
+    async def read_stdout(stream: Any) -> None:
+        async for chunk in stream:
+            out.extend(chunk)
+
+    async def read_stderr(stream: Any) -> None:
+        pending = b""
+        async for chunk in stream:
+            err.extend(chunk)
+            del err[:-MAX_STDERR_KEPT]
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                step = parse_step_line(line.decode(errors="replace"))
+                if step is not None and on_step is not None:
+                    await on_step(step)
+
     with trio.move_on_after(timeout_s) as scope:
-        proc = await trio.run_process([sys.executable, "-m", "node.jobs.taskproc"], stdin=data,
-                                      capture_stdout=True, capture_stderr=True, check=False,
-                                      env=env, preexec_fn=_lower_priority)
+        async with trio.open_nursery() as nursery:
+            proc = await nursery.start(partial(
+                trio.run_process, [sys.executable, "-m", "node.jobs.taskproc"], stdin=data,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False, env=env,
+                preexec_fn=_lower_priority))
+            nursery.start_soon(read_stdout, proc.stdout)
+            nursery.start_soon(read_stderr, proc.stderr)
     if scope.cancelled_caught:
         raise TaskProcError(f"{what}: no answer within {timeout_s:g} s")
-    stderr = proc.stderr.decode(errors="replace").strip()
+    stderr = err.decode(errors="replace").strip()
     if stderr:
         log.debug("%s: %s", what, stderr[-2000:])
-    lines = proc.stdout.decode(errors="replace").strip().splitlines()
+    lines = out.decode(errors="replace").strip().splitlines()
     answer: Any = None
     if lines and len(lines[-1]) <= MAX_ANSWER_BYTES:
         try:

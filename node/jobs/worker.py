@@ -18,8 +18,10 @@ another worker. The torch work runs in ``python -m node.jobs.taskproc`` (node/jo
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from nacl.signing import SigningKey
 
 from node.config import WorkerSection
 from node.jobs.receipts import Receipts
-from node.jobs.taskrun import TaskProcError, finite, run_taskproc
+from node.jobs.taskrun import StepProgress, TaskProcError, finite, run_taskproc
 from node.p2p import PeerId, ProtocolId
 from node.p2p.framing import FrameError, read_frame, reset_quietly, write_frame
 from node.smip.service import Models
@@ -38,13 +40,16 @@ from protocol.capability import EnvReport, vram_at_least
 from protocol.errors import RemoteProtocolError
 from protocol.jobs import (
     MAX_ASSIGN_BYTES,
+    MAX_LOSS,
     MAX_VERDICT_BYTES,
     Job,
     TaskAssign,
+    TaskProgress,
     TaskReply,
     TaskResult,
     Verdict,
     check_assign,
+    delta_version_name,
     seal_task_result,
 )
 from protocol.smip import id_hex
@@ -53,6 +58,11 @@ log = logging.getLogger(__name__)
 
 TASK_PROTOCOL_ID = "/iollm/task/1.0.0"
 TASK_PROTOCOL = ProtocolId(TASK_PROTOCOL_ID)
+# The same stream with TaskProgress frames before the result (specs/jobs.md); offered
+# first by coordinators, served beside 1.0.0 so that nodes of either version work together.
+TASK_PROGRESS_PROTOCOL = ProtocolId("/iollm/task/1.1.0")
+PROGRESS_EVERY_S = 2.0
+PROGRESS_WRITE_TIMEOUT_S = 10.0
 ASSIGN_TIMEOUT_S = 10.0  # for the assignment frame after the stream opens
 REPLY_TIMEOUT_S = 10.0
 RESULT_WRITE_TIMEOUT_S = 30.0
@@ -116,7 +126,8 @@ class Worker:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)  # what a crash left behind
-        self.net.serve(TASK_PROTOCOL, self._serve, max(MAX_ASSIGN_BYTES, MAX_VERDICT_BYTES))
+        for protocol in (TASK_PROGRESS_PROTOCOL, TASK_PROTOCOL):
+            self.net.serve(protocol, self._serve, max(MAX_ASSIGN_BYTES, MAX_VERDICT_BYTES))
         task_status.started()
         await trio.sleep_forever()
 
@@ -156,7 +167,9 @@ class Worker:
                 self.task_accepted.set()
                 await write_frame(stream, TaskReply(assign.task_id, True, "").encode(),
                                   REPLY_TIMEOUT_S)
-                result = await self._train(peer, assign, job)
+                report = (self._reporter(stream, assign.task_id)
+                          if str(stream.get_protocol()) == TASK_PROGRESS_PROTOCOL else None)
+                result = await self._train(peer, assign, job, report)
                 await write_frame(stream, result, RESULT_WRITE_TIMEOUT_S)
             finally:
                 self.busy -= 1
@@ -222,9 +235,37 @@ class Worker:
                 shutil.rmtree(work, ignore_errors=True)
         return await self._fetch(base, [coordinator])
 
-    async def _train(self, coordinator: PeerId, assign: TaskAssign, job: Job) -> bytes:
-        """Fetch, train, publish the delta; the sealed result."""
+    def _reporter(self, stream: Any, task_id: str
+                  ) -> Callable[[StepProgress, float, int], Awaitable[None]]:
+        """Sends the coordinator a TaskProgress for a training step, at most every
+        PROGRESS_EVERY_S (and always the first and the last step)."""
+        last = -math.inf
+
+        async def report(step: StepProgress, started: float, tokens_per_step: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last < PROGRESS_EVERY_S and 1 < step.step < step.steps:
+                return
+            last = now
+            if not (math.isfinite(step.loss) and 0 <= step.loss <= MAX_LOSS):
+                return  # a diverged loss is the result's business, not the display's
+            msg = TaskProgress(task_id, min(step.step, step.steps), step.steps, step.loss,
+                               step.step * tokens_per_step, int((now - started) * 1000))
+            await write_frame(stream, msg.encode(), PROGRESS_WRITE_TIMEOUT_S)
+
+        return report
+
+    async def _train(self, coordinator: PeerId, assign: TaskAssign, job: Job,
+                     report: Callable[[StepProgress, float, int], Awaitable[None]] | None = None,
+                     ) -> bytes:
+        """Fetch, train, publish the delta; the sealed result. ``report`` is told of each
+        training step the child reports."""
         started = time.monotonic()
+        tokens_per_step = assign.batch_size * assign.seq_len
+
+        async def on_step(step: StepProgress) -> None:
+            if report is not None:
+                await report(step, started, tokens_per_step)
         models = self.models
         base = await self._base(coordinator, assign)
         dataset = await self._fetch(assign.dataset_version, [coordinator])
@@ -250,11 +291,12 @@ class Worker:
                 dict(request, _train_len=job.spec.train_split(dataset.manifest.total_size)),
                 timeout)
             if answer is None:
-                answer = await run_taskproc(request, timeout_s=timeout, what="training")
+                answer = await run_taskproc(request, timeout_s=timeout, what="training",
+                                            on_step=on_step)
             self.stats.train_s += float(answer.get("wall_s") or 0.0)
             delta = await models.publish(out_dir / "delta.safetensors", kind="model",
-                                         name=f"delta {id_hex(assign.job_id)[:12]} "
-                                              f"{assign.task_id}")
+                                         name=delta_version_name(assign.job_id,
+                                                                 assign.task_id))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         result = TaskResult(

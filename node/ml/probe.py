@@ -80,7 +80,8 @@ _CPU_START_N, _CPU_MAX_N = 128, 2048
 _GPU_START_N, _GPU_MAX_N = 1024, 8192
 
 _CC_RE = re.compile(r"^\d+\.\d+$")
-_FAKE_GPU_FIELDS = ("name", "memory_gb", "compute_capability")
+_FAKE_GPU_FIELDS = ("name", "memory_gb", "compute_capability", "tflops")
+SIMULATED_DEVICE = "simulated"  # tflops_device of a report whose GPUs are fake_gpus
 
 
 def _check_bench_seconds(bench_seconds: float) -> None:
@@ -193,6 +194,12 @@ def parse_fake_gpus(value: Any) -> tuple[GpuInfo, ...]:
         if not math.isfinite(mem) or mem <= 0:
             raise ValueError(f"{where}: field 'memory_gb' must be positive, got {mem!r}")
 
+        tf = entry.get("tflops", 1.0)
+        if isinstance(tf, bool) or not isinstance(tf, int | float) or not math.isfinite(tf) \
+                or tf <= 0:
+            raise ValueError(f"{where}: field 'tflops' must be a positive number (bf16 "
+                             f"TFLOP/s), got {tf!r}")
+
         cc = entry.get("compute_capability", "")
         if not isinstance(cc, str) or (cc and not _CC_RE.match(cc)):
             raise ValueError(
@@ -202,6 +209,14 @@ def parse_fake_gpus(value: Any) -> tuple[GpuInfo, ...]:
         size = int(mem * GIB)
         gpus.append(GpuInfo(name, size, size, cc))
     return tuple(gpus)
+
+
+def fake_gpus_tflops(value: Any) -> float | None:
+    """The simulated throughput of config ``[probe] fake_gpus`` (checked by
+    :func:`parse_fake_gpus` first): the largest ``tflops`` of an entry, or None when no
+    entry gives one. A record carries one figure, its fastest device's."""
+    given = [float(e["tflops"]) for e in value if isinstance(e, Mapping) and "tflops" in e]
+    return max(given) if given else None
 
 
 def format_env(report: EnvReport) -> str:
@@ -314,6 +329,7 @@ async def probe_in_subprocess(
     *,
     bench_seconds: float = 0.5,
     fake_gpus: Sequence[GpuInfo] | None = None,
+    fake_tflops: float | None = None,
     cache: Path | None = None,
     cache_max_age_s: float = 600.0,
 ) -> EnvReport:
@@ -333,7 +349,7 @@ async def probe_in_subprocess(
         cached = _read_cached(cache, key, cache_max_age_s)
         if cached is not None:
             log.info("environment probe reused from %s", cache)
-            return _with_fake_gpus(cached, fake_gpus)
+            return _with_fake_gpus(cached, fake_gpus, fake_tflops)
     cmd = [sys.executable, "-m", "node.cli", "env", "--json", "--home", os.fspath(disk_path),
            "--bench-seconds", repr(float(bench_seconds))]
     try:
@@ -355,11 +371,21 @@ async def probe_in_subprocess(
         raise ProbeError(f"the environment probe printed no valid report: {exc}") from None
     if cache is not None:
         _write_cached(cache, key, report)
-    return _with_fake_gpus(report, fake_gpus)
+    return _with_fake_gpus(report, fake_gpus, fake_tflops)
 
 
-def _with_fake_gpus(report: EnvReport, fake_gpus: Sequence[GpuInfo] | None) -> EnvReport:
-    return report if fake_gpus is None else dataclasses.replace(report, gpus=tuple(fake_gpus))
+def _with_fake_gpus(report: EnvReport, fake_gpus: Sequence[GpuInfo] | None,
+                    fake_tflops: float | None) -> EnvReport:
+    """The report with simulated GPUs, saying so: ``tflops_device`` "simulated", and the
+    simulated bf16 figure where the config gives one (the machine's own benchmark
+    otherwise: a CPU's figure beside an "H100" would make ``--min-tflops`` meaningless)."""
+    if fake_gpus is None:
+        return report
+    if fake_tflops is None:
+        return dataclasses.replace(report, gpus=tuple(fake_gpus),
+                                   tflops_device=SIMULATED_DEVICE)
+    return dataclasses.replace(report, gpus=tuple(fake_gpus), tflops=float(fake_tflops),
+                               tflops_dtype="bf16", tflops_device=SIMULATED_DEVICE)
 
 
 def _require(entry: Mapping[str, Any], field: str, where: str) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -357,15 +357,18 @@ class Network:
         protocols = self._identified(peer)
         return None if protocols is None else protocol in protocols
 
-    async def open_stream(self, peer: ID, protocol: str) -> Any:
-        """A new stream to ``peer`` on ``protocol``. One of ours is not asked of a peer
+    async def open_stream(self, peer: ID, protocol: str | Sequence[str]) -> Any:
+        """A new stream to ``peer`` on ``protocol`` (or the first of several the peer
+        serves, in the order given: ``stream.get_protocol()`` says which). One of ours is
+        not asked of a peer
         whose identify answer lists none of ours (NotServed, at once: it is not an iollm
         node, and py-libp2p would negotiate, fail and log a block of ERROR lines each
         time). A node is always asked: it may have identified before its services
         registered their protocols, and py-libp2p does not push the update."""
-        if protocol.startswith(IOLLM_PREFIX) and self.is_iollm_node(peer) is False:
+        protocols = [protocol] if isinstance(protocol, str) else list(protocol)
+        if protocols[0].startswith(IOLLM_PREFIX) and self.is_iollm_node(peer) is False:
             raise NotServed(f"{peer} is not an iollm node (serves none of our protocols)")
-        return await self.host.new_stream(peer, [TProtocol(protocol)])
+        return await self.host.new_stream(peer, [TProtocol(p) for p in protocols])
 
     async def announce_protocols(self, timeout: float = 5.0) -> None:
         """Push our identify answer to the connected peers (identify/push): peers that
