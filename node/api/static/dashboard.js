@@ -30,6 +30,9 @@ function ago(ms) {
   if (s < 129600) return `${(s / 3600).toFixed(1)} h ago`;
   return `${(s / 86400).toFixed(1)} d ago`;
 }
+// Measured matmul throughput: a CPU's is a few GFLOP/s, which "0.000 TFLOP/s" would hide.
+const flops = (tf) => (tf == null ? "—" : tf >= 0.1 ? `${tf.toFixed(1)} TFLOP/s`
+  : `${(tf * 1000).toFixed(1)} GFLOP/s`);
 const num = (x, d = 3) => (x == null || Number.isNaN(x) ? "—" : Number(x).toFixed(d));
 const pill = (text, cls = "") => `<span class="pill ${cls}">${esc(text)}</span>`;
 const verdictPill = (v) => pill(v, v === "accepted" || v === "done" || v === "complete" ? "ok"
@@ -128,10 +131,10 @@ pages.node = {
     const env = rec && rec.env;
     set("capability", !rec ? `<p class="muted">not built yet</p>` : dl([
       ["GPUs", gpuText(env)],
-      ["throughput", `${num(env.tflops, 3)} TFLOP/s (${esc(env.tflops_dtype)} on ${esc(env.tflops_device)})`],
+      ["throughput", `${flops(env.tflops)} (${esc(env.tflops_dtype)} on ${esc(env.tflops_device)})`],
       ["CPU · RAM", `${env.cpu_cores} cores · ${bytes(env.ram_bytes)}`],
       ["torch · CUDA", `${esc(env.torch) || "—"} · ${esc(env.cuda) || "—"}`],
-      ["sequence · expires", `${rec.seq} · ${new Date(rec.expires_ms).toLocaleString()}`],
+      ["signed · expires", `${ago(rec.created_ms)} · ${new Date(rec.expires_ms).toLocaleString()}`],
     ]));
     const w = res.worker;
     const running = jobs.filter((j) => j.status === "running");
@@ -178,13 +181,13 @@ pages.network = {
     const connected = new Set(peers.map((p) => p.peer_id));
     set("node-count", `${records.length} node(s)`);
     set("nodes", table(
-      ["peer", "", "GPUs", "GPU memory", "TFLOP/s", "CPU · RAM", "software", "last seen"],
+      ["peer", "", "GPUs", "GPU memory", "throughput", "CPU · RAM", "software", "record signed"],
       records.map((r) => [
         peerCell(r.peer_id),
         r.peer_id === me.peer_id ? pill("this node", "ok")
           : connected.has(r.peer_id) ? pill("connected") : "",
         gpuText(r.env), maxVram(r.env) ? bytes(maxVram(r.env)) : "—",
-        `${num(r.env.tflops, 3)} <span class="muted">${esc(r.env.tflops_device)}</span>`,
+        `${flops(r.env.tflops)} <span class="muted">${esc(r.env.tflops_device)}</span>`,
         `${r.env.cpu_cores} · ${bytes(r.env.ram_bytes)}`, esc(r.software), ago(r.created_ms)]),
       (i) => `data-peer="${esc(records[i].peer_id)}"`));
   },
@@ -201,14 +204,19 @@ pages.models = {
     <section class="card wide"><h2>Versions</h2>
       <div class="filters"><label>kind<select id="f-kind">
         <option value="">all</option><option>model</option><option>dataset</option></select></label>
+        <label class="check"><input type="checkbox" id="f-internal"> show jobs' deltas and updates</label>
       </div><div id="versions"></div></section></div>`,
   mounted() {
     modelState.cy = null; modelState.keys = "";
-    document.getElementById("f-kind").addEventListener("change", () => refresh());
+    for (const id of ["f-kind", "f-internal"]) {
+      document.getElementById(id).addEventListener("change", () => refresh());
+    }
   },
   async update(arg) {
     if (arg) modelState.selected = arg;
-    const versions = await api("/v1/models");
+    const all = await api("/v1/models");
+    const internals = document.getElementById("f-internal").checked;
+    const versions = all.filter((v) => internals || !isJobInternal(v) || v.version === arg);
     modelState.byId = Object.fromEntries(versions.map((v) => [v.version, v]));
     const kind = document.getElementById("f-kind").value;
     const shown = versions.filter((v) => !kind || v.kind === kind)
@@ -224,6 +232,11 @@ pages.models = {
     drawLineage(versions);
   },
 };
+
+// A job's per-task deltas and per-round outer updates are versions like any other, but
+// what a user follows is the models; they are told apart by the names the coordinator
+// and the workers give them (node/jobs).
+const isJobInternal = (v) => /^delta [0-9a-f]{12} r\d+-t\d+$/.test(v.name) || / update r\d+$/.test(v.name);
 
 function lineageOf(id) {
   const out = [];
