@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from node import __version__
 from node.api.dashboard import Sessions, dashboard_routes
+from node.api.gauges import register_service_metrics
 from node.api.jobs import job_routes
 from node.api.ledger import ledger_routes
 from node.api.models import model_routes, resolve_version
@@ -237,6 +238,7 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
         routes.update(ledger_routes(node.chain,
                                     lambda text: resolve_version(models, text, "model")))
         routes.update(job_routes(node.jobs, node.receipts, models, ops, nursery, home / "tmp"))
+        register_service_metrics(registry, chain=node.chain, jobs=node.jobs, worker=node.worker)
         sessions = Sessions(token, clock_ms)
         routes.update(dashboard_routes(
             sessions, home, worker=node.worker, chain=node.chain,

@@ -297,3 +297,28 @@ def test_chain_page_and_reward_split(net: Net, page: Page) -> None:
     units = [int(t) for t in page.locator("#split tbody tr td:last-child").all_inner_texts()]
     assert sum(units) == 1000
     net.shot(page, "chain")
+
+
+@pytest.mark.timeout(60)
+def test_metrics_table_matches_the_nodes_and_the_grafana_panels(net: Net) -> None:
+    root = Path(__file__).resolve().parent.parent
+    documented = set(re.findall(r"^\| `(iollm_\w+)` \|", (root / "README.md").read_text(),
+                                re.MULTILINE))
+    exposed: set[str] = set()
+    for home in net.homes:
+        token = read_token_file(home / "api.token")
+        api = json.loads((home / "node.json").read_text())["api"]
+        text = api_request(api, token, "GET", "/metrics", timeout=20)
+        exposed |= {n for n in re.findall(r"^# HELP (iollm_\w+) ", text, re.MULTILINE)
+                    if not n.endswith("_created")}
+    assert documented == exposed, (documented - exposed, exposed - documented)
+    # The job's worker and coordinator counted it.
+    worker = json.loads((net.homes[1] / "node.json").read_text())["api"]
+    metrics = api_request(worker, read_token_file(net.homes[1] / "api.token"), "GET",
+                          "/metrics", timeout=20)
+    assert 'iollm_worker_tasks_total{outcome="finished"} 1.0' in metrics, metrics[-3000:]
+    grafana = json.loads((root / "bootstrap/monitoring/grafana-dashboard.json").read_text())
+    used = {re.sub(r"_(bucket|count|sum)$", "", name)
+            for panel in grafana["panels"] for target in panel["targets"]
+            for name in re.findall(r"iollm_\w+", target["expr"])}
+    assert used and used <= exposed, used - exposed
