@@ -241,7 +241,7 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
         register_service_metrics(registry, chain=node.chain, jobs=node.jobs, worker=node.worker)
         sessions = Sessions(token, clock_ms)
         routes.update(dashboard_routes(
-            sessions, home, worker=node.worker, chain=node.chain,
+            sessions, home, ops=ops, worker=node.worker, chain=node.chain,
             resolve_model=lambda text: resolve_version(models, text, "model")))
         try:
             port = await nursery.start(

@@ -14,6 +14,7 @@ from typing import Any
 import prometheus_client
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -181,5 +182,35 @@ def test_the_server_admits_the_token_or_a_session_and_nothing_else(tmp_path: Pat
         assert _request(port, "GET", "/v1/dashboard/split?model=ab&amount=1", cookie)[0] == 409
         clock.now += SESSION_TTL_MS
         assert _request(port, "GET", "/v1/status", cookie)[0] == 401
+
+    trio.run(main)
+
+
+def test_operations_are_listed_newest_first_while_kept() -> None:
+    from node.api.ops import Operations
+
+    clock = Clock()
+    ops = Operations(clock, rng=random.Random(1), keep_finished_ms=1000)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            gate = trio.Event()
+
+            async def slow(progress: Any) -> Any:
+                progress.phase, progress.total_bytes = "fetching", 10
+                await gate.wait()
+                return {"ok": True}
+
+            first = ops.start(nursery, "fetch", slow)
+            clock.now += 1
+            second = ops.start(nursery, "publish", slow)
+            await trio.testing.wait_all_tasks_blocked()
+            listed = ops.listing()
+            assert [o["id"] for o in listed] == [second, first]
+            assert listed[0]["phase"] == "fetching" and listed[0]["state"] == "running"
+            gate.set()
+        assert {o["state"] for o in ops.listing()} == {"done"}
+        clock.now += 1001  # kept 1000 ms after it ended
+        assert ops.listing() == []
 
     trio.run(main)

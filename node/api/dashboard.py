@@ -6,6 +6,7 @@
     GET  /dashboard/static/NAME                  -> its scripts, styles and vendored libraries
     GET  /v1/dashboard/node                      -> resource use and the worker's counters
     GET  /v1/dashboard/split?model=&amount=      -> who a revenue record would pay, how much
+    GET  /v1/dashboard/ops                       -> the operations (publish, fetch) kept now
 
 Login. The browser never sees the bearer token: ``iollm dashboard`` asks the node for a
 login code (with the token), and prints or opens ``/dashboard/login?code=...``. The code
@@ -41,6 +42,7 @@ from typing import Any
 
 import psutil
 
+from node.api.ops import Operations
 from node.api.server import ApiError, Public, Reply, Request, Routes
 from node.chain.service import Chain
 
@@ -188,12 +190,14 @@ def _static_files() -> dict[str, Reply]:
     return out
 
 
-def dashboard_routes(sessions: Sessions, home: Path, *, worker: Any | None = None,
+def dashboard_routes(sessions: Sessions, home: Path, *, ops: Operations | None = None,
+                     worker: Any | None = None,
                      chain: Chain | None = None,
                      resolve_model: Callable[[Any], str] | None = None) -> Routes:
     """The dashboard's routes. `worker` (node/jobs/worker.py), when this node trains,
     gives the counters of the tasks it runs; `home` the disk it fills; `chain` and
-    `resolve_model` (a version id or prefix to its full id) the reward split."""
+    `resolve_model` (a version id or prefix to its full id) the reward split; `ops` the
+    transfers under way."""
     files = _static_files()
     index_file = files.pop("index.html")
     # The page's script finds its CSRF cookie by this name (other nodes' are beside it).
@@ -264,6 +268,9 @@ def dashboard_routes(sessions: Sessions, home: Path, *, worker: Any | None = Non
                 job.designer_share_bps, "lineage": len(led.lineage(bytes.fromhex(model))),
                 "pay": rows}
 
+    async def operations(_: Request) -> Any:
+        return [] if ops is None else ops.listing()
+
     routes: Routes = {
         ("POST", "/v1/dashboard/login"): login_code,
         ("GET", LOGIN_PATH): Public(login),
@@ -271,6 +278,7 @@ def dashboard_routes(sessions: Sessions, home: Path, *, worker: Any | None = Non
         ("GET", PAGE_PATH + "/"): index,
         ("GET", "/v1/dashboard/node"): node,
         ("GET", "/v1/dashboard/split"): split,
+        ("GET", "/v1/dashboard/ops"): operations,
     }
     # The assets are public: the same for everyone and shipped in the package, and the
     # page that says a login link is used up needs its style sheet.

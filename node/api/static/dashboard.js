@@ -201,6 +201,7 @@ pages.models = {
     <section class="card wide"><h2>Lineage</h2>
       <div id="lineage"></div>
       <div id="lineage-path" class="muted"></div></section>
+    <section class="card wide"><h2>Transfers</h2><div id="transfers"></div></section>
     <section class="card wide"><h2>Versions</h2>
       <div class="filters"><label>kind<select id="f-kind">
         <option value="">all</option><option>model</option><option>dataset</option></select></label>
@@ -214,7 +215,13 @@ pages.models = {
   },
   async update(arg) {
     if (arg) modelState.selected = arg;
-    const all = await api("/v1/models");
+    const [all, ops] = await Promise.all([api("/v1/models"), api("/v1/dashboard/ops")]);
+    set("transfers", table(["operation", "state", "phase", "progress", "detail", "started"],
+      ops.map((o) => [esc(o.kind), verdictPill(o.state === "done" ? "done" : o.state === "failed" ? "failed" : o.state),
+        esc(o.phase), o.total_bytes
+          ? `<div class="bar" title="${bytes(o.done_bytes)} of ${bytes(o.total_bytes)}"><span style="width:${(100 * o.done_bytes / o.total_bytes).toFixed(1)}%"></span></div> ${bytes(o.done_bytes)} of ${bytes(o.total_bytes)}`
+          : bytes(o.done_bytes),
+        `<span class="reason">${esc(o.error || o.detail)}</span>`, ago(o.started_ms)])));
     const internals = document.getElementById("f-internal").checked;
     const versions = all.filter((v) => internals || !isJobInternal(v) || v.version === arg);
     modelState.byId = Object.fromEntries(versions.map((v) => [v.version, v]));
