@@ -146,7 +146,10 @@ def test_the_server_admits_the_token_or_a_session_and_nothing_else(tmp_path: Pat
 
     def check(port: int) -> None:
         bearer = {"Authorization": f"Bearer {TOKEN}"}
-        assert _request(port, "GET", "/dashboard")[0] == 401
+        st_, headers, body = _request(port, "GET", "/dashboard")
+        assert st_ == 401 and b"iollm dashboard" in body  # a page saying how to log in
+        assert headers["content-type"][0].startswith("text/html")
+        assert _request(port, "GET", "/v1/status")[0] == 401
         assert _request(port, "GET", "/metrics")[0] == 401
         assert _request(port, "POST", "/v1/dashboard/login", body={})[0] == 401
         # The assets are public; the page is not.

@@ -119,7 +119,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     build.stdin.close()
     try:
         iollm("testnet", "up", "--nodes", "1", "--simulate-gpus", "--dir", str(root),
-              "--timeout", "90", timeout=120)
+              "--timeout", "120", timeout=180)
         assert build.wait(timeout=120) == 0, build_log.read_text()[-2000:]
         n = Net(root, artifacts)
         home = ("--home", str(n.coordinator))

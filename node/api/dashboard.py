@@ -136,6 +136,15 @@ class Sessions:
         sent = next((v for k, v in headers if k == CSRF_HEADER), b"")
         return hmac.compare_digest(sent.strip(), session.csrf.encode())
 
+    def refusal(self, path: str) -> Reply | None:
+        """The page itself, refused, says how to log in; everything else answers JSON."""
+        if path.rstrip("/") != PAGE_PATH:
+            return None
+        return _html(401, "Log in with iollm dashboard",
+                     "This browser has no session with this node (or it ended). Run "
+                     "<code>iollm dashboard</code> on the node's machine and open the link "
+                     "it prints.")
+
     def set_cookies(self, session: str, csrf: str) -> list[tuple[str, str]]:
         age = SESSION_TTL_MS // 1000
         return [("Set-Cookie", f"{self.cookie_name}={session}; Path=/; Max-Age={age}; "

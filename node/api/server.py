@@ -144,6 +144,10 @@ class SessionAuth(Protocol):
 
     def allows(self, method: str, headers: Sequence[tuple[bytes, bytes]]) -> bool: ...
 
+    def refusal(self, path: str) -> Reply | None:
+        """What a browser is shown at `path` when it is let in neither way (None: the
+        usual JSON 401)."""
+
 
 class ApiError(NodeError):
     """Raised by a handler to answer `status` with ``{"error": message}``: what is wrong
@@ -269,9 +273,13 @@ class _Server:
         if head_size > MAX_HEAD_BYTES:
             return _error(431, "request head too large", close=True)
         method = request.method.decode("ascii").upper()
-        route = self.routes.get((method,
-                                 _route_path(request.target.decode("ascii", errors="replace"))))
+        path = _route_path(request.target.decode("ascii", errors="replace"))
+        route = self.routes.get((method, path))
         if not isinstance(route, Public) and not self._authorized(method, request.headers):
+            page = self.sessions.refusal(path) if self.sessions is not None else None
+            if page is not None:
+                return _Response(401, page.body, page.content_type, list(page.headers),
+                                 close=True)
             return _error(401, AUTH_ERROR, headers=[("WWW-Authenticate", "Bearer")], close=True)
         length = next((v for k, v in request.headers if k == b"content-length"), None)
         if length is not None and int(length) > MAX_BODY_BYTES:  # h11 checked it is a number
