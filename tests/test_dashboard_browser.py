@@ -209,7 +209,8 @@ def test_refused_without_session_or_with_forged_csrf(net: Net, page: Page) -> No
     assert _http(net, "GET", "/dashboard", {"Cookie": cookie}).status == 200
     # A state-changing request on the session needs its CSRF token.
     bad_spec = {"spec": 'name = "x"'}
-    for headers in ({}, {"X-CSRF-Token": "forged"}, {"X-CSRF-Token": token[:-1] + "0"}):
+    near = token[:-1] + ("1" if token.endswith("0") else "0")  # one digit off
+    for headers in ({}, {"X-CSRF-Token": "forged"}, {"X-CSRF-Token": near}):
         refused = _http(net, "POST", "/v1/jobs/submit", {"Cookie": cookie, **headers}, bad_spec)
         assert refused.status == 401, headers
     taken = _http(net, "POST", "/v1/jobs/submit", {"Cookie": cookie, "X-CSRF-Token": token},
@@ -223,7 +224,7 @@ def test_login_through_the_link_and_see_every_node(net: Net, page: Page) -> None
     assert urlsplit(page.url).path == "/dashboard"
     expect(page.locator("#identity")).to_contain_text(net.peers[0])
     expect(page.locator("#balance")).to_be_visible()
-    net.shot(page, "node")
+    net.shot(page, "node-start")
     # The page's own script, with its CSRF token, is let in; a forged token is not.
     statuses = page.evaluate("""async () => {
         const post = (token) => fetch('/v1/jobs/submit', {method: 'POST',
@@ -306,6 +307,10 @@ def test_chain_page_and_reward_split(net: Net, page: Page) -> None:
     units = [int(t) for t in page.locator("#split tbody tr td:last-child").all_inner_texts()]
     assert sum(units) == 1000
     net.shot(page, "chain")
+    page.click("nav a[data-page=node]")  # the coordinator earned its share of the job
+    expect(page.locator("#balance")).not_to_have_text("0")
+    expect(page.locator("#wallet tbody tr")).to_have_count(1)  # the job's one receipt
+    net.shot(page, "node")
 
 
 @pytest.mark.timeout(60)

@@ -115,7 +115,7 @@ pages.node = {
       ["software", esc(status.software)],
       ["uptime", `${(status.uptime_s / 60).toFixed(1)} min`],
       ["addresses", status.addrs.map((a) => `<div class="mono">${esc(a)}</div>`).join("")],
-      ["connections", `<span id="connections">${status.connected_peers}</span> peers · routing table ${status.routing_table_size}`],
+      ["connections", `<span id="connections">${status.connected_peers}</span> peer${status.connected_peers === 1 ? "" : "s"} · routing table ${status.routing_table_size}`],
       ["record published", status.published ? pill("yes", "ok") : pill("not yet", "warn")],
     ]));
     const p = res.process, s = res.system;
@@ -279,7 +279,7 @@ function drawLineage(versions) {
     modelState.cy = cytoscape({
       container: document.getElementById("lineage"),
       elements,
-      minZoom: 0.2, maxZoom: 2.5, wheelSensitivity: 0.3,
+      minZoom: 0.2, maxZoom: 1.4, wheelSensitivity: 0.3,
       style: [
         { selector: "node", style: { label: "data(label)", "text-wrap": "wrap", "font-size": 10,
           "text-valign": "bottom", "text-margin-y": 4, "background-color": "#9aa8c2",
