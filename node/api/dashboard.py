@@ -32,7 +32,6 @@ import hashlib
 import hmac
 import secrets
 import shutil
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ import psutil
 from node.api.ops import Operations
 from node.api.server import ApiError, Public, Reply, Request, Routes
 from node.chain.service import Chain
+from node.jobs.worker import Worker
 
 __all__ = ["LOGIN_TTL_MS", "SESSION_TTL_MS", "Sessions", "dashboard_routes"]
 
@@ -200,8 +200,7 @@ def _static_files() -> dict[str, Reply]:
 
 
 def dashboard_routes(sessions: Sessions, home: Path, *, ops: Operations | None = None,
-                     worker: Any | None = None,
-                     chain: Chain | None = None,
+                     worker: Worker | None = None, chain: Chain | None = None,
                      resolve_model: Callable[[Any], str] | None = None) -> Routes:
     """The dashboard's routes. `worker` (node/jobs/worker.py), when this node trains,
     gives the counters of the tasks it runs; `home` the disk it fills; `chain` and
@@ -246,7 +245,7 @@ def dashboard_routes(sessions: Sessions, home: Path, *, ops: Operations | None =
                        "memory_percent": psutil.virtual_memory().percent,
                        "load": list(psutil.getloadavg())},
             "disk": {"home": str(home), "free_bytes": disk.free, "total_bytes": disk.total},
-            "worker": None, "time_ms": int(time.time() * 1000)}
+            "worker": None}
         if worker is not None:
             s = worker.stats
             out["worker"] = {"busy": worker.busy, "accepted": s.accepted, "refused": s.refused,

@@ -151,7 +151,7 @@ pages.node = {
       : `<p>Balance <b id="balance">${bal.balance}</b> units at height ${bal.height}</p>`) +
       table(["issued", "job", "round", "worker", "tokens", "held-out gain"],
         receipts.slice(-10).reverse().map((r) => [
-          ago(r.issued_ms), `<a href="#/jobs/${esc(r.job)}">${short(r.job)}</a>`, r.round,
+          ago(r.issued_ms), `<a href="#/jobs/${esc(r.job)}">${short(r.job)}</a>`, r.round + 1,
           peerCell(r.worker), r.tokens, num(r.metrics.heldout_gain, 4)])));
   },
 };
