@@ -463,7 +463,7 @@ pages.chain = {
       try {
         const s = await api(`/v1/dashboard/split?${q}`);
         set("split", `<p class="muted">designer share ${s.designer_share_bps / 100} % of ${s.amount}; ` +
-          `the rest by the weight of the receipts along the lineage (${s.lineage} versions)</p>` +
+          `the rest by the weight of the receipts along the lineage (${s.lineage} version${s.lineage === 1 ? "" : "s"})</p>` +
           `<div class="split">${table(["peer", "role", "units"], s.pay.map((p) => [peerCell(p.peer), esc(p.role), p.units]))}</div>`);
       } catch (e) { set("split", `<p class="bad">${esc(e.message)}</p>`); }
     });
