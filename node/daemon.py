@@ -36,6 +36,8 @@ from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Gauge
 
 from node import __version__
+from node.api.dashboard import Sessions, dashboard_routes
+from node.api.gauges import register_service_metrics
 from node.api.jobs import job_routes
 from node.api.ledger import ledger_routes
 from node.api.models import model_routes, resolve_version
@@ -245,10 +247,16 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
                                     lambda text: resolve_version(models, text, "model"),
                                     node.discovery.name_of))
         routes.update(job_routes(node.jobs, node.receipts, models, ops, nursery, home / "tmp"))
+        register_service_metrics(registry, chain=node.chain, jobs=node.jobs, worker=node.worker)
+        sessions = Sessions(token, clock_ms)
+        routes.update(dashboard_routes(
+            sessions, home, ops=ops, worker=node.worker, chain=node.chain,
+            resolve_model=lambda text: resolve_version(models, text, "model")))
         try:
             port = await nursery.start(
                 lambda task_status: serve_api(routes, token, registry, host="127.0.0.1",
-                                              port=api_port, task_status=task_status))
+                                              port=api_port, sessions=sessions,
+                                              task_status=task_status))
         except OSError as exc:
             raise ListenError(exc.errno, f"cannot serve the local API on 127.0.0.1:"
                                          f"{api_port}: {exc.strerror}") from None

@@ -306,6 +306,25 @@ class Ledger:
             entry = self._get("versions", version)
         return out
 
+    def revenue_split(self, model: bytes, amount: int) -> dict[str, int] | None:
+        """Who a revenue record of `amount` for `model` would pay, and how much (None when
+        no round record produced `model`): the rule `_tx_revenue` applies."""
+        self._fresh()
+        top = self._get("versions", model)
+        return None if top is None else self._revenue_pay(top, model, amount)
+
+    def _revenue_pay(self, top: VersionEntry, model: bytes, amount: int) -> dict[str, int]:
+        job = self._get("jobs", top.job_id)
+        designer = amount * job.designer_share_bps // BPS
+        workers: dict[str, int] = {}
+        for _height, entry in self.lineage(model):
+            for rid in entry.receipts:
+                r = self._get("receipts", rid)
+                workers[r.worker] = workers.get(r.worker, 0) + r.weight
+        pay = split(amount - designer, workers)
+        pay[job.coordinator] = pay.get(job.coordinator, 0) + amount - sum(pay.values())
+        return pay
+
     def evidence(self) -> list[EvidenceEntry]:
         """Every recorded piece of evidence, in key order."""
         return [e for _, e in sorted(self._items("evidence").items())]
@@ -554,16 +573,7 @@ class Ledger:
                             retry=True)
         if rev.amount > MAX_INT - self.supply:
             raise TxRefused("supply-cap", f"the supply would exceed {MAX_INT}")
-        job = self._get("jobs", top.job_id)
-        designer = rev.amount * job.designer_share_bps // BPS
-        workers: dict[str, int] = {}
-        for _height, entry in self.lineage(rev.model):
-            for rid in entry.receipts:
-                r = self._get("receipts", rid)
-                workers[r.worker] = workers.get(r.worker, 0) + r.weight
-        pay = split(rev.amount - designer, workers)
-        pay[job.coordinator] = pay.get(job.coordinator, 0) + rev.amount - sum(pay.values())
-        self._credit(pay)
+        self._credit(self._revenue_pay(top, rev.model, rev.amount))
         self._s["revenue"] += rev.amount
         self._put("nonces", rev.payer, rev.nonce)
 

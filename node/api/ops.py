@@ -134,6 +134,11 @@ class Operations:
             raise UnknownOperation(f"no operation {op_id!r} (unknown, or finished long ago)")
         return op.to_json()
 
+    def listing(self) -> list[dict[str, Any]]:
+        """Every operation still kept (running, or finished recently), newest first."""
+        self._prune()
+        return [op.to_json() for op in sorted(self._ops.values(), key=lambda o: -o.started_ms)]
+
     async def _run(self, op: _Op, fn: OpFunction) -> None:
         try:
             result = await fn(op.progress)

@@ -6,6 +6,10 @@ table keyed by ``(method, path)``; a handler returns a JSON-able value (sent as 
 raises `ApiError`. Every request, ``/metrics`` included, needs
 ``Authorization: Bearer <token>``; the token lives in a 0600 file in the node home (like a
 cookie file), written by `write_token_file` and read by the CLI with `read_token_file`.
+Two exceptions, both for the browser dashboard (node/api/dashboard.py): a `Public` route
+(its one-time login link) checks its caller itself, and a `SessionAuth` given to
+`serve_api` may let a request in on a session cookie instead; a handler may answer a
+`Reply` (a page, a script) instead of JSON.
 
 Prometheus scrapes ``/metrics`` with the same token (``authorization`` defaults to the
 Bearer type)::
@@ -33,11 +37,11 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
@@ -58,8 +62,11 @@ __all__ = [
     "ApiError",
     "Gated",
     "Handler",
+    "Public",
+    "Reply",
     "Request",
     "Routes",
+    "SessionAuth",
     "api_request",
     "generate_token",
     "read_token_file",
@@ -108,6 +115,39 @@ class Gated:
 
     async def __call__(self, request: Request) -> Any:
         return await self.handler(request)
+
+
+@dataclass(frozen=True)
+class Public:
+    """A handler served without the bearer token or a session: it checks its caller
+    itself (the dashboard's one-time login link, node/api/dashboard.py)."""
+
+    handler: Handler
+
+    async def __call__(self, request: Request) -> Any:
+        return await self.handler(request)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a handler returns for an answer that is not JSON (a page, a script, a
+    redirect): sent as it is."""
+
+    status: int
+    body: bytes
+    content_type: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class SessionAuth(Protocol):
+    """A second way in besides the bearer token: the browser's session cookie (and, for
+    a request that changes state, its CSRF token). Decides from the request's head."""
+
+    def allows(self, method: str, headers: Sequence[tuple[bytes, bytes]]) -> bool: ...
+
+    def refusal(self, path: str) -> Reply | None:
+        """What a browser is shown at `path` when it is let in neither way (None: the
+        usual JSON 401)."""
 
 
 class ApiError(NodeError):
@@ -203,6 +243,7 @@ class _Server:
     registry: prometheus_client.CollectorRegistry
     request_timeout: float
     idle_timeout: float
+    sessions: SessionAuth | None = None
 
     # -- decisions (no IO) -----------------------------------------------------------
 
@@ -212,15 +253,18 @@ class _Server:
         head_size = len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
         if head_size > MAX_HEAD_BYTES:
             return _error(431, "request head too large", close=True)
-        auth = next((v for k, v in request.headers if k == b"authorization"), b"")
-        scheme, _, credentials = auth.strip().partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self.token):
+        method = request.method.decode("ascii").upper()
+        path = _route_path(request.target.decode("ascii", errors="replace"))
+        route = self.routes.get((method, path))
+        if not isinstance(route, Public) and not self._authorized(method, request.headers):
+            page = self.sessions.refusal(path) if self.sessions is not None else None
+            if page is not None:
+                return _Response(401, page.body, page.content_type, list(page.headers),
+                                 close=True)
             return _error(401, AUTH_ERROR, headers=[("WWW-Authenticate", "Bearer")], close=True)
         length = next((v for k, v in request.headers if k == b"content-length"), None)
         if length is not None and int(length) > MAX_BODY_BYTES:  # h11 checked it is a number
             return _body_too_large()
-        route = self.routes.get((request.method.decode("ascii").upper(),
-                                 _route_path(request.target.decode("ascii", errors="replace"))))
         if isinstance(route, Gated):
             try:
                 route.gate()
@@ -229,6 +273,13 @@ class _Server:
                 response.close = True
                 return response
         return None
+
+    def _authorized(self, method: str, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        auth = next((v for k, v in headers if k == b"authorization"), b"")
+        scheme, _, credentials = auth.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self.token):
+            return True
+        return self.sessions is not None and self.sessions.allows(method, headers)
 
     async def dispatch(self, method: str, target: str, body: bytes) -> _Response:
         url = urlsplit(target)
@@ -254,7 +305,11 @@ class _Server:
             return _error(400, f"invalid JSON body: {exc}")
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         try:
-            return _json_response(200, await handler(Request(method, path, query, value)))
+            answer = await handler(Request(method, path, query, value))
+            if isinstance(answer, Reply):
+                return _Response(answer.status, answer.body, answer.content_type,
+                                 list(answer.headers))
+            return _json_response(200, answer)
         except NodeError as exc:
             return _node_error(exc)
         except ProtocolError as exc:  # input that does not check
@@ -424,13 +479,15 @@ async def serve_api(
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    sessions: SessionAuth | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,  # trio.TaskStatus[int]
 ) -> None:
     """Serve the API until cancelled; ``task_status.started(port)`` once listening.
 
     ``port = await nursery.start(serve_api, routes, token, registry)``. Raises ValueError
     for a non-loopback `host` or a ``/metrics`` route (that path is built in), and
-    OSError (errno EADDRINUSE) if `port` is taken.
+    OSError (errno EADDRINUSE) if `port` is taken. `sessions`, when given, lets a
+    request in on a browser session instead of the bearer token (the dashboard).
     """
     _check_token(token)
     host = _check_loopback(host)
@@ -443,6 +500,7 @@ async def serve_api(
         registry=registry,
         request_timeout=request_timeout,
         idle_timeout=idle_timeout,
+        sessions=sessions,
     )
     listeners = await trio.open_tcp_listeners(port, host=host)
     slots = trio.Semaphore(max_connections)
