@@ -26,7 +26,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ from node.jobs.coordinator import Jobs
 from node.jobs.receipts import Receipts
 from node.jobs.worker import Worker
 from node.ml.probe import parse_fake_gpus, probe_in_subprocess
-from node.p2p import Network, PeerInfo, open_network
+from node.p2p import NatOptions, Network, PeerInfo, open_network
 from node.p2p.host import (
     ListenError,
     check_listen_addrs,
@@ -103,6 +103,7 @@ class NodeSpec:
     software: str = SOFTWARE
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     chain_class: type[Chain] = Chain  # tests run misbehaving validators
+    nat: NatOptions | None = None  # None: reachable, no relay service (node/p2p/nat.py)
 
 
 @dataclass
@@ -130,7 +131,7 @@ async def build_node(spec: NodeSpec) -> AsyncIterator[Node]:
         open_storage(spec.database) as storage,
         _open_store(spec, storage) as store,
         open_network(spec.key, spec.listen, {DHT_NAMESPACE: validator},
-                     registry=spec.registry) as net,
+                     registry=spec.registry, nat=spec.nat) as net,
         trio.open_nursery() as nursery,
     ):
         discovery = Discovery(net, spec.key, storage, spec.discovery, spec.env,
@@ -207,6 +208,9 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
     if config.node.bootstrap_file:
         bootstrap_addrs += read_bootstrap_file(Path(config.node.bootstrap_file).expanduser())
     bootstrap = [peer_info_from_multiaddr(a) for a in bootstrap_addrs]
+    for relay_addr in config.relay.relays:
+        peer_info_from_multiaddr(relay_addr)  # a bad one fails here, with its text
+    nat = NatOptions(**{**asdict(config.relay), "relays": tuple(config.relay.relays)})
     try:
         fake_gpus = parse_fake_gpus(config.probe.fake_gpus) if config.probe.fake_gpus else None
     except ValueError as exc:
@@ -227,7 +231,7 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
                     discovery=config.discovery, clock_ms=clock_ms,
                     store=config.store.directory(home), quota_bytes=config.store.quota_bytes,
                     worker=config.worker, genesis=genesis, bootstrap=bootstrap,
-                    registry=registry)
+                    registry=registry, nat=nat)
     async with build_node(spec) as node, trio.open_nursery() as nursery:
         assert node.models is not None and node.jobs is not None and node.receipts is not None
         models = node.models

@@ -1,0 +1,223 @@
+"""NAT traversal (node/p2p/nat.py) between real hosts on 127.0.0.1, in one trio process:
+a node configured private reserves a slot on a relay, advertises its relayed address,
+is dialed through the relay and upgraded to a direct connection; AutoNAT tells a
+reachable address from an unreachable one; the relay's limits hold. The guard tests
+fail when py-libp2p changes under the fixes of node/p2p/nat.py."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.host.autonat.autonat import AutoNATService, AutoNATStatus
+from libp2p.host.autonat.pb.autonat_pb2 import Message as AutoNATMessage
+from libp2p.network.exceptions import SwarmException
+from libp2p.peer.peerinfo import PeerInfo
+from multiaddr import Multiaddr
+from nacl.signing import SigningKey
+from prometheus_client import CollectorRegistry
+
+from node.config import ConfigError, RelaySection, parse_config
+from node.p2p.host import Network, open_network, parse_multiaddr
+from node.p2p.nat import NatOptions, has_direct_connection, is_circuit
+from protocol.capability import MAX_STR_CHARS
+from tests.netutil import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+ECHO = TProtocol("/iollm-test/echo/1")
+LOOPBACK = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+
+
+async def _echo(stream: Any) -> None:
+    await stream.write(await stream.read(100))
+    await stream.close()
+
+
+async def _echo_once(net: Network, peer: Any, text: bytes) -> bytes:
+    with trio.fail_after(15):
+        stream = await net.host.new_stream(peer, [ECHO])
+        await stream.write(text)
+        return bytes(await stream.read(100))
+
+
+def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+@asynccontextmanager
+async def _nodes(*options: NatOptions | None) -> AsyncIterator[list[tuple[Network,
+                                                                        CollectorRegistry]]]:
+    async with AsyncExitStack() as stack:
+        out = []
+        for opts in options:
+            registry = CollectorRegistry()
+            net = await stack.enter_async_context(
+                open_network(SigningKey.generate(), LOOPBACK, {}, registry=registry, nat=opts))
+            net.host.set_stream_handler(ECHO, _echo)
+            out.append((net, registry))
+        yield out
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _trio(fn: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+    """A synchronous test that runs ``fn`` under trio (no pytest-trio here)."""
+    def test() -> None:
+        trio.run(fn)
+    test.__name__ = fn.__name__
+    test.__doc__ = fn.__doc__
+    return test
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+@_trio
+async def test_private_node_is_dialed_through_the_relay_and_upgraded() -> None:
+    relay_opts = NatOptions(service=True, reachability="public")
+    async with _nodes(relay_opts, None, None) as [(relay, _), (dialer, dialer_reg), _]:
+        private_opts = NatOptions(reachability="private", relays=(relay.listen_addrs()[0],))
+        async with _nodes(private_opts) as [(private, private_reg)]:
+            await wait_until(lambda: _true(bool(private.nat.circuit_addrs())), 15)
+            addrs = private.listen_addrs()
+            # What the capability record carries: only the relayed address, one that our
+            # own parser and the record's size limit accept.
+            assert len(addrs) == 1 and is_circuit(addrs[0])
+            assert addrs[0].startswith(relay.listen_addrs()[0] + "/p2p-circuit/p2p/")
+            assert addrs[0].endswith(str(private.peer_id)) and len(addrs[0]) <= MAX_STR_CHARS
+            assert private.host.get_addrs() == []  # identify, DHT provider records
+            assert _sample(private_reg, "iollm_relay_reservations") == 1
+            assert _sample(private_reg, "iollm_reachability") == AutoNATStatus.PRIVATE
+
+            await dialer.connect(PeerInfo(private.peer_id, [parse_multiaddr(addrs[0])]),
+                                 timeout=20)
+            assert await _echo_once(dialer, private.peer_id, b"through the relay") == \
+                b"through the relay"
+            assert _sample(dialer_reg, "iollm_relay_dials_total", result="ok") == 1
+            # DCUtR: the private node dials the public one directly (on loopback the plain
+            # dial succeeds, no hole punch is needed).
+            def upgraded() -> float:
+                return sum(_sample(reg, "iollm_dcutr_upgrades_total", method=m, result="direct")
+                           for reg in (private_reg, dialer_reg)
+                           for m in ("unilateral", "holepunch"))
+
+            await wait_until(lambda: _true(upgraded() >= 1), 30)
+            assert has_direct_connection(dialer.host, private.peer_id)
+            assert await _echo_once(dialer, private.peer_id, b"direct") == b"direct"
+
+
+@_trio
+async def test_a_relay_refuses_reservations_beyond_its_limit() -> None:
+    relay_opts = NatOptions(service=True, reachability="public", max_reservations=1)
+    async with _nodes(relay_opts) as [(relay, _)]:
+        private_opts = NatOptions(reachability="private", relays=(relay.listen_addrs()[0],))
+        async with _nodes(private_opts, private_opts) as [(first, _), (second, _)]:
+            await wait_until(lambda: _true(bool(first.nat.circuit_addrs())
+                                           or bool(second.nat.circuit_addrs())), 15)
+            # Both tried at start-up; each tries again every CHECK_INTERVAL_S: one holds the
+            # one slot, the other none.
+            with trio.move_on_after(3):
+                while True:
+                    await trio.sleep(0.2)
+                    assert not (first.nat.circuit_addrs() and second.nat.circuit_addrs())
+            assert relay.nat.relay.resource_manager.limits.max_reservations == 1
+
+
+@_trio
+async def test_a_node_without_relays_keeps_its_own_addresses() -> None:
+    async with _nodes(NatOptions(reachability="private")) as [(private, reg)]:
+        assert private.listen_addrs() and not any(is_circuit(a) for a in private.listen_addrs())
+        assert _sample(reg, "iollm_relay_reservations") == 0
+
+
+@_trio
+async def test_autonat_tells_reachable_from_unreachable() -> None:
+    async with _nodes(None, None, NatOptions(reachability="auto")) as nodes:
+        (s1, _), (s2, _), (client, client_reg) = nodes
+        for server in (s1, s2):
+            addr = parse_multiaddr(server.listen_addrs()[0])
+            await client.connect(PeerInfo(server.peer_id, [addr]))
+        await wait_until(lambda: _true(client.nat.status == AutoNATStatus.PUBLIC), 20)
+        assert _sample(client_reg, "iollm_reachability") == AutoNATStatus.PUBLIC
+        # The same question about an address nobody listens at, as a node behind NAT asks it.
+        unreachable = Multiaddr(f"/ip4/127.0.0.1/tcp/{_closed_port()}").to_bytes()
+        for server in (s1, s2):
+            status, _ = await client.nat.autonat.query_server(server.peer_id, [unreachable])
+            assert status == AutoNATMessage.E_DIAL_ERROR
+        client.nat.autonat.update_status()
+        assert client.nat.autonat.get_status() == AutoNATStatus.PRIVATE
+
+
+# -- guards: the library behaviour node/p2p/nat.py works around -------------------------
+
+
+@_trio
+async def test_guard_library_autonat_answers_ok_for_an_unreachable_address() -> None:
+    """Fix 2: py-libp2p's AutoNAT server dials back with host.connect, which returns at once
+    on the connection the request came on. If this fails, the library dials for real now:
+    DialBackAutoNAT may go."""
+    async with _nodes(None, None) as [(server, _), (client, _)]:
+        AutoNATService(server.host, serve=True)  # the library's handler replaces ours
+        await client.connect(PeerInfo(server.peer_id, [parse_multiaddr(server.listen_addrs()[0])]))
+        unreachable = Multiaddr(f"/ip4/127.0.0.1/tcp/{_closed_port()}").to_bytes()
+        status, _ = await client.nat.autonat.query_server(server.peer_id, [unreachable])
+        assert status == AutoNATMessage.OK
+
+
+@_trio
+async def test_guard_library_swarm_does_not_dial_circuit_addresses() -> None:
+    """Fix 1: the swarm drops /p2p-circuit addresses; node/p2p/nat.py wraps dial_peer. If
+    this fails, the library dials relays itself now: the wrapper may go."""
+    relay_opts = NatOptions(service=True, reachability="public")
+    async with _nodes(relay_opts, None) as [(relay, _), (dialer, _)]:
+        private_opts = NatOptions(reachability="private", relays=(relay.listen_addrs()[0],))
+        async with _nodes(private_opts) as [(private, _)]:
+            await wait_until(lambda: _true(bool(private.nat.circuit_addrs())), 15)
+            swarm: Any = dialer.host.get_network()
+            library_dial = type(swarm).dial_peer
+            dialer.host.get_peerstore().add_addrs(
+                private.peer_id, [parse_multiaddr(private.nat.circuit_addrs()[0])], 60)
+            with pytest.raises(SwarmException, match="relay-only"):
+                await library_dial(swarm, private.peer_id)
+
+
+def test_guard_get_addrs_cannot_carry_circuit_addresses() -> None:
+    """Fix 4: BasicHost.get_addrs strips an address from its first /p2p/ on (how it
+    replaces a peer id), which cuts a circuit address to the relay's own address."""
+    circuit = Multiaddr("/ip4/1.2.3.4/tcp/5/p2p/12D3KooWJ9aqVq35m5aXU6rC2m2Qy5bafmPMGXUteJr1f"
+                        "iNoBtya/p2p-circuit")
+    assert str(circuit.decapsulate(Multiaddr(
+        f"/p2p/{circuit.value_for_protocol('p2p')}"))) == "/ip4/1.2.3.4/tcp/5"
+
+
+# -- config -----------------------------------------------------------------------------
+
+
+def test_relay_section_defaults_and_values() -> None:
+    assert parse_config({}).relay == RelaySection()
+    config = parse_config({"relay": {"service": True, "max_reservations": 4,
+                                     "reachability": "private"}})
+    assert config.relay.service and config.relay.max_reservations == 4
+
+
+@pytest.mark.parametrize(("table", "expected"), [
+    ({"reachability": "behind-nat"}, "relay.reachability must be one of"),
+    ({"max_circuit_bytes": 0}, "relay limits must be positive"),
+    ({"max_relays": 99}, "relay.max_relays"),
+    ({"service": "yes"}, "relay.service: expected bool"),
+])
+def test_bad_relay_values_name_the_key(table: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        parse_config({"relay": table})
