@@ -224,7 +224,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _netns_pids(netns: str) -> list[int]:
+def netns_pids(netns: str) -> list[int]:
+    """The processes running inside the namespace."""
     done = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True,
                           timeout=30)
     return [int(p) for p in done.stdout.split() if p.isdigit()]
@@ -275,7 +276,7 @@ def teardown(prefix: str, directory: Path | None = None, grace: float = 10.0) ->
     """Remove every namespace of ``prefix`` with the processes in it, and its relay."""
     check_prefix(prefix)
     processes = killed = 0
-    in_hosts = [pid for ns in namespaces(prefix) for pid in _netns_pids(ns)]
+    in_hosts = [pid for ns in namespaces(prefix) for pid in netns_pids(ns)]
     processes += len(in_hosts)
     killed += _stop(in_hosts, grace)
     wires = set(_wire_pids(prefix))
