@@ -254,6 +254,8 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
             "api": f"http://127.0.0.1:{port}",
             "software": SOFTWARE,
         }
+        if netns := os.environ.get("IOLLM_NETNS"):  # a namespace testnet's host: the
+            info["netns"] = netns  # API's 127.0.0.1 is that namespace's (node/cli/common.py)
         _write_runtime_file(home, info)
         try:
             log.info("node %s ready; listening on %s; API on %s", node.discovery.peer_id,
