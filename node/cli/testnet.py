@@ -34,6 +34,7 @@ TESTNET_CHAIN_ID = "iollm-testnet"
 TESTNET_BLOCK_INTERVAL_MS = 1000
 DEFAULT_VALIDATORS = 4  # the first nodes (bootstrap first) validate: 3f+1 with f = 1
 LOCAL_LISTEN = "/ip4/127.0.0.1/tcp/0"
+NAT_GATEWAY = "natgw"  # the host the --nat nodes sit behind (it runs no node)
 HOST_PORT = 4001  # each host has an address of its own, so one port for all
 DEFAULT_PREFIX = "iollm"
 
@@ -58,9 +59,12 @@ def _toml_gpus(gpus: list[dict[str, Any]]) -> str:
     return f"[{items}]"
 
 
-def _node_config(fake_gpus: list[dict[str, Any]] | None, listen: str = LOCAL_LISTEN) -> str:
+def _node_config(fake_gpus: list[dict[str, Any]] | None, listen: str = LOCAL_LISTEN,
+                 relay_service: bool = False) -> str:
     text = DEFAULT_CONFIG_TOML.replace('listen = ["/ip4/0.0.0.0/tcp/4001"]',
                                        f'listen = ["{listen}"]')
+    if relay_service:  # --nat: the public nodes relay for those behind the NAT
+        text = text.replace("service = false", "service = true")
     text = text.replace("port = 7780", "port = 0")
     text = text.replace("bench_seconds = 0.5", "bench_seconds = 0.2")
     if fake_gpus:
@@ -173,8 +177,8 @@ def node_api(node: dict[str, Any], token: str, method: str, path: str, body: Any
 def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
                timeout: float = 120.0, validators: int | None = None,
                genesis_overrides: dict[str, Any] | None = None, hosts: bool = False,
-               prefix: str = DEFAULT_PREFIX, link: LinkShape | None = None
-               ) -> dict[str, Any]:
+               prefix: str = DEFAULT_PREFIX, link: LinkShape | None = None,
+               nat: int = 0) -> dict[str, Any]:
     from node.api.server import ApiClientError, read_token_file
 
     if not 1 <= nodes <= 64:
@@ -191,18 +195,31 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
     directory.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     names = ["bootstrap"] + [f"node-{i}" for i in range(1, nodes + 1)]
+    if not 0 <= nat <= nodes - 1 or (nat and not hosts):
+        raise TestnetError("--nat N needs --hosts and at most --nodes minus 1 (one node and "
+                           "the bootstrap node stay public)")
+    behind_nat = names[len(names) - nat:] if nat else []
     procs: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
     infos: list[dict[str, Any]] = []
     spaces: dict[str, tuple[str, str]] = {}  # name -> (namespace, address)
     if hosts:
         from node.testnet.netns import NetnsError, create_network
 
+        public = [n for n in names if n not in behind_nat] + ([NAT_GATEWAY] if nat else [])
         try:
-            net = create_network(directory, prefix, names,
-                                 {n: link for n in names} if link and link.shaped else None)
+            net = create_network(directory, prefix, public,
+                                 {n: link for n in public} if link and link.shaped else None)
+            spaces = {h.name: (h.netns, str(h.addr)) for h in net.hosts}
+            if nat:
+                from node.testnet.nat import add_nat
+
+                private = add_nat(prefix, net.host(NAT_GATEWAY), behind_nat)
+                spaces.update({h.name: (h.netns, str(h.addr)) for h in private})
         except NetnsError as exc:
+            from node.testnet.netns import teardown
+
+            teardown(prefix, directory)
             raise TestnetError(str(exc)) from None
-        spaces = {h.name: (h.netns, str(h.addr)) for h in net.hosts}
     try:
         for name in names:
             home = directory / name
@@ -216,7 +233,8 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
             gpus = SIMULATED_GPUS[(i - 1) % len(SIMULATED_GPUS)] if simulate_gpus and i else None
             netns, addr = spaces.get(name, (None, None))
             listen = f"/ip4/{addr}/tcp/{HOST_PORT}" if addr else LOCAL_LISTEN
-            (home / "config.toml").write_text(_node_config(gpus, listen))
+            (home / "config.toml").write_text(
+                _node_config(gpus, listen, relay_service=bool(nat) and name not in behind_nat))
             (home / RUNTIME_FILE).unlink(missing_ok=True)
             bootstrap = infos[0]["addrs"][0] if infos else None
             proc = _start(name, home, bootstrap, genesis, netns)
@@ -268,7 +286,8 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
             teardown(prefix, directory)
         raise
     where = (f"in namespaces {prefix}-* on 198.18.0.0/15" + (
-        f", links {_describe(link)}" if link and link.shaped else "")) if hosts else "on 127.0.0.1"
+        f", links {_describe(link)}" if link and link.shaped else "") + (
+        f", {', '.join(behind_nat)} behind a NAT" if nat else "")) if hosts else "on 127.0.0.1"
     print(f"testnet up in {directory}: {len(names)} nodes {where}")
     for node in state["nodes"]:
         print(f"  {node['name']:<10} {node['addrs'][0]}")
@@ -367,7 +386,8 @@ def hosts_options(args: argparse.Namespace) -> dict[str, Any]:
     link = link_of(args)
     if link.shaped and not args.hosts:
         raise CliError("--delay-ms, --jitter-ms, --loss and --rate-mbit need --hosts")
-    return {"hosts": args.hosts, "prefix": args.prefix or DEFAULT_PREFIX, "link": link}
+    return {"hosts": args.hosts, "prefix": args.prefix or DEFAULT_PREFIX, "link": link,
+            "nat": args.nat}
 
 
 def _net_change(args: argparse.Namespace, change: Any, *extra: Any) -> int:
@@ -415,6 +435,10 @@ def add_hosts_commands(t_sub: Any, up: argparse.ArgumentParser,
                          "198.18.0.0/15 and a link that can be shaped (root; Linux)")
     up.add_argument("--prefix", metavar="P", help="namespace names start with P- "
                     f"(default {DEFAULT_PREFIX}; one prefix per testnet on a machine)")
+    up.add_argument("--nat", type=int, default=0, metavar="N",
+                    help="put the last N nodes behind a NAT (a gateway host that masquerades "
+                         "and lets no connection in); the public nodes offer the relay "
+                         "service (needs --hosts and iptables)")
     _link_args(up)
     down.add_argument("--prefix", metavar="P", help="also remove every namespace named P-* "
                       "and its processes (default: the testnet's own prefix)")
