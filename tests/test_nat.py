@@ -17,14 +17,21 @@ from libp2p.custom_types import TProtocol
 from libp2p.host.autonat.autonat import AutoNATService, AutoNATStatus
 from libp2p.host.autonat.pb.autonat_pb2 import Message as AutoNATMessage
 from libp2p.network.exceptions import SwarmException
+from libp2p.peer.id import ID as PeerId
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.relay.circuit_v2.resources import RelayResourceManager
 from multiaddr import Multiaddr
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry
 
 from node.config import ConfigError, RelaySection, parse_config
-from node.p2p.host import Network, open_network, parse_multiaddr
-from node.p2p.nat import NatOptions, has_direct_connection, is_circuit
+from node.p2p.host import Network, libp2p_key_pair, open_network, parse_multiaddr
+from node.p2p.nat import (
+    ConnectedRelayResources,
+    NatOptions,
+    has_direct_connection,
+    is_circuit,
+)
 from protocol.capability import MAX_STR_CHARS
 from tests.netutil import wait_until
 
@@ -97,9 +104,18 @@ async def test_private_node_is_dialed_through_the_relay_and_upgraded() -> None:
             assert len(addrs) == 1 and is_circuit(addrs[0])
             assert addrs[0].startswith(relay.listen_addrs()[0] + "/p2p-circuit/p2p/")
             assert addrs[0].endswith(str(private.peer_id)) and len(addrs[0]) <= MAX_STR_CHARS
-            assert private.host.get_addrs() == []  # identify, DHT provider records
+            # Identify and the DHT's provider records carry the same (fix 4).
+            assert [str(a) for a in private.host.get_addrs()] == addrs
             assert _sample(private_reg, "iollm_relay_reservations") == 1
             assert _sample(private_reg, "iollm_reachability") == AutoNATStatus.PRIVATE
+
+            # Guard for fix 1: the library's own dial drops /p2p-circuit addresses. If this
+            # fails, py-libp2p dials relays itself now and the wrapper in nat.py may go.
+            swarm: Any = dialer.host.get_network()
+            dialer.host.get_peerstore().add_addrs(private.peer_id,
+                                                  [parse_multiaddr(addrs[0])], 60)
+            with pytest.raises(SwarmException, match="relay-only"):
+                await type(swarm).dial_peer(swarm, private.peer_id)
 
             await dialer.connect(PeerInfo(private.peer_id, [parse_multiaddr(addrs[0])]),
                                  timeout=20)
@@ -121,18 +137,16 @@ async def test_private_node_is_dialed_through_the_relay_and_upgraded() -> None:
 @_trio
 async def test_a_relay_refuses_reservations_beyond_its_limit() -> None:
     relay_opts = NatOptions(service=True, reachability="public", max_reservations=1)
-    async with _nodes(relay_opts) as [(relay, _)]:
+    async with _nodes(relay_opts, NatOptions(reachability="public")) as [(relay, _),
+                                                                        (second, _)]:
+        relay_info = PeerInfo(relay.peer_id, [parse_multiaddr(relay.listen_addrs()[0])])
         private_opts = NatOptions(reachability="private", relays=(relay.listen_addrs()[0],))
-        async with _nodes(private_opts, private_opts) as [(first, _), (second, _)]:
-            await wait_until(lambda: _true(bool(first.nat.circuit_addrs())
-                                           or bool(second.nat.circuit_addrs())), 15)
-            # Both tried at start-up; each tries again every CHECK_INTERVAL_S: one holds the
-            # one slot, the other none.
-            with trio.move_on_after(3):
-                while True:
-                    await trio.sleep(0.2)
-                    assert not (first.nat.circuit_addrs() and second.nat.circuit_addrs())
+        async with _nodes(private_opts) as [(first, _)]:
+            await wait_until(lambda: _true(bool(first.nat.circuit_addrs())), 15)
+            assert await second.nat._reserve(relay_info) is None  # the one slot is taken
             assert relay.nat.relay.resource_manager.limits.max_reservations == 1
+        # The slot is free once its holder is gone (a reservation needs its connection).
+        assert await second.nat._reserve(relay_info) is not None
 
 
 @_trio
@@ -159,38 +173,31 @@ async def test_autonat_tells_reachable_from_unreachable() -> None:
         client.nat.autonat.update_status()
         assert client.nat.autonat.get_status() == AutoNATStatus.PRIVATE
 
+        # Guard for fix 2: py-libp2p's own server dials back with host.connect, which
+        # returns at once on the connection the request came on: "reachable". If this
+        # fails, the library dials for real now and DialBackAutoNAT may go.
+        AutoNATService(s1.host, serve=True)  # its handler replaces ours on s1
+        status, _ = await client.nat.autonat.query_server(s1.peer_id, [unreachable])
+        assert status == AutoNATMessage.OK
+
 
 # -- guards: the library behaviour node/p2p/nat.py works around -------------------------
 
 
 @_trio
-async def test_guard_library_autonat_answers_ok_for_an_unreachable_address() -> None:
-    """Fix 2: py-libp2p's AutoNAT server dials back with host.connect, which returns at once
-    on the connection the request came on. If this fails, the library dials for real now:
-    DialBackAutoNAT may go."""
-    async with _nodes(None, None) as [(server, _), (client, _)]:
-        AutoNATService(server.host, serve=True)  # the library's handler replaces ours
-        await client.connect(PeerInfo(server.peer_id, [parse_multiaddr(server.listen_addrs()[0])]))
-        unreachable = Multiaddr(f"/ip4/127.0.0.1/tcp/{_closed_port()}").to_bytes()
-        status, _ = await client.nat.autonat.query_server(server.peer_id, [unreachable])
-        assert status == AutoNATMessage.OK
-
-
-@_trio
-async def test_guard_library_swarm_does_not_dial_circuit_addresses() -> None:
-    """Fix 1: the swarm drops /p2p-circuit addresses; node/p2p/nat.py wraps dial_peer. If
-    this fails, the library dials relays itself now: the wrapper may go."""
-    relay_opts = NatOptions(service=True, reachability="public")
-    async with _nodes(relay_opts, None) as [(relay, _), (dialer, _)]:
-        private_opts = NatOptions(reachability="private", relays=(relay.listen_addrs()[0],))
-        async with _nodes(private_opts) as [(private, _)]:
-            await wait_until(lambda: _true(bool(private.nat.circuit_addrs())), 15)
-            swarm: Any = dialer.host.get_network()
-            library_dial = type(swarm).dial_peer
-            dialer.host.get_peerstore().add_addrs(
-                private.peer_id, [parse_multiaddr(private.nat.circuit_addrs()[0])], 60)
-            with pytest.raises(SwarmException, match="relay-only"):
-                await library_dial(swarm, private.peer_id)
+async def test_guard_library_relay_keeps_the_slots_of_gone_clients() -> None:
+    """Fix 5: a reservation whose holder is not connected still fills a slot of the
+    library's resource manager; ours frees it. If this fails, the library frees it now."""
+    async with _nodes(None) as [(relay, _)]:
+        limits = NatOptions(max_reservations=1).limits()
+        gone = PeerId.from_pubkey(libp2p_key_pair(SigningKey.generate()).public_key)
+        other = PeerId.from_pubkey(libp2p_key_pair(SigningKey.generate()).public_key)
+        library = RelayResourceManager(limits, relay.host)
+        library.reserve(gone)
+        assert not library.can_accept_reservation(other)
+        ours = ConnectedRelayResources(limits, relay.host)
+        ours.reserve(gone)
+        assert ours.can_accept_reservation(other)
 
 
 def test_guard_get_addrs_cannot_carry_circuit_addresses() -> None:

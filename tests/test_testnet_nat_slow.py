@@ -109,8 +109,9 @@ def test_a_node_behind_nat_takes_part(natnet: Path, tmp_path: Path) -> None:
     submitted = iollm("job", "submit", str(job), "--wait", "--home", one["home"], timeout=1200)
     assert "status      done, round 1 of 1" in submitted.stderr, submitted.stderr
     jobs = api(one, "/v1/jobs")
-    status = api(one, f"/v1/jobs/status?id={jobs[0]['id']}")
-    workers = {t["worker"] for r in status["rounds"] for t in r["tasks"] if t.get("accepted")}
+    status = api(one, f"/v1/jobs/status?id={jobs[0]['job']}")
+    workers = {t["worker"] for r in status["rounds"] for t in r["tasks"]
+               if t["verdict"] == "accepted"}
     assert behind["peer_id"] in workers, status["rounds"]
 
     # Reachable: node-1 restarted has no connection to node-2; it fetches what only node-2

@@ -329,9 +329,8 @@ class Network:
     def listen_addrs(self) -> list[str]:
         """Full dialable addresses, ``/ip4/.../tcp/N/p2p/<id>``; for a node that is not
         reachable and holds relay slots, its relayed addresses
-        ``.../p2p/<relay>/p2p-circuit/p2p/<id>`` instead (node/p2p/nat.py)."""
-        if self.nat.private and (relayed := self.nat.circuit_addrs()):
-            return relayed
+        ``.../p2p/<relay>/p2p-circuit/p2p/<id>`` instead (node/p2p/nat.py: the host's own
+        list, which identify and the DHT's provider records carry too)."""
         pid = self.peer_id.to_base58()
         return [f"{a}/p2p/{pid}" if "/p2p/" not in str(a) else str(a)
                 for a in self.host.get_addrs()]
@@ -436,11 +435,6 @@ async def open_network(
     for reachable and offers no relay (in-process test clusters on 127.0.0.1)."""
     key_pair = libp2p_key_pair(signing_key)
     noise_key = create_x25519_key_pair()
-    nat_holder: list[NatService] = []
-
-    def advertised(addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-        addrs = expand_unspecified(addrs)
-        return nat_holder[0].advertised(addrs) if nat_holder else addrs
 
     host = new_host(
         key_pair=key_pair,
@@ -452,7 +446,7 @@ async def open_network(
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): AtomicYamux},
         listen_addrs=listen,
         connection_config=ConnectionConfig(max_connections_per_peer=1),
-        addrs_factory=advertised,
+        addrs_factory=expand_unspecified,
         resource_manager=ResourceManager(
             ResourceLimits(max_connections=MAX_CONNECTIONS, max_streams=RCMGR_MAX_STREAMS),
             enable_circuit_breaker=False, enable_graceful_degradation=False),
@@ -482,7 +476,6 @@ async def open_network(
     guard.declare(str(KAD_PROTOCOL_ID), KAD_MAX_REQUEST_BYTES)
     guard.declare(str(PROTOCOL_ID_V11), pubsub.max_inbound_rpc_size)
     nat_service = NatService(host, nat or NatOptions(reachability="public"), registry)
-    nat_holder.append(nat_service)
     async with (
         host.run(listen_addrs=listen),
         background_trio_service(nat_service.relay),

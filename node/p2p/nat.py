@@ -32,8 +32,16 @@ tests/test_nat.py that fails when the library changes under it):
    the client role is on; the transport here is built with the stop role only, and
    reservations are made explicitly by ``NatService``.
 4. ``BasicHost.get_addrs`` strips everything from the first ``/p2p/`` of an address on,
-   so a circuit address cannot go through its ``addrs_factory``: the relayed addresses
-   are added by ``Network.listen_addrs`` instead (what the capability record carries).
+   so a circuit address cannot go through its ``addrs_factory``; and the DHT drops a
+   provider record that carries no address, so advertising nothing is no way out.
+   ``_install_relayed_addrs`` replaces the host's ``get_addrs`` (identify, the DHT's
+   peer and provider records, ``Network.listen_addrs``): a private node with relay slots
+   advertises its relayed addresses only, peers cannot reach its own, and a dial to one
+   would wait out its timeout before the relay is tried.
+5. The relay's ``RelayResourceManager`` keeps the slot of a client that disconnected
+   until the reservation's TTL ends (an hour by default), although it no longer honours
+   it (the spec: a reservation lasts while its connection does): ``max_reservations``
+   clients that came and went filled the relay. ``ConnectedRelayResources`` frees them.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
-from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.resources import RelayLimits, RelayResourceManager
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -175,6 +183,15 @@ class DialBackAutoNAT(AutoNATService):
         return None
 
 
+class ConnectedRelayResources(RelayResourceManager):
+    """The relay's slots, freed when their holder disconnects (fix 5)."""
+
+    def _clean_expired(self) -> None:
+        super()._clean_expired()
+        for peer in [p for p in self._reservations if not self._is_peer_connected(p)]:
+            del self._reservations[peer]
+
+
 class CountedDCUtR(DCUtRProtocol):
     """The library's DCUtR, counting each upgrade attempt and its result."""
 
@@ -250,6 +267,18 @@ def _install_relay_dialing(host: BasicHost, transport: CircuitV2Transport,
     swarm.dial_peer = dial_peer
 
 
+def _install_relayed_addrs(host: BasicHost, nat: NatService) -> None:
+    """Fix 4: the host's address list is the relayed addresses while private with slots."""
+    library_get_addrs = host.get_addrs
+
+    def get_addrs() -> list[multiaddr.Multiaddr]:
+        if nat.private and (relayed := nat.circuit_addrs()):
+            return [multiaddr.Multiaddr(a) for a in relayed]
+        return library_get_addrs()
+
+    host.get_addrs = get_addrs  # type: ignore[method-assign]
+
+
 @dataclass
 class _Reservation:
     relay: ID
@@ -268,6 +297,7 @@ class NatService:
         self.options = options
         self.metrics = NatMetrics.create(registry)
         self.relay = CircuitV2Protocol(host, options.limits(), allow_hop=options.service)
+        self.relay.resource_manager = ConnectedRelayResources(options.limits(), host)
         # Stop role only: reservations are made here, not as a side effect of a dial (fix 3).
         self.transport = CircuitV2Transport(host, self.relay, RelayConfig(roles=RelayRole.STOP))
         self.autonat = DialBackAutoNAT(host, serve=True,
@@ -282,6 +312,7 @@ class NatService:
                                   for a in options.relays]
         self._changed = trio.Event()
         _install_relay_dialing(host, self.transport, self.metrics)
+        _install_relayed_addrs(host, self)
 
     # -- what the rest of node/p2p reads ------------------------------------------------
 
@@ -364,20 +395,13 @@ class NatService:
 
     def own_direct_addrs(self) -> list[multiaddr.Multiaddr]:
         """Our listen addresses and the addresses peers saw us at (identify), which the
-        host does not advertise while we are private."""
+        host does not advertise while it has relayed ones."""
         found = {str(a): a for a in self.host.get_transport_addrs()}
         manager = getattr(self.host, "_observed_addr_manager", None)
         if manager is not None:
             for a in manager.addrs(min_observers=1):
                 found.setdefault(str(a), a)
         return [a for a in found.values() if not is_circuit(a)]
-
-    def advertised(self, addrs: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-        """The host's addrs_factory: a private node with relay slots advertises none of
-        its own addresses (identify, DHT provider records): peers cannot reach them, and a
-        dial to one waits for its timeout before the relay is tried. Its relayed
-        addresses are in ``Network.listen_addrs`` (fix 4)."""
-        return [] if self.private and self.circuit_addrs() else addrs
 
     def _relay_candidates(self) -> list[PeerInfo]:
         candidates = list(self.configured_relays)
