@@ -38,7 +38,16 @@ from tests.netutil import wait_until
 pytestmark = pytest.mark.timeout(60)
 
 ECHO = TProtocol("/iollm-test/echo/1")
+SINK = TProtocol("/iollm-test/sink/1")
 LOOPBACK = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+
+
+async def _sink(stream: Any) -> None:
+    try:
+        while True:
+            await stream.read(1 << 20)
+    except Exception:  # EOF or reset
+        pass
 
 
 async def _echo(stream: Any) -> None:
@@ -68,6 +77,7 @@ async def _nodes(*options: NatOptions | None) -> AsyncIterator[list[tuple[Networ
             net = await stack.enter_async_context(
                 open_network(SigningKey.generate(), LOOPBACK, {}, registry=registry, nat=opts))
             net.host.set_stream_handler(ECHO, _echo)
+            net.host.set_stream_handler(SINK, _sink)
             out.append((net, registry))
         yield out
 
@@ -136,7 +146,8 @@ async def test_private_node_is_dialed_through_the_relay_and_upgraded() -> None:
 
 @_trio
 async def test_a_relay_refuses_reservations_beyond_its_limit() -> None:
-    relay_opts = NatOptions(service=True, reachability="public", max_reservations=1)
+    relay_opts = NatOptions(service=True, reachability="public", max_reservations=1,
+                            max_circuit_bytes=256 << 10)
     async with _nodes(relay_opts, NatOptions(reachability="public")) as [(relay, _),
                                                                         (second, _)]:
         relay_info = PeerInfo(relay.peer_id, [parse_multiaddr(relay.listen_addrs()[0])])
@@ -145,6 +156,20 @@ async def test_a_relay_refuses_reservations_beyond_its_limit() -> None:
             await wait_until(lambda: _true(bool(first.nat.circuit_addrs())), 15)
             assert await second.nat._reserve(relay_info) is None  # the one slot is taken
             assert relay.nat.relay.resource_manager.limits.max_reservations == 1
+            # A circuit carries at most max_circuit_bytes: the relay resets it beyond.
+            await second.connect(PeerInfo(first.peer_id,
+                                          [parse_multiaddr(first.listen_addrs()[0])]), 20)
+            stream = await second.host.new_stream(first.peer_id, [SINK])
+            sent, reset = 0, False
+            with trio.fail_after(20):  # a stall, not a reset, fails the test
+                try:
+                    while sent < 4 << 20:
+                        await stream.write(bytes(64 << 10))
+                        sent += 64 << 10
+                    await stream.read(1)
+                except Exception:  # the reset, as whichever stream error the library raises
+                    reset = True
+            assert reset and sent < 4 << 20
         # The slot is free once its holder is gone (a reservation needs its connection).
         assert await second.nat._reserve(relay_info) is not None
 
