@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from node.cli.app import main
 from node.testnet.nat import add_nat, check_nat_available
 from node.testnet.netns import (
     Host,
@@ -75,3 +76,11 @@ def test_behind_the_nat_out_yes_in_no(natted: tuple[Host, Host, Host]) -> None:
         for target in (str(behind.addr), str(gateway.addr)):
             with pytest.raises(OSError):
                 _connect(public, target).close()
+
+
+@pytest.mark.parametrize("args", [("--nat", "1"), ("--hosts", "--nodes", "2", "--nat", "2")])
+def test_nat_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 args: tuple[str, ...]) -> None:
+    code = main(["testnet", "up", *args, "--dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "--nat N needs --hosts" in err and len(err.splitlines()) == 1, err

@@ -209,17 +209,19 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
         try:
             net = create_network(directory, prefix, public,
                                  {n: link for n in public} if link and link.shaped else None)
-            spaces = {h.name: (h.netns, str(h.addr)) for h in net.hosts}
-            if nat:
-                from node.testnet.nat import add_nat
-
-                private = add_nat(prefix, net.host(NAT_GATEWAY), behind_nat)
-                spaces.update({h.name: (h.netns, str(h.addr)) for h in private})
         except NetnsError as exc:
+            raise TestnetError(str(exc)) from None
+        spaces = {h.name: (h.netns, str(h.addr)) for h in net.hosts}
+        if nat:
+            from node.testnet.nat import add_nat
             from node.testnet.netns import teardown
 
-            teardown(prefix, directory)
-            raise TestnetError(str(exc)) from None
+            try:
+                private = add_nat(prefix, net.host(NAT_GATEWAY), behind_nat)
+            except NetnsError as exc:
+                teardown(prefix, directory)
+                raise TestnetError(str(exc)) from None
+            spaces.update({h.name: (h.netns, str(h.addr)) for h in private})
     try:
         for name in names:
             home = directory / name
