@@ -161,6 +161,25 @@ recent_final = 200000
 # when the ledger is rebuilt.
 snapshot_every = 50
 load_batch = 32
+[relay]
+# Behind NAT (README "Behind NAT"). "auto": AutoNAT asks connected peers to dial this node
+# back; "public" or "private" skip the question. A private node reserves a slot on up to
+# max_relays relays (those listed in relays, else connected peers that offer the service)
+# and advertises its relayed addresses (/p2p-circuit) instead of its own.
+reachability = "auto"
+relays = []
+max_relays = 2
+# Dial-back answers that must agree before reachability changes (the AutoNAT spec says
+# more than three; a small testnet may have fewer public peers).
+autonat_confirmations = 2
+# Serve as a circuit relay (relay v2 hop) for nodes behind NAT; for public nodes. Limits:
+# slots held at once, circuits per slot, bytes and seconds per circuit, slot lifetime.
+service = false
+max_reservations = 64
+max_circuits = 16
+max_circuit_bytes = 1073741824
+max_circuit_duration_s = 3600
+reservation_ttl_s = 3600
 """
 
 
@@ -225,6 +244,23 @@ class WorkerSection:
     adversary: str = ""
 
 
+REACHABILITY = ("auto", "public", "private")
+
+
+@dataclass(frozen=True)
+class RelaySection:
+    reachability: str = "auto"
+    relays: list[str] = field(default_factory=list)
+    max_relays: int = 2
+    autonat_confirmations: int = 2
+    service: bool = False
+    max_reservations: int = 64
+    max_circuits: int = 16
+    max_circuit_bytes: int = 1 << 30
+    max_circuit_duration_s: int = 3600
+    reservation_ttl_s: int = 3600
+
+
 @dataclass(frozen=True)
 class SmipSection:
     """SMIP's schedule (seconds) and limits; documented in DEFAULT_CONFIG_TOML above."""
@@ -279,6 +315,7 @@ class Config:
     worker: WorkerSection = field(default_factory=WorkerSection)
     smip: SmipSection = field(default_factory=SmipSection)
     chain: ChainSection = field(default_factory=ChainSection)
+    relay: RelaySection = field(default_factory=RelaySection)
 
 
 _SECTIONS: dict[str, type] = {
@@ -290,6 +327,7 @@ _SECTIONS: dict[str, type] = {
     "worker": WorkerSection,
     "smip": SmipSection,
     "chain": ChainSection,
+    "relay": RelaySection,
 }
 
 
@@ -389,6 +427,16 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
     if c.frame_body_base_s < c.direct_write_timeout_s:
         raise ConfigError(f"{source}: chain.frame_body_base_s must be at least "
                           "chain.direct_write_timeout_s (a slow honest write would be cut)")
+    r = config.relay
+    if r.reachability not in REACHABILITY:
+        raise ConfigError(f"{source}: relay.reachability must be one of {', '.join(REACHABILITY)}, "
+                          f"got {r.reachability!r}")
+    if not (0 <= r.max_relays <= 8 and 1 <= r.autonat_confirmations <= 16):
+        raise ConfigError(f"{source}: relay.max_relays must be in [0, 8] and "
+                          f"relay.autonat_confirmations in [1, 16]")
+    if min(r.max_reservations, r.max_circuits, r.max_circuit_bytes, r.max_circuit_duration_s,
+           r.reservation_ttl_s) <= 0:
+        raise ConfigError(f"{source}: relay limits must be positive")
     return config
 
 

@@ -26,7 +26,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ from node.jobs.coordinator import Jobs
 from node.jobs.receipts import Receipts
 from node.jobs.worker import Worker
 from node.ml.probe import fake_gpus_tflops, parse_fake_gpus, probe_in_subprocess
-from node.p2p import Network, PeerInfo, open_network
+from node.p2p import NatOptions, Network, PeerInfo, open_network
 from node.p2p.host import (
     ListenError,
     check_listen_addrs,
@@ -110,6 +110,7 @@ class NodeSpec:
     chain_class: type[Chain] = Chain  # tests run misbehaving validators
     chain: ChainSection = field(default_factory=ChainSection)
     smip: SmipSection = field(default_factory=SmipSection)
+    nat: NatOptions | None = None  # None: reachable, no relay service (node/p2p/nat.py)
 
 
 @dataclass
@@ -137,7 +138,7 @@ async def build_node(spec: NodeSpec) -> AsyncIterator[Node]:
         open_storage(spec.database) as storage,
         _open_store(spec, storage) as store,
         open_network(spec.key, spec.listen, {DHT_NAMESPACE: validator},
-                     registry=spec.registry) as net,
+                     registry=spec.registry, nat=spec.nat) as net,
         trio.open_nursery() as nursery,
     ):
         discovery = Discovery(net, spec.key, storage, spec.discovery, spec.env,
@@ -214,6 +215,9 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
     if config.node.bootstrap_file:
         bootstrap_addrs += read_bootstrap_file(Path(config.node.bootstrap_file).expanduser())
     bootstrap = [peer_info_from_multiaddr(a) for a in bootstrap_addrs]
+    for relay_addr in config.relay.relays:
+        peer_info_from_multiaddr(relay_addr)  # a bad one fails here, with its text
+    nat = NatOptions(**{**asdict(config.relay), "relays": tuple(config.relay.relays)})
     try:
         fake_gpus = parse_fake_gpus(config.probe.fake_gpus) if config.probe.fake_gpus else None
         fake_tflops = fake_gpus_tflops(config.probe.fake_gpus) if fake_gpus else None
@@ -237,7 +241,7 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
                     store=config.store.directory(home), quota_bytes=config.store.quota_bytes,
                     worker=config.worker, genesis=genesis, bootstrap=bootstrap,
                     registry=registry, name=config.node.name, chain=config.chain,
-                    smip=config.smip)
+                    smip=config.smip, nat=nat)
     async with build_node(spec) as node, trio.open_nursery() as nursery:
         assert node.models is not None and node.jobs is not None and node.receipts is not None
         models = node.models
@@ -267,6 +271,8 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
             "api": f"http://127.0.0.1:{port}",
             "software": SOFTWARE,
         }
+        if netns := os.environ.get("IOLLM_NETNS"):  # a namespace testnet's host: the
+            info["netns"] = netns  # API's 127.0.0.1 is that namespace's (node/cli/common.py)
         _write_runtime_file(home, info)
         try:
             log.info("node %s ready; listening on %s; API on %s", node.discovery.peer_id,

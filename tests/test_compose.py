@@ -81,7 +81,7 @@ def test_the_image_installs_as_a_checkout_does() -> None:
     assert "pip install" not in runs  # no second way to install
     # The system packages are the README's.
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    (apt,) = re.findall(r"apt-get install ([\w\- ]+)`", readme)
+    (apt,) = re.findall(r"a bare image needs `apt-get install ([\w\- ]+)`", readme)
     assert set(apt.split()) <= set(runs.split())
     assert re.search(r"^ARG BASE_IMAGE=python:3\.1[1-9]", docker, re.M)
     assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in docker

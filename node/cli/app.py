@@ -202,11 +202,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_testnet_up(args: argparse.Namespace) -> int:
-    from node.cli.testnet import TestnetError, testnet_up
+    from node.cli.testnet import TestnetError, hosts_options, testnet_up
 
     try:
         testnet_up(Path(args.dir), args.nodes, simulate_gpus=args.simulate_gpus,
-                   timeout=args.timeout, validators=args.validators)
+                   timeout=args.timeout, validators=args.validators,
+                   **hosts_options(args))
     except TestnetError as exc:
         raise CliError(str(exc)) from None
     return 0
@@ -216,7 +217,7 @@ def cmd_testnet_down(args: argparse.Namespace) -> int:
     from node.cli.testnet import TestnetError, testnet_down
 
     try:
-        testnet_down(Path(args.dir))
+        testnet_down(Path(args.dir), prefix=args.prefix)
     except TestnetError as exc:
         raise CliError(str(exc)) from None
     return 0
@@ -333,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="testnet", metavar="DIR",
                    help="testnet directory (default ./testnet)")
     p.set_defaults(func=cmd_testnet_down)
+    from node.cli.testnet import add_hosts_commands
+
+    add_hosts_commands(t_sub, t_sub.choices["up"], p)
     return parser
 
 

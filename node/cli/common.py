@@ -31,7 +31,8 @@ def call_node(args: argparse.Namespace, path: str, method: str = "GET", body: An
     home = home_of(args)
     runtime = home / RUNTIME_FILE
     try:
-        base = json.loads(runtime.read_text())["api"]
+        info = json.loads(runtime.read_text())
+        base = info["api"]
     except FileNotFoundError:
         raise CliError(f"no node is running with home {home} (start one: iollm node start)"
                        ) from None
@@ -39,11 +40,20 @@ def call_node(args: argparse.Namespace, path: str, method: str = "GET", body: An
         raise CliError(f"{runtime} is damaged; restart the node") from None
     try:
         token = read_token_file(home / TOKEN_FILE)
+    except OSError as exc:
+        raise CliError(f"cannot read the API token: {exc}") from None
+    try:
+        if netns := info.get("netns"):  # a host of a namespace testnet (node/testnet)
+            from node.testnet.netns import run_in_netns
+
+            return run_in_netns(netns, api_request, base, token, method, path, body,
+                                args.timeout)
         return api_request(base, token, method, path, body, timeout=args.timeout)
     except ApiClientError as exc:
         raise CliError(explain_api_error(exc, home, path)) from None
-    except OSError as exc:
-        raise CliError(f"cannot read the API token: {exc}") from None
+    except OSError as exc:  # the namespace is gone, or we may not enter it (not root)
+        raise CliError(f"cannot reach the node in namespace {info.get('netns')}: {exc}"
+                       ) from None
 
 
 def explain_api_error(exc: Any, home: Path, path: str) -> str:

@@ -7,10 +7,15 @@ to ``DIR/genesis.toml``; every node is started with ``--genesis`` naming it. ``u
 once every node is running and the bootstrap node's DHT query sees every capability
 record; the processes run in their own session, so they outlive the command.
 ``testnet.json`` lists them for ``down``.
+
+With ``hosts`` (``--hosts``) each node runs in a network namespace of its own, with its
+own address of 198.18.0.0/15 and a link that can be shaped (node/testnet); ``down`` then
+also removes every namespace of the testnet's prefix and its relay.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import DEFAULT_CONFIG_TOML, RUNTIME_FILE, TOKEN_FILE
+from node.testnet.links import LinkShape
 
 STATE_FILE = "testnet.json"
 GENESIS_FILE = "genesis.toml"
@@ -28,6 +34,9 @@ TESTNET_CHAIN_ID = "iollm-testnet"
 TESTNET_BLOCK_INTERVAL_MS = 1000
 DEFAULT_VALIDATORS = 4  # the first nodes (bootstrap first) validate: 3f+1 with f = 1
 LOCAL_LISTEN = "/ip4/127.0.0.1/tcp/0"
+NAT_GATEWAY = "natgw"  # the host the --nat nodes sit behind (it runs no node)
+HOST_PORT = 4001  # each host has an address of its own, so one port for all
+DEFAULT_PREFIX = "iollm"
 
 # Simulated GPUs for the demo (--simulate-gpus): node i gets entry i % len. "tflops" is
 # the bf16 matmul rate the record then claims: about 70% of each card's peak dense bf16
@@ -58,10 +67,12 @@ def _toml_gpus(gpus: list[dict[str, Any]]) -> str:
     return f"[{items}]"
 
 
-def _node_config(fake_gpus: list[dict[str, Any]] | None, name: str = "") -> str:
+def _node_config(fake_gpus: list[dict[str, Any]] | None, name: str = "",
+                 listen: str = LOCAL_LISTEN, relay_service: bool = False) -> str:
     text = DEFAULT_CONFIG_TOML.replace('name = ""', f'name = "{name}"')
-    text = text.replace('listen = ["/ip4/0.0.0.0/tcp/4001"]',
-                                       f'listen = ["{LOCAL_LISTEN}"]')
+    text = text.replace('listen = ["/ip4/0.0.0.0/tcp/4001"]', f'listen = ["{listen}"]')
+    if relay_service:  # --nat: the public nodes relay for those behind the NAT
+        text = text.replace("service = false", "service = true")
     text = text.replace("port = 7780", "port = 0")
     text = text.replace("bench_seconds = 0.5", "bench_seconds = 0.2")
     if fake_gpus:
@@ -98,14 +109,20 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _start(name: str, home: Path, bootstrap: str | None, genesis: Path
-           ) -> subprocess.Popen[bytes]:
+def _start(name: str, home: Path, bootstrap: str | None, genesis: Path,
+           netns: str | None = None) -> subprocess.Popen[bytes]:
     cmd = _iollm("node", "start", "--home", str(home), "--genesis", str(genesis))
     if bootstrap:
         cmd += ["--bootstrap", bootstrap]
+    env = None
+    if netns:
+        from node.testnet.netns import netns_argv
+
+        cmd = netns_argv(netns, cmd)
+        env = {**os.environ, "IOLLM_NETNS": netns}
     log = open(home / "daemon.log", "ab")  # noqa: SIM115 - handed to the child process
     try:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     finally:
         log.close()
@@ -156,10 +173,26 @@ def _progress(started: float, msg: str) -> None:
     print(f"[{time.monotonic() - started:5.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
+def node_api(node: dict[str, Any], token: str, method: str, path: str, body: Any = None,
+             timeout: float = 30.0) -> Any:
+    """``api_request`` to one node of ``testnet.json``, from inside its namespace if it
+    runs in one (its API listens on that namespace's 127.0.0.1)."""
+    from node.api.client import api_request
+
+    if node.get("netns"):
+        from node.testnet.netns import run_in_netns
+
+        return run_in_netns(node["netns"], api_request, node["api"], token, method, path,
+                            body, timeout)
+    return api_request(node["api"], token, method, path, body, timeout)
+
+
 def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
                timeout: float = 120.0, validators: int | None = None,
-               genesis_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    from node.api.client import ApiClientError, api_request, read_token_file
+               genesis_overrides: dict[str, Any] | None = None, hosts: bool = False,
+               prefix: str = DEFAULT_PREFIX, link: LinkShape | None = None,
+               nat: int = 0) -> dict[str, Any]:
+    from node.api.client import ApiClientError, read_token_file
 
     if not 1 <= nodes <= 64:
         raise TestnetError("--nodes must be between 1 and 64")
@@ -176,8 +209,33 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
     started = time.monotonic()
     deadline = started + timeout
     names = ["bootstrap"] + [f"node-{i}" for i in range(1, nodes + 1)]
+    if not 0 <= nat <= nodes - 1 or (nat and not hosts):
+        raise TestnetError("--nat N needs --hosts and at most --nodes minus 1 (one node and "
+                           "the bootstrap node stay public)")
+    behind_nat = names[len(names) - nat:] if nat else []
     procs: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
     infos: list[dict[str, Any]] = []
+    spaces: dict[str, tuple[str, str]] = {}  # name -> (namespace, address)
+    if hosts:
+        from node.testnet.netns import NetnsError, create_network
+
+        public = [n for n in names if n not in behind_nat] + ([NAT_GATEWAY] if nat else [])
+        try:
+            net = create_network(directory, prefix, public,
+                                 {n: link for n in public} if link and link.shaped else None)
+        except NetnsError as exc:
+            raise TestnetError(str(exc)) from None
+        spaces = {h.name: (h.netns, str(h.addr)) for h in net.hosts}
+        if nat:
+            from node.testnet.nat import add_nat
+            from node.testnet.netns import teardown
+
+            try:
+                private = add_nat(prefix, net.host(NAT_GATEWAY), behind_nat)
+            except NetnsError as exc:
+                teardown(prefix, directory)
+                raise TestnetError(str(exc)) from None
+            spaces.update({h.name: (h.netns, str(h.addr)) for h in private})
     try:
         for name in names:
             home = directory / name
@@ -190,10 +248,13 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
         for i, name in enumerate(names):
             home = directory / name
             gpus = SIMULATED_GPUS[(i - 1) % len(SIMULATED_GPUS)] if simulate_gpus and i else None
-            (home / "config.toml").write_text(_node_config(gpus, name))
+            netns, addr = spaces.get(name, (None, None))
+            listen = f"/ip4/{addr}/tcp/{HOST_PORT}" if addr else LOCAL_LISTEN
+            relay_service = bool(nat) and name not in behind_nat
+            (home / "config.toml").write_text(_node_config(gpus, name, listen, relay_service))
             (home / RUNTIME_FILE).unlink(missing_ok=True)
             bootstrap = infos[0]["addrs"][0] if infos else None
-            proc = _start(name, home, bootstrap, genesis)
+            proc = _start(name, home, bootstrap, genesis, netns)
             procs.append((name, home, proc))
             if i == 0:  # the others need the bootstrap node's address
                 infos.append(_wait_ready(proc, home, deadline))
@@ -204,6 +265,8 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
             _progress(started, f"{name} running ({len(infos)} of {len(names)})")
         state = {"nodes": [{"name": n, "home": str(h.resolve()), "pid": p.pid, **info}
                            for (n, h, p), info in zip(procs, infos, strict=True)]}
+        if hosts:
+            state["prefix"] = prefix
         state_path.write_text(json.dumps(state, indent=2) + "\n")
 
         # Ready means published (every node's record put, gossiped and provided under all
@@ -212,8 +275,7 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
             token = read_token_file(home / TOKEN_FILE)
             while time.monotonic() < deadline:
                 try:
-                    if api_request(info["api"], token, "GET", "/v1/status",
-                                   timeout=30)["published"]:
+                    if node_api(info, token, "GET", "/v1/status", timeout=30)["published"]:
                         break
                 except ApiClientError:
                     pass
@@ -226,7 +288,7 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
         seen, shown = 0, -1
         while time.monotonic() < deadline:
             try:
-                seen = len(api_request(infos[0]["api"], token, "GET", "/v1/gpus", timeout=30))
+                seen = len(node_api(infos[0], token, "GET", "/v1/gpus", timeout=30))
             except ApiClientError:
                 seen = 0
             if seen == len(names):
@@ -243,9 +305,16 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
         for _, _, proc in procs:
             if proc.poll() is None:
                 proc.terminate()
+        if hosts:
+            from node.testnet.netns import teardown
+
+            teardown(prefix, directory)
         raise
     _progress(started, f"all {len(names)} records discoverable")
-    print(f"testnet up in {directory}: {len(names)} nodes on 127.0.0.1")
+    where = (f"in namespaces {prefix}-* on 198.18.0.0/15" + (
+        f", links {_describe(link)}" if link and link.shaped else "") + (
+        f", {', '.join(behind_nat)} behind a NAT" if nat else "")) if hosts else "on 127.0.0.1"
+    print(f"testnet up in {directory}: {len(names)} nodes {where}")
     for node in state["nodes"]:
         print(f"  {node['name']:<10} {node['addrs'][0]}")
         print(f"  {'':<10} api {node['api']}  home {node['home']}")
@@ -254,12 +323,39 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
     return state
 
 
-def testnet_down(directory: Path, grace: float = 15.0) -> None:
+def _describe(link: LinkShape) -> str:
+    parts = []
+    if link.delay_ms:
+        parts.append(f"delay {link.delay_ms:g} ms" + (
+            f" +- {link.jitter_ms:g} ms" if link.jitter_ms else ""))
+    elif link.jitter_ms:
+        parts.append(f"jitter {link.jitter_ms:g} ms")
+    if link.loss:
+        parts.append(f"loss {link.loss * 100:g}%")
+    if link.rate_mbit:
+        parts.append(f"{link.rate_mbit:g} Mbit/s")
+    return ", ".join(parts) or "unshaped"
+
+
+def testnet_down(directory: Path, grace: float = 15.0, prefix: str | None = None) -> None:
+    """Stop the testnet's nodes; with namespaces (or ``prefix``), remove every namespace
+    of its prefix and its relay, also what a killed ``up`` left without a state file."""
+    from node.testnet.netns import STATE_FILE as NET_STATE
+    from node.testnet.netns import NetnsError, load_state, teardown
+
     state_path = directory / STATE_FILE
+    if prefix is None and (directory / NET_STATE).exists():
+        try:
+            prefix = load_state(directory).prefix
+        except NetnsError:
+            prefix = None
     try:
         state = json.loads(state_path.read_text())
     except FileNotFoundError:
-        raise TestnetError(f"no testnet in {directory} (no {STATE_FILE})") from None
+        if prefix is None:
+            raise TestnetError(f"no testnet in {directory} (no {STATE_FILE}); a namespace "
+                               f"testnet's leftovers: iollm testnet down --prefix P") from None
+        state = {"nodes": []}
     pids = [n["pid"] for n in state["nodes"] if _alive(n["pid"])]
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
@@ -269,6 +365,125 @@ def testnet_down(directory: Path, grace: float = 15.0) -> None:
     killed = [p for p in pids if _alive(p)]
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
-    state_path.unlink()
+    state_path.unlink(missing_ok=True)
     print(f"testnet in {directory} stopped: {len(pids)} node(s)"
           + (f", {len(killed)} killed after {grace:.0f} s" if killed else ""))
+    prefix = prefix or state.get("prefix")
+    if prefix:
+        try:
+            gone = teardown(prefix, directory)
+        except NetnsError as exc:
+            raise TestnetError(str(exc)) from None
+        print(f"removed {len(gone.namespaces)} namespace(s) of prefix {prefix}"
+              + (f" and {gone.processes} process(es) left in them or relaying"
+                 if gone.processes else ""))
+
+
+# -- the namespace testnet's commands (parser in node/cli/app.py) -----------------------------
+
+
+def _link_args(parser: argparse.ArgumentParser) -> None:
+    from node.cli.common import nonnegative
+
+    parser.add_argument("--delay-ms", type=nonnegative, default=0.0, metavar="MS",
+                        help="delay each packet gets on the host's link, each way: between "
+                             "two hosts so shaped the round trip is 4x MS (default 0)")
+    parser.add_argument("--jitter-ms", type=nonnegative, default=0.0, metavar="MS",
+                        help="the delay varies uniformly by +-MS, without reordering")
+    parser.add_argument("--loss", type=nonnegative, default=0.0, metavar="PCT",
+                        help="percent of packets lost on the link, each way (default 0)")
+    parser.add_argument("--rate-mbit", type=nonnegative, default=0.0, metavar="MBIT",
+                        help="the link's rate each way in Mbit/s (default: unlimited)")
+
+
+def link_of(args: argparse.Namespace) -> LinkShape:
+    from node.cli.common import CliError
+
+    try:
+        return LinkShape(args.delay_ms, args.jitter_ms, args.loss / 100, args.rate_mbit)
+    except ValueError:
+        raise CliError(f"--loss {args.loss:g}: a percentage below 100") from None
+
+
+def hosts_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``testnet_up``'s keyword arguments for ``--hosts`` and the link options."""
+    from node.cli.common import CliError
+
+    link = link_of(args)
+    if link.shaped and not args.hosts:
+        raise CliError("--delay-ms, --jitter-ms, --loss and --rate-mbit need --hosts")
+    return {"hosts": args.hosts, "prefix": args.prefix or DEFAULT_PREFIX, "link": link,
+            "nat": args.nat}
+
+
+def _net_change(args: argparse.Namespace, change: Any, *extra: Any) -> int:
+    from node.cli.common import CliError
+    from node.testnet.netns import NetnsError
+
+    try:
+        change(Path(args.dir), *extra)
+    except NetnsError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def cmd_shape(args: argparse.Namespace) -> int:
+    from node.testnet.netns import shape
+
+    link = link_of(args)
+    code = _net_change(args, shape, args.host, link)
+    print(f"{', '.join(args.host)}: {_describe(link)}")
+    return code
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from node.testnet.netns import partition
+
+    groups = [[n for n in g.split(",") if n] for g in args.group]
+    code = _net_change(args, partition, groups)
+    print("partitioned: " + " | ".join(", ".join(g) for g in groups)
+          + " (hosts not named form one more group)")
+    return code
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    from node.testnet.netns import heal
+
+    code = _net_change(args, heal)
+    print("healed: every host reaches every other")
+    return code
+
+
+def add_hosts_commands(t_sub: Any, up: argparse.ArgumentParser,
+                       down: argparse.ArgumentParser) -> None:
+    up.add_argument("--hosts", action="store_true",
+                    help="each node in a network namespace of its own, with an address of "
+                         "198.18.0.0/15 and a link that can be shaped (root; Linux)")
+    up.add_argument("--prefix", metavar="P", help="namespace names start with P- "
+                    f"(default {DEFAULT_PREFIX}; one prefix per testnet on a machine)")
+    up.add_argument("--nat", type=int, default=0, metavar="N",
+                    help="put the last N nodes behind a NAT (a gateway host that masquerades "
+                         "and lets no connection in); the public nodes offer the relay "
+                         "service (needs --hosts and iptables)")
+    _link_args(up)
+    down.add_argument("--prefix", metavar="P", help="also remove every namespace named P-* "
+                      "and its processes (default: the testnet's own prefix)")
+    dir_help = "testnet directory (default ./testnet)"
+    p = t_sub.add_parser("shape", help="shape the links of some hosts (--hosts testnets)",
+                         description="Change the links of the named hosts of a running "
+                                     "namespace testnet; no option clears the shaping.")
+    p.add_argument("host", nargs="+", metavar="HOST", help="host names (bootstrap, node-1, ...)")
+    p.add_argument("--dir", default="testnet", metavar="DIR", help=dir_help)
+    _link_args(p)
+    p.set_defaults(func=cmd_shape)
+    p = t_sub.add_parser("partition", help="cut traffic between groups of hosts",
+                         description="Cut traffic between groups of hosts of a namespace "
+                                     "testnet; hosts in no group form one more group. "
+                                     "Example: iollm testnet partition bootstrap,node-1 "
+                                     "node-2,node-3")
+    p.add_argument("group", nargs="+", metavar="GROUP", help="host names, comma-separated")
+    p.add_argument("--dir", default="testnet", metavar="DIR", help=dir_help)
+    p.set_defaults(func=cmd_partition)
+    p = t_sub.add_parser("heal", help="restore traffic between every pair of hosts")
+    p.add_argument("--dir", default="testnet", metavar="DIR", help=dir_help)
+    p.set_defaults(func=cmd_heal)

@@ -200,7 +200,10 @@ class Discovery:
             task_status.started()
             while True:
                 nursery.start_soon(self._publish_network)
-                await trio.sleep(self.config.refresh_interval_s)
+                # A node that finds itself behind NAT, or gets a relay slot, re-signs at
+                # once: its record must carry the addresses it is reachable at.
+                with trio.move_on_after(self.config.refresh_interval_s):
+                    await self.net.wait_addrs_changed()
                 await self.storage.prune_capabilities(self.clock_ms())
                 await self._sign_current()
 

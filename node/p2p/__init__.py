@@ -2,7 +2,8 @@
 gossipsub), the library patches (AtomicYamux, the auto-connector, the pubsub clean-up; wire.py:
 yamux frames that fit one Noise message, a signed peer record once per peer),
 the stream guard that every inbound stream passes, length-prefixed framing with deadlines,
-and the DHT walk over the library's private per-peer requests.
+the DHT walk over the library's private per-peer requests, and NAT traversal (nat.py:
+relay v2, AutoNAT, DCUtR).
 
 Owns: the libp2p objects and every call into the library's internals. May import:
 libp2p, protocol/, and nothing else of node/. No other package imports libp2p
@@ -18,10 +19,11 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator as RecordValidator
 
 from node.p2p.host import Network, open_network
+from node.p2p.nat import NatOptions
 
 # What opening a stream raises when the connection went away or the negotiation failed on
 # it (py-libp2p drops one of two crossing dials): worth one more dial, not the peer's fault.
 OPEN_STREAM_ERRORS: tuple[type[Exception], ...] = (SwarmException, StreamFailure)
 
-__all__ = ["OPEN_STREAM_ERRORS", "Network", "PeerId", "PeerInfo", "ProtocolId",
+__all__ = ["OPEN_STREAM_ERRORS", "NatOptions", "Network", "PeerId", "PeerInfo", "ProtocolId",
            "RecordValidator", "open_network"]

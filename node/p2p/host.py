@@ -51,6 +51,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 import node.p2p.wire  # noqa: F401  (its patches: before any host is built)
 from node.p2p.guard import MAX_STREAMS, StreamGuard
+from node.p2p.nat import NatOptions, NatService
 from protocol.penalty import PenaltyPolicy
 
 log = logging.getLogger(__name__)
@@ -303,6 +304,7 @@ class Network:
     gossipsub: GossipSub
     guard: StreamGuard
     gossip_rejected: Counter
+    nat: NatService
     _provide_lock: trio.Lock = field(default_factory=trio.Lock)
     _next_provide: float = 0.0
 
@@ -325,10 +327,17 @@ class Network:
         return self.host.get_id()
 
     def listen_addrs(self) -> list[str]:
-        """Full dialable addresses, ``/ip4/.../tcp/N/p2p/<id>``."""
+        """Full dialable addresses, ``/ip4/.../tcp/N/p2p/<id>``; for a node that is not
+        reachable and holds relay slots, its relayed addresses
+        ``.../p2p/<relay>/p2p-circuit/p2p/<id>`` instead (node/p2p/nat.py: the host's own
+        list, which identify and the DHT's provider records carry too)."""
         pid = self.peer_id.to_base58()
         return [f"{a}/p2p/{pid}" if "/p2p/" not in str(a) else str(a)
                 for a in self.host.get_addrs()]
+
+    async def wait_addrs_changed(self) -> None:
+        """Return when what ``listen_addrs`` says may have changed (reachability, relays)."""
+        await self.nat.wait_changed()
 
     def protocols(self) -> list[str]:
         """Every protocol id this host serves (a handler is registered for it)."""
@@ -419,13 +428,17 @@ async def open_network(
     gossip_topics_validated: bool = True,
     registry: CollectorRegistry | None = None,
     penalties: PenaltyPolicy | None = None,
+    nat: NatOptions | None = None,
 ) -> AsyncIterator[Network]:
     """Start host, DHT (server mode) and gossipsub; yield once all are listening.
 
     Every inbound stream runs under the stream guard (node/p2p/guard.py), whose
-    counters go to ``registry``; ``penalties`` says when a failing peer is banned."""
+    counters go to ``registry``; ``penalties`` says when a failing peer is banned.
+    ``nat``: relay, AutoNAT and DCUtR (node/p2p/nat.py); None, a node that takes itself
+    for reachable and offers no relay (in-process test clusters on 127.0.0.1)."""
     key_pair = libp2p_key_pair(signing_key)
     noise_key = create_x25519_key_pair()
+
     host = new_host(
         key_pair=key_pair,
         sec_opt={
@@ -465,8 +478,11 @@ async def open_network(
     pubsub.guard = guard
     guard.declare(str(KAD_PROTOCOL_ID), KAD_MAX_REQUEST_BYTES)
     guard.declare(str(PROTOCOL_ID_V11), pubsub.max_inbound_rpc_size)
+    nat_service = NatService(host, nat or NatOptions(reachability="public"), registry)
     async with (
         host.run(listen_addrs=listen),
+        background_trio_service(nat_service.relay),
+        background_trio_service(nat_service.dcutr),
         background_trio_service(dht),
         background_trio_service(pubsub) as pubsub_manager,
         background_trio_service(gossipsub) as gossipsub_manager,
@@ -480,9 +496,10 @@ async def open_network(
         await pubsub.wait_until_ready()
         if not host.get_addrs():
             raise ListenError(0, f"could not listen on any of {[str(a) for a in listen]}")
+        await guard_nursery.start(nat_service.run)
         try:
             yield Network(host=host, dht=dht, pubsub=pubsub, gossipsub=gossipsub, guard=guard,
-                          gossip_rejected=gossip_rejected)
+                          gossip_rejected=gossip_rejected, nat=nat_service)
         finally:
             # Close the connections while the services still run: the services stop in
             # reverse order before the host does, and a pubsub stream handler that read a
