@@ -1,6 +1,7 @@
 """WAN benchmark: SMIP fetches and the chain on shaped links of the namespace testnet.
 
-    .venv/bin/python bench/wan.py [--mib 128] [--only fetch,providers,finality] [--keep]
+    .venv/bin/python bench/wan.py [--mib 128] [--only fetch,providers,finality,discovery]
+                                  [--rate 500] [--seconds 20] [--hosts 30] [--queries 100]
 
 Root only (network namespaces). One namespace testnet (`iollm testnet up --hosts`, prefix
 ``wanbench``): the bootstrap node and 3 nodes, each in a namespace of its own; the links
@@ -23,6 +24,11 @@ bootstrap node, whose own link is never shaped, so a path's shape is the provide
              consensus.py's) offered at RATE/s to the validators for SECONDS; the
              latency from the offer to the final block that holds each. Goal: p50 < 2 s
              at 500/s. Baseline: the same run before the links are shaped.
+
+  discovery: a testnet of its own, HOSTS hosts (30), every link 12.5 ms each way (50 ms
+             RTT between two hosts); QUERIES times a random host asks for a random other
+             host's record on the DHT-only path (``/v1/record?source=dht``: the DHT walk,
+             no local replica, no direct ask). Goal: p99 under 10 RTTs, 100% success.
 
 A fetch's time is the daemon's own operation time (request to verified, complete
 version). Exits 1 when a goal is missed.
@@ -292,11 +298,54 @@ def phase_finality(directory: Path, nodes: dict[str, Node], rate: float, seconds
     return ok
 
 
+def phase_discovery(work: Path, hosts: int, queries: int, seed: int) -> bool:
+    """Its own testnet of ``hosts`` hosts, every link 12.5 ms each way (50 ms RTT)."""
+    import random
+
+    directory = work / "net-discovery"
+    prefix = PREFIX[:7] + "d"
+    netns.teardown(prefix)
+    log(f"discovery: testnet of {hosts} hosts")
+    state = testnet_up(directory, hosts - 1, hosts=True, prefix=prefix, timeout=900,
+                       link=LinkShape(delay_ms=12.5))
+    rtt = 0.05
+    try:
+        nodes = [Node(n) for n in state["nodes"]]
+        rng = random.Random(seed)
+        took: list[float] = []
+        failed = 0
+        for _ in range(queries):
+            asker, target = rng.sample(nodes, 2)
+            pid = target.entry["peer_id"]
+            start = time.monotonic()
+            try:
+                got = asker.call("GET", f"/v1/record?peer_id={pid}&source=dht")
+                ok = got["peer_id"] == pid
+            except Exception as exc:  # a 404 (not found) or a timeout: a failed query
+                log(f"  query failed: {exc}")
+                ok = False
+            took.append(time.monotonic() - start)
+            failed += not ok
+        took.sort()
+        p50, p99 = percentile(took, 50), percentile(took, 99)
+    finally:
+        testnet_down(directory)
+    success = 1 - failed / queries
+    ok = p99 < 10 * rtt and failed == 0
+    print(f"capability query, DHT only, {hosts} hosts, 50 ms RTT: p50 {p50 * 1000:.0f} ms, "
+          f"p99 {p99 * 1000:.0f} ms = {p99 / rtt:.1f} RTTs, success {success:.1%} (goal p99 "
+          f"< 10 RTTs and 100%: {'met' if ok else 'MISSED'})")
+    return ok
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=128, help="size of the single-provider fetch")
-    p.add_argument("--only", default="fetch,providers,finality",
-                   help="comma-separated phases: fetch, providers, finality")
+    p.add_argument("--only", default="fetch,providers,finality,discovery",
+                   help="comma-separated phases: fetch, providers, finality, discovery")
+    p.add_argument("--hosts", type=int, default=30, help="discovery: hosts")
+    p.add_argument("--queries", type=int, default=100, help="discovery: queries")
+    p.add_argument("--seed", type=int, default=1, help="discovery: who asks for whom")
     p.add_argument("--rate", type=float, default=500.0, help="finality: receipts a second")
     p.add_argument("--seconds", type=float, default=20.0, help="finality: seconds of load")
     p.add_argument("--dir", type=Path, help="testnet directory (default: a temporary one)")
@@ -307,13 +356,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="wanbench-"))
     directory = args.dir or work / "net"
     netns.teardown(PREFIX)
+    results: list[bool] = []
+    if "discovery" in phases:
+        phases.remove("discovery")
+        results.append(phase_discovery(work, args.hosts, args.queries, args.seed))
+    if not phases:
+        return 0 if all(results) else 1
     log(f"testnet up in {directory}")
     import consensus
 
     state = testnet_up(directory, 3, hosts=True, prefix=PREFIX, timeout=300, genesis_overrides={
         "block_interval_ms": 100, "max_block_bytes": consensus.BLOCK_BYTES})
     nodes = {n["name"]: Node(n) for n in state["nodes"]}
-    results: list[bool] = []
     try:
         for phase in phases:
             log(f"phase {phase}")
