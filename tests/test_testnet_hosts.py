@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from node.api.server import ApiClientError
 from node.cli.app import main
 from node.cli.testnet import node_api
 from node.config import TOKEN_FILE
@@ -106,6 +107,13 @@ def test_hosts_have_own_addresses_and_a_partition_stops_finality(
     # The CLI finds a host's API in its namespace (node.json names it).
     listed = json.loads(iollm("gpus", "--json", "--home", str(directory / "node-2")).stdout)
     assert {r["peer_id"] for r in listed} == {n["peer_id"] for n in nodes}
+
+    # The DHT walk alone, asked of one host for another's record.
+    found = api(by_name["node-3"], f"/v1/record?peer_id={by_name['node-1']['peer_id']}"
+                                   "&source=dht")
+    assert found["peer_id"] == by_name["node-1"]["peer_id"]
+    with pytest.raises(ApiClientError, match="source: expected"):
+        api(by_name["node-3"], f"/v1/record?peer_id={by_name['node-1']['peer_id']}&source=x")
 
     wait(lambda: min(heights(nodes)) >= 1, 30, "a first final block")
     code, out, _ = cli(capsys, "testnet", "partition", "bootstrap,node-1", "node-2,node-3",

@@ -74,7 +74,12 @@ def status_routes(net: Network, discovery: Discovery, env: EnvReport, software: 
 
     async def record(request: Request) -> Any:
         peer_id = request.query.get("peer_id", "")
-        cap = await discovery.record_of(peer_id) if peer_id else None
+        source = request.query.get("source", "node")
+        if source not in ("node", "dht"):
+            raise ApiError(400, f"source: expected \"node\" or \"dht\", got {source!r}")
+        # dht: the DHT walk alone (no local replica, no direct ask), for bench/wan.py
+        query = discovery.record_from_network if source == "dht" else discovery.record_of
+        cap = await query(peer_id) if peer_id else None
         if cap is None:
             raise ApiError(404, f"no valid capability record for {peer_id!r}")
         return record_to_json(cap.record)

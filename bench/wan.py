@@ -1,0 +1,411 @@
+"""WAN benchmark: SMIP fetches and the chain on shaped links of the namespace testnet.
+
+    .venv/bin/python bench/wan.py [--mib 128] [--only fetch,providers,finality,discovery]
+                                  [--rate 500] [--seconds 20] [--hosts 30] [--queries 100]
+
+Root only (network namespaces). One namespace testnet (`iollm testnet up --hosts`, prefix
+``wanbench``): the bootstrap node and 3 nodes, each in a namespace of its own; the links
+are shaped with the relay of node/testnet (links.py says how). The fetching node is the
+bootstrap node, whose own link is never shaped, so a path's shape is the provider's link.
+
+  fetch:     node-1 publishes MIB MiB (a dataset of random bytes); its link is shaped to
+             100 Mbit/s and 25 ms each way (50 ms RTT to the fetcher). Baseline (a): one
+             TCP stream from node-1 to the bootstrap node over that same link, MIB/2 MiB
+             (what the link and the relay carry). (b): the bootstrap node fetches the
+             dataset. Goal: (b) >= 0.9 x the link's rate (90 Mbit/s); (b) against (a) is
+             printed too. The stream muxer's window must cover the bandwidth-delay product
+             (625 KB here): py-libp2p's yamux grows each stream's window up to 16 MiB.
+  providers: two datasets of MIB/2 MiB on node-1; one is fetched by node-2 and node-3
+             unshaped first, so it has three providers. Then node-1, node-2 and node-3 are
+             each shaped to 50 Mbit/s, 25 ms each way. (a) the bootstrap node fetches the
+             dataset only node-1 holds; (b) the one all three hold. Goal: (b) >= 2.5x (a).
+  finality:  every host's link 25 ms each way (100 ms RTT between two hosts); the 4
+             validators. Receipts-like transactions (signed by fresh keys, bench/
+             consensus.py's) offered at RATE/s to the validators for SECONDS; the
+             latency from the offer to the final block that holds each. Goal: p50 < 2 s
+             at 500/s. Baseline: the same run before the links are shaped.
+
+  discovery: a testnet of its own, HOSTS hosts (30), every link 12.5 ms each way (50 ms
+             RTT between two hosts); QUERIES times a random host asks for a random other
+             host's record on the DHT-only path (``/v1/record?source=dht``: the DHT walk,
+             no local replica, no direct ask). Goal: p99 under 10 RTTs, 100% success.
+
+A fetch's time is the daemon's own operation time (request to verified, complete
+version). Exits 1 when a goal is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # consensus.py's receipts, benchstats
+
+from benchstats import percentile  # noqa: E402
+
+from node.api.server import read_token_file  # noqa: E402
+from node.cli.testnet import node_api, testnet_down, testnet_up  # noqa: E402
+from node.testnet import netns  # noqa: E402
+from node.testnet.links import LinkShape  # noqa: E402
+
+MIB = 1 << 20
+PREFIX = "wanbench"
+RAW_PORT = 5201
+
+
+def log(msg: str) -> None:
+    print(f"[wan {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Node:
+    def __init__(self, entry: dict[str, Any]) -> None:
+        self.entry = entry
+        self.name = entry["name"]
+        self.netns = entry["netns"]
+        self.addr = entry["addrs"][0].split("/")[2]
+        self.token = read_token_file(Path(entry["home"]) / "api.token")
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        return node_api(self.entry, self.token, method, path, body, 60)
+
+    def run_op(self, path: str, body: Any, timeout: float = 1800) -> dict[str, Any]:
+        """Run an operation to its end; its answer, with ``phases``: when a poll first
+        saw each phase (monotonic seconds)."""
+        op_id = self.call("POST", path, body)["op"]
+        deadline = time.monotonic() + timeout
+        phases: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            op = self.call("GET", f"/v1/ops?id={op_id}")
+            phases.setdefault(op["phase"], time.monotonic())
+            if op["state"] != "running":
+                if op["state"] != "done":
+                    raise SystemExit(f"bench: {path} on {self.name} failed: {op['error']}")
+                return dict(op) | {"phases": phases, "seen_end": time.monotonic()}
+            time.sleep(0.05)  # polling another process, with a deadline
+        raise SystemExit(f"bench: {path} on {self.name} did not finish in {timeout:.0f} s")
+
+    def publish(self, path: Path, name: str) -> str:
+        op = self.run_op("/v1/models/publish", {"path": str(path), "kind": "dataset",
+                                                "name": name})
+        return str(op["result"]["version"])
+
+    def fetch_s(self, version: str) -> tuple[float, float]:
+        """(the whole fetch, its chunk phase): seconds. The chunk phase runs from a poll
+        first seeing it to a poll seeing the end; before it come the provider lookup,
+        the manifest and the leaf layers (a few round trips each)."""
+        op = self.run_op("/v1/models/fetch", {"version": version})
+        chunks = op["seen_end"] - op["phases"].get("chunks", op["seen_end"])
+        return (op["ended_ms"] - op["started_ms"]) / 1000, chunks
+
+    def providers(self, version: str) -> int:
+        for v in self.call("GET", "/v1/models?kind=dataset"):
+            if v["version"] == version:
+                return int(v["providers"])
+        return 0
+
+
+def random_file(path: Path, mib: int) -> Path:
+    with path.open("wb") as out:
+        for _ in range(mib):
+            out.write(os.urandom(MIB))
+    return path
+
+
+def raw_stream_mbit(sender: Node, receiver: Node, nbytes: int, port: int = RAW_PORT) -> float:
+    """One TCP stream from ``sender`` to ``receiver`` over their links: Mbit/s received."""
+    def listen() -> socket.socket:
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((receiver.addr, port))
+        srv.listen(1)
+        return srv
+
+    srv = netns.run_in_netns(receiver.netns, listen)
+    took: list[float] = []
+
+    def receive() -> None:
+        conn, _ = srv.accept()
+        got, start = 0, time.monotonic()
+        while got < nbytes:
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+        took.append(time.monotonic() - start)
+        conn.close()
+
+    reader = threading.Thread(target=receive)
+    reader.start()
+    conn = netns.run_in_netns(sender.netns, socket.create_connection,
+                              (receiver.addr, port), 30)
+    block = os.urandom(MIB)
+    sent = 0
+    while sent < nbytes:
+        conn.sendall(block)
+        sent += len(block)
+    conn.close()
+    reader.join(timeout=600)
+    srv.close()
+    return nbytes * 8 / took[0] / 1e6
+
+
+def wait_providers(node: Node, version: str, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while node.providers(version) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: {node.name} knows fewer than {n} providers of {version}")
+        time.sleep(0.5)  # the announcements travel by gossip; bounded by the deadline
+
+
+def phase_fetch(directory: Path, nodes: dict[str, Node], mib: int, work: Path) -> bool:
+    boot, one = nodes["bootstrap"], nodes["node-1"]
+    version = one.publish(random_file(work / "fetch.bin", mib), "fetch")
+    rate = 100.0
+    netns.shape(directory, ["node-1"], LinkShape(delay_ms=25, rate_mbit=rate))
+    raw = raw_stream_mbit(one, boot, mib // 2 * MIB)
+    log(f"fetch: (a) raw TCP over the link {raw:.1f} Mbit/s")
+    took, chunks = boot.fetch_s(version)
+    got = mib * MIB * 8 / took / 1e6
+    netns.shape(directory, ["node-1"], LinkShape())
+    ok = got >= 0.9 * rate
+    print(f"fetch, 1 provider, {rate:g} Mbit/s 50 ms RTT: {mib} MiB in {took:.1f} s = "
+          f"{got:.1f} Mbit/s, {got / rate:.2f}x the link rate (goal 0.90x: "
+          f"{'met' if ok else 'MISSED'}); {got / raw:.2f}x the raw TCP stream "
+          f"({raw:.1f} Mbit/s); the chunk phase alone {chunks:.1f} s = "
+          f"{mib * MIB * 8 / chunks / 1e6:.1f} Mbit/s")
+    return ok
+
+
+def phase_providers(directory: Path, nodes: dict[str, Node], mib: int, work: Path) -> bool:
+    boot, one = nodes["bootstrap"], nodes["node-1"]
+    half = max(mib // 2, 1)
+    shared = one.publish(random_file(work / "shared.bin", half), "shared")
+    alone = one.publish(random_file(work / "alone.bin", half), "alone")
+    for name in ("node-2", "node-3"):
+        nodes[name].fetch_s(shared)
+    wait_providers(boot, shared, 3)
+    wait_providers(boot, alone, 1)
+    providers = ["node-1", "node-2", "node-3"]
+    netns.shape(directory, providers, LinkShape(delay_ms=25, rate_mbit=50))
+    # (c) what the three links carry at once: three raw TCP streams into the fetcher
+    rates: list[float] = []
+    streams = [threading.Thread(target=lambda n=n, i=i: rates.append(raw_stream_mbit(
+        nodes[n], boot, half // 2 * MIB, RAW_PORT + i))) for i, n in enumerate(providers)]
+    for t in streams:
+        t.start()
+    for t in streams:
+        t.join(timeout=600)
+    t_one, c_one = boot.fetch_s(alone)
+    t_three, c_three = boot.fetch_s(shared)
+    netns.shape(directory, providers, LinkShape())
+    bits = half * MIB * 8
+    one_mbit, three_mbit = bits / t_one / 1e6, bits / t_three / 1e6
+    ok = three_mbit >= 2.5 * one_mbit
+    print(f"fetch, providers each behind 50 Mbit/s, 50 ms RTT: (a) 1 provider {one_mbit:.1f} "
+          f"Mbit/s, (b) 3 providers {three_mbit:.1f} Mbit/s = {three_mbit / one_mbit:.2f}x "
+          f"(goal 2.5x: {'met' if ok else 'MISSED'}); chunk phases alone "
+          f"{bits / c_one / 1e6:.1f} and {bits / c_three / 1e6:.1f} Mbit/s = "
+          f"{c_one / c_three:.2f}x; (c) three raw TCP streams at once: "
+          f"{' + '.join(f'{r:.1f}' for r in rates)} = {sum(rates):.1f} Mbit/s")
+    return ok
+
+
+def offer_and_watch(nodes: list[Node], txs: list[bytes], rate: float, seconds: float,
+                    warmup: float) -> dict[str, Any]:
+    """Offer ``txs`` at ``rate``/s, spread over the validators (each sender in its
+    validator's namespace), watch the first validator's final blocks; the latency from
+    each admitted POST's answer to the block seen final, for what was sent after
+    ``warmup`` seconds."""
+    import consensus  # bench/consensus.py: its keep-alive poster
+
+    from protocol.ledger import tx_id
+
+    per_batch = max(1, round(rate * consensus.SEND_EVERY_S))
+    batches = [txs[i:i + per_batch] for i in range(0, len(txs), per_batch)]
+    bodies = [json.dumps({"txs": [t.hex() for t in b]}).encode() for b in batches]
+    ids = [[tx_id(t).hex() for t in b] for b in batches]
+    submitted: dict[str, float] = {}
+    final: dict[str, float] = {}
+    refused = [0]
+    stop = threading.Event()
+    start = time.monotonic() + 0.5
+    end = start + seconds
+
+    def sender(i: int) -> None:
+        poster = consensus.Poster()
+        v = consensus.Validator(nodes[i].entry)
+        for k in range(i, len(batches), len(nodes)):
+            at = start + k * consensus.SEND_EVERY_S
+            if at >= end:
+                break
+            if (wait := at - time.monotonic()) > 0:
+                time.sleep(wait)  # pacing the offered load, not synchronisation
+            status, _ = poster.post(v, bodies[k])
+            if status == 200:
+                now = time.monotonic()
+                for t in ids[k]:
+                    submitted[t] = now
+            else:
+                refused[0] += len(batches[k])
+
+    def watcher() -> None:
+        v = consensus.Validator(nodes[0].entry)
+        height = int(v.call("GET", "/v1/ledger")["height"]) + 1
+        while not stop.is_set():
+            rows = v.call("GET", f"/v1/ledger/blocks?from={height}&limit=50&txs=1")
+            now = time.monotonic()
+            for b in rows:
+                for t in b["tx_ids"]:
+                    final.setdefault(t, now)
+                height = b["height"] + 1
+            if not rows:
+                stop.wait(consensus.POLL_S)
+
+    watch = threading.Thread(target=netns.run_in_netns, args=(nodes[0].netns, watcher))
+    watch.start()
+    senders = [threading.Thread(target=netns.run_in_netns, args=(n.netns, sender, i))
+               for i, n in enumerate(nodes)]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(timeout=seconds + 120)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(t in final for t in submitted):
+        time.sleep(0.2)  # waiting on the validators, with a deadline
+    stop.set()
+    watch.join(timeout=10)
+    lat = sorted(final[t] - at for t, at in submitted.items()
+                 if at >= start + warmup and t in final)
+    return {"admitted": len(submitted), "refused": refused[0],
+            "lost": sum(1 for t in submitted if t not in final),
+            "p50": percentile(lat, 50), "p99": percentile(lat, 99), "n": len(lat)}
+
+
+def phase_finality(directory: Path, nodes: dict[str, Node], rate: float, seconds: float
+                   ) -> bool:
+    import consensus
+
+    from protocol.ledger import encode_tx
+
+    validators = [nodes[n] for n in ("bootstrap", "node-1", "node-2", "node-3")]
+    job = consensus.make_job()
+    n = int(rate * seconds) + 1
+    log(f"finality: generating {2 * n} signed receipts")
+    txs = consensus.generate(job, 2 * n)
+    validators[0].call("POST", "/v1/ledger/txs", {"txs": [encode_tx("job", job).hex()]})
+    time.sleep(3)  # the job registered before its receipts: a few blocks
+    warmup = min(5.0, seconds / 3)
+    base = offer_and_watch(validators, txs[:n], rate, seconds, warmup)
+    log(f"finality (a) unshaped: {base}")
+    netns.shape(directory, list(nodes), LinkShape(delay_ms=25))
+    wan = offer_and_watch(validators, txs[n:], rate, seconds, warmup)
+    netns.shape(directory, list(nodes), LinkShape())
+    log(f"finality (b) 100 ms RTT: {wan}")
+    ok = wan["p50"] < 2.0 and wan["lost"] == 0 and wan["refused"] == 0
+    print(f"finality at {rate:g} receipts/s: (a) unshaped p50 {base['p50']:.2f} s, p99 "
+          f"{base['p99']:.2f} s; (b) 100 ms RTT p50 {wan['p50']:.2f} s, p99 {wan['p99']:.2f} s "
+          f"({wan['p50'] / base['p50']:.2f}x (a); {wan['refused']} refused, {wan['lost']} "
+          f"lost; goal p50 < 2 s: {'met' if ok else 'MISSED'})")
+    return ok
+
+
+def phase_discovery(work: Path, hosts: int, queries: int, seed: int) -> bool:
+    """Its own testnet of ``hosts`` hosts, every link 12.5 ms each way (50 ms RTT)."""
+    import random
+
+    directory = work / "net-discovery"
+    prefix = PREFIX[:7] + "d"
+    netns.teardown(prefix)
+    log(f"discovery: testnet of {hosts} hosts")
+    state = testnet_up(directory, hosts - 1, hosts=True, prefix=prefix, timeout=900,
+                       link=LinkShape(delay_ms=12.5))
+    rtt = 0.05
+    try:
+        nodes = [Node(n) for n in state["nodes"]]
+        rng = random.Random(seed)
+        took: list[float] = []
+        failed = 0
+        for _ in range(queries):
+            asker, target = rng.sample(nodes, 2)
+            pid = target.entry["peer_id"]
+            start = time.monotonic()
+            try:
+                got = asker.call("GET", f"/v1/record?peer_id={pid}&source=dht")
+                ok = got["peer_id"] == pid
+            except Exception as exc:  # a 404 (not found) or a timeout: a failed query
+                log(f"  query failed: {exc}")
+                ok = False
+            took.append(time.monotonic() - start)
+            failed += not ok
+        took.sort()
+        p50, p99 = percentile(took, 50), percentile(took, 99)
+    finally:
+        testnet_down(directory)
+    success = 1 - failed / queries
+    ok = p99 < 10 * rtt and failed == 0
+    print(f"capability query, DHT only, {hosts} hosts, 50 ms RTT: p50 {p50 * 1000:.0f} ms, "
+          f"p99 {p99 * 1000:.0f} ms = {p99 / rtt:.1f} RTTs, success {success:.1%} (goal p99 "
+          f"< 10 RTTs and 100%: {'met' if ok else 'MISSED'})")
+    return ok
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mib", type=int, default=128, help="size of the single-provider fetch")
+    p.add_argument("--only", default="fetch,providers,finality,discovery",
+                   help="comma-separated phases: fetch, providers, finality, discovery")
+    p.add_argument("--hosts", type=int, default=30, help="discovery: hosts")
+    p.add_argument("--queries", type=int, default=100, help="discovery: queries")
+    p.add_argument("--seed", type=int, default=1, help="discovery: who asks for whom")
+    p.add_argument("--rate", type=float, default=500.0, help="finality: receipts a second")
+    p.add_argument("--seconds", type=float, default=20.0, help="finality: seconds of load")
+    p.add_argument("--dir", type=Path, help="testnet directory (default: a temporary one)")
+    p.add_argument("--keep", action="store_true", help="leave the testnet running")
+    args = p.parse_args()
+    netns.check_available()
+    phases = [x for x in args.only.split(",") if x]
+    work = Path(tempfile.mkdtemp(prefix="wanbench-"))
+    directory = args.dir or work / "net"
+    netns.teardown(PREFIX)
+    results: list[bool] = []
+    if "discovery" in phases:
+        phases.remove("discovery")
+        results.append(phase_discovery(work, args.hosts, args.queries, args.seed))
+    if not phases:
+        return 0 if all(results) else 1
+    log(f"testnet up in {directory}")
+    import consensus
+
+    state = testnet_up(directory, 3, hosts=True, prefix=PREFIX, timeout=300, genesis_overrides={
+        "block_interval_ms": 100, "max_block_bytes": consensus.BLOCK_BYTES})
+    nodes = {n["name"]: Node(n) for n in state["nodes"]}
+    try:
+        for phase in phases:
+            log(f"phase {phase}")
+            if phase == "fetch":
+                results.append(phase_fetch(directory, nodes, args.mib, work))
+            elif phase == "providers":
+                results.append(phase_providers(directory, nodes, args.mib, work))
+            elif phase == "finality":
+                results.append(phase_finality(directory, nodes, args.rate, args.seconds))
+            else:
+                raise SystemExit(f"bench: unknown phase {phase!r}")
+        print(json.dumps(json.loads((directory / "wire-stats.json").read_text())))
+    finally:
+        if not args.keep:
+            testnet_down(directory)
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
