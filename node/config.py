@@ -87,7 +87,7 @@ threads = 1
 # "auto" (CUDA when present, else CPU), "cpu" or "cuda".
 device = "auto"
 # TEST ONLY: misbehave on purpose, to test the coordinator's checks: "" (honest),
-# "random", "zero", "copy", "copy-noise", "wrong-slice".
+# "random", "zero", "copy", "copy-noise", "wrong-slice"; "slow" (honest, half speed).
 adversary = ""
 """
 
@@ -140,7 +140,7 @@ class StoreSection:
 
 
 WORKER_DEVICES = ("auto", "cpu", "cuda")
-ADVERSARIES = ("", "random", "zero", "copy", "copy-noise", "wrong-slice")
+ADVERSARIES = ("", "random", "zero", "copy", "copy-noise", "wrong-slice", "slow")
 
 
 @dataclass(frozen=True)

@@ -40,11 +40,14 @@ from protocol.jobs import (
     MAX_ASSIGN_BYTES,
     MAX_VERDICT_BYTES,
     Job,
+    Prefetch,
     TaskAssign,
     TaskReply,
     TaskResult,
     Verdict,
     check_assign,
+    check_prefetch,
+    decode_message,
     seal_task_result,
 )
 from protocol.smip import id_hex
@@ -59,6 +62,7 @@ RESULT_WRITE_TIMEOUT_S = 30.0
 VERDICT_TIMEOUT_S = 3600.0  # the coordinator checks the whole round before it answers
 COPY_WAIT_S = 120.0  # adversary "copy": how long it waits for a delta to copy
 TRAIN_TIMEOUT_SLACK_S = 60.0
+SLOW_FACTOR = 1.0  # adversary "slow": waits its training time again (half speed)
 BUSY_PREFIX = "busy"  # a refusal for want of capacity starts so: the coordinator asks again
 FETCH_RETRIES_S = (1.0, 3.0, 9.0)  # a fetch that failed (its providers busy or slow) again
 
@@ -73,6 +77,15 @@ def meets_requirements(job: Job, env: EnvReport) -> str:
                                         for g in env.gpus):
         return f"the job needs a GPU of at least {spec.min_vram_gb} GB"
     return ""
+
+
+def _is_prefetch(data: bytes) -> bool:
+    """Whether a task stream's first frame is a prefetch hint rather than an assignment
+    (anything that does not decode is left to the assignment's checks and refused)."""
+    try:
+        return isinstance(decode_message(data), Prefetch)
+    except RemoteProtocolError:
+        return False
 
 
 def materialize(models: Models, held: HeldVersion, directory: Path) -> list[Path]:
@@ -96,6 +109,7 @@ class WorkerStats:
     finished: int = 0
     failed: int = 0
     rebuilt: int = 0  # bases rebuilt from the parent and the outer update
+    prefetched: int = 0  # versions fetched ahead of a task, on a coordinator's hint
     train_s: float = 0.0  # wall time of the training children, summed
 
 
@@ -113,12 +127,44 @@ class Worker:
         self.busy = 0
         self.stats = WorkerStats()
         self.task_accepted = trio.Event()  # set at the first task this node takes
+        self._nursery: trio.Nursery | None = None
+        self._prefetching = False  # one prefetch at a time: a hint costs at most one fetch
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)  # what a crash left behind
-        self.net.serve(TASK_PROTOCOL, self._serve, max(MAX_ASSIGN_BYTES, MAX_VERDICT_BYTES))
-        task_status.started()
-        await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.net.serve(TASK_PROTOCOL, self._serve,
+                           max(MAX_ASSIGN_BYTES, MAX_VERDICT_BYTES))
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _hint(self, peer: PeerId, msg: Prefetch) -> str:
+        """A coordinator's prefetch hint (specs/jobs.md, "Elastic jobs"): fetch the round's
+        base version and the job's dataset in the background. Why it is ignored ("" when
+        it is taken)."""
+        try:
+            job = check_prefetch(msg, me=self.peer_id, sender=peer.to_base58())
+        except RemoteProtocolError as exc:
+            return str(exc)
+        if not self.config.enabled or meets_requirements(job, self.env):
+            return "this node takes no tasks of that job"
+        if self._prefetching or self._nursery is None:
+            return "a prefetch is under way"
+        self._prefetching = True
+        self._nursery.start_soon(self._prefetch, peer, msg.base_version, job.spec.dataset)
+        return ""
+
+    async def _prefetch(self, peer: PeerId, base: bytes, dataset: bytes) -> None:
+        try:
+            for version in (dataset, base):
+                await self._fetch(version, [peer])
+            self.stats.prefetched += 1
+            log.info("prefetched %s and its dataset for the next round", id_hex(base)[:16])
+        except FetchError as exc:
+            log.info("prefetching %s failed: %s", id_hex(base)[:16], exc)
+        finally:
+            self._prefetching = False
 
     async def _fetch(self, version: bytes, hint: list[PeerId]) -> HeldVersion:
         """Fetch a version, trying again after a pause when it fails: at the start of a
@@ -141,6 +187,12 @@ class Worker:
         try:
             peer = stream.muxed_conn.peer_id
             data = await read_frame(stream, MAX_ASSIGN_BYTES, ASSIGN_TIMEOUT_S)
+            if _is_prefetch(data):
+                ignored = self._hint(peer, Prefetch.decode(data))
+                if ignored:
+                    log.info("prefetch hint from %s ignored: %s", peer, ignored)
+                await stream.close()
+                return
             assign, job, refusal = self._judge(peer, data)
             if refusal or assign is None or job is None:
                 self.stats.refused += 1
@@ -273,6 +325,13 @@ class Worker:
         mode = self.config.adversary
         if not mode:
             return None
+        if mode == "slow":
+            # Honest work, delivered at half its speed: a worker whose capability
+            # record claims more than it delivers (specs/jobs.md, "Heterogeneous workers").
+            request.pop("_train_len")
+            answer = await run_taskproc(request, timeout_s=timeout, what="training")
+            await trio.sleep(SLOW_FACTOR * float(answer.get("wall_s") or 0.0))
+            return answer
         out = str(Path(request["out_dir"]) / "delta.safetensors")
         log.warning("adversary %r: forging task %s", mode, assign.task_id)
         if mode == "wrong-slice":
