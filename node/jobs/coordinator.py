@@ -402,7 +402,8 @@ class Jobs:
                         update_parent=parent)
                     nursery.start_soon(self._offer, a, msg, p, send)
 
-            launch(machine.start(self.clock_ms()))
+            offered = self.clock_ms()
+            launch(machine.start(offered))
 
             async def on_outcome(outcome: _Outcome) -> None:
                 now = self.clock_ms()
@@ -440,6 +441,7 @@ class Jobs:
             await drive(recv, clock_ms=self.clock_ms, deadline_ms=machine.next_deadline,
                         tick_s=WORKER_POLL_S, on_item=on_outcome, on_wake=on_wake,
                         done=lambda: machine.done)
+            trained = self.clock_ms()  # every task submitted or failed: the round's train phase
             # In arrival order: of a delta and its copy, the later arrival is the copy.
             taken = machine.submitted()
             submitted: dict[str, _Outcome] = {t: taken[t][1] for t in arrivals}
@@ -482,7 +484,8 @@ class Jobs:
             for p in pending.values():  # streams still open without a verdict: end them
                 p.done.set()
         record: dict[str, Any] = {
-            "round": r, "base": state["base"], "started_ms": started,
+            "round": r, "base": state["base"], "started_ms": started, "offered_ms": offered,
+            "trained_ms": trained,
             "heldout_before": check.get("heldout_base"), "check_s": check.get("check_wall_s"),
             "reexec_s": check.get("reexec_wall_s"), "reexec": check.get("reexec", 0),
             "train_s": sum(t.get("wall_ms", 0) for t in records.values()) / 1000,

@@ -140,8 +140,13 @@ def pick_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RequestError("device 'cuda' requested but CUDA is not available")
+    if name.startswith("cuda:") and name[5:].isdigit():  # one GPU of several: a slot
+        if int(name[5:]) >= torch.cuda.device_count():
+            raise RequestError(f"device {name!r}: this machine has "
+                               f"{torch.cuda.device_count()} CUDA devices")
+        return name
     if name not in ("cpu", "cuda"):
-        raise RequestError(f"device {name!r}: one of cpu, cuda, auto")
+        raise RequestError(f"device {name!r}: one of cpu, cuda, cuda:N, auto")
     return name
 
 

@@ -129,6 +129,9 @@ class Worker:
         self.task_accepted = trio.Event()  # set at the first task this node takes
         self._nursery: trio.Nursery | None = None
         self._prefetching = False  # one prefetch at a time: a hint costs at most one fetch
+        # Slots (specs/jobs.md, "Heterogeneous workers"): one per configured device, each
+        # training one task at a time; without devices, max_tasks slots on config.device.
+        self.free_devices: list[str] = list(config.devices)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)  # what a crash left behind
@@ -203,15 +206,18 @@ class Worker:
                 await stream.close()
                 return
             self.busy += 1
+            slot = self.free_devices.pop(0) if self.free_devices else None
             try:
                 self.stats.accepted += 1
                 self.task_accepted.set()
                 await write_frame(stream, TaskReply(assign.task_id, True, "").encode(),
                                   REPLY_TIMEOUT_S)
-                result = await self._train(peer, assign, job)
+                result = await self._train(peer, assign, job, slot)
                 await write_frame(stream, result, RESULT_WRITE_TIMEOUT_S)
             finally:
                 self.busy -= 1
+                if slot is not None:
+                    self.free_devices.append(slot)
             self.stats.finished += 1
             verdict = Verdict.decode(await read_frame(stream, MAX_VERDICT_BYTES,
                                                       VERDICT_TIMEOUT_S))
@@ -241,8 +247,8 @@ class Worker:
             return None, None, f"bad assignment: {exc}"
         if not self.config.enabled:
             return assign, job, "this node does not take tasks (worker.enabled = false)"
-        if self.busy >= self.config.max_tasks:
-            return assign, job, f"{BUSY_PREFIX}: {self.busy} of {self.config.max_tasks} tasks"
+        if self.busy >= self.config.slots:
+            return assign, job, f"{BUSY_PREFIX}: {self.busy} of {self.config.slots} tasks"
         return assign, job, meets_requirements(job, self.env)
 
     async def _base(self, coordinator: PeerId, assign: TaskAssign) -> HeldVersion:
@@ -274,8 +280,10 @@ class Worker:
                 shutil.rmtree(work, ignore_errors=True)
         return await self._fetch(base, [coordinator])
 
-    async def _train(self, coordinator: PeerId, assign: TaskAssign, job: Job) -> bytes:
-        """Fetch, train, publish the delta; the sealed result."""
+    async def _train(self, coordinator: PeerId, assign: TaskAssign, job: Job,
+                     slot: str | None = None) -> bytes:
+        """Fetch, train (on the slot's device, if the node has devices), publish the
+        delta; the sealed result."""
         started = time.monotonic()
         models = self.models
         base = await self._base(coordinator, assign)
@@ -292,7 +300,7 @@ class Worker:
                 "slice_start": assign.slice_start, "slice_len": assign.slice_len,
                 "seed": assign.seed, "steps": assign.inner_steps,
                 "batch_size": assign.batch_size, "seq_len": assign.seq_len, "lr": assign.lr,
-                "device": "cpu" if job.spec.device == "cpu" else self.config.device,
+                "device": "cpu" if job.spec.device == "cpu" else slot or self.config.device,
                 "threads": self.config.threads, "delta_bits": job.spec.delta_bits,
                 "out_dir": str(out_dir),
             }
