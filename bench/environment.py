@@ -11,8 +11,9 @@ its absolute figures, and the script exits 1 when one misses):
 ``join``      (bench/environment_hetero.py) a fresh worker started during a job: time
               from `node start` to its first accepted task.
 
-The recipe of ``throttled`` is bench/training.py's, shortened by default to 6 rounds
-(`--set steps=240`); `--cache DIR` keeps the warm start and (a)/(c) between runs. Needs
+The recipe of ``throttled`` is bench/training.py's, shortened by default to 4 rounds of
+40 inner steps from a 100-step warm start (`--set steps=160 --set warm_steps=100`; any
+`--set` overrides); `--cache DIR` keeps the warm start and (a)/(c) between runs. Needs
 root (cgroups).
 """
 
@@ -31,7 +32,7 @@ from bench import environment_hetero  # noqa: E402
 
 MEASUREMENTS = dict(environment_hetero.MEASUREMENTS)
 REPORTS = {name: environment_hetero.report for name in environment_hetero.MEASUREMENTS}
-DEFAULT_SETS = ["steps=240", "inner_steps=40", "workers=4"]
+DEFAULT_SETS = ["steps=160", "inner_steps=40", "workers=4", "warm_steps=100"]
 
 
 def main(argv: list[str] | None = None) -> int:

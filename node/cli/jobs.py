@@ -93,8 +93,14 @@ def format_status(s: dict[str, Any]) -> str:
             loss = (f"loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}"
                     if "first_loss" in t else "")
             why = f"  ({t['reason']})" if t.get("reason") else ""
+            steps = f"{t['steps']} steps  " if t.get("steps") else ""
             lines.append(f"       {t['task']:<8} {short_peer(t['worker'] or '-'):<18} "
-                         f"{t['verdict']:<8} {loss}{why}")
+                         f"{t['verdict']:<8} {steps}{loss}{why}")
+        for peer, w in sorted((r.get("workers") or {}).items()):  # measured vs claimed
+            rate = "?" if w.get("tokens_per_s") is None else f"{w['tokens_per_s']:.0f}"
+            claim = "?" if w.get("claimed_tflops") is None else f"{w['claimed_tflops']:g}"
+            lines.append(f"       {'':<8} {short_peer(peer):<18} {rate} tokens/s measured, "
+                         f"{claim} TFLOP/s claimed")
     lines.append(f"version     {s['base']}")
     return "\n".join(lines)
 
