@@ -71,3 +71,25 @@ def test_any_bytes_either_decode_to_a_valid_hint_or_fail_with_a_reason(data: byt
         assert exc.reason
     else:
         assert hint.encode() == data
+
+
+def test_worker_devices_give_one_slot_each_and_bad_ones_are_named() -> None:
+    from node.config import ConfigError, parse_config
+
+    assert parse_config({"worker": {"devices": ["cuda:0", "cuda:1"]}}).worker.slots == 2
+    assert parse_config({"worker": {"max_tasks": 3}}).worker.slots == 3  # no devices
+    for bad in (["gpu0"], ["cuda:"], [1], ["cpu"] * 65):
+        with pytest.raises(ConfigError, match=r"worker\.devices"):
+            parse_config({"worker": {"devices": bad}})
+
+
+def test_a_node_has_one_slot_per_gpu_it_lists_or_one() -> None:
+    """Simulated GPUs (a test EnvReport, as `testnet up --simulate-gpus` makes): the slot
+    count is a function of the capability record only."""
+    from protocol.scheduling import MAX_SLOTS, slots_of
+    from tests.netutil import make_env
+
+    assert slots_of(make_env(), "any") == 1
+    assert slots_of(make_env(gpu_gib=(24, 24, 80)), "any") == 3
+    assert slots_of(make_env(gpu_gib=(24, 24)), "cpu") == 1  # a CPU job: one task at once
+    assert slots_of(make_env(gpu_gib=(8,) * 64), "cuda") == MAX_SLOTS == 64  # a record's most
