@@ -422,7 +422,8 @@ class Jobs:
                     launch(machine.on_submitted(tid, w, outcome, now))
                     if machine.submitted().get(tid, (None, None))[1] is outcome:
                         arrivals.append(tid)
-                        elapsed_ms[tid] = now - taken_ms.get((tid, w), now)
+                        if (tid, w) in taken_ms:  # the reply and the result may cross
+                            elapsed_ms[tid] = now - taken_ms[(tid, w)]
                     else:
                         self._answer(pending, tid, w, Verdict.reject(
                             tid, "too late: the task went to another worker"))
