@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -43,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a training recipe field (bench/training_sim.py Recipe)")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
+    ap.add_argument("--quota", type=float, default=environment_hetero.QUOTA,
+                    help="CPUs the throttled worker gets (default 0.25). On a machine whose "
+                         "other load leaves each process less than that, the quota does not "
+                         "bind: give a quarter of what the others get")
     args = ap.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the testnet and the cgroup are taken down.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     args.set = DEFAULT_SETS + args.set
     with tempfile.TemporaryDirectory() as tmp:
         if args.cache is None:

@@ -210,8 +210,8 @@ def measure_throttled(args: Any) -> dict[str, Any]:
     from bench import training
 
     sets = [f"--set={s}" for s in args.set]
-    figures: dict[str, Any] = {}
-    for throttle in (QUOTA, None):  # the throttled run first: it alone gives the wall ratio
+    figures: dict[str, Any] = {"quota": args.quota}
+    for throttle in (args.quota, None):  # the throttled run first: it alone gives the wall ratio
         side: dict[str, Any] = {}
         out = Path(args.cache) / f"hetero-{'throttled' if throttle else 'free'}.json"
 
@@ -325,6 +325,7 @@ def report(name: str, figures: dict[str, Any]) -> list[str]:
             print(f"  steps per round {f['steps']}")
             rates = [{k: round(v or 0) for k, v in r.items()} for r in f["tokens_per_s"]]
             print(f"  tokens/s per worker {rates}")
+        print(f"quota of the throttled worker: {figures['quota']} CPU")
         print(f"throttled run: sized rounds (median) / round 0 (equal split) = "
               f"{figures['wall_ratio']:.2f}x (goal <= {GOAL_WALL_RATIO}x)")
         print(f"efficiency unthrottled - throttled = {figures['efficiency_gap']:+.3f} "
