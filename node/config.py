@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -90,8 +91,12 @@ max_tasks = 1
 threads = 1
 # "auto" (CUDA when present, else CPU), "cpu" or "cuda".
 device = "auto"
+# One slot per device: a task trains on each at once, e.g. ["cuda:0", "cuda:1"] (the
+# coordinator gives a node one slot per GPU its capability record lists). Empty: up to
+# max_tasks tasks on `device`.
+devices = []
 # TEST ONLY: misbehave on purpose, to test the coordinator's checks: "" (honest),
-# "random", "zero", "copy", "copy-noise", "wrong-slice".
+# "random", "zero", "copy", "copy-noise", "wrong-slice"; "slow" (honest, half speed).
 adversary = ""
 
 [smip]
@@ -232,7 +237,8 @@ class StoreSection:
 
 
 WORKER_DEVICES = ("auto", "cpu", "cuda")
-ADVERSARIES = ("", "random", "zero", "copy", "copy-noise", "wrong-slice")
+WORKER_SLOT_DEVICE = re.compile(r"cpu|cuda(:[0-9]{1,2})?")
+ADVERSARIES = ("", "random", "zero", "copy", "copy-noise", "wrong-slice", "slow")
 
 
 @dataclass(frozen=True)
@@ -242,6 +248,13 @@ class WorkerSection:
     threads: int = 1
     device: str = "auto"
     adversary: str = ""
+    # One worker slot per entry: a task runs on each at once ("cuda:0", "cuda:1", ...;
+    # "cpu" entries for CPU slots). Empty: max_tasks slots on `device`.
+    devices: list[str] = field(default_factory=list)
+
+    @property
+    def slots(self) -> int:
+        return len(self.devices) if self.devices else self.max_tasks
 
 
 REACHABILITY = ("auto", "public", "private")
@@ -407,6 +420,10 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
     if w.device not in WORKER_DEVICES:
         raise ConfigError(f"{source}: worker.device must be one of {', '.join(WORKER_DEVICES)}, "
                           f"got {w.device!r}")
+    if len(w.devices) > 64 or not all(isinstance(d, str) and WORKER_SLOT_DEVICE.fullmatch(d)
+                                      for d in w.devices):
+        raise ConfigError(f"{source}: worker.devices must be at most 64 of \"cpu\", "
+                          f"\"cuda\" or \"cuda:N\", got {w.devices!r}")
     if w.adversary not in ADVERSARIES:
         raise ConfigError(f"{source}: worker.adversary must be one of "
                           f"{', '.join(repr(a) for a in ADVERSARIES)}, got {w.adversary!r}")

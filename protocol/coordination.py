@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -69,6 +69,7 @@ class TaskPlan:
     slice_start: int
     slice_len: int
     seed: int
+    steps: int | None = None  # inner steps; None: the job's (an equal split)
 
 
 def task_seed(job_seed: int, round_: int, index: int) -> int:
@@ -79,12 +80,15 @@ def task_seed(job_seed: int, round_: int, index: int) -> int:
 
 
 def plan_round(*, job_seed: int, round_: int, rounds: int, n_tasks: int, train_len: int,
-               min_slice: int) -> list[TaskPlan]:
+               min_slice: int, steps: Sequence[int] | None = None) -> list[TaskPlan]:
     """The tasks of round ``round_`` of ``rounds``: disjoint contiguous slices of the
-    train split, one per task of the round. The split is cut into ``n_tasks`` equal
-    slices (never under ``min_slice``, a sequence and its target) and task i of round r
-    takes slice ``(i + r) mod n_tasks``: a round's tasks cover the whole split, each its
-    own part (which the own-slice check needs), and a task index moves on each round.
+    train split, one per task of the round. The split is cut into ``n_tasks`` slices
+    (never under ``min_slice``, a sequence and its target), equal ones, or with ``steps``
+    (each task's inner steps, sized to its worker: protocol/scheduling.py) each in
+    proportion to its task's steps, so that every byte is as likely to be trained on
+    whoever holds it; task i of round r takes slot ``(i + r) mod n_tasks``: a round's
+    tasks cover the whole split, each its own part (which the own-slice check needs),
+    and a task index moves on each round.
     Why slices this large: a small slice holds a few files, a worker that trains on a few
     files drifts towards them, and the round's average then covers fewer files than a
     data-parallel step samples. bench/training.py (simulated, 4 workers) measured
@@ -100,14 +104,29 @@ def plan_round(*, job_seed: int, round_: int, rounds: int, n_tasks: int, train_l
     if train_len < min_slice:
         raise LocalProtocolError(f"the train split ({train_len} bytes) is shorter than one "
                                  f"sequence ({min_slice} bytes)")
+    if steps is not None and (len(steps) != n_tasks or min(steps) < 1):
+        raise LocalProtocolError("steps: one positive count per task")
     slice_len = max(train_len // n_tasks, min_slice)
-    slots = max(train_len // slice_len, 1)  # slices that fit side by side in the split
-    tasks = []
-    for index in range(n_tasks):
-        slot = (index + round_) % slots
-        tasks.append(TaskPlan(f"r{round_}-t{index}", round_, index, slot * slice_len,
-                              slice_len, task_seed(job_seed, round_, index)))
-    return tasks
+    if steps is None or len(set(steps)) == 1 or slice_len * n_tasks > train_len:
+        # Equal slices (and, below one sequence a task, slices that wrap and overlap).
+        slots = max(train_len // slice_len, 1)  # slices that fit side by side in the split
+        return [TaskPlan(f"r{round_}-t{index}", round_, index,
+                         ((index + round_) % slots) * slice_len, slice_len,
+                         task_seed(job_seed, round_, index),
+                         None if steps is None else steps[index])
+                for index in range(n_tasks)]
+    # Slot k holds task (k - r) mod n; slot lengths follow those tasks' steps.
+    order = [(k - round_) % n_tasks for k in range(n_tasks)]
+    whole = sum(steps)
+    lens = {i: max(train_len * steps[i] // whole, min_slice) for i in order}
+    tasks: dict[int, TaskPlan] = {}
+    start = 0
+    for i in order:
+        at = min(start, train_len - lens[i])  # min_slice rounding up may overrun the end
+        tasks[i] = TaskPlan(f"r{round_}-t{i}", round_, i, at, lens[i],
+                            task_seed(job_seed, round_, i), steps[i])
+        start += lens[i]
+    return [tasks[i] for i in range(n_tasks)]
 
 
 @dataclass(frozen=True)
@@ -138,14 +157,16 @@ class RoundMachine:
 
     def __init__(self, tasks: Sequence[TaskPlan], workers: Iterable[str], *,
                  offer_timeout_ms: int, task_timeout_ms: int, max_attempts: int = 3,
-                 capacity: int = 1, busy_retry_ms: int = 2_000, max_busy: int = 60,
-                 rng: random.Random | None = None) -> None:
+                 capacity: int | Mapping[str, int] = 1, busy_retry_ms: int = 2_000,
+                 max_busy: int = 60, rng: random.Random | None = None,
+                 preferred: Mapping[str, str] | None = None) -> None:
         if not tasks:
             raise LocalProtocolError("a round needs at least one task")
         if len({t.task_id for t in tasks}) != len(tasks):
             raise LocalProtocolError("task ids of a round must be distinct")
-        if min(offer_timeout_ms, task_timeout_ms, max_attempts, capacity, busy_retry_ms,
-               max_busy) < 1:
+        caps = capacity.values() if isinstance(capacity, Mapping) else [capacity]
+        if min(offer_timeout_ms, task_timeout_ms, max_attempts, busy_retry_ms, max_busy,
+               *caps) < 1:
             raise LocalProtocolError("timeouts, limits and capacity must be >= 1")
         self.tasks = {t.task_id: _Task(t) for t in tasks}
         order = sorted(set(workers))
@@ -158,7 +179,15 @@ class RoundMachine:
         self.offer_timeout_ms = offer_timeout_ms
         self.task_timeout_ms = task_timeout_ms
         self.max_attempts = max_attempts
-        self.capacity = capacity
+        # Tasks per worker at once: its slots (one per GPU it lists, else 1).
+        self.capacity: dict[str, int] = (dict(capacity) if isinstance(capacity, Mapping)
+                                         else dict.fromkeys(self.workers, capacity))
+        self.default_capacity = 1 if isinstance(capacity, Mapping) else capacity
+        # task id -> the worker it was sized for (protocol/scheduling.py): it waits for
+        # that worker while the worker may still take it.
+        self.preferred: dict[str, str] = dict(preferred or {})
+        if not set(self.preferred) <= set(self.tasks):
+            raise LocalProtocolError("preferred names a task the round does not have")
         self.stale = 0  # events about a task from a worker that no longer holds it
 
     # -- queries ------------------------------------------------------------------------
@@ -195,10 +224,14 @@ class RoundMachine:
     def start(self, now_ms: int) -> list[Assign]:
         return self._fill(now_ms)
 
-    def add_worker(self, worker: str, now_ms: int) -> list[Assign]:
-        """A worker that became available (joined the network) during the round."""
+    def add_worker(self, worker: str, now_ms: int, capacity: int = 0) -> list[Assign]:
+        """A worker that became available (joined the network) during the round, with
+        ``capacity`` slots (0: the machine's default). It takes a waiting task only if no
+        other worker was sized for it, or that worker is gone: a sized round is not
+        reshuffled, and the newcomer is sized into the next round."""
         if worker not in self.workers and worker not in self.lost:
             self.workers.append(worker)
+            self.capacity[worker] = capacity or self.default_capacity
         return self._fill(now_ms)
 
     def on_accepted(self, task_id: str, worker: str, now_ms: int) -> list[Assign]:
@@ -294,11 +327,17 @@ class RoundMachine:
             if not able:
                 self._move(task, "give_up")
                 continue
-            free = [w for w in able if self._load(w) < self.capacity
+            free = [w for w in able if self._load(w) < self._cap(w)
                     and w not in self.busy_until]
-            if not free:
+            pref = self.preferred.get(task.plan.task_id)
+            if pref in able:
+                if pref not in free:
+                    continue  # sized for that worker: wait until it has room again
+                worker = pref
+            elif not free:
                 continue  # wait for a worker to finish or be lost
-            worker = min(free, key=lambda w: (self._load(w), self._done_by(w)))
+            else:
+                worker = min(free, key=lambda w: (self._load(w), self._done_by(w)))
             self._move(task, "offer")
             task.worker = worker
             task.attempts += 1
@@ -306,6 +345,9 @@ class RoundMachine:
             out.append(Assign(task.plan, worker, task.attempts,
                               now_ms + self.offer_timeout_ms + self.task_timeout_ms))
         return out
+
+    def _cap(self, worker: str) -> int:
+        return self.capacity.get(worker, self.default_capacity)
 
     def _done_by(self, worker: str) -> int:
         return sum(1 for t in self.tasks.values()

@@ -71,10 +71,11 @@ from protocol.smip import FORBIDDEN_RANGES, ID_BYTES
 
 __all__ = [
     "BPS", "DEFAULTS", "DOMAIN_JOB", "DOMAIN_RECEIPT", "DOMAIN_TASK_RESULT", "FIELDS", "Job",
-    "JobSpec", "JobSpecError", "Receipt", "TaskAssign", "TaskReply", "TaskResult",
-    "Verdict", "check_assign", "check_result", "decode_message", "issue_receipt", "job_id",
-    "open_job", "open_receipt", "open_task_result", "parse_job_toml", "receipt_id",
-    "safe_reason", "seal_job", "seal_receipt", "seal_task_result", "spec_with_defaults",
+    "JobSpec", "JobSpecError", "Prefetch", "Receipt", "TaskAssign", "TaskReply", "TaskResult",
+    "Verdict", "check_assign", "check_prefetch", "check_result", "decode_message",
+    "issue_receipt", "job_id", "open_job", "open_receipt", "open_task_result",
+    "parse_job_toml", "receipt_id", "safe_reason", "seal_job", "seal_receipt",
+    "seal_task_result", "spec_with_defaults",
 ]  # fmt: skip
 
 # --- constants (specs/jobs.md, "Constants") ----------------------------------------------------
@@ -377,6 +378,11 @@ class TaskAssign(_Message):
     def job_id(self) -> bytes:
         return self._opened[1]
 
+    @property
+    def tokens(self) -> int:
+        """Tokens the task trains on: its steps times the batch's tokens."""
+        return self.inner_steps * self.batch_size * self.seq_len
+
 
 @dataclass(frozen=True)
 class TaskReply(_Message):
@@ -470,14 +476,20 @@ def open_task_result(data: bytes) -> TaskResult:
 
 
 def check_result(result: TaskResult, assign: TaskAssign) -> None:
-    """The coordinator's check that a result answers ``assign``: same job, round, task and
-    worker, else RemoteProtocolError("result-mismatch")."""
+    """The coordinator's check that a result answers ``assign``: same job, round, task,
+    worker and tokens (``inner_steps * batch_size * seq_len`` of the assignment), else
+    RemoteProtocolError("result-mismatch")."""
     for name, got, want in (("job_id", result.job_id, assign.job_id),
                             ("round", result.round, assign.round),
                             ("task_id", result.task_id, assign.task_id),
                             ("worker", result.worker, assign.worker)):  # fmt: skip
         if got != want:
             raise RemoteProtocolError("result-mismatch", f"result {name} is not the task's")
+    # The tokens a receipt carries weigh the delta in the outer step, the worker's
+    # measured throughput and its reward: they are the assignment's, never the worker's say.
+    if result.tokens != assign.tokens:
+        raise RemoteProtocolError("result-mismatch", f"result tokens {result.tokens}, the "
+                                                     f"task has {assign.tokens}")
 
 
 def check_assign(assign: TaskAssign, *, me: str, sender: str, now_ms: int,
@@ -636,9 +648,51 @@ class Verdict(_Message):
         return cls(task_id, False, safe_reason(reason))
 
 
-Message = TaskAssign | TaskReply | TaskProgress | Verdict
-_UNSEALED: dict[str, type[TaskAssign] | type[TaskReply] | type[TaskProgress] | type[Verdict]] = {
-    c.TYPE: c for c in (TaskAssign, TaskReply, TaskProgress, Verdict)
+@dataclass(frozen=True)
+class Prefetch(_Message):
+    """Coordinator -> a worker that joined during a round: the version this round trains
+    from and the job (so its dataset). The worker fetches both now, while the round runs,
+    and rebuilds the next round's base from them and the small outer update, so its first
+    task starts at once. No answer; the coordinator closes the stream. A hint, never a
+    task: a worker may ignore it. Construction opens ``job``."""
+
+    TYPE: ClassVar[str] = "prefetch"
+    MAX_BYTES: ClassVar[int] = MAX_ASSIGN_BYTES
+
+    job: bytes
+    worker: str
+    base_version: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.job, bytes) or len(self.job) > MAX_JOB_BYTES:
+            fail(f"job must be at most {MAX_JOB_BYTES} bytes of job envelope")
+        check_peer("worker", self.worker)
+        _check_id("base_version", self.base_version)
+        try:
+            open_job(self.job)
+        except RemoteProtocolError as exc:
+            raise _remote_in("job", exc) from None
+
+    @property
+    def job_record(self) -> Job:
+        return open_job(self.job)[0]
+
+
+def check_prefetch(msg: Prefetch, *, me: str, sender: str) -> Job:
+    """A worker's checks of a prefetch hint: it names this worker and came from the job's
+    coordinator ("wrong-peer"). Returns the job."""
+    job = msg.job_record
+    if msg.worker != me:
+        raise RemoteProtocolError("wrong-peer", f"the hint names {msg.worker}")
+    if job.coordinator != sender:
+        raise RemoteProtocolError("wrong-peer", f"job coordinated by {job.coordinator}, "
+                                                f"hinted by {sender}")
+    return job
+
+
+Message = TaskAssign | TaskReply | TaskProgress | Verdict | Prefetch
+_UNSEALED: dict[str, type[Message]] = {
+    c.TYPE: c for c in (TaskAssign, TaskReply, TaskProgress, Verdict, Prefetch)
 }
 
 

@@ -52,6 +52,31 @@ def test_plan_round_slices_cover_the_split_disjointly_and_move_on_each_round() -
     assert len({task_seed(7, r, i) for r in range(3) for i in range(4)}) == 12
 
 
+@settings(max_examples=100, deadline=None)
+@given(steps=st.lists(st.integers(1, 400), min_size=1, max_size=8),
+       round_=st.integers(0, 20), train_len=st.integers(65, 200_000))
+def test_sized_slices_follow_the_steps_and_stay_in_the_split(steps: list[int], round_: int,
+                                                             train_len: int) -> None:
+    n = len(steps)
+    tasks = plan_round(job_seed=3, round_=round_, rounds=21, n_tasks=n, train_len=train_len,
+                       min_slice=65, steps=steps)
+    assert [t.steps for t in tasks] == steps
+    assert all(t.slice_start >= 0 and t.slice_start + t.slice_len <= train_len
+               and t.slice_len >= 65 for t in tasks)
+    if train_len // n >= 65 and min(train_len * s // sum(steps) for s in steps) >= 65:
+        spans = sorted((t.slice_start, t.slice_start + t.slice_len) for t in tasks)
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # disjoint
+        for a, b in itertools.combinations(tasks, 2):  # more steps, at least as many bytes
+            if a.steps is not None and b.steps is not None and a.steps > b.steps:
+                assert a.slice_len >= b.slice_len
+    equal = plan_round(job_seed=3, round_=round_, rounds=21, n_tasks=n, train_len=train_len,
+                       min_slice=65)
+    same = plan_round(job_seed=3, round_=round_, rounds=21, n_tasks=n, train_len=train_len,
+                      min_slice=65, steps=[7] * n)
+    assert [(t.slice_start, t.slice_len, t.seed) for t in same] == \
+        [(t.slice_start, t.slice_len, t.seed) for t in equal]  # equal steps: the old plan
+
+
 def test_plan_round_small_split_shares_it_and_refuses_a_split_under_one_sequence() -> None:
     tasks = plan_round(job_seed=0, round_=5, rounds=8, n_tasks=32, train_len=1_000,
                        min_slice=65)
@@ -123,6 +148,30 @@ def test_a_worker_joining_mid_round_takes_a_waiting_task() -> None:
     assert offer.worker == "z"
 
 
+def test_a_sized_task_waits_for_its_worker_and_goes_elsewhere_only_when_it_is_gone() -> None:
+    tasks = plan_round(job_seed=1, round_=0, rounds=2, n_tasks=3, train_len=10_000,
+                       min_slice=65, steps=[30, 30, 10])
+    m = RoundMachine(tasks, ["fast", "slow"], offer_timeout_ms=OFFER, task_timeout_ms=TASK,
+                     preferred={"r0-t0": "fast", "r0-t1": "fast", "r0-t2": "slow"})
+    offers = m.start(0)
+    assert sorted((a.task.task_id, a.worker) for a in offers) == [("r0-t0", "fast"),
+                                                                  ("r0-t2", "slow")]
+    assert m.add_worker("new", 1) == []  # r0-t1 waits for "fast", sized for it
+    m.on_accepted("r0-t2", "slow", 2)
+    assert m.on_submitted("r0-t2", "slow", "ok", 3) == []  # slow is free, but not its task
+    m.on_accepted("r0-t0", "fast", 2)
+    # fast leaves: it costs its current task, and the one waiting for it goes elsewhere
+    offers = m.on_lost("r0-t0", "fast", 4)
+    assert sorted((a.task.task_id, a.worker) for a in offers) == [("r0-t0", "new"),
+                                                                  ("r0-t1", "slow")]
+
+
+def test_a_worker_with_two_slots_takes_two_tasks_at_once() -> None:
+    m = machine(n_tasks=3, workers=("gpus", "cpu"), capacity={"gpus": 2, "cpu": 1})
+    offers = m.start(0)
+    assert sorted(a.worker for a in offers) == ["cpu", "gpus", "gpus"]
+
+
 def test_misuse_is_a_local_error() -> None:
     tasks = plan_round(job_seed=0, round_=0, rounds=1, n_tasks=2, train_len=1000,
                        min_slice=10)
@@ -130,6 +179,14 @@ def test_misuse_is_a_local_error() -> None:
         RoundMachine([tasks[0], tasks[0]], ["a"], offer_timeout_ms=1, task_timeout_ms=1)
     with pytest.raises(LocalProtocolError):
         RoundMachine([], ["a"], offer_timeout_ms=1, task_timeout_ms=1)
+    with pytest.raises(LocalProtocolError):
+        RoundMachine(tasks, ["a"], offer_timeout_ms=1, task_timeout_ms=1, capacity={"a": 0})
+    with pytest.raises(LocalProtocolError):
+        RoundMachine(tasks, ["a"], offer_timeout_ms=1, task_timeout_ms=1,
+                     preferred={"r9-t9": "a"})
+    with pytest.raises(LocalProtocolError):
+        plan_round(job_seed=0, round_=0, rounds=1, n_tasks=2, train_len=1000, min_slice=10,
+                   steps=[1])
     m = machine(n_tasks=1)
     task = m.tasks["r0-t0"]
     with pytest.raises(IllegalTransition):
@@ -144,13 +201,18 @@ EVENTS = st.lists(st.tuples(st.sampled_from(["accepted", "refused", "busy", "los
 
 @settings(max_examples=300, deadline=None)
 @given(events=EVENTS, n_tasks=st.integers(1, 5), n_workers=st.integers(1, 5),
-       capacity=st.integers(1, 2), seed=st.integers(0, 2**16))
+       capacity=st.integers(1, 2), seed=st.integers(0, 2**16), sized=st.booleans())
 def test_any_event_order_keeps_the_invariants(events: list[tuple[str, int, int, int]],
                                               n_tasks: int, n_workers: int, capacity: int,
-                                              seed: int) -> None:
+                                              seed: int, sized: bool) -> None:
     workers = [f"w{i}" for i in range(n_workers)]
-    m = machine(n_tasks=n_tasks, workers=tuple(workers), capacity=capacity,
-                rng=random.Random(seed))  # type: ignore[arg-type]
+    # sized: each task sized for a worker, slots per worker differing (1 or 2)
+    caps = {w: 1 + (i + capacity) % 2 for i, w in enumerate(workers)}
+    extra = {"capacity": caps, "preferred": {f"r0-t{i}": workers[(i * seed) % n_workers]
+                                             for i in range(n_tasks)}} if sized else {}
+    m = machine(n_tasks=n_tasks, workers=tuple(workers),
+                **({"capacity": capacity} | extra),  # type: ignore[arg-type]
+                rng=random.Random(seed))
     now = 0
     offers = m.start(now)
     task_ids = sorted(m.tasks)
@@ -181,7 +243,7 @@ def test_any_event_order_keeps_the_invariants(events: list[tuple[str, int, int, 
             if t.status is TaskStatus.SUBMITTED:
                 assert t.result == (t.plan.task_id, t.worker)
             assert t.attempts <= 3
-        assert all(n <= capacity for n in loads.values())
+        assert all(n <= (caps.get(w, 1) if sized else capacity) for w, n in loads.items())
     # Driving every outstanding task to an end always terminates the round.
     for _ in range(4 * n_tasks + 4):
         if m.done:

@@ -89,11 +89,12 @@ async def start_job(nodes: list[LocalNode], assets: dict[str, Path], **kw: Any) 
 
 
 def cluster(tmp_path: Path, workers: list[WorkerSection | None],  # type: ignore[no-untyped-def]
-            genesis: Genesis | None = None):
+            genesis: Genesis | None = None, tflops: dict[int, float] | None = None):
     config = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=5,
                               gossip_interval_s=1)
     (tmp_path / "nodes").mkdir()
-    return local_cluster(tmp_path / "nodes", [make_env() for _ in workers], wall_ms, config,
+    envs = [make_env(tflops=(tflops or {}).get(i, 1.0)) for i in range(len(workers))]
+    return local_cluster(tmp_path / "nodes", envs, wall_ms, config,
                          models=True, workers=workers, genesis=genesis)
 
 
@@ -108,14 +109,17 @@ def run(fn: Any, timeout: float) -> Any:
 @pytest.mark.timeout(200)
 def test_three_workers_two_rounds_loss_goes_down(tmp_path: Path, assets: dict[str, Path]) -> None:
     """...and the job's receipts and round records become final on the nodes' chain (all
-    four validate), which pays every worker and the designer."""
+    four validate), which pays every worker and the designer. One worker claims 1000
+    TFLOP/s but delivers at half the others' speed: round 1 gives it the smallest
+    task (specs/jobs.md, "Heterogeneous workers")."""
     honest = WorkerSection()
+    liar = WorkerSection(adversary="slow")
     genesis = make_genesis("test-jobs", [node_peer_id(i) for i in range(4)], wall_ms(),
                            block_interval_ms=500)
 
     async def main() -> None:
-        async with cluster(tmp_path, [WorkerSection(enabled=False), honest, honest, honest],
-                           genesis) as nodes:
+        async with cluster(tmp_path, [WorkerSection(enabled=False), honest, honest, liar],
+                           genesis, tflops={3: 1000.0}) as nodes:
             jobs = nodes[0].jobs
             assert jobs is not None
             jid = await start_job(nodes, assets, rounds=2, workers=3, inner_steps=20,
@@ -143,6 +147,16 @@ def test_three_workers_two_rounds_loss_goes_down(tmp_path: Path, assets: dict[st
             rounds = status["rounds"]
             assert [r["accepted"] for r in rounds] == [3, 3], json.dumps(rounds, indent=1)
             assert rounds[1]["heldout_after"] < rounds[0]["heldout_before"]
+            # Round 0 is an equal split; round 1 is sized by what each worker delivered.
+            slow = nodes[3].peer_id
+            steps = [{t["worker"]: t["steps"] for t in r["tasks"]} for r in rounds]
+            assert set(steps[0].values()) == {20}, steps
+            assert sum(steps[1].values()) == 60
+            assert all(steps[1][slow] < s for w, s in steps[1].items() if w != slow), steps
+            seen = rounds[0]["workers"]  # published beside the claims
+            assert seen[slow]["claimed_tflops"] == 1000.0
+            assert all(seen[slow]["tokens_per_s"] < row["tokens_per_s"]
+                       for w, row in seen.items() if w != slow), seen
             # Round 1 trains the version round 0 published; the workers rebuilt it from
             # their copy of the base plus the int8 outer update, not by fetching it.
             assert rounds[1]["base"] == rounds[0]["version"]

@@ -470,8 +470,12 @@ def test_check_assign_and_check_result() -> None:
     assert reason(check_assign, a, me=W, sender=C, now_ms=NOW, dataset_bytes=1040) == "bad-slice"
     assert reason(check_assign, a, me=W, sender=C, now_ms=NOW, dataset_bytes=1) == "bad-slice"
     check_result(result(), a)
-    for change in ({"worker": X}, {"task_id": "r1-t1"}, {"round": 2}, {"job_id": DELTA}):
+    for change in ({"worker": X}, {"task_id": "r1-t1"}, {"round": 2}, {"job_id": DELTA},
+                   {"tokens": 5121}, {"tokens": 0}):  # tokens: the assignment's, 10 * 8 * 64
         assert reason(check_result, result(**change), a) == "result-mismatch", change
+    sized = assign(inner_steps=25)  # a task sized to a fast worker: 2.5x the tokens
+    check_result(result(tokens=25 * 8 * 64), sized)
+    assert reason(check_result, result(), sized) == "result-mismatch"
 
 
 def test_reply_and_verdict_rules() -> None:

@@ -58,8 +58,9 @@ def task_verdict_lines(t: dict[str, Any], indent: str = "    ") -> list[str]:
     rejected, or, when accepted, the checks it passed if its held-out loss rose."""
     loss = (f"loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}"
             if "first_loss" in t else "")
+    steps = f"{t['steps']} steps  " if t.get("steps") else ""
     head = (f"{indent}{t['task']:<8} {short_peer(t['worker'] or '-'):<18} {t['verdict']:<8} "
-            f"{loss}  {_rate(t.get('tokens'), t.get('wall_ms'))}").rstrip()
+            f"{steps}{loss}  {_rate(t.get('tokens'), t.get('wall_ms'))}").rstrip()
     lines = [head + (f"  ({t['reason']})" if t.get("reason") else "")]
     checks = t.get("checks") or []
     gain = (t.get("metrics") or {}).get("heldout_gain")
@@ -90,6 +91,11 @@ def format_status(s: dict[str, Any], *, checks: bool = False) -> str:
             if checks and t["verdict"] == "accepted" and t.get("checks") and \
                     not ((t.get("metrics") or {}).get("heldout_gain", 0) < 0):
                 lines.append("      passed: " + "; ".join(t["checks"]))
+        for peer, w in sorted((r.get("workers") or {}).items()):  # measured vs claimed
+            rate = "?" if w.get("tokens_per_s") is None else f"{w['tokens_per_s']:.0f}"
+            claim = "?" if w.get("claimed_tflops") is None else f"{w['claimed_tflops']:g}"
+            lines.append(f"      {short_peer(peer):<18} {rate} tokens/s measured, "
+                         f"{claim} TFLOP/s claimed")
     if s.get("live"):
         lines += live_lines(s["live"], spec["rounds"], tty=False, now_ms=None)
     lines.append(f"version     {s['base']}")

@@ -66,6 +66,7 @@ from protocol.jobs import (
     MAX_RESULT_BYTES,
     Job,
     JobSpec,
+    Prefetch,
     Receipt,
     TaskAssign,
     TaskProgress,
@@ -84,6 +85,7 @@ from protocol.jobs import (
     update_version_name,
 )
 from protocol.ledger import RoundRecord
+from protocol.scheduling import Rate, observe, size_round, slots_of
 from protocol.smip import id_hex
 
 log = logging.getLogger(__name__)
@@ -337,18 +339,24 @@ class Jobs:
         await self.models.fetch(version, hint=hint or [])
         return self.models.held[bytes.fromhex(version)]
 
-    def _candidates(self, job: Job) -> builtins.list[str]:
-        return sorted(c.record.peer_id for c in self.discovery.live_records()
-                      if c.record.peer_id != self.peer_id
-                      and not meets_requirements(job, c.record.env))
+    def _candidates(self, job: Job) -> dict[str, int]:
+        """Every peer that may take tasks of ``job``, with its slots (one per GPU)."""
+        return {c.record.peer_id: slots_of(c.record.env, job.spec.device)
+                for c in sorted(self.discovery.live_records(), key=lambda c: c.record.peer_id)
+                if c.record.peer_id != self.peer_id
+                and not meets_requirements(job, c.record.env)}
 
-    async def _wait_for_workers(self, job: Job) -> builtins.list[str]:
+    def _claimed_tflops(self, peer: str) -> float | None:
+        cap = self.discovery.local_record(peer)
+        return cap.record.env.tflops if cap is not None else None
+
+    async def _wait_for_workers(self, job: Job) -> dict[str, int]:
         with trio.move_on_after(NO_WORKER_TIMEOUT_S):
             waited = 0.0
             while True:
                 found = self._candidates(job)
-                if len(found) >= job.spec.workers_per_round or (found and
-                                                                 waited >= WORKER_GRACE_S):
+                if sum(found.values()) >= job.spec.workers_per_round or (
+                        found and waited >= WORKER_GRACE_S):
                     return found
                 await trio.sleep(WORKER_POLL_S / 4)
                 waited += WORKER_POLL_S / 4
@@ -360,15 +368,28 @@ class Jobs:
         spec, r = job.spec, state["round"]
         started = self.clock_ms()
         train_len = spec.train_split(dataset.manifest.total_size)
+        workers = await self._wait_for_workers(job)
+        # Each task sized to the worker slot it is meant for, by the rates measured on
+        # this job's accepted tasks (protocol/scheduling.py): the round's tasks finish
+        # together. The rates are the state's as saved at the last round's end, so a
+        # resumed round is sized as it was.
+        measured = {p: Rate(v["tokens_per_s"], v["tasks"])
+                    for p, v in (state.get("throughput") or {}).items()}
+        sized = size_round(workers, measured, n_tasks=spec.workers_per_round,
+                           inner_steps=spec.inner_steps)
         tasks = plan_round(job_seed=spec.seed, round_=r, rounds=spec.rounds,
                            n_tasks=spec.workers_per_round, train_len=train_len,
-                           min_slice=spec.seq_len + 2)
-        workers = await self._wait_for_workers(job)
-        log.info("job %s round %d: %d tasks, %d candidate workers", jid[:16], r, len(tasks),
-                 len(workers))
+                           min_slice=spec.seq_len + 2, steps=[s.steps for s in sized])
+        log.info("job %s round %d: %d tasks (steps %s), %d candidate workers", jid[:16], r,
+                 len(tasks), ",".join(str(s.steps) for s in sized), len(workers))
         machine = RoundMachine(tasks, workers, offer_timeout_ms=int(OFFER_TIMEOUT_S * 1000),
                                task_timeout_ms=int(spec.task_timeout_s * 1000),
-                               rng=random.Random(spec.seed * 1_000_003 + r))
+                               rng=random.Random(spec.seed * 1_000_003 + r),
+                               capacity=workers,
+                               preferred={t.task_id: s.worker
+                                          for t, s in zip(tasks, sized, strict=True)})
+        taken_ms: dict[tuple[str, str], int] = {}  # (task, worker) -> when it was taken
+        elapsed_ms: dict[str, int] = {}  # task -> taken to result, as seen from here
         send, recv = trio.open_memory_channel[_Outcome](math.inf)
         pending: dict[tuple[str, str], _Pending] = {}
         arrivals: list[str] = []  # task ids, in the order their results were taken
@@ -386,19 +407,20 @@ class Jobs:
                     p = pending[(a.task.task_id, a.worker)] = _Pending()
                     live["tasks"][a.task.task_id] = {
                         "task": a.task.task_id, "worker": a.worker, "state": "offered",
-                        "since_ms": self.clock_ms(), "steps": spec.inner_steps}
+                        "since_ms": self.clock_ms(), "steps": a.task.steps or spec.inner_steps}
                     msg = TaskAssign(
                         job=envelope, round=r, task_id=a.task.task_id,
                         worker=a.worker, base_version=base, dataset_version=spec.dataset,
                         slice_start=a.task.slice_start, slice_len=a.task.slice_len,
-                        seed=a.task.seed, inner_steps=spec.inner_steps,
+                        seed=a.task.seed, inner_steps=a.task.steps or spec.inner_steps,
                         batch_size=spec.batch_size, seq_len=spec.seq_len, lr=spec.lr,
                         deadline_ms=a.deadline_ms, update_version=update,
                         update_parent=parent)
                     nursery.start_soon(self._offer, a, msg, p, send,
                                        partial(_on_progress, live["tasks"], a.worker))
 
-            launch(machine.start(self.clock_ms()))
+            offered = self.clock_ms()
+            launch(machine.start(offered))
 
             async def on_outcome(outcome: _Outcome) -> None:
                 now = self.clock_ms()
@@ -408,10 +430,11 @@ class Jobs:
                     view.update(state=_LIVE_STATE[outcome.kind], since_ms=now,
                                 reason=outcome.reason[:120])
                     if outcome.result is not None:
-                        view.update(loss=outcome.result.last_loss, step=spec.inner_steps,
+                        view.update(loss=outcome.result.last_loss, step=view["steps"],
                                     tokens=outcome.result.tokens,
                                     wall_ms=outcome.result.wall_ms)
                 if outcome.kind == "accepted":
+                    taken_ms[(tid, w)] = now
                     launch(machine.on_accepted(tid, w, now))
                 elif outcome.kind == "refused":
                     log.info("task %s refused by %s: %s", tid, w, outcome.reason)
@@ -424,19 +447,27 @@ class Jobs:
                     launch(machine.on_submitted(tid, w, outcome, now))
                     if machine.submitted().get(tid, (None, None))[1] is outcome:
                         arrivals.append(tid)
+                        if (tid, w) in taken_ms:  # the reply and the result may cross
+                            elapsed_ms[tid] = now - taken_ms[(tid, w)]
                     else:
                         self._answer(pending, tid, w, Verdict.reject(
                             tid, "too late: the task went to another worker"))
 
+            hinted = set(workers)  # who holds (or is fetching) this round's base
+
             async def on_wake(now: int, ticked: bool) -> None:
                 if ticked:  # new workers may have come since the round started
-                    for w in self._candidates(job):
-                        launch(machine.add_worker(w, now))
+                    for w, slots in self._candidates(job).items():
+                        if w not in hinted:  # a newcomer: fetch now, train next round
+                            hinted.add(w)
+                            nursery.start_soon(self._hint, Prefetch(envelope, w, base))
+                        launch(machine.add_worker(w, now, slots))
                 launch(machine.on_tick(now))
 
             await drive(recv, clock_ms=self.clock_ms, deadline_ms=machine.next_deadline,
                         tick_s=WORKER_POLL_S, on_item=on_outcome, on_wake=on_wake,
                         done=lambda: machine.done)
+            trained = self.clock_ms()  # every task submitted or failed: the round's train phase
             # In arrival order: of a delta and its copy, the later arrival is the copy.
             taken = machine.submitted()
             submitted: dict[str, _Outcome] = {t: taken[t][1] for t in arrivals}
@@ -445,8 +476,9 @@ class Jobs:
                                 "reason": "no worker completed it"}
             live["phase"] = "checking"
             check = await self._check(jid, job, state, dataset, job_dir, tasks, submitted)
-            accepted, receipt_ids = [], []
+            accepted, receipt_ids, weights = [], [], []
             thresholds = _thresholds(spec)
+            steps_of = {t.task_id: t.steps or spec.inner_steps for t in tasks}
             for tid, outcome in submitted.items():
                 assert outcome.result is not None
                 res, verdict = outcome.result, check["deltas"].get(tid, {})
@@ -466,6 +498,8 @@ class Jobs:
                     await self._record("receipt", receipt)
                     receipt_ids.append(receipt_id(receipt).hex())
                     accepted.append(verdict["path"])
+                    weights.append(res.tokens)  # check_result: the assignment's tokens
+                    self._measure(state, res.worker, res.tokens, elapsed_ms.get(tid))
                 self._answer(pending, tid, res.worker,
                              Verdict(tid, True, "", receipt) if ok else Verdict.reject(tid, reason))
                 records[tid] = {"task": tid, "worker": res.worker,
@@ -474,19 +508,21 @@ class Jobs:
                                 "delta": res.delta_version.hex(), "first_loss": res.first_loss,
                                 "last_loss": res.last_loss, "tokens": res.tokens,
                                 "wall_ms": res.wall_ms, "metrics": metrics,
-                                "checks": passed_checks(verdict, thresholds) if ok else []}
+                                "checks": passed_checks(verdict, thresholds) if ok else [],
+                                "steps": steps_of[tid], "elapsed_ms": elapsed_ms.get(tid)}
             for p in pending.values():  # streams still open without a verdict: end them
                 p.done.set()
         record: dict[str, Any] = {
-            "round": r, "base": state["base"], "started_ms": started,
+            "round": r, "base": state["base"], "started_ms": started, "offered_ms": offered,
+            "trained_ms": trained,
             "heldout_before": check.get("heldout_base"), "check_s": check.get("check_wall_s"),
             "reexec_s": check.get("reexec_wall_s"), "reexec": check.get("reexec", 0),
             "train_s": sum(t.get("wall_ms", 0) for t in records.values()) / 1000,
             "tasks": [records[t] for t in sorted(records)], "accepted": len(accepted),
-            "receipts": receipt_ids}
+            "receipts": receipt_ids, "workers": self._throughput_record(state, records)}
         live["phase"] = "merging"
         if accepted:
-            await self._outer(jid, job, state, dataset, job_dir, accepted, record)
+            await self._outer(jid, job, state, dataset, job_dir, accepted, record, weights)
         else:
             log.warning("job %s round %d: no delta accepted; the base stays", jid[:16], r)
             record.update(version=None, heldout_after=record["heldout_before"])
@@ -495,6 +531,41 @@ class Jobs:
         for d in job_dir.glob(f"r{r}-*"):
             shutil.rmtree(d, ignore_errors=True)
         return record
+
+    def _measure(self, state: dict[str, Any], worker: str, tokens: int,
+                 elapsed: int | None) -> None:
+        """One more accepted task of ``worker``: its rate in the job's state (saved with
+        the round, so a resumed job sizes its rounds as before)."""
+        if elapsed is None or tokens < 1:
+            return
+        book = state.setdefault("throughput", {})
+        old = book.get(worker)
+        rate = observe(Rate(old["tokens_per_s"], old["tasks"]) if old else None, tokens,
+                       elapsed)
+        book[worker] = {"tokens_per_s": rate.tokens_per_s, "tasks": rate.tasks}
+
+    def _throughput_record(self, state: dict[str, Any], records: dict[str, Any]
+                           ) -> dict[str, Any]:
+        """Per worker of the round: what it was given and delivered (steps, tokens, the
+        tokens per second this round, as measured here), its rate estimate after the
+        round, beside the TFLOP/s its capability record claims (never used for sizing)."""
+        out: dict[str, Any] = {}
+        for t in records.values():
+            w = t.get("worker")
+            if w is None:
+                continue
+            row = out.setdefault(w, {"tasks": 0, "steps": 0, "tokens": 0, "elapsed_ms": 0,
+                                     "claimed_tflops": self._claimed_tflops(w)})
+            if t["verdict"] == "accepted" and t.get("elapsed_ms"):
+                row["tasks"] += 1
+                row["steps"] += t.get("steps") or 0
+                row["tokens"] += t["tokens"]
+                row["elapsed_ms"] += t["elapsed_ms"]
+        for w, row in out.items():
+            row["tokens_per_s"] = (row["tokens"] * 1000 / row["elapsed_ms"]
+                                   if row["elapsed_ms"] else None)
+            row["estimate"] = (state.get("throughput") or {}).get(w, {}).get("tokens_per_s")
+        return out
 
     def _answer(self, pending: dict[tuple[str, str], _Pending], tid: str, worker: str,
                 verdict: Verdict) -> None:
@@ -559,6 +630,22 @@ class Jobs:
             if stream is not None:
                 await reset_quietly(stream)
 
+    async def _hint(self, msg: Prefetch) -> None:
+        """Tell a worker that joined mid-round which version this round trains from, so
+        that it fetches it (and the dataset) while the round runs (specs/jobs.md,
+        "Elastic jobs"). Best effort: a worker that misses it fetches at its first task."""
+        stream = None
+        try:
+            with trio.fail_after(OFFER_TIMEOUT_S):
+                stream = await self._open(msg.worker)
+                await write_frame(stream, msg.encode(), OFFER_TIMEOUT_S)
+                await stream.close()
+            log.info("hinted %s to prefetch %s", msg.worker, msg.base_version.hex()[:16])
+        except (Exception, trio.TooSlowError) as exc:
+            log.info("prefetch hint to %s failed: %r", msg.worker, exc)
+            if stream is not None:
+                await reset_quietly(stream)
+
     async def _open(self, worker: str) -> Any:
         peer = PeerId.from_base58(worker)
         if peer not in self.net.host.get_connected_peers():
@@ -580,6 +667,7 @@ class Jobs:
         materialize(self.models, base, model_dir)
         data_files = [str(self.models.store.shard_path(s.root)) for s in dataset.manifest.shards]
         plans = {t.task_id: t for t in tasks}
+        steps = {t.task_id: t.steps or spec.inner_steps for t in tasks}  # as assigned
         paths: dict[str, str] = {}
         failed: dict[str, str] = {}
 
@@ -607,13 +695,13 @@ class Jobs:
                 nursery.start_soon(fetch, tid, outcome)
         rng = random.Random(f"{jid}/{r}/reexec")
         train_fields = {"model_dir": str(model_dir), "data_files": data_files,
-                        "steps": spec.inner_steps, "batch_size": spec.batch_size,
+                        "batch_size": spec.batch_size,
                         "seq_len": spec.seq_len, "lr": spec.lr, "device": "cpu",
                         "threads": self.threads, "delta_bits": spec.delta_bits}
         reexec = [{"id": tid, "train": dict(train_fields, op="train",
                                             slice_start=plans[tid].slice_start,
                                             slice_len=plans[tid].slice_len,
-                                            seed=plans[tid].seed)}
+                                            seed=plans[tid].seed, steps=steps[tid])}
                   for tid in sorted(paths) if rng.random() < spec.reexec_fraction]
         answer: dict[str, Any] = {"results": {}, "check_wall_s": 0.0, "reexec_wall_s": 0.0}
         if paths:
@@ -628,7 +716,7 @@ class Jobs:
                 "threads": self.threads,
                 "deltas": [{"id": tid, "path": p, "slice_start": plans[tid].slice_start,
                             "slice_len": plans[tid].slice_len, "seed": plans[tid].seed,
-                            "steps": spec.inner_steps, "batch_size": spec.batch_size,
+                            "steps": steps[tid], "batch_size": spec.batch_size,
                             "seq_len": spec.seq_len}
                            for tid in submitted if (p := paths.get(tid)) is not None],
                 "reexec": reexec,
@@ -648,7 +736,8 @@ class Jobs:
                 "reexec": len(reexec)}
 
     async def _outer(self, jid: str, job: Job, state: dict[str, Any], dataset: Any,
-                     job_dir: Path, accepted: builtins.list[str], record: dict[str, Any]) -> None:
+                     job_dir: Path, accepted: builtins.list[str], record: dict[str, Any],
+                     weights: builtins.list[int]) -> None:
         spec, r = job.spec, state["round"]
         model_dir = job_dir / f"r{r}-base"
         out_dir, update = job_dir / f"r{r}-new", job_dir / f"r{r}-update" / "update.safetensors"
@@ -658,6 +747,8 @@ class Jobs:
             "op": "outer", "model_dir": str(model_dir), "deltas": accepted,
             "momentum": state["momentum"], "outer_lr": spec.outer_lr,
             "outer_momentum": spec.outer_momentum, "aggregate": "trimmed",
+            # Each delta weighs the tokens behind it (tasks are sized to their workers).
+            "weights": weights,
             "delta_bits": spec.delta_bits, "out_model_dir": str(out_dir), "out_update": str(update),
             "out_momentum": str(momentum),
             "data_files": [str(self.models.store.shard_path(s.root))

@@ -37,6 +37,7 @@ Ops (fields without a default are required):
                "reason"}}, "thresholds": {...}, "check_wall_s", "reexec_wall_s"}
 ``outer``   {"op": "outer", "model_dir": D, "deltas": [paths], "momentum": M0|null,
              "outer_lr": x, "outer_momentum": m, "aggregate": "trimmed"|"clip",
+             "weights": [tokens of each delta] | null (the aggregate's weights),
              "delta_bits": 8|4 (of the published update),
              "out_model_dir": O, "out_update": U, "out_momentum": M, "data_files": [...],
              "heldout_fraction": h, "eval_batches": n, "batch_size": 32, "seq_len": null,
@@ -139,8 +140,13 @@ def pick_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RequestError("device 'cuda' requested but CUDA is not available")
+    if name.startswith("cuda:") and name[5:].isdigit():  # one GPU of several: a slot
+        if int(name[5:]) >= torch.cuda.device_count():
+            raise RequestError(f"device {name!r}: this machine has "
+                               f"{torch.cuda.device_count()} CUDA devices")
+        return name
     if name not in ("cpu", "cuda"):
-        raise RequestError(f"device {name!r}: one of cpu, cuda, auto")
+        raise RequestError(f"device {name!r}: one of cpu, cuda, cuda:N, auto")
     return name
 
 
@@ -411,7 +417,12 @@ def op_outer(req: dict[str, Any]) -> dict[str, Any]:
     aggregate = field(req, "aggregate", str, "trimmed")
     if aggregate not in ("trimmed", "clip"):
         raise RequestError(f"aggregate {aggregate!r}: one of trimmed, clip")
-    avg = trainer.robust_aggregate(deltas, method=aggregate)
+    weights = field(req, "weights", list, None)  # tokens behind each delta
+    if weights is not None and (len(weights) != len(deltas) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+            and w > 0 for w in weights)):
+        raise RequestError("weights: one finite positive number per delta")
+    avg = trainer.robust_aggregate(deltas, method=aggregate, weights=weights)
     update, new_m = trainer.outer_step(base, avg, momentum, field(req, "outer_lr", float),
                                        field(req, "outer_momentum", float))
     q, new_state, new_r = trainer.publish_update(base, update, residual, delta_bits(req))

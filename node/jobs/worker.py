@@ -43,12 +43,15 @@ from protocol.jobs import (
     MAX_LOSS,
     MAX_VERDICT_BYTES,
     Job,
+    Prefetch,
     TaskAssign,
     TaskProgress,
     TaskReply,
     TaskResult,
     Verdict,
     check_assign,
+    check_prefetch,
+    decode_message,
     delta_version_name,
     seal_task_result,
 )
@@ -69,6 +72,7 @@ RESULT_WRITE_TIMEOUT_S = 30.0
 VERDICT_TIMEOUT_S = 3600.0  # the coordinator checks the whole round before it answers
 COPY_WAIT_S = 120.0  # adversary "copy": how long it waits for a delta to copy
 TRAIN_TIMEOUT_SLACK_S = 60.0
+SLOW_FACTOR = 1.0  # adversary "slow": waits its training time again (half speed)
 BUSY_PREFIX = "busy"  # a refusal for want of capacity starts so: the coordinator asks again
 FETCH_RETRIES_S = (1.0, 3.0, 9.0)  # a fetch that failed (its providers busy or slow) again
 
@@ -83,6 +87,15 @@ def meets_requirements(job: Job, env: EnvReport) -> str:
                                         for g in env.gpus):
         return f"the job needs a GPU of at least {spec.min_vram_gb} GB"
     return ""
+
+
+def _is_prefetch(data: bytes) -> bool:
+    """Whether a task stream's first frame is a prefetch hint rather than an assignment
+    (anything that does not decode is left to the assignment's checks and refused)."""
+    try:
+        return isinstance(decode_message(data), Prefetch)
+    except RemoteProtocolError:
+        return False
 
 
 def materialize(models: Models, held: HeldVersion, directory: Path) -> list[Path]:
@@ -106,6 +119,7 @@ class WorkerStats:
     finished: int = 0
     failed: int = 0
     rebuilt: int = 0  # bases rebuilt from the parent and the outer update
+    prefetched: int = 0  # versions fetched ahead of a task, on a coordinator's hint
     train_s: float = 0.0  # wall time of the training children, summed
 
 
@@ -123,13 +137,47 @@ class Worker:
         self.busy = 0
         self.stats = WorkerStats()
         self.task_accepted = trio.Event()  # set at the first task this node takes
+        self._nursery: trio.Nursery | None = None
+        self._prefetching = False  # one prefetch at a time: a hint costs at most one fetch
+        # Slots (specs/jobs.md, "Heterogeneous workers"): one per configured device, each
+        # training one task at a time; without devices, max_tasks slots on config.device.
+        self.free_devices: list[str] = list(config.devices)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)  # what a crash left behind
-        for protocol in (TASK_PROGRESS_PROTOCOL, TASK_PROTOCOL):
-            self.net.serve(protocol, self._serve, max(MAX_ASSIGN_BYTES, MAX_VERDICT_BYTES))
-        task_status.started()
-        await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for protocol in (TASK_PROGRESS_PROTOCOL, TASK_PROTOCOL):
+                self.net.serve(protocol, self._serve, max(MAX_ASSIGN_BYTES, MAX_VERDICT_BYTES))
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _hint(self, peer: PeerId, msg: Prefetch) -> str:
+        """A coordinator's prefetch hint (specs/jobs.md, "Elastic jobs"): fetch the round's
+        base version and the job's dataset in the background. Why it is ignored ("" when
+        it is taken)."""
+        try:
+            job = check_prefetch(msg, me=self.peer_id, sender=peer.to_base58())
+        except RemoteProtocolError as exc:
+            return str(exc)
+        if not self.config.enabled or meets_requirements(job, self.env):
+            return "this node takes no tasks of that job"
+        if self._prefetching or self._nursery is None:
+            return "a prefetch is under way"
+        self._prefetching = True
+        self._nursery.start_soon(self._prefetch, peer, msg.base_version, job.spec.dataset)
+        return ""
+
+    async def _prefetch(self, peer: PeerId, base: bytes, dataset: bytes) -> None:
+        try:
+            for version in (dataset, base):
+                await self._fetch(version, [peer])
+            self.stats.prefetched += 1
+            log.info("prefetched %s and its dataset for the next round", id_hex(base)[:16])
+        except FetchError as exc:
+            log.info("prefetching %s failed: %s", id_hex(base)[:16], exc)
+        finally:
+            self._prefetching = False
 
     async def _fetch(self, version: bytes, hint: list[PeerId]) -> HeldVersion:
         """Fetch a version, trying again after a pause when it fails: at the start of a
@@ -152,6 +200,12 @@ class Worker:
         try:
             peer = stream.muxed_conn.peer_id
             data = await read_frame(stream, MAX_ASSIGN_BYTES, ASSIGN_TIMEOUT_S)
+            if _is_prefetch(data):
+                ignored = self._hint(peer, Prefetch.decode(data))
+                if ignored:
+                    log.info("prefetch hint from %s ignored: %s", peer, ignored)
+                await stream.close()
+                return
             assign, job, refusal = self._judge(peer, data)
             if refusal or assign is None or job is None:
                 self.stats.refused += 1
@@ -162,6 +216,7 @@ class Worker:
                 await stream.close()
                 return
             self.busy += 1
+            slot = self.free_devices.pop(0) if self.free_devices else None
             try:
                 self.stats.accepted += 1
                 self.task_accepted.set()
@@ -169,10 +224,12 @@ class Worker:
                                   REPLY_TIMEOUT_S)
                 report = (self._reporter(stream, assign.task_id)
                           if str(stream.get_protocol()) == TASK_PROGRESS_PROTOCOL else None)
-                result = await self._train(peer, assign, job, report)
+                result = await self._train(peer, assign, job, slot, report)
                 await write_frame(stream, result, RESULT_WRITE_TIMEOUT_S)
             finally:
                 self.busy -= 1
+                if slot is not None:
+                    self.free_devices.append(slot)
             self.stats.finished += 1
             verdict = Verdict.decode(await read_frame(stream, MAX_VERDICT_BYTES,
                                                       VERDICT_TIMEOUT_S))
@@ -202,8 +259,8 @@ class Worker:
             return None, None, f"bad assignment: {exc}"
         if not self.config.enabled:
             return assign, job, "this node does not take tasks (worker.enabled = false)"
-        if self.busy >= self.config.max_tasks:
-            return assign, job, f"{BUSY_PREFIX}: {self.busy} of {self.config.max_tasks} tasks"
+        if self.busy >= self.config.slots:
+            return assign, job, f"{BUSY_PREFIX}: {self.busy} of {self.config.slots} tasks"
         return assign, job, meets_requirements(job, self.env)
 
     async def _base(self, coordinator: PeerId, assign: TaskAssign) -> HeldVersion:
@@ -256,16 +313,19 @@ class Worker:
         return report
 
     async def _train(self, coordinator: PeerId, assign: TaskAssign, job: Job,
+                     slot: str | None = None,
                      report: Callable[[StepProgress, float, int], Awaitable[None]] | None = None,
                      ) -> bytes:
-        """Fetch, train, publish the delta; the sealed result. ``report`` is told of each
-        training step the child reports."""
+        """Fetch, train (on the slot's device, if the node has devices), publish the
+        delta; the sealed result. ``report`` is told of each training step the child
+        reports."""
         started = time.monotonic()
         tokens_per_step = assign.batch_size * assign.seq_len
 
         async def on_step(step: StepProgress) -> None:
             if report is not None:
                 await report(step, started, tokens_per_step)
+
         models = self.models
         base = await self._base(coordinator, assign)
         dataset = await self._fetch(assign.dataset_version, [coordinator])
@@ -281,7 +341,7 @@ class Worker:
                 "slice_start": assign.slice_start, "slice_len": assign.slice_len,
                 "seed": assign.seed, "steps": assign.inner_steps,
                 "batch_size": assign.batch_size, "seq_len": assign.seq_len, "lr": assign.lr,
-                "device": "cpu" if job.spec.device == "cpu" else self.config.device,
+                "device": "cpu" if job.spec.device == "cpu" else slot or self.config.device,
                 "threads": self.config.threads, "delta_bits": job.spec.delta_bits,
                 "out_dir": str(out_dir),
             }
@@ -315,6 +375,13 @@ class Worker:
         mode = self.config.adversary
         if not mode:
             return None
+        if mode == "slow":
+            # Honest work, delivered at half its speed: a worker whose capability
+            # record claims more than it delivers (specs/jobs.md, "Heterogeneous workers").
+            request.pop("_train_len")
+            answer = await run_taskproc(request, timeout_s=timeout, what="training")
+            await trio.sleep(SLOW_FACTOR * float(answer.get("wall_s") or 0.0))
+            return answer
         out = str(Path(request["out_dir"]) / "delta.safetensors")
         log.warning("adversary %r: forging task %s", mode, assign.task_id)
         if mode == "wrong-slice":

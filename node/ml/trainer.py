@@ -422,7 +422,8 @@ def norm(a: Mapping[str, Tensor]) -> float:
 
 def robust_aggregate(deltas: Sequence[Mapping[str, Tensor]], method: str = "trimmed",
                      trim: float = 0.25, clip_iters: int = 3,
-                     clip_radius: float | None = None) -> State:
+                     clip_radius: float | None = None,
+                     weights: Sequence[float] | None = None) -> State:
     """Combine a round's accepted deltas so that one bad delta has bounded influence.
 
     ``trimmed``: coordinate-wise trimmed mean, dropping the k = ceil(trim * n) largest and
@@ -436,6 +437,12 @@ def robust_aggregate(deltas: Sequence[Mapping[str, Tensor]], method: str = "trim
     v += mean_i(clip_radius(x_i - v)) for ``clip_iters`` iterations, each difference
     scaled down to at most the radius (by default the median distance to v). One delta,
     however large, moves v by at most radius / n an iteration.
+
+    ``weights`` (the tokens behind each delta, specs/jobs.md "Heterogeneous workers"):
+    every mean above becomes a weighted mean. Trimming still drops k values by count at
+    each coordinate, whatever their weights, so the robustness bound is unchanged; with
+    clipping a delta moves v by at most radius * w_i / sum(w) an iteration. Equal or
+    absent weights take the unweighted code path (the same bits as before).
     """
     if not deltas:
         raise ValueError("no deltas to aggregate")
@@ -444,8 +451,18 @@ def robust_aggregate(deltas: Sequence[Mapping[str, Tensor]], method: str = "trim
     stack = torch.stack([_flat(d, names) for d in deltas])  # (n, P)
     if method not in ("trimmed", "clip"):
         raise ValueError(f"unknown aggregate {method!r}")
+    if weights is not None and (len(weights) != n or not all(
+            math.isfinite(w) and w > 0 for w in weights)):
+        raise ValueError("weights: one finite positive weight per delta")
+    w = None if weights is None or len(set(weights)) == 1 else \
+        torch.tensor(list(weights), dtype=torch.float64)
     k = 0 if n <= 2 else min((n - 1) // 2, math.ceil(trim * n))
-    if k:
+    if w is not None:
+        order = stack.argsort(dim=0)  # (n, P): per coordinate, which delta is where
+        srt = stack.gather(0, order)[k:n - k].double()
+        ws = w[order[k:n - k]]  # (n - 2k, P): each kept value's weight
+        center = ((srt * ws).sum(dim=0) / ws.sum(dim=0)).to(stack.dtype)
+    elif k:
         srt = stack.sort(dim=0).values
         center = srt[k:n - k].mean(dim=0)
     else:
@@ -457,7 +474,11 @@ def robust_aggregate(deltas: Sequence[Mapping[str, Tensor]], method: str = "trim
             radius = float(dist.median()) if clip_radius is None else clip_radius
             factor = torch.where(dist > radius, radius / dist.clamp_min(1e-30),
                                  torch.ones_like(dist))
-            center = center + (diff * factor[:, None]).mean(dim=0)
+            if w is None:
+                center = center + (diff * factor[:, None]).mean(dim=0)
+            else:
+                share = (w / w.sum()).to(stack.dtype)
+                center = center + (diff * (factor * share)[:, None]).sum(dim=0)
     return _unflat(center, deltas[0], names)
 
 
