@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from node.ml import gpt
+from node.ml import models
 
 __all__ = [
     "ADAM_BETAS",
@@ -159,7 +159,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, lr_end: float | None) -
     return lr + (lr_end - lr) * frac
 
 
-def train_task(config: gpt.GPTConfig, base_state: Mapping[str, Tensor], tokens: Any,
+def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: Any,
                slice_start: int, slice_len: int, seed: int, steps: int, batch_size: int,
                seq_len: int, lr: float, device: str = "cpu", *, warmup: int = 0,
                lr_end: float | None = None,
@@ -174,14 +174,14 @@ def train_task(config: gpt.GPTConfig, base_state: Mapping[str, Tensor], tokens: 
     """
     if steps <= 0 or batch_size <= 0:
         raise ValueError("steps and batch_size must be positive")
-    if not 0 < seq_len <= config.block_size:
-        raise ValueError(f"seq_len {seq_len} outside 1..{config.block_size}")
+    if not 0 < seq_len <= models.block_size(config):
+        raise ValueError(f"seq_len {seq_len} outside 1..{models.block_size(config)}")
     data = _as_numpy(tokens)
     lo, hi = _window_range(slice_start, slice_len, seq_len, len(data))
     gen = torch.Generator().manual_seed(int(seed))
     with _determinism(device):
         torch.manual_seed(int(seed))  # dropout, if a config has any
-        model = gpt.build(config, base_state, device)
+        model = models.build(config, base_state, device)
         model.train()
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -211,7 +211,7 @@ def train_task(config: gpt.GPTConfig, base_state: Mapping[str, Tensor], tokens: 
             if on_step is not None:
                 on_step(step, loss.detach())
         last = float(torch.stack(losses).mean())  # one sync for the tail
-        trained = gpt.module_state(model)
+        trained = models.module_state(model)
     delta = {k: (trained[k] - base_state[k].to(torch.float32)).contiguous() for k in trained}
     return TaskOutput(delta=delta, first_loss=first, last_loss=last,
                       tokens_processed=steps * batch_size * seq_len)
@@ -241,11 +241,11 @@ def evaluate_model(model: torch.nn.Module, tokens: Any, start: int, length: int,
     return total / n_batches
 
 
-def evaluate(config: gpt.GPTConfig, state: Mapping[str, Tensor], tokens: Any, start: int,
+def evaluate(config: models.Config, state: Mapping[str, Tensor], tokens: Any, start: int,
              length: int, n_batches: int, batch_size: int, seq_len: int, seed: int,
              device: str = "cpu") -> float:
     """Mean loss (nats per byte) of ``state`` on seeded windows of [start, start+length)."""
-    model = gpt.build(config, state, device)
+    model = models.build(config, state, device)
     return evaluate_model(model, tokens, start, length, n_batches, batch_size, seq_len, seed,
                           device)
 
@@ -604,7 +604,7 @@ def heldout_windows(start: int, length: int, n: int, seq_len: int, seed: int,
     return torch.randint(lo, hi + 1, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
+def check_round(config: models.Config, base: Mapping[str, Tensor],
                 candidates: Sequence[Candidate], tokens: Any, *, heldout: tuple[int, int],
                 n_windows: int, batch_size: int, seed: int, seq_len: int | None = None,
                 window_seed: int | None = None,
@@ -638,7 +638,7 @@ def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
     if seq_len is None:
         seq_len = candidates[0].seq_len
     n_tok = len(_as_numpy(tokens))
-    base_model = gpt.build(config, base, device)
+    base_model = models.build(config, base, device)
     base_norm = max(norm(base), 1e-30)
     h_starts = heldout_windows(heldout[0], heldout[1], n_windows, seq_len, seed, n_tok)
     heldout_base = windows_loss(base_model, tokens, h_starts, seq_len, batch_size, device)
@@ -666,7 +666,7 @@ def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
     cos_m = cosine_matrix([c.delta for c in candidates])
     out: dict[str, dict[str, Any]] = {}
     for i, c in enumerate(candidates):
-        new_model = gpt.build(config, add(base, c.delta), device)
+        new_model = models.build(config, add(base, c.delta), device)
         h_new = windows_loss(new_model, tokens, h_starts, seq_len, batch_size, device)
         own_new = windows_loss(new_model, tokens, own[i], c.seq_len, batch_size, device)
         j = other_of(i)
