@@ -117,8 +117,14 @@ class HFConfig:
 @lru_cache(maxsize=8)
 def _transformers_config(text: str) -> Any:
     from transformers import AutoConfig, PretrainedConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     obj = json.loads(text)
+    # Refused before anything is built: an encoder or a vision model has no causal LM
+    # head. (The name table, not the lazy class mapping, whose lookup imports every model.)
+    if obj["model_type"] not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"config.json: model_type {obj['model_type']!r} is not a causal LM "
+                         "that transformers knows")
     try:
         cfg = AutoConfig.for_model(obj["model_type"], **{k: v for k, v in obj.items()
                                                           if k != "model_type"})
@@ -126,11 +132,6 @@ def _transformers_config(text: str) -> Any:
         raise ValueError(f"config.json: transformers cannot build {obj['model_type']!r} "
                          f"({e})") from None
     assert isinstance(cfg, PretrainedConfig)
-    from transformers import AutoModelForCausalLM
-
-    # Refused here, not at build: an encoder or a vision model has no causal LM head.
-    if type(cfg) not in AutoModelForCausalLM._model_mapping:
-        raise ValueError(f"config.json: {obj['model_type']!r} is not a causal LM")
     cfg._attn_implementation = "sdpa"  # fused attention on every device, no extra package
     return cfg
 

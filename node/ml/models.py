@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from node.ml import gpt, hf
 
-__all__ = ["Config", "block_size", "build", "check_state", "is_hf", "load_model",
-           "module_state", "write_version"]
+__all__ = ["Config", "block_size", "build", "check_state", "config_json", "is_hf",
+           "load_model", "module_state", "named_parameters", "write_version"]
 
 Config = gpt.GPTConfig | hf.HFConfig
 
@@ -69,6 +69,13 @@ def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters by their names in a state (tied ones once)."""
     inner = model.inner if isinstance(model, hf.CausalLM) else model
     return dict(inner.named_parameters())
+
+
+def config_json(config: Config) -> dict[str, Any]:
+    """The config as its config.json holds it (a key for per-model caches)."""
+    if isinstance(config, hf.HFConfig):
+        return config.json
+    return gpt.config_to_json(config)
 
 
 def check_state(config: Config, state: Mapping[str, Tensor]) -> None:
