@@ -84,8 +84,11 @@ enabled = true
 max_tasks = 1
 # Torch threads per task (each task trains in a child process).
 threads = 1
-# "auto" (CUDA when present, else CPU), "cpu" or "cuda".
+# "auto" (CUDA, ROCm included, when present, else Apple's MPS, else CPU), "cpu", "cuda"
+# or "mps".
 device = "auto"
+# Run the model through torch.compile (slower start, faster steps on a GPU).
+compile = false
 # TEST ONLY: misbehave on purpose, to test the coordinator's checks: "" (honest),
 # "random", "zero", "copy", "copy-noise", "wrong-slice".
 adversary = ""
@@ -139,7 +142,7 @@ class StoreSection:
         return home / (Path(self.dir).expanduser() if self.dir else "store")
 
 
-WORKER_DEVICES = ("auto", "cpu", "cuda")
+WORKER_DEVICES = ("auto", "cpu", "cuda", "mps")
 ADVERSARIES = ("", "random", "zero", "copy", "copy-noise", "wrong-slice")
 
 
@@ -149,6 +152,7 @@ class WorkerSection:
     max_tasks: int = 1
     threads: int = 1
     device: str = "auto"
+    compile: bool = False
     adversary: str = ""
 
 

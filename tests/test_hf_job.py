@@ -1,8 +1,9 @@
 """A tiny Llama (transformers, with a BPE tokenizer trained on the data) trained by a job
 across real py-libp2p hosts on 127.0.0.1: one worker, one round whose task the
-coordinator checks and re-executes, the dataset tokenized once per node, and the version the job published fetched by another
-node with ``--out`` semantics (Models.fetch(out_dir=...)), loaded by
-transformers.AutoModelForCausalLM and generating text."""
+coordinator checks and re-executes, the dataset tokenized once per node; then the
+version the job published is fetched by another node into a directory (what
+``iollm model fetch --out`` does), loaded by transformers.AutoModelForCausalLM and
+generating text."""
 
 from __future__ import annotations
 

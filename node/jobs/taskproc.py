@@ -53,6 +53,7 @@ import importlib
 import json
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -65,7 +66,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from node.ml import corpus, gpt, hf, models, tokens, trainer
+from node.ml import corpus, device, gpt, hf, models, tokens, trainer
 from protocol import checking
 from protocol.jobspec import DELTA_BITS
 
@@ -182,13 +183,10 @@ def data_files(req: dict[str, Any]) -> Any:
 
 
 def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RequestError("device 'cuda' requested but CUDA is not available")
-    if name not in ("cpu", "cuda"):
-        raise RequestError(f"device {name!r}: one of cpu, cuda, auto")
-    return name
+    try:
+        return device.choose(name)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
 
 
 def load_model_dir(path: Path) -> tuple[models.Config, dict[str, torch.Tensor]]:
@@ -326,9 +324,23 @@ def delta_bits(req: dict[str, Any]) -> int:
     return bits
 
 
+def run_options(req: dict[str, Any]) -> dict[str, Any]:
+    """How a request wants its training run (none changes the result beyond rounding):
+    a fixed micro-batch (default: found per device), torch.compile, activation
+    checkpointing, where found micro-batches are cached."""
+    micro = field(req, "micro_batch", int, None)
+    if micro is not None and micro < 1:
+        raise RequestError(f"field 'micro_batch' must be >= 1, got {micro}")
+    return {"micro_batch": micro, "compile_model": field(req, "compile", bool, False),
+            "grad_checkpointing": field(req, "grad_checkpointing", bool, False),
+            "micro_batch_cache": path_field(req, "micro_batch_cache", None)}
+
+
 def run_training(config: models.Config, base: dict[str, torch.Tensor], data: Data,
-                 args: dict[str, Any], device: str, what: str) -> trainer.TaskOutput:
+                 args: dict[str, Any], dev: str, what: str,
+                 run_opts: dict[str, Any] | None = None) -> trainer.TaskOutput:
     every = max(1, args["steps"] // 10)
+    run_opts = run_opts or {}
 
     def on_step(step: int, loss: torch.Tensor) -> None:
         if (step + 1) % every == 0 or step == 0:
@@ -339,8 +351,8 @@ def run_training(config: models.Config, base: dict[str, torch.Tensor], data: Dat
     try:
         return trainer.train_task(
             config, base, data.tokens, start, length, a.pop("seed"),
-            a.pop("steps"), a.pop("batch_size"), a.pop("seq_len"), a.pop("lr"), device,
-            warmup=a.pop("warmup"), lr_end=a.pop("lr_end"), on_step=on_step)
+            a.pop("steps"), a.pop("batch_size"), a.pop("seq_len"), a.pop("lr"), dev,
+            warmup=a.pop("warmup"), lr_end=a.pop("lr_end"), on_step=on_step, **run_opts)
     except ValueError as e:
         raise RequestError(f"{what}: {e}") from None
 
@@ -350,17 +362,18 @@ def op_train(req: dict[str, Any]) -> dict[str, Any]:
     config, base = load_model_dir(model_dir)
     data = Data(req, model_dir)
     args = train_args(req)
-    device = pick_device(field(req, "device", str, "cpu"))
+    dev = pick_device(field(req, "device", str, "cpu"))
     out_dir = path_field(req, "out_dir")
     t0 = time.perf_counter()
-    out = run_training(config, base, data, args, device, "train")
+    out = run_training(config, base, data, args, dev, "train", run_options(req))
     wall = time.perf_counter() - t0
     blob = save(trainer.quantize(out.delta, delta_bits(req)))
     path = out_dir / DELTA_FILE
     write_atomic(path, blob)
     return {"first_loss": out.first_loss, "last_loss": out.last_loss,
             "tokens": out.tokens_processed, "wall_s": wall, "delta": str(path),
-            "delta_bytes": len(blob), "device": device}
+            "delta_bytes": len(blob), "device": dev, "micro_batch": out.micro_batch,
+            "precision": device.precision(dev).name}
 
 
 def op_check(req: dict[str, Any]) -> dict[str, Any]:
@@ -374,7 +387,7 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
     batch = int_field(req, "batch_size", 1)
     n_windows = int_field(req, "eval_batches", 1) * batch
     seed = int_field(req, "seed", 0, 0)
-    device = pick_device(field(req, "device", str, "cpu"))
+    dev = pick_device(field(req, "device", str, "cpu"))
     th_req = field(req, "thresholds", dict, {})
     try:
         checking.judge({}, th_req)  # validates the names
@@ -411,7 +424,7 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
                                       heldout=(h_start, n - h_start),
                                       n_windows=n_windows, batch_size=batch, seed=seed,
                                       window_seed=int_field(req, "window_seed", 0, seed),
-                                      seq_len=seq_len, device=device)
+                                      seq_len=seq_len, device=dev)
     except ValueError as err:
         raise RequestError(f"check: {err}") from None
     for m in metrics.values():
@@ -436,7 +449,7 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
                 args["batch_size"], args["seq_len"]) != (*slices[rid], c.seed, c.steps,
                                                         c.batch_size, c.seq_len):
             raise RequestError(f"reexec {rid}: train fields differ from the delta's entry")
-        out = run_training(config, base, data, args, device, f"reexec {rid}")
+        out = run_training(config, base, data, args, dev, f"reexec {rid}", run_options(train))
         rerun = trainer.dequantize(trainer.quantize(out.delta, delta_bits(train)))
         diff = trainer.reexec_diff(c.delta, rerun)
         metrics[rid]["reexec_diff"] = diff
@@ -570,13 +583,20 @@ def answer(raw: bytes) -> tuple[int, dict[str, Any]]:
             req = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(f"request is not JSON: {e}") from None
-        return 0, {"ok": True, **clean(handle(req))}
+        result = clean(handle(req))
+        return 0, {"ok": True, **result, "peak_rss_bytes": peak_rss_bytes()}
     except (ValueError, OSError) as e:
         # ValueError covers RequestError and the checks of gpt/trainer/corpus.
         return 1, {"ok": False, "error": str(e) or type(e).__name__}
     except Exception as e:  # a bug: the traceback goes to stderr, the answer says what
         traceback.print_exc()
         return 1, {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def main() -> int:

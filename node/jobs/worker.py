@@ -242,7 +242,10 @@ class Worker:
                 "batch_size": assign.batch_size, "seq_len": assign.seq_len, "lr": assign.lr,
                 "device": "cpu" if job.spec.device == "cpu" else self.config.device,
                 "threads": self.config.threads, "delta_bits": job.spec.delta_bits,
-                "out_dir": str(out_dir),
+                "out_dir": str(out_dir), "compile": self.config.compile,
+                # Kept across tasks (work_dir is emptied at start): the micro-batch found
+                # for a (model, device) is searched for once.
+                "micro_batch_cache": str(self.work_dir.parent / "micro-batch"),
             }
             timeout = max(1.0, assign.deadline_ms / 1000 - time.time()) + TRAIN_TIMEOUT_SLACK_S
             answer = await self._adversary(
