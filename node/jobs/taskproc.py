@@ -284,10 +284,7 @@ def init_hf(req: dict[str, Any], arch: str) -> dict[str, Any]:
     config = hf.HFConfig.from_json(cfg_json)
     out = path_field(req, "out_dir")
     state = hf.init_state(config, int_field(req, "seed", 0, 0))
-    tokens.save_tokenizer(tok, out, config.block_size)
-    write_atomic(out / gpt.WEIGHTS_FILE, gpt.state_bytes(state))
-    write_atomic(out / gpt.CONFIG_FILE,
-                 (json.dumps(cfg_json, sort_keys=True, indent=1) + "\n").encode())
+    models.save_model(out, config, state, tok)
     return {"params": sum(t.numel() for t in state.values()),
             "sha256": sha256_file(out / gpt.WEIGHTS_FILE), "vocab_size": config.vocab_size}
 

@@ -29,8 +29,9 @@ from torch import Tensor, nn
 
 from node.ml import gpt, hf
 
-__all__ = ["Config", "block_size", "build", "check_state", "config_json", "is_hf",
-           "load_model", "module_state", "named_parameters", "write_version"]
+__all__ = ["Config", "block_size", "build", "byte_llama", "check_state", "config_json",
+           "init_state", "is_hf", "load_model", "module_state", "named_parameters",
+           "save_model", "write_version"]
 
 Config = gpt.GPTConfig | hf.HFConfig
 
@@ -87,6 +88,37 @@ def check_state(config: Config, state: Mapping[str, Tensor]) -> None:
 
 def block_size(config: Config) -> int:
     return int(config.block_size)
+
+
+def save_model(out_dir: str | os.PathLike[str], config: Config,
+               state: Mapping[str, Tensor], tokenizer: Any = None) -> None:
+    """A model directory: the built-in GPT's files, or a Hugging Face layout (weights,
+    ``tokenizer`` if given (a ``tokenizers.Tokenizer``), config.json last)."""
+    if not isinstance(config, hf.HFConfig):
+        gpt.save_model(out_dir, config, state)
+        return
+    from node.ml import tokens
+
+    check_state(config, state)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gpt.write_atomic(out / gpt.WEIGHTS_FILE, gpt.state_bytes(state))
+    if tokenizer is not None:
+        tokens.save_tokenizer(tokenizer, out, config.block_size)
+    gpt.write_atomic(out / gpt.CONFIG_FILE,
+                     (json.dumps(config.json, sort_keys=True, indent=1) + "\n").encode())
+
+
+def byte_llama(size: str = "tiny", block_size: int | None = None) -> hf.HFConfig:
+    """A Llama over the byte tokenizer (ids = byte values): trains on any byte stream,
+    as the built-in GPT does (benchmarks compare the two on the same tokens)."""
+    return hf.HFConfig.from_json(hf.make_config("llama", size, 257, 256, block_size))
+
+
+def init_state(config: Config, seed: int) -> dict[str, Tensor]:
+    if isinstance(config, hf.HFConfig):
+        return hf.init_state(config, seed)
+    return gpt.init_state(config, seed)
 
 
 def write_version(out_dir: Path, base_dir: Path, state: Mapping[str, Tensor]) -> str:
