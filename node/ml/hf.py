@@ -27,9 +27,7 @@ Public API::
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import struct
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from node.ml import catalog
+from node.ml.weights import MappedState, mmap_safetensors
 
 __all__ = [
     "ARCHS",
@@ -59,9 +58,6 @@ __all__ = [
 
 ARCHS = catalog.HF_ARCHS
 SIZES = catalog.HF_SIZES
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
-           "U8": torch.uint8, "I16": torch.int16, "BOOL": torch.bool}
 
 
 def is_hf_config(obj: Any) -> bool:
@@ -218,52 +214,6 @@ def module_state(model: nn.Module) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------- files
 
 
-def mmap_safetensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """The tensors of a safetensors file as views of a private memory map of it.
-
-    Written here rather than ``safetensors.torch.load_file`` because that one reads every
-    tensor into process memory: a second copy of the weights next to the page cache. A
-    private (copy-on-write) map is writable, so torch takes it without a warning, and the
-    file itself is never changed. ValueError on a malformed file."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            raise ValueError("file too short for a safetensors header")
-        (hlen,) = struct.unpack("<Q", f.read(8))
-        if hlen > min(size - 8, 100 << 20):
-            raise ValueError("safetensors header longer than the file")
-        try:
-            header = json.loads(f.read(hlen))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"bad safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise ValueError("bad safetensors header")
-        header.pop("__metadata__", None)
-        buf: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + hlen else b""
-    base = 8 + hlen
-    out: dict[str, Tensor] = {}
-    for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            start, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"tensor {name!r}: bad header entry") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        item = torch.empty((), dtype=dtype).element_size()
-        if min(shape, default=0) < 0 or end - start != numel * item or start < 0 \
-                or base + end > size:
-            raise ValueError(f"tensor {name!r}: offsets do not match its shape")
-        if numel == 0:
-            out[name] = torch.empty(shape, dtype=dtype)
-            continue
-        t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start)
-        out[name] = t.reshape(shape)
-    return out
-
-
 def weight_files(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.name.endswith(".safetensors") and p.is_file())
 
@@ -284,7 +234,7 @@ def load_model(model_dir: str | os.PathLike[str]) -> tuple[HFConfig, dict[str, T
     files = weight_files(d)
     if not files:
         raise ValueError(f"{d}: no .safetensors weights")
-    state: dict[str, Tensor] = {}
+    state = MappedState()
     for p in files:
         try:
             part = mmap_safetensors(p)
@@ -296,6 +246,7 @@ def load_model(model_dir: str | os.PathLike[str]) -> tuple[HFConfig, dict[str, T
             if not t.is_floating_point():
                 raise ValueError(f"tensor {name!r} is {t.dtype}, expected floating point")
             state[name] = t if t.dtype == torch.float32 else t.to(torch.float32)
+        state.adopt(part)
     want = expected_shapes(config)
     for name in [n for n in state if n not in want]:
         if name == "lm_head.weight" or name.endswith((".inv_freq", ".attn.bias",
