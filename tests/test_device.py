@@ -118,3 +118,25 @@ def test_train_answer_reports_device_precision_micro_batch_and_peak_memory(
         "slice_start": 0, "slice_len": 20000, "seed": 1, "steps": 2, "batch_size": 4,
         "seq_len": 32, "lr": 1e-3, "micro_batch": 0, "out_dir": str(tmp_path / "o")}).encode())
     assert code == 1 and "micro_batch" in ans["error"]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the check runs for real on a CUDA machine")
+def test_gpu_check_says_there_is_no_cuda_and_measures_nothing() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "bench" / "gpu_check.py")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "no CUDA device" in proc.stderr and proc.stdout == ""
+
+
+def test_gpu_check_flops_and_peaks() -> None:
+    from bench.gpu_check import flops_per_token, peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("Some Future Card") is None
+    assert flops_per_token(100, 2, 8, 16) == 600 + 12 * 2 * 8 * 16
