@@ -97,6 +97,7 @@ class WorkerStats:
     failed: int = 0
     rebuilt: int = 0  # bases rebuilt from the parent and the outer update
     train_s: float = 0.0  # wall time of the training children, summed
+    peak_rss_bytes: int = 0  # the largest peak resident memory of a training child
 
 
 class Worker:
@@ -255,6 +256,11 @@ class Worker:
             if answer is None:
                 answer = await run_taskproc(request, timeout_s=timeout, what="training")
             self.stats.train_s += float(answer.get("wall_s") or 0.0)
+            self.stats.peak_rss_bytes = max(self.stats.peak_rss_bytes,
+                                            int(answer.get("peak_rss_bytes") or 0))
+            log.info("task %s trained on %s (%s, micro-batch %s): peak memory %.0f MiB",
+                     assign.task_id, answer.get("device"), answer.get("precision"),
+                     answer.get("micro_batch"), int(answer.get("peak_rss_bytes") or 0) / 2**20)
             delta = await models.publish(out_dir / "delta.safetensors", kind="model",
                                          name=f"delta {id_hex(assign.job_id)[:12]} "
                                               f"{assign.task_id}")
