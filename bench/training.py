@@ -54,7 +54,7 @@ from bench.training_sim import (  # noqa: E402
     log,
     run_simulated_network,
 )
-from node.ml import corpus, gpt, trainer  # noqa: E402
+from node.ml import corpus, gpt, models, trainer  # noqa: E402
 
 GOAL_EFFICIENCY = 0.8
 GOAL_BYTES_RATIO = 400.0
@@ -89,6 +89,16 @@ def cached(cache: Path | None, key: dict[str, Any], fn: Any) -> Any:
     return value
 
 
+def model_config(recipe: Recipe) -> models.Config:
+    """The built-in GPT of the recipe's size, or (``arch = "llama"``) a transformers
+    Llama of that size over the byte tokenizer: the same tokens either way."""
+    if recipe.arch == "gpt":
+        return gpt.SIZES[recipe.size]
+    if recipe.arch == "llama":
+        return models.byte_llama(recipe.size, max(recipe.seq_len, 256))
+    raise SystemExit(f"arch {recipe.arch!r}: gpt or llama")
+
+
 def main(argv: list[str] | None = None, run_b: RunNetwork | None = None) -> int:
     """The benchmark. ``run_b`` is part (b): by default a real job on a local cluster
     (bench/training_net.py), with ``--sim`` the in-process simulation of the same steps."""
@@ -120,22 +130,22 @@ def main(argv: list[str] | None = None, run_b: RunNetwork | None = None) -> int:
         n = len(tokens)
         train_len, h_start = corpus.split(n, recipe.heldout_fraction)
         heldout = (h_start, n - h_start)
-        config = gpt.SIZES[recipe.size]
+        config = model_config(recipe)
         log(f"corpus {stats.bytes} bytes, {stats.files} files; train {train_len}, "
             f"held-out {n - h_start}; model {recipe.size}")
         r = dataclasses.asdict(recipe)
 
         def final_loss(state: dict[str, torch.Tensor]) -> float:
-            model = gpt.build(config, state)
+            model = models.build(config, state)
             starts = trainer.heldout_windows(heldout[0], heldout[1], recipe.eval_windows,
                                              recipe.seq_len, 12345, n)
             return trainer.windows_loss(model, tokens, starts, recipe.seq_len, 64)
 
-        base_key = {k: r[k] for k in ("size", "seed", "seq_len", "warm_steps", "warm_lr",
+        base_key = {k: r[k] for k in ("arch", "size", "seed", "seq_len", "warm_steps", "warm_lr",
                                       "warm_warmup", "workers", "batch")}
 
         def warm() -> dict[str, torch.Tensor]:
-            state = gpt.init_state(config, recipe.seed)
+            state = models.init_state(config, recipe.seed)
             if recipe.warm_steps:
                 t0 = time.perf_counter()
                 out = trainer.train_task(config, state, tokens, 0, train_len, recipe.seed + 7,
@@ -180,7 +190,7 @@ def main(argv: list[str] | None = None, run_b: RunNetwork | None = None) -> int:
 
     a, c = res_a["loss"], res_c["loss"]
     eff = (c - loss_b) / (c - a) if c != a else float("nan")
-    p = gpt.n_params(base)
+    p = sum(t.numel() for t in base.values())
     allreduce = allreduce_bytes_per_worker(p, recipe.workers, recipe.steps)
     ratio_sent = allreduce / net.bytes_sent_per_worker
     ratio_recv = allreduce / net.bytes_received_per_worker

@@ -26,7 +26,7 @@ import trio
 
 from bench.training_sim import NetworkResult, Recipe
 from node.config import DiscoverySection, WorkerSection
-from node.ml import gpt
+from node.ml import models
 from protocol.capability import EnvReport
 from tests.cluster import LocalNode, local_cluster
 
@@ -71,7 +71,7 @@ def _fetched(n: LocalNode) -> int:
     return int(n.models.metrics.fetched._value.get())
 
 
-def run_network_job(recipe: Recipe, config: gpt.GPTConfig, base: State, tokens: Any,
+def run_network_job(recipe: Recipe, config: models.Config, base: State, tokens: Any,
                     train_len: int, heldout: tuple[int, int],
                     on_round: Callable[[int, State], None] | None = None) -> NetworkResult:
     unsupported = {k: v for k, v in (("lr_final", recipe.lr_final != 1.0),
@@ -82,7 +82,12 @@ def run_network_job(recipe: Recipe, config: gpt.GPTConfig, base: State, tokens: 
                          "network with their defaults, or --sim")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        gpt.save_model(root / "base", config, base)
+        tok = None
+        if models.is_hf(config):  # a byte-level model: its tokens are the bytes
+            from node.ml import tokens as toks
+
+            tok = toks.byte_tokenizer()
+        models.save_model(root / "base", config, base, tok)
         (root / "data").mkdir()
         np.asarray(tokens, dtype=np.uint8).tofile(root / "data" / "corpus.txt")
         return trio.run(_run, recipe, root, on_round)
@@ -162,5 +167,6 @@ def _load(node: LocalNode, version: str) -> State:
     with tempfile.TemporaryDirectory() as tmp:
         for entry in held.manifest.shards:
             (Path(tmp) / entry.path).symlink_to(node.models.store.shard_path(entry.root))
-        _, state = gpt.load_model(tmp)
+        _, state = models.load_model(tmp)
+        state = {k: v.clone() for k, v in state.items()}  # off the map of tmp
     return state

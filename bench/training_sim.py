@@ -3,7 +3,7 @@
 :func:`run_simulated_network` plays a job's rounds with exactly the functions the worker
 and the coordinator run inside ``python -m node.jobs.taskproc``: :func:`node.ml.trainer.train_task`,
 :func:`~node.ml.trainer.quantize_int8`, :func:`~node.ml.trainer.check_round` and a sampled
-re-execution, :func:`~node.ml.trainer.judge`, :func:`~node.ml.trainer.robust_aggregate`,
+re-execution, :func:`~protocol.checking.judge`, :func:`~node.ml.trainer.robust_aggregate`,
 :func:`~node.ml.trainer.outer_step`, :func:`~node.ml.trainer.publish_update`, and each worker's
 :func:`~node.ml.trainer.apply_update` rebuild (checked byte-identical to the coordinator's).
 Deltas and updates are serialized to safetensors bytes, so the byte counts are those of
@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from node.ml import gpt, trainer
+from node.ml import gpt, models, trainer
+from protocol import checking
 
 State = dict[str, torch.Tensor]
 
@@ -35,6 +36,7 @@ class Recipe:
     """Everything that fixes a benchmark run (the defaults are the tuned recipe)."""
 
     size: str = "tiny"
+    arch: str = "gpt"  # or "llama": a transformers Llama over the byte tokenizer
     seed: int = 0
     heldout_fraction: float = 0.05
     seq_len: int = 128
@@ -143,7 +145,7 @@ def task_seed(recipe: Recipe, rnd: int, worker: int) -> int:
     return recipe.seed * 1_000_003 + 1000 + rnd * 100 + worker
 
 
-def run_simulated_network(recipe: Recipe, config: gpt.GPTConfig, base: State, tokens: Any,
+def run_simulated_network(recipe: Recipe, config: models.Config, base: State, tokens: Any,
                           train_len: int, heldout: tuple[int, int],
                           on_round: Callable[[int, State], None] | None = None) -> NetworkResult:
     """Part (b), in one process: ``recipe.rounds`` rounds of ``recipe.workers`` tasks."""
@@ -193,7 +195,7 @@ def run_simulated_network(recipe: Recipe, config: gpt.GPTConfig, base: State, to
                 m["reexec_match"] = m["reexec_diff"] <= trainer.DEFAULT_THRESHOLDS.reexec_tol
                 reexec_s += time.perf_counter() - t0
                 reexecs += 1
-            verdict, reason = trainer.judge(m)
+            verdict, reason = checking.judge(m)
             m["verdict"], m["reason"] = verdict, reason
             if verdict == "accept":
                 accepted.append(c.delta)
@@ -235,7 +237,7 @@ def run_simulated_network(recipe: Recipe, config: gpt.GPTConfig, base: State, to
 # Part (b) of the benchmark: (recipe, config, base state, tokens, train_len, (held-out start,
 # length), on_round callback) -> NetworkResult. run_simulated_network is one; the network
 # path (the lead's run_network_job, through real daemons) is to be another.
-RunNetwork = Callable[[Recipe, gpt.GPTConfig, State, Any, int, tuple[int, int],
+RunNetwork = Callable[[Recipe, models.Config, State, Any, int, tuple[int, int],
                        Callable[[int, State], None] | None], NetworkResult]
 
 

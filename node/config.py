@@ -89,12 +89,15 @@ enabled = true
 max_tasks = 1
 # Torch threads per task (each task trains in a child process).
 threads = 1
-# "auto" (CUDA when present, else CPU), "cpu" or "cuda".
+# "auto" (CUDA, ROCm included, when present, else Apple's MPS, else CPU), "cpu", "cuda"
+# or "mps".
 device = "auto"
 # One slot per device: a task trains on each at once, e.g. ["cuda:0", "cuda:1"] (the
 # coordinator gives a node one slot per GPU its capability record lists). Empty: up to
 # max_tasks tasks on `device`.
 devices = []
+# Run the model through torch.compile (slower start, faster steps on a GPU).
+compile = false
 # TEST ONLY: misbehave on purpose, to test the coordinator's checks: "" (honest),
 # "random", "zero", "copy", "copy-noise", "wrong-slice"; "slow" (honest, half speed).
 adversary = ""
@@ -166,6 +169,7 @@ recent_final = 200000
 # when the ledger is rebuilt.
 snapshot_every = 50
 load_batch = 32
+
 [relay]
 # Behind NAT (README "Behind NAT"). "auto": AutoNAT asks connected peers to dial this node
 # back; "public" or "private" skip the question. A private node reserves a slot on up to
@@ -236,8 +240,8 @@ class StoreSection:
         return home / (Path(self.dir).expanduser() if self.dir else "store")
 
 
-WORKER_DEVICES = ("auto", "cpu", "cuda")
-WORKER_SLOT_DEVICE = re.compile(r"cpu|cuda(:[0-9]{1,2})?")
+WORKER_DEVICES = ("auto", "cpu", "cuda", "mps")
+WORKER_SLOT_DEVICE = re.compile(r"cpu|mps|cuda(:[0-9]{1,2})?")
 ADVERSARIES = ("", "random", "zero", "copy", "copy-noise", "wrong-slice", "slow")
 
 
@@ -247,6 +251,7 @@ class WorkerSection:
     max_tasks: int = 1
     threads: int = 1
     device: str = "auto"
+    compile: bool = False
     adversary: str = ""
     # One worker slot per entry: a task runs on each at once ("cuda:0", "cuda:1", ...;
     # "cpu" entries for CPU slots). Empty: max_tasks slots on `device`.

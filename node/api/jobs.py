@@ -5,7 +5,8 @@
     GET  /v1/jobs/status?id=  (id or unique prefix >= 8 hex)  -> rounds, workers, losses
     GET  /v1/receipts?job=    (optional job id)               -> [receipt]
     GET  /v1/feed?author=&after=                              -> [feed entry]
-    POST /v1/models/init      {"arch", "size", "name", "seed"} -> {"op": id}
+    POST /v1/models/init      {"arch", "size", "name", "seed", "tokenizer", "vocab_size",
+                               "dataset", "block_size"} -> {"op": id}
     POST /v1/datasets/stdlib  {"name"}                        -> {"op": id}
 
 The last two run as operations (``GET /v1/ops?id=``): a child process builds the files
@@ -26,11 +27,11 @@ from node.api.server import ApiError, Request, Routes, body_fields, text_field
 from node.jobs.coordinator import Jobs
 from node.jobs.receipts import Receipts
 from node.jobs.taskrun import run_taskproc
+from node.ml import catalog
 from node.smip.service import Models
-from node.smip.types import Progress
+from node.smip.types import Progress, UnknownVersion
 
-ARCHS = ("gpt",)
-SIZES = ("tiny", "small")
+ARCHS = ("gpt", *catalog.HF_ARCHS)
 BUILD_TIMEOUT_S = 600.0
 
 
@@ -78,22 +79,64 @@ def job_routes(jobs: Jobs, receipts: Receipts, models: Models, ops: Operations,
             shutil.rmtree(tmp, ignore_errors=True)
 
     async def model_init(request: Request) -> Any:
-        body = body_fields(request, set(), {"arch", "size", "name", "seed"})
+        body = body_fields(request, set(), {"arch", "size", "name", "seed", "tokenizer",
+                                            "vocab_size", "dataset", "block_size"})
         arch, size = body.get("arch", "gpt"), body.get("size", "tiny")
         if arch not in ARCHS:
             raise ApiError(400, f"arch: expected one of {', '.join(ARCHS)}, got {arch!r}")
-        if size not in SIZES:
-            raise ApiError(400, f"size: expected one of {', '.join(SIZES)}, got {size!r}")
+        sizes = catalog.GPT_SIZES if arch == "gpt" else tuple(catalog.HF_SIZES)
+        if size not in sizes:
+            raise ApiError(400, f"size: expected one of {', '.join(sizes)} for {arch}, "
+                                f"got {size!r}")
         seed = body.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ApiError(400, f"seed: expected an integer in [0, 2**63), got {seed!r}")
         name = text_field(body.get("name") or f"{arch}-{size}", "name")
+        op: dict[str, Any] = {"op": "init", "arch": arch, "size": size, "seed": seed}
+        if arch != "gpt":
+            op.update(hf_init_fields(body))
+        elif any(body.get(k) is not None for k in ("tokenizer", "vocab_size", "dataset")):
+            raise ApiError(400, "tokenizer, vocab_size and dataset: for Hugging Face "
+                                "architectures only (the built-in gpt reads bytes)")
+        dataset = op.pop("dataset", None)
 
         async def work(progress: Progress) -> Any:
-            return await build("model", name, {"op": "init", "arch": arch, "size": size,
-                                               "seed": seed}, "model", progress)
+            if dataset is not None:  # the BPE is trained on it: fetched first
+                progress.phase = "fetching the dataset"
+                await models.fetch(dataset, kind="dataset")
+                held = models.held[models.resolve(dataset)]
+                op["data_files"] = [str(models.store.shard_path(s.root))
+                                    for s in held.manifest.shards]
+            return await build("model", name, op, "model", progress)
 
         return {"op": ops.start(nursery, "model-init", work)}
+
+    def hf_init_fields(body: dict[str, Any]) -> dict[str, Any]:
+        tok = body.get("tokenizer") or ("bpe" if body.get("dataset") else "byte")
+        if tok not in catalog.TOKENIZERS:
+            raise ApiError(400, f"tokenizer: expected one of {', '.join(catalog.TOKENIZERS)}, "
+                                f"got {tok!r}")
+        out: dict[str, Any] = {"tokenizer": tok}
+        if tok == "bpe":
+            dataset = body.get("dataset")
+            if not isinstance(dataset, str):
+                raise ApiError(400, "dataset: a BPE tokenizer is trained on a dataset: give "
+                                    "its version")
+            try:
+                out["dataset"] = models.resolve(dataset).hex()
+            except UnknownVersion as exc:
+                raise ApiError(400, f"dataset: {exc}") from None
+        for key, lo, hi in (("vocab_size", 258, 1 << 20), ("block_size", 1, 1 << 20)):
+            v = body.get(key)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ApiError(400, f"{key}: expected an integer in [{lo}, {hi}], got {v!r}")
+            if key == "vocab_size" and tok != "bpe":
+                raise ApiError(400, "vocab_size: for a BPE tokenizer only (a byte tokenizer "
+                                    "has 257 tokens)")
+            out[key] = v
+        return out
 
     async def dataset_stdlib(request: Request) -> Any:
         body = body_fields(request, set(), {"name"})

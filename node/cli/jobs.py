@@ -24,13 +24,17 @@ from urllib.parse import quote
 from node.cli.common import SHORT, CliError, call_node, int_arg, short_peer, when
 from node.cli.jobview import JobWatch, format_status
 from node.cli.models import wait_for_operation
+from node.ml import catalog
 
 WATCH_POLL_S = 1.0
 
 
 def cmd_model_init(args: argparse.Namespace) -> int:
-    started = call_node(args, "/v1/models/init", "POST", {
-        "arch": args.arch, "size": args.size, "name": args.name, "seed": args.seed})
+    body = {"arch": args.arch, "size": args.size, "name": args.name, "seed": args.seed}
+    for key in ("tokenizer", "vocab_size", "dataset", "block_size"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    started = call_node(args, "/v1/models/init", "POST", body)
     result = wait_for_operation(args, started["op"], "init", "Its version will be in "
                                 "`iollm model list` when it is done.")
     if args.json:
@@ -144,13 +148,29 @@ def add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                      groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]]
                      ) -> None:
     p = groups["model"].add_parser(
-        "init", parents=[client], help="publish a fresh built-in model (byte-level GPT)",
-        description="Initialise the built-in byte-level GPT with a seed and publish it as a "
-                    "model version (safetensors + config.json). Prints the version id.")
-    p.add_argument("--arch", default="gpt", choices=["gpt"], help="architecture (gpt)")
-    p.add_argument("--size", default="tiny", choices=["tiny", "small"],
-                   help="tiny (~0.8M parameters) or small (a few million); default tiny")
-    p.add_argument("--name", help="the model's name (default gpt-SIZE)")
+        "init", parents=[client], help="publish a fresh model (built-in GPT, Llama, ...)",
+        description="Initialise a model with a seed and publish it as a model version in "
+                    "Hugging Face layout (config.json + model.safetensors). --arch gpt (the "
+                    "default) is the built-in byte-level GPT, which needs nothing beyond "
+                    "torch; llama, qwen2, mistral and gpt2 are built by transformers from "
+                    "their config and come with a tokenizer.json: a byte tokenizer, or with "
+                    "--dataset a byte-level BPE trained on that dataset. Prints the version "
+                    "id.")
+    p.add_argument("--arch", default="gpt", choices=["gpt", *catalog.HF_ARCHS],
+                   help="architecture (default gpt, the built-in byte-level GPT)")
+    p.add_argument("--size", default="tiny", choices=list(catalog.HF_SIZES),
+                   help="tiny (~0.1-0.8M parameters), small (a few million) or 125m "
+                        "(GPT-2 small's shape; not for gpt); default tiny")
+    p.add_argument("--tokenizer", choices=list(catalog.TOKENIZERS),
+                   help="byte (256 byte tokens) or bpe (trained on --dataset); default: bpe "
+                        "when --dataset is given, else byte. Not for gpt")
+    p.add_argument("--dataset", metavar="VERSION",
+                   help="the dataset a BPE tokenizer is trained on (fetched first)")
+    p.add_argument("--vocab-size", type=int_arg(258, 1 << 20, "an integer in [258, 2**20]"),
+                   help="tokens in a BPE tokenizer (default 8192)")
+    p.add_argument("--block-size", type=int_arg(1, 1 << 20, "a positive integer"),
+                   help="the context length (default: the size's)")
+    p.add_argument("--name", help="the model's name (default ARCH-SIZE)")
     p.add_argument("--seed", type=_seed, default=0, help="initialisation seed (default 0)")
     p.set_defaults(func=cmd_model_init)
 

@@ -52,6 +52,7 @@ from node.jobs.worker import (
     materialize,
     meets_requirements,
 )
+from node.ml import catalog
 from node.p2p import PeerId, PeerInfo
 from node.p2p.framing import FrameError, read_frame, reset_quietly, write_frame
 from node.p2p.host import Network, parse_multiaddr
@@ -797,14 +798,13 @@ def _live_view(live: dict[str, Any]) -> dict[str, Any]:
 
 def check_base(spec: JobSpec, config: dict[str, Any]) -> None:
     """JobError unless the workers can train ``spec`` on a model of this config."""
-    arch = config.get("architecture")
-    if arch != "gpt":
-        raise JobError(f"base_model: architecture {arch!r} cannot be trained here; workers "
-                       "train the built-in 'gpt' (iollm model init)")
-    block = config.get("block_size")
-    if isinstance(block, int) and spec.seq_len > block:
+    why = catalog.is_trainable_config(config)
+    if why:
+        raise JobError(f"base_model: {why}")
+    block = catalog.context_length(config)
+    if block is not None and spec.seq_len > block:
         raise JobError(f"train.seq_len: {spec.seq_len} is longer than the model's context "
-                       f"(block_size {block})")
+                       f"({block})")
 
 
 def spec_summary(spec: JobSpec) -> dict[str, Any]:

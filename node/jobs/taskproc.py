@@ -54,7 +54,9 @@ import importlib
 import json
 import math
 import os
+import resource
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -65,7 +67,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from node.ml import corpus, gpt, trainer
+from node.ml import corpus, device, gpt, hf, models, tokens, trainer
 from protocol import checking
 from protocol.jobspec import DELTA_BITS
 
@@ -125,34 +127,72 @@ def path_field(req: dict[str, Any], name: str, default: Any = ...) -> Path:
     return Path(value)
 
 
-def data_files(req: dict[str, Any]) -> Any:
+def file_list(req: dict[str, Any]) -> list[str]:
     files = field(req, "data_files", list)
     if not files or not all(isinstance(f, str) and os.path.isabs(f) for f in files):
         raise RequestError("data_files: a non-empty list of absolute paths")
     for f in files:
         if not os.path.isfile(f):
             raise RequestError(f"data file {f}: no such file")
-    return corpus.load_tokens(files)
+    return files
+
+
+class Data:
+    """A request's dataset as the model sees it: bytes for the built-in GPT, or the ids of
+    the model's tokenizer (tokenized once per (dataset, tokenizer), then cached). Slices
+    and windows of a job are given in bytes of the dataset; :meth:`span` maps them onto
+    token positions in proportion (the same map on every node: the same tokens)."""
+
+    def __init__(self, req: dict[str, Any], model_dir: Path) -> None:
+        files = file_list(req)
+        self.n_bytes = sum(os.path.getsize(f) for f in files)
+        tok_file = model_dir / tokens.TOKENIZER_FILE
+        if (model_dir / tokens.TOKENIZER_FILE).is_file():
+            cache = path_field(req, "token_cache", None) or default_token_cache(files[0])
+            try:
+                self.tokens = tokens.tokenized(tok_file, files, cache, progress=_tok_progress)
+            except Exception as e:  # tokenizers raises its own Exception type on a bad file
+                raise RequestError(f"tokenizing the dataset: {e}") from None
+        else:
+            self.tokens = corpus.load_tokens(files)
+        self.n = len(self.tokens)
+
+    def span(self, start: int, length: int) -> tuple[int, int]:
+        """(start, length) in tokens of a byte range of the dataset."""
+        if self.n == self.n_bytes:
+            return start, length
+        lo = start * self.n // self.n_bytes
+        return lo, (start + length) * self.n // self.n_bytes - lo
+
+
+def default_token_cache(first_file: str) -> Path:
+    """Beside the content store (``<store>/tokens``) when the data are its shards, else
+    in the temporary directory."""
+    p = Path(first_file)
+    if p.parent.name == "shards":
+        return p.parent.parent / "tokens"
+    return Path(tempfile.gettempdir()) / "iollm-tokens"
+
+
+def _tok_progress(n: int) -> None:
+    progress(f"tokenizing the dataset: {n} tokens")  # once a window (1 MiB of text)
+
+
+def data_files(req: dict[str, Any]) -> Any:
+    """The dataset's bytes (the built-in GPT's tokens)."""
+    return corpus.load_tokens(file_list(req))
 
 
 def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RequestError("device 'cuda' requested but CUDA is not available")
-    if name.startswith("cuda:") and name[5:].isdigit():  # one GPU of several: a slot
-        if int(name[5:]) >= torch.cuda.device_count():
-            raise RequestError(f"device {name!r}: this machine has "
-                               f"{torch.cuda.device_count()} CUDA devices")
-        return name
-    if name not in ("cpu", "cuda"):
-        raise RequestError(f"device {name!r}: one of cpu, cuda, cuda:N, auto")
-    return name
-
-
-def load_model_dir(path: Path) -> tuple[gpt.GPTConfig, dict[str, torch.Tensor]]:
     try:
-        return gpt.load_model(path)
+        return device.choose(name)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+
+
+def load_model_dir(path: Path) -> tuple[models.Config, dict[str, torch.Tensor]]:
+    try:
+        return models.load_model(path)
     except ValueError as e:
         raise RequestError(f"model {path}: {e}") from None
 
@@ -166,13 +206,13 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
         raise RequestError(f"{what} {path}: unreadable safetensors ({e})") from None
 
 
-def load_delta(path: Path, config: gpt.GPTConfig) -> dict[str, torch.Tensor]:
+def load_delta(path: Path, config: models.Config) -> dict[str, torch.Tensor]:
     """A dequantized delta (int8 or int4), checked against the model's tensor names and
     shapes."""
     q = load_tensors(path, "delta")
     try:
         delta = trainer.dequantize(q)
-        gpt.check_state(config, delta)
+        models.check_state(config, delta)
     except ValueError as e:
         raise RequestError(f"delta {path}: {e}") from None
     return delta
@@ -203,8 +243,10 @@ def sha256_file(path: Path) -> str:
 
 def op_init(req: dict[str, Any]) -> dict[str, Any]:
     arch = field(req, "arch", str, "gpt")
+    if arch in hf.ARCHS:
+        return init_hf(req, arch)
     if arch != gpt.ARCHITECTURE:
-        raise RequestError(f"arch {arch!r}: only 'gpt' is built in")
+        raise RequestError(f"arch {arch!r}: one of gpt, {', '.join(hf.ARCHS)}")
     if "config" in req:
         config = gpt.config_from_json({"architecture": arch, **field(req, "config", dict)})
     else:
@@ -216,6 +258,36 @@ def op_init(req: dict[str, Any]) -> dict[str, Any]:
     state = gpt.init_state(config, int_field(req, "seed", 0, 0))
     gpt.save_model(out, config, state)
     return {"params": gpt.n_params(state), "sha256": sha256_file(out / gpt.WEIGHTS_FILE)}
+
+
+def init_hf(req: dict[str, Any], arch: str) -> dict[str, Any]:
+    """A fresh Hugging Face model with its tokenizer: a byte tokenizer, or a byte-level
+    BPE of ``vocab_size`` trained on ``data_files``."""
+    size = field(req, "size", str)
+    if size not in hf.SIZES:
+        raise RequestError(f"size {size!r}: one of {', '.join(hf.SIZES)}")
+    kind = field(req, "tokenizer", str, "byte")
+    if kind == "byte":
+        tok = tokens.byte_tokenizer()
+    elif kind == "bpe":
+        files = file_list(req)
+        vocab = int_field(req, "vocab_size", 258, 8192)
+        progress(f"training a byte-level BPE of {vocab} tokens on {len(files)} file(s)")
+        try:
+            tok = tokens.train_bpe(files, vocab)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+    else:
+        raise RequestError(f"tokenizer {kind!r}: one of byte, bpe")
+    block = int_field(req, "block_size", 1, None) if req.get("block_size") else None
+    cfg_json = hf.make_config(arch, size, tok.get_vocab_size(with_added_tokens=True),
+                              tok.token_to_id(tokens.EOT), block)
+    config = hf.HFConfig.from_json(cfg_json)
+    out = path_field(req, "out_dir")
+    state = hf.init_state(config, int_field(req, "seed", 0, 0))
+    models.save_model(out, config, state, tok)
+    return {"params": sum(t.numel() for t in state.values()),
+            "sha256": sha256_file(out / gpt.WEIGHTS_FILE), "vocab_size": config.vocab_size}
 
 
 def op_corpus(req: dict[str, Any]) -> dict[str, Any]:
@@ -250,52 +322,70 @@ def delta_bits(req: dict[str, Any]) -> int:
     return bits
 
 
-def run_training(config: gpt.GPTConfig, base: dict[str, torch.Tensor], tokens: Any,
-                 args: dict[str, Any], device: str, what: str) -> trainer.TaskOutput:
+def run_options(req: dict[str, Any]) -> dict[str, Any]:
+    """How a request wants its training run (none changes the result beyond rounding):
+    a fixed micro-batch (default: found per device), torch.compile, activation
+    checkpointing, where found micro-batches are cached."""
+    micro = field(req, "micro_batch", int, None)
+    if micro is not None and micro < 1:
+        raise RequestError(f"field 'micro_batch' must be >= 1, got {micro}")
+    return {"micro_batch": micro, "compile_model": field(req, "compile", bool, False),
+            "grad_checkpointing": field(req, "grad_checkpointing", bool, False),
+            "micro_batch_cache": path_field(req, "micro_batch_cache", None)}
+
+
+def run_training(config: models.Config, base: dict[str, torch.Tensor], data: Data,
+                 args: dict[str, Any], dev: str, what: str,
+                 run_opts: dict[str, Any] | None = None) -> trainer.TaskOutput:
     every = max(1, args["steps"] // 10)
+    run_opts = run_opts or {}
 
     def on_step(step: int, loss: torch.Tensor) -> None:
         if (step + 1) % every == 0 or step == 0:
             progress(f"{what}: step {step + 1}/{args['steps']} loss {float(loss):.4f}")
 
     a = dict(args)
+    start, length = data.span(a.pop("slice_start"), a.pop("slice_len"))
     try:
         return trainer.train_task(
-            config, base, tokens, a.pop("slice_start"), a.pop("slice_len"), a.pop("seed"),
-            a.pop("steps"), a.pop("batch_size"), a.pop("seq_len"), a.pop("lr"), device,
-            warmup=a.pop("warmup"), lr_end=a.pop("lr_end"), on_step=on_step)
+            config, base, data.tokens, start, length, a.pop("seed"),
+            a.pop("steps"), a.pop("batch_size"), a.pop("seq_len"), a.pop("lr"), dev,
+            warmup=a.pop("warmup"), lr_end=a.pop("lr_end"), on_step=on_step, **run_opts)
     except ValueError as e:
         raise RequestError(f"{what}: {e}") from None
 
 
 def op_train(req: dict[str, Any]) -> dict[str, Any]:
-    config, base = load_model_dir(path_field(req, "model_dir"))
-    tokens = data_files(req)
+    model_dir = path_field(req, "model_dir")
+    config, base = load_model_dir(model_dir)
+    data = Data(req, model_dir)
     args = train_args(req)
-    device = pick_device(field(req, "device", str, "cpu"))
+    dev = pick_device(field(req, "device", str, "cpu"))
     out_dir = path_field(req, "out_dir")
     t0 = time.perf_counter()
-    out = run_training(config, base, tokens, args, device, "train")
+    out = run_training(config, base, data, args, dev, "train", run_options(req))
     wall = time.perf_counter() - t0
-    data = save(trainer.quantize(out.delta, delta_bits(req)))
+    blob = save(trainer.quantize(out.delta, delta_bits(req)))
     path = out_dir / DELTA_FILE
-    write_atomic(path, data)
+    write_atomic(path, blob)
     return {"first_loss": out.first_loss, "last_loss": out.last_loss,
             "tokens": out.tokens_processed, "wall_s": wall, "delta": str(path),
-            "delta_bytes": len(data), "device": device}
+            "delta_bytes": len(blob), "device": dev, "micro_batch": out.micro_batch,
+            "precision": device.precision(dev).name}
 
 
 def op_check(req: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
-    config, base = load_model_dir(path_field(req, "model_dir"))
-    tokens = data_files(req)
-    n = len(tokens)
+    model_dir = path_field(req, "model_dir")
+    config, base = load_model_dir(model_dir)
+    data = Data(req, model_dir)
+    n = data.n
     _, h_start = corpus.split(n, field(req, "heldout_fraction", float))
     seq_len = int_field(req, "seq_len", 1)
     batch = int_field(req, "batch_size", 1)
     n_windows = int_field(req, "eval_batches", 1) * batch
     seed = int_field(req, "seed", 0, 0)
-    device = pick_device(field(req, "device", str, "cpu"))
+    dev = pick_device(field(req, "device", str, "cpu"))
     th_req = field(req, "thresholds", dict, {})
     try:
         checking.judge({}, th_req)  # validates the names
@@ -304,6 +394,7 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
     entries = field(req, "deltas", list)
     results: dict[str, dict[str, Any]] = {}
     cands: list[trainer.Candidate] = []
+    slices: dict[str, tuple[int, int]] = {}  # in bytes, as the requests give them
     for e in entries:
         if not isinstance(e, dict):
             raise RequestError("deltas: a list of objects")
@@ -319,16 +410,19 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
             # A peer's bad file is data: that one delta is rejected, the round goes on.
             results[did] = {"verdict": "reject", "reason": str(err)}
             continue
+        slices[did] = (int_field(e, "slice_start", 0), int_field(e, "slice_len", 1))
+        start, length = data.span(*slices[did])
         cands.append(trainer.Candidate(
-            id=did, delta=delta, slice_start=int_field(e, "slice_start", 0),
-            slice_len=int_field(e, "slice_len", 1), seed=int_field(t, "seed", 0),
+            id=did, delta=delta, slice_start=start, slice_len=length,
+            seed=int_field(t, "seed", 0),
             steps=int_field(t, "steps", 1), batch_size=int_field(t, "batch_size", 1),
             seq_len=int_field(t, "seq_len", 1, seq_len)))
     try:
-        metrics = trainer.check_round(config, base, cands, tokens, heldout=(h_start, n - h_start),
+        metrics = trainer.check_round(config, base, cands, data.tokens,
+                                      heldout=(h_start, n - h_start),
                                       n_windows=n_windows, batch_size=batch, seed=seed,
                                       window_seed=int_field(req, "window_seed", 0, seed),
-                                      seq_len=seq_len, device=device)
+                                      seq_len=seq_len, device=dev)
     except ValueError as err:
         raise RequestError(f"check: {err}") from None
     for m in metrics.values():
@@ -350,10 +444,10 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
         args = train_args(train)
         c = by_id[rid]
         if (args["slice_start"], args["slice_len"], args["seed"], args["steps"],
-                args["batch_size"], args["seq_len"]) != (c.slice_start, c.slice_len, c.seed,
-                                                        c.steps, c.batch_size, c.seq_len):
+                args["batch_size"], args["seq_len"]) != (*slices[rid], c.seed, c.steps,
+                                                        c.batch_size, c.seq_len):
             raise RequestError(f"reexec {rid}: train fields differ from the delta's entry")
-        out = run_training(config, base, tokens, args, device, f"reexec {rid}")
+        out = run_training(config, base, data, args, dev, f"reexec {rid}", run_options(train))
         rerun = trainer.dequantize(trainer.quantize(out.delta, delta_bits(train)))
         diff = trainer.reexec_diff(c.delta, rerun)
         metrics[rid]["reexec_diff"] = diff
@@ -367,30 +461,27 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
             "check_wall_s": check_wall, "reexec_wall_s": reexec_wall}
 
 
-def heldout_loss(req: dict[str, Any], config: gpt.GPTConfig,
+def heldout_loss(req: dict[str, Any], config: models.Config, model_dir: Path,
                  state: dict[str, torch.Tensor]) -> float | None:
     """The held-out loss of ``state`` when the request names data files, else None."""
     if "data_files" not in req or req["data_files"] is None:
         return None
-    tokens = data_files(req)
-    n = len(tokens)
+    data = Data(req, model_dir)
+    n = data.n
     _, h_start = corpus.split(n, field(req, "heldout_fraction", float))
     batch = int_field(req, "batch_size", 1, 32)
-    seq_len = int_field(req, "seq_len", 1, config.block_size)
+    seq_len = int_field(req, "seq_len", 1, models.block_size(config))
     starts = trainer.heldout_windows(h_start, n - h_start,
                                      int_field(req, "eval_batches", 1) * batch, seq_len,
                                      int_field(req, "seed", 0, 0), n)
-    return trainer.windows_loss(gpt.build(config, state), tokens, starts, seq_len, batch)
+    return trainer.windows_loss(models.build(config, state), data.tokens, starts, seq_len,
+                                batch)
 
 
 def write_model(out_dir: Path, base_dir: Path, state: dict[str, torch.Tensor]) -> str:
-    """A new version beside its base: weights first, then the base's config.json copied
-    byte for byte (outer and apply must give identical directories, whoever wrote the
-    base's config). Returns the sha256 of the weights file."""
-    data = gpt.state_bytes(state)
-    write_atomic(out_dir / gpt.WEIGHTS_FILE, data)
-    write_atomic(out_dir / gpt.CONFIG_FILE, (base_dir / gpt.CONFIG_FILE).read_bytes())
-    return hashlib.sha256(data).hexdigest()
+    """A new version beside its base (models.write_version: outer and apply must give
+    identical directories, whoever wrote the base's files). The weights' sha256."""
+    return models.write_version(out_dir, base_dir, state)
 
 
 def op_outer(req: dict[str, Any]) -> dict[str, Any]:
@@ -410,8 +501,8 @@ def op_outer(req: dict[str, Any]) -> dict[str, Any]:
         residual = {k[:-len(RESIDUAL_SUFFIX)]: v for k, v in buf.items()
                     if k.endswith(RESIDUAL_SUFFIX)}
         try:
-            gpt.check_state(config, momentum)
-            gpt.check_state(config, residual)
+            models.check_state(config, momentum)
+            models.check_state(config, residual)
         except ValueError as e:
             raise RequestError(f"momentum {momentum_path}: {e}") from None
     aggregate = field(req, "aggregate", str, "trimmed")
@@ -431,7 +522,7 @@ def op_outer(req: dict[str, Any]) -> dict[str, Any]:
     buf = {**new_m, **{k + RESIDUAL_SUFFIX: v for k, v in new_r.items()}}
     write_atomic(path_field(req, "out_momentum"), save(dict(sorted(buf.items()))))
     sha = write_model(path_field(req, "out_model_dir"), model_dir, new_state)
-    loss = heldout_loss(req, config, new_state)
+    loss = heldout_loss(req, config, model_dir, new_state)
     return {"heldout_loss": loss, "n_deltas": len(deltas), "update_bytes": len(upd),
             "sha256": sha, "wall_s": time.perf_counter() - t0}
 
@@ -446,7 +537,8 @@ def op_apply(req: dict[str, Any]) -> dict[str, Any]:
     except ValueError as e:
         raise RequestError(f"update: {e}") from None
     sha = write_model(path_field(req, "out_model_dir"), model_dir, new_state)
-    return {"params": gpt.n_params(new_state), "sha256": sha, "wall_s": time.perf_counter() - t0}
+    return {"params": gpt.n_params(new_state), "sha256": sha,
+            "wall_s": time.perf_counter() - t0}
 
 
 def op_forge(req: dict[str, Any]) -> dict[str, Any]:
@@ -494,13 +586,20 @@ def answer(raw: bytes) -> tuple[int, dict[str, Any]]:
             req = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(f"request is not JSON: {e}") from None
-        return 0, {"ok": True, **clean(handle(req))}
+        result = clean(handle(req))
+        return 0, {"ok": True, **result, "peak_rss_bytes": peak_rss_bytes()}
     except (ValueError, OSError) as e:
         # ValueError covers RequestError and the checks of gpt/trainer/corpus.
         return 1, {"ok": False, "error": str(e) or type(e).__name__}
     except Exception as e:  # a bug: the traceback goes to stderr, the answer says what
         traceback.print_exc()
         return 1, {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def main() -> int:

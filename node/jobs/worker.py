@@ -121,6 +121,7 @@ class WorkerStats:
     rebuilt: int = 0  # bases rebuilt from the parent and the outer update
     prefetched: int = 0  # versions fetched ahead of a task, on a coordinator's hint
     train_s: float = 0.0  # wall time of the training children, summed
+    peak_rss_bytes: int = 0  # the largest peak resident memory of a training child
 
 
 class Worker:
@@ -343,7 +344,10 @@ class Worker:
                 "batch_size": assign.batch_size, "seq_len": assign.seq_len, "lr": assign.lr,
                 "device": "cpu" if job.spec.device == "cpu" else slot or self.config.device,
                 "threads": self.config.threads, "delta_bits": job.spec.delta_bits,
-                "out_dir": str(out_dir),
+                "out_dir": str(out_dir), "compile": self.config.compile,
+                # Kept across tasks (work_dir is emptied at start): the micro-batch found
+                # for a (model, device) is searched for once.
+                "micro_batch_cache": str(self.work_dir.parent / "micro-batch"),
             }
             timeout = max(1.0, assign.deadline_ms / 1000 - time.time()) + TRAIN_TIMEOUT_SLACK_S
             answer = await self._adversary(
@@ -354,6 +358,11 @@ class Worker:
                 answer = await run_taskproc(request, timeout_s=timeout, what="training",
                                             on_step=on_step)
             self.stats.train_s += float(answer.get("wall_s") or 0.0)
+            self.stats.peak_rss_bytes = max(self.stats.peak_rss_bytes,
+                                            int(answer.get("peak_rss_bytes") or 0))
+            log.info("task %s trained on %s (%s, micro-batch %s): peak memory %.0f MiB",
+                     assign.task_id, answer.get("device"), answer.get("precision"),
+                     answer.get("micro_batch"), int(answer.get("peak_rss_bytes") or 0) / 2**20)
             delta = await models.publish(out_dir / "delta.safetensors", kind="model",
                                          name=delta_version_name(assign.job_id,
                                                                  assign.task_id))

@@ -105,10 +105,45 @@ def build_stdlib_corpus(out_path: str | os.PathLike[str], *, seed: int = 0,
     return CorpusStats(bytes=total, files=len(files), stdlib=str(root))
 
 
-def load_tokens(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> np.ndarray:
+class Concat:
+    """Several memory-mapped files read as one array, without loading them: ``len``, and
+    indexing by an integer array (the windows a batch reads) or a slice. numpy has no
+    view over several maps, hence this small index (a sorted table of file offsets)."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.parts = list(parts)
+        self.ends = np.cumsum([len(p) for p in self.parts])
+        self.dtype = self.parts[0].dtype if self.parts else np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        if isinstance(idx, slice):
+            idx = np.arange(*idx.indices(len(self)))
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError("index outside the data")
+        which = np.searchsorted(self.ends, idx, side="right")
+        starts = np.concatenate([[0], self.ends[:-1]])
+        out = np.empty(idx.shape, dtype=self.dtype)
+        for f in np.unique(which):
+            sel = which == f
+            out[sel] = self.parts[f][idx[sel] - starts[f]]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = np.concatenate([np.asarray(p) for p in self.parts])  # for small data only
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __bytes__(self) -> bytes:
+        return b"".join(bytes(p) for p in self.parts)
+
+
+def load_tokens(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Any:
     """The byte stream of one file (a read-only memmap: nothing is read until used) or of
-    several files concatenated in the given order (read into memory: datasets here are tens
-    of MB; a multi-GB dataset of many files would want an index over memmaps instead)."""
+    several files concatenated in the given order (a :class:`Concat` over their memmaps:
+    read in windows too, never loaded whole)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     arrays = []
@@ -122,7 +157,7 @@ def load_tokens(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
         raise ValueError("no data files")
     if len(arrays) == 1:
         return arrays[0]
-    return np.concatenate(arrays)
+    return Concat([a for a in arrays if len(a)])
 
 
 def as_torch(tokens: Any) -> Any:

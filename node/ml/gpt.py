@@ -20,7 +20,7 @@ Public API::
     module_state(model) -> dict[str, Tensor]     # back from a module (detached fp32 copies)
     n_params(state) -> int
     save_model(out_dir, config, state)           # config.json + model.safetensors
-    load_model(model_dir) -> (config, state)     # ValueError with a message when bad
+    load_model(model_dir) -> (config, state)     # memory-mapped; ValueError when bad
     config_to_json(config) -> dict; config_from_json(dict) -> GPTConfig
 """
 
@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from node.ml.weights import mmap_safetensors
 
 __all__ = [
     "ARCHITECTURE",
@@ -340,8 +341,8 @@ def load_model(model_dir: str | os.PathLike[str]) -> tuple[GPTConfig, dict[str, 
     if not w_path.is_file():
         raise ValueError(f"{w_path}: no such file")
     try:
-        state = load_file(str(w_path))
-    except (SafetensorError, OSError, ValueError) as e:
+        state = mmap_safetensors(w_path)
+    except (OSError, ValueError) as e:
         raise ValueError(f"{w_path}: unreadable safetensors ({e})") from None
     for name, t in state.items():
         if t.dtype != torch.float32:

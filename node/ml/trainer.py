@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -44,7 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from node.ml import gpt
+from node.ml import device as devmod
+from node.ml import models
 
 __all__ = [
     "ADAM_BETAS",
@@ -130,9 +132,7 @@ def _determinism(device: str) -> Iterator[None]:
 
 
 def _autocast(device: str) -> contextlib.AbstractContextManager[Any]:
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # fp32 on the CPU: bf16 there is slow and not needed
+    return devmod.autocast(device, devmod.precision(device))
 
 
 # --------------------------------------------------------------------------- training
@@ -144,6 +144,7 @@ class TaskOutput:
     first_loss: float  # training loss of the first batch (before any step)
     last_loss: float  # mean training loss over the last tenth of the steps
     tokens_processed: int  # steps * batch_size * seq_len
+    micro_batch: int = 0  # sequences per forward pass (gradients accumulated to the batch)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int, lr_end: float | None) -> float:
@@ -159,36 +160,75 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, lr_end: float | None) -
     return lr + (lr_end - lr) * frac
 
 
-def train_task(config: gpt.GPTConfig, base_state: Mapping[str, Tensor], tokens: Any,
+def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: Any,
                slice_start: int, slice_len: int, seed: int, steps: int, batch_size: int,
                seq_len: int, lr: float, device: str = "cpu", *, warmup: int = 0,
                lr_end: float | None = None,
-               on_step: Callable[[int, Tensor], None] | None = None) -> TaskOutput:
+               on_step: Callable[[int, Tensor], None] | None = None,
+               micro_batch: int | None = None, compile_model: bool = False,
+               grad_checkpointing: bool = False,
+               micro_batch_cache: Any = None) -> TaskOutput:
     """Train ``steps`` AdamW steps from ``base_state`` on windows drawn (torch.Generator
     seeded by ``seed``) from [slice_start, slice_start + slice_len) and return the delta.
 
-    Deterministic on the CPU: the same inputs and thread count give a bit-identical delta.
-    Across thread counts (a different reduction order in matmuls) the bits may differ.
-    ``on_step(step, loss)`` is called after every step (progress reports; reading the loss
-    tensor is a device sync point, so a caller should do it only now and then).
+    Each step's ``batch_size`` windows are drawn at once, then run in micro-batches of
+    ``micro_batch`` (default: all of them on the CPU, the largest that fits elsewhere,
+    node/ml/device.py) whose gradients add up to the batch's: the same windows, the same
+    step, whatever the card. Precision: bf16 autocast where the device has it, fp16 with
+    a gradient scaler where it has only fp16, fp32 on the CPU. ``compile_model`` runs the
+    model through torch.compile; ``grad_checkpointing`` recomputes a Hugging Face model's
+    activations in the backward pass (less memory, about a third more compute).
+
+    Deterministic on the CPU: the same inputs, micro-batch and thread count give a
+    bit-identical delta. Across thread counts (a different reduction order in matmuls)
+    the bits may differ. ``on_step(step, loss)`` is called after every step (progress
+    reports; reading the loss tensor is a device sync point, so a caller should do it
+    only now and then).
     """
     if steps <= 0 or batch_size <= 0:
         raise ValueError("steps and batch_size must be positive")
-    if not 0 < seq_len <= config.block_size:
-        raise ValueError(f"seq_len {seq_len} outside 1..{config.block_size}")
+    if not 0 < seq_len <= models.block_size(config):
+        raise ValueError(f"seq_len {seq_len} outside 1..{models.block_size(config)}")
+    if micro_batch is not None and not 1 <= micro_batch <= batch_size:
+        raise ValueError(f"micro_batch {micro_batch} outside 1..{batch_size}")
     data = _as_numpy(tokens)
     lo, hi = _window_range(slice_start, slice_len, seq_len, len(data))
     gen = torch.Generator().manual_seed(int(seed))
+    devmod.setup(device)
+    prec = devmod.precision(device)
     with _determinism(device):
         torch.manual_seed(int(seed))  # dropout, if a config has any
-        model = gpt.build(config, base_state, device)
+        model = models.build(config, base_state, device)
+        release = getattr(base_state, "release", None)
+        if release is not None:
+            release()  # the base's pages are not needed until the delta is taken
+        if grad_checkpointing and models.is_hf(config):
+            model.inner.gradient_checkpointing_enable(  # type: ignore[union-attr,operator]
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        run = torch.compile(model) if compile_model else model
+        params = models.named_parameters(model)
+        decay = [p for p in params.values() if p.dim() >= 2]
+        no_decay = [p for p in params.values() if p.dim() < 2]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": WEIGHT_DECAY},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=False)
+            lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, **devmod.adamw_kwargs(device))
+        scaler = torch.amp.GradScaler(device.split(":")[0]) if prec.scaler else None
+
+        def trial(m: int) -> None:
+            """One forward and backward pass of m windows: does it fit?"""
+            x, y = _batch(data, torch.full((m,), lo), seq_len, device)
+            with devmod.autocast(device, prec):
+                _, loss = run(x, y)
+            assert loss is not None
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        if micro_batch is None:
+            key = json.dumps(models.config_json(config), sort_keys=True)
+            micro_batch = devmod.micro_batch(key, device, batch_size, seq_len, trial,
+                                             micro_batch_cache)
         tail = max(1, steps // 10)
         losses: list[Tensor] = []
         first = math.nan
@@ -196,25 +236,54 @@ def train_task(config: gpt.GPTConfig, base_state: Mapping[str, Tensor], tokens: 
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps, lr, warmup, lr_end)
             starts = torch.randint(lo, hi + 1, (batch_size,), generator=gen)
-            x, y = _batch(data, starts, seq_len, device)
-            with _autocast(device):
-                _, loss = model(x, y)
-            assert loss is not None
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=False)
-            opt.step()
+            loss = _accumulate(run, data, starts, seq_len, device, prec, micro_batch, scaler)
+            if scaler is not None:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(list(params.values()), GRAD_CLIP, foreach=False)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             if step == 0:
-                first = float(loss.detach())  # a device sync point, once
+                first = float(loss)  # a device sync point, once
             if step >= steps - tail:
-                losses.append(loss.detach())
+                losses.append(loss)
             if on_step is not None:
-                on_step(step, loss.detach())
+                on_step(step, loss)
         last = float(torch.stack(losses).mean())  # one sync for the tail
-        trained = gpt.module_state(model)
-    delta = {k: (trained[k] - base_state[k].to(torch.float32)).contiguous() for k in trained}
+        opt.state.clear()  # AdamW's state (twice the weights) goes before the delta is made
+        model.zero_grad(set_to_none=True)
+        delta: State = {}
+        for name, p in params.items():
+            # One tensor at a time, in place where the weight is already an fp32 CPU
+            # tensor: the trained weights become the delta, no full copy beside it.
+            w = p.detach().to("cpu", torch.float32)
+            delta[name] = w.sub_(base_state[name].to(torch.float32)).contiguous()
+            p.data = torch.empty(0)
     return TaskOutput(delta=delta, first_loss=first, last_loss=last,
-                      tokens_processed=steps * batch_size * seq_len)
+                      tokens_processed=steps * batch_size * seq_len, micro_batch=micro_batch)
+
+
+def _accumulate(run: Callable[..., tuple[Tensor, Tensor | None]], data: np.ndarray,
+                starts: Tensor, seq_len: int, device: str, prec: devmod.Precision,
+                micro: int, scaler: Any) -> Tensor:
+    """Forward and backward passes over ``starts`` in chunks of ``micro``: each chunk's
+    mean loss weighted by its share of the batch, so the gradients add up to those of
+    the batch's mean loss. Returns that mean loss (detached)."""
+    total = len(starts)
+    out = torch.zeros((), device=device)
+    for i in range(0, total, micro):
+        part = starts[i:i + micro]
+        x, y = _batch(data, part, seq_len, device)
+        with devmod.autocast(device, prec):
+            _, loss = run(x, y)
+        assert loss is not None
+        scaled = loss if len(part) == total else loss * (len(part) / total)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        out = out + scaled.detach()
+    return out
 
 
 @torch.no_grad()
@@ -241,11 +310,11 @@ def evaluate_model(model: torch.nn.Module, tokens: Any, start: int, length: int,
     return total / n_batches
 
 
-def evaluate(config: gpt.GPTConfig, state: Mapping[str, Tensor], tokens: Any, start: int,
+def evaluate(config: models.Config, state: Mapping[str, Tensor], tokens: Any, start: int,
              length: int, n_batches: int, batch_size: int, seq_len: int, seed: int,
              device: str = "cpu") -> float:
     """Mean loss (nats per byte) of ``state`` on seeded windows of [start, start+length)."""
-    model = gpt.build(config, state, device)
+    model = models.build(config, state, device)
     return evaluate_model(model, tokens, start, length, n_batches, batch_size, seq_len, seed,
                           device)
 
@@ -625,7 +694,7 @@ def heldout_windows(start: int, length: int, n: int, seq_len: int, seed: int,
     return torch.randint(lo, hi + 1, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
+def check_round(config: models.Config, base: Mapping[str, Tensor],
                 candidates: Sequence[Candidate], tokens: Any, *, heldout: tuple[int, int],
                 n_windows: int, batch_size: int, seed: int, seq_len: int | None = None,
                 window_seed: int | None = None,
@@ -659,7 +728,7 @@ def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
     if seq_len is None:
         seq_len = candidates[0].seq_len
     n_tok = len(_as_numpy(tokens))
-    base_model = gpt.build(config, base, device)
+    base_model = models.build(config, base, device)
     base_norm = max(norm(base), 1e-30)
     h_starts = heldout_windows(heldout[0], heldout[1], n_windows, seq_len, seed, n_tok)
     heldout_base = windows_loss(base_model, tokens, h_starts, seq_len, batch_size, device)
@@ -687,7 +756,7 @@ def check_round(config: gpt.GPTConfig, base: Mapping[str, Tensor],
     cos_m = cosine_matrix([c.delta for c in candidates])
     out: dict[str, dict[str, Any]] = {}
     for i, c in enumerate(candidates):
-        new_model = gpt.build(config, add(base, c.delta), device)
+        new_model = models.build(config, add(base, c.delta), device)
         h_new = windows_loss(new_model, tokens, h_starts, seq_len, batch_size, device)
         own_new = windows_loss(new_model, tokens, own[i], c.seq_len, batch_size, device)
         j = other_of(i)
