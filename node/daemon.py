@@ -36,6 +36,8 @@ from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Gauge
 
 from node import __version__
+from node.agent.service import Agent, JobsRunner
+from node.api.agent import agent_routes
 from node.api.jobs import job_routes
 from node.api.ledger import ledger_routes
 from node.api.models import model_routes, resolve_version
@@ -118,6 +120,7 @@ class Node:
     chain: Chain | None = None
     worker: Worker | None = None
     jobs: Jobs | None = None
+    agent: Agent | None = None
 
 
 @asynccontextmanager
@@ -155,6 +158,11 @@ async def build_node(spec: NodeSpec) -> AsyncIterator[Node]:
                              chain=node.chain)
             await nursery.start(node.worker.run)
             await nursery.start(node.jobs.run)
+            node.agent = Agent(storage, JobsRunner(node.jobs, node.models, discovery,
+                                                   discovery.peer_id),
+                               clock_ms=spec.clock_ms, home=spec.home, chain=node.chain,
+                               jobs=node.jobs)
+            await nursery.start(node.agent.run)
         # Peers that connected during start-up saw only the protocols registered by then.
         await net.announce_protocols()
         yield node
@@ -236,6 +244,8 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
         routes.update(ledger_routes(node.chain,
                                     lambda text: resolve_version(models, text, "model")))
         routes.update(job_routes(node.jobs, node.receipts, models, ops, nursery, home / "tmp"))
+        if node.agent is not None:
+            routes.update(agent_routes(node.agent))
         try:
             port = await nursery.start(
                 lambda task_status: serve_api(routes, token, registry, host="127.0.0.1",

@@ -295,6 +295,11 @@ class Ledger:
         self._fresh()
         return self._get("versions", version)  # type: ignore[no-any-return]
 
+    def round_version(self, job_id: bytes, round_: int) -> bytes | None:
+        """The version the round record of ``job_id``'s round ``round_`` produced."""
+        self._fresh()
+        return self._get("rounds", (job_id, round_))  # type: ignore[no-any-return]
+
     def lineage(self, version: bytes) -> list[tuple[bytes, VersionEntry]]:
         """``version`` and its ancestors that round records produced, newest first."""
         self._fresh()
