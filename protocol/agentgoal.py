@@ -90,6 +90,8 @@ class Dim:
             return self.values[0]
         if self.kind == "choice":
             return list(self.values)
+        if self.integer:
+            return {"low": int(self.low), "high": int(self.high), "log": self.log}
         return {"low": self.low, "high": self.high, "log": self.log}
 
 
