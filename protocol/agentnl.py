@@ -70,7 +70,7 @@ def sentence_doc(text: str, names: Mapping[str, str] | None = None) -> dict[str,
     head = _HEAD.match(text.strip().rstrip("."))
     if head is None:
         raise SentenceError('expected "train MODEL on DATASET ..."')
-    names = names or {}
+    names = {} if names is None else names
     doc: dict[str, Any] = {"name": f"{head.group(1)} on {head.group(2)}"[:100],
                            "base_model": _version("model", head.group(1), names),
                            "dataset": _version("dataset", head.group(2), names)}

@@ -225,3 +225,18 @@ def test_the_sentence_of_the_issue() -> None:
                           {"model:gpt-tiny": BASE, "dataset:python-stdlib": DATA})
     assert (goal.target, goal.budget_tasks) == (1.6, 40)
     assert tomllib.loads(goal_to_toml(goal))["budget"]["tasks"] == 40
+
+
+def test_the_cli_names_the_bad_field_before_asking_a_node(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from node.cli.app import main
+
+    bad = tmp_path / "goal.toml"
+    bad.write_text(f'base_model = "{BASE}"\ndataset = "{DATA}"\n[budget]\ntasks = 0\n')
+    for args, why in (([str(bad)], "budget.tasks: expected an integer in [1, 1000000]"),
+                      (["--goal", f"train {BASE} on {DATA} within 40 tasks slowly"],
+                       "not understood: 'slowly'"),
+                      ([], "give a goal file or --goal")):
+        code = main(["agent", "run", *args, "--home", str(tmp_path / "no-node")])
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and line.startswith("iollm: error: ") and why in line, line

@@ -247,3 +247,18 @@ def test_the_machine_keeps_its_budget_whatever_the_events(data: st.DataObject) -
     if search.best is not None:
         assert path[-1].version == search.best[1] and path[0].version == BASE
         assert [n.depth for n in path] == list(range(len(path)))
+
+
+@pytest.mark.timeout(60)
+def test_status_and_show_print_the_branches_reflections_and_path(tmp_path: Path) -> None:
+    from node.cli.agent import format_status
+
+    d = run_agent(tmp_path, lambda a: search_to_end(a, goal(12)), SimRunner(DATA, [BASE]))
+    text = format_status(d, tree=True)
+    s = d["search"]
+    assert f"search {d['id']}" in text and "budget spent" in text
+    assert "REFLECTIONS" in text and "OPTIMAL PATH" in text
+    for v in s["path"]:
+        assert v in text
+    for r in s["reflections"]:
+        assert f"#{r['n']}" in text and r["why"] in text

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -34,7 +35,7 @@ def _goal_text(args: argparse.Namespace) -> str:
         from protocol.agentnl import SentenceError, parse_sentence
 
         try:
-            return goal_to_toml(parse_sentence(args.goal, _defaults(args)))
+            return goal_to_toml(parse_sentence(args.goal, _NodeNames(args)))
         except (SentenceError, GoalError) as exc:
             raise CliError(f"--goal: {exc}") from None
     path = Path(args.file).expanduser()
@@ -49,13 +50,30 @@ def _goal_text(args: argparse.Namespace) -> str:
     return text
 
 
-def _defaults(args: argparse.Namespace) -> dict[str, str]:
-    """Names a sentence may use for the model and dataset: the versions the node holds."""
-    out: dict[str, str] = {}
-    for kind in ("model", "dataset"):
-        for v in call_node(args, f"/v1/models?kind={kind}"):
-            out.setdefault(f"{kind}:{v['name']}", v["version"])
-    return out
+class _NodeNames(Mapping[str, str]):
+    """Names a sentence may use for the model and dataset: the versions the running node
+    knows, asked for only when a sentence names one (ids need no node)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._names: dict[str, str] | None = None
+
+    def _load(self) -> dict[str, str]:
+        if self._names is None:
+            self._names = {}
+            for kind in ("model", "dataset"):
+                for v in call_node(self.args, f"/v1/models?kind={kind}"):
+                    self._names.setdefault(f"{kind}:{v['name']}", v["version"])
+        return self._names
+
+    def __getitem__(self, key: str) -> str:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
 
 
 def cmd_agent_run(args: argparse.Namespace) -> int:
