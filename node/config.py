@@ -89,6 +89,17 @@ device = "auto"
 # TEST ONLY: misbehave on purpose, to test the coordinator's checks: "" (honest),
 # "random", "zero", "copy", "copy-noise", "wrong-slice".
 adversary = ""
+
+[agent]
+# Optional planner for `iollm agent run --goal` and `--plan` (specs/agent.md): an
+# OpenAI-compatible chat endpoint, e.g. "http://127.0.0.1:8000/v1". "" (the default):
+# the built-in sentence parser only. Its answers are checked like a goal file.
+llm_url = ""
+llm_model = ""
+# The environment variable holding the endpoint's API key (never stored here).
+llm_key_env = "IOLLM_LLM_KEY"
+# Seconds to wait for one answer.
+llm_timeout_s = 60.0
 """
 
 
@@ -153,6 +164,14 @@ class WorkerSection:
 
 
 @dataclass(frozen=True)
+class AgentSection:
+    llm_url: str = ""
+    llm_model: str = ""
+    llm_key_env: str = "IOLLM_LLM_KEY"
+    llm_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     api: ApiSection = field(default_factory=ApiSection)
@@ -160,6 +179,7 @@ class Config:
     probe: ProbeSection = field(default_factory=ProbeSection)
     store: StoreSection = field(default_factory=StoreSection)
     worker: WorkerSection = field(default_factory=WorkerSection)
+    agent: AgentSection = field(default_factory=AgentSection)
 
 
 _SECTIONS: dict[str, type] = {
@@ -169,6 +189,7 @@ _SECTIONS: dict[str, type] = {
     "probe": ProbeSection,
     "store": StoreSection,
     "worker": WorkerSection,
+    "agent": AgentSection,
 }
 
 
@@ -243,6 +264,12 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
     if w.adversary not in ADVERSARIES:
         raise ConfigError(f"{source}: worker.adversary must be one of "
                           f"{', '.join(repr(a) for a in ADVERSARIES)}, got {w.adversary!r}")
+    a = config.agent
+    if a.llm_url and not a.llm_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: agent.llm_url must start with http:// or https://, "
+                          f"got {a.llm_url!r}")
+    if not 0 < a.llm_timeout_s <= 3600:
+        raise ConfigError(f"{source}: agent.llm_timeout_s must be in (0, 3600]")
     return config
 
 

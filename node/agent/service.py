@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -145,9 +145,10 @@ class Agent:
 
     # -- commands -------------------------------------------------------------------------
 
-    async def start(self, goal: Goal) -> str:
-        """Start a search for ``goal``; its id (hex). AgentError when a base model or the
-        dataset is not known here."""
+    async def start(self, goal: Goal, proposals: Sequence[Mapping[str, Any]] = ()) -> str:
+        """Start a search for ``goal``; its id (hex). ``proposals``: settings (checked
+        points of the space, e.g. the planner's) its first fresh branches take. AgentError
+        when a base model or the dataset is not known here."""
         for i, base in enumerate(goal.base_models):
             if not self.runner.knows(base):
                 field_name = "base_model" if len(goal.base_models) == 1 else f"base_model[{i}]"
@@ -164,6 +165,8 @@ class Agent:
 
         def build() -> tuple[OptunaAdvisor, int]:
             advisor = OptunaAdvisor(goal, sid, seed=goal.seed, storage=url)
+            for p in proposals:
+                advisor.study.enqueue_trial(dict(p))
             return advisor, sum(advisor.add_prior(p, step, loss)
                                 for p, step, loss in memory.priors)
 
@@ -175,7 +178,8 @@ class Agent:
                           "status": "running", "error": "", "created_ms": now,
                           "ended_ms": None, "memory": {"starts": [s.version for s in starts
                                                                   if memory.starts],
-                                                       "priors": priors, **memory.sources},
+                                                       "priors": priors, **memory.sources,
+                                                       "proposals": len(proposals)},
                           "search": search.to_dict()}
         await self._put(sid)
         raw = await self.storage.kv_get(INDEX_KEY)

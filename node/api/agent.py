@@ -1,6 +1,6 @@
 """The local API's routes for the agent (node/agent, specs/agent.md).
 
-    POST /v1/agent/run     {"goal": TOML text}                 -> {"id": search id}
+    POST /v1/agent/run     {"goal": TOML text, "proposals"?}   -> {"id": search id}
     GET  /v1/agent                                             -> [search summary]
     GET  /v1/agent/status?id=  (id or unique prefix >= 4 hex)  -> the search: goal,
                                 branches, reflections, optimal path
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from node.agent.picture import search_svg
+from node.agent.planner import PlannerError, check_proposals
 from node.agent.service import Agent
 from node.api.server import ApiError, Request, Routes, body_fields, text_field
 from protocol.agentgoal import parse_goal_toml
@@ -20,9 +21,15 @@ from protocol.agentgoal import parse_goal_toml
 
 def agent_routes(agent: Agent) -> Routes:
     async def run(request: Request) -> Any:
-        body = body_fields(request, {"goal"})
+        body = body_fields(request, {"goal"}, {"proposals"})
         goal = parse_goal_toml(text_field(body["goal"], "goal"))  # GoalError: 400
-        return {"id": await agent.start(goal)}
+        proposals: list[dict[str, Any]] = []
+        if body.get("proposals") is not None:
+            try:
+                proposals = check_proposals(goal, body["proposals"])
+            except PlannerError as exc:
+                raise ApiError(400, str(exc)) from None
+        return {"id": await agent.start(goal, proposals)}
 
     async def listing(_: Request) -> Any:
         return agent.list()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from node.cli.common import SHORT, CliError, call_node, when
+from node.cli.common import SHORT, CliError, call_node, home_of, int_arg, when
 
 WATCH_POLL_S = 2.0
 
@@ -34,10 +34,24 @@ def _goal_text(args: argparse.Namespace) -> str:
     if args.goal:
         from protocol.agentnl import SentenceError, parse_sentence
 
+        names = _NodeNames(args)
         try:
-            return goal_to_toml(parse_sentence(args.goal, _NodeNames(args)))
-        except (SentenceError, GoalError) as exc:
+            return goal_to_toml(parse_sentence(args.goal, names))
+        except GoalError as exc:
             raise CliError(f"--goal: {exc}") from None
+        except SentenceError as exc:
+            planner = _planner(args)
+            if planner is None:
+                raise CliError(f"--goal: {exc} (the built-in forms are in specs/agent.md; "
+                               "or set a planner: [agent] llm_url)") from None
+        from node.agent.planner import PlannerError
+
+        print("the built-in parser did not understand it; asking the planner",
+              file=sys.stderr)
+        try:
+            return goal_to_toml(planner.goal(args.goal, dict(names)))
+        except PlannerError as exc:
+            raise CliError(str(exc)) from None
     path = Path(args.file).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
@@ -76,9 +90,45 @@ class _NodeNames(Mapping[str, str]):
         return len(self._load())
 
 
+def _planner(args: argparse.Namespace) -> Any:
+    """The configured planner (node/agent/planner.py), or None."""
+    from node.agent.planner import Planner
+    from node.config import load_config
+
+    config = load_config(home_of(args)).agent
+    return Planner(config) if config.llm_url else None
+
+
+def _proposals(args: argparse.Namespace, text: str) -> list[dict[str, Any]]:
+    """The planner's settings for the first branches, from this node's earlier searches
+    on a comparable goal."""
+    from node.agent.planner import PlannerError
+    from protocol.agentgoal import parse_goal_toml
+
+    planner = _planner(args)
+    if planner is None:
+        raise CliError("--plan needs a planner: set [agent] llm_url in config.toml")
+    goal = parse_goal_toml(text)
+    memory = []
+    for row in call_node(args, "/v1/agent"):
+        d = call_node(args, f"/v1/agent/status?id={row['id']}")
+        if d.get("key") == goal.key():
+            memory += [(b["params"], b["depth"] + len(b["losses"]), b["losses"][-1])
+                       for b in d["search"]["branches"] if b["losses"]]
+    try:
+        proposals: list[dict[str, Any]] = planner.propose(goal, memory, args.plan)
+    except PlannerError as exc:
+        raise CliError(str(exc)) from None
+    print(f"the planner proposed {len(proposals)} settings", file=sys.stderr)
+    return proposals
+
+
 def cmd_agent_run(args: argparse.Namespace) -> int:
     text = _goal_text(args)
-    sid = call_node(args, "/v1/agent/run", "POST", {"goal": text})["id"]
+    body: dict[str, Any] = {"goal": text}
+    if args.plan:
+        body["proposals"] = _proposals(args, text)
+    sid = call_node(args, "/v1/agent/run", "POST", body)["id"]
     print(f"started search {sid}; `iollm agent status {sid[:8]}` follows it", file=sys.stderr)
     print(sid)
     if args.wait:
@@ -222,6 +272,9 @@ def add_agent_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--goal", metavar="SENTENCE",
                    help='the goal as a sentence, e.g. "train gpt-tiny on python-stdlib to '
                         'loss 2.5 within 40 tasks" (forms: specs/agent.md)')
+    p.add_argument("--plan", type=int_arg(1, 16, "a number of settings in [1, 16]"),
+                   metavar="N", help="ask the planner ([agent] llm_url) for N settings of "
+                   "the first branches, from this node's earlier searches")
     p.add_argument("--wait", action="store_true", help="follow the search until it ends")
     p.set_defaults(func=cmd_agent_run)
     p = actions.add_parser("status", parents=[client], help="branches, reflections, best",
