@@ -105,8 +105,20 @@ def test_search_spends_its_budget_in_parallel_and_finds_a_path(tmp_path: Path) -
     stop = next(r for r in s["reflections"] if r["decision"] == "stop")
     assert stop["why"] and stop["peers"] and stop["curve"]
     assert any(r["moved"] for r in s["reflections"])  # explore moved a setting
-    svg = search_svg(d)
-    assert svg.startswith("<svg") and svg.count("<circle") >= len(s["nodes"])
+    # The picture: a dot per version (+3 in the legend), the path's in the path colour,
+    # the stopped branches' grey.
+    from xml.etree import ElementTree
+
+    from node.agent.picture import PATH_COLOUR, STOPPED_COLOUR
+
+    circles = ElementTree.fromstring(search_svg(d)).findall(
+        "{http://www.w3.org/2000/svg}circle")
+    assert len(circles) == len(s["nodes"]) + 3
+    fills = [c.get("fill") for c in circles[:-3]]
+    assert fills.count(PATH_COLOUR) == len(path)
+    stopped = {b["id"] for b in s["branches"] if b["status"] in ("stopped", "failed")}
+    assert fills.count(STOPPED_COLOUR) == sum(
+        1 for n in s["nodes"] if n["branch"] in stopped and n["version"] not in path)
 
 
 @pytest.mark.timeout(60)
