@@ -170,7 +170,7 @@ class Agent:
             return advisor, sum(advisor.add_prior(p, step, loss)
                                 for p, step, loss in memory.priors)
 
-        advisor, priors = await trio.to_thread.run_sync(build)
+        advisor, priors = build() if url is None else await trio.to_thread.run_sync(build)
         search = Search(goal, advisor, random.Random(goal.seed), starts)
         self._locks[sid] = trio.Lock()
         self.searches[sid] = search
@@ -334,6 +334,8 @@ class Agent:
         event to sqlite (tens to hundreds of ms on a busy disk), which must not stall the
         node's network. The lock keeps the machine single-threaded."""
         async with self._locks[sid]:
+            if self.home is None:  # studies in memory: microseconds, and deterministic
+                return fn(*args)   # under a test's MockClock (no thread to wait on)
             return await trio.to_thread.run_sync(fn, *args)
 
     async def _branch(self, sid: str, search: Search, b: Branch) -> None:
