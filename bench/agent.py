@@ -61,7 +61,7 @@ def log(msg: str) -> None:
     print(f"[agent-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def goal_text(base: str, data: str, budget: int, seed: int) -> str:
+def goal_text(base: str, data: str, budget: int, seed: int, rung: int) -> str:
     return f"""
 name = "bench"
 base_model = "{base}"
@@ -71,6 +71,7 @@ tasks = {budget}
 [search]
 population = 4
 parallel = 2
+rounds_per_rung = {rung}
 seed = {seed}
 [space]
 lr = {{low = 1e-3, high = 3e-2, log = true}}
@@ -170,7 +171,7 @@ def tasks_to_reach(trace: list[tuple[int, float]], loss: float) -> int | None:
     return next((t for t, x in trace if x <= loss + 1e-12), None)
 
 
-async def run_seed(jobs: SimJobs, budget: int, seed: int, random_rounds: int,
+async def run_seed(jobs: SimJobs, budget: int, seed: int, random_rounds: int, rung: int,
                    tmp: Path) -> dict[str, Any]:
     base = jobs.base
     out: dict[str, Any] = {"seed": seed}
@@ -196,7 +197,7 @@ async def run_seed(jobs: SimJobs, budget: int, seed: int, random_rounds: int,
     out["b"] = {"best": best_b, "tasks": spent, "trace": trace_b}
     log(f"seed {seed} (b) random: {best_b:.4f} after {spent} tasks")
     # (c) the agent, then (c2) again with (c)'s memory.
-    goal = parse_goal_toml(goal_text(base, jobs.data_id, budget, seed))
+    goal = parse_goal_toml(goal_text(base, jobs.data_id, budget, seed, rung))
     async with open_storage(tmp / f"agent-{seed}.db") as storage, \
             trio.open_nursery() as nursery:
         agent = Agent(storage, jobs, clock_ms=lambda: int(time.time() * 1000), home=None)
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--budget", type=int, default=24, help="micro-tasks per method")
     ap.add_argument("--random-rounds", type=int, default=3)
+    ap.add_argument("--rounds-per-rung", type=int, default=2,
+                    help="rounds of one agent branch job (search.rounds_per_rung)")
     ap.add_argument("--corpus-bytes", type=int, default=2_000_000)
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--svg", type=Path, help="draw seed 0's search tree here")
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs = SimJobs(gpt.init_state(gpt.SIZES["tiny"], 0), data_id, tokens, train_len,
                            (h_start, len(tokens) - h_start))
             results.append(trio.run(run_seed, jobs, args.budget, seed, args.random_rounds,
-                                    tmp))
+                                    args.rounds_per_rung, tmp))
         if args.svg:
             from node.agent.picture import search_svg
 

@@ -44,7 +44,10 @@ task_s = 120
 """
 
 
-@pytest.mark.timeout(150)
+# Two real jobs and a chain: 45 s on this 2-core machine when lightly loaded, over 120 s
+# under heavy load; beyond the default suite's budget, so it runs with -m slow.
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_a_tiny_search_runs_branches_as_jobs_and_the_chain_remembers(
         tmp_path: Path, assets: dict[str, Path]) -> None:  # noqa: F811
     honest = WorkerSection()
@@ -105,4 +108,4 @@ def test_a_tiny_search_runs_branches_as_jobs_and_the_chain_remembers(
             assert memory.starts[0].params["lr"] == next(
                 b["params"]["lr"] for b in branches if b["versions"][0] == s["best"]["version"])
 
-    run(main, timeout=140)
+    run(main, timeout=380)

@@ -93,9 +93,12 @@ class _NodeNames(Mapping[str, str]):
 def _planner(args: argparse.Namespace) -> Any:
     """The configured planner (node/agent/planner.py), or None."""
     from node.agent.planner import Planner
-    from node.config import load_config
+    from node.config import ConfigError, load_config
 
-    config = load_config(home_of(args)).agent
+    try:
+        config = load_config(home_of(args)).agent
+    except ConfigError:
+        return None  # no usable home: no planner; the caller says what it could not do
     return Planner(config) if config.llm_url else None
 
 
