@@ -274,3 +274,44 @@ def test_status_and_show_print_the_branches_reflections_and_path(tmp_path: Path)
         assert v in text
     for r in s["reflections"]:
         assert f"#{r['n']}" in text and r["why"] in text
+
+
+@pytest.mark.timeout(60)
+def test_the_api_routes(tmp_path: Path) -> None:
+    from node.agent.service import NotRunning, UnknownSearch
+    from node.api.agent import agent_routes
+    from node.api.server import ApiError, Request
+    from protocol.agentgoal import GoalError, goal_to_toml
+
+    text = goal_to_toml(goal(8))
+
+    async def body(agent: Agent) -> None:
+        routes = agent_routes(agent)
+
+        async def call(method: str, path: str, body: Any = None, **query: str) -> Any:
+            return await routes[(method, path)](Request(method, path, query, body))
+
+        proposal = {"lr": 0.003, "outer_lr": 0.7, "inner_steps": 50}
+        sid = (await call("POST", "/v1/agent/run", {"goal": text,
+                                                     "proposals": [proposal]}))["id"]
+        await agent.ended(sid).wait()
+        d = await call("GET", "/v1/agent/status", id=sid[:6])
+        assert d["status"] == "done" and d["memory"]["proposals"] == 1
+        first = d["search"]["branches"][0]["params"]
+        assert {k: first[k] for k in proposal} == proposal  # the proposal ran first
+        assert [r["id"] for r in await call("GET", "/v1/agent")] == [sid]
+        assert (await call("GET", "/v1/agent/svg", id=sid))["svg"].startswith("<svg")
+        with pytest.raises(NotRunning):
+            await call("POST", "/v1/agent/stop", {"id": sid})
+        with pytest.raises(UnknownSearch):
+            await call("GET", "/v1/agent/status", id="ffff")
+        with pytest.raises(GoalError, match=r"budget\.tasks"):
+            await call("POST", "/v1/agent/run", {"goal": text.replace("tasks = 8",
+                                                                       "tasks = -1")})
+        with pytest.raises(ApiError, match=r"proposal 1: lr: 5\.0 is outside"):
+            await call("POST", "/v1/agent/run", {"goal": text,
+                                                 "proposals": [{**proposal, "lr": 5.0}]})
+        with pytest.raises(ApiError, match="id: missing"):
+            await call("GET", "/v1/agent/status")
+
+    run_agent(tmp_path, body, SimRunner(DATA, [BASE]))
