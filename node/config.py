@@ -189,6 +189,16 @@ max_circuits = 16
 max_circuit_bytes = 1073741824
 max_circuit_duration_s = 3600
 reservation_ttl_s = 3600
+[agent]
+# Optional planner for `iollm agent run --goal` and `--plan` (specs/agent.md): an
+# OpenAI-compatible chat endpoint, e.g. "http://127.0.0.1:8000/v1". "" (the default):
+# the built-in sentence parser only. Its answers are checked like a goal file.
+llm_url = ""
+llm_model = ""
+# The environment variable holding the endpoint's API key (never stored here).
+llm_key_env = "IOLLM_LLM_KEY"
+# Seconds to wait for one answer.
+llm_timeout_s = 60.0
 """
 
 
@@ -324,6 +334,14 @@ class ChainSection:
 
 
 @dataclass(frozen=True)
+class AgentSection:
+    llm_url: str = ""
+    llm_model: str = ""
+    llm_key_env: str = "IOLLM_LLM_KEY"
+    llm_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     api: ApiSection = field(default_factory=ApiSection)
@@ -334,6 +352,7 @@ class Config:
     smip: SmipSection = field(default_factory=SmipSection)
     chain: ChainSection = field(default_factory=ChainSection)
     relay: RelaySection = field(default_factory=RelaySection)
+    agent: AgentSection = field(default_factory=AgentSection)
 
 
 _SECTIONS: dict[str, type] = {
@@ -346,6 +365,7 @@ _SECTIONS: dict[str, type] = {
     "smip": SmipSection,
     "chain": ChainSection,
     "relay": RelaySection,
+    "agent": AgentSection,
 }
 
 
@@ -459,6 +479,12 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
     if min(r.max_reservations, r.max_circuits, r.max_circuit_bytes, r.max_circuit_duration_s,
            r.reservation_ttl_s) <= 0:
         raise ConfigError(f"{source}: relay limits must be positive")
+    a = config.agent
+    if a.llm_url and not a.llm_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: agent.llm_url must start with http:// or https://, "
+                          f"got {a.llm_url!r}")
+    if not 0 < a.llm_timeout_s <= 3600:
+        raise ConfigError(f"{source}: agent.llm_timeout_s must be in (0, 3600]")
     return config
 
 

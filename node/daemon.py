@@ -36,6 +36,8 @@ from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Gauge
 
 from node import __version__
+from node.agent.service import Agent, JobsRunner
+from node.api.agent import agent_routes
 from node.api.dashboard import Sessions, dashboard_routes
 from node.api.gauges import register_service_metrics
 from node.api.jobs import job_routes
@@ -126,6 +128,7 @@ class Node:
     chain: Chain | None = None
     worker: Worker | None = None
     jobs: Jobs | None = None
+    agent: Agent | None = None
 
 
 @asynccontextmanager
@@ -163,6 +166,11 @@ async def build_node(spec: NodeSpec) -> AsyncIterator[Node]:
                              chain=node.chain)
             await nursery.start(node.worker.run)
             await nursery.start(node.jobs.run)
+            node.agent = Agent(storage, JobsRunner(node.jobs, node.models, discovery,
+                                                   discovery.peer_id),
+                               clock_ms=spec.clock_ms, home=spec.home, chain=node.chain,
+                               jobs=node.jobs)
+            await nursery.start(node.agent.run)
         # Peers that connected during start-up saw only the protocols registered by then.
         await net.announce_protocols()
         yield node
@@ -256,6 +264,8 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
         routes.update(dashboard_routes(
             sessions, home, ops=ops, worker=node.worker, chain=node.chain,
             resolve_model=lambda text: resolve_version(models, text, "model")))
+        if node.agent is not None:
+            routes.update(agent_routes(node.agent))
         try:
             port = await nursery.start(
                 lambda task_status: serve_api(routes, token, registry, host="127.0.0.1",

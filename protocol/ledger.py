@@ -32,6 +32,7 @@ from protocol.envelope import unpack_strict
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.genesis import Genesis, RewardParams
 from protocol.jobs import BPS
+from protocol.jobspec import JobSpec
 from protocol.txs import (
     KIND_DOUBLE_VOTE,
     KIND_FEED_FORK,
@@ -74,6 +75,7 @@ class JobEntry:
     base_model: bytes
     best_micro: int | None  # best held-out loss a round record reported; None: no round yet
     height: int  # the block that registered it
+    eval_set: bytes  # eval_set_id of its spec: jobs whose losses compare (breakthroughs)
 
     @property
     def designer(self) -> str:
@@ -81,7 +83,7 @@ class JobEntry:
 
     def row(self) -> list[Any]:
         return [self.coordinator, self.designer_share_bps, self.rounds, self.reward_pool,
-                self.base_model, self.best_micro, self.height]
+                self.base_model, self.best_micro, self.height, self.eval_set]
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,16 @@ def quality_bps(metrics: Mapping[str, float], params: RewardParams) -> int:
 # --- the state ---------------------------------------------------------------------------------
 
 MAPS = ("balances", "nonces", "jobs", "receipts", "tasks", "rounds", "versions", "parents",
-        "evidence")
+        "evidence", "evals")
+EVAL_SET_TAG = "iollm/eval-set/v1"
+
+
+def eval_set_id(spec: JobSpec) -> bytes:
+    """What makes two jobs' held-out losses comparable: the dataset and the held-out
+    windows every evaluation reads (split, sequence length, seed, batches, batch size).
+    Breakthroughs are judged against the best loss of every job with the same id."""
+    return digest(packb([EVAL_SET_TAG, spec.dataset, spec.heldout_fraction, spec.seq_len,
+                         spec.seed, spec.eval_batches, spec.batch_size]))
 
 
 class _Store:
@@ -294,6 +305,16 @@ class Ledger:
     def version_entry(self, version: bytes) -> VersionEntry | None:
         self._fresh()
         return self._get("versions", version)  # type: ignore[no-any-return]
+
+    def eval_best(self, eval_set: bytes) -> int | None:
+        """The best held-out loss (micro-nats) any round record reported on ``eval_set``."""
+        self._fresh()
+        return self._get("evals", eval_set)  # type: ignore[no-any-return]
+
+    def round_version(self, job_id: bytes, round_: int) -> bytes | None:
+        """The version the round record of ``job_id``'s round ``round_`` produced."""
+        self._fresh()
+        return self._get("rounds", (job_id, round_))  # type: ignore[no-any-return]
 
     def lineage(self, version: bytes) -> list[tuple[bytes, VersionEntry]]:
         """``version`` and its ancestors that round records produced, newest first."""
@@ -482,7 +503,7 @@ class Ledger:
         spec = job.spec
         self._put("jobs", c.ref, JobEntry(job.coordinator, spec.designer_share_bps,
                                           spec.rounds, spec.reward_pool, spec.base_model,
-                                          None, height))
+                                          None, height, eval_set_id(spec)))
 
     def _registered(self, job_id: bytes) -> JobEntry:
         job = self._get("jobs", job_id)
@@ -538,8 +559,13 @@ class Ledger:
                 raise TxRefused("receipt-mismatch", f"receipt {rid.hex()[:16]}.. is for "
                                                     "another job or round")
             entries.append(entry)
-        # Breakthrough: the round beats the best so far (its parent's loss at first).
+        # Breakthrough: the round beats the best so far (its parent's loss at first), and
+        # the best any job on the same evaluation set reached (branches of one search,
+        # other designers' jobs on the same data), so a version pays once for a level.
         best = rec.parent_loss_micro if job.best_micro is None else job.best_micro
+        known = self._get("evals", job.eval_set)
+        if known is not None:
+            best = min(best, known)
         margin = self.genesis.rewards.breakthrough_margin_micro
         if rec.heldout_loss_micro <= best - margin:
             minted = self._room(self.genesis.rewards.breakthrough_reward)
@@ -552,7 +578,9 @@ class Ledger:
             min(job.best_micro, rec.heldout_loss_micro)
         self._put("jobs", rec.job_id, JobEntry(job.coordinator, job.designer_share_bps,
                                                job.rounds, job.reward_pool, job.base_model,
-                                               new_best, job.height))
+                                               new_best, job.height, job.eval_set))
+        if known is None or rec.heldout_loss_micro < known:
+            self._put("evals", job.eval_set, rec.heldout_loss_micro)
         self._put("rounds", (rec.job_id, rec.round), rec.version)
         self._put("versions", rec.version, VersionEntry(rec.job_id, rec.round, rec.parent,
                                                         rec.receipts,
@@ -646,6 +674,10 @@ class Ledger:
             maps["balances"] = {p: b for p, b in d["balances"]}
             maps["nonces"] = {p: n for p, n in d["nonces"]}
             maps["jobs"] = {j: JobEntry(*row) for j, *row in d["jobs"]}
+            for entry in maps["jobs"].values():  # the evaluation sets' bests, derived
+                old = maps["evals"].get(entry.eval_set)
+                if entry.best_micro is not None and (old is None or entry.best_micro < old):
+                    maps["evals"][entry.eval_set] = entry.best_micro
             for rid, *row in d["receipts"]:
                 entry = ReceiptEntry(*row)
                 maps["receipts"][rid] = entry
@@ -681,4 +713,4 @@ _HANDLERS = {KIND_JOB: Ledger._tx_job, KIND_RECEIPT: Ledger._tx_receipt,
 
 __all__ = ["ID_BYTES", "Block", "CheckedTx", "EvidenceEntry", "JobEntry", "Ledger",
            "ReceiptEntry", "Revenue", "RoundRecord", "TxRefused", "VersionEntry", "block_id",
-           "check_tx", "encode_tx", "quality_bps", "split", "tx_id"]
+           "check_tx", "encode_tx", "eval_set_id", "quality_bps", "split", "tx_id"]

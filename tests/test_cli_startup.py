@@ -23,6 +23,10 @@ HEAVY = ("torch", "numpy", "libp2p", "multiaddr", "trio", "h11", "prometheus_cli
          "aiosqlite", "safetensors", "node.p2p", "node.chain", "node.daemon", "node.ml",
          "node.api.server")
 
+# Torch-free by design: the architectures and sizes `model init` offers, which the
+# parser lists as choices (node/ml/catalog.py), and the package that holds it.
+LIGHT = ("node.ml", "node.ml.catalog")
+
 # Each command that only talks to a running node, as a user types it.
 DAEMON_ONLY = [
     ["status"], ["peers"], ["gpus", "--min-vram", "8"], ["model", "list"],
@@ -36,7 +40,7 @@ import json, sys
 from node.cli.app import main
 rc = main(sys.argv[1:])
 heavy = sorted({m for m in sys.modules for h in json.loads(HEAVY)
-                if m == h or m.startswith(h + ".")})
+                if (m == h or m.startswith(h + ".")) and m not in json.loads(LIGHT)})
 print("LOADED " + json.dumps(heavy), file=sys.stderr)
 sys.exit(rc)
 """
@@ -46,7 +50,8 @@ def run_probed(*argv: str, timeout: float = 60) -> tuple[subprocess.CompletedPro
                                                          list[str]]:
     """Run ``iollm ARGV`` in a fresh interpreter; its result and the heavy modules it
     loaded by the time it returned."""
-    code = _PROBE.replace("HEAVY", repr(json.dumps(HEAVY)))
+    code = _PROBE.replace("HEAVY", repr(json.dumps(HEAVY))).replace(
+        "LIGHT", repr(json.dumps(LIGHT)))
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
                           text=True, timeout=timeout)
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("LOADED ")]

@@ -7,7 +7,8 @@ import ast
 from pathlib import Path
 
 NODE = Path(__file__).resolve().parent.parent / "node"
-SUBPACKAGES = {"api", "chain", "cli", "discovery", "jobs", "ml", "p2p", "smip", "testnet"}
+SUBPACKAGES = {"agent", "api", "chain", "cli", "discovery", "jobs", "ml", "p2p", "smip",
+               "testnet"}
 
 
 def module_name(path: Path) -> str:

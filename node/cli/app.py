@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node.cli.dashboard import add_dashboard_command
 
     add_dashboard_command(sub, client)
+    from node.cli.agent import add_agent_commands
+
+    add_agent_commands(sub, client)
 
     testnet = sub.add_parser("testnet", help="a local testnet of node processes on 127.0.0.1")
     t_sub = testnet.add_subparsers(dest="testnet_command", metavar="ACTION", required=True)

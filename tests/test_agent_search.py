@@ -1,0 +1,317 @@
+"""The agent's search (protocol/agentsearch.py with Optuna as its advisor, driven by
+node/agent/service.py) on a simulated objective, in trio's MockClock: budgets, parallel
+branches, lost branches, the optimal path, reflections, and memory's warm start."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from node.agent.advisor import OptunaAdvisor
+from node.agent.picture import search_svg
+from node.agent.service import Agent
+from node.storage import open_storage
+from protocol.agentgoal import Goal, parse_goal_toml
+from protocol.agentsearch import Search, Start
+from protocol.errors import LocalProtocolError
+from tests.agentsim import BASE_LOSS, SimRunner
+
+BASE = "ab" * 32
+DATA = "cd" * 32
+
+
+def goal(budget: int = 40, *, target: float | None = None, parallel: int = 2,
+         population: int = 4, wpr: int = 2, extra: str = "") -> Goal:
+    objective = f"[objective]\ntarget = {target}\n" if target is not None else ""
+    return parse_goal_toml(f"""
+name = "sim"
+base_model = "{BASE}"
+dataset = "{DATA}"
+{objective}
+[budget]
+tasks = {budget}
+[search]
+population = {population}
+parallel = {parallel}
+seed = 3
+[space]
+lr = {{low = 1e-4, high = 3e-2, log = true}}
+outer_lr = {{low = 0.2, high = 1.0}}
+inner_steps = [20, 50]
+workers_per_round = {wpr}
+{extra}""")
+
+
+def run_agent(tmp_path: Path, body: Callable[[Agent], Awaitable[Any]],
+              runner: SimRunner, *, optuna_in_home: bool = False) -> Any:
+    """``optuna_in_home``: the studies in sqlite under the home, as the daemon keeps
+    them (slower: a commit per trial event); else in memory."""
+    async def main() -> Any:
+        async with open_storage(tmp_path / "node.db") as storage, \
+                trio.open_nursery() as nursery:
+            agent = Agent(storage, runner, clock_ms=lambda: int(trio.current_time() * 1000),
+                          home=tmp_path if optuna_in_home else None)
+            await nursery.start(agent.run)
+            try:
+                return await body(agent)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def search_to_end(agent: Agent, g: Goal) -> dict[str, Any]:
+    sid = await agent.start(g)
+    # No trio deadline here: under MockClock's autojump a deadline fires whenever every
+    # task waits on the database thread. pytest-timeout bounds the test instead.
+    await agent.ended(sid).wait()
+    return agent.status(sid)
+
+
+@pytest.mark.timeout(60)
+def test_search_spends_its_budget_in_parallel_and_finds_a_path(tmp_path: Path) -> None:
+    runner = SimRunner(DATA, [BASE], workers=4)
+    d = run_agent(tmp_path, lambda a: search_to_end(a, goal(40)), runner)
+    s = d["search"]
+    assert d["status"] == "done" and s["finished"] == "budget spent"
+    assert s["spent"]["tasks"] <= 40
+    assert s["spent"]["tasks"] > 40 - 2  # a rung of 2 tasks fits until the end
+    assert runner.max_running == 2  # 4 workers, 2 per round: two branches at once
+    kinds = {b["kind"] for b in s["branches"]}
+    assert {"fresh", "continue", "exploit"} <= kinds, kinds
+    assert any(b["status"] == "stopped" for b in s["branches"])  # successive halving
+    # The optimal path goes from the base to the best version, each step a parent link,
+    # and every loss on it is what the branch reported.
+    nodes = {n["version"]: n for n in s["nodes"]}
+    path = s["path"]
+    assert path[0] == BASE and path[-1] == s["best"]["version"]
+    for parent, child in itertools.pairwise(path):
+        assert nodes[child]["parent"] == parent
+    assert s["best"]["loss"] == min(n["loss"] for n in s["nodes"] if n["loss"] is not None)
+    assert s["best"]["loss"] < BASE_LOSS - 1.5
+    # Reflections: one per rung decision, with the evidence.
+    assert len(s["reflections"]) == sum(1 for b in s["branches"] if b["status"] in
+                                        ("done", "stopped") and b["losses"])
+    stop = next(r for r in s["reflections"] if r["decision"] == "stop")
+    assert stop["why"] and stop["peers"] and stop["curve"]
+    assert any(r["moved"] for r in s["reflections"])  # explore moved a setting
+    # The picture: a dot per version (+3 in the legend), the path's in the path colour,
+    # the stopped branches' grey.
+    from xml.etree import ElementTree
+
+    from node.agent.picture import PATH_COLOUR, STOPPED_COLOUR
+
+    circles = ElementTree.fromstring(search_svg(d)).findall(
+        "{http://www.w3.org/2000/svg}circle")
+    assert len(circles) == len(s["nodes"]) + 3
+    fills = [c.get("fill") for c in circles[:-3]]
+    assert fills.count(PATH_COLOUR) == len(path)
+    stopped = {b["id"] for b in s["branches"] if b["status"] in ("stopped", "failed")}
+    assert fills.count(STOPPED_COLOUR) == sum(
+        1 for n in s["nodes"] if n["branch"] in stopped and n["version"] not in path)
+
+
+@pytest.mark.timeout(60)
+def test_the_studies_are_kept_in_sqlite_in_the_home(tmp_path: Path) -> None:
+    runner = SimRunner(DATA, [BASE], workers=4)
+    d = run_agent(tmp_path, lambda a: search_to_end(a, goal(6)), runner,
+                  optuna_in_home=True)
+    study = optuna.load_study(study_name=d["id"],
+                              storage=f"sqlite:///{tmp_path / 'agent' / 'optuna.db'}")
+    s = d["search"]
+    assert len(study.trials) == len({b["trial"] for b in s["branches"]})
+    assert min(t.value for t in study.trials if t.value is not None) == s["best"]["loss"]
+
+
+@pytest.mark.timeout(60)
+def test_target_ends_the_search_early(tmp_path: Path) -> None:
+    runner = SimRunner(DATA, [BASE])
+    d = run_agent(tmp_path, lambda a: search_to_end(a, goal(200, target=3.0)), runner)
+    s = d["search"]
+    assert s["finished"] == "target 3 reached"
+    assert s["best"]["loss"] <= 3.0 and s["spent"]["tasks"] < 200
+
+
+@pytest.mark.timeout(60)
+def test_lost_branches_are_retried_then_dropped_and_never_block(tmp_path: Path) -> None:
+    # Jobs 1 and 2 (branches 1 and 2) lose their workers; each is tried again, and the
+    # second try of one of them (job 4) is lost too, so that branch is dropped.
+    runner = SimRunner(DATA, [BASE], lose=frozenset({1, 2, 4}), workers=4)
+    g = goal(24, extra="[train]\nseq_len = 64\n")
+
+    async def body(agent: Agent) -> dict[str, Any]:
+        return await search_to_end(agent, g)
+
+    d = run_agent(tmp_path, body, runner)
+    s = d["search"]
+    by_id = {b["id"]: b for b in s["branches"]}
+    # Jobs 1 and 2 end at the same simulated moment: which retry is job 4 is the order
+    # trio runs them in.
+    kept, dropped = sorted((by_id[1], by_id[2]), key=lambda b: b["status"] == "failed")
+    assert kept["tries"] == 2 and kept["losses"], kept
+    assert dropped["status"] == "failed" and dropped["tries"] == 2
+    decisions = [r["decision"] for r in s["reflections"]]
+    assert decisions.count("retry") == 2 and decisions.count("drop") == 1
+    # What the lost tries spent counts against the budget, and the search still ended.
+    assert s["finished"] == "budget spent" and s["spent"]["tasks"] <= 24
+    assert s["best"] is not None
+
+
+@pytest.mark.timeout(90)
+def test_a_second_search_with_memory_reaches_the_first_best_with_fewer_tasks(
+        tmp_path: Path) -> None:
+    runner = SimRunner(DATA, [BASE], workers=4)
+    g = goal(40)
+
+    async def body(agent: Agent) -> tuple[dict[str, Any], dict[str, Any]]:
+        first = await search_to_end(agent, g)
+        second = await search_to_end(agent, g)
+        return first, second
+
+    first, second = run_agent(tmp_path, body, runner)
+    best = first["search"]["best"]["loss"]
+    assert second["memory"]["priors"] > 0 and second["memory"]["starts"]
+    assert second["memory"]["starts"][0] == first["search"]["best"]["version"]
+
+    def tasks_to_reach(doc: dict[str, Any], loss: float) -> int | None:
+        return next((t for t, x in doc["search"]["trace"] if x <= loss), None)
+
+    first_tasks = tasks_to_reach(first, best)
+    second_tasks = tasks_to_reach(second, best)
+    assert first_tasks is not None and second_tasks is not None
+    assert second_tasks < first_tasks, (first_tasks, second_tasks)
+
+
+@pytest.mark.timeout(60)
+def test_stop_ends_a_running_search(tmp_path: Path) -> None:
+    runner = SimRunner(DATA, [BASE])
+
+    async def body(agent: Agent) -> dict[str, Any]:
+        sid = await agent.start(goal(400))
+        await trio.sleep(25)  # simulated: the first rungs are done
+        d = await agent.stop(sid[:6])
+        return d
+
+    d = run_agent(tmp_path, body, runner)
+    assert d["status"] == "stopped" and d["search"]["finished"] == "stopped by the user"
+    assert d["search"]["spent"]["tasks"] < 400
+
+
+# --- the machine alone, events in any order -----------------------------------------------
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_the_machine_keeps_its_budget_whatever_the_events(data: st.DataObject) -> None:
+    budget = data.draw(st.integers(1, 30))
+    parallel = data.draw(st.integers(1, 4))
+    g = goal(budget, parallel=parallel, population=data.draw(st.integers(1, 5)))
+    advisor = OptunaAdvisor(g, "prop", seed=0)
+    search = Search(g, advisor, random.Random(0), [Start(BASE, None)])
+    running: list[int] = []
+    loss = {BASE: BASE_LOSS}
+    counter = 0
+    for _ in range(60):
+        if search.done:
+            break
+        free = parallel - len(running)
+        planned = search.plan(max(0, free))
+        assert len(planned) <= max(0, free)
+        for b in planned:
+            assert b.start in loss
+            search.started(b.id, f"job{b.id}")
+            running.append(b.id)
+        reserved = sum(search.cost(search.branches[i]) for i in running)
+        assert search.spent_tasks + reserved <= budget
+        if not running:
+            assert search.done
+            break
+        i = running.pop(data.draw(st.integers(0, len(running) - 1)))
+        b = search.branches[i]
+        if data.draw(st.booleans()) and data.draw(st.booleans()):
+            search.lost(i, "gone", tasks=data.draw(st.integers(0, search.cost(b))))
+            continue
+        versions, losses, parents = [], [], []
+        parent = b.start
+        for _r in range(b.rounds):
+            counter += 1
+            v = f"{counter:064x}"
+            loss[v] = loss[parent] * data.draw(st.floats(0.5, 1.1))
+            versions.append(v)
+            losses.append(loss[v])
+            parents.append(parent)
+            parent = v
+        search.finished(i, versions, losses, parents, search.cost(b), 1.0)
+        with pytest.raises(LocalProtocolError):
+            search.finished(i, versions, losses, parents, 0, 0.0)  # not running any more
+    assert search.spent_tasks <= budget
+    path = search.optimal_path()
+    if search.best is not None:
+        assert path[-1].version == search.best[1] and path[0].version == BASE
+        assert [n.depth for n in path] == list(range(len(path)))
+
+
+@pytest.mark.timeout(60)
+def test_status_and_show_print_the_branches_reflections_and_path(tmp_path: Path) -> None:
+    from node.cli.agent import format_status
+
+    d = run_agent(tmp_path, lambda a: search_to_end(a, goal(12)), SimRunner(DATA, [BASE]))
+    text = format_status(d, tree=True)
+    s = d["search"]
+    assert f"search {d['id']}" in text and "budget spent" in text
+    assert "REFLECTIONS" in text and "OPTIMAL PATH" in text
+    for v in s["path"]:
+        assert v in text
+    for r in s["reflections"]:
+        assert f"#{r['n']}" in text and r["why"] in text
+
+
+@pytest.mark.timeout(60)
+def test_the_api_routes(tmp_path: Path) -> None:
+    from node.agent.service import NotRunning, UnknownSearch
+    from node.api.agent import agent_routes
+    from node.api.server import ApiError, Request
+    from protocol.agentgoal import GoalError, goal_to_toml
+
+    text = goal_to_toml(goal(8))
+
+    async def body(agent: Agent) -> None:
+        routes = agent_routes(agent)
+
+        async def call(method: str, path: str, body: Any = None, **query: str) -> Any:
+            return await routes[(method, path)](Request(method, path, query, body))
+
+        proposal = {"lr": 0.003, "outer_lr": 0.7, "inner_steps": 50}
+        sid = (await call("POST", "/v1/agent/run", {"goal": text,
+                                                     "proposals": [proposal]}))["id"]
+        await agent.ended(sid).wait()
+        d = await call("GET", "/v1/agent/status", id=sid[:6])
+        assert d["status"] == "done" and d["memory"]["proposals"] == 1
+        first = d["search"]["branches"][0]["params"]
+        assert {k: first[k] for k in proposal} == proposal  # the proposal ran first
+        assert [r["id"] for r in await call("GET", "/v1/agent")] == [sid]
+        assert (await call("GET", "/v1/agent/svg", id=sid))["svg"].startswith("<svg")
+        with pytest.raises(NotRunning):
+            await call("POST", "/v1/agent/stop", {"id": sid})
+        with pytest.raises(UnknownSearch):
+            await call("GET", "/v1/agent/status", id="ffff")
+        with pytest.raises(GoalError, match=r"budget\.tasks"):
+            await call("POST", "/v1/agent/run", {"goal": text.replace("tasks = 8",
+                                                                       "tasks = -1")})
+        with pytest.raises(ApiError, match=r"proposal 1: lr: 5\.0 is outside"):
+            await call("POST", "/v1/agent/run", {"goal": text,
+                                                 "proposals": [{**proposal, "lr": 5.0}]})
+        with pytest.raises(ApiError, match="id: missing"):
+            await call("GET", "/v1/agent/status")
+
+    run_agent(tmp_path, body, SimRunner(DATA, [BASE]))
