@@ -22,12 +22,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         echo "setup failed: the imports above did not work" >&2; exit 1; }
     touch "$stamp"
 fi
-# The dashboard's browser tests drive Debian's chromium (Playwright downloads no browser
-# here); as root, install it when missing. Elsewhere the tests say they were skipped.
-if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "== installing chromium (apt) for the dashboard's browser tests"
+# System packages some tests need, installed as root when missing (elsewhere those tests
+# say they were skipped): Debian's chromium for the dashboard's browser tests (Playwright
+# downloads no browser here), iptables for the NAT of the namespace testnet (--nat).
+missing=""
+[ -x /usr/bin/chromium ] || missing="$missing chromium"
+command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || missing="$missing iptables"
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing$missing (apt) for the browser and NAT tests"
     { apt-get update -qq \
-        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
-        || echo "warning: could not install chromium; the browser tests will fail" >&2
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; } >/dev/null 2>&1 \
+        || echo "warning: could not install$missing; the tests needing them will fail" >&2
 fi
 export PATH="$PWD/.venv/bin:$PATH"

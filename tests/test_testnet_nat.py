@@ -29,7 +29,8 @@ try:
     UNAVAILABLE = ""
 except NetnsError as exc:
     UNAVAILABLE = str(exc)
-pytestmark = [pytest.mark.skipif(bool(UNAVAILABLE), reason=UNAVAILABLE),
+# CI runs as root, where set-up installs what is missing: there the tests run (and fail).
+pytestmark = [pytest.mark.skipif(bool(UNAVAILABLE) and os.geteuid() != 0, reason=UNAVAILABLE),
               pytest.mark.timeout(60)]
 
 PREFIX = f"nat{os.getpid() % 10**6}"
