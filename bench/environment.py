@@ -155,8 +155,8 @@ def _hetero(name: str) -> Callable[[argparse.Namespace], Result]:
     from bench import environment_hetero
 
     def measure(args: argparse.Namespace) -> Result:
-        args.set = HETERO_DEFAULT_SETS + args.set
-        figures = environment_hetero.MEASUREMENTS[name](args)
+        figures = environment_hetero.MEASUREMENTS[name](
+            argparse.Namespace(**{**vars(args), "set": HETERO_DEFAULT_SETS + args.set}))
         missed = environment_hetero.report(name, figures)
         summary = f"goals missed: {', '.join(missed)}" if missed else "goals met"
         return Result(name, not missed, summary, figures)

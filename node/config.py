@@ -21,6 +21,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from protocol.chainwire import MAX_SYNC_LIMIT
+from protocol.smip import MAX_INFLIGHT_PER_PEER, MAX_INFLIGHT_TOTAL
+
 CONFIG_FILE = "config.toml"
 TOKEN_FILE = "api.token"
 STATE_DB = "state.db"
@@ -189,6 +192,7 @@ max_circuits = 16
 max_circuit_bytes = 1073741824
 max_circuit_duration_s = 3600
 reservation_ttl_s = 3600
+
 [agent]
 # Optional planner for `iollm agent run --goal` and `--plan` (specs/agent.md): an
 # OpenAI-compatible chat endpoint, e.g. "http://127.0.0.1:8000/v1". "" (the default):
@@ -296,8 +300,8 @@ class SmipSection:
     announce_repeats_s: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0])
     list_startup_s: list[float] = field(default_factory=lambda: [2.0, 10.0, 30.0])
     list_peers: int = 3
-    serve_per_peer: int = 8
-    serve_total: int = 64
+    serve_per_peer: int = MAX_INFLIGHT_PER_PEER
+    serve_total: int = MAX_INFLIGHT_TOTAL
     more_providers_after_s: float = 0.5
     open_tries: int = 2
     open_retry_s: float = 0.5
@@ -371,6 +375,11 @@ _SECTIONS: dict[str, type] = {
 
 def default_home() -> Path:
     return Path(os.environ.get("IOLLM_HOME") or Path.home() / ".iollm")
+
+
+# The bound of every [smip] and [chain] value (seconds, counts, bytes): none is sane beyond
+# it, and inf (a timer that never fires: txs never gossiped) would only hide a typo.
+_TUNABLE_MAX = 1e9
 
 
 def _check_value(where: str, value: Any, default: Any) -> Any:
@@ -448,7 +457,7 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
     if len(w.devices) > 64 or not all(isinstance(d, str) and WORKER_SLOT_DEVICE.fullmatch(d)
                                       for d in w.devices):
         raise ConfigError(f"{source}: worker.devices must be at most 64 of \"cpu\", "
-                          f"\"cuda\" or \"cuda:N\", got {w.devices!r}")
+                          f"\"mps\", \"cuda\" or \"cuda:N\", got {w.devices!r}")
     if w.adversary not in ADVERSARIES:
         raise ConfigError(f"{source}: worker.adversary must be one of "
                           f"{', '.join(repr(a) for a in ADVERSARIES)}, got {w.adversary!r}")
@@ -458,14 +467,16 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
         if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 86_400
                    for t in times) or list(times) != sorted(times):
             raise ConfigError(f"{source}: smip.{name} must be seconds in [0, 86400), ascending")
-    for f in fields(s):
-        value = getattr(s, f.name)
-        if not isinstance(value, list) and not value > 0:
-            raise ConfigError(f"{source}: smip.{f.name} must be positive")
+    for section in ("smip", "chain"):
+        for f in fields(getattr(config, section)):
+            value = getattr(getattr(config, section), f.name)
+            if not isinstance(value, list) and not 0 < value <= _TUNABLE_MAX:
+                raise ConfigError(f"{source}: {section}.{f.name} must be positive and at most "
+                                  f"{_TUNABLE_MAX:g}, got {value}")
     c = config.chain
-    for f in fields(c):
-        if not getattr(c, f.name) > 0:
-            raise ConfigError(f"{source}: chain.{f.name} must be positive")
+    if c.sync_batch > MAX_SYNC_LIMIT:
+        raise ConfigError(f"{source}: chain.sync_batch must be at most {MAX_SYNC_LIMIT} "
+                          f"(what one sync request may ask for), got {c.sync_batch}")
     if c.frame_body_base_s < c.direct_write_timeout_s:
         raise ConfigError(f"{source}: chain.frame_body_base_s must be at least "
                           "chain.direct_write_timeout_s (a slow honest write would be cut)")

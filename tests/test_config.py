@@ -5,6 +5,7 @@ tests/test_capability.py.)"""
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
@@ -113,3 +114,13 @@ def test_bad_smip_values_name_the_key(table: dict[str, object], expected: str) -
     with pytest.raises(ConfigError) as info:
         parse_config({"smip": table}, "cfg.toml")
     assert expected in str(info.value)
+
+
+def test_tunables_are_finite_and_sync_batches_fit_a_request() -> None:
+    for section, key in (("chain", "tx_flush_s"), ("smip", "open_retry_s")):
+        expected = re.escape(f"{section}.{key} must be positive and at most")
+        with pytest.raises(ConfigError, match=expected):
+            parse_config({section: {key: float("inf")}})
+    with pytest.raises(ConfigError, match=re.escape("chain.sync_batch must be at most 1024")):
+        parse_config({"chain": {"sync_batch": 2000}})
+    assert parse_config({"chain": {"sync_batch": 1024}}).chain.sync_batch == 1024

@@ -171,7 +171,7 @@ def _refused(metrics: str) -> float:
 # holds its stream, within the per-peer stream and buffer limits (specs/limits.md).
 SLOW_DEADLINES = {
     "/iollm/smip/1.0.0": 30.0,  # STREAM_IDLE_TIMEOUT_S
-    "/iollm/blocks/1.0.0": 30.0,  # SYNC_TIMEOUT_S
+    "/iollm/blocks/1.0.0": 30.0,  # [chain] sync_timeout_s
     "/iollm/capability-sync/1.0.0": 5.0,  # min(query_timeout_s 10, STREAM_TIMEOUT_S 5)
     "/iollm/task/1.0.0": 10.0,  # ASSIGN_TIMEOUT_S
 }

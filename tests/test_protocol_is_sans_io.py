@@ -14,7 +14,7 @@ FORBIDDEN = ("trio", "libp2p", "aiosqlite", "torch", "asyncio")
 MODULES = ("agentgoal", "agentnl", "agentsearch",
            "capability", "chainwire", "checking", "checks", "consensus", "coordination",
            "envelope", "errors", "feed", "genesis", "hashtree", "jobs", "jobspec", "ledger",
-           "mempool", "penalty", "peerid", "smip", "txs", "votes")
+           "mempool", "penalty", "peerid", "scheduling", "smip", "txs", "votes")
 
 CHECK = f"""
 import importlib, sys

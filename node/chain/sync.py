@@ -102,10 +102,10 @@ class BlockSync:
             return
         async with self._lock:
             try:
-                while True:
-                    got = await self._sync_batch(peer)
-                    if got < self.tunables.sync_batch:
-                        return
+                # Until a batch brings nothing new: a peer may cap its answers below our
+                # request (each node's [chain] sync_batch is its own).
+                while await self._sync_batch(peer):
+                    pass
             except (FrameError, RemoteProtocolError, OSError, trio.TooSlowError) as exc:
                 log.info("catching up from %s stopped: %s", peer, exc)
             except Exception as exc:  # a dial that fails in the library's own ways

@@ -175,8 +175,8 @@ class Worker:
                 await self._fetch(version, [peer])
             self.stats.prefetched += 1
             log.info("prefetched %s and its dataset for the next round", id_hex(base)[:16])
-        except FetchError as exc:
-            log.info("prefetching %s failed: %s", id_hex(base)[:16], exc)
+        except Exception as exc:  # a hint only: whatever went wrong, the task fetches again
+            log.info("prefetching %s failed: %r", id_hex(base)[:16], exc)
         finally:
             self._prefetching = False
 

@@ -51,8 +51,10 @@ MAX_LIST_BYTES = 5 + MAX_LIST_LIMIT * (3 + MAX_ANNOUNCE_BYTES)
 STREAM_IDLE_TIMEOUT_S = 30.0  # server closes a stream with no new request for this long
 RESPONSE_TIMEOUT_S = 10.0  # from the end of a request to the end of its header frame
 MIN_TRANSFER_BYTES_PER_S = 1 << 18  # slower than 256 KiB/s is a stall (payload deadlines)
-MAX_INFLIGHT_PER_PEER = 8  # requests a server works on for one peer; more get "busy"
-MAX_INFLIGHT_TOTAL = 64  # requests a server works on for all peers together
+# Requests a server works on for one peer, and for all peers together; more get "busy".
+# Defaults: each server sets its own (iollm: [smip] serve_per_peer, serve_total).
+MAX_INFLIGHT_PER_PEER = 8
+MAX_INFLIGHT_TOTAL = 64
 STREAMS_PER_PROVIDER = 1  # streams a fetcher keeps open to one provider
 PIPELINE_DEPTH = 8  # requests a fetcher may have outstanding on one stream
 BUSY_BACKOFF_S = 1.0  # a fetcher waits this long before asking a "busy" provider again
