@@ -96,7 +96,9 @@ def test_init_stdlib_submit_status_receipts(tmp_path: Path) -> None:
         rows = {ln[:12]: ln for ln in models.stdout.splitlines()[1:]}
         assert "  *  " in rows[status["base"][:12]] and "  *  " not in rows[base[:12]], rows
         everything = iollm("model", "list", "--all", *home).stdout
-        assert everything.count(" delta ") == 2 and "update r1" in everything
+        internal = [ln for ln in everything.splitlines() if " delta " in ln]
+        assert len(internal) == 2 and "update r1" in everything, everything
+        assert all(ln.split()[1] == "delta" for ln in internal)  # named "delta <job> <task>"
         listed = iollm("job", "list", *home).stdout
         assert job[:12] in listed and "done" in listed
 

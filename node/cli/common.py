@@ -21,7 +21,10 @@ class CliError(Exception):
 
 
 def home_of(args: argparse.Namespace) -> Path:
-    return Path(args.home).expanduser() if args.home else default_home()
+    """The node home, absolute: a daemon started on a relative one (``--home
+    testnet/node-1``, ``IOLLM_HOME=testnet/node-1``) hands paths under it to child
+    processes, which take absolute paths only."""
+    return (Path(args.home).expanduser() if args.home else default_home()).absolute()
 
 
 def call_node(args: argparse.Namespace, path: str, method: str = "GET", body: Any = None) -> Any:
