@@ -10,7 +10,8 @@ from libp2p.records.record import make_signed_put_record
 from nacl.signing import SigningKey
 
 from node.config import DiscoverySection
-from node.discovery.service import CAPABILITY_PROTOCOL
+from node.discovery.service import CAPABILITY_PROTOCOL, VALUE_QUORUM
+from node.p2p.lookup import Unresponsive, value_from_peer, walk
 from protocol.capability import CapabilityRecord, capability_dht_key, class_provider_key
 from protocol.envelope import DOMAIN_CAPABILITY, seal
 from tests.cluster import LocalNode
@@ -402,5 +403,36 @@ def test_only_dht_peers_enter_the_routing_table(tmp_path: Path) -> None:
             table = node.net.dht.routing_table
             assert not table.peer_in_table(stranger.peer_id)
             assert table.peer_in_table(nodes[1].net.peer_id)
+
+    run(scenario)
+
+
+def test_dht_only_query_stops_at_a_quorum_of_copies(tmp_path: Path) -> None:
+    """A walk that has enough stops there: the DHT-only record query ends once
+    VALUE_QUORUM valid copies are in, instead of waiting on every one of the k closest
+    peers (whose slowest made its p99; bench/RESULTS.md, 2026-12-07)."""
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        async with node_cluster(tmp_path, [make_env() for _ in range(6)], clock) as nodes:
+            await _all_published(nodes)
+            asker, target = nodes[0], nodes[5]
+            key = capability_dht_key(target.peer_id).encode()
+
+            async def get(peer: ID) -> tuple[bytes | None, list[ID]]:
+                return await value_from_peer(asker.net.dht, peer, key)
+
+            async def copies() -> bool:
+                full = await walk(asker.net.dht, key, get, rpc_timeout=3, timeout=10,
+                                  unresponsive=Unresponsive())
+                return len(full.answers) > VALUE_QUORUM
+
+            await wait_until(copies, timeout=30)  # the record reached more than a quorum
+            quick = await walk(asker.net.dht, key, get, rpc_timeout=3, timeout=10,
+                               unresponsive=Unresponsive(),
+                               enough=lambda answers: len(answers) >= VALUE_QUORUM)
+            assert len(quick.answers) == VALUE_QUORUM
+            cap = await asker.discovery.record_from_network(target.peer_id)
+            assert cap is not None and cap.envelope == target.discovery.current.envelope  # type: ignore[union-attr]
 
     run(scenario)

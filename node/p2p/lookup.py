@@ -73,9 +73,11 @@ async def walk(
     unresponsive: Unresponsive,
     k: int = K,
     alpha: int = ALPHA,
+    enough: Callable[[list[tuple[ID, T]]], bool] | None = None,
 ) -> WalkResult[T]:
     """Walk towards ``key`` until the ``k`` closest live peers seen have all answered, or
-    ``timeout`` seconds have passed: then it returns what it has collected so far."""
+    ``timeout`` seconds have passed, or ``enough(answers)`` holds (the caller has what it
+    needs: the requests still in flight are cancelled): then it returns what it has."""
     local = dht.host.get_id()
     # The keyspace of go-libp2p and py-libp2p: SHA-256 of the key and of the peer id bytes.
     target = hashlib.sha256(key).digest()
@@ -133,6 +135,9 @@ async def walk(
                     responded.add(peer)
                     if payload is not None:
                         answers.append((peer, payload))
+                        if enough is not None and enough(answers):
+                            nursery.cancel_scope.cancel()
+                            break
                     now = trio.current_time()
                     for c in closer:
                         if c != local and c not in candidates and not unresponsive.is_bad(c, now):
