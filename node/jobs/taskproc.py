@@ -142,11 +142,21 @@ class Data:
     and windows of a job are given in bytes of the dataset; :meth:`span` maps them onto
     token positions in proportion (the same map on every node: the same tokens)."""
 
-    def __init__(self, req: dict[str, Any], model_dir: Path) -> None:
+    def __init__(self, req: dict[str, Any], model_dir: Path, config: models.Config) -> None:
         files = file_list(req)
         self.n_bytes = sum(os.path.getsize(f) for f in files)
         tok_file = model_dir / tokens.TOKENIZER_FILE
-        if (model_dir / tokens.TOKENIZER_FILE).is_file():
+        if models.is_hf(config) and not tok_file.is_file():
+            raise RequestError(f"model {model_dir}: a Hugging Face model needs a "
+                               f"{tokens.TOKENIZER_FILE} (tokenizers' format) to read text")
+        if tok_file.is_file():
+            try:
+                vocab = tokens.vocab_size(tok_file)
+            except Exception as e:  # tokenizers raises its own Exception type on a bad file
+                raise RequestError(f"{tok_file}: unreadable tokenizer ({e})") from None
+            if vocab > getattr(config, "vocab_size", vocab):
+                raise RequestError(f"{tok_file}: {vocab} tokens, more than the model's "
+                                   f"vocab_size {getattr(config, 'vocab_size', 0)}")
             cache = path_field(req, "token_cache", None) or default_token_cache(files[0])
             try:
                 self.tokens = tokens.tokenized(tok_file, files, cache, progress=_tok_progress)
@@ -357,7 +367,7 @@ def run_training(config: models.Config, base: dict[str, torch.Tensor], data: Dat
 def op_train(req: dict[str, Any]) -> dict[str, Any]:
     model_dir = path_field(req, "model_dir")
     config, base = load_model_dir(model_dir)
-    data = Data(req, model_dir)
+    data = Data(req, model_dir, config)
     args = train_args(req)
     dev = pick_device(field(req, "device", str, "cpu"))
     out_dir = path_field(req, "out_dir")
@@ -377,7 +387,7 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model_dir = path_field(req, "model_dir")
     config, base = load_model_dir(model_dir)
-    data = Data(req, model_dir)
+    data = Data(req, model_dir, config)
     n = data.n
     _, h_start = corpus.split(n, field(req, "heldout_fraction", float))
     seq_len = int_field(req, "seq_len", 1)
@@ -465,7 +475,7 @@ def heldout_loss(req: dict[str, Any], config: models.Config, model_dir: Path,
     """The held-out loss of ``state`` when the request names data files, else None."""
     if "data_files" not in req or req["data_files"] is None:
         return None
-    data = Data(req, model_dir)
+    data = Data(req, model_dir, config)
     n = data.n
     _, h_start = corpus.split(n, field(req, "heldout_fraction", float))
     batch = int_field(req, "batch_size", 1, 32)
