@@ -8,19 +8,27 @@ Every path is absolute. Every file written goes to a temporary name in its direc
 renamed into place, so a crash leaves nothing half-written; a model directory gets its
 weights first and its config.json last.
 
+Every answer also carries "peak_rss_bytes", the child's peak resident memory.
+
 Ops (fields without a default are required):
 
 ``init``    {"op": "init", "arch": "gpt", "size": "tiny", "seed": 0, "out_dir": D}
-            or "config": {GPTConfig fields} instead of "size"
-            -> {"params": N, "sha256": hex of model.safetensors}
+            or "config": {GPTConfig fields} instead of "size"; or "arch": llama | qwen2 |
+            mistral | gpt2, "size": tiny | small | 125m, "tokenizer": "byte" | "bpe"
+            (with "data_files" and "vocab_size"), "block_size": optional
+            -> {"params": N, "sha256": hex of model.safetensors, "vocab_size" (HF)}
 ``corpus``  {"op": "corpus", "out": F} -> {"bytes": N, "files": K}
 ``train``   {"op": "train", "model_dir": D, "data_files": [F, ...], "slice_start": s,
              "slice_len": n, "seed": k, "steps": H, "batch_size": B, "seq_len": T, "lr": x,
              "warmup": 0, "lr_end": null, "device": "cpu"|"cuda"|"auto", "threads": 1,
-             "delta_bits": 8|4, "out_dir": O}
+             "delta_bits": 8|4, "out_dir": O, optional: "micro_batch": m, "compile": false,
+             "grad_checkpointing": false, "micro_batch_cache": DIR, "token_cache": DIR}
             -> O/delta.safetensors (int8; int4 with "delta_bits": 4); {"first_loss",
                "last_loss", "tokens", "wall_s", "delta": path, "delta_bytes": size,
-               "device": device used}
+               "device": device used, "micro_batch", "precision": fp32|bf16|fp16}
+            A model directory with a tokenizer.json reads the data as that tokenizer's ids
+            (tokenized once, cached in "token_cache", default <store>/tokens); slices stay
+            in bytes of the data and are mapped onto tokens in proportion.
 ``check``   {"op": "check", "model_dir": D, "data_files": [...], "heldout_fraction": h,
              "eval_batches": n, "batch_size": b, "seq_len": T, "seed": k, "window_seed": k,
              "deltas": [{"id", "path", "slice_start", "slice_len", "seed", "steps",
