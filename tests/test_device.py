@@ -121,15 +121,13 @@ def test_train_answer_reports_device_precision_micro_batch_and_peak_memory(
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the check runs for real on a CUDA machine")
-def test_gpu_check_says_there_is_no_cuda_and_measures_nothing() -> None:
-    import subprocess
-    import sys
+def test_gpu_check_says_there_is_no_cuda_and_measures_nothing(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import gpu_check
 
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(root / "bench" / "gpu_check.py")],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 2, proc.stderr
-    assert "no CUDA device" in proc.stderr and proc.stdout == ""
+    assert gpu_check.main([]) == 2
+    out = capsys.readouterr()
+    assert "no CUDA device" in out.err and out.out == ""
 
 
 def test_gpu_check_flops_and_peaks() -> None:

@@ -154,7 +154,8 @@ def test_other_architectures_init_and_train(tmp_path: Path, data: Path, arch: st
     assert res.last_loss < res.first_loss + 0.5
 
 
-def test_bad_model_directories_are_refused_with_a_message(tmp_path: Path, llama: Path) -> None:
+def test_bad_model_directories_are_refused_with_a_message(tmp_path: Path, llama: Path,
+                                                         data: Path) -> None:
     def copy(name: str) -> Path:
         d = tmp_path / name
         d.mkdir()
@@ -192,6 +193,19 @@ def test_bad_model_directories_are_refused_with_a_message(tmp_path: Path, llama:
     assert "no .safetensors weights" in fails({"op": "apply", "model_dir": str(d),
                                                 "update": str(d / "x"),
                                                 "out_model_dir": str(tmp_path / "o")})
+    train = {"op": "train", "data_files": [str(data)], "slice_start": 0,
+             "slice_len": 2000, "seed": 0, "steps": 1, "batch_size": 1, "seq_len": 16,
+             "lr": 1e-3, "out_dir": str(tmp_path / "o")}
+    d = copy("notok")
+    (d / "tokenizer.json").unlink()
+    assert "needs a tokenizer.json" in fails({**train, "model_dir": str(d)})
+    small = hf.HFConfig.from_json(hf.make_config("llama", "tiny", 100, 0))
+    d = tmp_path / "bigtok"  # a byte tokenizer (257 ids) on a model of 100 tokens
+    models.save_model(d, small, hf.init_state(small, 0), tokens.byte_tokenizer())
+    assert "257 tokens, more than the model's vocab_size 100" in fails(
+        {**train, "model_dir": str(d)})
+    (d / "tokenizer.json").write_text("{not a tokenizer")
+    assert "unreadable tokenizer" in fails({**train, "model_dir": str(d)})
     assert "arch 'bert'" in fails({"op": "init", "arch": "bert", "size": "tiny",
                                     "out_dir": str(tmp_path / "o")})
     assert "size '1b'" in fails({"op": "init", "arch": "llama", "size": "1b",

@@ -8,19 +8,27 @@ Every path is absolute. Every file written goes to a temporary name in its direc
 renamed into place, so a crash leaves nothing half-written; a model directory gets its
 weights first and its config.json last.
 
+Every answer also carries "peak_rss_bytes", the child's peak resident memory.
+
 Ops (fields without a default are required):
 
 ``init``    {"op": "init", "arch": "gpt", "size": "tiny", "seed": 0, "out_dir": D}
-            or "config": {GPTConfig fields} instead of "size"
-            -> {"params": N, "sha256": hex of model.safetensors}
+            or "config": {GPTConfig fields} instead of "size"; or "arch": llama | qwen2 |
+            mistral | gpt2, "size": tiny | small | 125m, "tokenizer": "byte" | "bpe"
+            (with "data_files" and "vocab_size"), "block_size": optional
+            -> {"params": N, "sha256": hex of model.safetensors, "vocab_size" (HF)}
 ``corpus``  {"op": "corpus", "out": F} -> {"bytes": N, "files": K}
 ``train``   {"op": "train", "model_dir": D, "data_files": [F, ...], "slice_start": s,
              "slice_len": n, "seed": k, "steps": H, "batch_size": B, "seq_len": T, "lr": x,
              "warmup": 0, "lr_end": null, "device": "cpu"|"cuda"|"auto", "threads": 1,
-             "delta_bits": 8|4, "out_dir": O}
+             "delta_bits": 8|4, "out_dir": O, optional: "micro_batch": m, "compile": false,
+             "grad_checkpointing": false, "micro_batch_cache": DIR, "token_cache": DIR}
             -> O/delta.safetensors (int8; int4 with "delta_bits": 4); {"first_loss",
                "last_loss", "tokens", "wall_s", "delta": path, "delta_bytes": size,
-               "device": device used}
+               "device": device used, "micro_batch", "precision": fp32|bf16|fp16}
+            A model directory with a tokenizer.json reads the data as that tokenizer's ids
+            (tokenized once, cached in "token_cache", default <store>/tokens); slices stay
+            in bytes of the data and are mapped onto tokens in proportion.
 ``check``   {"op": "check", "model_dir": D, "data_files": [...], "heldout_fraction": h,
              "eval_batches": n, "batch_size": b, "seq_len": T, "seed": k, "window_seed": k,
              "deltas": [{"id", "path", "slice_start", "slice_len", "seed", "steps",
@@ -143,11 +151,21 @@ class Data:
     and windows of a job are given in bytes of the dataset; :meth:`span` maps them onto
     token positions in proportion (the same map on every node: the same tokens)."""
 
-    def __init__(self, req: dict[str, Any], model_dir: Path) -> None:
+    def __init__(self, req: dict[str, Any], model_dir: Path, config: models.Config) -> None:
         files = file_list(req)
         self.n_bytes = sum(os.path.getsize(f) for f in files)
         tok_file = model_dir / tokens.TOKENIZER_FILE
-        if (model_dir / tokens.TOKENIZER_FILE).is_file():
+        if models.is_hf(config) and not tok_file.is_file():
+            raise RequestError(f"model {model_dir}: a Hugging Face model needs a "
+                               f"{tokens.TOKENIZER_FILE} (tokenizers' format) to read text")
+        if tok_file.is_file():
+            try:
+                vocab = tokens.vocab_size(tok_file)
+            except Exception as e:  # tokenizers raises its own Exception type on a bad file
+                raise RequestError(f"{tok_file}: unreadable tokenizer ({e})") from None
+            if vocab > getattr(config, "vocab_size", vocab):
+                raise RequestError(f"{tok_file}: {vocab} tokens, more than the model's "
+                                   f"vocab_size {getattr(config, 'vocab_size', 0)}")
             cache = path_field(req, "token_cache", None) or default_token_cache(files[0])
             try:
                 self.tokens = tokens.tokenized(tok_file, files, cache, progress=_tok_progress)
@@ -358,7 +376,7 @@ def run_training(config: models.Config, base: dict[str, torch.Tensor], data: Dat
 def op_train(req: dict[str, Any]) -> dict[str, Any]:
     model_dir = path_field(req, "model_dir")
     config, base = load_model_dir(model_dir)
-    data = Data(req, model_dir)
+    data = Data(req, model_dir, config)
     args = train_args(req)
     dev = pick_device(field(req, "device", str, "cpu"))
     out_dir = path_field(req, "out_dir")
@@ -378,7 +396,7 @@ def op_check(req: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model_dir = path_field(req, "model_dir")
     config, base = load_model_dir(model_dir)
-    data = Data(req, model_dir)
+    data = Data(req, model_dir, config)
     n = data.n
     _, h_start = corpus.split(n, field(req, "heldout_fraction", float))
     seq_len = int_field(req, "seq_len", 1)
@@ -466,7 +484,7 @@ def heldout_loss(req: dict[str, Any], config: models.Config, model_dir: Path,
     """The held-out loss of ``state`` when the request names data files, else None."""
     if "data_files" not in req or req["data_files"] is None:
         return None
-    data = Data(req, model_dir)
+    data = Data(req, model_dir, config)
     n = data.n
     _, h_start = corpus.split(n, field(req, "heldout_fraction", float))
     batch = int_field(req, "batch_size", 1, 32)

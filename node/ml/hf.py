@@ -152,7 +152,7 @@ def _new_module(config: HFConfig, device: str | torch.device = "cpu") -> nn.Modu
     from transformers import AutoModelForCausalLM
 
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config.hf, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config.hf)  # fp32: torch's default dtype
     assert isinstance(model, nn.Module)
     return model
 

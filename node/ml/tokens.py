@@ -147,6 +147,12 @@ def save_tokenizer(tok: Any, out_dir: str | os.PathLike[str], model_max_length: 
                                              encoding="utf-8")
 
 
+def vocab_size(tokenizer_file: str | os.PathLike[str]) -> int:
+    from tokenizers import Tokenizer
+
+    return int(Tokenizer.from_file(str(tokenizer_file)).get_vocab_size(with_added_tokens=True))
+
+
 def content_id(path: str | os.PathLike[str]) -> str:
     """A data file's content id: its name when it is a content-store shard (named by its
     verified root hash), else the sha256 of its bytes."""
