@@ -299,7 +299,8 @@ def measure_join(args: Any) -> dict[str, Any]:
                     raise RuntimeError(f"the job ended before the late worker contributed: "
                                        f"{status['status']} {status.get('error')}")
                 time.sleep(POLL_S)  # polling another process, bounded by the deadline
-            wait_job(net, jid)
+            else:
+                raise RuntimeError("the late worker had no accepted task in time")
         finally:
             if proc is not None:
                 proc.terminate()
