@@ -136,7 +136,8 @@ def test_three_workers_two_rounds_loss_goes_down(tmp_path: Path, assets: dict[st
                              and t.get("step") and t.get("loss") is not None]
                 await trio.sleep(0.05)  # sampling another task's state; bounded by run()
             assert {"training", "checking"} <= phases, phases
-            assert seen and all(0 < t["step"] <= t["steps"] == 20 and t["tokens"] > 0
+            # (round 0 gives each task 20 steps; round 1 sizes them by measured speed)
+            assert seen and all(0 < t["step"] <= t["steps"] <= 60 and t["tokens"] > 0
                                 for t in seen), seen
             status = jobs.status(jid)
             assert "live" not in status
