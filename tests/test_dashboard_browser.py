@@ -247,7 +247,9 @@ def test_refused_without_session_or_with_forged_csrf(net: Net, page: Page) -> No
 
 @pytest.mark.timeout(120)
 def test_login_through_the_link_and_see_every_node(net: Net, page: Page) -> None:
-    page.goto(net.login_link())
+    printed = netutil.iollm("dashboard", "--home", str(net.coordinator)).stdout.splitlines()
+    assert printed[0].startswith(f"{net.api}/dashboard/login?code=") and "once" in printed[1]
+    page.goto(printed[0])
     net.logged_in = True
     assert urlsplit(page.url).path == "/dashboard"
     expect(page.locator("#identity")).to_contain_text(net.peers[0])
