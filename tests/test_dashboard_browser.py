@@ -5,7 +5,9 @@ errors by field), watches the job's loss chart gain points while it runs, follow
 model's lineage in the version DAG and reads the chain; and is refused without the
 session cookie or with a forged CSRF token.
 
-One testnet (2 nodes, simulated GPUs) serves every test of this module, in order.
+One testnet (2 nodes, simulated GPUs) and one browser serve every test of this module,
+which run in order; should pytest-xdist split the module, each worker gets its own, and a
+test whose prerequisites ran elsewhere (the login, the job) does them itself.
 Screenshots of each page go to ``$IOLLM_ARTIFACTS`` (default: the test's tmp dir) as
 ``dashboard-<page>.png``.
 
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,7 @@ def iollm(*args: str, timeout: float = 120) -> str:
 
 
 def job_spec(base: str, data: str, *, rounds: str = "1") -> str:
+    """A job of one round, one worker, two inner steps: one point more on the chart."""
     return (f'name = "dash-job"\nbase_model = "{base}"\ndataset = "{data}"\n'
             f"[train]\nrounds = {rounds}\nworkers_per_round = 1\ninner_steps = 2\n"
             f"batch_size = 4\nseq_len = 32\n[checks]\nreexec_fraction = 0.0\neval_batches = 1\n"
@@ -81,10 +85,25 @@ class Net:
         self.base = ""
         self.data = ""
         self.job = ""
+        self.logged_in = False
 
     def get(self, path: str) -> Any:
         token = read_token_file(self.coordinator / "api.token")
         return api_request(self.api, token, "GET", path, timeout=20)
+
+    def finished_job(self) -> str:
+        """The job the browser submitted, once done. A test that needs it but runs where
+        the job test did not (pytest-xdist may split this module) submits it itself."""
+        token = read_token_file(self.coordinator / "api.token")
+        if not self.job:
+            self.job = api_request(self.api, token, "POST", "/v1/jobs/submit",
+                                   {"spec": job_spec(self.base, self.data)}, timeout=30)["job"]
+        deadline = time.monotonic() + JOB_WAIT_MS / 1000
+        while (status := self.get(f"/v1/jobs/status?id={self.job}"))["status"] != "done":
+            assert status["status"] == "running", f"{status}\n{self.logs()}"
+            assert time.monotonic() < deadline, f"job not done in time\n{self.logs()}"
+            time.sleep(0.5)  # polling the coordinator's API, bounded by the deadline
+        return self.job
 
     def logs(self, lines: int = 25) -> str:
         return "\n".join(f"-- {h.name}:\n" + "\n".join(
@@ -95,6 +114,14 @@ class Net:
         out = json.loads(iollm("dashboard", "--json", "--home", str(self.coordinator)))
         assert out["url"].startswith(f"{self.api}/dashboard/login?code="), out
         return str(out["url"])
+
+    def open(self, page: Page, where: str) -> None:
+        """Show a page of the dashboard, logging in first if this browser has not (the
+        tests that log in ran in another pytest-xdist worker)."""
+        if not self.logged_in:
+            page.goto(self.login_link())
+            self.logged_in = True
+        page.goto(f"{self.api}/dashboard#/{where}")
 
     def shot(self, page: Page, name: str) -> None:
         page.screenshot(path=str(self.artifacts / f"dashboard-{name}.png"), full_page=True)
@@ -220,7 +247,10 @@ def test_refused_without_session_or_with_forged_csrf(net: Net, page: Page) -> No
 
 @pytest.mark.timeout(120)
 def test_login_through_the_link_and_see_every_node(net: Net, page: Page) -> None:
-    page.goto(net.login_link())
+    printed = netutil.iollm("dashboard", "--home", str(net.coordinator)).stdout.splitlines()
+    assert printed[0].startswith(f"{net.api}/dashboard/login?code=") and "once" in printed[1]
+    page.goto(printed[0])
+    net.logged_in = True
     assert urlsplit(page.url).path == "/dashboard"
     expect(page.locator("#identity")).to_contain_text(net.peers[0])
     expect(page.locator("#balance")).to_be_visible()
@@ -251,7 +281,7 @@ def test_login_through_the_link_and_see_every_node(net: Net, page: Page) -> None
 
 @pytest.mark.timeout(400)
 def test_submit_a_job_and_watch_its_chart_gain_points(net: Net, page: Page) -> None:
-    page.click("nav a[data-page=jobs]")
+    net.open(page, "jobs")
     page.fill("#spec", job_spec(net.base, net.data, rounds="0"))
     page.click("#submit-form button")
     error = page.locator("#submit-errors li[data-field='train.rounds']")
@@ -278,9 +308,8 @@ def test_submit_a_job_and_watch_its_chart_gain_points(net: Net, page: Page) -> N
 
 @pytest.mark.timeout(120)
 def test_follow_a_models_lineage(net: Net, page: Page) -> None:
-    assert net.job, "the job test ran first"
-    final = net.get(f"/v1/jobs/status?id={net.job}")["rounds"][-1]["version"]
-    page.goto(f"{net.api}/dashboard#/models/{final}")
+    final = net.get(f"/v1/jobs/status?id={net.finished_job()}")["rounds"][-1]["version"]
+    net.open(page, f"models/{final}")
     path = page.locator("#lineage-path")
     # Round 1's version, then the base model it came from.
     steps = path.locator("a.lineage-step")
@@ -295,9 +324,9 @@ def test_follow_a_models_lineage(net: Net, page: Page) -> None:
 
 @pytest.mark.timeout(120)
 def test_chain_page_and_reward_split(net: Net, page: Page) -> None:
-    final = net.get(f"/v1/jobs/status?id={net.job}")["rounds"][-1]["version"]
+    final = net.get(f"/v1/jobs/status?id={net.finished_job()}")["rounds"][-1]["version"]
     iollm("ledger", "wait", "--job", net.job, "--home", str(net.coordinator), timeout=90)
-    page.click("nav a[data-page=chain]")
+    net.open(page, "chain")
     expect(page.locator("#height")).not_to_have_text("0")
     expect(page.locator("#validators tbody tr")).to_have_count(2)
     page.fill("#split-model", final[:16])
@@ -326,7 +355,8 @@ def test_metrics_table_matches_the_nodes_and_the_grafana_panels(net: Net) -> Non
         exposed |= {n for n in re.findall(r"^# HELP (iollm_\w+) ", text, re.MULTILINE)
                     if not n.endswith("_created")}
     assert documented == exposed, (documented - exposed, exposed - documented)
-    # The job's worker and coordinator counted it.
+    # The job's worker counted its task.
+    net.finished_job()
     worker = json.loads((net.homes[1] / "node.json").read_text())["api"]
     metrics = api_request(worker, read_token_file(net.homes[1] / "api.token"), "GET",
                           "/metrics", timeout=20)
