@@ -64,7 +64,7 @@ class Victim:
             status = await self.get("/v1/status")
         except Exception as exc:
             with trio.move_on_after(10):  # a dying daemon closes its API before it exits
-                while testnet._alive(self.pid):  # (reaps it: a dead child stays a zombie)
+                while testnet.pid_alive(self.pid):  # (reaps it: a dead child stays a zombie)
                     await trio.sleep(0.1)
             log = (self.home / "daemon.log").read_text(errors="replace")[-3000:]
             raise AssertionError(f"the daemon stopped answering after {after} ({exc!r}); "

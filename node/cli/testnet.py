@@ -27,6 +27,7 @@ from typing import Any
 
 from node.config import DEFAULT_CONFIG_TOML, RUNTIME_FILE, TOKEN_FILE
 from node.testnet.links import LinkShape
+from node.testnet.netns import pid_alive
 
 STATE_FILE = "testnet.json"
 GENESIS_FILE = "genesis.toml"
@@ -82,24 +83,6 @@ def _node_config(fake_gpus: list[dict[str, Any]] | None, name: str = "",
 
 def _iollm(*args: str) -> list[str]:
     return [sys.executable, "-m", "node.cli", *args]
-
-
-def _alive(pid: int) -> bool:
-    # A node started by this very process (testnet_up then testnet_down in one program,
-    # as bench/transfer.py does) stays a zombie until reaped, and kill(pid, 0) succeeds
-    # on a zombie: reap it first.
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:  # not a child of ours: the init process reaps it
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
@@ -202,7 +185,7 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
     state_path = directory / STATE_FILE
     if state_path.exists():
         state = json.loads(state_path.read_text())
-        if any(_alive(n["pid"]) for n in state["nodes"]):
+        if any(pid_alive(n["pid"]) for n in state["nodes"]):
             raise TestnetError(f"a testnet is already running in {directory} "
                                f"(iollm testnet down --dir {directory})")
     directory.mkdir(parents=True, exist_ok=True)
@@ -356,13 +339,13 @@ def testnet_down(directory: Path, grace: float = 15.0, prefix: str | None = None
             raise TestnetError(f"no testnet in {directory} (no {STATE_FILE}); a namespace "
                                f"testnet's leftovers: iollm testnet down --prefix P") from None
         state = {"nodes": []}
-    pids = [n["pid"] for n in state["nodes"] if _alive(n["pid"])]
+    pids = [n["pid"] for n in state["nodes"] if pid_alive(n["pid"])]
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.1)
-    killed = [p for p in pids if _alive(p)]
+    killed = [p for p in pids if pid_alive(p)]
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
     state_path.unlink(missing_ok=True)

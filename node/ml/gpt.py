@@ -39,7 +39,7 @@ from safetensors.torch import save
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from node.ml.weights import mmap_safetensors
+from node.ml.weights import check_shapes, mmap_safetensors
 
 __all__ = [
     "ARCHITECTURE",
@@ -251,17 +251,7 @@ def n_params(state: Mapping[str, Tensor]) -> int:
 
 def check_state(config: GPTConfig, state: Mapping[str, Tensor]) -> None:
     """ValueError naming the first missing, unexpected or misshapen tensor."""
-    want = expected_shapes(config)
-    missing = sorted(set(want) - set(state))
-    extra = sorted(set(state) - set(want))
-    if missing:
-        raise ValueError(f"model weights lack tensor {missing[0]!r} ({len(missing)} missing)")
-    if extra:
-        raise ValueError(f"model weights have unexpected tensor {extra[0]!r} ({len(extra)} extra)")
-    for name, shape in want.items():
-        got = tuple(state[name].shape)
-        if got != shape:
-            raise ValueError(f"tensor {name!r} has shape {list(got)}, config wants {list(shape)}")
+    check_shapes(expected_shapes(config), state)
 
 
 # --------------------------------------------------------------------------- files

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from node.ml import catalog
-from node.ml.weights import MappedState, mmap_safetensors
+from node.ml.weights import MappedState, check_shapes, mmap_safetensors
 
 __all__ = [
     "ARCHS",
@@ -169,17 +169,7 @@ def expected_shapes(config: HFConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_state(config: HFConfig, state: Mapping[str, Tensor]) -> None:
-    want = expected_shapes(config)
-    missing = sorted(set(want) - set(state))
-    extra = sorted(set(state) - set(want))
-    if missing:
-        raise ValueError(f"model weights lack tensor {missing[0]!r} ({len(missing)} missing)")
-    if extra:
-        raise ValueError(f"model weights have unexpected tensor {extra[0]!r} ({len(extra)} extra)")
-    for name, shape in want.items():
-        got = tuple(state[name].shape)
-        if got != shape:
-            raise ValueError(f"tensor {name!r} has shape {list(got)}, config wants {list(shape)}")
+    check_shapes(expected_shapes(config), state)
 
 
 def init_state(config: HFConfig, seed: int) -> dict[str, Tensor]:

@@ -9,12 +9,13 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["MappedState", "mmap_safetensors"]
+__all__ = ["MappedState", "check_shapes", "mmap_safetensors"]
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
@@ -87,3 +88,18 @@ def mmap_safetensors(path: str | os.PathLike[str]) -> MappedState:
         t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start)
         out[name] = t.reshape(shape)
     return out
+
+
+def check_shapes(want: Mapping[str, tuple[int, ...]], state: Mapping[str, Tensor]) -> None:
+    """ValueError naming the first missing, unexpected or misshapen tensor of ``state``
+    against the names and shapes a model's config wants."""
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    if missing:
+        raise ValueError(f"model weights lack tensor {missing[0]!r} ({len(missing)} missing)")
+    if extra:
+        raise ValueError(f"model weights have unexpected tensor {extra[0]!r} ({len(extra)} extra)")
+    for name, shape in want.items():
+        got = tuple(state[name].shape)
+        if got != shape:
+            raise ValueError(f"tensor {name!r} has shape {list(got)}, config wants {list(shape)}")

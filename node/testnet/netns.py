@@ -209,8 +209,11 @@ def namespaces(prefix: str) -> list[str]:
     return sorted(n for n in names if n.startswith(f"{prefix}-"))
 
 
-def _alive(pid: int) -> bool:
-    try:  # a child of ours stays a zombie, which kill(0) finds, until reaped
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs. A child of this process (a testnet brought up and
+    taken down by one program) stays a zombie, which kill(pid, 0) finds, until reaped:
+    reap it first; another's zombie is reaped by init."""
+    try:
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
     except ChildProcessError:
@@ -251,14 +254,14 @@ def _wire_pids(prefix: str) -> list[int]:
 
 def _stop(pids: Iterable[int], grace: float) -> int:
     """SIGTERM, then SIGKILL after ``grace`` seconds; returns how many had to be killed."""
-    pids = [p for p in pids if _alive(p)]
+    pids = [p for p in pids if pid_alive(p)]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.05)  # waiting on other processes' exit, bounded by the deadline
-    killed = [p for p in pids if _alive(p)]
+    killed = [p for p in pids if pid_alive(p)]
     for pid in killed:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -308,7 +311,7 @@ def _wait_generation(directory: Path, state: NetState, timeout: float) -> None:
                 return
         except (FileNotFoundError, ValueError):
             pass
-        if state.wire_pid is None or not _alive(state.wire_pid):
+        if state.wire_pid is None or not pid_alive(state.wire_pid):
             raise NetnsError(f"the testnet's relay is not running; see {directory / WIRE_LOG}")
         time.sleep(0.02)  # the relay runs in another process; bounded by the deadline
     raise NetnsError(f"the testnet's relay did not apply the change in {timeout:.0f} s")
@@ -367,7 +370,7 @@ def _change(directory: Path, update: Callable[[NetState], None], timeout: float)
     update(state)
     state.generation += 1
     save_state(directory, state)
-    if state.wire_pid is None or not _alive(state.wire_pid):
+    if state.wire_pid is None or not pid_alive(state.wire_pid):
         raise NetnsError(f"the testnet's relay is not running; see {directory / WIRE_LOG}")
     os.kill(state.wire_pid, signal.SIGHUP)
     _wait_generation(directory, state, timeout)
