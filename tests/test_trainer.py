@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, save
 
@@ -132,6 +132,7 @@ def test_quantize_rejects_bad_input() -> None:
     (lambda q: q.__setitem__("w", q["w"].float()), "int8"),
     (lambda q: q.__setitem__("w.__scale", torch.ones(3)), "shape"),
     (lambda q: q.__setitem__("w.__scale", torch.full((4,), math.nan)), "not finite"),
+    (lambda q: q.__setitem__("w.__scale", torch.full((4,), 3e38)), "overflows float32"),
 ])
 def test_dequantize_rejects_malformed_files(mutate: Any, message: str) -> None:
     q = trainer.quantize_int8({"w": torch.ones(4, 2)})
@@ -200,6 +201,7 @@ def test_dequantize_int8_refuses_a_shape_entry() -> None:
 @settings(max_examples=60, deadline=None)
 @given(raw=st.binary(max_size=64), shape=st.lists(st.integers(0, 6), max_size=3),
        scale=st.floats(allow_nan=True, allow_infinity=True, width=32))
+@example(raw=b"\x1f", shape=[], scale=4.861176887610652e+37)  # a code times it overflows
 def test_dequantize_int4_never_fails_otherwise_than_with_value_error(
     raw: bytes, shape: list[int], scale: float
 ) -> None:

@@ -423,7 +423,7 @@ def dequantize(q: Mapping[str, Tensor]) -> State:
         if s.dtype != torch.float32 or not torch.isfinite(s).all() or (s < 0).any():
             raise ValueError(f"scale of {name!r} is not float32, negative or not finite")
         if t.dtype == torch.uint8:  # int4, two values a byte
-            out[name] = _dequantize_int4(name, t, s, q.get(name + SHAPE_SUFFIX))
+            out[name] = _finite(name, _dequantize_int4(name, t, s, q.get(name + SHAPE_SUFFIX)))
             continue
         if name + SHAPE_SUFFIX in q:
             raise ValueError(f"tensor {name!r}: a shape belongs to int4 tensors only")
@@ -433,8 +433,16 @@ def dequantize(q: Mapping[str, Tensor]) -> State:
         if tuple(s.shape) != (n_rows,):
             raise ValueError(f"scale of {name!r} has shape {list(s.shape)}, expected [{n_rows}]")
         rows = t.reshape(n_rows, -1).to(torch.float32)
-        out[name] = (rows * s[:, None]).reshape(t.shape).contiguous()
+        out[name] = _finite(name, (rows * s[:, None]).reshape(t.shape).contiguous())
     return out
+
+
+def _finite(name: str, values: Tensor) -> Tensor:
+    # A finite scale near float32's largest value still overflows once multiplied by a
+    # code (7 x 4.9e37 is inf): no honest quantizer writes one, so the file is refused.
+    if not torch.isfinite(values).all():
+        raise ValueError(f"tensor {name!r} overflows float32 once scaled")
+    return values
 
 
 def payload_bytes(q: Mapping[str, Tensor]) -> int:
