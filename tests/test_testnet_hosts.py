@@ -68,13 +68,20 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 
 def wait(predicate: Any, timeout: float, what: str) -> float:
-    """Poll until ``predicate()``; the seconds it took. Fails after ``timeout``."""
-    start = time.monotonic()
+    """Poll until ``predicate()``; the seconds it took. Fails after ``timeout``. A node
+    whose API does not answer one poll (a daemon busy for a moment, two test workers on
+    two cores) is asked again; one that never answers fails with its last error."""
+    start, last = time.monotonic(), ""
     while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
+        try:
+            if predicate():
+                return time.monotonic() - start
+        except ApiClientError as exc:
+            if exc.status != 0:  # an answer, and a wrong one: no retry makes it right
+                raise
+            last = f" (last: {exc})"
         time.sleep(0.1)  # polling other processes, bounded by the deadline
-    raise AssertionError(f"{what}: not within {timeout} s")
+    raise AssertionError(f"{what}: not within {timeout} s{last}")
 
 
 @pytest.fixture(scope="module")
