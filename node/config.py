@@ -64,6 +64,25 @@ rpc_timeout_s = 3
 # many seconds, then after twice and four times as long, rather than only at the next
 # refresh. Seconds.
 retry_interval_s = 15
+# ...this many times before the next refresh.
+publish_retries = 3
+# The record is re-announced on gossip at these seconds after joining, before the steady
+# gossip_interval_s (the mesh takes a few heartbeats to form).
+gossip_startup_s = [1.0, 2.0, 5.0]
+# Records this node lacks are pulled from a peer at these seconds after joining, then every
+# sync_interval_s seconds from one random connected peer.
+sync_startup_s = [0.0, 5.0, 15.0, 30.0, 60.0]
+sync_interval_s = 300
+# Sync answers written at once; further requests wait within their deadline.
+sync_serve_concurrency = 4
+# Record lookups running at once within one class query.
+fetch_concurrency = 16
+# Valid copies of a record that end a DHT lookup (the newest is taken).
+value_quorum = 3
+# Providers taken from one GET_PROVIDERS answer; the rest are ignored.
+max_providers = 1000
+# Most recently seen peers redialled at start (a restarted node rejoins without bootstrap).
+known_peers_redial = 16
 
 [probe]
 # Length of the matmul benchmark in the environment probe, in seconds.
@@ -231,6 +250,15 @@ class DiscoverySection:
     query_timeout_s: float = 10.0
     rpc_timeout_s: float = 3.0
     retry_interval_s: float = 15.0
+    publish_retries: int = 3
+    gossip_startup_s: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0])
+    sync_startup_s: list[float] = field(default_factory=lambda: [0.0, 5.0, 15.0, 30.0, 60.0])
+    sync_interval_s: float = 300.0
+    sync_serve_concurrency: int = 4
+    fetch_concurrency: int = 16
+    value_quorum: int = 3
+    max_providers: int = 1000
+    known_peers_redial: int = 16
 
 
 @dataclass(frozen=True)
@@ -377,9 +405,15 @@ def default_home() -> Path:
     return Path(os.environ.get("IOLLM_HOME") or Path.home() / ".iollm")
 
 
-# The bound of every [smip] and [chain] value (seconds, counts, bytes): none is sane beyond
-# it, and inf (a timer that never fires: txs never gossiped) would only hide a typo.
+# The bound of every tunable (seconds, counts, bytes): none is sane beyond it, and inf (a
+# timer that never fires: txs never gossiped) would only hide a typo.
 _TUNABLE_MAX = 1e9
+# The sections whose every number is such a tunable (positive, at most _TUNABLE_MAX), but
+# for the keys named here (checked on their own); and their lists of seconds (schedules).
+_TUNABLE_SECTIONS = ("discovery", "smip", "chain")
+_NOT_TUNABLES: frozenset[tuple[str, str]] = frozenset()
+_SCHEDULES = (("smip", "announce_repeats_s"), ("smip", "list_startup_s"),
+              ("discovery", "gossip_startup_s"), ("discovery", "sync_startup_s"))
 
 
 def _check_value(where: str, value: Any, default: Any) -> Any:
@@ -461,15 +495,17 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
     if w.adversary not in ADVERSARIES:
         raise ConfigError(f"{source}: worker.adversary must be one of "
                           f"{', '.join(repr(a) for a in ADVERSARIES)}, got {w.adversary!r}")
-    s = config.smip
-    for name in ("announce_repeats_s", "list_startup_s"):
-        times = getattr(s, name)
+    for section, name in _SCHEDULES:
+        times = getattr(getattr(config, section), name)
         if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 86_400
                    for t in times) or list(times) != sorted(times):
-            raise ConfigError(f"{source}: smip.{name} must be seconds in [0, 86400), ascending")
-    for section in ("smip", "chain"):
+            raise ConfigError(f"{source}: {section}.{name} must be seconds in [0, 86400), "
+                              "ascending")
+    for section in _TUNABLE_SECTIONS:
         for f in fields(getattr(config, section)):
             value = getattr(getattr(config, section), f.name)
+            if (section, f.name) in _NOT_TUNABLES:
+                continue
             if not isinstance(value, list) and not 0 < value <= _TUNABLE_MAX:
                 raise ConfigError(f"{source}: {section}.{f.name} must be positive and at most "
                                   f"{_TUNABLE_MAX:g}, got {value}")

@@ -10,7 +10,7 @@ from libp2p.records.record import make_signed_put_record
 from nacl.signing import SigningKey
 
 from node.config import DiscoverySection
-from node.discovery.service import CAPABILITY_PROTOCOL, VALUE_QUORUM
+from node.discovery.service import CAPABILITY_PROTOCOL
 from node.p2p.lookup import Unresponsive, value_from_peer, walk
 from protocol.capability import CapabilityRecord, capability_dht_key, class_provider_key
 from protocol.envelope import DOMAIN_CAPABILITY, seal
@@ -409,14 +409,15 @@ def test_only_dht_peers_enter_the_routing_table(tmp_path: Path) -> None:
 
 def test_dht_only_query_stops_at_a_quorum_of_copies(tmp_path: Path) -> None:
     """A walk that has enough stops there: the DHT-only record query ends once
-    VALUE_QUORUM valid copies are in, instead of waiting on every one of the k closest
-    peers (whose slowest made its p99; bench/RESULTS.md, 2026-12-07)."""
+    [discovery] value_quorum valid copies are in, instead of waiting on every one of the
+    k closest peers (whose slowest made its p99; bench/RESULTS.md, 2026-12-07)."""
     clock = FakeClock()
 
     async def scenario() -> None:
         async with node_cluster(tmp_path, [make_env() for _ in range(6)], clock) as nodes:
             await _all_published(nodes)
             asker, target = nodes[0], nodes[5]
+            quorum = asker.discovery.config.value_quorum
             key = capability_dht_key(target.peer_id).encode()
 
             async def get(peer: ID) -> tuple[bytes | None, list[ID]]:
@@ -425,13 +426,13 @@ def test_dht_only_query_stops_at_a_quorum_of_copies(tmp_path: Path) -> None:
             async def copies() -> bool:
                 full = await walk(asker.net.dht, key, get, rpc_timeout=3, timeout=10,
                                   unresponsive=Unresponsive())
-                return len(full.answers) > VALUE_QUORUM
+                return len(full.answers) > quorum
 
             await wait_until(copies, timeout=30)  # the record reached more than a quorum
             quick = await walk(asker.net.dht, key, get, rpc_timeout=3, timeout=10,
                                unresponsive=Unresponsive(),
-                               enough=lambda answers: len(answers) >= VALUE_QUORUM)
-            assert len(quick.answers) == VALUE_QUORUM
+                               enough=lambda answers: len(answers) >= quorum)
+            assert len(quick.answers) == quorum
             cap = await asker.discovery.record_from_network(target.peer_id)
             assert cap is not None and cap.envelope == target.discovery.current.envelope  # type: ignore[union-attr]
 

@@ -10,7 +10,7 @@ One service (``Discovery.run``) in the daemon's nursery. It
 * answers ``/iollm/capability/1.0.0`` with the current signed record (fresh even where a
   DHT copy is stale);
 * keeps a replica of every record it has seen, and pulls the records it lacks from a
-  peer over ``/iollm/capability-sync/1.0.0`` when it joins and every ``SYNC_INTERVAL_S``
+  peer over ``/iollm/capability-sync/1.0.0`` when it joins and every ``sync_interval_s``
   (gossip is best-effort: py-libp2p drops what it cannot deliver in time);
 * keeps the DHT routing table filled with connected peers and with the peers named in
   verified records (py-libp2p adds neither by itself, and drops a peer after one failed
@@ -75,15 +75,6 @@ CAPABILITY_PROTOCOL = ProtocolId(CAPABILITY_PROTOCOL_ID)
 SYNC_PROTOCOL = ProtocolId(SYNC_PROTOCOL_ID)
 CAPABILITY_TOPIC = "/iollm/capability/1"
 SEQ_KEY = "capability.seq"
-FETCH_CONCURRENCY = 16
-GOSSIP_STARTUP_REPEATS_S = (1.0, 2.0, 5.0)  # s after joining; then every gossip_interval_s
-KNOWN_PEERS_REDIAL = 16  # most recently seen peers dialled at start-up
-MAX_PROVIDERS = 1000
-SYNC_STARTUP_S = (0.0, 5.0, 15.0, 30.0, 60.0)  # s after joining: pull records from a peer
-SYNC_INTERVAL_S = 300.0  # then this often, from one random connected peer
-VALUE_QUORUM = 3  # valid copies of a record that end a DHT-only query (the newest is taken)
-PUBLISH_RETRIES = 3  # a failed publish step is tried again this often before the refresh
-SYNC_SERVE_CONCURRENCY = 4  # sync answers being written at once; more requests wait
 RECORD_PEER_ADDR_TTL_S = 3600  # peerstore lifetime of addresses taken from records
 
 
@@ -175,7 +166,7 @@ class Discovery:
         # Every verified record this node holds (its own included), by peer id: the
         # answer to most queries, with no network round trip.
         self.replicas: dict[str, PeerCapability] = {}
-        self._sync_limiter = trio.CapacityLimiter(SYNC_SERVE_CONCURRENCY)
+        self._sync_limiter = trio.CapacityLimiter(config.sync_serve_concurrency)
 
     # -- service -----------------------------------------------------------------------
 
@@ -253,14 +244,14 @@ class Discovery:
                                self.net.pubsub.publish, CAPABILITY_TOPIC, envelope)
             failed = await self._run_steps(steps)
         self.published.set()
-        for retry in range(PUBLISH_RETRIES):
+        for retry in range(self.config.publish_retries):
             if not failed:
                 return
             await trio.sleep(self.config.retry_interval_s * 2**retry)
             failed = await self._run_steps(failed)
         for step in failed:
             log.warning("%s failed %d times; the next refresh tries again", step.what,
-                        PUBLISH_RETRIES + 1)
+                        self.config.publish_retries + 1)
 
     async def _run_steps(self, steps: list[_Step]) -> list[_Step]:
         """Run DHT publish steps (the put at once, each provide in the node's next provide
@@ -322,7 +313,7 @@ class Discovery:
     async def _redial_known_peers(self) -> None:
         """Dial the most recently seen peers once each, so a restarted node rejoins even
         while its bootstrap peers are down."""
-        rows = (await self.storage.list_peers())[:KNOWN_PEERS_REDIAL]
+        rows = (await self.storage.list_peers())[:self.config.known_peers_redial]
 
         async def dial(peer_id: str, addrs: list[str]) -> None:
             good = []
@@ -349,7 +340,7 @@ class Discovery:
         heartbeats to form, and py-libp2p drops what it cannot deliver), then every
         ``gossip_interval_s``. Announcements are idempotent: receivers keep the highest seq."""
         await self.bootstrapped.wait()
-        startup = [b - a for a, b in itertools.pairwise((0.0, *GOSSIP_STARTUP_REPEATS_S))]
+        startup = [b - a for a, b in itertools.pairwise((0.0, *self.config.gossip_startup_s))]
         steady = itertools.repeat(self.config.gossip_interval_s)
         for delay in itertools.chain(startup, steady):
             await trio.sleep(delay)
@@ -484,10 +475,10 @@ class Discovery:
 
     async def _repeat_sync(self) -> None:
         """Pull records from a peer: from the bootstrap peers first, a few times soon after
-        joining, then every SYNC_INTERVAL_S from one random connected peer."""
+        joining, then every sync_interval_s from one random connected peer."""
         await self.bootstrapped.wait()
-        startup = [b - a for a, b in itertools.pairwise((0.0, *SYNC_STARTUP_S))]
-        steady = itertools.repeat(SYNC_INTERVAL_S)
+        startup = [b - a for a, b in itertools.pairwise((0.0, *self.config.sync_startup_s))]
+        steady = itertools.repeat(self.config.sync_interval_s)
         bootstrap = [info.peer_id for info in self.bootstrap]
         for round_, delay in enumerate(itertools.chain(startup, steady)):
             await trio.sleep(delay)
@@ -569,11 +560,11 @@ class Discovery:
             value, closer = await value_from_peer(self.net.dht, peer, key)
             return (self._verify(value, peer_id) if value is not None else None), closer
 
-        # VALUE_QUORUM valid copies end the walk: waiting for all k closest peers to answer
+        # value_quorum valid copies end the walk: waiting for all k closest peers to answer
         # made every query cost the slowest of ~20 peers (bench/wan.py, RESULTS.md).
         result = await walk(self.net.dht, key, get_value, rpc_timeout=self.config.rpc_timeout_s,
                             timeout=self.config.query_timeout_s, unresponsive=self.unresponsive,
-                            enough=lambda answers: len(answers) >= VALUE_QUORUM)
+                            enough=lambda answers: len(answers) >= self.config.value_quorum)
         caps = [c for _, c in result.answers]
         if not caps:
             return None
@@ -631,7 +622,7 @@ class Discovery:
 
         async def get_providers(peer: PeerId) -> tuple[list[PeerInfo] | None, list[PeerId]]:
             providers, closer = await providers_from_peer(self.net.dht, peer, key)
-            return providers[:MAX_PROVIDERS], closer
+            return providers[:self.config.max_providers], closer
 
         result = await walk(self.net.dht, key, get_providers, rpc_timeout=self.config.rpc_timeout_s,
                             timeout=self.config.query_timeout_s, unresponsive=self.unresponsive)
@@ -645,7 +636,7 @@ class Discovery:
 
     async def records_of(self, peer_ids: Sequence[str]) -> list[PeerCapability]:
         results: list[PeerCapability] = []
-        limiter = trio.CapacityLimiter(FETCH_CONCURRENCY)
+        limiter = trio.CapacityLimiter(self.config.fetch_concurrency)
 
         async def one(pid: str) -> None:
             async with limiter:
