@@ -46,6 +46,12 @@ bootstrap_file = ""
 [api]
 # The local JSON API and /metrics; always bound to 127.0.0.1. 0 picks a free port.
 port = 7780
+# A request must arrive whole within request_timeout_s of its first byte; a keep-alive
+# connection waits idle_timeout_s for its next request. Seconds.
+request_timeout_s = 10.0
+idle_timeout_s = 60.0
+# Clients served at once; more wait in the kernel's accept backlog.
+max_connections = 64
 
 [discovery]
 # How often the capability record is re-signed and re-published, in seconds.
@@ -192,6 +198,63 @@ recent_final = 200000
 snapshot_every = 50
 load_batch = 32
 
+[jobs]
+# Timeouts and retries of training jobs (specs/jobs.md), seconds unless said.
+# Coordinator: an offer (dial, send the assignment, get the reply) must be answered
+# within offer_timeout_s; a stream that breaks before the reply is opened again after
+# offer_retry_s, offer_tries times in all.
+offer_timeout_s = 20.0
+offer_tries = 2
+offer_retry_s = 1.0
+# A task is offered at most max_attempts times a round; a worker's busy refusal does not
+# count as an attempt: the task is offered again after busy_retry_s, up to max_busy times.
+max_attempts = 3
+busy_retry_s = 2.0
+max_busy = 60
+# A round waits worker_grace_s for its workers_per_round workers, then starts with those
+# it has; it looks for new workers every worker_poll_s; a round without any worker for
+# no_worker_timeout_s fails the job.
+worker_grace_s = 15.0
+worker_poll_s = 2.0
+no_worker_timeout_s = 600.0
+# A round in which no task completed is run again after empty_round_pause_s, at most
+# empty_round_retries times; then the job fails.
+empty_round_retries = 3
+empty_round_pause_s = 10.0
+# Deadlines: writing a verdict, fetching a worker's delta, checking a round's results
+# and computing the outer step (each in a child process).
+verdict_write_timeout_s = 30.0
+fetch_delta_timeout_s = 300.0
+check_timeout_s = 3600.0
+outer_timeout_s = 3600.0
+# A fetch that failed (its providers busy or slow) is tried again after these delays.
+fetch_retries_s = [1.0, 3.0, 9.0]
+# Worker: deadlines for the assignment frame once a stream opens, for writing the reply,
+# the result, a progress report; how long it waits for the verdict (the coordinator
+# checks the whole round first).
+assign_timeout_s = 10.0
+reply_timeout_s = 10.0
+result_write_timeout_s = 30.0
+progress_write_timeout_s = 10.0
+verdict_timeout_s = 3600.0
+# Progress reports at most this often; training may run this long past the task's
+# deadline before its child process is stopped.
+progress_every_s = 2.0
+train_timeout_slack_s = 60.0
+
+[p2p]
+# Limits of the host (node/p2p/guard.py). Inbound streams open at once, from one peer and
+# in all; more are reset unread (counted in /metrics, not held against the peer).
+max_streams_per_peer = 64
+max_streams = 1024
+# What inbound streams may hold in partial frames and unread data, from one peer and in
+# all, in bytes (each stream reserves its protocol's largest frame plus the receive
+# window); a stream beyond is reset unread.
+peer_buffer_bytes = 16777216
+buffer_bytes = 268435456
+# Connections at once.
+max_connections = 1000
+
 [relay]
 # Behind NAT (README "Behind NAT"). "auto": AutoNAT asks connected peers to dial this node
 # back; "public" or "private" skip the question. A private node reserves a slot on up to
@@ -240,6 +303,9 @@ class NodeSection:
 @dataclass(frozen=True)
 class ApiSection:
     port: int = 7780
+    request_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0
+    max_connections: int = 64
 
 
 @dataclass(frozen=True)
@@ -304,6 +370,19 @@ class WorkerSection:
         return len(self.devices) if self.devices else self.max_tasks
 
 
+@dataclass(frozen=True)
+class P2PSection:
+    """The host's limits; node/p2p/options.py's P2POptions, which the daemon builds from
+    it (the same fields: tests/test_config.py checks; node.p2p is not imported here, as
+    it loads libp2p, which CLI commands that only read the config do without)."""
+
+    max_streams_per_peer: int = 64
+    max_streams: int = 1024
+    peer_buffer_bytes: int = 16 << 20
+    buffer_bytes: int = 256 << 20
+    max_connections: int = 1000
+
+
 REACHABILITY = ("auto", "public", "private")
 
 
@@ -366,6 +445,36 @@ class ChainSection:
 
 
 @dataclass(frozen=True)
+class JobsSection:
+    """The jobs services' timeouts (seconds) and retries, coordinator's and worker's;
+    documented in DEFAULT_CONFIG_TOML above."""
+
+    offer_timeout_s: float = 20.0
+    offer_tries: int = 2
+    offer_retry_s: float = 1.0
+    max_attempts: int = 3
+    busy_retry_s: float = 2.0
+    max_busy: int = 60
+    worker_grace_s: float = 15.0
+    worker_poll_s: float = 2.0
+    no_worker_timeout_s: float = 600.0
+    empty_round_retries: int = 3
+    empty_round_pause_s: float = 10.0
+    verdict_write_timeout_s: float = 30.0
+    fetch_delta_timeout_s: float = 300.0
+    check_timeout_s: float = 3600.0
+    outer_timeout_s: float = 3600.0
+    fetch_retries_s: list[float] = field(default_factory=lambda: [1.0, 3.0, 9.0])
+    assign_timeout_s: float = 10.0
+    reply_timeout_s: float = 10.0
+    result_write_timeout_s: float = 30.0
+    progress_write_timeout_s: float = 10.0
+    verdict_timeout_s: float = 3600.0
+    progress_every_s: float = 2.0
+    train_timeout_slack_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class AgentSection:
     llm_url: str = ""
     llm_model: str = ""
@@ -383,6 +492,8 @@ class Config:
     worker: WorkerSection = field(default_factory=WorkerSection)
     smip: SmipSection = field(default_factory=SmipSection)
     chain: ChainSection = field(default_factory=ChainSection)
+    jobs: JobsSection = field(default_factory=JobsSection)
+    p2p: P2PSection = field(default_factory=P2PSection)
     relay: RelaySection = field(default_factory=RelaySection)
     agent: AgentSection = field(default_factory=AgentSection)
 
@@ -396,6 +507,8 @@ _SECTIONS: dict[str, type] = {
     "worker": WorkerSection,
     "smip": SmipSection,
     "chain": ChainSection,
+    "jobs": JobsSection,
+    "p2p": P2PSection,
     "relay": RelaySection,
     "agent": AgentSection,
 }
@@ -410,10 +523,11 @@ def default_home() -> Path:
 _TUNABLE_MAX = 1e9
 # The sections whose every number is such a tunable (positive, at most _TUNABLE_MAX), but
 # for the keys named here (checked on their own); and their lists of seconds (schedules).
-_TUNABLE_SECTIONS = ("discovery", "smip", "chain")
-_NOT_TUNABLES: frozenset[tuple[str, str]] = frozenset()
+_TUNABLE_SECTIONS = ("api", "discovery", "smip", "chain", "jobs", "p2p")
+_NOT_TUNABLES = frozenset({("api", "port")})
 _SCHEDULES = (("smip", "announce_repeats_s"), ("smip", "list_startup_s"),
-              ("discovery", "gossip_startup_s"), ("discovery", "sync_startup_s"))
+              ("discovery", "gossip_startup_s"), ("discovery", "sync_startup_s"),
+              ("jobs", "fetch_retries_s"))
 
 
 def _check_value(where: str, value: Any, default: Any) -> Any:

@@ -55,6 +55,7 @@ from node.config import (
     Config,
     ConfigError,
     DiscoverySection,
+    JobsSection,
     SmipSection,
     WorkerSection,
     cache_dir,
@@ -74,6 +75,7 @@ from node.p2p.host import (
     parse_multiaddr,
     peer_info_from_multiaddr,
 )
+from node.p2p.options import P2POptions
 from node.smip.service import Models, ModelsMetrics
 from node.smip.store import ContentStore
 from node.storage import Storage, open_storage
@@ -112,7 +114,9 @@ class NodeSpec:
     chain_class: type[Chain] = Chain  # tests run misbehaving validators
     chain: ChainSection = field(default_factory=ChainSection)
     smip: SmipSection = field(default_factory=SmipSection)
+    jobs: JobsSection = field(default_factory=JobsSection)
     nat: NatOptions | None = None  # None: reachable, no relay service (node/p2p/nat.py)
+    p2p: P2POptions = field(default_factory=P2POptions)  # the host's limits
 
 
 @dataclass
@@ -141,7 +145,7 @@ async def build_node(spec: NodeSpec) -> AsyncIterator[Node]:
         open_storage(spec.database) as storage,
         _open_store(spec, storage) as store,
         open_network(spec.key, spec.listen, {DHT_NAMESPACE: validator},
-                     registry=spec.registry, nat=spec.nat) as net,
+                     registry=spec.registry, nat=spec.nat, options=spec.p2p) as net,
         trio.open_nursery() as nursery,
     ):
         discovery = Discovery(net, spec.key, storage, spec.discovery, spec.env,
@@ -160,10 +164,10 @@ async def build_node(spec: NodeSpec) -> AsyncIterator[Node]:
         if spec.worker is not None and node.models is not None:
             node.receipts = Receipts(storage, spec.key, discovery.peer_id, spec.clock_ms)
             node.worker = Worker(net, spec.key, node.models, node.receipts, spec.worker,
-                                 spec.env, spec.home / "work")
+                                 spec.env, spec.home / "work", tunables=spec.jobs)
             node.jobs = Jobs(net, spec.key, storage, node.models, discovery, node.receipts,
                              spec.home, clock_ms=spec.clock_ms, threads=spec.worker.threads,
-                             chain=node.chain)
+                             chain=node.chain, tunables=spec.jobs)
             await nursery.start(node.worker.run)
             await nursery.start(node.jobs.run)
             node.agent = Agent(storage, JobsRunner(node.jobs, node.models, discovery,
@@ -249,7 +253,8 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
                     store=config.store.directory(home), quota_bytes=config.store.quota_bytes,
                     worker=config.worker, genesis=genesis, bootstrap=bootstrap,
                     registry=registry, name=config.node.name, chain=config.chain,
-                    smip=config.smip, nat=nat)
+                    smip=config.smip, jobs=config.jobs, nat=nat,
+                    p2p=P2POptions(**asdict(config.p2p)))
     async with build_node(spec) as node, trio.open_nursery() as nursery:
         assert node.models is not None and node.jobs is not None and node.receipts is not None
         models = node.models
@@ -270,6 +275,9 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
             port = await nursery.start(
                 lambda task_status: serve_api(routes, token, registry, host="127.0.0.1",
                                               port=api_port, sessions=sessions,
+                                              request_timeout=config.api.request_timeout_s,
+                                              idle_timeout=config.api.idle_timeout_s,
+                                              max_connections=config.api.max_connections,
                                               task_status=task_status))
         except OSError as exc:
             raise ListenError(exc.errno, f"cannot serve the local API on 127.0.0.1:"

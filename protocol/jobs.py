@@ -410,9 +410,10 @@ class TaskReply(_Message):
 @dataclass(frozen=True)
 class TaskProgress(_Message):
     """Worker -> coordinator, on a ``/iollm/task/1.1.0`` stream between its reply and its
-    result, at most every ``PROGRESS_EVERY_S``: ``step`` of ``steps`` inner steps are
-    done, the last measured training ``loss``, ``tokens`` trained so far in ``wall_ms``
-    since the task was taken. For display only: nothing is paid or checked on it."""
+    result, at most every ``progress_every_s`` ([jobs] in the node's config): ``step``
+    of ``steps`` inner steps are done, the last measured training ``loss``, ``tokens``
+    trained so far in ``wall_ms`` since the task was taken. For display only: nothing is
+    paid or checked on it."""
 
     TYPE: ClassVar[str] = "task-progress"
     MAX_BYTES: ClassVar[int] = MAX_PROGRESS_BYTES

@@ -20,7 +20,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from nacl.signing import SigningKey
 
 from node.chain.service import Chain
-from node.config import ChainSection, DiscoverySection, WorkerSection
+from node.config import ChainSection, DiscoverySection, JobsSection, WorkerSection
 from node.daemon import Node, NodeSpec, build_node
 from protocol.capability import EnvReport
 from protocol.genesis import Genesis
@@ -85,6 +85,7 @@ async def _run_node(
     chain_class: type[Chain] = Chain,
     chain_config: ChainSection | None = None,
     *,
+    jobs_config: JobsSection | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     spec = NodeSpec(key=node_key(index), home=directory / f"home{index}",
@@ -93,7 +94,7 @@ async def _run_node(
                     store=directory / f"store{index}" if models else None,
                     quota_bytes=quota_bytes, worker=worker_config, genesis=genesis,
                     bootstrap=bootstrap, software="iollm/local", chain_class=chain_class,
-                    chain=chain_config or ChainSection())
+                    chain=chain_config or ChainSection(), jobs=jobs_config or JobsSection())
     assert worker_config is None or models, "jobs need models=True"
     with trio.CancelScope() as scope:
         async with build_node(spec) as built:
@@ -146,6 +147,7 @@ async def local_cluster(
     genesis: Genesis | None = None,
     chain_classes: Sequence[type[Chain]] | None = None,
     chain_config: ChainSection | None = None,
+    jobs_config: JobsSection | None = None,
     start: int | None = None,
 ) -> AsyncIterator[Cluster]:
     """Start one node per env and yield them once each has joined (connected to node 0 and
@@ -154,7 +156,8 @@ async def local_cluster(
     not None, also runs node i's worker and jobs services with that worker config. With a
     ``genesis`` every node runs the chain service (validators: see :func:`node_peer_id`),
     node i as ``chain_classes[i]`` when given (tests' misbehaving validators), with
-    ``chain_config`` for its tunables (config.toml's [chain] defaults when None). Only the
+    ``chain_config`` for its tunables (config.toml's [chain] defaults when None); the jobs
+    services with ``jobs_config`` ([jobs] defaults when None). Only the
     first ``start`` nodes (default all) start; ``Cluster.restart(len(nodes))`` adds the
     next one later."""
     async with trio.open_nursery() as nursery:
@@ -165,7 +168,7 @@ async def local_cluster(
             chain_class = chain_classes[i] if chain_classes is not None else Chain
             await _run_node(i, directory, envs[i], config, clock_ms, bootstrap, models,
                             quota_bytes, worker, genesis, chain_class, chain_config,
-                            task_status=task_status)
+                            jobs_config=jobs_config, task_status=task_status)
 
         nodes = Cluster(nursery, start_node)
         with trio.fail_after(start_timeout):

@@ -124,3 +124,64 @@ def test_tunables_are_finite_and_sync_batches_fit_a_request() -> None:
     with pytest.raises(ConfigError, match=re.escape("chain.sync_batch must be at most 1024")):
         parse_config({"chain": {"sync_batch": 2000}})
     assert parse_config({"chain": {"sync_batch": 1024}}).chain.sync_batch == 1024
+
+
+@pytest.mark.parametrize(
+    ("section", "table", "expected"),
+    [
+        ("discovery", {"value_quorum": 0}, "discovery.value_quorum must be positive"),
+        ("discovery", {"sync_interval_s": float("inf")}, "discovery.sync_interval_s must be"),
+        ("discovery", {"sync_startup_s": [5.0, 0.0]}, "discovery.sync_startup_s must be seconds"),
+        ("discovery", {"fetch_concurrency": 2.5}, "discovery.fetch_concurrency: expected int"),
+        ("jobs", {"offer_timeout_s": 0}, "jobs.offer_timeout_s must be positive"),
+        ("jobs", {"worker_grace_s": float("nan")}, "jobs.worker_grace_s must be positive"),
+        ("jobs", {"fetch_retries_s": [-1.0]}, "jobs.fetch_retries_s must be seconds"),
+        ("jobs", {"offer_tries": True}, "jobs.offer_tries: expected int"),
+        ("jobs", {"offer_timeout": 5}, "unknown key jobs.offer_timeout"),
+        ("p2p", {"max_streams_per_peer": 0}, "p2p.max_streams_per_peer must be positive"),
+        ("p2p", {"buffer_bytes": 2**40}, "p2p.buffer_bytes must be positive and at most"),
+    ],
+)
+def test_bad_tunables_name_the_key(section: str, table: dict[str, object],
+                                   expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({section: table}, "cfg.toml")
+    assert str(info.value).startswith("cfg.toml: ")
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_tunables_reach_their_sections() -> None:
+    config = parse_config({"jobs": {"worker_grace_s": 1, "fetch_retries_s": [0.5]},
+                           "discovery": {"value_quorum": 5, "gossip_startup_s": [0.1]},
+                           "p2p": {"max_streams_per_peer": 8}})
+    assert (config.jobs.worker_grace_s, config.jobs.fetch_retries_s) == (1.0, [0.5])
+    assert isinstance(config.jobs.worker_grace_s, float)
+    assert (config.discovery.value_quorum, config.discovery.gossip_startup_s) == (5, [0.1])
+    assert config.p2p.max_streams_per_peer == 8 and config.p2p.max_streams == 1024
+
+
+def test_p2p_and_relay_sections_are_the_p2p_options() -> None:
+    """[p2p] and [relay] are node/p2p's P2POptions and NatOptions, field for field with
+    the same defaults: the daemon builds those from these (config.py cannot import them
+    without loading libp2p, which the CLI's light commands do without)."""
+    from node.p2p.nat import NatOptions
+    from node.p2p.options import P2POptions
+
+    for section, options in ((Config().p2p, P2POptions()), (Config().relay, NatOptions())):
+        mine = dataclasses.asdict(section)
+        theirs = dataclasses.asdict(options)
+        theirs = {k: list(v) if isinstance(v, tuple) else v for k, v in theirs.items()}
+        assert mine == theirs, type(options).__name__
+
+
+def test_api_section_defaults_are_the_servers() -> None:
+    from node.api import server
+
+    api = Config().api
+    assert (api.request_timeout_s, api.idle_timeout_s, api.max_connections) == (
+        server.DEFAULT_REQUEST_TIMEOUT_S, server.DEFAULT_IDLE_TIMEOUT_S,
+        server.DEFAULT_MAX_CONNECTIONS)
+    with pytest.raises(ConfigError, match=r"api\.max_connections must be positive"):
+        parse_config({"api": {"max_connections": 0}})
+    assert parse_config({"api": {"port": 0}}).api.port == 0

@@ -2,8 +2,8 @@
 
 The attacker opens 1,000 streams spread over every protocol the node lists and, on each,
 sends all but the last byte of a frame of that protocol's maximum size, then holds the
-stream. The stream guard (node/p2p/guard.py) admits at most MAX_STREAMS_PER_PEER of them
-and at most PEER_BUFFER_BYTES of frame caps and receive windows; the rest are reset
+stream. The stream guard (node/p2p/guard.py) admits at most [p2p] max_streams_per_peer of
+them and at most peer_buffer_bytes of frame caps and receive windows; the rest are reset
 unread. Meanwhile the node's resident memory must stay within 64 MiB of what it was
 before, its chain must keep finalizing blocks, and its API and an honest peer must be
 answered within their usual latency.
@@ -25,8 +25,9 @@ from nacl.signing import SigningKey
 
 from node.cli import testnet
 from node.p2p import open_network
-from node.p2p.guard import DEFAULT_FRAME_BYTES, MAX_STREAMS_PER_PEER
+from node.p2p.guard import DEFAULT_FRAME_BYTES
 from node.p2p.host import KAD_MAX_REQUEST_BYTES, peer_info_from_multiaddr
+from node.p2p.options import P2POptions
 from protocol.capability import MAX_SYNC_REQUEST_BYTES
 from protocol.chainwire import MAX_SYNC_REQUEST_BYTES as MAX_BLOCKS_REQUEST_BYTES
 from protocol.jobs import MAX_ASSIGN_BYTES, MAX_VERDICT_BYTES
@@ -104,8 +105,8 @@ def test_a_thousand_half_sent_frames_stay_inside_the_memory_bound(tmp_path: Path
     assert figures["blocks_during"] >= 1, figures
     assert figures["api_s_during"] < max(2.0, 10 * figures["api_s_before"]), figures
     assert figures["honest_s_during"] < max(2.0, 10 * figures["honest_s_before"]), figures
-    # What the node counted: all but at most MAX_STREAMS_PER_PEER refused unread.
-    assert figures["refused"] >= STREAMS - MAX_STREAMS_PER_PEER, figures
+    # What the node counted: all but at most [p2p] max_streams_per_peer refused unread.
+    assert figures["refused"] >= STREAMS - P2POptions().max_streams_per_peer, figures
 
 
 async def _timed(fn: Any, *args: Any) -> float:

@@ -15,6 +15,7 @@ from nacl.signing import SigningKey
 
 from node.p2p import host as p2p_host
 from node.p2p import open_network, wire
+from node.p2p.options import P2POptions
 
 LOOPBACK = Multiaddr("/ip4/127.0.0.1/tcp/0")
 
@@ -70,8 +71,8 @@ def test_the_resource_manager_is_ours_and_steady() -> None:
                 assert manager is not None
                 assert manager.circuit_breaker is None
                 assert manager.graceful_degradation is None
-                assert manager.limits.max_connections == p2p_host.MAX_CONNECTIONS
-                assert manager.limits.max_streams == p2p_host.RCMGR_MAX_STREAMS
+                assert manager.limits.max_connections == P2POptions().max_connections
+                assert manager.limits.max_streams == 4 * P2POptions().max_streams
 
     trio.run(scenario)
 

@@ -4,6 +4,7 @@ no inbound stream, however malformed, ends the host; repeated offenders are bann
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 import node.p2p.guard
 from node.p2p.guard import NOT_NEGOTIATED
 from node.p2p.host import Network, NotServed, open_network, peer_info_from_multiaddr
+from node.p2p.options import P2POptions
 from protocol.penalty import PenaltyPolicy
 from tests.hostile import attack, malformed_payloads
 from tests.netutil import wait_until
@@ -49,15 +51,17 @@ def errors(registry: CollectorRegistry, protocol: str, kind: str = "error") -> f
 
 
 @asynccontextmanager
-async def trio_nodes(n: int, policy: PenaltyPolicy | None = None
+async def trio_nodes(n: int, policy: PenaltyPolicy | None = None,
+                     options: P2POptions | None = None
                      ) -> AsyncIterator[list[tuple[Network, CollectorRegistry]]]:
-    """n hosts; host 0 is the victim, every other one connected to it."""
+    """n hosts with these limits; host 0 is the victim, every other one connected to it."""
     async with AsyncExitStack() as stack:
         nodes = []
         for _ in range(n):
             registry = CollectorRegistry()
             net = await stack.enter_async_context(open_network(
-                SigningKey.generate(), LOOPBACK, {}, registry=registry, penalties=policy))
+                SigningKey.generate(), LOOPBACK, {}, registry=registry, penalties=policy,
+                options=options))
             nodes.append((net, registry))
         victim = peer_info_from_multiaddr(nodes[0][0].listen_addrs()[0])
         for net, _ in nodes[1:]:
@@ -204,12 +208,11 @@ def test_repeated_offender_is_disconnected_and_refused() -> None:
     _run(scenario)
 
 
-def test_one_peer_cannot_hold_more_than_its_share_of_streams(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A peer opening streams and leaving them open gets MAX_STREAMS_PER_PEER running at
-    once; the rest are reset unread (kind over-limit, not a strike), another peer is
-    still served, and closing streams frees the share again."""
-    monkeypatch.setattr(node.p2p.guard, "MAX_STREAMS_PER_PEER", 8)
+def test_one_peer_cannot_hold_more_than_its_share_of_streams() -> None:
+    """A peer opening streams and leaving them open gets [p2p] max_streams_per_peer
+    running at once; the rest are reset unread (kind over-limit, not a strike), another
+    peer is still served, and closing streams frees the share again."""
+    options = P2POptions(max_streams_per_peer=8)
     hold = TProtocol("/iollm-test/hold/1")
 
     async def holding(stream: Any) -> None:
@@ -218,7 +221,8 @@ def test_one_peer_cannot_hold_more_than_its_share_of_streams(
                 pass
 
     async def scenario() -> None:
-        async with trio_nodes(3) as [(victim, registry), (greedy, _), (other, _)]:
+        async with trio_nodes(3, options=options) as [(victim, registry), (greedy, _),
+                                                      (other, _)]:
             victim.host.set_stream_handler(hold, holding)
             held, refused = [], 0
             for _ in range(12):
@@ -316,10 +320,9 @@ def _true(value: bool) -> Awaitable[bool]:
     return constant()
 
 
-def test_one_peer_cannot_make_the_node_buffer_more_than_its_budget(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_peer_cannot_make_the_node_buffer_more_than_its_budget() -> None:
     """Each negotiated stream reserves its protocol's frame cap plus the receive window
-    against its peer's PEER_BUFFER_BYTES; one over is reset unread (kind over-budget, not
+    against its peer's [p2p] peer_buffer_bytes; one over is reset unread (kind over-budget, not
     a strike), another peer is still served, and ending streams frees the budget."""
     big = 1 << 20
     hold = TProtocol("/iollm-test/big-frames/1")
@@ -339,7 +342,10 @@ def test_one_peer_cannot_make_the_node_buffer_more_than_its_budget(
             await wait_until(lambda: _true(victim.guard.buffered.get(greedy.peer_id, 0)
                                            == meshsub), 10)
             budget = meshsub + 4 * share
-            monkeypatch.setattr(node.p2p.guard, "PEER_BUFFER_BYTES", budget)
+            # Known only now (the pubsub stream's share is the library's frame cap): the
+            # guard reads its limits at each stream, so these apply from here on.
+            victim.guard.limits = dataclasses.replace(victim.guard.limits,
+                                                      peer_buffer_bytes=budget)
             held, refused = [], 0
             for _ in range(8):
                 try:  # refused after negotiation: the write or a later read fails

@@ -39,6 +39,7 @@ import trio
 from nacl.signing import SigningKey
 
 from node.chain.service import Chain
+from node.config import JobsSection
 from node.discovery.service import Discovery
 from node.drive import drive
 from node.errors import NodeError, NotFound
@@ -46,7 +47,6 @@ from node.jobs.receipts import Receipts
 from node.jobs.taskrun import TaskProcError, finite, run_taskproc
 from node.jobs.worker import (
     BUSY_PREFIX,
-    FETCH_RETRIES_S,
     TASK_PROGRESS_PROTOCOL,
     TASK_PROTOCOL,
     materialize,
@@ -92,18 +92,6 @@ from protocol.smip import id_hex
 log = logging.getLogger(__name__)
 
 JOB_TOPIC = "/iollm/jobs/1"
-OFFER_TIMEOUT_S = 20.0  # dial, send the assignment, get the reply
-OFFER_TRIES = 2  # a stream that breaks before the reply is opened once more
-OFFER_RETRY_S = 1.0
-WORKER_GRACE_S = 15.0  # a round waits this long for workers_per_round workers, then starts
-NO_WORKER_TIMEOUT_S = 600.0  # a round without any worker for this long fails the job
-WORKER_POLL_S = 2.0  # how often the coordinator looks for new workers during a round
-VERDICT_WRITE_TIMEOUT_S = 30.0
-FETCH_DELTA_TIMEOUT_S = 300.0
-CHECK_TIMEOUT_S = 3600.0
-OUTER_TIMEOUT_S = 3600.0
-EMPTY_ROUND_RETRIES = 3  # a round in which no task completed is run again this many times
-EMPTY_ROUND_PAUSE_S = 10.0
 
 
 class JobError(NodeError):
@@ -137,7 +125,7 @@ class Jobs:
     def __init__(self, net: Network, key: SigningKey, storage: Storage, models: Models,
                  discovery: Discovery, receipts: Receipts, home: Path, *,
                  clock_ms: Callable[[], int], threads: int = 1,
-                 chain: Chain | None = None) -> None:
+                 chain: Chain | None = None, tunables: JobsSection | None = None) -> None:
         self.net = net
         self.key = key
         self.storage = storage
@@ -147,6 +135,7 @@ class Jobs:
         self.home = home
         self.clock_ms = clock_ms
         self.threads = threads
+        self.tunables = tunables or JobsSection()  # timeouts and retries ([jobs] in config)
         self.peer_id = models.peer_id
         self.chain = chain  # where the job, its receipts and round records are recorded
         self.states: dict[str, dict[str, Any]] = {}  # job id hex -> progress (coordinated here)
@@ -283,12 +272,12 @@ class Jobs:
                     # Nobody finished anything (workers busy with other jobs, or all gone):
                     # the round is tried again rather than spent.
                     empty += 1
-                    if empty > EMPTY_ROUND_RETRIES:
+                    if empty > self.tunables.empty_round_retries:
                         raise JobError(f"round {state['round']}: no worker completed a task "
                                        f"in {empty} tries")
                     log.warning("job %s round %d: no task completed; trying again in %g s",
-                                jid[:16], state["round"], EMPTY_ROUND_PAUSE_S)
-                    await trio.sleep(EMPTY_ROUND_PAUSE_S)
+                                jid[:16], state["round"], self.tunables.empty_round_pause_s)
+                    await trio.sleep(self.tunables.empty_round_pause_s)
                     continue
                 empty = 0
                 if record.get("version") and self.chain is not None:
@@ -352,17 +341,17 @@ class Jobs:
         return cap.record.env.tflops if cap is not None else None
 
     async def _wait_for_workers(self, job: Job) -> dict[str, int]:
-        with trio.move_on_after(NO_WORKER_TIMEOUT_S):
+        with trio.move_on_after(self.tunables.no_worker_timeout_s):
             waited = 0.0
             while True:
                 found = self._candidates(job)
                 if sum(found.values()) >= job.spec.workers_per_round or (
-                        found and waited >= WORKER_GRACE_S):
+                        found and waited >= self.tunables.worker_grace_s):
                     return found
-                await trio.sleep(WORKER_POLL_S / 4)
-                waited += WORKER_POLL_S / 4
+                await trio.sleep(self.tunables.worker_poll_s / 4)
+                waited += self.tunables.worker_poll_s / 4
         raise JobError(f"no worker meeting the requirements appeared in "
-                       f"{NO_WORKER_TIMEOUT_S:g} s")
+                       f"{self.tunables.no_worker_timeout_s:g} s")
 
     async def _round(self, jid: str, envelope: bytes, job: Job, state: dict[str, Any],
                      dataset: Any, job_dir: Path) -> dict[str, Any]:
@@ -383,8 +372,12 @@ class Jobs:
                            min_slice=spec.seq_len + 2, steps=[s.steps for s in sized])
         log.info("job %s round %d: %d tasks (steps %s), %d candidate workers", jid[:16], r,
                  len(tasks), ",".join(str(s.steps) for s in sized), len(workers))
-        machine = RoundMachine(tasks, workers, offer_timeout_ms=int(OFFER_TIMEOUT_S * 1000),
+        machine = RoundMachine(tasks, workers,
+                               offer_timeout_ms=int(self.tunables.offer_timeout_s * 1000),
                                task_timeout_ms=int(spec.task_timeout_s * 1000),
+                               max_attempts=self.tunables.max_attempts,
+                               busy_retry_ms=int(self.tunables.busy_retry_s * 1000),
+                               max_busy=self.tunables.max_busy,
                                rng=random.Random(spec.seed * 1_000_003 + r),
                                capacity=workers,
                                preferred={t.task_id: s.worker
@@ -466,7 +459,7 @@ class Jobs:
                 launch(machine.on_tick(now))
 
             await drive(recv, clock_ms=self.clock_ms, deadline_ms=machine.next_deadline,
-                        tick_s=WORKER_POLL_S, on_item=on_outcome, on_wake=on_wake,
+                        tick_s=self.tunables.worker_poll_s, on_item=on_outcome, on_wake=on_wake,
                         done=lambda: machine.done)
             trained = self.clock_ms()  # every task submitted or failed: the round's train phase
             # In arrival order: of a delta and its copy, the later arrival is the copy.
@@ -581,25 +574,26 @@ class Jobs:
         """One task stream: assignment, reply, progress (on 1.1.0), result, verdict."""
         stream = None
         try:
-            with trio.fail_after(OFFER_TIMEOUT_S):
-                for attempt in range(OFFER_TRIES):
+            with trio.fail_after(self.tunables.offer_timeout_s):
+                for attempt in range(self.tunables.offer_tries):
                     try:
                         stream = await self._open(a.worker)
-                        await write_frame(stream, msg.encode(), OFFER_TIMEOUT_S)
+                        await write_frame(stream, msg.encode(), self.tunables.offer_timeout_s)
                         reply = TaskReply.decode(await read_frame(stream, MAX_REPLY_BYTES,
-                                                                  OFFER_TIMEOUT_S))
+                                                                  self.tunables.offer_timeout_s))
                         break
                     except Exception as exc:  # FrameError, OSError, a failed dial
                         # py-libp2p drops one of two connections dialled at once in both
                         # directions, and the stream on it: one more try on a fresh one.
-                        if attempt + 1 == OFFER_TRIES or isinstance(exc, RemoteProtocolError):
+                        if (attempt + 1 == self.tunables.offer_tries
+                                or isinstance(exc, RemoteProtocolError)):
                             raise
                         log.debug("offer of %s to %s failed (%r); again", a.task.task_id,
                                   a.worker, exc)
                         if stream is not None:
                             await reset_quietly(stream)
                             stream = None
-                        await trio.sleep(OFFER_RETRY_S)
+                        await trio.sleep(self.tunables.offer_retry_s)
             assert stream is not None  # the loop above ends with a stream, or raises
             if reply.task_id != a.task.task_id:
                 raise RemoteProtocolError("malformed", "the reply names another task")
@@ -621,7 +615,7 @@ class Jobs:
             await send.send(_Outcome("submitted", a, result, data))
             await p.done.wait()
             if p.verdict is not None:
-                await write_frame(stream, p.verdict.encode(), VERDICT_WRITE_TIMEOUT_S)
+                await write_frame(stream, p.verdict.encode(), self.tunables.verdict_write_timeout_s)
             await stream.close()
         except (Exception, trio.TooSlowError) as exc:
             if not isinstance(exc, (FrameError, RemoteProtocolError, trio.TooSlowError,
@@ -637,9 +631,9 @@ class Jobs:
         "Elastic jobs"). Best effort: a worker that misses it fetches at its first task."""
         stream = None
         try:
-            with trio.fail_after(OFFER_TIMEOUT_S):
+            with trio.fail_after(self.tunables.offer_timeout_s):
                 stream = await self._open(msg.worker)
-                await write_frame(stream, msg.encode(), OFFER_TIMEOUT_S)
+                await write_frame(stream, msg.encode(), self.tunables.offer_timeout_s)
                 await stream.close()
             log.info("hinted %s to prefetch %s", msg.worker, msg.base_version.hex()[:16])
         except (Exception, trio.TooSlowError) as exc:
@@ -652,7 +646,7 @@ class Jobs:
         if peer not in self.net.host.get_connected_peers():
             cap = self.discovery.local_record(worker)
             addrs = [parse_multiaddr(a) for a in cap.record.addrs] if cap else []
-            await self.net.connect(PeerInfo(peer, addrs), timeout=OFFER_TIMEOUT_S)
+            await self.net.connect(PeerInfo(peer, addrs), timeout=self.tunables.offer_timeout_s)
         return await self.net.open_stream(peer, [TASK_PROGRESS_PROTOCOL, TASK_PROTOCOL])
 
     # -- checking and the outer step ------------------------------------------------------
@@ -675,8 +669,9 @@ class Jobs:
         async def fetch(tid: str, outcome: _Outcome) -> None:
             assert outcome.result is not None
             try:
-                with trio.fail_after(FETCH_DELTA_TIMEOUT_S):
-                    for delay in (*FETCH_RETRIES_S, None):  # a busy worker's answer is late
+                with trio.fail_after(self.tunables.fetch_delta_timeout_s):
+                    # A busy worker's answer is late.
+                    for delay in (*self.tunables.fetch_retries_s, None):
                         try:
                             held = await self._fetch(outcome.result.delta_version.hex(),
                                                      hint=[PeerId.from_base58(outcome.assign.worker)])
@@ -723,7 +718,8 @@ class Jobs:
                 "reexec": reexec,
                 "thresholds": _thresholds(spec),
             }
-            answer = await run_taskproc(request, timeout_s=CHECK_TIMEOUT_S, what="checking")
+            answer = await run_taskproc(request, timeout_s=self.tunables.check_timeout_s,
+                                        what="checking")
         verdicts: dict[str, dict[str, Any]] = answer["results"]
         for tid, p in paths.items():
             verdicts.setdefault(tid, {"verdict": "reject", "reason": "not checked"})
@@ -756,7 +752,8 @@ class Jobs:
                            for s in dataset.manifest.shards],
             "heldout_fraction": spec.heldout_fraction, "eval_batches": spec.eval_batches,
             "batch_size": spec.batch_size, "seq_len": spec.seq_len, "seed": spec.seed,
-            "threads": self.threads}, timeout_s=OUTER_TIMEOUT_S, what="the outer step")
+            "threads": self.threads}, timeout_s=self.tunables.outer_timeout_s,
+            what="the outer step")
         new = await self.models.publish(out_dir, kind="model",
                                         name=round_version_name(spec.name, r),
                                         parents=[state["base"]])

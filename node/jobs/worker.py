@@ -29,7 +29,7 @@ from typing import Any
 import trio
 from nacl.signing import SigningKey
 
-from node.config import WorkerSection
+from node.config import JobsSection, WorkerSection
 from node.jobs.receipts import Receipts
 from node.jobs.taskrun import StepProgress, TaskProcError, finite, run_taskproc
 from node.p2p import PeerId, ProtocolId
@@ -64,17 +64,9 @@ TASK_PROTOCOL = ProtocolId(TASK_PROTOCOL_ID)
 # The same stream with TaskProgress frames before the result (specs/jobs.md); offered
 # first by coordinators, served beside 1.0.0 so that nodes of either version work together.
 TASK_PROGRESS_PROTOCOL = ProtocolId("/iollm/task/1.1.0")
-PROGRESS_EVERY_S = 2.0
-PROGRESS_WRITE_TIMEOUT_S = 10.0
-ASSIGN_TIMEOUT_S = 10.0  # for the assignment frame after the stream opens
-REPLY_TIMEOUT_S = 10.0
-RESULT_WRITE_TIMEOUT_S = 30.0
-VERDICT_TIMEOUT_S = 3600.0  # the coordinator checks the whole round before it answers
 COPY_WAIT_S = 120.0  # adversary "copy": how long it waits for a delta to copy
-TRAIN_TIMEOUT_SLACK_S = 60.0
 SLOW_FACTOR = 1.0  # adversary "slow": waits its training time again (half speed)
 BUSY_PREFIX = "busy"  # a refusal for want of capacity starts so: the coordinator asks again
-FETCH_RETRIES_S = (1.0, 3.0, 9.0)  # a fetch that failed (its providers busy or slow) again
 
 
 def meets_requirements(job: Job, env: EnvReport) -> str:
@@ -126,12 +118,14 @@ class WorkerStats:
 
 class Worker:
     def __init__(self, net: Any, key: SigningKey, models: Models, receipts: Receipts,
-                 config: WorkerSection, env: EnvReport, work_dir: Path) -> None:
+                 config: WorkerSection, env: EnvReport, work_dir: Path, *,
+                 tunables: JobsSection | None = None) -> None:
         self.net = net
         self.key = key
         self.models = models
         self.receipts = receipts
         self.config = config
+        self.tunables = tunables or JobsSection()  # timeouts and retries ([jobs] in config)
         self.env = env
         self.work_dir = work_dir
         self.peer_id = models.peer_id
@@ -183,7 +177,7 @@ class Worker:
     async def _fetch(self, version: bytes, hint: list[PeerId]) -> HeldVersion:
         """Fetch a version, trying again after a pause when it fails: at the start of a
         round every worker asks the coordinator for the same versions at once."""
-        for delay in (*FETCH_RETRIES_S, None):
+        for delay in (*self.tunables.fetch_retries_s, None):
             try:
                 await self.models.fetch(id_hex(version), hint=hint)
                 return self.models.held[version]
@@ -200,7 +194,7 @@ class Worker:
     async def _serve(self, stream: Any) -> None:
         try:
             peer = stream.muxed_conn.peer_id
-            data = await read_frame(stream, MAX_ASSIGN_BYTES, ASSIGN_TIMEOUT_S)
+            data = await read_frame(stream, MAX_ASSIGN_BYTES, self.tunables.assign_timeout_s)
             if _is_prefetch(data):
                 ignored = self._hint(peer, Prefetch.decode(data))
                 if ignored:
@@ -213,7 +207,7 @@ class Worker:
                 task = assign.task_id if assign is not None else ""
                 log.info("refusing task %s from %s: %s", task, peer, refusal)
                 await write_frame(stream, TaskReply.refuse(task, refusal).encode(),
-                                  REPLY_TIMEOUT_S)
+                                  self.tunables.reply_timeout_s)
                 await stream.close()
                 return
             self.busy += 1
@@ -222,18 +216,18 @@ class Worker:
                 self.stats.accepted += 1
                 self.task_accepted.set()
                 await write_frame(stream, TaskReply(assign.task_id, True, "").encode(),
-                                  REPLY_TIMEOUT_S)
+                                  self.tunables.reply_timeout_s)
                 report = (self._reporter(stream, assign.task_id)
                           if str(stream.get_protocol()) == TASK_PROGRESS_PROTOCOL else None)
                 result = await self._train(peer, assign, job, slot, report)
-                await write_frame(stream, result, RESULT_WRITE_TIMEOUT_S)
+                await write_frame(stream, result, self.tunables.result_write_timeout_s)
             finally:
                 self.busy -= 1
                 if slot is not None:
                     self.free_devices.append(slot)
             self.stats.finished += 1
             verdict = Verdict.decode(await read_frame(stream, MAX_VERDICT_BYTES,
-                                                      VERDICT_TIMEOUT_S))
+                                                      self.tunables.verdict_timeout_s))
             if verdict.receipt is not None:
                 await self.receipts.store(verdict.receipt, expect_worker=self.peer_id)
             log.info("task %s %s%s", assign.task_id,
@@ -296,20 +290,20 @@ class Worker:
     def _reporter(self, stream: Any, task_id: str
                   ) -> Callable[[StepProgress, float, int], Awaitable[None]]:
         """Sends the coordinator a TaskProgress for a training step, at most every
-        PROGRESS_EVERY_S (and always the first and the last step)."""
+        [jobs] progress_every_s (and always the first and the last step)."""
         last = -math.inf
 
         async def report(step: StepProgress, started: float, tokens_per_step: int) -> None:
             nonlocal last
             now = time.monotonic()
-            if now - last < PROGRESS_EVERY_S and 1 < step.step < step.steps:
+            if now - last < self.tunables.progress_every_s and 1 < step.step < step.steps:
                 return
             last = now
             if not (math.isfinite(step.loss) and 0 <= step.loss <= MAX_LOSS):
                 return  # a diverged loss is the result's business, not the display's
             msg = TaskProgress(task_id, min(step.step, step.steps), step.steps, step.loss,
                                step.step * tokens_per_step, int((now - started) * 1000))
-            await write_frame(stream, msg.encode(), PROGRESS_WRITE_TIMEOUT_S)
+            await write_frame(stream, msg.encode(), self.tunables.progress_write_timeout_s)
 
         return report
 
@@ -349,7 +343,8 @@ class Worker:
                 # for a (model, device) is searched for once.
                 "micro_batch_cache": str(self.work_dir.parent / "micro-batch"),
             }
-            timeout = max(1.0, assign.deadline_ms / 1000 - time.time()) + TRAIN_TIMEOUT_SLACK_S
+            timeout = (max(1.0, assign.deadline_ms / 1000 - time.time())
+                       + self.tunables.train_timeout_slack_s)
             answer = await self._adversary(
                 coordinator, assign,
                 dict(request, _train_len=job.spec.train_split(dataset.manifest.total_size)),

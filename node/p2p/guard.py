@@ -21,11 +21,12 @@ error that escapes a handler:
 A peer that vanishes (reset, EOF, timeout, broken link) is counted as ``gone``, not as
 a strike: honest peers crash and lose their links.
 
-It also bounds what a peer's inbound streams can make the node hold. Each stream counts
-against MAX_STREAMS_PER_PEER (and MAX_STREAMS in all) before it is negotiated, and once
+It also bounds what a peer's inbound streams can make the node hold (the limits are
+P2POptions, node/p2p/options.py: ``[p2p]`` in config.toml). Each stream counts against
+``max_streams_per_peer`` (and ``max_streams`` in all) before it is negotiated, and once
 negotiated it reserves what it may buffer: its protocol's frame cap (declared with
 :meth:`StreamGuard.declare`; DEFAULT_FRAME_BYTES for a protocol that declared none) plus
-the muxer's receive window, against PEER_BUFFER_BYTES (BUFFER_BYTES in all) for as long
+the muxer's receive window, against ``peer_buffer_bytes`` (``buffer_bytes`` in all) for as long
 as its handler runs. A stream over either bound is reset unread and counted
 (``over-limit``, ``over-budget``): not a strike, as a busy honest peer may reach them.
 """
@@ -49,6 +50,7 @@ from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE as YAMUX_WINDOW_
 from multiaddr import Multiaddr
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from node.p2p.options import P2POptions
 from protocol.penalty import PeerPenalties, PenaltyPolicy
 
 log = logging.getLogger(__name__)
@@ -63,19 +65,6 @@ PEER_GONE_ERRORS: tuple[type[BaseException], ...] = (
 RESET_TIMEOUT_S = 2.0  # resetting a stream of a peer that does not read
 NOT_NEGOTIATED = "(none)"  # the protocol label of a stream that failed before negotiation
 DISCONNECT_QUEUE = 256  # peers waiting to be disconnected; more are caught on their next stream
-# Inbound streams open at once, from one peer and in all. py-libp2p's resource manager
-# (libp2p.rcmgr, 0.8.1) limits streams in total and per service, not per peer, so one
-# peer could take the whole allowance; the guard, which sees every inbound stream,
-# counts them. An honest node uses a few at a time (one SMIP stream per provider, a
-# task stream per offer, the sync and capability streams).
-MAX_STREAMS_PER_PEER = 64
-MAX_STREAMS = 1024
-# What one peer's inbound streams may hold at once in partial frames and unread data, and
-# all peers' together; a stream's share is its protocol's frame cap plus the receive
-# window (py-libp2p's yamux grows the window beyond its initial size only as the handler
-# reads, and the handler reads at most one frame ahead).
-PEER_BUFFER_BYTES = 16 << 20
-BUFFER_BYTES = 256 << 20
 DEFAULT_FRAME_BYTES = 64 << 10
 
 StreamHandler = Callable[[INetStream], Awaitable[None]]
@@ -90,8 +79,10 @@ class StreamGuard(INotifee):
 
     def __init__(self, host: BasicHost, registry: CollectorRegistry,
                  policy: PenaltyPolicy | None = None,
-                 clock: Callable[[], float] = trio.current_time) -> None:
+                 clock: Callable[[], float] = trio.current_time,
+                 limits: P2POptions | None = None) -> None:
         self._host = host
+        self.limits = limits or P2POptions()
         self._clock = clock
         self.penalties = PeerPenalties(policy)
         # py-libp2p's own inbound entry point: protocol negotiation, then the handler.
@@ -107,8 +98,8 @@ class StreamGuard(INotifee):
             "iollm_stream_handler_errors",
             "inbound streams whose handler failed, by protocol and kind: error (counts "
             "against the peer), gone (the peer vanished), refused (a banned peer), "
-            "over-limit (too many streams open at once, MAX_STREAMS_PER_PEER), "
-            "over-budget (its streams may buffer too much, PEER_BUFFER_BYTES); and "
+            "over-limit (too many streams open at once, max_streams_per_peer), "
+            "over-budget (its streams may buffer too much, peer_buffer_bytes); and "
             "tasks of the library's services that failed (protocol service:task, kind task)",
             ["protocol", "kind"], registry=registry)
         self.bans = Counter("iollm_peers_banned", "peers banned for repeated handler errors",
@@ -148,7 +139,8 @@ class StreamGuard(INotifee):
         async def run(stream: INetStream) -> None:
             peer = peer_of(stream)
             held = self.buffered.get(peer, 0)
-            if held + share > PEER_BUFFER_BYTES or self._buffered_total + share > BUFFER_BYTES:
+            if (held + share > self.limits.peer_buffer_bytes
+                    or self._buffered_total + share > self.limits.buffer_bytes):
                 self.errors.labels(protocol=protocol, kind="over-budget").inc()
                 await _reset(stream)
                 return
@@ -192,7 +184,8 @@ class StreamGuard(INotifee):
             self._disconnect(peer)
             return
         held = self.open_streams.get(peer, 0)
-        if held >= MAX_STREAMS_PER_PEER or self._open_total >= MAX_STREAMS:
+        if (held >= self.limits.max_streams_per_peer
+                or self._open_total >= self.limits.max_streams):
             # Not a strike: the peer may just be busy; the stream is refused, not read.
             self.errors.labels(protocol=NOT_NEGOTIATED, kind="over-limit").inc()
             await _reset(stream)

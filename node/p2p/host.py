@@ -50,8 +50,9 @@ from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Counter
 
 import node.p2p.wire  # noqa: F401  (its patches: before any host is built)
-from node.p2p.guard import MAX_STREAMS, StreamGuard
+from node.p2p.guard import StreamGuard
 from node.p2p.nat import NatOptions, NatService
+from node.p2p.options import P2POptions
 from protocol.penalty import PenaltyPolicy
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,9 @@ HEARTBEAT_S = 1  # gossipsub heartbeat (py-libp2p default 120 s; go-libp2p 1 s)
 # they are. Its circuit breaker (every connection refused for 60 s after 5 failed
 # acquisitions) and graceful degradation (limits cut by up to half when reached, so they
 # move under load) are off; its stream cap, which queues streams on a semaphore rather
-# than refusing them, sits above the stream guard's (node/p2p/guard.py: MAX_STREAMS
-# inbound at once, refused unread and counted beyond).
-MAX_CONNECTIONS = 1000
+# than refusing them, sits at four times the stream guard's (node/p2p/guard.py:
+# max_streams inbound at once, refused unread and counted beyond). Both caps are
+# P2POptions (node/p2p/options.py).
 # The largest Kademlia request a peer may send us: py-libp2p reads requests up to 4 MiB,
 # and each open Kademlia stream may hold one half-sent (node/p2p/guard.py counts a
 # stream's frame cap against its peer's buffer budget). Our records are at most 8 KiB
@@ -85,7 +86,6 @@ MAX_CONNECTIONS = 1000
 # answers our own lookups read keep the library's limit.
 KAD_MAX_REQUEST_BYTES = 64 << 10
 kad_dht_module.MAX_DHT_MESSAGE_SIZE = KAD_MAX_REQUEST_BYTES
-RCMGR_MAX_STREAMS = 4 * MAX_STREAMS
 INVALID_DECAY = 0.97
 GRAYLIST_SCORE = -10.0
 SCORE_PARAMS = ScoreParams(
@@ -429,13 +429,16 @@ async def open_network(
     registry: CollectorRegistry | None = None,
     penalties: PenaltyPolicy | None = None,
     nat: NatOptions | None = None,
+    options: P2POptions | None = None,
 ) -> AsyncIterator[Network]:
     """Start host, DHT (server mode) and gossipsub; yield once all are listening.
 
     Every inbound stream runs under the stream guard (node/p2p/guard.py), whose
     counters go to ``registry``; ``penalties`` says when a failing peer is banned.
     ``nat``: relay, AutoNAT and DCUtR (node/p2p/nat.py); None, a node that takes itself
-    for reachable and offers no relay (in-process test clusters on 127.0.0.1)."""
+    for reachable and offers no relay (in-process test clusters on 127.0.0.1).
+    ``options``: the limits of ``[p2p]`` in config.toml (node/p2p/options.py)."""
+    options = options or P2POptions()
     key_pair = libp2p_key_pair(signing_key)
     noise_key = create_x25519_key_pair()
 
@@ -451,13 +454,14 @@ async def open_network(
         connection_config=ConnectionConfig(max_connections_per_peer=1),
         addrs_factory=expand_unspecified,
         resource_manager=ResourceManager(
-            ResourceLimits(max_connections=MAX_CONNECTIONS, max_streams=RCMGR_MAX_STREAMS),
+            ResourceLimits(max_connections=options.max_connections,
+                           max_streams=4 * options.max_streams),
             enable_circuit_breaker=False, enable_graceful_degradation=False),
     )
     assert isinstance(host, BasicHost)
     _disable_auto_connector(host)
     registry = registry or CollectorRegistry()
-    guard = StreamGuard(host, registry, penalties)
+    guard = StreamGuard(host, registry, penalties, limits=options)
     gossip_rejected = Counter("iollm_gossip_rejected",
                               "gossip messages dropped by a topic validator before relaying, "
                               "by topic and reason", ["topic", "reason"], registry=registry)
