@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from node.config import AgentSection
+from node.errors import NodeError
 from protocol.agentgoal import Goal, GoalError, parse_goal_toml
 
 MAX_ANSWER_BYTES = 256 * 1024
@@ -36,8 +37,9 @@ PROPOSE_PROMPT = """You propose the first settings of a hyperparameter search. T
 array of at most {n} objects, each giving a value for every field of the space."""
 
 
-class PlannerError(Exception):
-    """The planner could not be asked, or its answer was refused (the message says why)."""
+class PlannerError(NodeError):
+    """The planner could not be asked, or its answer was refused (the message says why;
+    the API answers 400)."""
 
 
 class Planner:

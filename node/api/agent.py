@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from node.agent.picture import search_svg
-from node.agent.planner import PlannerError, check_proposals
+from node.agent.planner import check_proposals
 from node.agent.service import Agent
 from node.api.server import ApiError, Request, Routes, body_fields, text_field
 from protocol.agentgoal import parse_goal_toml
@@ -24,11 +24,8 @@ def agent_routes(agent: Agent) -> Routes:
         body = body_fields(request, {"goal"}, {"proposals"})
         goal = parse_goal_toml(text_field(body["goal"], "goal"))  # GoalError: 400
         proposals: list[dict[str, Any]] = []
-        if body.get("proposals") is not None:
-            try:
-                proposals = check_proposals(goal, body["proposals"])
-            except PlannerError as exc:
-                raise ApiError(400, str(exc)) from None
+        if body.get("proposals") is not None:  # PlannerError: 400
+            proposals = check_proposals(goal, body["proposals"])
         return {"id": await agent.start(goal, proposals)}
 
     async def listing(_: Request) -> Any:
