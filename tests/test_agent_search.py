@@ -278,6 +278,7 @@ def test_status_and_show_print_the_branches_reflections_and_path(tmp_path: Path)
 
 @pytest.mark.timeout(60)
 def test_the_api_routes(tmp_path: Path) -> None:
+    from node.agent.planner import PlannerError
     from node.agent.service import NotRunning, UnknownSearch
     from node.api.agent import agent_routes
     from node.api.server import ApiError, Request
@@ -308,9 +309,10 @@ def test_the_api_routes(tmp_path: Path) -> None:
         with pytest.raises(GoalError, match=r"budget\.tasks"):
             await call("POST", "/v1/agent/run", {"goal": text.replace("tasks = 8",
                                                                        "tasks = -1")})
-        with pytest.raises(ApiError, match=r"proposal 1: lr: 5\.0 is outside"):
+        with pytest.raises(PlannerError, match=r"proposal 1: lr: 5\.0 is outside") as refused:
             await call("POST", "/v1/agent/run", {"goal": text,
                                                  "proposals": [{**proposal, "lr": 5.0}]})
+        assert refused.value.status == 400  # the API's one mapping (node/errors.py)
         with pytest.raises(ApiError, match="id: missing"):
             await call("GET", "/v1/agent/status")
 
