@@ -274,6 +274,16 @@ max_circuits = 16
 max_circuit_bytes = 1073741824
 max_circuit_duration_s = 3600
 reservation_ttl_s = 3600
+# Deadlines of one AutoNAT question, one reservation, one dial through a relay, seconds.
+autonat_query_timeout_s = 10.0
+reserve_timeout_s = 10.0
+relay_dial_timeout_s = 15.0
+# Reachability and reservations are checked every check_interval_s seconds while unknown
+# or none is held, every settled_interval_s once settled; known reachability is asked
+# again every recheck_reachability_s (each answer costs every asked peer a dial-back).
+check_interval_s = 2.0
+settled_interval_s = 30.0
+recheck_reachability_s = 300.0
 
 [agent]
 # Optional planner for `iollm agent run --goal` and `--plan` (specs/agent.md): an
@@ -398,6 +408,12 @@ class RelaySection:
     max_circuit_bytes: int = 1 << 30
     max_circuit_duration_s: int = 3600
     reservation_ttl_s: int = 3600
+    autonat_query_timeout_s: float = 10.0
+    reserve_timeout_s: float = 10.0
+    relay_dial_timeout_s: float = 15.0
+    check_interval_s: float = 2.0
+    settled_interval_s: float = 30.0
+    recheck_reachability_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -640,6 +656,11 @@ def parse_config(data: dict[str, Any], source: str = CONFIG_FILE) -> Config:
     if min(r.max_reservations, r.max_circuits, r.max_circuit_bytes, r.max_circuit_duration_s,
            r.reservation_ttl_s) <= 0:
         raise ConfigError(f"{source}: relay limits must be positive")
+    for name in ("autonat_query_timeout_s", "reserve_timeout_s", "relay_dial_timeout_s",
+                 "check_interval_s", "settled_interval_s", "recheck_reachability_s"):
+        if not 0 < getattr(r, name) <= _TUNABLE_MAX:
+            raise ConfigError(f"{source}: relay.{name} must be positive and at most "
+                              f"{_TUNABLE_MAX:g}, got {getattr(r, name)}")
     a = config.agent
     if a.llm_url and not a.llm_url.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: agent.llm_url must start with http:// or https://, "

@@ -140,6 +140,8 @@ def test_tunables_are_finite_and_sync_batches_fit_a_request() -> None:
         ("jobs", {"offer_timeout": 5}, "unknown key jobs.offer_timeout"),
         ("p2p", {"max_streams_per_peer": 0}, "p2p.max_streams_per_peer must be positive"),
         ("p2p", {"buffer_bytes": 2**40}, "p2p.buffer_bytes must be positive and at most"),
+        ("relay", {"reserve_timeout_s": 0}, "relay.reserve_timeout_s must be positive"),
+        ("relay", {"recheck_reachability_s": float("inf")}, "relay.recheck_reachability_s"),
     ],
 )
 def test_bad_tunables_name_the_key(section: str, table: dict[str, object],

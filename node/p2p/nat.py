@@ -80,14 +80,6 @@ logging.getLogger("libp2p.host.autonat").setLevel(logging.CRITICAL)
 
 DIAL_BACK_TIMEOUT_S = 5.0  # one AutoNAT dial-back (TCP connect + Noise handshake)
 MAX_DIAL_BACK_ADDRS = 4  # addresses one AutoNAT request may make us dial
-AUTONAT_QUERY_TIMEOUT_S = 10.0
-RESERVE_TIMEOUT_S = 10.0
-RELAY_DIAL_TIMEOUT_S = 15.0  # a dial through a relay: two handshakes, one through the relay
-CHECK_INTERVAL_S = 2.0  # while reachability is unknown or no reservation is held
-SETTLED_INTERVAL_S = 30.0  # once settled: reservations checked and refreshed
-# Once known, reachability is asked again this often (each answer costs every server a
-# dial-back, and our swarm logs the dial-back's unfinished upgrade as an error).
-RECHECK_REACHABILITY_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +96,18 @@ class NatOptions:
     relays: tuple[str, ...] = ()
     max_relays: int = 2
     autonat_confirmations: int = 2
+    # Seconds. The deadlines of one AutoNAT question, one reservation, one dial through a
+    # relay (two handshakes, one through the relay).
+    autonat_query_timeout_s: float = 10.0
+    reserve_timeout_s: float = 10.0
+    relay_dial_timeout_s: float = 15.0
+    # Reachability and reservations are checked every check_interval_s while unknown or
+    # none is held, every settled_interval_s once settled; known reachability is asked
+    # again every recheck_reachability_s (each answer costs every server a dial-back, and
+    # our swarm logs the dial-back's unfinished upgrade as an error).
+    check_interval_s: float = 2.0
+    settled_interval_s: float = 30.0
+    recheck_reachability_s: float = 300.0
 
     def limits(self) -> RelayLimits:
         return RelayLimits(duration=self.max_circuit_duration_s, data=self.max_circuit_bytes,
@@ -233,7 +237,7 @@ class _DirectAddrsHost:
 
 
 def _install_relay_dialing(host: BasicHost, transport: CircuitV2Transport,
-                           metrics: NatMetrics) -> None:
+                           metrics: NatMetrics, timeout_s: float) -> None:
     """Fix 1: when the library's dial fails, dial the peer's circuit addresses."""
     swarm: Any = host.get_network()
     library_dial: Callable[[ID], Awaitable[list[Any]]] = swarm.dial_peer
@@ -253,7 +257,7 @@ def _install_relay_dialing(host: BasicHost, transport: CircuitV2Transport,
                     return existing
                 for addr in circuits:
                     try:
-                        with trio.fail_after(RELAY_DIAL_TIMEOUT_S):
+                        with trio.fail_after(timeout_s):
                             conn = await transport.dial(addr)
                         metrics.relay_dials.labels("ok").inc()
                         return [conn]
@@ -311,7 +315,8 @@ class NatService:
         self.configured_relays = [info_from_p2p_addr(multiaddr.Multiaddr(a))
                                   for a in options.relays]
         self._changed = trio.Event()
-        _install_relay_dialing(host, self.transport, self.metrics)
+        _install_relay_dialing(host, self.transport, self.metrics,
+                               options.relay_dial_timeout_s)
         _install_relayed_addrs(host, self)
 
     # -- what the rest of node/p2p reads ------------------------------------------------
@@ -335,11 +340,11 @@ class NatService:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        checked = -RECHECK_REACHABILITY_S
+        checked = -self.options.recheck_reachability_s
         while True:
             if self.options.reachability == "auto" and (
                     self.status == AutoNATStatus.UNKNOWN
-                    or trio.current_time() - checked >= RECHECK_REACHABILITY_S):
+                    or trio.current_time() - checked >= self.options.recheck_reachability_s):
                 await self.check_reachability()
                 if self.status != AutoNATStatus.UNKNOWN:
                     checked = trio.current_time()
@@ -351,7 +356,8 @@ class NatService:
                 self._notify()
             settled = self.status != AutoNATStatus.UNKNOWN and (
                 not self.private or len(self.reservations) >= self.options.max_relays)
-            await trio.sleep(SETTLED_INTERVAL_S if settled else CHECK_INTERVAL_S)
+            await trio.sleep(self.options.settled_interval_s if settled
+                             else self.options.check_interval_s)
 
     def _direct_peers_speaking(self, protocol: str) -> list[ID]:
         peers = []
@@ -376,7 +382,7 @@ class NatService:
         async def ask(server: ID) -> None:
             try:
                 await self.autonat.query_server(server, [a.to_bytes() for a in addrs],
-                                                timeout=AUTONAT_QUERY_TIMEOUT_S)
+                                                timeout=self.options.autonat_query_timeout_s)
             except Exception as exc:  # the server's fault, not a verdict about us
                 log.debug("AutoNAT query to %s failed: %r", server, exc)
 
@@ -438,7 +444,7 @@ class NatService:
     async def _reserve(self, info: PeerInfo) -> _Reservation | None:
         stream = None
         try:
-            with trio.fail_after(RESERVE_TIMEOUT_S):
+            with trio.fail_after(self.options.reserve_timeout_s):
                 if info.addrs:
                     await self.host.connect(info)
                 stream = await self.host.new_stream(info.peer_id, [HOP_PROTOCOL_ID])
