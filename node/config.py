@@ -52,6 +52,10 @@ request_timeout_s = 10.0
 idle_timeout_s = 60.0
 # Clients served at once; more wait in the kernel's accept backlog.
 max_connections = 64
+# Publish and fetch operations started through the API: a finished one is shown for
+# keep_finished_s seconds after it ended, at most max_finished of them.
+keep_finished_s = 3600.0
+max_finished = 256
 
 [discovery]
 # How often the capability record is re-signed and re-published, in seconds.
@@ -316,6 +320,8 @@ class ApiSection:
     request_timeout_s: float = 10.0
     idle_timeout_s: float = 60.0
     max_connections: int = 64
+    keep_finished_s: float = 3600.0
+    max_finished: int = 256
 
 
 @dataclass(frozen=True)

@@ -247,7 +247,8 @@ async def _run_daemon(home: Path, config: Config, options: StartOptions,
     registry = CollectorRegistry()
     Gauge("iollm_start_time_seconds", "Unix time the daemon started",
           registry=registry).set(time.time())
-    ops = Operations(clock_ms)
+    ops = Operations(clock_ms, max_finished=config.api.max_finished,
+                     keep_finished_ms=int(config.api.keep_finished_s * 1000))
     spec = NodeSpec(key=key, home=home, database=home / STATE_DB, listen=listen, env=env,
                     discovery=config.discovery, clock_ms=clock_ms,
                     store=config.store.directory(home), quota_bytes=config.store.quota_bytes,

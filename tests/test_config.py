@@ -178,12 +178,14 @@ def test_p2p_and_relay_sections_are_the_p2p_options() -> None:
 
 
 def test_api_section_defaults_are_the_servers() -> None:
-    from node.api import server
+    from node.api import ops, server
 
     api = Config().api
     assert (api.request_timeout_s, api.idle_timeout_s, api.max_connections) == (
         server.DEFAULT_REQUEST_TIMEOUT_S, server.DEFAULT_IDLE_TIMEOUT_S,
         server.DEFAULT_MAX_CONNECTIONS)
+    assert (int(api.keep_finished_s * 1000), api.max_finished) == (
+        ops.KEEP_FINISHED_MS, ops.MAX_FINISHED)
     with pytest.raises(ConfigError, match=r"api\.max_connections must be positive"):
         parse_config({"api": {"max_connections": 0}})
     assert parse_config({"api": {"port": 0}}).api.port == 0
