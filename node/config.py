@@ -68,8 +68,9 @@ gossip_interval_s = 60
 # Deadline for one network query (DHT lookup, record fetch), in seconds.
 query_timeout_s = 10
 # Deadline for one request to one peer within a query; a peer that misses it is skipped
-# by later queries for a minute. Seconds.
+# by later queries for unresponsive_for_s. Seconds.
 rpc_timeout_s = 3
+unresponsive_for_s = 60
 # A publish step that failed (the DHT put, a class provide) is tried again after this
 # many seconds, then after twice and four times as long, rather than only at the next
 # refresh. Seconds.
@@ -331,6 +332,7 @@ class DiscoverySection:
     gossip_interval_s: float = 60.0
     query_timeout_s: float = 10.0
     rpc_timeout_s: float = 3.0
+    unresponsive_for_s: float = 60.0
     retry_interval_s: float = 15.0
     publish_retries: int = 3
     gossip_startup_s: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0])

@@ -162,7 +162,7 @@ class Discovery:
         self.bootstrapped = trio.Event()
         self.routing_rounds = 0  # passes of the routing-table upkeep (tests wait on it)
         self.published = trio.Event()  # set after the first network publish completes
-        self.unresponsive = Unresponsive()
+        self.unresponsive = Unresponsive(for_s=config.unresponsive_for_s)
         # Every verified record this node holds (its own included), by peer id: the
         # answer to most queries, with no network round trip.
         self.replicas: dict[str, PeerCapability] = {}

@@ -34,7 +34,7 @@ PeerQuery = Callable[[ID], Awaitable[tuple[T | None, list[ID]]]]
 
 K = 20  # replication parameter of the network (libp2p Kademlia's k)
 ALPHA = 3  # requests in flight per walk (libp2p Kademlia's alpha)
-UNRESPONSIVE_FOR_S = 60.0
+UNRESPONSIVE_FOR_S = 60.0  # the default of [discovery] unresponsive_for_s
 
 
 @dataclass
@@ -42,9 +42,10 @@ class Unresponsive:
     """Peers that recently failed a request, skipped by walks until their time is up."""
 
     until: dict[ID, float] = field(default_factory=dict)
+    for_s: float = UNRESPONSIVE_FOR_S
 
     def mark(self, peer: ID, now: float) -> None:
-        self.until[peer] = now + UNRESPONSIVE_FOR_S
+        self.until[peer] = now + self.for_s
 
     def is_bad(self, peer: ID, now: float) -> bool:
         deadline = self.until.get(peer)
