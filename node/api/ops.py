@@ -19,7 +19,8 @@ Any other exception is a bug: it is logged with its traceback and reported as
 operation cannot stop the node.
 
 Finished operations are kept `KEEP_FINISHED_MS` after they end, at most `MAX_FINISHED` of
-them (the oldest go first), so a client that polls late still sees how they ended.
+them (the oldest go first), so a client that polls late still sees how they ended (the
+daemon passes ``[api] keep_finished_s`` and ``max_finished``, whose defaults these are).
 """
 
 from __future__ import annotations
