@@ -232,6 +232,9 @@ verdict_write_timeout_s = 30.0
 fetch_delta_timeout_s = 300.0
 check_timeout_s = 3600.0
 outer_timeout_s = 3600.0
+# Deadline of building what the API publishes fresh (`iollm model init`, `iollm dataset
+# stdlib`), in a child process.
+build_timeout_s = 600.0
 # A fetch that failed (its providers busy or slow) is tried again after these delays.
 fetch_retries_s = [1.0, 3.0, 9.0]
 # Worker: deadlines for the assignment frame once a stream opens, for writing the reply,
@@ -488,6 +491,7 @@ class JobsSection:
     fetch_delta_timeout_s: float = 300.0
     check_timeout_s: float = 3600.0
     outer_timeout_s: float = 3600.0
+    build_timeout_s: float = 600.0
     fetch_retries_s: list[float] = field(default_factory=lambda: [1.0, 3.0, 9.0])
     assign_timeout_s: float = 10.0
     reply_timeout_s: float = 10.0

@@ -32,7 +32,6 @@ from node.smip.service import Models
 from node.smip.types import Progress, UnknownVersion
 
 ARCHS = ("gpt", *catalog.HF_ARCHS)
-BUILD_TIMEOUT_S = 600.0
 
 
 def job_routes(jobs: Jobs, receipts: Receipts, models: Models, ops: Operations,
@@ -70,7 +69,8 @@ def job_routes(jobs: Jobs, receipts: Receipts, models: Models, ops: Operations,
             progress.phase = "building"
             out = tmp / out_name
             key = "out_dir" if kind == "model" else "out"
-            answer = await run_taskproc({**op, key: str(out)}, timeout_s=BUILD_TIMEOUT_S,
+            answer = await run_taskproc({**op, key: str(out)},
+                                        timeout_s=jobs.tunables.build_timeout_s,
                                         what=f"building the {kind}")
             progress.phase = "publishing"
             version = await models.publish(out, kind=kind, name=name, progress=progress)
