@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from node.config import DiscoverySection, WorkerSection
+from node.config import DiscoverySection, JobsSection, WorkerSection
 from protocol.feed import verify_chain
 from protocol.genesis import Genesis, make_genesis
 from protocol.jobs import open_receipt
@@ -89,13 +89,14 @@ async def start_job(nodes: list[LocalNode], assets: dict[str, Path], **kw: Any) 
 
 
 def cluster(tmp_path: Path, workers: list[WorkerSection | None],  # type: ignore[no-untyped-def]
-            genesis: Genesis | None = None, tflops: dict[int, float] | None = None):
+            genesis: Genesis | None = None, tflops: dict[int, float] | None = None,
+            jobs: JobsSection | None = None):
     config = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=5,
                               gossip_interval_s=1)
     (tmp_path / "nodes").mkdir()
     envs = [make_env(tflops=(tflops or {}).get(i, 1.0)) for i in range(len(workers))]
     return local_cluster(tmp_path / "nodes", envs, wall_ms, config,
-                         models=True, workers=workers, genesis=genesis)
+                         models=True, workers=workers, genesis=genesis, jobs_config=jobs)
 
 
 def run(fn: Any, timeout: float) -> Any:
@@ -104,6 +105,29 @@ def run(fn: Any, timeout: float) -> Any:
             return await fn()
 
     return trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_a_job_no_node_can_work_on_fails_after_no_worker_timeout(
+        tmp_path: Path, assets: dict[str, Path]) -> None:
+    """[jobs] no_worker_timeout_s, set through the cluster (600 s by default): a job that
+    no node can take (the only node does not work) fails after it, with a line that says
+    why, and not before."""
+
+    async def main() -> None:
+        async with cluster(tmp_path, [WorkerSection(enabled=False)],
+                           jobs=JobsSection(no_worker_timeout_s=1.0)) as nodes:
+            jobs = nodes[0].jobs
+            assert jobs is not None
+            jid = await start_job(nodes, assets, rounds=1, workers=1)
+            submitted = trio.current_time()
+            await jobs.ended(jid).wait()
+            assert trio.current_time() - submitted >= 1.0
+            status = jobs.status(jid)
+            assert status["status"] == "failed", status
+            assert status["error"] == "no worker meeting the requirements appeared in 1 s", status
+
+    run(main, timeout=40)
 
 
 @pytest.mark.timeout(200)
