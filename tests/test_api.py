@@ -17,6 +17,7 @@ import prometheus_client
 import pytest
 import trio
 
+from node.agent.planner import PlannerError
 from node.api.server import (
     MAX_BODY_BYTES,
     ApiClientError,
@@ -32,6 +33,7 @@ from node.api.server import (
 )
 from node.chain.service import ChainBusy, ChainError
 from node.jobs.coordinator import JobError, UnknownJob
+from node.smip.store import NotInStore, QuotaExceeded
 from protocol.errors import RemoteProtocolError
 
 TOKEN = generate_token()
@@ -64,6 +66,9 @@ SERVICE_ERRORS: dict[str, Exception] = {
     "/conflict": ChainError("this home follows another chain"),
     "/bad-spec": JobError("rounds: expected 1..1000"),
     "/forged": RemoteProtocolError("bad-signature", "the signature does not verify"),
+    "/quota": QuotaExceeded(needed=2, quota=1, pinned=1, in_progress=0, held=1),
+    "/no-shard": NotInStore("no shard 00ff"),
+    "/planner": PlannerError("the planner's answer holds no text"),
 }
 
 
@@ -235,7 +240,7 @@ def test_service_errors_map_to_their_status_in_one_place() -> None:
     """Handlers let a service's error through; the server answers its kind's status
     (node/errors.py) and its message, and 400 for input that does not check."""
     expected = {"/busy": 503, "/missing": 404, "/conflict": 409, "/bad-spec": 400,
-                "/forged": 400}
+                "/forged": 400, "/quota": 409, "/no-shard": 404, "/planner": 400}
 
     async def body(port: int) -> None:
         for path, status in expected.items():

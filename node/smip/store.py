@@ -67,6 +67,7 @@ from typing import BinaryIO, NamedTuple
 
 import trio
 
+from node.errors import Conflict, NodeError, NotFound
 from node.storage import ShardRow, Storage
 from protocol.hashtree import (
     DEFAULT_CHUNK_SIZE,
@@ -101,11 +102,13 @@ COPY_BLOCK_BYTES = 1 << 20  # one read in import_file: the memory it holds
 COPY_HOP_BYTES = 8 << 20  # per worker-thread hop: granularity of progress and cancellation
 
 
-class ContentStoreError(Exception):
-    """The store cannot do what was asked (the message says why)."""
+class ContentStoreError(NodeError):
+    """The store cannot do what was asked (the message says why). A NodeError, so one
+    that reaches the API is answered with its kind's status (node/errors.py), and an API
+    operation that meets one fails with its message instead of an internal error."""
 
 
-class NotInStore(ContentStoreError):
+class NotInStore(NotFound, ContentStoreError):
     """No complete shard with that root is stored."""
 
 
@@ -113,11 +116,11 @@ class IncompleteShard(ContentStoreError):
     """finish() while chunks are still missing."""
 
 
-class FetchConflict(ContentStoreError):
+class FetchConflict(Conflict, ContentStoreError):
     """A fetch of this root is under way with another size or chunk size."""
 
 
-class QuotaExceeded(ContentStoreError):
+class QuotaExceeded(Conflict, ContentStoreError):
     """Pinned plus in-progress content alone would not leave room for the bytes asked."""
 
     def __init__(self, needed: int, quota: int, pinned: int, in_progress: int, held: int) -> None:
