@@ -12,6 +12,8 @@ import trio
 import trio.testing
 
 from node.api.ops import Operations, UnknownOperation
+from node.jobs.taskrun import TaskProcError
+from node.smip.store import QuotaExceeded
 from node.smip.types import FetchError, Progress, PublishError, UnknownVersion
 
 DEADLINE_S = 10
@@ -84,6 +86,11 @@ def test_progress_while_running_then_the_result() -> None:
         (UnknownVersion("no version known here starts with ab12"),
          "no version known here starts with ab12"),
         (ExceptionGroup("in a nursery", [FetchError("a"), ValueError("b")]), "a; b"),
+        (QuotaExceeded(needed=2, quota=1, pinned=1, in_progress=0, held=1),
+         "no room for 2 bytes: quota 1, pinned 1, in progress 0 (together 1, which eviction "
+         "cannot free), so at most 0 bytes fit"),
+        (TaskProcError("building the model: size: expected tiny"),
+         "building the model: size: expected tiny"),
     ],
 )
 def test_user_errors_fail_with_their_message(exc: Exception, message: str,

@@ -24,6 +24,8 @@ from typing import Any
 
 import trio
 
+from node.errors import NodeError
+
 log = logging.getLogger(__name__)
 
 MAX_ANSWER_BYTES = 4 << 20  # a JSON answer is numbers and paths
@@ -34,8 +36,10 @@ MAX_ANSWER_BYTES = 4 << 20  # a JSON answer is numbers and paths
 CHILD_NICE = 10
 
 
-class TaskProcError(Exception):
-    """The child failed; the message is its own error line, or how it died."""
+class TaskProcError(NodeError):
+    """The child failed; the message is its own error line, or how it died. A NodeError:
+    an API operation whose child fails (``model init``) ends ``failed`` with this line,
+    not as an internal error."""
 
 
 # The line taskproc's training loop writes on stderr every tenth of its steps
