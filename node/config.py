@@ -72,10 +72,9 @@ query_timeout_s = 10
 rpc_timeout_s = 3
 unresponsive_for_s = 60
 # A publish step that failed (the DHT put, a class provide) is tried again after this
-# many seconds, then after twice and four times as long, rather than only at the next
-# refresh. Seconds.
+# many seconds, then after twice as long each time (15, 30, 60 s), publish_retries times
+# in all, rather than only at the next refresh. Seconds.
 retry_interval_s = 15
-# ...this many times before the next refresh.
 publish_retries = 3
 # The record is re-announced on gossip at these seconds after joining, before the steady
 # gossip_interval_s (the mesh takes a few heartbeats to form).
