@@ -174,7 +174,7 @@ SLOW_DEADLINES = {
     "/iollm/smip/1.0.0": 30.0,  # STREAM_IDLE_TIMEOUT_S
     "/iollm/blocks/1.0.0": 30.0,  # [chain] sync_timeout_s
     "/iollm/capability-sync/1.0.0": 5.0,  # min(query_timeout_s 10, STREAM_TIMEOUT_S 5)
-    "/iollm/task/1.0.0": 10.0,  # ASSIGN_TIMEOUT_S
+    "/iollm/task/1.0.0": 10.0,  # [jobs] assign_timeout_s
 }
 # Under every cap above (capability-sync's request cap is 64 bytes: a longer frame is
 # refused at its prefix) and long enough to outlast every deadline at a byte a second.
