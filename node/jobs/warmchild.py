@@ -48,9 +48,12 @@ import trio
 
 log = logging.getLogger(__name__)
 
-# What the warm parent imports: taskproc (torch, safetensors, node.ml) and this module,
-# which every child unpickles its entry point from. Imports only: see the module's doc.
-PRELOAD = ["node.jobs.taskproc", "node.jobs.warmchild"]
+# What the warm parent imports, and nothing more (see the module's doc): taskproc (torch,
+# safetensors, node.ml); torch._inductor.config, which torch.use_deterministic_algorithms
+# imports on first call (node/ml/trainer.py, every training and check) and which pulls in
+# torch._dynamo: 1.5 s of CPU per child otherwise, 70 MiB more in the warm parent; and this
+# module, which every child unpickles its entry point from.
+PRELOAD = ["node.jobs.taskproc", "torch._inductor.config", "node.jobs.warmchild"]
 START_ATTEMPTS = 2  # a dead warm parent makes one start fail; the next one restarts it
 KILL_WAIT_S = 5.0  # a SIGKILLed child is gone well within this
 
