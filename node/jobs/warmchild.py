@@ -57,7 +57,9 @@ PRELOAD = ["node.jobs.taskproc", "torch._inductor.config", "node.jobs.warmchild"
 START_ATTEMPTS = 2  # a dead warm parent makes one start fail; the next one restarts it
 KILL_WAIT_S = 5.0  # a SIGKILLed child is gone well within this
 
-_start_lock = threading.Lock()  # multiprocessing's start path is not made for threads
+# Around starts and exit-status reads, both in worker threads: multiprocessing's start
+# path is not made for concurrent use, and it reads the status of children that ended.
+_lock = threading.Lock()
 _state: dict[str, Any] = {"fresh": False}  # True once the warm parent could not start
 
 
@@ -77,10 +79,7 @@ class WarmChild:
         """Its exit status, as a negative signal number when killed. The fork server
         reports it on the sentinel; 255 when the fork server itself died meanwhile."""
         await trio.lowlevel.wait_readable(self._proc.sentinel)
-        code = self._proc.exitcode
-        self.returncode = 255 if code is None else code
-        with contextlib.suppress(ValueError):
-            self._proc.close()  # the sentinel and the daemon-side pipe end
+        self.returncode = await trio.to_thread.run_sync(_collect, self._proc)
         return self.returncode
 
     def kill(self) -> None:
@@ -114,6 +113,12 @@ async def run_child(request: bytes, *, env: dict[str, str], nice: int,
             with trio.move_on_after(KILL_WAIT_S) as scope:
                 scope.shield = True
                 await child.wait()
+
+
+def set_fresh_children(fresh: bool) -> None:
+    """Fresh ``python -m node.jobs.taskproc`` children from now on (True), as when no warm
+    parent can start, or warm ones again (False): bench/task_start.py's baseline."""
+    _state["fresh"] = fresh
 
 
 async def _start_warm(request: bytes, env: dict[str, str], nice: int) -> WarmChild | None:
@@ -156,8 +161,19 @@ def _context() -> Any:
 
 
 def _start(proc: BaseProcess) -> None:
-    with _start_lock:
+    with _lock:
         proc.start()
+
+
+def _collect(proc: BaseProcess) -> int:
+    """The exit status of a child that ended (its sentinel is readable), and its file
+    descriptors closed. Under the lock: a start reaps ended children too (multiprocessing's
+    _cleanup), and two readers of the status would split its bytes."""
+    with _lock:
+        code = proc.exitcode
+        with contextlib.suppress(ValueError):
+            proc.close()  # the sentinel and the daemon-side pipe end
+    return 255 if code is None else code
 
 
 def _child_main(request: bytes, env: dict[str, str], nice: int, out: Connection,

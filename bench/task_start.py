@@ -1,0 +1,93 @@
+"""Per-task child start latency: a task child forked from the warm parent against a fresh
+``python -m node.jobs.taskproc`` (node/jobs/warmchild.py).
+
+    .venv/bin/python bench/task_start.py [--runs 5]
+
+Each run times ``run_taskproc`` as the daemon calls it, for two requests on a 1-layer GPT:
+``init`` (start-up plus almost nothing) and ``train`` of one step (what a micro-task pays
+before its first step: torch.use_deterministic_algorithms imports torch._dynamo on first
+call). Fresh and warm runs alternate, so both see the same machine; the warm parent is
+started (and timed) before the first run. Also printed: the CPU time the fresh children
+used (this process's children; warm children belong to the fork server).
+
+Goal (exit 1 when missed): the median warm task takes at most 0.2x the median fresh one,
+for both requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.jobs import warmchild
+from node.jobs.taskrun import run_taskproc
+
+GOAL = 0.2
+CONFIG = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8}
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(req: dict[str, Any]) -> float:
+    t0 = time.perf_counter()
+    trio.run(partial(run_taskproc, req, timeout_s=120, what=req["op"]))
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    d = Path(tempfile.mkdtemp(prefix="task-start-"))
+    (d / "data").write_bytes(bytes(range(256)) * 100)
+    reqs = {
+        "init": {"op": "init", "arch": "gpt", "config": CONFIG, "seed": 0,
+                 "out_dir": str(d / "m")},
+        "train": {"op": "train", "model_dir": str(d / "m"), "data_files": [str(d / "data")],
+                  "slice_start": 0, "slice_len": 20_000, "seed": 1, "steps": 1,
+                  "batch_size": 2, "seq_len": 8, "lr": 1e-3, "threads": 1,
+                  "out_dir": str(d / "o")},
+    }
+    print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores")
+    first = timed(reqs["init"])
+    print(f"first warm task (the warm parent starts and imports): {first:.2f} s")
+    times: dict[tuple[str, str], list[float]] = {}
+    fresh_cpu = 0.0
+    for _ in range(args.runs):
+        for op, req in reqs.items():
+            warmchild.set_fresh_children(True)
+            cpu0 = children_cpu()
+            times.setdefault(("fresh", op), []).append(timed(req))
+            fresh_cpu += children_cpu() - cpu0
+            warmchild.set_fresh_children(False)
+            times.setdefault(("warm", op), []).append(timed(req))
+    ok = True
+    for op in reqs:
+        fresh = statistics.median(times[("fresh", op)])
+        warm = statistics.median(times[("warm", op)])
+        ratio = warm / fresh
+        met = ratio <= GOAL
+        ok &= met
+        print(f"{op:6s} median of {args.runs}: fresh {fresh:.3f} s, warm {warm:.3f} s, "
+              f"ratio {ratio:.3f} (goal <= {GOAL}) {'met' if met else 'MISSED'}")
+    print(f"fresh children's CPU: {fresh_cpu / (2 * args.runs):.2f} s per task")
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    print("all goals met" if ok else "goal missed")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
