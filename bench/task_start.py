@@ -7,8 +7,9 @@ Each run times ``run_taskproc`` as the daemon calls it, for two requests on a 1-
 ``init`` (start-up plus almost nothing) and ``train`` of one step (what a micro-task pays
 before its first step: torch.use_deterministic_algorithms imports torch._dynamo on first
 call). Fresh and warm runs alternate, so both see the same machine; the warm parent is
-started (and timed) before the first run. Also printed: the CPU time the fresh children
-used (this process's children; warm children belong to the fork server).
+started (and timed) before the first run. Also printed: the CPU time per task of each
+kind (fresh children are this process's, warm ones the fork server's children) and the
+warm parent's resident memory.
 
 Goal (exit 1 when missed): the median warm task takes at most 0.2x the median fresh one,
 for both requests.
@@ -27,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psutil
 import trio
 
 from node.jobs import warmchild
@@ -39,6 +41,17 @@ CONFIG = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8}
 def children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
+
+
+def warm_parent() -> psutil.Process:
+    (server,) = [c for c in psutil.Process().children()
+                 if "multiprocessing.forkserver" in " ".join(c.cmdline())]
+    return server
+
+
+def warm_children_cpu(server: psutil.Process) -> float:
+    t = server.cpu_times()  # of the children it reaped: the warm task children
+    return float(t.children_user + t.children_system)
 
 
 def timed(req: dict[str, Any]) -> float:
@@ -64,8 +77,9 @@ def main() -> int:
     print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores")
     first = timed(reqs["init"])
     print(f"first warm task (the warm parent starts and imports): {first:.2f} s")
+    server = warm_parent()
     times: dict[tuple[str, str], list[float]] = {}
-    fresh_cpu = 0.0
+    fresh_cpu = warm_cpu = 0.0
     for _ in range(args.runs):
         for op, req in reqs.items():
             warmchild.set_fresh_children(True)
@@ -73,7 +87,9 @@ def main() -> int:
             times.setdefault(("fresh", op), []).append(timed(req))
             fresh_cpu += children_cpu() - cpu0
             warmchild.set_fresh_children(False)
+            cpu0 = warm_children_cpu(server)
             times.setdefault(("warm", op), []).append(timed(req))
+            warm_cpu += warm_children_cpu(server) - cpu0
     ok = True
     for op in reqs:
         fresh = statistics.median(times[("fresh", op)])
@@ -83,7 +99,9 @@ def main() -> int:
         ok &= met
         print(f"{op:6s} median of {args.runs}: fresh {fresh:.3f} s, warm {warm:.3f} s, "
               f"ratio {ratio:.3f} (goal <= {GOAL}) {'met' if met else 'MISSED'}")
-    print(f"fresh children's CPU: {fresh_cpu / (2 * args.runs):.2f} s per task")
+    n = len(reqs) * args.runs
+    print(f"CPU per task: fresh {fresh_cpu / n:.3f} s, warm {warm_cpu / n:.3f} s")
+    print(f"warm parent resident: {server.memory_info().rss / 2**20:.0f} MiB")
     print(f"load average {os.getloadavg()[0]:.2f}")
     print("all goals met" if ok else "goal missed")
     return 0 if ok else 1

@@ -54,7 +54,10 @@ log = logging.getLogger(__name__)
 # torch._dynamo: 1.5 s of CPU per child otherwise, 70 MiB more in the warm parent; and this
 # module, which every child unpickles its entry point from.
 PRELOAD = ["node.jobs.taskproc", "torch._inductor.config", "node.jobs.warmchild"]
-START_ATTEMPTS = 2  # a dead warm parent makes one start fail; the next one restarts it
+# A warm parent that died makes a start fail; the next one restarts it, once the dead
+# one can be reaped (it may still be exiting: hence the pause).
+START_ATTEMPTS = 3
+START_RETRY_S = 0.2
 KILL_WAIT_S = 5.0  # a SIGKILLed child is gone well within this
 
 # Around starts and exit-status reads, both in worker threads: multiprocessing's start
@@ -125,7 +128,9 @@ async def _start_warm(request: bytes, env: dict[str, str], nice: int) -> WarmChi
     """A forked child, or None (and fresh children from now on) when the warm parent
     cannot be started."""
     error: BaseException | None = None
-    for _ in range(START_ATTEMPTS):
+    for attempt in range(START_ATTEMPTS):
+        if attempt:
+            await trio.sleep(START_RETRY_S)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         out = Connection(out_w, readable=False)
