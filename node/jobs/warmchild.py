@@ -23,6 +23,11 @@ started through, because its parent is the fork server, which would wait for it 
 than end it. The fork server exits once the daemon and every child have closed its
 "alive" pipe, so a daemon killed with SIGKILL leaves no process behind either.
 
+One cost multiprocessing imposes: a child runs the daemon's main script again as
+``__mp_main__`` when the daemon was started from a script path (the ``iollm`` console
+script: it imports node.cli.app, 0.09 s a task measured under load; its ``if __name__``
+guard keeps it from doing more), not when started with ``python -m node.cli``.
+
 If the warm parent cannot be started, tasks run as fresh ``python -m node.jobs.taskproc``
 children as they did before, with one WARNING in the log. A warm parent that died (killed,
 out of memory) is started again on the next task.
