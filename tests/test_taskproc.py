@@ -163,13 +163,16 @@ def test_outer_then_apply_rebuilds_identical_bytes(job: Path) -> None:
         job / "w2" / "model.safetensors").read_bytes()
 
 
-def test_errors(job: Path) -> None:
-    # One child for the process contract (exit code 1, the error as the last stdout line);
-    # the other cases in-process through the same function the child's main calls.
-    rc, answer, _ = finish(start(b"{not json"))
-    assert rc == 1 and answer == {"ok": False, "error": answer["error"]}
-    assert "not JSON" in answer["error"]
+def test_errors(job: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The process contract (exit code 1, the error as the last stdout line) in-process
+    # through the child's main (the fixture's children run it as processes), then the
+    # cases through answer(), which main calls.
     from node.jobs import taskproc
+
+    assert taskproc.main(b"{not json") == 1
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer == {"ok": False, "error": answer["error"]}
+    assert "not JSON" in answer["error"]
 
     bad_slice = {**train_req(job, 0, "never"), "slice_start": 12_000_000_000}
     cases = [
