@@ -1,9 +1,9 @@
 """``python -m node.jobs.taskproc``: a child process, one JSON request on stdin, one JSON
 answer as the last stdout line. A 34k-parameter GPT and a few steps: each fresh child
-costs about 2 s, nearly all of it importing torch. The fixture's children are fresh (the
-path a node falls back to); the tests' own requests go through ``run_taskproc`` as the
-daemon sends them, to children forked from the warm parent (node/jobs/warmchild.py), and
-must give the same bytes."""
+costs about 2 s, nearly all of it importing torch. The fixture's training children are
+fresh (the path a node falls back to); every other request goes through ``run_taskproc``
+as the daemon sends it, to children forked from the warm parent
+(node/jobs/warmchild.py), which must give the same bytes."""
 
 from __future__ import annotations
 
@@ -69,15 +69,11 @@ def train_req(job: Path, w: int, out: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A corpus, a fresh model and two workers' deltas; the two children that need nothing
-    but the request run at once."""
+    """A corpus and a fresh model (warm children, at once), and two workers' deltas from
+    fresh ``python -m node.jobs.taskproc`` processes (at once)."""
     d = tmp_path_factory.mktemp("job")
-    corpus = start({"op": "corpus", "out": str(d / "c.txt")})
-    init = start({"op": "init", "arch": "gpt", "config": CONFIG, "seed": 0,
-                  "out_dir": str(d / "m0")})
-    for p in (corpus, init):
-        rc, answer, err = finish(p)
-        assert rc == 0 and answer["ok"], (answer, err)
+    run({"op": "corpus", "out": str(d / "c.txt")},
+        {"op": "init", "arch": "gpt", "config": CONFIG, "seed": 0, "out_dir": str(d / "m0")})
     procs = [start(train_req(d, w, f"t{w}")) for w in range(2)]
     for p in procs:
         rc, answer, err = finish(p)
