@@ -56,8 +56,8 @@ log = logging.getLogger(__name__)
 # What the warm parent imports, and nothing more (see the module's doc): taskproc (torch,
 # safetensors, node.ml); torch._inductor.config, which torch.use_deterministic_algorithms
 # imports on first call (node/ml/trainer.py, every training and check) and which pulls in
-# torch._dynamo: 1.5 s of CPU per child otherwise, 70 MiB more in the warm parent; and this
-# module, which every child unpickles its entry point from.
+# torch._dynamo: 1.0 s of CPU per child otherwise (measured), 70 MiB more in the warm parent;
+# and this module, which every child unpickles its entry point from.
 PRELOAD = ["node.jobs.taskproc", "torch._inductor.config", "node.jobs.warmchild"]
 # A warm parent that died makes a start fail; the next one restarts it, once the dead
 # one can be reaped (it may still be exiting: hence the pause).
