@@ -2,11 +2,12 @@
 
 The daemon never imports torch (about 200 MiB of resident memory, and seconds of import
 time, that a node which only shares models should not pay). Training a micro-task,
-checking results and the outer step each run in a child: one JSON request (on its stdin),
-progress lines on its stderr, one JSON answer as the last line of its stdout. A child
-that crashes takes nothing with it; a cancelled run kills the child. Children are forks of
-a warm parent that imported torch once (node/jobs/warmchild.py), or fresh
-``python -m node.jobs.taskproc`` processes where that parent cannot start.
+checking results and the outer step each run in a child: one JSON request, progress
+lines on its stderr, one JSON answer as the last line of its stdout. A child that crashes
+takes nothing with it; a cancelled run kills the child. Children are forks of a warm
+parent that imported torch once, given the request as an argument
+(node/jobs/warmchild.py), or fresh ``python -m node.jobs.taskproc`` processes reading it
+on stdin where that parent cannot start.
 """
 
 from __future__ import annotations
