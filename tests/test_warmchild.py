@@ -167,6 +167,7 @@ def test_a_killed_daemon_leaves_no_process(job: Path, tmp_path: Path) -> None:
         daemon.wait(10)
 
 
+@pytest.mark.slow  # a fresh child imports torch: seconds (the default suite's budget)
 @pytest.mark.timeout(60)
 def test_fresh_children_when_no_warm_parent_starts(job: Path, tmp_path: Path) -> None:
     (tmp_path / "daemon.py").write_text(DAEMON)
