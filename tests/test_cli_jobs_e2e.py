@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests import netutil
@@ -110,8 +111,26 @@ def test_init_stdlib_submit_status_receipts(tmp_path: Path) -> None:
         table = iollm("receipts", "--home", str(worker)).stdout
         assert earned[0]["receipt"][:12] in table and "accepted" in table
         check_ledger(tmp_path, net, job, {r["worker"] for r in issued}, base)
+        stop_leaves_no_process(net)
     finally:
         iollm("testnet", "down", "--dir", str(net), check=False)
+
+
+def stop_leaves_no_process(net: Path) -> None:
+    """Both daemons ran torch work in children of a warm parent (node/jobs/warmchild.py);
+    the worker killed with SIGKILL and the coordinator stopped with SIGTERM (what
+    ``testnet down`` sends), nothing either of them started outlives it."""
+    nodes = json.loads((net / "testnet.json").read_text())["nodes"]
+    daemons = {n["name"]: psutil.Process(n["pid"]) for n in nodes}
+    spawned = [c for d in daemons.values() for c in d.children(recursive=True)]
+    for name in ("node-1", "node-2"):  # the coordinator and the worker (not bootstrap)
+        d = daemons[name]
+        assert any("multiprocessing.forkserver" in " ".join(c.cmdline())
+                   for c in d.children()), d
+    daemons["node-2"].kill()
+    iollm("testnet", "down", "--dir", str(net))
+    _, alive = psutil.wait_procs(spawned, timeout=30)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
 
 
 def balances(home: Path) -> dict[str, int]:

@@ -1,6 +1,9 @@
-"""``python -m node.jobs.taskproc`` as the daemon runs it: a child process, one JSON request on
-stdin, one JSON answer as the last stdout line. A 34k-parameter GPT and a few steps: each
-child costs about 2 s, nearly all of it importing torch."""
+"""``python -m node.jobs.taskproc``: a child process, one JSON request on stdin, one JSON
+answer as the last stdout line. A 34k-parameter GPT and a few steps: each fresh child
+costs about 2 s, nearly all of it importing torch. The fixture's training children are
+fresh (the path a node falls back to); every other request goes through ``run_taskproc``
+as the daemon sends it, to children forked from the warm parent
+(node/jobs/warmchild.py), which must give the same bytes."""
 
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+
+from node.jobs.taskrun import run_taskproc
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
@@ -38,10 +44,20 @@ def finish(proc: subprocess.Popen[bytes]) -> tuple[int, dict[str, Any], str]:
     return rc, answer, err.decode()
 
 
-def run(req: Any) -> dict[str, Any]:
-    rc, answer, err = finish(start(req))
-    assert rc == 0 and answer["ok"] is True, (answer, err[-2000:])
-    return answer
+def run(*reqs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The answers of warm children running ``reqs`` at once (TaskProcError on a failure)."""
+    answers: list[dict[str, Any]] = [{} for _ in reqs]
+
+    async def one(i: int) -> None:
+        answers[i] = await run_taskproc(reqs[i], timeout_s=60, what=reqs[i]["op"])
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for i in range(len(reqs)):
+                nursery.start_soon(one, i)
+
+    trio.run(main)
+    return answers
 
 
 def train_req(job: Path, w: int, out: str) -> dict[str, Any]:
@@ -53,15 +69,11 @@ def train_req(job: Path, w: int, out: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A corpus, a fresh model and two workers' deltas; the two children that need nothing
-    but the request run at once."""
+    """A corpus and a fresh model (warm children, at once), and two workers' deltas from
+    fresh ``python -m node.jobs.taskproc`` processes (at once)."""
     d = tmp_path_factory.mktemp("job")
-    corpus = start({"op": "corpus", "out": str(d / "c.txt")})
-    init = start({"op": "init", "arch": "gpt", "config": CONFIG, "seed": 0,
-                  "out_dir": str(d / "m0")})
-    for p in (corpus, init):
-        rc, answer, err = finish(p)
-        assert rc == 0 and answer["ok"], (answer, err)
+    run({"op": "corpus", "out": str(d / "c.txt")},
+        {"op": "init", "arch": "gpt", "config": CONFIG, "seed": 0, "out_dir": str(d / "m0")})
     procs = [start(train_req(d, w, f"t{w}")) for w in range(2)]
     for p in procs:
         rc, answer, err = finish(p)
@@ -76,7 +88,7 @@ def test_init_and_corpus(job: Path) -> None:
     assert 8e6 < (job / "c.txt").stat().st_size < 30e6
     cfg = json.loads((job / "m0" / "config.json").read_text())
     assert cfg["architecture"] == "gpt" and cfg["n_embd"] == 32
-    again = run({"op": "init", "arch": "gpt", "config": CONFIG, "seed": 0,
+    (again,) = run({"op": "init", "arch": "gpt", "config": CONFIG, "seed": 0,
                  "out_dir": str(job / "m0b")})
     assert again["params"] == 34_688
     for name in ("config.json", "model.safetensors"):
@@ -84,7 +96,7 @@ def test_init_and_corpus(job: Path) -> None:
 
 
 def test_train_is_deterministic(job: Path) -> None:
-    answer = run(train_req(job, 0, "t0again"))
+    (answer,) = run(train_req(job, 0, "t0again"))
     assert answer["delta"] == str(job / "t0again" / "delta.safetensors")
     assert answer["delta_bytes"] == (job / "t0again" / "delta.safetensors").stat().st_size
     assert ((job / "t0" / "delta.safetensors").read_bytes()
@@ -98,7 +110,7 @@ def test_check(job: Path) -> None:
                "batch_size": 8, "seq_len": 32} for w in range(2)]
     deltas.append({**deltas[0], "id": "bad", "path": str(job / "garbage.safetensors")})
     train = train_req(job, 1, "unused")
-    answer = run({"op": "check", "model_dir": str(job / "m0"),
+    (answer,) = run({"op": "check", "model_dir": str(job / "m0"),
                   "data_files": [str(job / "c.txt")], "heldout_fraction": 0.05,
                   "eval_batches": 1, "batch_size": 32, "seq_len": 32, "seed": 0,
                   "window_seed": 987654321, "deltas": deltas,
@@ -125,38 +137,38 @@ def test_outer_then_apply_rebuilds_identical_bytes(job: Path) -> None:
     common = {"op": "outer", "deltas": deltas, "outer_lr": 0.7, "outer_momentum": 0.9,
               "aggregate": "trimmed", "data_files": [str(job / "c.txt")],
               "heldout_fraction": 0.05, "eval_batches": 1}
-    first = run({**common, "model_dir": str(job / "m0"), "momentum": None,
+    (first,) = run({**common, "model_dir": str(job / "m0"), "momentum": None,
                  "out_model_dir": str(job / "m1"), "out_update": str(job / "u1.safetensors"),
                  "out_momentum": str(job / "mom1.safetensors")})
     assert 0 < first["heldout_loss"] < 5.0 and first["n_deltas"] == 2
     # Round two starts from m1 with round one's momentum and quantization residual.
-    second = start({**common, "model_dir": str(job / "m1"), "aggregate": "clip",
-                    "momentum": str(job / "mom1.safetensors"),
-                    "out_model_dir": str(job / "m2"), "out_update": str(job / "u2.safetensors"),
-                    "out_momentum": str(job / "mom2.safetensors")})
-    worker = start({"op": "apply", "model_dir": str(job / "m0"),
-                    "update": str(job / "u1.safetensors"), "out_model_dir": str(job / "w1")})
-    rc, answer, err = finish(second)
-    assert rc == 0, (answer, err)
-    rc, applied, err = finish(worker)
-    assert rc == 0, (applied, err)
+    answer, applied = run(
+        {**common, "model_dir": str(job / "m1"), "aggregate": "clip",
+         "momentum": str(job / "mom1.safetensors"), "out_model_dir": str(job / "m2"),
+         "out_update": str(job / "u2.safetensors"),
+         "out_momentum": str(job / "mom2.safetensors")},
+        {"op": "apply", "model_dir": str(job / "m0"), "update": str(job / "u1.safetensors"),
+         "out_model_dir": str(job / "w1")})
     assert applied["sha256"] == first["sha256"]
     for name in ("config.json", "model.safetensors"):
         assert (job / "m1" / name).read_bytes() == (job / "w1" / name).read_bytes()
-    applied2 = run({"op": "apply", "model_dir": str(job / "w1"),
+    (applied2,) = run({"op": "apply", "model_dir": str(job / "w1"),
                     "update": str(job / "u2.safetensors"), "out_model_dir": str(job / "w2")})
     assert applied2["sha256"] == answer["sha256"]
     assert (job / "m2" / "model.safetensors").read_bytes() == (
         job / "w2" / "model.safetensors").read_bytes()
 
 
-def test_errors(job: Path) -> None:
-    # One child for the process contract (exit code 1, the error as the last stdout line);
-    # the other cases in-process through the same function the child's main calls.
-    rc, answer, _ = finish(start(b"{not json"))
-    assert rc == 1 and answer == {"ok": False, "error": answer["error"]}
-    assert "not JSON" in answer["error"]
+def test_errors(job: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The process contract (exit code 1, the error as the last stdout line) in-process
+    # through the child's main (the fixture's children run it as processes), then the
+    # cases through answer(), which main calls.
     from node.jobs import taskproc
+
+    assert taskproc.main(b"{not json") == 1
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer == {"ok": False, "error": answer["error"]}
+    assert "not JSON" in answer["error"]
 
     bad_slice = {**train_req(job, 0, "never"), "slice_start": 12_000_000_000}
     cases = [

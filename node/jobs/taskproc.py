@@ -620,8 +620,12 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def main() -> int:
-    code, obj = answer(sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1))
+def main(raw: bytes | None = None) -> int:
+    """Answer one request (read from stdin unless given: a warm child gets it as an
+    argument, node/jobs/warmchild.py) on stdout; the exit code."""
+    if raw is None:
+        raw = sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1)
+    code, obj = answer(raw)
     sys.stdout.write(json.dumps(obj, allow_nan=False) + "\n")
     sys.stdout.flush()
     return code

@@ -1,10 +1,13 @@
-"""Running torch work in a child process (``python -m node.jobs.taskproc``) from trio.
+"""Running torch work in a child process (node/jobs/taskproc.py) from trio.
 
 The daemon never imports torch (about 200 MiB of resident memory, and seconds of import
 time, that a node which only shares models should not pay). Training a micro-task,
-checking results and the outer step each run in a child: one JSON request on its stdin,
-progress lines on its stderr, one JSON answer as the last line of its stdout. A child
-that crashes takes nothing with it; a cancelled run kills the child (trio.run_process).
+checking results and the outer step each run in a child: one JSON request, progress
+lines on its stderr, one JSON answer as the last line of its stdout. A child that crashes
+takes nothing with it; a cancelled run kills the child. Children are forks of a warm
+parent that imported torch once, given the request as an argument
+(node/jobs/warmchild.py), or fresh ``python -m node.jobs.taskproc`` processes reading it
+on stdin where that parent cannot start.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import logging
 import math
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -25,6 +26,7 @@ from typing import Any
 import trio
 
 from node.errors import NodeError
+from node.jobs import warmchild
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +103,7 @@ async def run_taskproc(request: dict[str, Any], *, timeout_s: float, what: str,
     with trio.move_on_after(timeout_s) as scope:
         async with trio.open_nursery() as nursery:
             proc = await nursery.start(partial(
-                trio.run_process, [sys.executable, "-m", "node.jobs.taskproc"], stdin=data,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False, env=env,
-                preexec_fn=_lower_priority))
+                warmchild.run_child, data, env=env, nice=CHILD_NICE, preexec=_lower_priority))
             nursery.start_soon(read_stdout, proc.stdout)
             nursery.start_soon(read_stderr, proc.stderr)
     if scope.cancelled_caught:
