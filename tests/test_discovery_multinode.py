@@ -423,12 +423,12 @@ def test_dht_only_query_stops_at_a_quorum_of_copies(tmp_path: Path) -> None:
                 return await value_from_peer(asker.net.dht, peer, key)
 
             async def copies() -> bool:
-                full = await walk(asker.net.dht, key, get, rpc_timeout=3, timeout=10,
+                full = await walk(asker.net, key, get, rpc_timeout=3, timeout=10,
                                   unresponsive=Unresponsive())
                 return len(full.answers) > VALUE_QUORUM
 
             await wait_until(copies, timeout=30)  # the record reached more than a quorum
-            quick = await walk(asker.net.dht, key, get, rpc_timeout=3, timeout=10,
+            quick = await walk(asker.net, key, get, rpc_timeout=3, timeout=10,
                                unresponsive=Unresponsive(),
                                enough=lambda answers: len(answers) >= VALUE_QUORUM)
             assert len(quick.answers) == VALUE_QUORUM
