@@ -32,11 +32,14 @@ import contextlib
 import hashlib
 import itertools
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from queue import SimpleQueue
 from typing import Any
 
+import aiosqlite.core
 import trio
 import trio.testing
 from multiaddr import Multiaddr
@@ -46,7 +49,6 @@ from node.identity import peer_id_of
 from node.p2p import GossipMessage, GossipValidator, PeerGone, PeerId, PeerInfo, RecordValidator
 from node.p2p.host import KAD_PROTOCOL_ID, PROVIDE_SPACING_S, NotServed
 from node.p2p.lookup import K
-from node.storage import Storage
 
 GOSSIP_PROTOCOL_ID = "/meshsub/1.1.0"
 DHT_RECORD_TTL_S = 24 * 3600  # py-libp2p's value store default (kad_dht/common.py)
@@ -499,31 +501,38 @@ async def open_memnet(clock_ms: Callable[[], int]) -> AsyncIterator[MemNetwork]:
 
 @contextmanager
 def storage_holds_clock(clock: trio.testing.MockClock) -> Iterator[None]:
-    """Keep ``clock`` (autojump_threshold 0) from jumping while a SQLite statement runs.
+    """Keep ``clock`` (autojump_threshold 0) from jumping while SQLite works.
 
-    node/storage.py runs each statement in aiosqlite's thread; to trio every task then
-    looks blocked, and an autojumping clock would leap to the next deadline (a round
-    timeout, an expiry) in the middle of a write. Each statement here turns autojump off
-    until it returns. Wraps ``Storage._run``, the one place that waits on that thread."""
-    original = Storage._run
+    node/storage.py runs every statement (and the connect) in aiosqlite's worker thread;
+    to trio every task then looks blocked, and an autojumping clock would leap to the
+    next deadline (a round timeout, the test's own bound) in the middle of a write. Each
+    request queued to that thread turns autojump off until its answer is back in trio.
+    aiosqlite builds each connection's request queue from its module's ``SimpleQueue``:
+    the queue here counts the requests in flight."""
     busy = 0
 
-    async def run(self: Storage, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def done(_: object) -> None:
         nonlocal busy
-        busy += 1
-        clock.autojump_threshold = math.inf
-        try:
-            return await original(self, sql, params)
-        finally:
-            busy -= 1
-            if not busy:
-                clock.autojump_threshold = 0
+        busy -= 1
+        if not busy:
+            clock.autojump_threshold = 0
 
-    Storage._run = run  # type: ignore[method-assign]
+    class CountingQueue(SimpleQueue):  # type: ignore[type-arg]
+        def put_nowait(self, item: Any) -> None:
+            nonlocal busy
+            future = item[0]
+            if future is not None:  # a request whose answer someone waits for
+                busy += 1
+                clock.autojump_threshold = math.inf
+                future.add_done_callback(done)
+            super().put_nowait(item)
+
+    original = aiosqlite.core.SimpleQueue
+    aiosqlite.core.SimpleQueue = CountingQueue  # type: ignore[misc]
     try:
         yield
     finally:
-        Storage._run = original  # type: ignore[method-assign]
+        aiosqlite.core.SimpleQueue = original  # type: ignore[misc]
 
 
 def run_on_mock_clock(main: Callable[[], Awaitable[None]]) -> None:
@@ -534,6 +543,8 @@ def run_on_mock_clock(main: Callable[[], Awaitable[None]]) -> None:
         trio.run(main, clock=clock)
 
 
-def mock_clock_ms(start_ms: int = 1_700_000_000_000) -> Callable[[], int]:
-    """A wall clock in ms that follows trio's (mock) clock, for the services' clock_ms."""
+def mock_clock_ms() -> Callable[[], int]:
+    """A wall clock in ms that follows trio's (mock) clock, for the services' clock_ms:
+    it reads the real time once (call it inside the run), then moves with trio's."""
+    start_ms = int(time.time() * 1000) - int(trio.current_time() * 1000)
     return lambda: start_ms + int(trio.current_time() * 1000)
