@@ -26,7 +26,7 @@ from node.p2p import open_network
 from protocol.capability import EnvReport
 from protocol.genesis import Genesis
 from protocol.peerid import peer_id_from_public_key
-from tests.memnet import MemNetwork, MemNode
+from tests.memnet import MemNetwork, MemNode, mock_clock_ms, open_memnet
 
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 
@@ -125,6 +125,7 @@ class Cluster(list[LocalNode]):
 
     def __init__(self, nursery: trio.Nursery, start: Callable[[int], Any]) -> None:
         super().__init__()
+        self.world: MemNetwork | None = None  # set by memnet_cluster
         self._nursery = nursery
         self._start = start
 
@@ -187,3 +188,16 @@ async def local_cluster(
                 await n.discovery.bootstrapped.wait()
         yield nodes
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def memnet_cluster(directory: Path, envs: Sequence[EnvReport], config: DiscoverySection,
+                         **options: Any) -> AsyncIterator[Cluster]:
+    """:func:`local_cluster` on an in-memory network (tests/memnet.py), its clock_ms
+    following trio's: run it under ``tests.memnet.run_on_mock_clock``. ``nodes.world``
+    partitions, heals and kills."""
+    clock = mock_clock_ms()
+    async with open_memnet(clock) as world, local_cluster(directory, envs, clock, config,
+                                                          world=world, **options) as nodes:
+        nodes.world = world
+        yield nodes

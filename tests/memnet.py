@@ -267,9 +267,9 @@ class MemNode:
         if validator is not None:
             validator.validate(key, value)
 
-    def _accept_value(self, key: bytes, value: bytes, expires_s: float) -> None:
-        """A PUT_VALUE received (or our own put): validated, and the better of the old
-        and new copy kept (the validator's select)."""
+    def accept_value(self, key: bytes, value: bytes, expires_s: float) -> None:
+        """A PUT_VALUE received (or our own put): validated (the validator's error
+        raised), and the better of the old and new copy kept (the validator's select)."""
         text = key.decode()
         self._validate(text, value)
         old = self.values.get(key)
@@ -282,10 +282,10 @@ class MemNode:
 
     async def put_value(self, key: str, value: bytes) -> None:
         expires = self.world.now_s() + DHT_RECORD_TTL_S
-        self._accept_value(key.encode(), value, expires)
+        self.accept_value(key.encode(), value, expires)
         for peer in await self._closest_reachable(key.encode()):
             try:
-                self.world.nodes[peer]._accept_value(key.encode(), value, expires)
+                self.world.nodes[peer].accept_value(key.encode(), value, expires)
             except Exception:  # the peer's validator refused it: its copy stays
                 continue
 
@@ -294,9 +294,10 @@ class MemNode:
         info = PeerInfo(self.peer_id, [Multiaddr(a.rpartition("/p2p/")[0])
                                        for a in self.listen_addrs()])
         self.providers.setdefault(raw, {})[self.peer_id] = info
-        for peer in await self._closest_reachable(raw):
+        reached = await self._closest_reachable(raw)
+        for peer in reached:
             self.world.nodes[peer].providers.setdefault(raw, {})[self.peer_id] = info
-        return True
+        return bool(reached)  # as py-libp2p: whether any peer took the record
 
     async def _closest_reachable(self, key: bytes) -> list[PeerId]:
         await trio.sleep(HOP_LATENCY_S)

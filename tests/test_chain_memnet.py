@@ -7,9 +7,10 @@ and resume; txs that validators drop over their budget are sent again."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -18,8 +19,8 @@ from node.chain.service import ChainBusy
 from node.config import ChainSection, DiscoverySection
 from protocol.genesis import Genesis, make_genesis
 from protocol.ledger import encode_tx
-from tests.cluster import Cluster, local_cluster, node_peer_id
-from tests.memnet import mock_clock_ms, open_memnet, run_on_mock_clock
+from tests.cluster import Cluster, memnet_cluster, node_peer_id
+from tests.memnet import mock_clock_ms, run_on_mock_clock
 from tests.netutil import make_env
 from tests.test_chain_multinode import Closed, chain_of, job_and_receipts, same_blocks
 
@@ -33,16 +34,11 @@ def genesis(clock_ms: Callable[[], int]) -> Genesis:
                         precommit_ms=400, delta_ms=300)
 
 
-@asynccontextmanager
-async def mem_cluster(tmp_path: Path, n: int, *, start: int | None = None,
-                      chain_config: ChainSection | None = None) -> AsyncIterator[Cluster]:
-    clock = mock_clock_ms()
+def mem_cluster(tmp_path: Path, n: int, **options: Any) -> AbstractAsyncContextManager[Cluster]:
     config = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=5,
                               gossip_interval_s=1)
-    async with open_memnet(clock) as world, local_cluster(
-            tmp_path, [make_env() for _ in range(n)], clock, config, genesis=genesis(clock),
-            start=start, chain_config=chain_config, world=world) as nodes:
-        yield nodes
+    return memnet_cluster(tmp_path, [make_env() for _ in range(n)], config,
+                          genesis=genesis(mock_clock_ms()), **options)
 
 
 def run(fn: Callable[[], Awaitable[None]], virtual_s: float = 600) -> None:
