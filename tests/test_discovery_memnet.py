@@ -31,6 +31,10 @@ from tests.netutil import make_env
 pytestmark = pytest.mark.timeout(60)
 CONFIG = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=5,
                           retry_interval_s=2)
+# For the tests that let hours pass: each gossip round is a SQLite write per receiver, the
+# bulk of their real time at the default one a minute.
+HOURS = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=10,
+                         rpc_timeout_s=1, gossip_interval_s=900)
 GPU_SETS: list[tuple[int, ...]] = [(), (8,), (12,), (16,), (24,), (24, 24), (40,), (48,),
                                    (80,), ()]
 
@@ -130,7 +134,8 @@ def test_a_provide_that_reached_nobody_is_tried_again(tmp_path: Path) -> None:
 
 def test_forged_and_expired_records_are_rejected(tmp_path: Path) -> None:
     async def main() -> None:
-        async with cluster(tmp_path, [make_env(g) for g in [(), (24,), (40,), ()]]) as nodes:
+        async with cluster(tmp_path, [make_env(g) for g in [(), (24,), (40,), ()]],
+                           HOURS) as nodes:
             await all_published(nodes)
             victim, attacker, asker = nodes[1], nodes[2], nodes[3]
             clock = victim.discovery.clock_ms
@@ -156,12 +161,10 @@ def test_forged_and_expired_records_are_rejected(tmp_path: Path) -> None:
 
 
 def test_departed_node_disappears_after_expiry(tmp_path: Path) -> None:
-    config = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=10,
-                              rpc_timeout_s=1)
     envs = [make_env(g) for g in [(), (24,), (40,), (8,), ()]]
 
     async def main() -> None:
-        async with cluster(tmp_path, envs, config) as nodes:
+        async with cluster(tmp_path, envs, HOURS) as nodes:
             await all_published(nodes)
             leaver, asker = nodes[2], nodes[4]
             with trio.fail_after(30):
