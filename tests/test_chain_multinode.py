@@ -231,7 +231,9 @@ class DoubleVoting(Consensus):
         for a in actions:
             if isinstance(a, Broadcast) and a.kind == "vote":
                 v = open_vote(a.data)
-                if v.kind in (PREVOTE, PRECOMMIT):
+                # Its own votes only: a rebroadcast also carries the votes of others
+                # (a round's precommits, a decided block's), which it cannot sign.
+                if v.kind in (PREVOTE, PRECOMMIT) and v.validator == self.peer_id:
                     other = Vote(v.chain_id, v.height, v.round, v.kind,
                                  None if v.block_id is not None else b"\x66" * 32, v.validator)
                     await self._publish_vote(seal_vote(self.key, other))
