@@ -4,16 +4,19 @@ before relay, the DHT walk over its stores, peers that vanish)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from node.p2p import P2P, GossipMessage, PeerGone, PeerId, PeerInfo, RecordValidator
-from node.p2p.framing import FrameEnded, read_frame, write_frame
+from node.p2p.framing import FrameEnded, FrameReader, frame_prefix, read_frame, write_frame
 from node.p2p.host import NotServed
 from node.p2p.lookup import Unresponsive, walk
 from tests.memnet import (
@@ -150,6 +153,13 @@ def test_partition_cuts_streams_and_dials_until_healed() -> None:
             world.heal()
             await a.connect(PeerInfo(b.peer_id, []))
             assert b.peer_id in a.connected_peers()
+            # A closed connection resets its streams; either side may dial again.
+            stream = await a.open_stream(b.peer_id, "/t/hold")
+            world.disconnect(a.peer_id, b.peer_id)
+            assert b.peer_id not in a.connected_peers()
+            with pytest.raises(PeerGone):
+                await stream.write(b"x")
+            assert (await a.open_stream(b.peer_id, "/t/hold")).remote == b.peer_id
     run(main)
 
 
@@ -221,4 +231,41 @@ def test_dht_values_providers_and_the_walk() -> None:
             assert nodes[0].local_value(b"/v/y") == b"\x06"
             await trio.sleep(11)
             assert nodes[0].local_value(b"/v/y") is None
+    run(main)
+
+
+@settings(max_examples=30, deadline=None)
+@given(payloads=st.lists(st.binary(max_size=300), max_size=8),
+       cut=st.lists(st.integers(1, 97), min_size=1, max_size=5))
+def test_frames_survive_any_write_cutting(payloads: list[bytes], cut: list[int]) -> None:
+    """Whatever sizes the writes come in, node/p2p/framing.py's readers get the frames
+    back whole, and then the end of the stream."""
+    async def main() -> None:
+        async with world_of(2) as (_, (a, b)):
+            got: list[bytes] = []
+            done = trio.Event()
+
+            async def reader(stream: Any) -> None:
+                frames = FrameReader(stream)
+                try:
+                    for _ in payloads:
+                        got.append(await frames.read_frame(1 << 16, 5))
+                    with pytest.raises(FrameEnded):
+                        await read_frame(stream, 1 << 16, 5)
+                finally:
+                    done.set()
+
+            b.serve("/t/read", reader, 1 << 16)
+            stream = await a.open_stream(b.peer_id, "/t/read")
+            data = b"".join(frame_prefix(len(p)) + p for p in payloads)
+            sizes = itertools.cycle(cut)
+            at = 0
+            while at < len(data):
+                step = next(sizes)
+                await stream.write(data[at:at + step])
+                at += step
+            await stream.close()
+            await done.wait()
+            assert got == payloads
+
     run(main)
