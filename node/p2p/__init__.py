@@ -7,8 +7,11 @@ relay v2, AutoNAT, DCUtR).
 
 Owns: the libp2p objects and every call into the library's internals. May import:
 libp2p, protocol/, and nothing else of node/. No other package imports libp2p
-(tests/test_layout.py): the services take the names they need from here. Each patch has
-a guard test that fails when the library changes under it.
+(tests/test_layout.py): the services take the names they need from here, and program
+against ``P2P`` (api.py: streams, gossip, the DHT, peers; ``PeerGone`` when a peer went
+away), never the library objects behind ``Network`` (a test fails on ``net.host``,
+``net.pubsub``, ``net.dht``). Each patch has a guard test that fails when the library
+changes under it.
 """
 
 from libp2p.custom_types import TProtocol as ProtocolId
