@@ -25,7 +25,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ from node.jobs.coordinator import Jobs
 from node.jobs.receipts import Receipts
 from node.jobs.worker import Worker
 from node.ml.probe import fake_gpus_tflops, parse_fake_gpus, probe_in_subprocess
-from node.p2p import NatOptions, Network, PeerInfo, open_network
+from node.p2p import P2P, NatOptions, PeerInfo, open_network
 from node.p2p.host import (
     ListenError,
     check_listen_addrs,
@@ -117,6 +117,9 @@ class NodeSpec:
     jobs: JobsSection = field(default_factory=JobsSection)
     nat: NatOptions | None = None  # None: reachable, no relay service (node/p2p/nat.py)
     p2p: P2POptions = field(default_factory=P2POptions)  # the host's limits
+    # What builds the node's network: py-libp2p; tests/memnet.py's in-memory one in
+    # the MockClock service tests. Same arguments as open_network.
+    network: Callable[..., AbstractAsyncContextManager[P2P]] = open_network
 
 
 @dataclass
@@ -124,7 +127,7 @@ class Node:
     """The running services of one node (those its spec asked for)."""
 
     key: SigningKey
-    net: Network
+    net: P2P
     storage: Storage
     discovery: Discovery
     models: Models | None = None
@@ -144,7 +147,7 @@ async def build_node(spec: NodeSpec) -> AsyncIterator[Node]:
     async with (
         open_storage(spec.database) as storage,
         _open_store(spec, storage) as store,
-        open_network(spec.key, spec.listen, {DHT_NAMESPACE: validator},
+        spec.network(spec.key, spec.listen, {DHT_NAMESPACE: validator},
                      registry=spec.registry, nat=spec.nat, options=spec.p2p) as net,
         trio.open_nursery() as nursery,
     ):

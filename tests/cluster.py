@@ -22,9 +22,11 @@ from nacl.signing import SigningKey
 from node.chain.service import Chain
 from node.config import ChainSection, DiscoverySection, JobsSection, WorkerSection
 from node.daemon import Node, NodeSpec, build_node
+from node.p2p import open_network
 from protocol.capability import EnvReport
 from protocol.genesis import Genesis
 from protocol.peerid import peer_id_from_public_key
+from tests.memnet import MemNetwork, MemNode, mock_clock_ms, open_memnet
 
 LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
 
@@ -45,13 +47,20 @@ class LocalNode:
         return self.discovery.peer_id
 
     def info(self) -> PeerInfo:
+        if isinstance(self.net, MemNode):  # memnet dials by peer id
+            return PeerInfo(self.net.peer_id, [])
         return PeerInfo(self.net.peer_id, self.net.host.get_addrs())
 
     def kill(self) -> None:
         """Stop every service of the node at once, as a crash would: no goodbyes. Its TCP
         sockets are closed first, as the kernel closes a dead process's: cancelling the
         tasks alone leaves them open in this process, and its peers would keep talking
-        to a connection nobody reads (and never learn that it went)."""
+        to a connection nobody reads (and never learn that it went). On memnet
+        (tests/memnet.py) the world drops its connections and streams instead."""
+        if isinstance(self.net, MemNode):
+            self.net.world.kill(self.net)
+            self.scope.cancel()
+            return
         for conns in self.net.host.get_network().connections.values():
             for conn in conns if isinstance(conns, list) else [conns]:
                 _close_socket(conn)
@@ -84,6 +93,7 @@ async def _run_node(
     genesis: Genesis | None,
     chain_class: type[Chain] = Chain,
     chain_config: ChainSection | None = None,
+    world: MemNetwork | None = None,
     *,
     jobs_config: JobsSection | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
@@ -94,7 +104,8 @@ async def _run_node(
                     store=directory / f"store{index}" if models else None,
                     quota_bytes=quota_bytes, worker=worker_config, genesis=genesis,
                     bootstrap=bootstrap, software="iollm/local", chain_class=chain_class,
-                    chain=chain_config or ChainSection(), jobs=jobs_config or JobsSection())
+                    chain=chain_config or ChainSection(), jobs=jobs_config or JobsSection(),
+                    network=world.open_node if world is not None else open_network)
     assert worker_config is None or models, "jobs need models=True"
     with trio.CancelScope() as scope:
         async with build_node(spec) as built:
@@ -116,6 +127,7 @@ class Cluster(list[LocalNode]):
 
     def __init__(self, nursery: trio.Nursery, start: Callable[[int], Any]) -> None:
         super().__init__()
+        self.world: MemNetwork | None = None  # set by memnet_cluster
         self._nursery = nursery
         self._start = start
 
@@ -149,6 +161,7 @@ async def local_cluster(
     chain_config: ChainSection | None = None,
     jobs_config: JobsSection | None = None,
     start: int | None = None,
+    world: MemNetwork | None = None,
 ) -> AsyncIterator[Cluster]:
     """Start one node per env and yield them once each has joined (connected to node 0 and
     refreshed its routing table); their first network publish runs on in background
@@ -159,7 +172,8 @@ async def local_cluster(
     ``chain_config`` for its tunables (config.toml's [chain] defaults when None); the jobs
     services with ``jobs_config`` ([jobs] defaults when None). Only the
     first ``start`` nodes (default all) start; ``Cluster.restart(len(nodes))`` adds the
-    next one later."""
+    next one later. With a ``world`` (tests/memnet.py) the nodes live on that in-memory
+    network instead of 127.0.0.1 (run it on trio's MockClock)."""
     async with trio.open_nursery() as nursery:
 
         async def start_node(i: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -167,7 +181,7 @@ async def local_cluster(
             worker = workers[i] if workers is not None else None
             chain_class = chain_classes[i] if chain_classes is not None else Chain
             await _run_node(i, directory, envs[i], config, clock_ms, bootstrap, models,
-                            quota_bytes, worker, genesis, chain_class, chain_config,
+                            quota_bytes, worker, genesis, chain_class, chain_config, world,
                             jobs_config=jobs_config, task_status=task_status)
 
         nodes = Cluster(nursery, start_node)
@@ -178,3 +192,16 @@ async def local_cluster(
                 await n.discovery.bootstrapped.wait()
         yield nodes
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def memnet_cluster(directory: Path, envs: Sequence[EnvReport], config: DiscoverySection,
+                         **options: Any) -> AsyncIterator[Cluster]:
+    """:func:`local_cluster` on an in-memory network (tests/memnet.py), its clock_ms
+    following trio's: run it under ``tests.memnet.run_on_mock_clock``. ``nodes.world``
+    partitions, heals and kills."""
+    clock = mock_clock_ms()
+    async with open_memnet(clock) as world, local_cluster(directory, envs, clock, config,
+                                                          world=world, **options) as nodes:
+        nodes.world = world
+        yield nodes

@@ -2,7 +2,11 @@
 finalize blocks of receipts; one down, the chain goes on; two of four down, it halts
 without forking and resumes when they return; a validator that signs two votes in one
 round cannot cause conflicting finality and is recorded; a fresh node replays the chain
-to the same state root."""
+to the same state root.
+
+The default suite keeps the double-voting test here (real sockets, end to end); the others
+run with ``-m slow``: tests/test_chain_memnet.py runs their logic on the in-memory network
+and trio's MockClock in a few seconds."""
 
 from __future__ import annotations
 
@@ -95,6 +99,7 @@ async def same_blocks(nodes: list[Any], upto: int) -> None:
     assert all(i == ids[0] for i in ids)
 
 
+@pytest.mark.slow  # its logic runs on memnet in the default suite: tests/test_chain_memnet.py
 @pytest.mark.timeout(150)
 def test_four_validators_finalize_receipts_once_and_a_fresh_node_replays(tmp_path: Path) -> None:
     g = genesis()
@@ -163,6 +168,7 @@ def test_four_validators_finalize_receipts_once_and_a_fresh_node_replays(tmp_pat
     run(main, timeout=140)
 
 
+@pytest.mark.slow  # its logic runs on memnet in the default suite: tests/test_chain_memnet.py
 @pytest.mark.timeout(150)
 def test_two_of_four_down_halts_without_forking_and_resumes(tmp_path: Path) -> None:
     g = genesis()
@@ -225,7 +231,9 @@ class DoubleVoting(Consensus):
         for a in actions:
             if isinstance(a, Broadcast) and a.kind == "vote":
                 v = open_vote(a.data)
-                if v.kind in (PREVOTE, PRECOMMIT):
+                # Its own votes only: a rebroadcast also carries the votes of others
+                # (a round's precommits, a decided block's), which it cannot sign.
+                if v.kind in (PREVOTE, PRECOMMIT) and v.validator == self.peer_id:
                     other = Vote(v.chain_id, v.height, v.round, v.kind,
                                  None if v.block_id is not None else b"\x66" * 32, v.validator)
                     await self._publish_vote(seal_vote(self.key, other))
@@ -268,6 +276,7 @@ def test_a_double_voting_validator_is_recorded_and_cannot_fork(tmp_path: Path) -
     run(main, timeout=140)
 
 
+@pytest.mark.slow  # its logic runs on memnet in the default suite: tests/test_chain_memnet.py
 @pytest.mark.timeout(120)
 def test_txs_validators_drop_over_their_budget_are_sent_again(tmp_path: Path) -> None:
     """Validators over their finality budget drop gossiped txs before checking them; the

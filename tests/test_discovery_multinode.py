@@ -1,9 +1,15 @@
-"""Capability discovery across real py-libp2p hosts on 127.0.0.1, in one trio process."""
+"""Capability discovery across real py-libp2p hosts on 127.0.0.1, in one trio process.
+
+The default suite keeps the tests of what only real py-libp2p hosts show (ADD_PROVIDER
+answers, identify and the routing table, the walk's quorum over real Kademlia); the
+service-logic tests run with ``-m slow``: tests/test_discovery_memnet.py runs their logic
+on the in-memory network and trio's MockClock in seconds."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 from libp2p.peer.id import ID
 from libp2p.records.record import make_signed_put_record
@@ -38,6 +44,7 @@ async def _all_published(nodes) -> None:  # type: ignore[no-untyped-def]
             await n.discovery.published.wait()
 
 
+@pytest.mark.slow  # its logic runs on memnet in the default suite: tests/test_discovery_memnet.py
 def test_every_node_finds_every_other_and_filters_exactly(tmp_path: Path) -> None:
     clock = FakeClock()
     envs = [make_env(g, tflops=10.0 + i) for i, g in enumerate(GPU_SETS)]
@@ -98,6 +105,7 @@ def test_every_node_finds_every_other_and_filters_exactly(tmp_path: Path) -> Non
     run(scenario)
 
 
+@pytest.mark.slow  # its logic runs on memnet in the default suite: tests/test_discovery_memnet.py
 def test_a_provide_that_reached_nobody_is_tried_again(tmp_path: Path) -> None:
     """A node alone when it first publishes (its provides reach no peer) provides its
     classes to the peer that joins afterwards, without waiting for its next refresh."""
@@ -124,6 +132,7 @@ def _providers(node: LocalNode, key: bytes) -> set[ID]:
     return {p.peer_id for p in node.net.dht.provider_store.get_providers(key)}
 
 
+@pytest.mark.slow  # its logic runs on memnet in the default suite: tests/test_discovery_memnet.py
 def test_forged_and_expired_records_are_rejected(tmp_path: Path) -> None:
     clock = FakeClock()
     envs = [make_env(g) for g in [(), (24,), (40,), ()]]
@@ -166,6 +175,7 @@ def _sign_as(key: SigningKey, record: CapabilityRecord) -> bytes:
     return seal(key, DOMAIN_CAPABILITY, record.encode_body()).encode()
 
 
+@pytest.mark.slow  # its logic runs on memnet in the default suite: tests/test_discovery_memnet.py
 def test_departed_node_disappears_after_expiry(tmp_path: Path) -> None:
     clock = FakeClock()
     config = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=10,
@@ -197,6 +207,7 @@ def test_departed_node_disappears_after_expiry(tmp_path: Path) -> None:
     run(scenario)
 
 
+@pytest.mark.slow  # its logic runs on memnet in the default suite: tests/test_discovery_memnet.py
 def test_frozen_peer_does_not_hang_direct_fetch(tmp_path: Path) -> None:
     clock = FakeClock()
     config = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=1)
@@ -252,6 +263,7 @@ def test_no_answer_to_add_provider(tmp_path: Path) -> None:
     run(scenario)
 
 
+@pytest.mark.slow  # its logic runs on memnet in the default suite: tests/test_discovery_memnet.py
 def test_gossip_rejects_forged_and_keeps_newest(tmp_path: Path) -> None:
     """Gossip verdicts: a record claiming another peer is rejected; a replayed older record
     of a peer never replaces the newer replica; a newer one does."""
@@ -305,6 +317,7 @@ def test_gossip_rejects_forged_and_keeps_newest(tmp_path: Path) -> None:
     run(scenario)
 
 
+@pytest.mark.slow  # its logic runs on memnet in the default suite: tests/test_discovery_memnet.py
 def test_record_sync_fills_a_node_and_survives_a_lying_or_frozen_peer(tmp_path: Path) -> None:
     """A node that lost every replica gets them back from one peer over the sync stream; a
     peer whose answer holds a forged record, or that freezes mid-answer, costs only those
@@ -424,12 +437,12 @@ def test_dht_only_query_stops_at_a_quorum_of_copies(tmp_path: Path) -> None:
                 return await value_from_peer(asker.net.dht, peer, key)
 
             async def copies() -> bool:
-                full = await walk(asker.net.dht, key, get, rpc_timeout=3, timeout=10,
+                full = await walk(asker.net, key, get, rpc_timeout=3, timeout=10,
                                   unresponsive=Unresponsive())
                 return len(full.answers) > quorum
 
             await wait_until(copies, timeout=30)  # the record reached more than a quorum
-            quick = await walk(asker.net.dht, key, get, rpc_timeout=3, timeout=10,
+            quick = await walk(asker.net, key, get, rpc_timeout=3, timeout=10,
                                unresponsive=Unresponsive(),
                                enough=lambda answers: len(answers) >= quorum)
             assert len(quick.answers) == quorum

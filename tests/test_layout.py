@@ -130,3 +130,48 @@ def test_the_package_imports_no_test_code() -> None:
     for name, path in MODULES.items():
         assert not any(t == "tests" or t.startswith("tests.") for t in imports(path)), name
     assert not (NODE / "ml" / "adversary.py").exists()
+
+
+# The libp2p objects behind node/p2p's Network (host.py), and the library's stream
+# internals: the services use the typed calls of node/p2p/api.py's P2P instead.
+LIBRARY_ATTRIBUTES = {"host", "pubsub", "dht", "gossipsub", "guard", "nat", "muxed_conn"}
+# node/testnet's namespace network (netns.Network.host(name)) is no p2p Network.
+NOT_A_P2P_NETWORK = {("node.cli.testnet", "host")}
+
+
+def library_reaches(path: Path) -> list[str]:
+    """``net.X`` / ``<anything>.net.X`` with X a library object of the Network, and any
+    ``.muxed_conn``, as ``line:expression``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Attribute) or node.attr not in LIBRARY_ATTRIBUTES:
+            continue
+        owner = node.value
+        on_net = ((isinstance(owner, ast.Name) and owner.id == "net")
+                  or (isinstance(owner, ast.Attribute) and owner.attr == "net"))
+        if on_net or node.attr == "muxed_conn":
+            found.append(f"{node.lineno}:{ast.unparse(node)}")
+    return found
+
+
+def test_services_use_the_typed_p2p_calls() -> None:
+    offenders = {}
+    for name, path in MODULES.items():
+        if name.startswith("node.p2p"):
+            continue
+        reaches = [r for r in library_reaches(path)
+                   if (name, r.split(".")[-1]) not in NOT_A_P2P_NETWORK]
+        if reaches:
+            offenders[name] = reaches
+    assert offenders == {}
+
+
+def test_the_reach_check_can_fail(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("async def f(self, net, stream):\n"
+                   "    await self.net.pubsub.publish('t', b'')\n"
+                   "    net.dht.value_store\n"
+                   "    peer = stream.muxed_conn.peer_id\n"
+                   "    self.net.connected_peers()\n")
+    assert sorted(library_reaches(bad)) == ["2:self.net.pubsub", "3:net.dht",
+                                           "4:stream.muxed_conn"]

@@ -9,7 +9,7 @@ from typing import Any
 from node.api.server import ApiError, Request, Routes
 from node.discovery.service import Discovery
 from node.ml.probe import env_to_json
-from node.p2p import Network
+from node.p2p import P2P
 from protocol.capability import CapabilityRecord, EnvReport
 
 
@@ -39,7 +39,7 @@ def _float_param(request: Request, name: str) -> float | None:
     return value
 
 
-def status_routes(net: Network, discovery: Discovery, env: EnvReport, software: str) -> Routes:
+def status_routes(net: P2P, discovery: Discovery, env: EnvReport, software: str) -> Routes:
     started = time.monotonic()
 
     async def status(_: Request) -> Any:
@@ -49,10 +49,10 @@ def status_routes(net: Network, discovery: Discovery, env: EnvReport, software: 
             "software": software,
             "addrs": net.listen_addrs(),
             "uptime_s": round(time.monotonic() - started, 3),
-            "connected_peers": len(net.host.get_connected_peers()),
-            "routing_table_size": net.dht.get_routing_table_size(),
+            "connected_peers": len(net.connected_peers()),
+            "routing_table_size": net.routing_table_size(),
             "protocols": net.protocols(),
-            "banned_peers": net.guard.banned(),
+            "banned_peers": net.banned_peers(),
             "record": record_to_json(current.record) if current else None,
             # True once the record has been put, gossiped and provided under every
             # class at least once (testnet up waits for it).

@@ -20,8 +20,7 @@ from node.chain.network import publish
 from node.chain.state import ChainState
 from node.config import ChainSection
 from node.drive import Timers, drive
-from node.p2p import PeerId
-from node.p2p.host import Network
+from node.p2p import P2P, PeerId
 from protocol.chainwire import CONSENSUS_FRAME_OVERHEAD, ConsensusFrame
 from protocol.consensus import (
     Broadcast,
@@ -65,7 +64,7 @@ def claimed_height(data: bytes, genesis: Genesis) -> int | None:
 
 
 class Consensus:
-    def __init__(self, state: ChainState, net: Network, key: SigningKey, topic: str, *,
+    def __init__(self, state: ChainState, net: P2P, key: SigningKey, topic: str, *,
                  peer_id: str, links: ValidatorLinks | None,
                  submit: Callable[[str, bytes], Awaitable[bytes]],
                  behind: Callable[[PeerId], None], tunables: ChainSection) -> None:

@@ -18,9 +18,9 @@ import trio
 from node.chain.network import CONSENSUS_PROTOCOL, open_to
 from node.config import ChainSection
 from node.discovery.service import Discovery
-from node.p2p import PeerId, PeerInfo
+from node.p2p import P2P, PeerId, PeerInfo
 from node.p2p.framing import read_frame, reset_quietly, write_frame
-from node.p2p.host import Network, parse_multiaddr
+from node.p2p.host import parse_multiaddr
 from protocol.chainwire import ConsensusFrame
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ Deliver = Callable[[str, bytes, PeerId], None]
 
 
 class ValidatorLinks:
-    def __init__(self, net: Network, discovery: Discovery, powers: dict[str, int], *,
+    def __init__(self, net: P2P, discovery: Discovery, powers: dict[str, int], *,
                  peer_id: str, max_frame: int, deliver: Deliver,
                  tunables: ChainSection) -> None:
         self.net = net
@@ -86,7 +86,7 @@ class ValidatorLinks:
                 await trio.sleep(self.tunables.direct_retry_s)
 
     async def _serve(self, stream: Any) -> None:
-        sender = stream.muxed_conn.peer_id
+        sender = self.net.remote_peer(stream)
         if sender.to_base58() not in self.powers:
             log.debug("consensus stream from %s refused: not a validator", sender)
             await reset_quietly(stream)
@@ -107,7 +107,7 @@ class ValidatorLinks:
         """Keep a connection to every other validator whose address discovery knows, so
         the consensus topic's mesh holds them all."""
         while True:
-            connected = set(self.net.host.get_connected_peers())
+            connected = set(self.net.connected_peers())
             for pid in self.powers:
                 peer = PeerId.from_base58(pid)
                 if pid == self.peer_id or peer in connected:

@@ -13,8 +13,8 @@ from typing import Any
 import trio
 
 from node.discovery.service import Discovery
-from node.p2p import PeerId, PeerInfo, ProtocolId
-from node.p2p.host import Network, parse_multiaddr
+from node.p2p import P2P, GossipMessage, PeerId, PeerInfo, ProtocolId
+from node.p2p.host import parse_multiaddr
 from protocol.errors import RemoteProtocolError
 
 log = logging.getLogger(__name__)
@@ -37,23 +37,23 @@ def chain_topics(chain_id: str) -> ChainTopics:
     return ChainTopics(TX_TOPIC + chain_id, CONSENSUS_TOPIC + chain_id, HEAD_TOPIC + chain_id)
 
 
-async def publish(net: Network, topic: str, data: bytes) -> None:
+async def publish(net: P2P, topic: str, data: bytes) -> None:
     """Gossip ``data`` on ``topic``, best effort: every sender of chain traffic repeats
     it (txs from the outbox, votes by rebroadcast, heads every few seconds)."""
     try:
-        await net.pubsub.publish(topic, data)
+        await net.publish(topic, data)
     except Exception as exc:
         log.debug("publishing on %s failed: %r", topic, exc)
 
 
-def topic_validator(net: Network, topic: str, check: Callable[[bytes], object]
-                    ) -> Callable[[PeerId, Any], bool]:
+def topic_validator(net: P2P, topic: str, check: Callable[[bytes], object]
+                    ) -> Callable[[PeerId, GossipMessage], bool]:
     """A gossipsub topic validator (run before a message is relayed) from a check that
     raises RemoteProtocolError."""
 
-    def validate(_forwarder: PeerId, message: Any) -> bool:
+    def validate(_forwarder: PeerId, message: GossipMessage) -> bool:
         try:
-            check(bytes(message.data))
+            check(message.data)
         except RemoteProtocolError as exc:
             return net.reject_gossip(topic, exc.reason)
         return True
@@ -61,11 +61,11 @@ def topic_validator(net: Network, topic: str, check: Callable[[bytes], object]
     return validate
 
 
-async def open_to(net: Network, discovery: Discovery, peer: PeerId, protocol: ProtocolId,
+async def open_to(net: P2P, discovery: Discovery, peer: PeerId, protocol: ProtocolId,
                   timeout: float) -> Any:
     """A stream to ``peer``, dialled first at the addresses of its capability record
     when it is not connected."""
-    if peer not in net.host.get_connected_peers():
+    if peer not in net.connected_peers():
         cap = discovery.local_record(peer.to_base58())
         addrs = [parse_multiaddr(a) for a in cap.record.addrs] if cap else []
         await net.connect(PeerInfo(peer, addrs), timeout=timeout)

@@ -32,8 +32,7 @@ from node.chain.sync import BlockSync
 from node.chain.txgossip import ChainBusy, ChainError, TxGossip
 from node.config import ChainSection
 from node.discovery.service import Discovery
-from node.p2p import PeerId
-from node.p2p.host import Network
+from node.p2p import P2P
 from node.storage import Storage
 from protocol.chainwire import ConsensusFrame, check_consensus_gossip
 from protocol.errors import RemoteProtocolError
@@ -50,7 +49,7 @@ class Chain:
 
     consensus_class: type[Consensus] = Consensus  # tests' misbehaving validators change it
 
-    def __init__(self, net: Network, key: SigningKey, storage: Storage, genesis: Genesis,
+    def __init__(self, net: P2P, key: SigningKey, storage: Storage, genesis: Genesis,
                  discovery: Discovery, *, clock_ms: Any,
                  tunables: ChainSection) -> None:
         """``tunables``: config.toml's [chain] section."""
@@ -118,12 +117,11 @@ class Chain:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         await self.state.load()
-        t, pubsub = self.topics, self.net.pubsub
-        for topic, check in ((t.txs, self.txs.check_gossip),
-                             (t.consensus, self._check_consensus_gossip),
-                             (t.heads, self.sync.check_gossip)):
-            pubsub.set_topic_validator(topic, topic_validator(self.net, topic, check), False)
-        subs = {topic: await pubsub.subscribe(topic) for topic in (t.txs, t.consensus, t.heads)}
+        t = self.topics
+        subs = {topic: await self.net.subscribe(topic, topic_validator(self.net, topic, check))
+                for topic, check in ((t.txs, self.txs.check_gossip),
+                                     (t.consensus, self._check_consensus_gossip),
+                                     (t.heads, self.sync.check_gossip))}
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: self.sync.run(
                 subs[t.heads], announce=self.is_validator, task_status=task_status))
@@ -149,7 +147,7 @@ class Chain:
                 frame = ConsensusFrame.decode(message.data, self._max_consensus_frame)
             except RemoteProtocolError:
                 continue
-            sender = PeerId(message.from_id) if isinstance(message.from_id, bytes) else None
+            sender = message.from_peer
             if self.consensus is not None:
                 self.consensus.deliver(frame.kind, frame.data, sender)
             elif sender is not None:

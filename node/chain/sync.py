@@ -18,9 +18,8 @@ from node.chain.network import BLOCKS_PROTOCOL, open_to, publish
 from node.chain.state import ChainState
 from node.config import ChainSection
 from node.discovery.service import Discovery
-from node.p2p import PeerId
+from node.p2p import P2P, PeerId
 from node.p2p.framing import FrameError, read_frame, reset_quietly, write_frame
-from node.p2p.host import Network
 from protocol.chainwire import (
     BLOCK_FRAME_OVERHEAD,
     MAX_SYNC_REQUEST_BYTES,
@@ -38,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class BlockSync:
-    def __init__(self, state: ChainState, net: Network, discovery: Discovery, topic: str,
+    def __init__(self, state: ChainState, net: P2P, discovery: Discovery, topic: str,
                  *, max_proposal_bytes: int, tunables: ChainSection) -> None:
         self.state = state
         self.tunables = tunables
@@ -93,7 +92,7 @@ class BlockSync:
                 continue
             if (head.chain_id == self.state.genesis.chain_id
                     and head.height > self.state.ledger.height):
-                self.behind(message.from_id)
+                self.behind(message.from_peer)
 
     async def _sync_from(self, peer: PeerId) -> None:
         """Take blocks from ``peer`` until it has no more: each one only after its

@@ -18,7 +18,7 @@ from node.chain.network import publish
 from node.chain.state import ChainState
 from node.config import ChainSection
 from node.errors import Busy, Conflict
-from node.p2p.host import Network
+from node.p2p import P2P
 from protocol.chainwire import decode_tx_batch, encode_tx_batch, tx_batches
 from protocol.errors import RemoteProtocolError
 from protocol.ledger import encode_tx
@@ -38,7 +38,7 @@ class ChainBusy(Busy, ChainError):
 
 
 class TxGossip:
-    def __init__(self, state: ChainState, net: Network, topic: str, *, peer_id: str,
+    def __init__(self, state: ChainState, net: P2P, topic: str, *, peer_id: str,
                  is_validator: bool, tunables: ChainSection) -> None:
         self.state = state
         self.tunables = tunables
@@ -136,7 +136,7 @@ class TxGossip:
                 try:
                     checked = self.state.check(tx)
                 except RemoteProtocolError as exc:
-                    log.debug("tx refused from %s: %s", message.from_id, exc)
+                    log.debug("tx refused from %s: %s", message.from_peer, exc)
                     continue
                 if not self.state.is_final(checked.id):
                     pool.add(checked, now)

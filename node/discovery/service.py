@@ -37,10 +37,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from node.config import DiscoverySection
 from node.identity import peer_id_of
-from node.p2p import PeerId, PeerInfo, ProtocolId, RecordValidator
+from node.p2p import P2P, GossipMessage, PeerId, PeerInfo, ProtocolId, RecordValidator, Subscription
 from node.p2p.framing import read_frame, reset_quietly, write_frame
-from node.p2p.host import KAD_PROTOCOL_ID, BadMultiaddr, Network, parse_multiaddr
-from node.p2p.lookup import K, Unresponsive, providers_from_peer, value_from_peer, walk
+from node.p2p.host import KAD_PROTOCOL_ID, BadMultiaddr, parse_multiaddr
+from node.p2p.lookup import K, Unresponsive, walk
 from node.storage import Storage
 from protocol.capability import (
     CAPABILITY_PROTOCOL_ID,
@@ -133,7 +133,7 @@ class CapabilityValidator(RecordValidator):
 class Discovery:
     def __init__(
         self,
-        net: Network,
+        net: P2P,
         key: SigningKey,
         storage: Storage,
         config: DiscoverySection,
@@ -173,8 +173,7 @@ class Discovery:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.net.serve(CAPABILITY_PROTOCOL, self._serve_record, 0)  # it only writes
         self.net.serve(SYNC_PROTOCOL, self._serve_sync, MAX_SYNC_REQUEST_BYTES)
-        self.net.pubsub.set_topic_validator(CAPABILITY_TOPIC, self._gossip_validator, False)
-        subscription = await self.net.pubsub.subscribe(CAPABILITY_TOPIC)
+        subscription = await self.net.subscribe(CAPABILITY_TOPIC, self._gossip_validator)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._receive_gossip, subscription)
             nursery.start_soon(self._maintain_routing)
@@ -235,13 +234,13 @@ class Discovery:
         generic = [c for c in classes if not c.startswith("gpu-mem-")]
         # The most selective class first.
         ordered = generic + [c for c in reversed(classes) if c.startswith("gpu-mem-")]
-        steps = [_Step("DHT put of the capability record", self.net.dht.put_value,
+        steps = [_Step("DHT put of the capability record", self.net.put_value,
                        (capability_dht_key(self.peer_id), envelope), paced=False)]
-        steps += [_Step(f"providing class {name}", self.net.dht.provide,
+        steps += [_Step(f"providing class {name}", self.net.provide,
                         (class_provider_key(name),), paced=True) for name in ordered]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._attempt, "gossip of the capability record",
-                               self.net.pubsub.publish, CAPABILITY_TOPIC, envelope)
+                               self.net.publish, CAPABILITY_TOPIC, envelope)
             failed = await self._run_steps(steps)
         self.published.set()
         for retry in range(self.config.publish_retries):
@@ -289,8 +288,8 @@ class Discovery:
         is wall-clock seconds). The peer's signed addresses go to the peerstore, so the
         routing table can be refilled from records after py-libp2p dropped peers."""
         self.replicas[record.peer_id] = PeerCapability(record, envelope)
-        self.net.dht.value_store.put(capability_dht_key(record.peer_id).encode(), envelope,
-                                     validity=record.expires_ms / 1000)
+        self.net.store_value(capability_dht_key(record.peer_id).encode(), envelope,
+                             record.expires_ms / 1000)
         if record.peer_id != self.peer_id:
             addrs = []
             for text in record.addrs:
@@ -299,8 +298,8 @@ class Discovery:
                 except BadMultiaddr:
                     continue  # the validator does not parse addresses; a bad one is skipped
             if addrs:
-                self.net.host.get_peerstore().add_addrs(PeerId.from_base58(record.peer_id), addrs,
-                                                        RECORD_PEER_ADDR_TTL_S)
+                self.net.add_addrs(PeerId.from_base58(record.peer_id), addrs,
+                                   RECORD_PEER_ADDR_TTL_S)
 
     async def _restore(self) -> None:
         """After a restart: put the stored, still valid records of other nodes back into
@@ -348,7 +347,7 @@ class Discovery:
                 continue
             with trio.move_on_after(self.config.query_timeout_s):
                 try:
-                    await self.net.pubsub.publish(CAPABILITY_TOPIC, self.current.envelope)
+                    await self.net.publish(CAPABILITY_TOPIC, self.current.envelope)
                 except Exception as exc:
                     log.info("gossip of the capability record failed: %r", exc)
 
@@ -357,7 +356,7 @@ class Discovery:
         redial if the connection drops."""
         delay = 1.0
         while True:
-            if info.peer_id in self.net.host.get_connected_peers():
+            if info.peer_id in self.net.connected_peers():
                 await trio.sleep(5)
                 continue
             try:
@@ -371,7 +370,7 @@ class Discovery:
             delay = 1.0
             log.info("connected to bootstrap peer %s", info.peer_id)
             with trio.move_on_after(self.config.query_timeout_s):
-                await self.net.dht.refresh_routing_table()
+                await self.net.refresh_routing_table()
             self.bootstrapped.set()
 
     async def _maintain_routing(self) -> None:
@@ -381,24 +380,23 @@ class Discovery:
         fast at first, then slowly."""
         period = 0.5
         while True:
-            table = self.net.dht.routing_table
             # A connected peer enters the table only once identify shows it serves the DHT:
             # any libp2p peer may connect, and one that does not speak Kademlia would be
             # handed out in FIND_NODE answers. Peers of verified records are iollm nodes.
-            candidates = [p for p in self.net.host.get_connected_peers()
+            candidates = [p for p in self.net.connected_peers()
                           if self.net.speaks(p, KAD_PROTOCOL_ID)]
-            if table.size() < K:
+            if self.net.routing_table_size() < K:
                 candidates += [PeerId.from_base58(pid) for pid in self.replicas
                                if pid != self.peer_id]
             for peer in candidates:
-                if not table.peer_in_table(peer):
+                if not self.net.in_routing_table(peer):
                     with trio.move_on_after(self.config.query_timeout_s):
                         try:
-                            await self.net.dht.add_peer(peer, skip_server_mode_check=True)
+                            await self.net.add_to_routing_table(peer)
                         except Exception as exc:
                             log.debug("add_peer %s failed: %r", peer, exc)
-            self.metrics.connected.set(len(self.net.host.get_connected_peers()))
-            self.metrics.routing_table.set(self.net.dht.get_routing_table_size())
+            self.metrics.connected.set(len(self.net.connected_peers()))
+            self.metrics.routing_table.set(self.net.routing_table_size())
             self.routing_rounds += 1
             await trio.sleep(period)
             period = min(period * 2, 30.0)
@@ -482,23 +480,23 @@ class Discovery:
         bootstrap = [info.peer_id for info in self.bootstrap]
         for round_, delay in enumerate(itertools.chain(startup, steady)):
             await trio.sleep(delay)
-            connected = self.net.host.get_connected_peers()
+            connected = self.net.connected_peers()
             if not connected:
                 continue
             preferred = [p for p in bootstrap if p in connected]
             peer = preferred[0] if round_ == 0 and preferred else self.rng.choice(connected)
             await self.sync_from(peer)
 
-    def _gossip_validator(self, sender: PeerId, message: Any) -> bool:
+    def _gossip_validator(self, sender: PeerId, message: GossipMessage) -> bool:
         """Gossip verdict: accept only a valid record signed by the message's author."""
         try:
             record = verify_capability(message.data, self.clock_ms())
         except RemoteProtocolError as exc:
             self.metrics.rejected.labels(exc.reason).inc()
             return False
-        return record.peer_id == PeerId(message.from_id).to_base58()
+        return message.from_peer is not None and record.peer_id == message.from_peer.to_base58()
 
-    async def _receive_gossip(self, subscription: Any) -> None:
+    async def _receive_gossip(self, subscription: Subscription) -> None:
         while True:
             message = await subscription.get()
             try:
@@ -507,7 +505,7 @@ class Discovery:
                 continue  # the topic validator already counted it
             if record.peer_id == self.peer_id:
                 continue
-            await self._remember(PeerCapability(record, bytes(message.data)))
+            await self._remember(PeerCapability(record, message.data))
 
     async def _remember(self, cap: PeerCapability) -> None:
         """Keep a verified record: SQLite for restarts, the replica and the DHT store."""
@@ -557,12 +555,12 @@ class Discovery:
         key = capability_dht_key(peer_id).encode()
 
         async def get_value(peer: PeerId) -> tuple[PeerCapability | None, list[PeerId]]:
-            value, closer = await value_from_peer(self.net.dht, peer, key)
+            value, closer = await self.net.value_from_peer(peer, key)
             return (self._verify(value, peer_id) if value is not None else None), closer
 
         # value_quorum valid copies end the walk: waiting for all k closest peers to answer
         # made every query cost the slowest of ~20 peers (bench/wan.py, RESULTS.md).
-        result = await walk(self.net.dht, key, get_value, rpc_timeout=self.config.rpc_timeout_s,
+        result = await walk(self.net, key, get_value, rpc_timeout=self.config.rpc_timeout_s,
                             timeout=self.config.query_timeout_s, unresponsive=self.unresponsive,
                             enough=lambda answers: len(answers) >= self.config.value_quorum)
         caps = [c for _, c in result.answers]
@@ -585,8 +583,7 @@ class Discovery:
         cap = self.replicas.get(peer_id)
         if cap is not None and cap.record.expires_ms > now:
             return cap
-        local = self.net.dht.value_store.get(capability_dht_key(peer_id).encode())
-        stored = self._verify(local.value, peer_id) if local is not None else None
+        stored = self._verify(self.net.local_value(capability_dht_key(peer_id).encode()), peer_id)
         if stored is not None:
             self.replicas[peer_id] = stored
         elif cap is not None:
@@ -617,21 +614,20 @@ class Discovery:
         py-libp2p's own ``find_providers`` returns the local store alone whenever it is
         non-empty, and may return duplicates; this asks the network every time."""
         key = bytes.fromhex(key_hex)
-        store = self.net.dht.provider_store
-        found: dict[PeerId, PeerInfo] = {p.peer_id: p for p in store.get_providers(key)}
+        found: dict[PeerId, PeerInfo] = {p.peer_id: p for p in self.net.local_providers(key)}
 
         async def get_providers(peer: PeerId) -> tuple[list[PeerInfo] | None, list[PeerId]]:
-            providers, closer = await providers_from_peer(self.net.dht, peer, key)
+            providers, closer = await self.net.providers_from_peer(peer, key)
             return providers[:self.config.max_providers], closer
 
-        result = await walk(self.net.dht, key, get_providers, rpc_timeout=self.config.rpc_timeout_s,
+        result = await walk(self.net, key, get_providers, rpc_timeout=self.config.rpc_timeout_s,
                             timeout=self.config.query_timeout_s, unresponsive=self.unresponsive)
         for _, providers in result.answers:
             for info in providers:
                 found.setdefault(info.peer_id, info)
         for info in found.values():
             if info.addrs:
-                self.net.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+                self.net.add_addrs(info.peer_id, info.addrs, RECORD_PEER_ADDR_TTL_S)
         return list(found.values())
 
     async def records_of(self, peer_ids: Sequence[str]) -> list[PeerCapability]:
@@ -668,6 +664,6 @@ class Discovery:
         return sorted(records, key=sort_key)
 
     async def connected_peers(self) -> list[tuple[str, CapabilityRecord | None]]:
-        peers = [p.to_base58() for p in self.net.host.get_connected_peers()]
+        peers = [p.to_base58() for p in self.net.connected_peers()]
         caps = {c.record.peer_id: c.record for c in await self.records_of(peers)}
         return [(p, caps.get(p)) for p in sorted(peers)]

@@ -53,9 +53,9 @@ from node.jobs.worker import (
     meets_requirements,
 )
 from node.ml import catalog
-from node.p2p import PeerId, PeerInfo
+from node.p2p import P2P, GossipMessage, PeerId, PeerInfo
 from node.p2p.framing import FrameError, read_frame, reset_quietly, write_frame
-from node.p2p.host import Network, parse_multiaddr
+from node.p2p.host import parse_multiaddr
 from node.smip.service import Models
 from node.smip.types import FetchError, PublishError
 from node.storage import JobRow, Storage
@@ -122,7 +122,7 @@ class _Pending:
 
 
 class Jobs:
-    def __init__(self, net: Network, key: SigningKey, storage: Storage, models: Models,
+    def __init__(self, net: P2P, key: SigningKey, storage: Storage, models: Models,
                  discovery: Discovery, receipts: Receipts, home: Path, *,
                  clock_ms: Callable[[], int], threads: int = 1,
                  chain: Chain | None = None, tunables: JobsSection | None = None) -> None:
@@ -149,8 +149,7 @@ class Jobs:
     # -- service ------------------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        self.net.pubsub.set_topic_validator(JOB_TOPIC, self._gossip_validator, False)
-        subscription = await self.net.pubsub.subscribe(JOB_TOPIC)
+        subscription = await self.net.subscribe(JOB_TOPIC, self._gossip_validator)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for row in await self.storage.list_jobs():
@@ -169,7 +168,7 @@ class Jobs:
             task_status.started()
             await trio.sleep_forever()
 
-    def _gossip_validator(self, sender: PeerId, message: Any) -> bool:
+    def _gossip_validator(self, sender: PeerId, message: GossipMessage) -> bool:
         try:
             open_job(message.data)
         except RemoteProtocolError:
@@ -215,7 +214,7 @@ class Jobs:
         await self._save(jid, envelope)
         await self._record("job", envelope)
         try:
-            await self.net.pubsub.publish(JOB_TOPIC, envelope)
+            await self.net.publish(JOB_TOPIC, envelope)
         except Exception as exc:  # gossip is best effort; the job runs regardless
             log.info("announcing job %s failed: %r", jid[:16], exc)
         assert self._nursery is not None
@@ -643,7 +642,7 @@ class Jobs:
 
     async def _open(self, worker: str) -> Any:
         peer = PeerId.from_base58(worker)
-        if peer not in self.net.host.get_connected_peers():
+        if peer not in self.net.connected_peers():
             cap = self.discovery.local_record(worker)
             addrs = [parse_multiaddr(a) for a in cap.record.addrs] if cap else []
             await self.net.connect(PeerInfo(peer, addrs), timeout=self.tunables.offer_timeout_s)

@@ -32,7 +32,7 @@ from nacl.signing import SigningKey
 from node.config import JobsSection, WorkerSection
 from node.jobs.receipts import Receipts
 from node.jobs.taskrun import StepProgress, TaskProcError, finite, run_taskproc
-from node.p2p import PeerId, ProtocolId
+from node.p2p import P2P, PeerId, ProtocolId
 from node.p2p.framing import FrameError, read_frame, reset_quietly, write_frame
 from node.smip.service import Models
 from node.smip.types import FetchError, HeldVersion, PublishError
@@ -117,7 +117,7 @@ class WorkerStats:
 
 
 class Worker:
-    def __init__(self, net: Any, key: SigningKey, models: Models, receipts: Receipts,
+    def __init__(self, net: P2P, key: SigningKey, models: Models, receipts: Receipts,
                  config: WorkerSection, env: EnvReport, work_dir: Path, *,
                  tunables: JobsSection | None = None) -> None:
         self.net = net
@@ -193,7 +193,7 @@ class Worker:
 
     async def _serve(self, stream: Any) -> None:
         try:
-            peer = stream.muxed_conn.peer_id
+            peer = self.net.remote_peer(stream)
             data = await read_frame(stream, MAX_ASSIGN_BYTES, self.tunables.assign_timeout_s)
             if _is_prefetch(data):
                 ignored = self._hint(peer, Prefetch.decode(data))

@@ -7,8 +7,11 @@ relay v2, AutoNAT, DCUtR).
 
 Owns: the libp2p objects and every call into the library's internals. May import:
 libp2p, protocol/, and nothing else of node/. No other package imports libp2p
-(tests/test_layout.py): the services take the names they need from here. Each patch has
-a guard test that fails when the library changes under it.
+(tests/test_layout.py): the services take the names they need from here, and program
+against ``P2P`` (api.py: streams, gossip, the DHT, peers; ``PeerGone`` when a peer went
+away), never the library objects behind ``Network`` (a test fails on ``net.host``,
+``net.pubsub``, ``net.dht``). Each patch has a guard test that fails when the library
+changes under it.
 """
 
 from libp2p.custom_types import TProtocol as ProtocolId
@@ -18,12 +21,15 @@ from libp2p.peer.id import ID as PeerId
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator as RecordValidator
 
+from node.p2p.api import P2P, GossipMessage, GossipValidator, PeerGone, Stream, Subscription
 from node.p2p.host import Network, open_network
 from node.p2p.nat import NatOptions
 
-# What opening a stream raises when the connection went away or the negotiation failed on
-# it (py-libp2p drops one of two crossing dials): worth one more dial, not the peer's fault.
-OPEN_STREAM_ERRORS: tuple[type[Exception], ...] = (SwarmException, StreamFailure)
+# What a stream may raise when its peer went away (Network.open_stream turns the library's
+# errors into PeerGone; a stream already open may still raise the library's own): worth
+# one more dial, not the peer's fault.
+OPEN_STREAM_ERRORS: tuple[type[Exception], ...] = (PeerGone, SwarmException, StreamFailure)
 
-__all__ = ["OPEN_STREAM_ERRORS", "NatOptions", "Network", "PeerId", "PeerInfo", "ProtocolId",
-           "RecordValidator", "open_network"]
+__all__ = ["OPEN_STREAM_ERRORS", "P2P", "GossipMessage", "GossipValidator", "NatOptions",
+           "Network", "PeerGone", "PeerId", "PeerInfo", "ProtocolId", "RecordValidator",
+           "Stream", "Subscription", "open_network"]

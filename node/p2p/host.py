@@ -28,11 +28,13 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.host.basic_host import BasicHost
+from libp2p.host.exceptions import StreamFailure
 from libp2p.identity.identify_push.identify_push import push_identify_to_peers
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Message as KadMessage
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.exceptions import RawConnError
+from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
@@ -50,7 +52,9 @@ from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Counter
 
 import node.p2p.wire  # noqa: F401  (its patches: before any host is built)
+from node.p2p.api import GossipMessage, GossipValidator, PeerGone
 from node.p2p.guard import StreamGuard
+from node.p2p.lookup import providers_from_peer, value_from_peer
 from node.p2p.nat import NatOptions, NatService
 from node.p2p.options import P2POptions
 from protocol.penalty import PenaltyPolicy
@@ -294,9 +298,27 @@ class InteropKadDHT(KadDHT):
         await super().handle_stream(cast(Any, _NoAddProviderEcho(stream)))
 
 
+class _Subscription:
+    """A pubsub subscription whose messages come out as GossipMessage."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def get(self) -> GossipMessage:
+        return gossip_message(await self._inner.get())
+
+
+def gossip_message(message: Any) -> GossipMessage:
+    """py-libp2p's pubsub message (rpc_pb2.Message) as ours."""
+    from_id = message.from_id
+    return GossipMessage(bytes(message.data),
+                         ID(from_id) if isinstance(from_id, bytes) and from_id else None)
+
+
 @dataclass
 class Network:
-    """The running libp2p pieces of one node."""
+    """The running libp2p pieces of one node, behind node/p2p/api.py's ``P2P`` calls (the
+    library objects are this package's business only: tests/test_layout.py)."""
 
     host: BasicHost
     dht: KadDHT
@@ -315,6 +337,69 @@ class Network:
         against the peer's buffer budget)."""
         self.host.set_stream_handler(TProtocol(str(protocol)), handler)
         self.guard.declare(str(protocol), max_frame_bytes)
+
+    def remote_peer(self, stream: Any) -> ID:
+        return cast(ID, stream.muxed_conn.peer_id)
+
+    def connected_peers(self) -> list[ID]:
+        return list(self.host.get_connected_peers())
+
+    def add_addrs(self, peer: ID, addrs: Sequence[multiaddr.Multiaddr], ttl_s: float) -> None:
+        self.host.get_peerstore().add_addrs(peer, list(addrs), int(ttl_s))
+
+    def banned_peers(self) -> list[str]:
+        return self.guard.banned()
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        await self.pubsub.publish(topic, data)
+
+    async def subscribe(self, topic: str, validator: GossipValidator) -> _Subscription:
+        def validate(forwarder: ID, message: Any) -> bool:
+            return validator(forwarder, gossip_message(message))
+
+        self.pubsub.set_topic_validator(topic, validate, False)
+        return _Subscription(await self.pubsub.subscribe(topic))
+
+    async def put_value(self, key: str, value: bytes) -> None:
+        await self.dht.put_value(key, value)
+
+    async def provide(self, key: str) -> bool:
+        return await self.dht.provide(key)
+
+    def store_value(self, key: bytes, value: bytes, expires_s: float) -> None:
+        self.dht.value_store.put(key, value, validity=expires_s)
+
+    def local_value(self, key: bytes) -> bytes | None:
+        record = self.dht.value_store.get(key)
+        return None if record is None else bytes(record.value)
+
+    def local_providers(self, key: bytes) -> list[PeerInfo]:
+        return list(self.dht.provider_store.get_providers(key))
+
+    async def value_from_peer(self, peer: ID, key: bytes) -> tuple[bytes | None, list[ID]]:
+        return await value_from_peer(self.dht, peer, key)
+
+    async def providers_from_peer(self, peer: ID, key: bytes
+                                  ) -> tuple[list[PeerInfo], list[ID]]:
+        return await providers_from_peer(self.dht, peer, key)
+
+    def closest_known(self, key: bytes, count: int) -> list[ID]:
+        return list(self.dht.routing_table.find_local_closest_peers(key, count))
+
+    def in_routing_table(self, peer: ID) -> bool:
+        return bool(self.dht.routing_table.peer_in_table(peer))
+
+    async def add_to_routing_table(self, peer: ID) -> None:
+        await self.dht.add_peer(peer, skip_server_mode_check=True)
+
+    def drop_from_routing_table(self, peer: ID) -> None:
+        self.dht.routing_table.remove_peer(peer)
+
+    async def refresh_routing_table(self) -> None:
+        await self.dht.refresh_routing_table()
+
+    def routing_table_size(self) -> int:
+        return int(self.dht.get_routing_table_size())
 
     def reject_gossip(self, topic: str, reason: str) -> bool:
         """Count a gossip message a topic validator drops (it is not relayed); False, the
@@ -377,7 +462,12 @@ class Network:
         protocols = [protocol] if isinstance(protocol, str) else list(protocol)
         if protocols[0].startswith(IOLLM_PREFIX) and self.is_iollm_node(peer) is False:
             raise NotServed(f"{peer} is not an iollm node (serves none of our protocols)")
-        return await self.host.new_stream(peer, [TProtocol(p) for p in protocols])
+        try:
+            return await self.host.new_stream(peer, [TProtocol(p) for p in protocols])
+        except (SwarmException, StreamFailure) as exc:
+            # The connection went away or the negotiation failed on it (py-libp2p drops
+            # one of two crossing dials): worth one more dial, not the peer's fault.
+            raise PeerGone(f"no stream to {peer}: {exc}") from exc
 
     async def announce_protocols(self, timeout: float = 5.0) -> None:
         """Push our identify answer to the connected peers (identify/push): peers that

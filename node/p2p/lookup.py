@@ -26,6 +26,8 @@ from libp2p.kad_dht.utils import xor_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from node.p2p.api import P2P
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -65,7 +67,7 @@ class WalkResult(Generic[T]):
 
 
 async def walk(
-    dht: KadDHT,
+    net: P2P,
     key: bytes,
     query: PeerQuery[T],
     *,
@@ -79,7 +81,7 @@ async def walk(
     """Walk towards ``key`` until the ``k`` closest live peers seen have all answered, or
     ``timeout`` seconds have passed, or ``enough(answers)`` holds (the caller has what it
     needs: the requests still in flight are cancelled): then it returns what it has."""
-    local = dht.host.get_id()
+    local = net.peer_id
     # The keyspace of go-libp2p and py-libp2p: SHA-256 of the key and of the peer id bytes.
     target = hashlib.sha256(key).digest()
 
@@ -87,9 +89,9 @@ async def walk(
         return xor_distance(target, hashlib.sha256(peer.to_bytes()).digest())
 
     now = trio.current_time()
-    seeds = list(dht.routing_table.find_local_closest_peers(key, k))
+    seeds = net.closest_known(key, k)
     if len(seeds) < k:  # a young node: its connections are all it knows
-        seeds += [p for p in dht.host.get_connected_peers() if p not in seeds]
+        seeds += [p for p in net.connected_peers() if p not in seeds]
     candidates = {p: distance(p) for p in seeds
                   if p != local and not unresponsive.is_bad(p, now)}
     queried: set[ID] = set()
@@ -146,7 +148,7 @@ async def walk(
                 else:
                     failed.add(peer)
                     unresponsive.mark(peer, trio.current_time())
-                    dht.routing_table.remove_peer(peer)
+                    net.drop_from_routing_table(peer)
                 launch()
     closest = sorted(responded, key=candidates.__getitem__)[:k]
     return WalkResult(answers, closest, failed)

@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from node.config import SmipSection
-from node.p2p import OPEN_STREAM_ERRORS, PeerId
+from node.p2p import OPEN_STREAM_ERRORS, P2P, PeerId
 from node.p2p.framing import FrameError, FrameReader, reset_quietly, write_frame
-from node.p2p.host import Network
 from node.smip.store import PartialShard
 from node.smip.types import SMIP_PROTOCOL, FetchError, HeldVersion, Progress
 from protocol.errors import RemoteProtocolError
@@ -74,7 +73,7 @@ class SmipClient:
     """One stream to one provider, carrying requests in sequence. Any failure resets the
     stream and makes the client unusable (the caller opens another one)."""
 
-    def __init__(self, net: Network, peer: PeerId, tunables: SmipSection) -> None:
+    def __init__(self, net: P2P, peer: PeerId, tunables: SmipSection) -> None:
         self.net = net
         self.peer = peer
         self.tunables = tunables

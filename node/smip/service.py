@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from node.config import SmipSection
 from node.discovery.service import Discovery
-from node.p2p import PeerId
+from node.p2p import P2P, GossipMessage, PeerId
 from node.p2p.framing import (
     READ_AHEAD_BYTES,
     FrameEnded,
@@ -45,7 +45,6 @@ from node.p2p.framing import (
     write_bulk,
     write_frame,
 )
-from node.p2p.host import Network
 from node.smip.fetch import SmipClient, check_kind, fetch_manifest, fetch_version
 from node.smip.store import ContentStore, ContentStoreError, NotInStore
 from node.smip.types import (
@@ -212,7 +211,7 @@ class _Inflight:
 class Models:
     def __init__(
         self,
-        net: Network,
+        net: P2P,
         key: SigningKey,
         storage: Storage,
         store: ContentStore,
@@ -254,8 +253,7 @@ class Models:
                 bytes.fromhex(row.version), row.envelope, manifest, row.state)
         # A request frame, and what the serving FrameReader may have read ahead of it.
         self.net.serve(SMIP_PROTOCOL, self._serve, MAX_REQUEST_BYTES + READ_AHEAD_BYTES)
-        self.net.pubsub.set_topic_validator(ANNOUNCE_TOPIC, self._gossip_validator, False)
-        subscription = await self.net.pubsub.subscribe(ANNOUNCE_TOPIC)
+        subscription = await self.net.subscribe(ANNOUNCE_TOPIC, self._gossip_validator)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._receive_gossip, subscription)
@@ -300,7 +298,7 @@ class Models:
     async def _provide_one(self, key: str) -> None:
         with trio.move_on_after(self.discovery.config.query_timeout_s):
             try:
-                await self.net.dht.provide(key)
+                await self.net.provide(key)
             except Exception as exc:  # best-effort: the next reprovide repeats it
                 log.info("providing %s failed: %r", key, exc)
 
@@ -319,7 +317,7 @@ class Models:
         late joiners), so a failure or a stall is only logged."""
         with trio.move_on_after(self.discovery.config.query_timeout_s):
             try:
-                await self.net.pubsub.publish(ANNOUNCE_TOPIC, announcement)
+                await self.net.publish(ANNOUNCE_TOPIC, announcement)
             except Exception as exc:
                 log.info("gossip of announcement failed: %r", exc)
 
@@ -344,17 +342,16 @@ class Models:
             return None
         return verdict.announcement
 
-    def _gossip_validator(self, sender: PeerId, message: Any) -> bool:
+    def _gossip_validator(self, sender: PeerId, message: GossipMessage) -> bool:
         """Accept only verified announcements signed by the message's author; repeats are
         dropped here, so gossipsub does not forward them again. py-libp2p runs this on our
         own publishes too: refusing those would keep them from ever leaving the node."""
-        try:
-            from_id = PeerId(message.from_id).to_base58()
-        except Exception:
+        if message.from_peer is None:
             return False
+        from_id = message.from_peer.to_base58()
         if from_id == self.peer_id:
             return True  # signed by us just now (node/smip/service.py _announce)
-        ann = self._judge(bytes(message.data))
+        ann = self._judge(message.data)
         if ann is None or ann.provider != from_id:
             return False
         self.announcements[ann.key] = ann
@@ -370,7 +367,7 @@ class Models:
         await self.discovery.bootstrapped.wait()
         for delay in (b - a for a, b in itertools.pairwise((0.0, *self.tunables.list_startup_s))):
             await trio.sleep(delay)
-            peers = list(self.net.host.get_connected_peers())
+            peers = self.net.connected_peers()
             self.rng.shuffle(peers)
             async with trio.open_nursery() as nursery:
                 for peer in peers[:self.tunables.list_peers]:
@@ -410,7 +407,7 @@ class Models:
         """Answer requests on one stream, in order, until the client closes it or idles
         past STREAM_IDLE_TIMEOUT_S."""
         try:
-            peer = stream.muxed_conn.peer_id
+            peer = self.net.remote_peer(stream)
         except AttributeError:
             peer = None
         reader = FrameReader(stream)

@@ -1,0 +1,174 @@
+"""The chain service on tests/memnet.py and trio's MockClock: the nodes are built by the
+daemon's own wiring (tests/cluster.py -> node.daemon.build_node), only the network is in
+memory, and minutes of consensus rounds run in seconds. The logic of the real-socket
+tests of tests/test_chain_multinode.py: four validators finalize, one down the others go
+on and a fresh node replays to the same state; two of four down halt without forking
+and resume; txs that validators drop over their budget are sent again."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from node.chain.service import ChainBusy
+from node.config import ChainSection, DiscoverySection
+from protocol.errors import RemoteProtocolError
+from protocol.feed import ForkEvidence, next_entry
+from protocol.genesis import Genesis, make_genesis
+from protocol.ledger import encode_tx
+from tests.cluster import Cluster, memnet_cluster, node_key, node_peer_id
+from tests.memnet import mock_clock_ms, run_on_mock_clock
+from tests.netutil import make_env
+from tests.test_chain_multinode import Closed, chain_of, job_and_receipts, same_blocks
+
+VALIDATORS = 4
+pytestmark = pytest.mark.timeout(60)
+
+
+def genesis(clock_ms: Callable[[], int]) -> Genesis:
+    return make_genesis("test-chain", [node_peer_id(i) for i in range(VALIDATORS)],
+                        clock_ms(), block_interval_ms=200, propose_ms=800, prevote_ms=400,
+                        precommit_ms=400, delta_ms=300)
+
+
+def mem_cluster(tmp_path: Path, n: int, **options: Any) -> AbstractAsyncContextManager[Cluster]:
+    config = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=5,
+                              gossip_interval_s=1)
+    return memnet_cluster(tmp_path, [make_env() for _ in range(n)], config,
+                          genesis=genesis(mock_clock_ms()), **options)
+
+
+def run(fn: Callable[[], Awaitable[None]], virtual_s: float = 600) -> None:
+    """Run on the MockClock; ``virtual_s`` bounds the scenario's protocol time."""
+    async def main() -> None:
+        with trio.fail_after(virtual_s):
+            await fn()
+
+    run_on_mock_clock(main)
+
+
+def test_four_validators_finalize_one_down_goes_on_and_a_fresh_node_replays(
+        tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mem_cluster(tmp_path, 6, start=5) as nodes:
+            follower = chain_of(nodes[4])
+            job, receipts = job_and_receipts(4, [1, 2, 3], 12)
+            ids = await follower.submit_many([encode_tx("job", job)] +
+                                             [encode_tx("receipt", r) for r in receipts])
+            # The same receipt again is one tx; a re-issue for the same task (another
+            # issued_ms, so other bytes) must not count twice either.
+            assert await follower.submit("receipt", receipts[0]) == ids[1]
+            _, reissued = job_and_receipts(4, [1, 2, 3], 1, issued_ms=8, job=job)
+            reissued_id = await follower.submit("receipt", reissued[0])
+            forged = bytearray(receipts[1])
+            forged[-5] ^= 1
+            with pytest.raises(RemoteProtocolError):
+                await follower.submit("receipt", bytes(forged))
+            # Node 2 signed two feed entries at one position: the chain records it.
+            a = next_entry(node_key(2), None, None, "receipt", b"one", 1)
+            b = next_entry(node_key(2), None, None, "receipt", b"two", 1)
+            ids.append(await follower.submit("feed-fork",
+                                             ForkEvidence(node_peer_id(2), 1, a, b).encode()))
+            final = await follower.wait_final(ids, timeout=40)
+            assert set(final) == set(ids)
+            for n in nodes[:5]:
+                assert await chain_of(n).wait_height(max(final.values()), timeout=20)
+            led = follower.ledger
+            assert led.receipts_counted == 12
+            assert await follower.final_height(reissued_id) is None
+            assert all(led.balance(node_peer_id(w)) > 0 for w in (1, 2, 3))
+            assert led.balance(node_peer_id(4)) > 0
+            assert sum(led.balances().values()) == led.supply
+            assert [(e.kind, e.offender) for e in led.evidence()] == [
+                ("feed-fork", node_peer_id(2))]
+
+            h = led.height
+            nodes[3].kill()
+            for c in (chain_of(n) for n in nodes[:3]):
+                assert await c.wait_height(h + 2, timeout=30), "3 of 4 validators stopped"
+            top = min(chain_of(n).ledger.height for n in nodes[:3])
+            await same_blocks(nodes[:3], top)
+
+            fresh = chain_of(await nodes.restart(5))
+            assert await fresh.wait_height(top, timeout=30)
+            await same_blocks([nodes[0], nodes[5]], top)
+            assert fresh.ledger.receipts_counted == 12
+            ref = chain_of(nodes[0])
+            assert await ref.wait_height(fresh.ledger.height, timeout=10)
+            if ref.ledger.height == fresh.ledger.height:
+                assert ref.ledger.state_root() == fresh.ledger.state_root()
+            assert fresh.ledger.balances() == follower.ledger.balances()
+
+    run(main)
+
+
+def test_two_of_four_down_halts_without_forking_and_resumes(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mem_cluster(tmp_path, VALIDATORS) as nodes:
+            c0 = chain_of(nodes[0])
+            job, receipts = job_and_receipts(0, [1, 2], 4)
+            await c0.submit_many([encode_tx("job", job)] +
+                                 [encode_tx("receipt", r) for r in receipts[:2]])
+            assert await c0.wait_height(2, timeout=40)
+            # A full mempool refuses load from outside before checking it (the API's 503).
+            room, c0.mempool.max_txs = c0.mempool.max_txs, len(c0.mempool)
+            with pytest.raises(ChainBusy):
+                await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_busy=True)
+            c0.mempool.max_txs = room
+            # So does one over the finality budget, and it says when to come back.
+            budget, c0.mempool.admission = c0.mempool.admission, Closed()
+            with pytest.raises(ChainBusy) as busy:
+                await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_busy=True)
+            assert busy.value.retry_after_s is not None and busy.value.retry_after_s >= 1
+            c0.mempool.admission = budget
+            nodes[2].kill()
+            nodes[3].kill()
+            await trio.sleep(0)
+            halted = max(chain_of(n).ledger.height for n in nodes[:2]) + 1
+            late = await c0.submit_many([encode_tx("receipt", r) for r in receipts[2:]])
+            # A minute of protocol time without two thirds of the power: nothing final
+            # (with three of four up, these txs are final within seconds).
+            assert await c0.wait_final(late, timeout=60) == {}, "finalized without 2/3"
+            assert not await c0.wait_height(halted + 1, timeout=1)
+            stuck = [chain_of(n).ledger.height for n in nodes[:2]]
+            await same_blocks(list(nodes[:2]), min(stuck))
+            await nodes.restart(2)
+            await nodes.restart(3)
+            final = await c0.wait_final(late, timeout=60)
+            assert set(final) == set(late)
+            top = max(final.values())
+            for n in nodes:
+                assert await chain_of(n).wait_height(top, timeout=30)
+            await same_blocks(list(nodes), top)
+            assert top > max(stuck)
+            assert c0.ledger.receipts_counted == 4
+
+    run(main)
+
+
+def test_txs_validators_drop_over_their_budget_are_sent_again(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with mem_cluster(tmp_path, 5, chain_config=ChainSection(resubmit_s=1.0)) as nodes:
+            validators = [chain_of(n) for n in nodes[:4]]
+            follower = chain_of(nodes[4])
+            budgets = [v.mempool.admission for v in validators]
+            for v in validators:
+                v.mempool.admission = Closed()
+            job, receipts = job_and_receipts(4, [1, 2], 2)
+            ids = await follower.submit_many([encode_tx("job", job)] +
+                                             [encode_tx("receipt", r) for r in receipts])
+            # Ten seconds of closed budgets: every gossiped copy is dropped unchecked.
+            assert await follower.wait_final(ids, timeout=10) == {}
+            assert all(len(v.mempool) == 0 for v in validators)
+            for v, budget in zip(validators, budgets, strict=True):
+                v.mempool.admission = budget
+            final = await follower.wait_final(ids, timeout=40)
+            assert set(final) == set(ids)
+            assert validators[0].ledger.receipts_counted == 2
+
+    run(main)
