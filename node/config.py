@@ -175,6 +175,8 @@ inbox = 1024
 max_future_messages = 256
 # Consensus messages waiting for one validator's direct stream (a full queue skips it).
 direct_queue = 64
+# Tx batches (256 KiB each) waiting for one validator's txs stream (full: gossiped instead).
+direct_tx_queue = 8
 # A write on a validator stream must finish within this; a failed stream is opened again
 # after direct_retry_s; one that brings nothing for direct_idle_timeout_s is dropped.
 direct_write_timeout_s = 10.0
@@ -455,6 +457,7 @@ class ChainSection:
     inbox: int = 1024
     max_future_messages: int = 256
     direct_queue: int = 64
+    direct_tx_queue: int = 8
     direct_write_timeout_s: float = 10.0
     direct_retry_s: float = 1.0
     direct_idle_timeout_s: float = 600.0

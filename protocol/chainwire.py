@@ -5,7 +5,8 @@ txs.py and votes.py; these are the frames that carry them:
 
 - a **tx batch** on the transactions topic: a msgpack array of transaction envelopes;
 - a **consensus frame** on the consensus topic and the direct validator stream:
-  ``[kind, data]``, kind ``"proposal"`` or ``"vote"``;
+  ``[kind, data]``, kind ``"proposal"`` or ``"vote"``; on the validator stream also
+  ``"txs"``, data a tx batch (validators send the txs they admit straight to each other);
 - a **head** on the head topic: ``[chain_id, height]``, what a node has made final;
 - a **sync request** on ``/iollm/blocks/1.0.0``: ``{"from": height, "limit": n}``, and
   each answer a **block frame** ``[block, commit]`` (an empty frame ends the answer).
@@ -24,7 +25,9 @@ from protocol.envelope import unpack_strict
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.votes import Proposal, Vote, open_proposal, open_vote
 
-CONSENSUS_KINDS = ("proposal", "vote")
+CONSENSUS_KINDS = ("proposal", "vote")  # what the consensus topic carries
+TXS_KIND = "txs"
+STREAM_KINDS = (*CONSENSUS_KINDS, TXS_KIND)  # what a validator stream carries
 MAX_HEAD_BYTES = 256
 MAX_SYNC_REQUEST_BYTES = 256
 MAX_SYNC_LIMIT = 1024  # blocks one request may ask for (a server sends at most its own cap)
@@ -65,23 +68,25 @@ def tx_batches(txs: Sequence[bytes], max_bytes: int) -> list[list[bytes]]:
 
 @dataclass(frozen=True)
 class ConsensusFrame:
-    kind: str  # "proposal" or "vote"
-    data: bytes  # the signed proposal or vote
+    kind: str  # "proposal" or "vote"; "txs" on a validator stream only
+    data: bytes  # the signed proposal or vote, or an encoded tx batch
 
     def __post_init__(self) -> None:
-        if self.kind not in CONSENSUS_KINDS or not isinstance(self.data, bytes):
-            raise LocalProtocolError(f"a consensus frame is a proposal or a vote, not "
+        if self.kind not in STREAM_KINDS or not isinstance(self.data, bytes):
+            raise LocalProtocolError(f"a consensus frame is a proposal, a vote or txs, not "
                                      f"{self.kind!r}")
 
     def encode(self) -> bytes:
         return packb([self.kind, self.data])
 
     @classmethod
-    def decode(cls, data: bytes, max_bytes: int) -> ConsensusFrame:
+    def decode(cls, data: bytes, max_bytes: int,
+               kinds: tuple[str, ...] = CONSENSUS_KINDS) -> ConsensusFrame:
+        """``kinds``: those the channel carries (STREAM_KINDS on a validator stream)."""
         value = _unpack(data, max_bytes)
         if not (isinstance(value, list) and len(value) == 2
-                and value[0] in CONSENSUS_KINDS and isinstance(value[1], bytes)):
-            raise _malformed("a consensus frame is [\"proposal\" | \"vote\", bin]")
+                and value[0] in kinds and isinstance(value[1], bytes)):
+            raise _malformed(f"a consensus frame is [{' | '.join(kinds)}, bin]")
         return cls(value[0], value[1])
 
 

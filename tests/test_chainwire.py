@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 
 from protocol.chainwire import (
     MAX_SYNC_LIMIT,
+    STREAM_KINDS,
     BlockFrame,
     ConsensusFrame,
     Head,
     SyncRequest,
+    check_consensus_gossip,
     decode_tx_batch,
     encode_tx_batch,
     tx_batches,
@@ -27,6 +29,7 @@ CAP = 4096
 DECODERS: dict[str, Callable[[bytes], Any]] = {
     "tx batch": lambda b: decode_tx_batch(b, CAP),
     "consensus frame": lambda b: ConsensusFrame.decode(b, CAP),
+    "validator stream frame": lambda b: ConsensusFrame.decode(b, CAP, STREAM_KINDS),
     "head": Head.decode,
     "sync request": SyncRequest.decode,
     "block frame": lambda b: BlockFrame.decode(b, CAP),
@@ -56,6 +59,20 @@ def test_consensus_frame_round_trip(kind: str, data: bytes) -> None:
         ConsensusFrame(kind, data)
 
 
+@given(st.sampled_from(STREAM_KINDS), st.binary(max_size=100))
+def test_validator_stream_frame_round_trip(kind: str, data: bytes) -> None:
+    frame = ConsensusFrame(kind, data)
+    assert ConsensusFrame.decode(frame.encode(), CAP, STREAM_KINDS) == frame
+
+
+def test_txs_travel_on_validator_streams_only() -> None:
+    frame = ConsensusFrame("txs", encode_tx_batch([b"tx"])).encode()
+    with pytest.raises(RemoteProtocolError):
+        ConsensusFrame.decode(frame, CAP)  # the consensus topic's kinds
+    with pytest.raises(RemoteProtocolError):  # its relay check: dropped, never relayed
+        check_consensus_gossip(frame, "chain", {"validator"}, CAP)
+
+
 @given(st.text(min_size=1, max_size=64), st.integers(0, 2**63 - 1))
 def test_head_round_trip(chain_id: str, height: int) -> None:
     assert Head.decode(Head(chain_id, height).encode()) == Head(chain_id, height)
@@ -77,6 +94,8 @@ def test_block_frame_round_trip(block: bytes, commit: bytes) -> None:
     ("consensus frame", pack(["commit", b"x"])),
     ("consensus frame", pack(["vote", "text"])),
     ("consensus frame", pack(["vote", b"x", b"extra"])),
+    ("validator stream frame", pack(["commit", b"x"])),
+    ("validator stream frame", pack(["txs", [b"tx"]])),  # the batch travels encoded
     ("head", pack(["iollm", -1])),
     ("head", pack(["iollm", True])),  # a bool is not a height
     ("head", pack(["", 3])),

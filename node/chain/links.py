@@ -5,12 +5,17 @@ every other validator of its genesis, and a connection to each (specs/consensus.
 Gossipsub alone was not enough: under a load of transactions its per-peer queues drop
 messages, proposals of a megabyte among them, and a round lost that way costs its
 timeouts. A stream from anyone who is not a validator is reset before a byte is read.
+
+The txs a validator admits go to the others on a second stream of the same protocol (its
+own queue and flow-control window, so a batch of txs never holds up a proposal or a
+vote): three copies of each batch instead of gossip's nine (a publish to three peers, two
+forwards by each), for the same checks on arrival.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -21,17 +26,20 @@ from node.discovery.service import Discovery
 from node.p2p import P2P, PeerId, PeerInfo
 from node.p2p.framing import read_frame, reset_quietly, write_frame
 from node.p2p.host import parse_multiaddr
-from protocol.chainwire import ConsensusFrame
+from protocol.chainwire import STREAM_KINDS, TXS_KIND, ConsensusFrame
 
 log = logging.getLogger(__name__)
 
 # Where a received message goes: (kind, data, the validator that sent it).
 Deliver = Callable[[str, bytes, PeerId], None]
+# Where a received tx batch goes (data, the validator that sent it); the stream is not
+# read again until it returns, which holds back a sender faster than the checks.
+TakeTxs = Callable[[bytes, PeerId], Awaitable[None]]
 
 
 class ValidatorLinks:
     def __init__(self, net: P2P, discovery: Discovery, powers: dict[str, int], *,
-                 peer_id: str, max_frame: int, deliver: Deliver,
+                 peer_id: str, max_frame: int, deliver: Deliver, take_txs: TakeTxs,
                  tunables: ChainSection) -> None:
         self.net = net
         self.tunables = tunables
@@ -40,17 +48,23 @@ class ValidatorLinks:
         self.peer_id = peer_id
         self.max_frame = max_frame
         self.deliver = deliver
+        self.take_txs = take_txs
         self._queues: dict[str, trio.MemorySendChannel[bytes]] = {}
         self._open: set[str] = set()  # validators with a stream open to them now
+        self._tx_queues: dict[str, trio.MemorySendChannel[bytes]] = {}
+        self._tx_open: set[str] = set()  # the same for the txs' streams
 
     async def run(self) -> None:
         self.net.serve(CONSENSUS_PROTOCOL, self._serve, self.max_frame)
         async with trio.open_nursery() as nursery:
             for pid in self.powers:
                 if pid != self.peer_id:
-                    send, recv = trio.open_memory_channel[bytes](self.tunables.direct_queue)
-                    self._queues[pid] = send
-                    nursery.start_soon(self._send, PeerId.from_base58(pid), recv)
+                    for queues, is_open, size in (
+                            (self._queues, self._open, self.tunables.direct_queue),
+                            (self._tx_queues, self._tx_open, self.tunables.direct_tx_queue)):
+                        send, recv = trio.open_memory_channel[bytes](size)
+                        queues[pid] = send
+                        nursery.start_soon(self._send, PeerId.from_base58(pid), recv, is_open)
             nursery.start_soon(self._connect)
 
     def broadcast(self, message: bytes) -> bool:
@@ -58,29 +72,41 @@ class ValidatorLinks:
         queue is full (its stream stuck) misses it and catches up by block sync. True
         when every other validator's open stream took it: a gossip copy would then only
         cost each node the message a second time, and a third from each forwarder."""
+        return self._queue_all(self._queues, self._open, message)
+
+    def send_txs(self, batch: bytes) -> bool:
+        """Queue an encoded tx batch for every other validator on its txs stream; True
+        when every one's open stream took it. Else the caller gossips the batch (a
+        validator that took it both ways checks each tx once: checks are cached)."""
+        return self._queue_all(self._tx_queues, self._tx_open,
+                               ConsensusFrame(TXS_KIND, batch).encode())
+
+    def _queue_all(self, queues: dict[str, trio.MemorySendChannel[bytes]], is_open: set[str],
+                   message: bytes) -> bool:
         reached = 0
-        for pid, send in self._queues.items():
+        for pid, send in queues.items():
             try:
                 send.send_nowait(message)
             except trio.WouldBlock:
                 continue
-            reached += pid in self._open
+            reached += pid in is_open
         return reached == len(self.powers) - 1
 
-    async def _send(self, peer: PeerId, queue: trio.MemoryReceiveChannel[bytes]) -> None:
+    async def _send(self, peer: PeerId, queue: trio.MemoryReceiveChannel[bytes],
+                    is_open: set[str]) -> None:
         while True:
             message = await queue.receive()
             stream = None
             try:
                 stream = await open_to(self.net, self.discovery, peer, CONSENSUS_PROTOCOL,
                                        self.tunables.open_timeout_s)
-                self._open.add(peer.to_base58())
+                is_open.add(peer.to_base58())
                 while True:
                     await write_frame(stream, message, self.tunables.direct_write_timeout_s)
                     message = await queue.receive()
             except Exception as exc:  # gone, stalled, or not reachable: try again later
                 log.debug("consensus stream to %s: %r", peer, exc)
-                self._open.discard(peer.to_base58())
+                is_open.discard(peer.to_base58())
                 if stream is not None:
                     await reset_quietly(stream)
                 await trio.sleep(self.tunables.direct_retry_s)
@@ -97,8 +123,11 @@ class ValidatorLinks:
                     await read_frame(stream, self.max_frame,
                                      self.tunables.direct_idle_timeout_s,
                                      body_timeout=self.frame_body_deadline),
-                    self.max_frame)
-                self.deliver(frame.kind, frame.data, sender)
+                    self.max_frame, STREAM_KINDS)
+                if frame.kind == TXS_KIND:
+                    await self.take_txs(frame.data, sender)
+                else:
+                    self.deliver(frame.kind, frame.data, sender)
         except Exception as exc:  # closed, idle, or garbage: the stream goes
             log.debug("consensus stream ended: %r", exc)
             await reset_quietly(stream)

@@ -75,8 +75,9 @@ class Chain:
                 tunables=tunables)
             self.links = ValidatorLinks(net, discovery, genesis.powers, peer_id=self.peer_id,
                                         max_frame=self._max_consensus_frame,
-                                        deliver=self.consensus.deliver, tunables=tunables)
-            self.consensus.links = self.links
+                                        deliver=self.consensus.deliver,
+                                        take_txs=self.txs.take_batch, tunables=tunables)
+            self.consensus.links = self.txs.links = self.links
 
     # -- what the rest of the node uses --------------------------------------------------
 

@@ -1,16 +1,19 @@
 """Transactions: submitted here, gossiped in batches, taken into validators' mempools.
 
-A node keeps the txs it submitted itself in its ``outbox`` table and gossips them again
-until they are final, because gossip is best effort (shared/notes/libp2p-0.8.1.md) and a
-crash must not lose a receipt. Each tx is checked once per node (every signature:
-``protocol.ledger.check_tx``, cached by tx id in :class:`ChainState`).
+A validator sends the batches of txs it admits straight to the other validators on their
+txs streams (node/chain/links.py), and gossips only a batch that some validator's stream
+did not take; other nodes gossip theirs. A node keeps the txs it submitted itself in its
+``outbox`` table and sends them again until they are final, because gossip and streams
+are best effort (shared/notes/libp2p-0.8.1.md) and a crash must not lose a receipt. Each
+tx is checked once per node (every signature: ``protocol.ledger.check_tx``, cached by tx
+id in :class:`ChainState`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -23,6 +26,9 @@ from protocol.chainwire import decode_tx_batch, encode_tx_batch, tx_batches
 from protocol.errors import RemoteProtocolError
 from protocol.ledger import encode_tx
 from protocol.mempool import GOSSIP_BUDGETS
+
+if TYPE_CHECKING:
+    from node.chain.links import ValidatorLinks
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,7 @@ class TxGossip:
         self.topic = topic
         self.peer_id = peer_id
         self.is_validator = is_validator
+        self.links: ValidatorLinks | None = None  # a validator's: its txs go direct
         self._outgoing: list[bytes] = []
         self._flush = trio.Event()
 
@@ -112,35 +119,43 @@ class TxGossip:
             self._flush = trio.Event()
             txs, self._outgoing = self._outgoing, []
             for batch in tx_batches(txs, TX_BATCH_BYTES):
-                await publish(self.net, self.topic, encode_tx_batch(batch))
+                data = encode_tx_batch(batch)
+                if self.links is None or not self.links.send_txs(data):
+                    await publish(self.net, self.topic, data)
 
     async def _receive(self, subscription: Any) -> None:
         """Validators keep every tx that checks; other nodes only relay (gossipsub does)."""
-        pool = self.state.mempool
         while True:
             message = await subscription.get()
-            now = self.state.clock_ms()
-            # Checking more would only starve consensus (senders repeat theirs). A batch
-            # is taken whole while there is room for one more tx, overshooting by at
-            # most a batch: the more validators hold a tx, the sooner a block has it.
-            if not self.is_validator or pool.is_full() or not pool.admission.admits(
-                    len(pool), 1, now, budgets=GOSSIP_BUDGETS):
-                continue
-            try:
-                batch = decode_tx_batch(message.data, TX_BATCH_BYTES + 1024)
-            except RemoteProtocolError:
-                continue
-            for i, tx in enumerate(batch):
-                if i % 64 == 63:  # a batch is ~40 ms of signature checks: let consensus in
-                    await trio.lowlevel.checkpoint()
-                try:
-                    checked = self.state.check(tx)
-                except RemoteProtocolError as exc:
-                    log.debug("tx refused from %s: %s", message.from_peer, exc)
-                    continue
-                if not self.state.is_final(checked.id):
-                    pool.add(checked, now)
+            if self.is_validator:
+                await self.take_batch(message.data, message.from_peer)
             await trio.lowlevel.checkpoint()
+
+    async def take_batch(self, data: bytes, sender: object) -> None:
+        """A validator takes a batch of txs (from gossip or another validator's stream)
+        into its mempool: each tx that checks (every signature) and is not final."""
+        pool = self.state.mempool
+        now = self.state.clock_ms()
+        # Checking more would only starve consensus (senders repeat theirs). A batch is
+        # taken whole while there is room for one more tx, overshooting by at most a
+        # batch: the more validators hold a tx, the sooner a block has it.
+        if pool.is_full() or not pool.admission.admits(len(pool), 1, now,
+                                                       budgets=GOSSIP_BUDGETS):
+            return
+        try:
+            batch = decode_tx_batch(data, TX_BATCH_BYTES + 1024)
+        except RemoteProtocolError:
+            return
+        for i, tx in enumerate(batch):
+            if i % 64 == 63:  # a batch is ~40 ms of signature checks: let consensus in
+                await trio.lowlevel.checkpoint()
+            try:
+                checked = self.state.check(tx)
+            except RemoteProtocolError as exc:
+                log.debug("tx refused from %s: %s", sender, exc)
+                continue
+            if not self.state.is_final(checked.id):
+                pool.add(checked, now)
 
     async def _resubmit(self) -> None:
         """Gossip again this node's txs that waited ``resubmit_s`` without becoming final, a
