@@ -181,7 +181,8 @@ def check_ledger(tmp_path: Path, net: Path, job: str, workers: set[str], base: s
     assert sum(b["kinds"].get("job", 0) for b in blocks) == 1
     assert all(b["signatures"] == 3 for b in blocks)
     listing = iollm("ledger", "blocks", "--limit", "5", *home).stdout
-    assert len(listing.splitlines()) == 5 and "signatures" in listing
+    # (a quick job may be final within fewer than 5 blocks; more may come meanwhile)
+    assert min(5, len(blocks)) <= len(listing.splitlines()) <= 5 and "signatures" in listing
     assert "receipt" in iollm("ledger", "blocks", "--limit", "1000", *home).stdout
     status = iollm("ledger", "status", *home).stdout
     assert "chain iollm-testnet" in status and status.count("  validator ") == 3, status
