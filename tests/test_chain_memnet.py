@@ -172,3 +172,36 @@ def test_txs_validators_drop_over_their_budget_are_sent_again(tmp_path: Path) ->
             assert validators[0].ledger.receipts_counted == 2
 
     run(main)
+
+
+def test_a_txs_stream_idle_for_long_is_ended_by_its_sender_and_the_next_batch_arrives(
+        tmp_path: Path) -> None:
+    """The reader resets a validator stream idle for direct_idle_timeout_s; the writer,
+    waiting for its next message, would not see it and would lose that message on the
+    dead stream. The writer ends it first (half the deadline) and the next batch goes on
+    a fresh stream, or on gossip while none is open."""
+    idle_s = 4.0
+    async def main() -> None:
+        tunables = ChainSection(direct_idle_timeout_s=idle_s, resubmit_s=300.0)
+        async with mem_cluster(tmp_path, VALIDATORS, chain_config=tunables) as nodes:
+            sender, others = chain_of(nodes[0]), [chain_of(n) for n in nodes[1:]]
+            assert sender.links is not None
+            job, _ = job_and_receipts(4, [1], 0)
+            first = await sender.submit("job", job)
+            assert set(await sender.wait_final([first], timeout=20)) == {first}
+            peers = {node_peer_id(i) for i in range(1, VALIDATORS)}
+            assert sender.links._tx_open == peers  # the txs' streams were used
+            await trio.sleep(idle_s)  # no txs: each txs stream idles past half the deadline
+            assert sender.links._tx_open == set()
+            _, receipts = job_and_receipts(4, [1], 1, job=job)
+            tx = await sender.submit("receipt", receipts[0])
+            # Each other validator holds it (or has it final) within a second, not after
+            # the sender's resubmission (300 s here).
+            async def holds(v: Any) -> bool:
+                return tx in v.mempool or await v.final_height(tx) is not None
+
+            with trio.fail_after(1.0):
+                while not all([await holds(v) for v in others]):
+                    await trio.sleep(0.05)
+
+    run(main)

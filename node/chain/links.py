@@ -103,7 +103,18 @@ class ValidatorLinks:
                 is_open.add(peer.to_base58())
                 while True:
                     await write_frame(stream, message, self.tunables.direct_write_timeout_s)
-                    message = await queue.receive()
+                    got: list[bytes] = []
+                    # The receiver resets a stream idle for direct_idle_timeout_s, unseen
+                    # by a writer that waits here, whose next message would then be lost
+                    # on it (the txs' stream idles whenever no txs come): end it first,
+                    # and open a fresh one for the next message.
+                    with trio.move_on_after(self.tunables.direct_idle_timeout_s / 2):
+                        got.append(await queue.receive())
+                    if not got:
+                        break
+                    message = got[0]
+                is_open.discard(peer.to_base58())
+                await reset_quietly(stream)
             except Exception as exc:  # gone, stalled, or not reachable: try again later
                 log.debug("consensus stream to %s: %r", peer, exc)
                 is_open.discard(peer.to_base58())

@@ -44,6 +44,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_ready
@@ -71,7 +72,11 @@ KILL_WAIT_S = 5.0  # a SIGKILLed child is gone well within this
 # Around starts and exit-status reads, both in worker threads: multiprocessing's start
 # path is not made for concurrent use, and it reads the status of children that ended.
 _lock = threading.Lock()
-_state: dict[str, Any] = {"fresh": False}  # True once the warm parent could not start
+# A warm parent that could not start is tried again this long after (fresh children
+# meanwhile): what failed (memory, file descriptors) may pass.
+WARM_RETRY_S = 60.0
+# time.monotonic, not trio's clock: this state outlives one trio.run (the CLI runs several).
+_state: dict[str, Any] = {"fresh": False, "retry_at": float("-inf")}
 
 
 class WarmChild:
@@ -108,7 +113,8 @@ async def run_child(request: bytes, *, env: dict[str, str], nice: int,
     is set when this returns; cancelled, it kills the child. A warm child when the warm
     parent works, else a fresh ``python -m node.jobs.taskproc`` (``preexec`` runs in it
     before exec: the same lowered priority)."""
-    child = None if _state["fresh"] else await _start_warm(request, env, nice)
+    warm = not _state["fresh"] and time.monotonic() >= _state["retry_at"]
+    child = await _start_warm(request, env, nice) if warm else None
     if child is None:
         await trio.run_process(
             [sys.executable, "-m", "node.jobs.taskproc"], stdin=request,
@@ -133,7 +139,7 @@ def set_fresh_children(fresh: bool) -> None:
 
 
 async def _start_warm(request: bytes, env: dict[str, str], nice: int) -> WarmChild | None:
-    """A forked child, or None (and fresh children from now on) when the warm parent
+    """A forked child, or None (and fresh children for WARM_RETRY_S) when the warm parent
     cannot be started."""
     error: BaseException | None = None
     for attempt in range(START_ATTEMPTS):
@@ -158,11 +164,11 @@ async def _start_warm(request: bytes, env: dict[str, str], nice: int) -> WarmChi
             out.close()  # the child has its own copies now
             err.close()
         return WarmChild(proc, trio.lowlevel.FdStream(out_r), trio.lowlevel.FdStream(err_r))
-    _state["fresh"] = True
+    _state["retry_at"] = time.monotonic() + WARM_RETRY_S
     reason = (str(error).strip().splitlines() or [""])[0]
     log.warning("no warm parent for task processes (%s: %s): each task starts a fresh "
-                "Python and imports torch (about 2 s more per task)",
-                type(error).__name__, reason)
+                "Python and imports torch (about 2 s more per task) for the next %.0f s",
+                type(error).__name__, reason, WARM_RETRY_S)
     return None
 
 
