@@ -17,14 +17,18 @@ import trio
 
 from node.chain.service import ChainBusy
 from node.config import ChainSection, DiscoverySection
-from protocol.errors import RemoteProtocolError
-from protocol.feed import ForkEvidence, next_entry
 from protocol.genesis import Genesis, make_genesis
 from protocol.ledger import encode_tx
-from tests.cluster import Cluster, memnet_cluster, node_key, node_peer_id
+from tests.cluster import Cluster, memnet_cluster, node_peer_id
 from tests.memnet import mock_clock_ms, run_on_mock_clock
 from tests.netutil import make_env
-from tests.test_chain_multinode import Closed, chain_of, job_and_receipts, same_blocks
+from tests.test_chain_multinode import (
+    Closed,
+    chain_of,
+    finalize_once_and_replay,
+    job_and_receipts,
+    same_blocks,
+)
 
 VALIDATORS = 4
 pytestmark = pytest.mark.timeout(60)
@@ -56,53 +60,7 @@ def test_four_validators_finalize_one_down_goes_on_and_a_fresh_node_replays(
         tmp_path: Path) -> None:
     async def main() -> None:
         async with mem_cluster(tmp_path, 6, start=5) as nodes:
-            follower = chain_of(nodes[4])
-            job, receipts = job_and_receipts(4, [1, 2, 3], 12)
-            ids = await follower.submit_many([encode_tx("job", job)] +
-                                             [encode_tx("receipt", r) for r in receipts])
-            # The same receipt again is one tx; a re-issue for the same task (another
-            # issued_ms, so other bytes) must not count twice either.
-            assert await follower.submit("receipt", receipts[0]) == ids[1]
-            _, reissued = job_and_receipts(4, [1, 2, 3], 1, issued_ms=8, job=job)
-            reissued_id = await follower.submit("receipt", reissued[0])
-            forged = bytearray(receipts[1])
-            forged[-5] ^= 1
-            with pytest.raises(RemoteProtocolError):
-                await follower.submit("receipt", bytes(forged))
-            # Node 2 signed two feed entries at one position: the chain records it.
-            a = next_entry(node_key(2), None, None, "receipt", b"one", 1)
-            b = next_entry(node_key(2), None, None, "receipt", b"two", 1)
-            ids.append(await follower.submit("feed-fork",
-                                             ForkEvidence(node_peer_id(2), 1, a, b).encode()))
-            final = await follower.wait_final(ids, timeout=40)
-            assert set(final) == set(ids)
-            for n in nodes[:5]:
-                assert await chain_of(n).wait_height(max(final.values()), timeout=20)
-            led = follower.ledger
-            assert led.receipts_counted == 12
-            assert await follower.final_height(reissued_id) is None
-            assert all(led.balance(node_peer_id(w)) > 0 for w in (1, 2, 3))
-            assert led.balance(node_peer_id(4)) > 0
-            assert sum(led.balances().values()) == led.supply
-            assert [(e.kind, e.offender) for e in led.evidence()] == [
-                ("feed-fork", node_peer_id(2))]
-
-            h = led.height
-            nodes[3].kill()
-            for c in (chain_of(n) for n in nodes[:3]):
-                assert await c.wait_height(h + 2, timeout=30), "3 of 4 validators stopped"
-            top = min(chain_of(n).ledger.height for n in nodes[:3])
-            await same_blocks(nodes[:3], top)
-
-            fresh = chain_of(await nodes.restart(5))
-            assert await fresh.wait_height(top, timeout=30)
-            await same_blocks([nodes[0], nodes[5]], top)
-            assert fresh.ledger.receipts_counted == 12
-            ref = chain_of(nodes[0])
-            assert await ref.wait_height(fresh.ledger.height, timeout=10)
-            if ref.ledger.height == fresh.ledger.height:
-                assert ref.ledger.state_root() == fresh.ledger.state_root()
-            assert fresh.ledger.balances() == follower.ledger.balances()
+            await finalize_once_and_replay(nodes)
 
     run(main)
 

@@ -31,7 +31,7 @@ from protocol.jobs import job_id as compute_job_id
 from protocol.jobspec import spec_with_defaults
 from protocol.ledger import encode_tx
 from protocol.mempool import Admission
-from tests.cluster import local_cluster, node_key, node_peer_id
+from tests.cluster import Cluster, local_cluster, node_key, node_peer_id
 from tests.netutil import make_env
 
 VALIDATORS = 4
@@ -99,6 +99,70 @@ async def same_blocks(nodes: list[Any], upto: int) -> None:
     assert all(i == ids[0] for i in ids)
 
 
+async def finalize_once_and_replay(nodes: Cluster) -> None:
+    """Four validators (nodes 0-3) and a follower (4) running, node 5 not started: the
+    follower's receipts are final once each, forged ones refused, evidence recorded; one
+    validator down, the other three go on; node 5, knowing nothing, replays to the same
+    state. The same scenario on 127.0.0.1 (below) and on memnet (test_chain_memnet.py)."""
+    follower = chain_of(nodes[4])
+    job, receipts = job_and_receipts(4, [1, 2, 3], 12)
+    ids = await follower.submit_many([encode_tx("job", job)] +
+                                     [encode_tx("receipt", r) for r in receipts])
+    # The same receipt again is one tx; a re-issue for the same task (another
+    # issued_ms, so other bytes) must not count twice either.
+    again = await follower.submit("receipt", receipts[0])
+    assert again == ids[1]
+    _, reissued = job_and_receipts(4, [1, 2, 3], 1, issued_ms=8, job=job)
+    reissued_id = await follower.submit("receipt", reissued[0])
+    forged = bytearray(receipts[1])
+    forged[-5] ^= 1
+    with pytest.raises(RemoteProtocolError):
+        await follower.submit("receipt", bytes(forged))
+
+    # Node 2 signed two different feed entries at one position: anyone may send
+    # the pair, and the chain records it against node 2.
+    a = next_entry(node_key(2), None, None, "receipt", b"one", 1)
+    b = next_entry(node_key(2), None, None, "receipt", b"two", 1)
+    ids.append(await follower.submit("feed-fork",
+                                     ForkEvidence(node_peer_id(2), 1, a, b).encode()))
+
+    final = await follower.wait_final(ids, timeout=40)
+    assert set(final) == set(ids)
+    for n in nodes[:5]:
+        assert await chain_of(n).wait_height(max(final.values()), timeout=20)
+    led = follower.ledger
+    assert led.receipts_counted == 12
+    assert await follower.final_height(reissued_id) is None
+    # Workers were paid, the designer took its share, nothing created from air.
+    assert all(led.balance(node_peer_id(w)) > 0 for w in (1, 2, 3))
+    assert led.balance(node_peer_id(4)) > 0
+    assert sum(led.balances().values()) == led.supply
+    assert [(e.kind, e.offender) for e in led.evidence()] == [
+        ("feed-fork", node_peer_id(2))]
+
+    # One validator down: the other three go on.
+    h = led.height
+    nodes[3].kill()
+    for c in (chain_of(n) for n in nodes[:3]):
+        assert await c.wait_height(h + 2, timeout=30), "3 of 4 validators stopped"
+    top = min(chain_of(n).ledger.height for n in nodes[:3])
+    await same_blocks(nodes[:3], top)
+
+    # A fresh node catches up, verifying every certificate, to the same root.
+    fresh = chain_of(await nodes.restart(5))
+    assert await fresh.wait_height(top, timeout=30)
+    await same_blocks([nodes[0], nodes[5]], top)
+    ref = chain_of(nodes[0])
+    assert await ref.wait_height(fresh.ledger.height, timeout=10)
+    rows = await nodes[0].storage.get_blocks(fresh.ledger.height, 1)
+    assert rows[0][1] == (await nodes[5].storage.get_blocks(fresh.ledger.height, 1))[0][1]
+    assert fresh.ledger.receipts_counted == 12
+    if ref.ledger.height == fresh.ledger.height:
+        assert ref.ledger.state_root() == fresh.ledger.state_root()
+    assert fresh.ledger.balances() == {k: v for k, v in
+                                        follower.ledger.balances().items()}
+
+
 @pytest.mark.slow  # its logic runs on memnet in the default suite: tests/test_chain_memnet.py
 @pytest.mark.timeout(150)
 def test_four_validators_finalize_receipts_once_and_a_fresh_node_replays(tmp_path: Path) -> None:
@@ -107,63 +171,7 @@ def test_four_validators_finalize_receipts_once_and_a_fresh_node_replays(tmp_pat
     async def main() -> None:
         # Four validators and a follower; node 5 joins later, knowing nothing.
         async with cluster(tmp_path, 6, g, start=5) as nodes:
-            follower = chain_of(nodes[4])
-            job, receipts = job_and_receipts(4, [1, 2, 3], 12)
-            ids = await follower.submit_many([encode_tx("job", job)] +
-                                             [encode_tx("receipt", r) for r in receipts])
-            # The same receipt again is one tx; a re-issue for the same task (another
-            # issued_ms, so other bytes) must not count twice either.
-            again = await follower.submit("receipt", receipts[0])
-            assert again == ids[1]
-            _, reissued = job_and_receipts(4, [1, 2, 3], 1, issued_ms=8, job=job)
-            reissued_id = await follower.submit("receipt", reissued[0])
-            forged = bytearray(receipts[1])
-            forged[-5] ^= 1
-            with pytest.raises(RemoteProtocolError):
-                await follower.submit("receipt", bytes(forged))
-
-            # Node 2 signed two different feed entries at one position: anyone may send
-            # the pair, and the chain records it against node 2.
-            a = next_entry(node_key(2), None, None, "receipt", b"one", 1)
-            b = next_entry(node_key(2), None, None, "receipt", b"two", 1)
-            ids.append(await follower.submit("feed-fork",
-                                             ForkEvidence(node_peer_id(2), 1, a, b).encode()))
-
-            final = await follower.wait_final(ids, timeout=40)
-            assert set(final) == set(ids)
-            for n in nodes[:5]:
-                await chain_of(n).wait_height(max(final.values()), timeout=20)
-            led = follower.ledger
-            assert led.receipts_counted == 12
-            assert await follower.final_height(reissued_id) is None
-            # Workers were paid, the designer took its share, nothing created from air.
-            assert all(led.balance(node_peer_id(w)) > 0 for w in (1, 2, 3))
-            assert led.balance(node_peer_id(4)) > 0
-            assert sum(led.balances().values()) == led.supply
-            assert [(e.kind, e.offender) for e in led.evidence()] == [
-                ("feed-fork", node_peer_id(2))]
-
-            # One validator down: the other three go on.
-            h = led.height
-            nodes[3].kill()
-            for c in (chain_of(n) for n in nodes[:3]):
-                assert await c.wait_height(h + 2, timeout=30), "3 of 4 validators stopped"
-            top = min(chain_of(n).ledger.height for n in nodes[:3])
-            await same_blocks(nodes[:3], top)
-
-            # A fresh node catches up, verifying every certificate, to the same root.
-            fresh = chain_of(await nodes.restart(5))
-            assert await fresh.wait_height(top, timeout=30)
-            await same_blocks([nodes[0], nodes[5]], top)
-            ref = chain_of(nodes[0])
-            assert await ref.wait_height(fresh.ledger.height, timeout=10)
-            rows = await nodes[0].storage.get_blocks(fresh.ledger.height, 1)
-            assert rows[0][1] == (await nodes[5].storage.get_blocks(fresh.ledger.height, 1))[0][1]
-            assert fresh.ledger.receipts_counted == 12
-            if ref.ledger.height == fresh.ledger.height:
-                assert ref.ledger.state_root() == fresh.ledger.state_root()
-            assert fresh.ledger.balances() == {k: v for k, v in
-                                                follower.ledger.balances().items()}
+            await finalize_once_and_replay(nodes)
 
     run(main, timeout=140)
 
