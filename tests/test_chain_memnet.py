@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import trio
 
-from node.chain.service import ChainBusy
 from node.config import ChainSection, DiscoverySection
 from protocol.genesis import Genesis, make_genesis
 from protocol.ledger import encode_tx
@@ -27,7 +26,7 @@ from tests.test_chain_multinode import (
     chain_of,
     finalize_once_and_replay,
     job_and_receipts,
-    same_blocks,
+    two_down_halts_and_resumes,
 )
 
 VALIDATORS = 4
@@ -68,43 +67,7 @@ def test_four_validators_finalize_one_down_goes_on_and_a_fresh_node_replays(
 def test_two_of_four_down_halts_without_forking_and_resumes(tmp_path: Path) -> None:
     async def main() -> None:
         async with mem_cluster(tmp_path, VALIDATORS) as nodes:
-            c0 = chain_of(nodes[0])
-            job, receipts = job_and_receipts(0, [1, 2], 4)
-            await c0.submit_many([encode_tx("job", job)] +
-                                 [encode_tx("receipt", r) for r in receipts[:2]])
-            assert await c0.wait_height(2, timeout=40)
-            # A full mempool refuses load from outside before checking it (the API's 503).
-            room, c0.mempool.max_txs = c0.mempool.max_txs, len(c0.mempool)
-            with pytest.raises(ChainBusy):
-                await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_busy=True)
-            c0.mempool.max_txs = room
-            # So does one over the finality budget, and it says when to come back.
-            budget, c0.mempool.admission = c0.mempool.admission, Closed()
-            with pytest.raises(ChainBusy) as busy:
-                await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_busy=True)
-            assert busy.value.retry_after_s is not None and busy.value.retry_after_s >= 1
-            c0.mempool.admission = budget
-            nodes[2].kill()
-            nodes[3].kill()
-            await trio.sleep(0)
-            halted = max(chain_of(n).ledger.height for n in nodes[:2]) + 1
-            late = await c0.submit_many([encode_tx("receipt", r) for r in receipts[2:]])
-            # A minute of protocol time without two thirds of the power: nothing final
-            # (with three of four up, these txs are final within seconds).
-            assert await c0.wait_final(late, timeout=60) == {}, "finalized without 2/3"
-            assert not await c0.wait_height(halted + 1, timeout=1)
-            stuck = [chain_of(n).ledger.height for n in nodes[:2]]
-            await same_blocks(list(nodes[:2]), min(stuck))
-            await nodes.restart(2)
-            await nodes.restart(3)
-            final = await c0.wait_final(late, timeout=60)
-            assert set(final) == set(late)
-            top = max(final.values())
-            for n in nodes:
-                assert await chain_of(n).wait_height(top, timeout=30)
-            await same_blocks(list(nodes), top)
-            assert top > max(stuck)
-            assert c0.ledger.receipts_counted == 4
+            await two_down_halts_and_resumes(nodes, halt_s=60)
 
     run(main)
 

@@ -176,6 +176,51 @@ def test_four_validators_finalize_receipts_once_and_a_fresh_node_replays(tmp_pat
     run(main, timeout=140)
 
 
+async def two_down_halts_and_resumes(nodes: Cluster, halt_s: float) -> None:
+    """Four validators: a full mempool and a closed finality budget refuse load (the API's
+    503); with two of four down nothing is final for ``halt_s`` (half the power cannot
+    reach two thirds), and nothing forks; they come back, catch up, and the four go on.
+    On 127.0.0.1 (below) and on memnet (test_chain_memnet.py, a minute of protocol time)."""
+    c0 = chain_of(nodes[0])
+    job, receipts = job_and_receipts(0, [1, 2], 4)
+    await c0.submit_many([encode_tx("job", job)] +
+                         [encode_tx("receipt", r) for r in receipts[:2]])
+    assert await c0.wait_height(2, timeout=40)
+    # A full mempool refuses load from outside before checking it (the API's 503).
+    room, c0.mempool.max_txs = c0.mempool.max_txs, len(c0.mempool)
+    with pytest.raises(ChainBusy):
+        await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_busy=True)
+    c0.mempool.max_txs = room
+    # So does one over the finality budget, and it says when to come back.
+    budget, c0.mempool.admission = c0.mempool.admission, Closed()
+    with pytest.raises(ChainBusy) as busy:
+        await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_busy=True)
+    assert busy.value.retry_after_s is not None and busy.value.retry_after_s >= 1
+    c0.mempool.admission = budget
+    nodes[2].kill()
+    nodes[3].kill()
+    # Whatever was in flight finishes; from then on nothing is final (with three of
+    # four up, these txs are final within seconds).
+    await trio.sleep(0)  # let the kills land
+    halted = max(chain_of(n).ledger.height for n in nodes[:2]) + 1
+    late = await c0.submit_many([encode_tx("receipt", r) for r in receipts[2:]])
+    assert await c0.wait_final(late, timeout=halt_s) == {}, "finalized without 2/3"
+    assert not await c0.wait_height(halted + 1, timeout=1)
+    stuck = [chain_of(n).ledger.height for n in nodes[:2]]
+    await same_blocks(list(nodes[:2]), min(stuck))
+    # They come back: they catch up and the four go on.
+    await nodes.restart(2)
+    await nodes.restart(3)
+    final = await c0.wait_final(late, timeout=60)
+    assert set(final) == set(late)
+    top = max(final.values())
+    for n in nodes:
+        assert await chain_of(n).wait_height(top, timeout=30)
+    await same_blocks(list(nodes), top)
+    assert top > max(stuck)
+    assert c0.ledger.receipts_counted == 4
+
+
 @pytest.mark.slow  # its logic runs on memnet in the default suite: tests/test_chain_memnet.py
 @pytest.mark.timeout(150)
 def test_two_of_four_down_halts_without_forking_and_resumes(tmp_path: Path) -> None:
@@ -183,42 +228,7 @@ def test_two_of_four_down_halts_without_forking_and_resumes(tmp_path: Path) -> N
 
     async def main() -> None:
         async with cluster(tmp_path, VALIDATORS, g) as nodes:
-            c0 = chain_of(nodes[0])
-            job, receipts = job_and_receipts(0, [1, 2], 4)
-            await c0.submit_many([encode_tx("job", job)] +
-                                 [encode_tx("receipt", r) for r in receipts[:2]])
-            assert await c0.wait_height(2, timeout=40)
-            # A full mempool refuses load from outside before checking it (the API's 503).
-            room, c0.mempool.max_txs = c0.mempool.max_txs, len(c0.mempool)
-            with pytest.raises(ChainBusy):
-                await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_busy=True)
-            c0.mempool.max_txs = room
-            # So does one over the finality budget, and it says when to come back.
-            budget, c0.mempool.admission = c0.mempool.admission, Closed()
-            with pytest.raises(ChainBusy) as busy:
-                await c0.submit_many([encode_tx("receipt", receipts[2])], refuse_when_busy=True)
-            assert busy.value.retry_after_s is not None and busy.value.retry_after_s >= 1
-            c0.mempool.admission = budget
-            nodes[2].kill()
-            nodes[3].kill()
-            # Whatever was in flight finishes; from then on nothing is final: half the
-            # power cannot reach more than two thirds.
-            await trio.sleep(0)  # let the kills land
-            halted = max(chain_of(n).ledger.height for n in nodes[:2]) + 1
-            late = await c0.submit_many([encode_tx("receipt", r) for r in receipts[2:]])
-            assert not await c0.wait_height(halted + 1, timeout=6), "finalized without 2/3"
-            stuck = [chain_of(n).ledger.height for n in nodes[:2]]
-            # They come back: they catch up and the four go on.
-            await nodes.restart(2)
-            await nodes.restart(3)
-            final = await c0.wait_final(late, timeout=60)
-            assert set(final) == set(late)
-            top = max(final.values())
-            for n in nodes:
-                assert await chain_of(n).wait_height(top, timeout=30)
-            await same_blocks(list(nodes), top)
-            assert top > max(stuck)
-            assert c0.ledger.receipts_counted == 4
+            await two_down_halts_and_resumes(nodes, halt_s=6)
 
     run(main, timeout=140)
 
