@@ -17,15 +17,14 @@ import trio
 
 from node.config import ChainSection, DiscoverySection
 from protocol.genesis import Genesis, make_genesis
-from protocol.ledger import encode_tx
 from tests.cluster import Cluster, memnet_cluster, node_peer_id
 from tests.memnet import mock_clock_ms, run_on_mock_clock
 from tests.netutil import make_env
 from tests.test_chain_multinode import (
-    Closed,
     chain_of,
     finalize_once_and_replay,
     job_and_receipts,
+    over_budget_txs_are_sent_again,
     two_down_halts_and_resumes,
 )
 
@@ -75,22 +74,8 @@ def test_two_of_four_down_halts_without_forking_and_resumes(tmp_path: Path) -> N
 def test_txs_validators_drop_over_their_budget_are_sent_again(tmp_path: Path) -> None:
     async def main() -> None:
         async with mem_cluster(tmp_path, 5, chain_config=ChainSection(resubmit_s=1.0)) as nodes:
-            validators = [chain_of(n) for n in nodes[:4]]
-            follower = chain_of(nodes[4])
-            budgets = [v.mempool.admission for v in validators]
-            for v in validators:
-                v.mempool.admission = Closed()
-            job, receipts = job_and_receipts(4, [1, 2], 2)
-            ids = await follower.submit_many([encode_tx("job", job)] +
-                                             [encode_tx("receipt", r) for r in receipts])
-            # Ten seconds of closed budgets: every gossiped copy is dropped unchecked.
-            assert await follower.wait_final(ids, timeout=10) == {}
-            assert all(len(v.mempool) == 0 for v in validators)
-            for v, budget in zip(validators, budgets, strict=True):
-                v.mempool.admission = budget
-            final = await follower.wait_final(ids, timeout=40)
-            assert set(final) == set(ids)
-            assert validators[0].ledger.receipts_counted == 2
+            # Ten seconds of protocol time with closed budgets.
+            await over_budget_txs_are_sent_again(nodes, closed_s=10)
 
     run(main)
 

@@ -294,6 +294,28 @@ def test_a_double_voting_validator_is_recorded_and_cannot_fork(tmp_path: Path) -
     run(main, timeout=140)
 
 
+async def over_budget_txs_are_sent_again(nodes: Cluster, closed_s: float) -> None:
+    """Four validators and a follower (node 4, resubmitting every second): with every
+    validator's finality budget closed for ``closed_s`` the follower's txs are dropped
+    unchecked; once open, its outbox gets them all final. On 127.0.0.1 (below) and on
+    memnet (test_chain_memnet.py)."""
+    validators = [chain_of(n) for n in nodes[:4]]
+    follower = chain_of(nodes[4])
+    budgets = [v.mempool.admission for v in validators]
+    for v in validators:
+        v.mempool.admission = Closed()
+    job, receipts = job_and_receipts(4, [1, 2], 2)
+    ids = await follower.submit_many([encode_tx("job", job)] +
+                                     [encode_tx("receipt", r) for r in receipts])
+    assert await follower.wait_final(ids, timeout=closed_s) == {}
+    assert all(len(v.mempool) == 0 for v in validators)  # dropped, unchecked
+    for v, budget in zip(validators, budgets, strict=True):
+        v.mempool.admission = budget
+    final = await follower.wait_final(ids, timeout=40)
+    assert set(final) == set(ids)
+    assert validators[0].ledger.receipts_counted == 2
+
+
 @pytest.mark.slow  # its logic runs on memnet in the default suite: tests/test_chain_memnet.py
 @pytest.mark.timeout(120)
 def test_txs_validators_drop_over_their_budget_are_sent_again(tmp_path: Path) -> None:
@@ -304,20 +326,6 @@ def test_txs_validators_drop_over_their_budget_are_sent_again(tmp_path: Path) ->
 
     async def main() -> None:
         async with cluster(tmp_path, 5, g, chain_config=ChainSection(resubmit_s=1.0)) as nodes:
-            validators = [chain_of(n) for n in nodes[:4]]
-            follower = chain_of(nodes[4])
-            budgets = [v.mempool.admission for v in validators]
-            for v in validators:
-                v.mempool.admission = Closed()
-            job, receipts = job_and_receipts(4, [1, 2], 2)
-            ids = await follower.submit_many([encode_tx("job", job)] +
-                                             [encode_tx("receipt", r) for r in receipts])
-            assert await follower.wait_final(ids, timeout=3) == {}
-            assert all(len(v.mempool) == 0 for v in validators)  # dropped, unchecked
-            for v, budget in zip(validators, budgets, strict=True):
-                v.mempool.admission = budget
-            final = await follower.wait_final(ids, timeout=40)
-            assert set(final) == set(ids)
-            assert validators[0].ledger.receipts_counted == 2
+            await over_budget_txs_are_sent_again(nodes, closed_s=3)
 
     run(main, timeout=110)
