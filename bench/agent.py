@@ -96,6 +96,7 @@ class SimJobs:
         self.config = gpt.SIZES["tiny"]
         self.tokens, self.train_len, self.heldout = tokens, train_len, heldout
         self.states: dict[str, dict[str, torch.Tensor]] = {}
+        self.momenta: dict[str, Any] = {}
         self.base = self._keep(base)
         self.data_id = data_id
         self.docs: dict[str, dict[str, Any]] = {}
@@ -142,14 +143,17 @@ class SimJobs:
         rounds, inner, seed = int(t["rounds"]), int(t["inner_steps"]), int(t.get("seed", 0))
         wpr, bits = int(t["workers_per_round"]), int(t.get("delta_bits", 8))
         start = doc["base_model"]
-        state, momentum, residual = self.states[start], None, None
+        first = int(t.get("first_round", 0))
+        momentum = self.momenta.get(start) if first else None
+        state, residual = self.states[start], None
         versions, losses, parents = [], [], []
         prev = start
         t0 = time.perf_counter()
         for rnd in range(rounds):
             deltas = []
             for plan in plan_round(job_seed=seed, round_=rnd, rounds=rounds, n_tasks=wpr,
-                                   train_len=self.train_len, min_slice=SEQ_LEN + 2):
+                                   train_len=self.train_len, min_slice=SEQ_LEN + 2,
+                                   first_round=first):
                 out = trainer.train_task(self.config, state, self.tokens, plan.slice_start,
                                          plan.slice_len, plan.seed, inner, BATCH, SEQ_LEN,
                                          float(t["lr"]))
@@ -163,6 +167,9 @@ class SimJobs:
             losses.append(self.loss(v, seed))
             parents.append(prev)
             prev = v
+        # As the coordinator: a job that continues this one's final version (its
+        # train.first_round set) starts from this job's outer momentum.
+        self.momenta[versions[-1]] = momentum
         return Outcome(versions, losses, parents, self.loss(start, seed), rounds * wpr,
                        time.perf_counter() - t0)
 

@@ -80,7 +80,8 @@ def task_seed(job_seed: int, round_: int, index: int) -> int:
 
 
 def plan_round(*, job_seed: int, round_: int, rounds: int, n_tasks: int, train_len: int,
-               min_slice: int, steps: Sequence[int] | None = None) -> list[TaskPlan]:
+               min_slice: int, steps: Sequence[int] | None = None,
+               first_round: int = 0) -> list[TaskPlan]:
     """The tasks of round ``round_`` of ``rounds``: disjoint contiguous slices of the
     train split, one per task of the round. The split is cut into ``n_tasks`` slices
     (never under ``min_slice``, a sequence and its target), equal ones, or with ``steps``
@@ -96,11 +97,18 @@ def plan_round(*, job_seed: int, round_: int, rounds: int, n_tasks: int, train_l
     80 inner steps), and with 10 rounds of 80, 0.66 with one slice per task of the job
     (``rounds * n_tasks`` slices, no byte trained twice) against 0.72 with these; with
     20 rounds of 40 the smaller slices of the former were worse still. ``rounds`` only
-    bounds ``round_``."""
+    bounds ``round_``.
+    ``first_round`` (the job's ``train.first_round``) shifts the data schedule: round
+    ``round_`` draws the seeds and slots of schedule round ``first_round + round_``, so
+    a job that continues another's version goes on with that job's schedule instead of
+    training again on the windows its round 0 drew. Task ids and ``TaskPlan.round`` stay
+    the job's own round."""
     if not 1 <= n_tasks <= MAX_TASKS_PER_ROUND:
         raise LocalProtocolError(f"n_tasks must be in [1, {MAX_TASKS_PER_ROUND}], got {n_tasks}")
-    if not 0 <= round_ < rounds or min_slice < 1:
-        raise LocalProtocolError("round must be in [0, rounds) and min_slice positive")
+    if not 0 <= round_ < rounds or min_slice < 1 or first_round < 0:
+        raise LocalProtocolError("round must be in [0, rounds), min_slice positive and "
+                                 "first_round not negative")
+    sched = first_round + round_  # the data schedule's round: seeds and slots
     if train_len < min_slice:
         raise LocalProtocolError(f"the train split ({train_len} bytes) is shorter than one "
                                  f"sequence ({min_slice} bytes)")
@@ -111,12 +119,12 @@ def plan_round(*, job_seed: int, round_: int, rounds: int, n_tasks: int, train_l
         # Equal slices (and, below one sequence a task, slices that wrap and overlap).
         slots = max(train_len // slice_len, 1)  # slices that fit side by side in the split
         return [TaskPlan(f"r{round_}-t{index}", round_, index,
-                         ((index + round_) % slots) * slice_len, slice_len,
-                         task_seed(job_seed, round_, index),
+                         ((index + sched) % slots) * slice_len, slice_len,
+                         task_seed(job_seed, sched, index),
                          None if steps is None else steps[index])
                 for index in range(n_tasks)]
     # Slot k holds task (k - r) mod n; slot lengths follow those tasks' steps.
-    order = [(k - round_) % n_tasks for k in range(n_tasks)]
+    order = [(k - sched) % n_tasks for k in range(n_tasks)]
     whole = sum(steps)
     lens = {i: max(train_len * steps[i] // whole, min_slice) for i in order}
     tasks: dict[int, TaskPlan] = {}
@@ -124,7 +132,7 @@ def plan_round(*, job_seed: int, round_: int, rounds: int, n_tasks: int, train_l
     for i in order:
         at = min(start, train_len - lens[i])  # min_slice rounding up may overrun the end
         tasks[i] = TaskPlan(f"r{round_}-t{i}", round_, i, at, lens[i],
-                            task_seed(job_seed, round_, i), steps[i])
+                            task_seed(job_seed, sched, i), steps[i])
         start += lens[i]
     return [tasks[i] for i in range(n_tasks)]
 

@@ -97,6 +97,10 @@ FIELDS: tuple[Field, ...] = (
     _f("train.outer_momentum", "float", 0, 1, hi_open=True, default=0.9,
        doc="outer Nesterov momentum"),
     _f("train.seed", "int", 0, MAX_INT, default=0, doc="task seeds derive from it"),
+    _f("train.first_round", "int", 0, MAX_ROUNDS, default=0,
+       doc="round of the data schedule the job starts at (a job continuing the version "
+           "another job made: that job's rounds behind it); the coordinator also starts "
+           "the outer momentum from that job's, when it coordinated it"),
     _f("train.delta_bits", "bits", 4, 8, default=8,
        doc="bits a value of the deltas and outer updates on the wire: 8 or 4"),
     _f("data.heldout_fraction", "float", 0, 0.5, lo_open=True, hi_open=True, default=0.05,
@@ -269,6 +273,7 @@ class JobSpec:
     outer_lr: float
     outer_momentum: float
     seed: int
+    first_round: int
     delta_bits: int
     heldout_fraction: float
     min_vram_gb: int

@@ -90,6 +90,12 @@ def test_search_spends_its_budget_in_parallel_and_finds_a_path(tmp_path: Path) -
     kinds = {b["kind"] for b in s["branches"]}
     assert {"fresh", "continue", "exploit"} <= kinds, kinds
     assert any(b["status"] == "stopped" for b in s["branches"])  # successive halving
+    # A branch from a version some rounds deep goes on with the data schedule (and the
+    # coordinator's outer momentum) of those rounds: train.first_round is its depth.
+    for b in (b for b in s["branches"] if b["job"] is not None):  # None: never started
+        train = runner.jobs[b["job"]]["doc"]["train"]
+        assert train.get("first_round", 0) == b["depth"], b
+    assert any(b["depth"] > 0 for b in s["branches"])
     # The optimal path goes from the base to the best version, each step a parent link,
     # and every loss on it is what the branch reported.
     nodes = {n["version"]: n for n in s["nodes"]}

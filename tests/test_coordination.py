@@ -53,6 +53,25 @@ def test_plan_round_slices_cover_the_split_disjointly_and_move_on_each_round() -
 
 
 @settings(max_examples=100, deadline=None)
+@given(first=st.integers(0, 50), round_=st.integers(0, 20), n=st.integers(1, 8),
+       sized=st.booleans())
+def test_first_round_continues_the_schedule_under_the_jobs_own_round_numbers(
+        first: int, round_: int, n: int, sized: bool) -> None:
+    steps = [3 + i for i in range(n)] if sized else None
+    common = {"job_seed": 5, "n_tasks": n, "train_len": 50_000, "min_slice": 65, "steps": steps}
+    shifted = plan_round(round_=round_, rounds=21, first_round=first, **common)
+    whole = plan_round(round_=first + round_, rounds=first + 21, **common)
+    # The data (slices, seeds, sizes) of schedule round first + r ...
+    assert [(t.index, t.slice_start, t.slice_len, t.seed, t.steps) for t in shifted] == \
+        [(t.index, t.slice_start, t.slice_len, t.seed, t.steps) for t in whole]
+    # ... under the job's own round: task ids and rounds as the assignments carry them.
+    assert [(t.task_id, t.round) for t in shifted] == \
+        [(f"r{round_}-t{i}", round_) for i in range(n)]
+    with pytest.raises(LocalProtocolError):
+        plan_round(round_=round_, rounds=21, first_round=-1, **common)
+
+
+@settings(max_examples=100, deadline=None)
 @given(steps=st.lists(st.integers(1, 400), min_size=1, max_size=8),
        round_=st.integers(0, 20), train_len=st.integers(65, 200_000))
 def test_sized_slices_follow_the_steps_and_stay_in_the_split(steps: list[int], round_: int,

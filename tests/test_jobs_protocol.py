@@ -253,6 +253,8 @@ BAD_VALUES = [
     ("train.outer_momentum", "1.0", "in [0, 1)"),
     ("train.outer_momentum", "-0.1", "in [0, 1)"),
     ("train.seed", "-1", "expected an integer >= 0, got -1"),
+    ("train.first_round", "-1", "train.first_round: expected an integer in [0, 10000], got -1"),
+    ("train.first_round", "1.5", "expected an integer"),
     ("train.delta_bits", "6", "train.delta_bits: expected 8 or 4, got 6"),
     ("train.delta_bits", "true", "expected 8 or 4, got true"),
     ("data.heldout_fraction", "0.5", "in (0, 0.5)"),

@@ -342,6 +342,8 @@ class Agent:
         goal = search.goal
         doc = goal.job_doc(name=f"{goal.name} b{b.id}", base=b.start, params=b.params,
                            rounds=b.rounds)
+        if b.depth:  # go on with the schedule (and momentum) of the rounds behind it
+            doc["train"]["first_round"] = b.depth
         try:
             job = await self.runner.submit(doc)
             await self._call(sid, search.started, b.id, job)

@@ -29,7 +29,7 @@ import math
 import random
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -263,6 +263,8 @@ class Jobs:
             job.spec.train_split(dataset.manifest.total_size)  # too small to split: fails now
             if state["round"] == 0:
                 check_base(job.spec, (await self._fetch(state["base"])).manifest.config)
+                if job.spec.first_round and state["momentum"] is None:
+                    state["momentum"] = inherit_momentum(self.states, jid, job_dir)
             empty = 0
             while state["round"] < job.spec.rounds:
                 await self._fetch(state["base"])
@@ -368,7 +370,8 @@ class Jobs:
                            inner_steps=spec.inner_steps)
         tasks = plan_round(job_seed=spec.seed, round_=r, rounds=spec.rounds,
                            n_tasks=spec.workers_per_round, train_len=train_len,
-                           min_slice=spec.seq_len + 2, steps=[s.steps for s in sized])
+                           min_slice=spec.seq_len + 2, steps=[s.steps for s in sized],
+                           first_round=spec.first_round)
         log.info("job %s round %d: %d tasks (steps %s), %d candidate workers", jid[:16], r,
                  len(tasks), ",".join(str(s.steps) for s in sized), len(workers))
         machine = RoundMachine(tasks, workers,
@@ -768,6 +771,25 @@ class Jobs:
             Path(old_momentum).unlink(missing_ok=True)
         log.info("job %s round %d: %d accepted, held-out %.4f -> %.4f, version %s", jid[:16],
                  r, len(accepted), record["heldout_before"] or float("nan"), loss, new[:16])
+
+
+def inherit_momentum(states: Mapping[str, Mapping[str, Any]], jid: str, job_dir: Path
+                     ) -> str | None:
+    """For a job that continues another (``train.first_round`` > 0): a copy, in its
+    ``job_dir``, of the final outer momentum of a finished job of this coordinator whose
+    final version is this job's base (specs/jobs.md, "Continuing a job"); None when there
+    is none, and the job starts from zero momentum as any job does."""
+    base = states[jid]["base"]
+    for other, st in states.items():
+        src = st.get("momentum")
+        if other == jid or st.get("status") != "done" or st.get("base") != base or not src:
+            continue
+        if Path(src).is_file():
+            dst = job_dir / "momentum-inherited.safetensors"
+            shutil.copyfile(src, dst)
+            log.info("job %s continues job %s's outer momentum", jid[:16], other[:16])
+            return str(dst)
+    return None
 
 
 def _thresholds(spec: JobSpec) -> dict[str, float]:
