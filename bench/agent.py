@@ -13,14 +13,15 @@ Goals (exit 1 when one is missed): on every seed (c)'s best < (a)'s final and (b
 (c) reaches (a)'s final loss with at most half of (a)'s tasks; (c2) reaches (c)'s best
 with at most half of the tasks (c) needed.
 
-Mode. ``--sim`` runs each branch's job in this process with the same
-functions the network's workers and coordinator run (plan_round's slices, train_task,
-int8/int4 deltas, the robust aggregate, the outer Nesterov step), so losses are real
-training losses; the transport and the checks are missing. A run through a local testnet
-(the issue's reported run) is not written yet: the agent's network path (JobsRunner,
-branches as real jobs) is exercised by tests/test_agent_multinode.py only.
+Modes. By default every job runs through a local testnet, one per seed (NetJobs: a
+coordinator node and two worker nodes, real py-libp2p hosts on 127.0.0.1, SMIP, the
+chain, task children; the agent is the coordinator node's own service). ``--sim`` runs
+each job in this process with the functions the network's workers and coordinator run
+(plan_round's slices, train_task, int8/int4 deltas, the robust aggregate, the outer
+Nesterov step, a continuation's inherited momentum), for tuning: the transport and the
+checks are missing.
 
-    .venv/bin/python bench/agent.py --sim                    # 3 seeds, budget 24 tasks
+    .venv/bin/python bench/agent.py                          # 3 seeds, budget 24 tasks
     .venv/bin/python bench/agent.py --sim --seeds 1 --budget 12   # quick look
 """
 
@@ -61,7 +62,7 @@ def log(msg: str) -> None:
     print(f"[agent-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def goal_text(base: str, data: str, budget: int, seed: int, rung: int) -> str:
+def goal_text(base: str, data: str, budget: int, seed: int, rung: int, population: int) -> str:
     return f"""
 name = "bench"
 base_model = "{base}"
@@ -69,7 +70,7 @@ dataset = "{data}"
 [budget]
 tasks = {budget}
 [search]
-population = 4
+population = {population}
 parallel = 2
 rounds_per_rung = {rung}
 seed = {seed}
@@ -101,6 +102,7 @@ class SimJobs:
         self.data_id = data_id
         self.docs: dict[str, dict[str, Any]] = {}
         self.loss_cache: dict[str, float] = {}
+        self.agent: Agent = None  # type: ignore[assignment]  # set by sim_seed
 
     def _keep(self, state: dict[str, torch.Tensor]) -> str:
         version = hashlib.sha256(gpt.state_bytes(state)).hexdigest()
@@ -133,6 +135,14 @@ class SimJobs:
     async def wait(self, job: str) -> Outcome:
         await trio.sleep(0)
         return self.run(self.docs[job])
+
+    async def job(self, doc: dict[str, Any]) -> Outcome:
+        return self.run(doc)
+
+    async def search(self, goal: Goal) -> dict[str, Any]:
+        sid = await self.agent.start(goal)
+        await self.agent.ended(sid).wait()
+        return dict(self.agent.status(sid))
 
     def run(self, doc: dict[str, Any]) -> Outcome:
         """A job's rounds as the network runs them: plan_round's slices and seeds, each
@@ -174,18 +184,106 @@ class SimJobs:
                        time.perf_counter() - t0)
 
 
+class NetJobs:
+    """The same methods through a local testnet (tests/cluster.py, as bench/training_net.py):
+    a coordinator node (jobs, agent and chain services, no worker) and WPR worker nodes,
+    real py-libp2p hosts on 127.0.0.1 in this trio process; the base model and the corpus
+    are published through SMIP, every job is submitted as a user's TOML spec, workers
+    train in their own task children, the coordinator checks, merges and measures each
+    round's held-out loss, and the agent is the coordinator node's own (its branches
+    real jobs, its memory its store and the chain)."""
+
+    def __init__(self, coordinator: Any, base: str, data_id: str) -> None:
+        self.node, self.base, self.data_id = coordinator, base, data_id
+        self.n = 0
+
+    async def job(self, doc: dict[str, Any]) -> Outcome:
+        from protocol.agentgoal import doc_to_toml
+
+        self.n += 1
+        full = {"name": f"bench-{self.n}", "base_model": doc["base_model"],
+                "dataset": self.data_id,
+                "train": {**doc["train"], "batch_size": BATCH, "seq_len": SEQ_LEN},
+                "checks": {"eval_batches": EVAL_BATCHES}}
+        jobs = self.node.jobs
+        jid = await jobs.submit(doc_to_toml(full))
+        await jobs.ended(jid).wait()
+        st = jobs.status(jid)
+        if st["status"] != "done":
+            raise RuntimeError(f"job {jid[:16]} ended {st['status']}: {st.get('error')}")
+        made = [r for r in st["rounds"] if r.get("version")]
+        return Outcome([r["version"] for r in made], [float(r["heldout_after"]) for r in made],
+                       [r["base"] for r in made], float(st["rounds"][0]["heldout_before"]),
+                       sum(len(r["tasks"]) for r in st["rounds"]),
+                       float(sum(r.get("train_s") or 0.0 for r in st["rounds"])))
+
+    async def search(self, goal: Goal) -> dict[str, Any]:
+        agent = self.node.node.agent
+        sid = await agent.start(goal)
+        await agent.ended(sid).wait()
+        return dict(agent.status(sid))
+
+
+async def net_seed(root: Path, tokens: Any, seed: int, budget: int, random_rounds: int,
+                   rung: int, population: int) -> dict[str, Any]:
+    """One seed: (a) and (b) on one fresh testnet, (c) and (c2) on another, so that the
+    agent's memory (its store and the chain's round records of the same model and
+    dataset) holds none of the baselines' jobs: (c) starts from the base as they did."""
+    from bench.training_net import _env as make_env
+    from node.config import DiscoverySection, WorkerSection
+    from node.ml import models
+    from protocol.genesis import make_genesis
+    from tests.cluster import local_cluster, node_peer_id
+
+    home = root / f"seed-{seed}"
+    home.mkdir()
+    models.save_model(home / "base", gpt.SIZES["tiny"], gpt.init_state(gpt.SIZES["tiny"], 0))
+    (home / "data.txt").write_bytes(bytes(tokens))
+    clock = lambda: int(time.time() * 1000)  # noqa: E731
+    n = 1 + WPR
+    discovery = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200,
+                                 query_timeout_s=10, gossip_interval_s=2)
+    workers = [WorkerSection(enabled=False)] + [WorkerSection(threads=1)] * WPR
+    out: dict[str, Any] = {}
+    for part in ("baselines", "searches"):
+        genesis = make_genesis(f"bench-agent-{seed}-{part}",
+                               [node_peer_id(i) for i in range(n)], clock(),
+                               block_interval_ms=500)
+        (home / part).mkdir()
+        async with local_cluster(home / part, [make_env() for _ in range(n)], clock,
+                                 discovery, models=True, workers=workers,
+                                 genesis=genesis) as nodes:
+            coord = nodes[0]
+            assert coord.models is not None
+            base = await coord.models.publish(home / "base", kind="model", name="gpt-tiny")
+            data = await coord.models.publish(home / "data.txt", kind="dataset",
+                                              name="stdlib")
+            with trio.fail_after(60):
+                while len(coord.discovery.live_records()) < n:
+                    await trio.sleep(0.1)  # the workers' capability records; bounded
+            net = NetJobs(coord, base, data)
+            if part == "baselines":
+                out.update(await baselines(net, budget, seed, random_rounds))
+            else:
+                out.update(await searches(net, budget, seed, rung, population))
+    out["seed"] = seed
+    return out
+
+
 def tasks_to_reach(trace: list[tuple[int, float]], loss: float) -> int | None:
     return next((t for t, x in trace if x <= loss + 1e-12), None)
 
 
-async def run_seed(jobs: SimJobs, budget: int, seed: int, random_rounds: int, rung: int,
-                   tmp: Path) -> dict[str, Any]:
-    base = jobs.base
+async def baselines(backend: Any, budget: int, seed: int, random_rounds: int
+                    ) -> dict[str, Any]:
+    """(a) and (b) for one seed, on ``backend`` (SimJobs or NetJobs), whose ``job(doc)``
+    runs one job to its end."""
+    base = backend.base
     out: dict[str, Any] = {"seed": seed}
     # (a) the example job's settings, one job spending the whole budget.
     doc = {"base_model": base, "train": {**DEFAULTS, "rounds": budget // WPR,
                                          "workers_per_round": WPR, "seed": seed}}
-    a = jobs.run(doc)
+    a = await backend.job(doc)
     out["a"] = {"final": a.losses[-1], "curve": a.losses, "tasks": a.tasks,
                 "trace": [((i + 1) * WPR, x) for i, x in enumerate(a.losses)]}
     log(f"seed {seed} (a) default: {a.losses[-1]:.4f} after {a.tasks} tasks")
@@ -196,30 +294,47 @@ async def run_seed(jobs: SimJobs, budget: int, seed: int, random_rounds: int, ru
         params = {"lr": math.exp(rng.uniform(math.log(1e-3), math.log(3e-2))),
                   "outer_lr": rng.uniform(0.3, 1.0), "outer_momentum": 0.9,
                   "inner_steps": rng.choice([20, 50, 100])}
-        b = jobs.run({"base_model": base, "train": {**params, "rounds": random_rounds,
-                                                    "workers_per_round": WPR, "seed": seed}})
+        b = await backend.job({"base_model": base, "train": {
+            **params, "rounds": random_rounds, "workers_per_round": WPR, "seed": seed}})
         spent += b.tasks
         best_b = min(best_b, min(b.losses))
         trace_b.append((spent, best_b))
     out["b"] = {"best": best_b, "tasks": spent, "trace": trace_b}
     log(f"seed {seed} (b) random: {best_b:.4f} after {spent} tasks")
-    # (c) the agent, then (c2) again with (c)'s memory.
-    goal = parse_goal_toml(goal_text(base, jobs.data_id, budget, seed, rung))
+    return out
+
+
+async def searches(backend: Any, budget: int, seed: int, rung: int, population: int
+                   ) -> dict[str, Any]:
+    """(c) the agent, then (c2) again with (c)'s memory."""
+    out: dict[str, Any] = {}
+    goal = parse_goal_toml(goal_text(backend.base, backend.data_id, budget, seed, rung,
+                                     population))
+    for name in ("c", "c2"):
+        d = await backend.search(goal)
+        s = d["search"]
+        out[name] = {"best": s["best"]["loss"], "tasks": s["spent"]["tasks"],
+                     "trace": s["trace"], "branches": len(s["branches"]),
+                     "path": len(s["path"]),
+                     "tree": [{k: b[k] for k in ("id", "kind", "parent", "depth", "params",
+                                                "status", "losses")}
+                              for b in s["branches"]]}
+        if name == "c":
+            out["c_doc"] = d
+        log(f"seed {seed} ({name}) agent: {s['best']['loss']:.4f} after "
+            f"{s['spent']['tasks']} tasks, {len(s['branches'])} branches")
+    return out
+
+
+async def sim_seed(jobs: SimJobs, tmp: Path, seed: int, budget: int, random_rounds: int,
+                   rung: int, population: int) -> dict[str, Any]:
+    out = await baselines(jobs, budget, seed, random_rounds)
     async with open_storage(tmp / f"agent-{seed}.db") as storage, \
             trio.open_nursery() as nursery:
         agent = Agent(storage, jobs, clock_ms=lambda: int(time.time() * 1000), home=None)
         await nursery.start(agent.run)
-        for name in ("c", "c2"):
-            sid = await agent.start(goal)
-            await agent.ended(sid).wait()
-            s = agent.status(sid)["search"]
-            out[name] = {"best": s["best"]["loss"], "tasks": s["spent"]["tasks"],
-                         "trace": s["trace"], "branches": len(s["branches"]),
-                         "path": len(s["path"])}
-            if name == "c":
-                out["c_doc"] = agent.status(sid)
-            log(f"seed {seed} ({name}) agent: {s['best']['loss']:.4f} after "
-                f"{s['spent']['tasks']} tasks, {len(s['branches'])} branches")
+        jobs.agent = agent
+        out.update(await searches(jobs, budget, seed, rung, population))
         nursery.cancel_scope.cancel()
     return out
 
@@ -253,13 +368,15 @@ def summarize(results: list[dict[str, Any]]) -> tuple[list[str], bool]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sim", action="store_true", required=True,
-                    help="in-process jobs (see the docstring; the only mode so far)")
+    ap.add_argument("--sim", action="store_true",
+                    help="jobs in this process (see the docstring) instead of a testnet")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--budget", type=int, default=24, help="micro-tasks per method")
     ap.add_argument("--random-rounds", type=int, default=3)
     ap.add_argument("--rounds-per-rung", type=int, default=2,
                     help="rounds of one agent branch job (search.rounds_per_rung)")
+    ap.add_argument("--population", type=int, default=4,
+                    help="fresh branches before exploiting (search.population)")
     ap.add_argument("--corpus-bytes", type=int, default=2_000_000)
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--svg", type=Path, help="draw seed 0's search tree here")
@@ -276,10 +393,13 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         t0 = time.perf_counter()
         for seed in range(args.seeds):
-            jobs = SimJobs(gpt.init_state(gpt.SIZES["tiny"], 0), data_id, tokens, train_len,
-                           (h_start, len(tokens) - h_start))
-            results.append(trio.run(run_seed, jobs, args.budget, seed, args.random_rounds,
-                                    args.rounds_per_rung, tmp))
+            rest = (args.budget, args.random_rounds, args.rounds_per_rung, args.population)
+            if args.sim:
+                jobs = SimJobs(gpt.init_state(gpt.SIZES["tiny"], 0), data_id, tokens,
+                               train_len, (h_start, len(tokens) - h_start))
+                results.append(trio.run(sim_seed, jobs, tmp, seed, *rest))
+            else:
+                results.append(trio.run(net_seed, tmp, tokens, seed, *rest))
         if args.svg:
             from node.agent.picture import search_svg
 
