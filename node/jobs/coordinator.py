@@ -381,7 +381,7 @@ class Jobs:
                  r, len(tasks), ",".join(str(s.steps) for s in sized), len(workers),
                  f", {len(left_out)} left out ({', '.join(w[-6:] for w in left_out)})"
                  if left_out else "",
-                 f", predicted to end in {plan.target_ms / 1000:.1f} s"
+                 f", predicted to end in {float(plan.target_ms) / 1000:.1f} s"
                  if any(measured.values()) else "")
         machine = RoundMachine(tasks, workers,
                                offer_timeout_ms=int(self.tunables.offer_timeout_s * 1000),
