@@ -257,6 +257,11 @@ def run_process_job(recipe: Recipe, config: gpt.GPTConfig, base: dict[str, torch
         tokens_per_s=[{w[-6:]: row.get("tokens_per_s") for w, row in rd["workers"].items()}
                       for rd in rounds],
         heldout=[rd.get("heldout_after") for rd in rounds],
+        fit=[{w[-6:]: [None if row.get("overhead_s") is None else round(row["overhead_s"], 1),
+                       None if row.get("fit_tokens_per_s") is None
+                       else round(row["fit_tokens_per_s"])]
+              for w, row in rd["workers"].items()} for rd in rounds],
+        left_out=[[w[-6:] for w in rd.get("left_out", [])] for rd in rounds],
         cpu_share=[_named(meter.share(rd["offered_ms"] / 1000, rd["trained_ms"] / 1000),
                           peers) for rd in rounds])
     tasks = sum(len(rd["tasks"]) for rd in rounds)
@@ -406,6 +411,8 @@ def report(name: str, figures: dict[str, Any]) -> list[str]:
             rates = [{k: round(v or 0) for k, v in r.items()} for r in f["tokens_per_s"]]
             print(f"  tokens/s per worker {rates}")
             print(f"  CPUs each worker's processes got in the train phase {f['cpu_share']}")
+            print(f"  fit after each round [overhead s, tokens/s] {f['fit']}; left out "
+                  f"{f['left_out']}")
         print(f"quota of the throttled worker: {figures['quota']} CPU")
         print(f"throttled run: sized rounds (median) / round 0 (equal split) = "
               f"{figures['wall_ratio']:.2f}x (goal <= {GOAL_WALL_RATIO}x)")
