@@ -6,7 +6,10 @@ the worker nodes; one validator, so the chain costs little):
 
 ``throttled``  four workers, the last one held to a quarter of a CPU by a cgroup (v1's
                cpu controller, `cpu.cfs_quota_us` = 25000 of `cpu.cfs_period_us` =
-               100000; `cpu.max` on v2); its torch children inherit the cgroup. The
+               100000; `cpu.max` on v2): its daemon's whole process tree, the warm task
+               parent that every node starts before the job included, so every task
+               child is in it too. Each worker's CPUs per round are measured (v1's
+               cpuacct) to check the quota against what the others get. The
                training benchmark's recipe, shortened (bench/training.py's warm start,
                (a) and (c), shared through its cache), is run twice through the network:
                unthrottled, then throttled. Goals: the throttled run's sized rounds take
