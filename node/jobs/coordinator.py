@@ -369,8 +369,12 @@ class Jobs:
                           inner_steps=spec.inner_steps,
                           tokens_per_step=spec.batch_size * spec.seq_len,
                           out_rounds={p: v.get("out", 0) for p, v in book.items()})
-        sized, left_out = plan.tasks, sorted({w for w, _ in plan.left_out})
-        for w in {s.worker for s in sized}:
+        # A worker is out when none of its slots got a task; it still takes a task whose
+        # worker is gone (the round's machine offers it to any candidate).
+        sized = plan.tasks
+        working = {s.worker for s in sized}
+        left_out = sorted({w for w, _ in plan.left_out} - working)
+        for w in working:
             book.setdefault(w, {})["out"] = 0
         for w in left_out:
             book.setdefault(w, {})["out"] = book[w].get("out", 0) + 1
