@@ -265,6 +265,8 @@ def run_process_job(recipe: Recipe, config: gpt.GPTConfig, base: dict[str, torch
                        else round(row["fit_tokens_per_s"])]
               for w, row in rd["workers"].items()} for rd in rounds],
         left_out=[[w[-6:] for w in rd.get("left_out", [])] for rd in rounds],
+        rejected=[[f"{t['worker'][-6:]}: {t.get('reason')}" for t in rd["tasks"]
+                   if t["verdict"] != "accepted"] for rd in rounds],
         cpu_share=[_named(meter.share(rd["offered_ms"] / 1000, rd["trained_ms"] / 1000),
                           peers) for rd in rounds])
     tasks = sum(len(rd["tasks"]) for rd in rounds)
@@ -415,7 +417,7 @@ def report(name: str, figures: dict[str, Any]) -> list[str]:
             print(f"  tokens/s per worker {rates}")
             print(f"  CPUs each worker's processes got in the train phase {f['cpu_share']}")
             print(f"  fit after each round [overhead s, tokens/s] {f['fit']}; left out "
-                  f"{f['left_out']}")
+                  f"{f['left_out']}; not accepted {f['rejected']}")
         print(f"quota of the throttled worker: {figures['quota']} CPU")
         print(f"throttled run: sized rounds (median) / round 0 (equal split) = "
               f"{figures['wall_ratio']:.2f}x (goal <= {GOAL_WALL_RATIO}x)")
