@@ -6,7 +6,10 @@ the worker nodes; one validator, so the chain costs little):
 
 ``throttled``  four workers, the last one held to a quarter of a CPU by a cgroup (v1's
                cpu controller, `cpu.cfs_quota_us` = 25000 of `cpu.cfs_period_us` =
-               100000; `cpu.max` on v2); its torch children inherit the cgroup. The
+               100000; `cpu.max` on v2): its daemon's whole process tree, the warm task
+               parent that every node starts before the job included, so every task
+               child is in it too. Each worker's CPUs per round are measured (v1's
+               cpuacct) to check the quota against what the others get. The
                training benchmark's recipe, shortened (bench/training.py's warm start,
                (a) and (c), shared through its cache), is run twice through the network:
                unthrottled, then throttled. Goals: the throttled run's sized rounds take
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 from bench.training_net import job_toml
@@ -48,6 +52,7 @@ GOAL_EFFICIENCY_GAP = 0.02  # throttled efficiency within this of the unthrottle
 QUOTA = 0.25  # of one CPU
 CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
 CGROUP_V2 = Path("/sys/fs/cgroup")
+CPUACCT_V1 = Path("/sys/fs/cgroup/cpuacct")
 CGROUP_NAME = "hetero-bench"
 POLL_S = 1.0
 JOB_TIMEOUT_S = 3600.0
@@ -56,10 +61,20 @@ JOB_TIMEOUT_S = 3600.0
 # --------------------------------------------------------------------------- cgroups
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it now: a daemon, its warm task parent
+    (node/jobs/warmchild.py, a child of the daemon) and the task children forked from it."""
+    top = psutil.Process(pid)
+    return [pid] + [p.pid for p in top.children(recursive=True)]
+
+
 @contextlib.contextmanager
 def cpu_quota(pid: int, fraction: float) -> Iterator[str]:
-    """Hold ``pid`` (and the children it starts from now on) to ``fraction`` of one CPU;
-    yields a line saying how. cgroup v1's cpu controller when mounted, else v2."""
+    """Hold ``pid``'s process tree (the daemon, its warm task parent, the children both
+    start from now on) to ``fraction`` of one CPU; yields a line saying how. cgroup v1's
+    cpu controller when mounted, else v2. A process moved into a cgroup takes only
+    itself: the warm parent, started before, is moved with it, or its forks would run
+    free."""
     period = 100_000
     quota = int(period * fraction)
     if (CGROUP_V1 / "cpu.cfs_quota_us").exists():
@@ -77,15 +92,63 @@ def cpu_quota(pid: int, fraction: float) -> Iterator[str]:
         root = CGROUP_V2
     else:
         raise SystemExit("no cgroup cpu controller here (v1 cpu or v2); cannot throttle")
-    (group / "cgroup.procs").write_text(str(pid))
+    moved = process_tree(pid)
+    for p in moved:
+        with contextlib.suppress(ProcessLookupError):  # a child that ended meanwhile
+            (group / "cgroup.procs").write_text(str(p))
     try:
-        yield how
+        yield f"{how}; {len(moved)} processes moved (the daemon and its warm task parent)"
     finally:
         for line in (group / "cgroup.procs").read_text().split():
             with contextlib.suppress(OSError):  # a process that ended meanwhile
                 (root / "cgroup.procs").write_text(line)
         with contextlib.suppress(OSError):
             group.rmdir()
+
+
+class CpuMeter:
+    """CPU seconds used by each worker's process tree, from a cgroup v1 cpuacct group of
+    its own (which holds the children it starts later too): what a worker actually gets
+    on a shared machine, to check that the quota is a quarter of it. None where there
+    is no cpuacct hierarchy (cgroup v2: its one tree holds the throttle's group)."""
+
+    def __init__(self, trees: dict[str, int]) -> None:
+        self.groups: dict[str, Path] = {}
+        if not (CPUACCT_V1 / "cpuacct.usage").exists():
+            return
+        for name, pid in trees.items():
+            group = CPUACCT_V1 / f"{CGROUP_NAME}-{name}"
+            group.mkdir(exist_ok=True)
+            for p in process_tree(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    (group / "cgroup.procs").write_text(str(p))
+            self.groups[name] = group
+        self.samples: list[tuple[float, dict[str, float]]] = []
+
+    def sample(self) -> None:
+        if self.groups:
+            self.samples.append((time.time(), {
+                n: int((g / "cpuacct.usage").read_text()) / 1e9
+                for n, g in self.groups.items()}))
+
+    def share(self, t0: float, t1: float) -> dict[str, float] | None:
+        """Each worker's CPUs over [t0, t1] (seconds since the epoch), from the samples
+        nearest each end; None without two distinct samples."""
+        if not self.groups or len(self.samples) < 2:
+            return None
+        a = min(self.samples, key=lambda s: abs(s[0] - t0))
+        b = min(self.samples, key=lambda s: abs(s[0] - t1))
+        if b[0] <= a[0]:
+            return None
+        return {n: (b[1][n] - a[1][n]) / (b[0] - a[0]) for n in self.groups}
+
+    def close(self) -> None:
+        for group in self.groups.values():
+            for line in (group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    (CPUACCT_V1 / "cgroup.procs").write_text(line)
+            with contextlib.suppress(OSError):
+                group.rmdir()
 
 
 # --------------------------------------------------------------------------- the testnet
@@ -164,13 +227,24 @@ def run_process_job(recipe: Recipe, config: gpt.GPTConfig, base: dict[str, torch
             for w in workers:  # round 0 then fetches nothing: an equal split, measured
                 iollm("model", "fetch", model, "--home", net.home(w))
                 iollm("dataset", "fetch", data, "--home", net.home(w))
+            # Every daemon's warm task parent (node/jobs/warmchild.py) is started now, by
+            # one small task child each (a throwaway `model init`), unthrottled: it starts
+            # once per daemon, and round 0 would otherwise pay the throttled worker's start
+            # (seconds of CPU importing torch, minutes at its quota) and pass for slow.
+            for name in ["bootstrap", *workers]:
+                iollm("model", "init", "--size", "tiny", "--name", "warm-up", "--home",
+                      net.home(name))
             slow = workers[-1]
-            with (cpu_quota(net.nodes[slow]["pid"], throttle) if throttle
-                  else contextlib.nullcontext("unthrottled")) as how:
-                log(f"(b) {how}")
-                jid = net.api("bootstrap", "POST", "/v1/jobs/submit",
-                              {"spec": job_toml(recipe, model, data)})["job"]
-                status = wait_job(net, jid)
+            meter = CpuMeter({w: net.nodes[w]["pid"] for w in workers})
+            try:
+                with (cpu_quota(net.nodes[slow]["pid"], throttle) if throttle
+                      else contextlib.nullcontext("unthrottled")) as how:
+                    log(f"(b) {how}")
+                    jid = net.api("bootstrap", "POST", "/v1/jobs/submit",
+                                  {"spec": job_toml(recipe, model, data)})["job"]
+                    status = wait_job(net, jid, lambda _: meter.sample())
+            finally:
+                meter.close()
             final = root / "final"
             iollm("model", "fetch", status["base"], "--out", str(final), "--home", boot)
             _, final_state = gpt.load_model(final)
@@ -185,7 +259,16 @@ def run_process_job(recipe: Recipe, config: gpt.GPTConfig, base: dict[str, torch
         steps=[{t["worker"][-6:]: t.get("steps") for t in rd["tasks"]} for rd in rounds],
         tokens_per_s=[{w[-6:]: row.get("tokens_per_s") for w, row in rd["workers"].items()}
                       for rd in rounds],
-        heldout=[rd.get("heldout_after") for rd in rounds])
+        heldout=[rd.get("heldout_after") for rd in rounds],
+        fit=[{w[-6:]: [None if row.get("overhead_s") is None else round(row["overhead_s"], 1),
+                       None if row.get("fit_tokens_per_s") is None
+                       else round(row["fit_tokens_per_s"])]
+              for w, row in rd["workers"].items()} for rd in rounds],
+        left_out=[[w[-6:] for w in rd.get("left_out", [])] for rd in rounds],
+        rejected=[[f"{t['worker'][-6:]}: {t.get('reason')}" for t in rd["tasks"]
+                   if t["verdict"] != "accepted"] for rd in rounds],
+        cpu_share=[_named(meter.share(rd["offered_ms"] / 1000, rd["trained_ms"] / 1000),
+                          peers) for rd in rounds])
     tasks = sum(len(rd["tasks"]) for rd in rounds)
     rejected = sum(t["verdict"] != "accepted" for rd in rounds for t in rd["tasks"])
     per_delta = gpt.n_params(base) // 2 + 1  # int4: about half a byte a parameter
@@ -203,6 +286,12 @@ def run_process_job(recipe: Recipe, config: gpt.GPTConfig, base: dict[str, torch
                  "heldout_after": rd.get("heldout_after"), "check_s": rd.get("check_s"),
                  "train_loss": [t.get("last_loss") for t in rd["tasks"]],
                  "heldout_gain": [], "own_excess": None, "max_cosine": []} for rd in rounds])
+
+
+def _named(share: dict[str, float] | None, peers: dict[str, str]
+           ) -> dict[str, float] | None:
+    """A per-node figure keyed as the other per-round figures are: a peer id's tail."""
+    return None if share is None else {peers[n][-6:]: round(v, 3) for n, v in share.items()}
 
 
 def measure_throttled(args: Any) -> dict[str, Any]:
@@ -326,6 +415,9 @@ def report(name: str, figures: dict[str, Any]) -> list[str]:
             print(f"  steps per round {f['steps']}")
             rates = [{k: round(v or 0) for k, v in r.items()} for r in f["tokens_per_s"]]
             print(f"  tokens/s per worker {rates}")
+            print(f"  CPUs each worker's processes got in the train phase {f['cpu_share']}")
+            print(f"  fit after each round [overhead s, tokens/s] {f['fit']}; left out "
+                  f"{f['left_out']}; not accepted {f['rejected']}")
         print(f"quota of the throttled worker: {figures['quota']} CPU")
         print(f"throttled run: sized rounds (median) / round 0 (equal split) = "
               f"{figures['wall_ratio']:.2f}x (goal <= {GOAL_WALL_RATIO}x)")

@@ -166,3 +166,18 @@ def test_latest_of_each_lineage() -> None:
                 {"version": "r2", "parents": ["r1"]}, {"version": "other", "parents": []},
                 {"version": "fork", "parents": ["r1"]}]
     assert latest_of_lineage(versions) == {"r2", "other", "fork"}
+
+
+def test_the_status_shows_each_workers_fit_and_who_was_left_out() -> None:
+    rnd = finished_round()
+    rnd["workers"] = {W1: {"tokens_per_s": 1706.7, "overhead_s": 2.5,
+                           "fit_tokens_per_s": 2000.0, "claimed_tflops": 1000.0},
+                      W2: {"tokens_per_s": None, "overhead_s": None,
+                           "fit_tokens_per_s": None, "claimed_tflops": None}}
+    rnd["left_out"] = [W2]
+    lines = format_status(status([rnd], None, "done")).splitlines()
+    w1 = next(ln for ln in lines if "tokens/s measured" in ln and "1707" in ln)
+    assert "(fit: 2.5 s a task + 2000 tokens/s), 1000 TFLOP/s claimed" in w1
+    assert any("? tokens/s measured, ? TFLOP/s claimed" in ln for ln in lines)
+    assert any(ln.strip().startswith("left out (fixed cost beyond the round):")
+               for ln in lines)

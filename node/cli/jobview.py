@@ -94,8 +94,14 @@ def format_status(s: dict[str, Any], *, checks: bool = False) -> str:
         for peer, w in sorted((r.get("workers") or {}).items()):  # measured vs claimed
             rate = "?" if w.get("tokens_per_s") is None else f"{w['tokens_per_s']:.0f}"
             claim = "?" if w.get("claimed_tflops") is None else f"{w['claimed_tflops']:g}"
-            lines.append(f"      {short_peer(peer):<18} {rate} tokens/s measured, "
+            fitted = ("" if w.get("overhead_s") is None or w.get("fit_tokens_per_s") is None
+                      else f" (fit: {w['overhead_s']:.1f} s a task + "
+                           f"{w['fit_tokens_per_s']:.0f} tokens/s)")
+            lines.append(f"      {short_peer(peer):<18} {rate} tokens/s measured{fitted}, "
                          f"{claim} TFLOP/s claimed")
+        if r.get("left_out"):  # specs/jobs.md, "Sizing a round"
+            lines.append("      left out (fixed cost beyond the round): "
+                         + ", ".join(short_peer(p) for p in r["left_out"]))
     if s.get("live"):
         lines += live_lines(s["live"], spec["rounds"], tty=False, now_ms=None)
     lines.append(f"version     {s['base']}")

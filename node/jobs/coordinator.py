@@ -86,7 +86,7 @@ from protocol.jobs import (
     update_version_name,
 )
 from protocol.ledger import RoundRecord
-from protocol.scheduling import Rate, observe, size_round, slots_of
+from protocol.scheduling import Sample, fit, record, size_round, slots_of
 from protocol.smip import id_hex
 
 log = logging.getLogger(__name__)
@@ -360,20 +360,36 @@ class Jobs:
         started = self.clock_ms()
         train_len = spec.train_split(dataset.manifest.total_size)
         workers = await self._wait_for_workers(job)
-        # Each task sized to the worker slot it is meant for, by the rates measured on
-        # this job's accepted tasks (protocol/scheduling.py): the round's tasks finish
-        # together. The rates are the state's as saved at the last round's end, so a
+        # Each task sized to the worker slot it is meant for, by the times measured on
+        # this job's accepted tasks (protocol/scheduling.py): the round's tasks end
+        # together, and a worker whose fixed cost alone would make the round wait is left
+        # out of it. The book is the state's as saved at the last round's end, so a
         # resumed round is sized as it was.
-        measured = {p: Rate(v["tokens_per_s"], v["tasks"])
-                    for p, v in (state.get("throughput") or {}).items()}
-        sized = size_round(workers, measured, n_tasks=spec.workers_per_round,
-                           inner_steps=spec.inner_steps)
+        book = state.setdefault("throughput", {})
+        measured = {p: [Sample(*s) for s in v.get("samples", ())] for p, v in book.items()}
+        plan = size_round(workers, measured, n_tasks=spec.workers_per_round,
+                          inner_steps=spec.inner_steps,
+                          tokens_per_step=spec.batch_size * spec.seq_len,
+                          out_rounds={p: v.get("out", 0) for p, v in book.items()})
+        # A worker is out when none of its slots got a task; it still takes a task whose
+        # worker is gone (the round's machine offers it to any candidate).
+        sized = plan.tasks
+        working = {s.worker for s in sized}
+        left_out = sorted({w for w, _ in plan.left_out} - working)
+        for w in working:
+            book.setdefault(w, {})["out"] = 0
+        for w in left_out:
+            book.setdefault(w, {})["out"] = book[w].get("out", 0) + 1
         tasks = plan_round(job_seed=spec.seed, round_=r, rounds=spec.rounds,
-                           n_tasks=spec.workers_per_round, train_len=train_len,
+                           n_tasks=len(sized), train_len=train_len,
                            min_slice=spec.seq_len + 2, steps=[s.steps for s in sized],
                            first_round=spec.first_round)
-        log.info("job %s round %d: %d tasks (steps %s), %d candidate workers", jid[:16], r,
-                 len(tasks), ",".join(str(s.steps) for s in sized), len(workers))
+        log.info("job %s round %d: %d tasks (steps %s), %d candidate workers%s%s", jid[:16],
+                 r, len(tasks), ",".join(str(s.steps) for s in sized), len(workers),
+                 f", {len(left_out)} left out ({', '.join(w[-6:] for w in left_out)})"
+                 if left_out else "",
+                 f", predicted to end in {float(plan.target_ms) / 1000:.1f} s"
+                 if any(measured.values()) else "")
         machine = RoundMachine(tasks, workers,
                                offer_timeout_ms=int(self.tunables.offer_timeout_s * 1000),
                                task_timeout_ms=int(spec.task_timeout_s * 1000),
@@ -515,7 +531,8 @@ class Jobs:
             "reexec_s": check.get("reexec_wall_s"), "reexec": check.get("reexec", 0),
             "train_s": sum(t.get("wall_ms", 0) for t in records.values()) / 1000,
             "tasks": [records[t] for t in sorted(records)], "accepted": len(accepted),
-            "receipts": receipt_ids, "workers": self._throughput_record(state, records)}
+            "receipts": receipt_ids, "workers": self._throughput_record(state, records),
+            "left_out": left_out}
         live["phase"] = "merging"
         if accepted:
             await self._outer(jid, job, state, dataset, job_dir, accepted, record, weights)
@@ -530,21 +547,20 @@ class Jobs:
 
     def _measure(self, state: dict[str, Any], worker: str, tokens: int,
                  elapsed: int | None) -> None:
-        """One more accepted task of ``worker``: its rate in the job's state (saved with
+        """One more accepted task of ``worker``: its samples in the job's state (saved with
         the round, so a resumed job sizes its rounds as before)."""
         if elapsed is None or tokens < 1:
             return
-        book = state.setdefault("throughput", {})
-        old = book.get(worker)
-        rate = observe(Rate(old["tokens_per_s"], old["tasks"]) if old else None, tokens,
-                       elapsed)
-        book[worker] = {"tokens_per_s": rate.tokens_per_s, "tasks": rate.tasks}
+        row = state.setdefault("throughput", {}).setdefault(worker, {})
+        samples = record([Sample(*s) for s in row.get("samples", ())], tokens, elapsed)
+        row["samples"] = [[s.tokens, s.elapsed_ms] for s in samples]
 
     def _throughput_record(self, state: dict[str, Any], records: dict[str, Any]
                            ) -> dict[str, Any]:
         """Per worker of the round: what it was given and delivered (steps, tokens, the
-        tokens per second this round, as measured here), its rate estimate after the
-        round, beside the TFLOP/s its capability record claims (never used for sizing)."""
+        tokens per second this round, as measured here), its fitted time per task after
+        the round (``overhead_s`` plus tokens at ``fit_tokens_per_s``), beside the TFLOP/s
+        its capability record claims (never used for sizing)."""
         out: dict[str, Any] = {}
         for t in records.values():
             w = t.get("worker")
@@ -560,7 +576,10 @@ class Jobs:
         for w, row in out.items():
             row["tokens_per_s"] = (row["tokens"] * 1000 / row["elapsed_ms"]
                                    if row["elapsed_ms"] else None)
-            row["estimate"] = (state.get("throughput") or {}).get(w, {}).get("tokens_per_s")
+            samples = (state.get("throughput") or {}).get(w, {}).get("samples", ())
+            model = fit([Sample(*s) for s in samples])
+            row["overhead_s"] = None if model is None else float(model.overhead_ms) / 1000
+            row["fit_tokens_per_s"] = None if model is None else model.tokens_per_s
         return out
 
     def _answer(self, pending: dict[tuple[str, str], _Pending], tid: str, worker: str,
