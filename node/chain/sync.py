@@ -34,14 +34,6 @@ from protocol.ledger import Block, block_id
 
 log = logging.getLogger(__name__)
 
-# A validator that hears of the very next block waits this long (seconds) for its own
-# consensus to finish that block before it syncs it: every validator announces each block
-# as it makes it final, and the others, a few milliseconds behind on the same block,
-# each opened a sync and took the megabyte block they were about to finish themselves.
-# A validator that missed the block hears of the one after it from consensus, and syncs
-# at once (node/chain/consensus.py).
-NEXT_BLOCK_GRACE_S = 1.0
-
 
 
 class BlockSync:
@@ -55,7 +47,6 @@ class BlockSync:
         self.max_frame = max_proposal_bytes + BLOCK_FRAME_OVERHEAD
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
-        self._validator = False
 
     async def run(self, subscription: Any, *, announce: bool,
                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -63,7 +54,7 @@ class BlockSync:
         this node's own at every final block and every ``head_every_s``."""
         self.net.serve(BLOCKS_PROTOCOL, self._serve, MAX_SYNC_REQUEST_BYTES)
         async with trio.open_nursery() as nursery:
-            self._nursery, self._validator = nursery, announce
+            self._nursery = nursery
             nursery.start_soon(self._receive_heads, subscription)
             if announce:
                 nursery.start_soon(self._announce)
@@ -99,19 +90,9 @@ class BlockSync:
                 head = Head.decode(message.data)
             except RemoteProtocolError:
                 continue
-            if (head.chain_id != self.state.genesis.chain_id
-                    or head.height <= self.state.ledger.height):
-                continue
-            if self._validator and head.height == self.state.ledger.height + 1:
-                if self._nursery is not None:
-                    self._nursery.start_soon(self._behind_unless_made, message.from_peer,
-                                             head.height)
-            else:
+            if (head.chain_id == self.state.genesis.chain_id
+                    and head.height > self.state.ledger.height):
                 self.behind(message.from_peer)
-
-    async def _behind_unless_made(self, peer: Any, height: int) -> None:
-        if not await self.state.wait_height(height, NEXT_BLOCK_GRACE_S):
-            self.behind(peer)
 
     async def _sync_from(self, peer: PeerId) -> None:
         """Take blocks from ``peer`` until it has no more: each one only after its
