@@ -5,8 +5,8 @@
 Two hosts in this process (py-libp2p, Noise, Yamux over 127.0.0.1). One writes what a
 validator writes on its validator streams (node/chain/links.py), one frame per message
 with ``write_frame``: tx batches of 150 receipts (856 bytes each, as the chain benchmark
-sends them), a proposal of 600 of them, and votes, in that mix, until ``--mib`` MiB have
-gone; the other reads them, (a) frame by frame with ``read_frame`` (the baseline: what the
+sends them), a proposal of 600 of them, and votes, in that mix, PACE_S apart, until
+``--mib`` MiB have gone; the other reads them, (a) frame by frame with ``read_frame`` (the baseline: what the
 validator streams did before) or (b) through ``FrameReader``. Both sides run in this
 process, so its CPU time is the cost of moving those bytes, sender and receiver together,
 whatever else runs on the machine. Rounds alternate (a), (b); the medians count.
@@ -26,6 +26,7 @@ GOAL_RATIO = 0.9
 RECEIPT = 856
 MESSAGES = [b"t" * (150 * RECEIPT + 16), b"p" * (600 * RECEIPT + 400), b"v" * 300, b"v" * 300]
 PROTOCOL = "/iollm/bench-frames/1.0.0"
+PACE_S = 0.002
 
 
 def one_run(mib: float, reader_kind: str) -> tuple[float, float]:
@@ -70,6 +71,9 @@ def one_run(mib: float, reader_kind: str) -> tuple[float, float]:
                     message = MESSAGES[i % len(MESSAGES)]
                     await write_frame(stream, message, 30)
                     sent += len(message)
+                    # Messages come apart in time on a validator stream: the reader has
+                    # taken the last one when the next begins.
+                    await trio.sleep(PACE_S)
                     i += 1
                 await done.wait()
                 out["cpu"] = time.process_time() - cpu0
