@@ -6,10 +6,11 @@ Two hosts in this process (py-libp2p, Noise, Yamux over 127.0.0.1). One writes w
 validator writes on its validator streams (node/chain/links.py), one frame per message
 with ``write_frame``: tx batches of 150 receipts (856 bytes each, as the chain benchmark
 sends them), a proposal of 600 of them, and votes, in that mix, PACE_S apart, until
-``--mib`` MiB have gone; the other reads them, (a) frame by frame with ``read_frame`` (the baseline: what the
-validator streams did before) or (b) through ``FrameReader``. Both sides run in this
-process, so its CPU time is the cost of moving those bytes, sender and receiver together,
-whatever else runs on the machine. Rounds alternate (a), (b); the medians count.
+``--mib`` MiB have gone; the other reads them, (a) frame by frame with ``read_frame``
+(the baseline: what the validator streams did before) or (b) through ``FrameReader``.
+Both sides run in this process, so its CPU time is the cost of moving those bytes,
+sender and receiver together, whatever else runs on the machine. Rounds alternate (a),
+(b); the medians count.
 
 Goal (exit 1 when missed): (b) costs at most GOAL_RATIO of (a)'s CPU per MiB.
 """
