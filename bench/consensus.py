@@ -3,6 +3,7 @@ overload, four validators.
 
     .venv/bin/python bench/consensus.py [--loads 1,3] [--seconds 30] [--warmup 10]
                                         [--block-interval-ms 100] [--dir DIR] [--keep]
+                                        [--capacity N]   (A/B: loads x N receipts/s)
 
 In one run, all on 127.0.0.1:
   (a) baseline: how many receipts one process checks per second here (``check_tx``: the
