@@ -3,6 +3,7 @@ overload, four validators.
 
     .venv/bin/python bench/consensus.py [--loads 1,3] [--seconds 30] [--warmup 10]
                                         [--block-interval-ms 100] [--dir DIR] [--keep]
+                                        [--capacity N]   (A/B: loads x N receipts/s)
 
 In one run, all on 127.0.0.1:
   (a) baseline: how many receipts one process checks per second here (``check_tx``: the
@@ -319,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
         checks, cpu_checks = [m[0] for m in measured], [m[1] for m in measured]
         goal = GOAL_RATIO * statistics.median(checks)
         log(f"    {', '.join(f'{c:.0f}' for c in checks)} /s; goal capacity {goal:.0f} /s")
-        rates = [load * goal for load in loads]
+        rates = [load * (args.capacity or goal) for load in loads]
         counts = [int(r * (args.warmup + args.seconds)) + 1 for r in rates]
         log(f"generating {sum(counts)} signed receipts")
         t0 = time.monotonic()
@@ -416,6 +417,10 @@ def main() -> int:
     p.add_argument("--loads", default="1,3",
                    help="offered loads, in multiples of the goal capacity (GOAL_RATIO x the "
                         "check baseline), one phase each (default 1,3)")
+    p.add_argument("--capacity", type=float, default=0.0,
+                   help="offer --loads as multiples of this many receipts/s instead of the "
+                        "goal capacity (for A/B runs on a shared machine, where (a) by wall "
+                        "time moves with the other load; the goals are unchanged)")
     p.add_argument("--seconds", type=float, default=30.0, help="measured window (s)")
     p.add_argument("--warmup", type=float, default=10.0, help="load before the window (s)")
     p.add_argument("--block-interval-ms", type=int, default=100,

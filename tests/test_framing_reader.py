@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from node.p2p.framing import (
     BULK_WRITE_BYTES,
@@ -94,6 +95,42 @@ def test_stalled_stream_times_out() -> None:
         assert not isinstance(stalled.value, FrameEnded)
 
     trio.run(main)
+
+
+def test_a_begun_frame_has_the_body_deadline_not_the_idle_one() -> None:
+    """A peer may idle long between frames, but a frame begun and then stalled is dropped
+    at ``body_timeout(length)``, not held until the idle deadline (its buffer is memory);
+    on a MockClock, so the deadlines are exact."""
+
+    class HalfSent:
+        def __init__(self) -> None:
+            self.sent = False
+
+        async def read(self, n: int) -> bytes:
+            if not self.sent:
+                self.sent = True
+                await trio.sleep(50)  # idle for a while: within the idle deadline
+                return frames(b"x" * 1000)[:600]
+            await trio.sleep_forever()
+            raise AssertionError
+
+    lengths: list[int] = []
+
+    def body_timeout(length: int) -> float:
+        lengths.append(length)
+        return 2.0
+
+    async def main() -> None:
+        start = trio.current_time()
+        with pytest.raises(FrameError, match="within"):
+            await FrameReader(HalfSent()).read_frame(4096, 100, body_timeout=body_timeout)
+        assert trio.current_time() - start == pytest.approx(52.0)
+        assert lengths == [1000]
+        # A frame that does complete in time is unaffected.
+        reader = FrameReader(ScriptedStream([frames(b"y" * 10)]))
+        assert await reader.read_frame(4096, 100, body_timeout=body_timeout) == b"y" * 10
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_write_bulk_cuts_into_one_noise_message_per_yamux_frame() -> None:

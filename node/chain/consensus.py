@@ -17,7 +17,7 @@ from nacl.signing import SigningKey
 
 from node.chain.links import ValidatorLinks
 from node.chain.network import publish
-from node.chain.state import ChainState
+from node.chain.state import ChainState, Validated
 from node.config import ChainSection
 from node.drive import Timers, drive
 from node.p2p import P2P, PeerId
@@ -33,7 +33,7 @@ from protocol.consensus import (
 )
 from protocol.errors import RemoteProtocolError
 from protocol.genesis import Genesis
-from protocol.ledger import Block, Ledger, block_id
+from protocol.ledger import Block, block_id
 from protocol.txs import votes_payload
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class Consensus:
         self.tunables = tunables
         self.machine: Machine | None = None
         self.evidence_seen: set[tuple[str, str]] = set()
-        self._validated: dict[bytes, Ledger] = {}  # block id -> ledger after it, this height
+        self._validated: dict[bytes, Validated] = {}  # by block id, this height
         self._future: list[tuple[str, bytes]] = []  # messages of the next height
         self._timers: Timers[tuple[str, int, int]] = Timers()
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](tunables.inbox)
@@ -251,9 +251,10 @@ class Consensus:
             block = Block.decode(data, state.genesis.max_block_bytes)
             if block.time_ms > state.clock_ms() + MAX_CLOCK_DRIFT_MS:
                 raise RemoteProtocolError("future", f"block time {block.time_ms} is ahead")
-            after = state.ledger.apply_block(block, [state.check(t) for t in block.txs])
+            checked = [state.check(t) for t in block.txs]
+            after = state.ledger.apply_block(block, checked)
         except RemoteProtocolError as exc:
             log.info("proposed block refused: %s", exc)
             return False
-        self._validated[bid] = after
+        self._validated[bid] = Validated(block, after, tuple(c.id for c in checked))
         return True

@@ -24,7 +24,7 @@ from node.chain.network import CONSENSUS_PROTOCOL, open_to
 from node.config import ChainSection
 from node.discovery.service import Discovery
 from node.p2p import P2P, PeerId, PeerInfo
-from node.p2p.framing import read_frame, reset_quietly, write_frame
+from node.p2p.framing import FrameReader, reset_quietly, write_frame
 from node.p2p.host import parse_multiaddr
 from protocol.chainwire import STREAM_KINDS, TXS_KIND, ConsensusFrame
 
@@ -128,12 +128,16 @@ class ValidatorLinks:
             log.debug("consensus stream from %s refused: not a validator", sender)
             await reset_quietly(stream)
             return
+        # One read takes all the muxer holds: a frame read piece by piece costs a read
+        # (two locks and a yamux window update, which the sender must decrypt and
+        # handle) per piece, and these streams carry a tx batch or a proposal a block.
+        reader = FrameReader(stream)
         try:
             while True:
                 frame = ConsensusFrame.decode(
-                    await read_frame(stream, self.max_frame,
-                                     self.tunables.direct_idle_timeout_s,
-                                     body_timeout=self.frame_body_deadline),
+                    await reader.read_frame(self.max_frame,
+                                            self.tunables.direct_idle_timeout_s,
+                                            body_timeout=self.frame_body_deadline),
                     self.max_frame, STREAM_KINDS)
                 if frame.kind == TXS_KIND:
                     await self.take_txs(frame.data, sender)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import trio
 
@@ -15,7 +16,7 @@ from node.storage import Storage
 from protocol import mempool
 from protocol.errors import RemoteProtocolError
 from protocol.genesis import Genesis
-from protocol.ledger import Block, CheckedTx, Ledger, block_id, check_tx
+from protocol.ledger import Block, CheckedTx, Ledger, check_tx
 from protocol.ledger import tx_id as ledger_tx_id
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,16 @@ class Mempool(mempool.Mempool):
         super().drop(tx_ids)
         if not len(self) and self.arrived.is_set():
             self.arrived = trio.Event()
+
+
+@dataclass(frozen=True)
+class Validated:
+    """A block that applies on the current ledger: the block, the ledger after it, and
+    its txs' ids (what :meth:`ChainState.commit` would otherwise decode and hash again)."""
+
+    block: Block
+    after: Ledger
+    tx_ids: tuple[bytes, ...]
 
 
 class ChainState:
@@ -96,17 +107,22 @@ class ChainState:
         """Whether ``tx_id`` is in a recent final block (the in-memory index only)."""
         return tx_id in self._final
 
-    async def commit(self, data: bytes, commit: bytes, after: Ledger | None) -> bool:
+    async def commit(self, data: bytes, commit: bytes, validated: Validated | None) -> bool:
         """Store a final block and move the ledger on; whether this call did. Consensus
-        and sync may both bring one height: the first to store it wins. ``after`` is the
-        ledger after the block when the caller has it already (a validated proposal)."""
-        block = Block.decode(data, self.genesis.max_block_bytes)
-        if block.height != self.ledger.height + 1:
-            return False
-        if after is None:
-            after = self.ledger.apply_block(block, [self.check(t) for t in block.txs])
-        bid = block_id(data)
-        tx_ids = [self.check(t).id for t in block.txs]
+        and sync may both bring one height: the first to store it wins. ``validated``:
+        what validating ``data`` gave when the caller has it already (a proposal)."""
+        if validated is None:
+            block = Block.decode(data, self.genesis.max_block_bytes)
+            if block.height != self.ledger.height + 1:
+                return False
+            checked = [self.check(t) for t in block.txs]
+            after = self.ledger.apply_block(block, checked)
+            tx_ids = tuple(c.id for c in checked)
+        else:
+            block, after, tx_ids = validated.block, validated.after, validated.tx_ids
+            if block.height != self.ledger.height + 1:
+                return False
+        bid = block.id
         if not await self.storage.put_block(block.height, bid.hex(), data, commit,
                                             [t.hex() for t in tx_ids]):
             return False

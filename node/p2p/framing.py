@@ -170,13 +170,17 @@ class FrameReader:
         self._available -= n
         return b"".join(parts)
 
-    async def read_frame(self, max_bytes: int, timeout: float) -> bytes:
-        """One frame of at most ``max_bytes`` within ``timeout`` seconds."""
+    async def read_frame(self, max_bytes: int, timeout: float, *,
+                         body_timeout: Callable[[int], float] | None = None) -> bytes:
+        """One frame of at most ``max_bytes`` within ``timeout`` seconds; ``body_timeout``
+        as in :func:`read_frame` (``timeout`` then bounds the wait for the header)."""
         with trio.move_on_after(timeout) as scope:
             await self._fill(FRAME_HEADER.size)
             (length,) = FRAME_HEADER.unpack(self._take(FRAME_HEADER.size))
             if length > max_bytes:
                 raise FrameError(f"frame of {length} bytes exceeds the {max_bytes}-byte limit")
+            if body_timeout is not None:
+                scope.deadline = trio.current_time() + body_timeout(length)
             await self._fill(length)
             return self._take(length) if length else b""
         assert scope.cancelled_caught
