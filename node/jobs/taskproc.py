@@ -22,7 +22,8 @@ Ops (fields without a default are required):
              "slice_len": n, "seed": k, "steps": H, "batch_size": B, "seq_len": T, "lr": x,
              "warmup": 0, "lr_end": null, "device": "cpu"|"cuda"|"auto", "threads": 1,
              "delta_bits": 8|4, "out_dir": O, optional: "micro_batch": m, "compile": false,
-             "grad_checkpointing": false, "micro_batch_cache": DIR, "token_cache": DIR}
+             "grad_checkpointing": false, "micro_batch_cache": DIR, "token_cache": DIR,
+             "memory": "standard"|"lean" (the job's train.memory)}
             -> O/delta.safetensors (int8; int4 with "delta_bits": 4); {"first_loss",
                "last_loss", "tokens", "wall_s", "delta": path, "delta_bytes": size,
                "device": device used, "micro_batch", "precision": fp32|bf16|fp16}
@@ -77,7 +78,7 @@ from safetensors.torch import load_file, save
 
 from node.ml import corpus, device, gpt, hf, models, tokens, trainer
 from protocol import checking
-from protocol.jobspec import DELTA_BITS
+from protocol.jobspec import DELTA_BITS, MEMORY_MODES
 
 __all__ = ["OPS", "RequestError", "answer", "handle", "main"]
 
@@ -329,7 +330,16 @@ def train_args(req: dict[str, Any]) -> dict[str, Any]:
         "lr": field(req, "lr", float),
         "warmup": int_field(req, "warmup", 0, 0),
         "lr_end": None if lr_end is None else float(lr_end),
+        "memory": memory_mode(req),
     }
+
+
+def memory_mode(req: dict[str, Any]) -> str:
+    """The job's train.memory (training maths, so a re-execution must use the same)."""
+    mode = field(req, "memory", str, "standard")
+    if mode not in MEMORY_MODES:
+        raise RequestError(f"memory: one of {', '.join(MEMORY_MODES)}, got {mode!r}")
+    return mode
 
 
 def delta_bits(req: dict[str, Any]) -> int:
@@ -368,7 +378,8 @@ def run_training(config: models.Config, base: dict[str, torch.Tensor], data: Dat
         return trainer.train_task(
             config, base, data.tokens, start, length, a.pop("seed"),
             a.pop("steps"), a.pop("batch_size"), a.pop("seq_len"), a.pop("lr"), dev,
-            warmup=a.pop("warmup"), lr_end=a.pop("lr_end"), on_step=on_step, **run_opts)
+            warmup=a.pop("warmup"), lr_end=a.pop("lr_end"), memory=a.pop("memory"),
+            on_step=on_step, **run_opts)
     except ValueError as e:
         raise RequestError(f"{what}: {e}") from None
 

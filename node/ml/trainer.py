@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,7 +47,7 @@ import torch
 from torch import Tensor
 
 from node.ml import device as devmod
-from node.ml import models
+from node.ml import leanopt, models
 
 __all__ = [
     "ADAM_BETAS",
@@ -167,7 +168,7 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
                on_step: Callable[[int, Tensor], None] | None = None,
                micro_batch: int | None = None, compile_model: bool = False,
                grad_checkpointing: bool = False,
-               micro_batch_cache: Any = None) -> TaskOutput:
+               micro_batch_cache: Any = None, memory: str = "standard") -> TaskOutput:
     """Train ``steps`` AdamW steps from ``base_state`` on windows drawn (torch.Generator
     seeded by ``seed``) from [slice_start, slice_start + slice_len) and return the delta.
 
@@ -178,6 +179,11 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
     a gradient scaler where it has only fp16, fp32 on the CPU. ``compile_model`` runs the
     model through torch.compile; ``grad_checkpointing`` recomputes a Hugging Face model's
     activations in the backward pass (less memory, about a third more compute).
+
+    ``memory`` (the job spec's ``train.memory``): "standard" is AdamW with a global
+    gradient-norm clip; "lean" steps each parameter inside the backward pass with bf16
+    moments and a per-tensor clip (node/ml/leanopt.py): about half the memory, different
+    maths, so a re-execution must use the same mode.
 
     Deterministic on the CPU: the same inputs, micro-batch and thread count give a
     bit-identical delta. Across thread counts (a different reduction order in matmuls)
@@ -191,11 +197,18 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
         raise ValueError(f"seq_len {seq_len} outside 1..{models.block_size(config)}")
     if micro_batch is not None and not 1 <= micro_batch <= batch_size:
         raise ValueError(f"micro_batch {micro_batch} outside 1..{batch_size}")
+    if memory not in leanopt.MEMORY_MODES:
+        raise ValueError(f"memory {memory!r}: one of {', '.join(leanopt.MEMORY_MODES)}")
     data = _as_numpy(tokens)
     lo, hi = _window_range(slice_start, slice_len, seq_len, len(data))
     gen = torch.Generator().manual_seed(int(seed))
     devmod.setup(device)
     prec = devmod.precision(device)
+    lean = memory == "lean"
+    if lean and prec.scaler:
+        # fp16's loss scaler skips a whole step on an overflow, which a step already
+        # half taken inside the backward pass cannot do.
+        raise ValueError(f"memory 'lean' needs bf16 or fp32 training; {device} has fp16 only")
     with _determinism(device):
         torch.manual_seed(int(seed))  # dropout, if a config has any
         model = models.build(config, base_state, device)
@@ -210,10 +223,16 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
         params = models.named_parameters(model)
         decay = [p for p in params.values() if p.dim() >= 2]
         no_decay = [p for p in params.values() if p.dim() < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": WEIGHT_DECAY},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, **devmod.adamw_kwargs(device))
+        opt: torch.optim.AdamW | None = None
+        lean_opt: leanopt.LeanAdamW | None = None
+        if lean:
+            lean_opt = leanopt.LeanAdamW(params, betas=ADAM_BETAS, eps=ADAM_EPS,
+                                         weight_decay=WEIGHT_DECAY, clip=GRAD_CLIP)
+        else:
+            opt = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": WEIGHT_DECAY},
+                 {"params": no_decay, "weight_decay": 0.0}],
+                lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, **devmod.adamw_kwargs(device))
         scaler = torch.amp.GradScaler(device.split(":")[0]) if prec.scaler else None
 
         def trial(m: int) -> None:
@@ -233,19 +252,28 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
         losses: list[Tensor] = []
         first = math.nan
         for step in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, lr, warmup, lr_end)
+            step_lr = lr_at(step, steps, lr, warmup, lr_end)
             starts = torch.randint(lo, hi + 1, (batch_size,), generator=gen)
-            opt.zero_grad(set_to_none=True)
-            loss = _accumulate(run, data, starts, seq_len, device, prec, micro_batch, scaler)
-            if scaler is not None:
-                scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(list(params.values()), GRAD_CLIP, foreach=False)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
+            if lean_opt is not None:
+                # The step happens inside the last micro-batch's backward pass.
+                loss = _accumulate(run, data, starts, seq_len, device, prec, micro_batch,
+                                   None, before_last=functools.partial(lean_opt.arm, step_lr))
+                lean_opt.disarm()
             else:
-                opt.step()
+                assert opt is not None
+                for group in opt.param_groups:
+                    group["lr"] = step_lr
+                opt.zero_grad(set_to_none=True)
+                loss = _accumulate(run, data, starts, seq_len, device, prec, micro_batch,
+                                   scaler)
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(list(params.values()), GRAD_CLIP, foreach=False)
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
             if step == 0:
                 first = float(loss)  # a device sync point, once
             if step >= steps - tail:
@@ -253,7 +281,11 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
             if on_step is not None:
                 on_step(step, loss)
         last = float(torch.stack(losses).mean())  # one sync for the tail
-        opt.state.clear()  # AdamW's state (twice the weights) goes before the delta is made
+        # AdamW's state (twice the weights, or once in bf16) goes before the delta is made.
+        if opt is not None:
+            opt.state.clear()
+        if lean_opt is not None:
+            lean_opt.close()
         model.zero_grad(set_to_none=True)
         delta: State = {}
         for name, p in params.items():
@@ -268,10 +300,12 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
 
 def _accumulate(run: Callable[..., tuple[Tensor, Tensor | None]], data: np.ndarray,
                 starts: Tensor, seq_len: int, device: str, prec: devmod.Precision,
-                micro: int, scaler: Any) -> Tensor:
+                micro: int, scaler: Any,
+                before_last: Callable[[], None] | None = None) -> Tensor:
     """Forward and backward passes over ``starts`` in chunks of ``micro``: each chunk's
     mean loss weighted by its share of the batch, so the gradients add up to those of
-    the batch's mean loss. Returns that mean loss (detached)."""
+    the batch's mean loss. Returns that mean loss (detached). ``before_last`` is called
+    just before the last chunk's backward pass (the lean mode steps inside it)."""
     total = len(starts)
     out = torch.zeros((), device=device)
     for i in range(0, total, micro):
@@ -281,6 +315,8 @@ def _accumulate(run: Callable[..., tuple[Tensor, Tensor | None]], data: np.ndarr
             _, loss = run(x, y)
         assert loss is not None
         scaled = loss if len(part) == total else loss * (len(part) / total)
+        if before_last is not None and i + micro >= total:
+            before_last()
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         out = out + scaled.detach()
     return out
