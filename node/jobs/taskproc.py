@@ -76,7 +76,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from node.ml import corpus, device, gpt, hf, models, tokens, trainer
+from node.ml import corpus, device, gpt, heap, hf, models, tokens, trainer
 from protocol import checking
 from protocol.jobspec import DELTA_BITS, MEMORY_MODES
 
@@ -634,6 +634,7 @@ def peak_rss_bytes() -> int:
 def main(raw: bytes | None = None) -> int:
     """Answer one request (read from stdin unless given: a warm child gets it as an
     argument, node/jobs/warmchild.py) on stdout; the exit code."""
+    heap.large_blocks_mapped()  # freed tensors go back to the system (node/ml/heap.py)
     if raw is None:
         raw = sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1)
     code, obj = answer(raw)

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from node.ml import device as devmod
-from node.ml import leanopt, models
+from node.ml import heap, leanopt, models
 
 __all__ = [
     "ADAM_BETAS",
@@ -215,6 +215,7 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
         release = getattr(base_state, "release", None)
         if release is not None:
             release()  # the base's pages are not needed until the delta is taken
+        heap.trim()  # the tokenizer's and the model build's garbage
         if grad_checkpointing and models.is_hf(config):
             model.inner.gradient_checkpointing_enable(  # type: ignore[union-attr,operator]
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -287,6 +288,8 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
         if lean_opt is not None:
             lean_opt.close()
         model.zero_grad(set_to_none=True)
+        del loss, losses
+        heap.trim()  # the freed state and activations, before the base's pages come in
         delta: State = {}
         for name, p in params.items():
             # One tensor at a time, in place where the weight is already an fp32 CPU
@@ -294,6 +297,8 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
             w = p.detach().to("cpu", torch.float32)
             delta[name] = w.sub_(base_state[name].to(torch.float32)).contiguous()
             p.data = torch.empty(0)
+            if release is not None:
+                release()  # the base's pages just read: a whole second copy otherwise
     return TaskOutput(delta=delta, first_loss=first, last_loss=last,
                       tokens_processed=steps * batch_size * seq_len, micro_batch=micro_batch)
 
