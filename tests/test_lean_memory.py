@@ -1,11 +1,14 @@
 """The lean memory mode (job spec train.memory = "lean", node/ml/leanopt.py): AdamW stepped
 inside the backward pass with bf16 moments. Its step is torch's AdamW, its gradients never
 coexist, it trains deterministically, and the checks' re-execution (which runs the job's
-mode) accepts an honest lean task and rejects a forged one."""
+mode) accepts an honest lean task and rejects a forged one. And the training child's
+fixed glibc mmap threshold (node/ml/heap.py) gives freed activations back."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ import torch
 from node.jobs import taskproc
 from node.ml import hf, leanopt, trainer
 
+ROOT = Path(__file__).resolve().parent.parent
 TEXT = ("def add(a, b):\n    return a + b\n\n" * 150
         + "class Point:\n    x: int = 0\n    y: int = 0\n\n" * 150).encode()
 TRAIN = {"slice_start": 0, "slice_len": 6000, "seed": 5, "steps": 4, "batch_size": 4,
@@ -138,3 +142,33 @@ def test_reexecution_accepts_honest_lean_and_rejects_forged(
     code, bad = taskproc.answer(json.dumps({"op": "train", **common, "memory": "low",
                                             "out_dir": str(tmp_path / "b")}).encode())
     assert code == 1 and bad["error"] == "memory: one of standard, lean, got 'low'"
+
+
+FRAGMENT = """
+import sys
+from node.ml import heap
+if sys.argv[1] == "mapped":
+    heap.large_blocks_mapped()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+b = bytearray(16 << 20); del b  # glibc now serves blocks up to 16 MiB from its heap
+base = rss()
+blocks, pins = [], []
+for _ in range(32):  # 64 MiB of activations, each followed by a small live allocation
+    blocks.append(bytearray(2 << 20))
+    pins.append(bytearray(4096))
+del blocks
+print((rss() - base) >> 20)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="Linux (glibc) only")
+def test_freed_blocks_go_back_to_the_system_with_the_fixed_threshold() -> None:
+    """What taskproc's heap.large_blocks_mapped() is for: without it, 64 MiB freed in the
+    middle of glibc's heap stay resident (the peak of a training step stacks on them)."""
+    held: dict[str, int] = {}
+    for mode in ("default", "mapped"):
+        out = subprocess.run([sys.executable, "-c", FRAGMENT, mode], capture_output=True,
+                             text=True, timeout=60, check=True, cwd=ROOT)
+        held[mode] = int(out.stdout)
+    assert held["default"] >= 48 and held["mapped"] <= 8, held
