@@ -451,20 +451,30 @@ def dequantize(q: Mapping[str, Tensor]) -> State:
     """fp32 tensors of an int8 file from :func:`quantize_int8`. ValueError on any malformed
     entry (a file from a peer is data, not trusted): missing or extra scales, wrong dtypes
     or shapes, non-finite scales."""
+    return dict(dequantized(q))
+
+
+def quantized_names(q: Mapping[str, Tensor]) -> list[str]:
+    """The tensors of a quantized file, sorted (ValueError on a scale or shape entry that
+    belongs to no tensor)."""
     names = [k for k in q if not k.endswith((SCALE_SUFFIX, SHAPE_SUFFIX))]
     extra = {k for k in q if k.endswith((SCALE_SUFFIX, SHAPE_SUFFIX))} - {
         k + suffix for k in names for suffix in (SCALE_SUFFIX, SHAPE_SUFFIX)}
     if extra:
         raise ValueError(f"{sorted(extra)[0]!r} has no tensor")
-    out: State = {}
-    for name in sorted(names):
+    return sorted(names)
+
+
+def dequantized(q: Mapping[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """:func:`dequantize` one tensor at a time, by name: only one fp32 tensor need exist."""
+    for name in quantized_names(q):
         t, s = q[name], q.get(name + SCALE_SUFFIX)
         if s is None:
             raise ValueError(f"tensor {name!r} has no scale")
         if s.dtype != torch.float32 or not torch.isfinite(s).all() or (s < 0).any():
             raise ValueError(f"scale of {name!r} is not float32, negative or not finite")
         if t.dtype == torch.uint8:  # int4, two values a byte
-            out[name] = _finite(name, _dequantize_int4(name, t, s, q.get(name + SHAPE_SUFFIX)))
+            yield name, _finite(name, _dequantize_int4(name, t, s, q.get(name + SHAPE_SUFFIX)))
             continue
         if name + SHAPE_SUFFIX in q:
             raise ValueError(f"tensor {name!r}: a shape belongs to int4 tensors only")
@@ -474,8 +484,7 @@ def dequantize(q: Mapping[str, Tensor]) -> State:
         if tuple(s.shape) != (n_rows,):
             raise ValueError(f"scale of {name!r} has shape {list(s.shape)}, expected [{n_rows}]")
         rows = t.reshape(n_rows, -1).to(torch.float32)
-        out[name] = _finite(name, (rows * s[:, None]).reshape(t.shape).contiguous())
-    return out
+        yield name, _finite(name, (rows * s[:, None]).reshape(t.shape).contiguous())
 
 
 def _finite(name: str, values: Tensor) -> Tensor:
@@ -625,16 +634,20 @@ def outer_step(base: Mapping[str, Tensor], avg_delta: Mapping[str, Tensor],
 
 def apply_update(base: Mapping[str, Tensor], q_update: Mapping[str, Tensor]) -> State:
     """The next version: base + dequantize(q_update), fp32 on the CPU. What the
-    coordinator publishes and what every worker rebuilds, bit for bit."""
-    deq = dequantize(q_update)
-    if sorted(deq) != sorted(base):
+    coordinator publishes and what every worker rebuilds, bit for bit. One tensor at a
+    time: beside the base and the result only one dequantized tensor exists, and a
+    memory-mapped base's pages are dropped as soon as they are read."""
+    if quantized_names(q_update) != sorted(base):
         raise ValueError("update does not match the base's tensors")
+    release = getattr(base, "release", None)
     out: State = {}
-    for k in sorted(base):
+    for k, d in dequantized(q_update):
         b = base[k].to("cpu", torch.float32)
-        if deq[k].shape != b.shape:
-            raise ValueError(f"update of {k!r} has shape {list(deq[k].shape)}")
-        out[k] = (b + deq[k]).contiguous()
+        if d.shape != b.shape:
+            raise ValueError(f"update of {k!r} has shape {list(d.shape)}")
+        out[k] = (b + d).contiguous()
+        if release is not None:
+            release()
     return out
 
 
