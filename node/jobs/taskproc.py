@@ -362,6 +362,9 @@ def run_options(req: dict[str, Any]) -> dict[str, Any]:
             "micro_batch_cache": path_field(req, "micro_batch_cache", None)}
 
 
+_CHILD = False  # True in a task child (main), never in a process that imports this module
+
+
 def run_training(config: models.Config, base: dict[str, torch.Tensor], data: Data,
                  args: dict[str, Any], dev: str, what: str,
                  run_opts: dict[str, Any] | None = None) -> trainer.TaskOutput:
@@ -373,6 +376,11 @@ def run_training(config: models.Config, base: dict[str, torch.Tensor], data: Dat
             progress(f"{what}: step {step + 1}/{args['steps']} loss {float(loss):.4f}")
 
     a = dict(args)
+    if a["memory"] == "lean" and _CHILD:
+        # Freed activations go back to the system at once (node/ml/heap.py): what the
+        # lean mode's peak needs, at about a fifth more CPU time (many more page faults),
+        # so a standard job keeps glibc's default. Process-wide: only in a task child.
+        heap.large_blocks_mapped()
     start, length = data.span(a.pop("slice_start"), a.pop("slice_len"))
     try:
         return trainer.train_task(
@@ -634,7 +642,8 @@ def peak_rss_bytes() -> int:
 def main(raw: bytes | None = None) -> int:
     """Answer one request (read from stdin unless given: a warm child gets it as an
     argument, node/jobs/warmchild.py) on stdout; the exit code."""
-    heap.large_blocks_mapped()  # freed tensors go back to the system (node/ml/heap.py)
+    global _CHILD
+    _CHILD = True
     if raw is None:
         raw = sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1)
     code, obj = answer(raw)

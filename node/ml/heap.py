@@ -13,7 +13,10 @@ threshold to the size of every large block it frees (up to 32 MiB), so after the
 step the activations (a few MiB each) come from the heaps and fragment them. A fixed
 threshold (:func:`large_blocks_mapped`) keeps every block of 256 KiB or more in its own
 mapping, returned to the system the moment it is freed: on a 125M Llama at batch 8 x 256
-the training child's peak went from 1998 to 1429 MiB (bench/RESULTS.md, issue 19).
+the training child's peak went from 1998 to 1429 MiB (bench/RESULTS.md, issue 19). The
+price is a page fault and a zeroed page for every page of every such block (6.5x the
+minor faults, about a fifth more CPU time training a small Llama), so node/jobs/taskproc.py
+sets it for jobs in the lean memory mode only.
 """
 
 from __future__ import annotations
