@@ -16,8 +16,10 @@ missed):
     A worker's training child (python -m node.jobs.taskproc, op train, exactly as a node
     runs it) on a ~125M-parameter Llama (``model init --arch llama --size 125m``, byte
     tokenizer: 12 x 768, 4x MLP) on the CPU at batch 8, seq 256, activation checkpointing
-    on: its peak resident memory against the model's fp32 size. Goal: <= 4x (weights,
-    gradients, AdamW's two moments and activations).
+    on, two steps, the job spec's ``train.memory = "lean"`` (``--memory-mode``: the AdamW
+    step fused into the backward pass, bf16 moments): its peak resident memory against
+    the model's fp32 size. Goal: <= 4x (weights, AdamW's moments, activations and the
+    runtime).
 
 ``throttled`` (bench/environment_hetero.py)
     Four workers, one held to a quarter of a CPU by a cgroup (root): round wall time of
@@ -127,7 +129,8 @@ def measure_worker_memory(args: argparse.Namespace) -> Result:
                         "data_files": [str(data)], "slice_start": 0, "slice_len": n,
                         "seed": 1, "steps": args.memory_steps, "batch_size": batch,
                         "seq_len": seq, "lr": 1e-4, "device": "cpu",
-                        "grad_checkpointing": True, "token_cache": str(root / "tokens"),
+                        "grad_checkpointing": True, "memory": args.memory_mode,
+                        "token_cache": str(root / "tokens"),
                         "out_dir": str(root / "out")}, args.threads)
         wall = time.perf_counter() - t0
         # The floor in the same run: a child that loads the same model and answers.
@@ -139,11 +142,13 @@ def measure_worker_memory(args: argparse.Namespace) -> Result:
     ratio = peak / fp32
     figures = {"size": size, "params": params, "fp32_bytes": fp32, "peak_rss_bytes": peak,
                "ratio": ratio, "batch": batch, "seq_len": seq, "steps": args.memory_steps,
-               "train_wall_s": wall, "apply_peak_rss_bytes": int(floor["peak_rss_bytes"]),
+               "train_wall_s": wall, "memory": args.memory_mode,
+               "apply_peak_rss_bytes": int(floor["peak_rss_bytes"]),
                "threads": args.threads}
     return Result("worker_memory", ratio <= MEMORY_GOAL_RATIO,
                   f"Llama {size}, {params / 1e6:.1f}M parameters ({fp32 / 2**20:.0f} MiB "
-                  f"fp32), batch {batch} x {seq} on the CPU: worker peak RSS "
+                  f"fp32), batch {batch} x {seq} on the CPU, train.memory "
+                  f"{args.memory_mode!r}, {args.memory_steps} step(s): worker peak RSS "
                   f"{peak / 2**20:.0f} MiB = {ratio:.2f}x the fp32 model (goal <= "
                   f"{MEMORY_GOAL_RATIO:g}x); applying an update to it: "
                   f"{int(floor['peak_rss_bytes']) / 2**20:.0f} MiB; {wall:.0f} s", figures)
@@ -181,9 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--memory-size", default="125m", choices=["tiny", "small", "125m"])
-    ap.add_argument("--memory-steps", type=int, default=1,
-                    help="training steps in worker_memory (the peak is reached in the "
-                         "first: AdamW's moments are made at its first step)")
+    ap.add_argument("--memory-steps", type=int, default=2,
+                    help="training steps in worker_memory (default 2: in the lean mode "
+                         "the moments are made during the first step's backward pass, so "
+                         "the second is the first to hold both moments and activations)")
+    ap.add_argument("--memory-mode", default="lean", choices=["standard", "lean"],
+                    help="worker_memory: the job's train.memory (default lean: the AdamW "
+                         "step fused into the backward pass, bf16 moments)")
     ap.add_argument("--llama-set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a recipe field for llama_efficiency (bench/training.py --set)")
     ap.add_argument("--cache", type=Path, default=None,

@@ -41,6 +41,9 @@ MAX_TOLERANCE = 10.0  # |heldout_tolerance|, in nats per byte: ln 256 is 5.5
 BPS = 10_000  # basis points in 1
 DEVICES: tuple[str, ...] = ("any", "cpu", "cuda")
 DELTA_BITS: tuple[int, ...] = (8, 4)  # int8 per row, or int4 in groups (specs/jobs.md)
+# train.memory: "lean" fuses the AdamW step into the backward pass, bf16 moments, a
+# per-tensor clip (node/ml/leanopt.py); training maths, so checks re-run with it too.
+MEMORY_MODES: tuple[str, ...] = ("standard", "lean")
 
 
 class JobSpecError(ProtocolError, ValueError):
@@ -69,6 +72,7 @@ class Field:
     hi_open: bool = False
     default: Any = _REQUIRED  # the TOML value used when the field is absent
     doc: str = ""
+    choices: tuple[str, ...] = ()  # kind "choice": the allowed strings
 
     @property
     def required(self) -> bool:
@@ -77,9 +81,9 @@ class Field:
 
 def _f(path: str, kind: str, lo: float = 0, hi: float = MAX_INT, *, attr: str = "",
        lo_open: bool = False, hi_open: bool = False, default: Any = _REQUIRED,
-       doc: str = "") -> Field:
+       doc: str = "", choices: tuple[str, ...] = ()) -> Field:
     return Field(path, attr or path.rsplit(".", 1)[-1], kind, lo, hi, lo_open, hi_open,
-                 default, doc)
+                 default, doc, choices)
 
 
 FIELDS: tuple[Field, ...] = (
@@ -103,11 +107,14 @@ FIELDS: tuple[Field, ...] = (
            "the outer momentum from that job's, when it coordinated it"),
     _f("train.delta_bits", "bits", 4, 8, default=8,
        doc="bits a value of the deltas and outer updates on the wire: 8 or 4"),
+    _f("train.memory", "choice", default="standard", choices=MEMORY_MODES,
+       doc='"standard" or "lean" (optimizer step in the backward pass, bf16 moments)'),
     _f("data.heldout_fraction", "float", 0, 0.5, lo_open=True, hi_open=True, default=0.05,
        doc="the last fraction of the dataset bytes, never trained on"),
     _f("requirements.min_vram_gb", "int", 0, MAX_VRAM_GB, default=0,
        doc="nominal GB of the worker's largest GPU; 0: CPU workers are fine"),
-    _f("requirements.device", "choice", default="any", doc='"any", "cpu" or "cuda"'),
+    _f("requirements.device", "choice", default="any", doc='"any", "cpu" or "cuda"',
+       choices=DEVICES),
     _f("rewards.pool", "int", 0, MAX_INT, attr="reward_pool", default=0,
        doc="integer reward units for the whole job"),
     _f("rewards.designer_share", "share", 0, BPS, attr="designer_share_bps", default=0.2,
@@ -184,8 +191,8 @@ def _problem(f: Field, value: object) -> str | None:
         ok = isinstance(value, bytes) and len(value) == ID_BYTES
         return None if ok else f"expected a {ID_BYTES}-byte version id, got {_show(value)}"
     if f.kind == "choice":
-        ok = isinstance(value, str) and value in DEVICES
-        return None if ok else f"expected one of {', '.join(map(json.dumps, DEVICES))}, " \
+        ok = isinstance(value, str) and value in f.choices
+        return None if ok else f"expected one of {', '.join(map(json.dumps, f.choices))}, " \
                                f"got {_show(value)}"
     if f.kind == "bits":
         ok = isinstance(value, int) and not isinstance(value, bool) and value in DELTA_BITS
@@ -275,6 +282,7 @@ class JobSpec:
     seed: int
     first_round: int
     delta_bits: int
+    memory: str
     heldout_fraction: float
     min_vram_gb: int
     device: str

@@ -188,7 +188,7 @@ def valid_specs(draw: st.DrawFn) -> JobSpec:
         elif f.kind == "id":
             v = draw(st.binary(min_size=32, max_size=32))
         elif f.kind == "choice":
-            v = draw(st.sampled_from(["any", "cpu", "cuda"]))
+            v = draw(st.sampled_from(f.choices))
         elif f.kind == "bits":
             v = draw(st.sampled_from([8, 4]))
         elif f.kind in ("int", "share"):
@@ -257,6 +257,8 @@ BAD_VALUES = [
     ("train.first_round", "1.5", "expected an integer"),
     ("train.delta_bits", "6", "train.delta_bits: expected 8 or 4, got 6"),
     ("train.delta_bits", "true", "expected 8 or 4, got true"),
+    ("train.memory", '"small"', 'train.memory: expected one of "standard", "lean", got "small"'),
+    ("train.memory", "true", "got true"),
     ("data.heldout_fraction", "0.5", "in (0, 0.5)"),
     ("data.heldout_fraction", "0", "in (0, 0.5)"),
     ("requirements.min_vram_gb", "8.5", "expected an integer in [0, 4096], got 8.5"),

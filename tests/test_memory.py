@@ -1,9 +1,11 @@
 """Memory: weights memory-mapped and released once the model holds its copy
 (node/ml/weights.py), datasets of several files read in windows (corpus.Concat), and the
-trainer's delta made one tensor at a time."""
+trainer's delta made one tensor at a time, and a version applied and written one tensor
+at a time."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from node.ml import corpus, gpt, trainer
+from node.ml import corpus, gpt, heap, models, trainer
 from node.ml.weights import mmap_safetensors
 
 MB = 1 << 20
@@ -59,3 +61,24 @@ def test_datasets_of_several_files_are_indexed_not_loaded(tmp_path: Path) -> Non
     a = trainer.train_task(config, state, many, 0, len(one), 3, 2, 4, 8, 1e-3)
     b = trainer.train_task(config, state, one, 0, len(one), 3, 2, 4, 8, 1e-3)
     assert all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)
+
+
+def test_versions_are_written_and_applied_without_whole_copies(tmp_path: Path) -> None:
+    """models.write_state gives state_bytes' exact file without building it in memory, and
+    apply_update over a mapped base drops the base's pages as it goes (the coordinator's
+    and every worker's rebuild of a version)."""
+    odd = {"b.w": torch.randn(3, 5), "a": torch.randn(7), "e": torch.zeros(0),
+           "t": torch.randn(2, 3, 4).transpose(0, 1)}
+    sha = models.write_state(tmp_path / "odd.safetensors", odd)
+    assert (tmp_path / "odd.safetensors").read_bytes() == gpt.state_bytes(odd)
+    assert sha == hashlib.sha256(gpt.state_bytes(odd)).hexdigest()
+    base = {f"w{i}": torch.randn(1024, 1024) for i in range(16)}  # 64 MiB
+    models.write_state(tmp_path / "base.safetensors", base)
+    update = trainer.quantize_int8({k: torch.full_like(v, 0.01) for k, v in base.items()})
+    mapped = mmap_safetensors(tmp_path / "base.safetensors")
+    before = rss()
+    new = trainer.apply_update(mapped, update)
+    heap.trim()  # freed temporaries (the training child's heap setting returns them at once)
+    assert rss() - before < 64 * MB + 24 * MB  # the result, not the base's pages beside it
+    want = trainer.apply_update(base, update)
+    assert all(torch.equal(new[k], want[k]) for k in base)

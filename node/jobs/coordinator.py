@@ -714,7 +714,8 @@ class Jobs:
         train_fields = {"model_dir": str(model_dir), "data_files": data_files,
                         "batch_size": spec.batch_size,
                         "seq_len": spec.seq_len, "lr": spec.lr, "device": "cpu",
-                        "threads": self.threads, "delta_bits": spec.delta_bits}
+                        "threads": self.threads, "delta_bits": spec.delta_bits,
+                        "memory": spec.memory}
         reexec = [{"id": tid, "train": dict(train_fields, op="train",
                                             slice_start=plans[tid].slice_start,
                                             slice_len=plans[tid].slice_len,

@@ -22,7 +22,8 @@ Ops (fields without a default are required):
              "slice_len": n, "seed": k, "steps": H, "batch_size": B, "seq_len": T, "lr": x,
              "warmup": 0, "lr_end": null, "device": "cpu"|"cuda"|"auto", "threads": 1,
              "delta_bits": 8|4, "out_dir": O, optional: "micro_batch": m, "compile": false,
-             "grad_checkpointing": false, "micro_batch_cache": DIR, "token_cache": DIR}
+             "grad_checkpointing": false, "micro_batch_cache": DIR, "token_cache": DIR,
+             "memory": "standard"|"lean" (the job's train.memory)}
             -> O/delta.safetensors (int8; int4 with "delta_bits": 4); {"first_loss",
                "last_loss", "tokens", "wall_s", "delta": path, "delta_bytes": size,
                "device": device used, "micro_batch", "precision": fp32|bf16|fp16}
@@ -75,9 +76,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from node.ml import corpus, device, gpt, hf, models, tokens, trainer
+from node.ml import corpus, device, gpt, heap, hf, models, tokens, trainer
 from protocol import checking
-from protocol.jobspec import DELTA_BITS
+from protocol.jobspec import DELTA_BITS, MEMORY_MODES
 
 __all__ = ["OPS", "RequestError", "answer", "handle", "main"]
 
@@ -329,7 +330,16 @@ def train_args(req: dict[str, Any]) -> dict[str, Any]:
         "lr": field(req, "lr", float),
         "warmup": int_field(req, "warmup", 0, 0),
         "lr_end": None if lr_end is None else float(lr_end),
+        "memory": memory_mode(req),
     }
+
+
+def memory_mode(req: dict[str, Any]) -> str:
+    """The job's train.memory (training maths, so a re-execution must use the same)."""
+    mode = field(req, "memory", str, "standard")
+    if mode not in MEMORY_MODES:
+        raise RequestError(f"memory: one of {', '.join(MEMORY_MODES)}, got {mode!r}")
+    return mode
 
 
 def delta_bits(req: dict[str, Any]) -> int:
@@ -352,6 +362,9 @@ def run_options(req: dict[str, Any]) -> dict[str, Any]:
             "micro_batch_cache": path_field(req, "micro_batch_cache", None)}
 
 
+_CHILD = False  # True in a task child (main), never in a process that imports this module
+
+
 def run_training(config: models.Config, base: dict[str, torch.Tensor], data: Data,
                  args: dict[str, Any], dev: str, what: str,
                  run_opts: dict[str, Any] | None = None) -> trainer.TaskOutput:
@@ -363,12 +376,18 @@ def run_training(config: models.Config, base: dict[str, torch.Tensor], data: Dat
             progress(f"{what}: step {step + 1}/{args['steps']} loss {float(loss):.4f}")
 
     a = dict(args)
+    if a["memory"] == "lean" and _CHILD:
+        # Freed activations go back to the system at once (node/ml/heap.py): what the
+        # lean mode's peak needs, at about a fifth more CPU time (many more page faults),
+        # so a standard job keeps glibc's default. Process-wide: only in a task child.
+        heap.large_blocks_mapped()
     start, length = data.span(a.pop("slice_start"), a.pop("slice_len"))
     try:
         return trainer.train_task(
             config, base, data.tokens, start, length, a.pop("seed"),
             a.pop("steps"), a.pop("batch_size"), a.pop("seq_len"), a.pop("lr"), dev,
-            warmup=a.pop("warmup"), lr_end=a.pop("lr_end"), on_step=on_step, **run_opts)
+            warmup=a.pop("warmup"), lr_end=a.pop("lr_end"), memory=a.pop("memory"),
+            on_step=on_step, **run_opts)
     except ValueError as e:
         raise RequestError(f"{what}: {e}") from None
 
@@ -623,6 +642,8 @@ def peak_rss_bytes() -> int:
 def main(raw: bytes | None = None) -> int:
     """Answer one request (read from stdin unless given: a warm child gets it as an
     argument, node/jobs/warmchild.py) on stdout; the exit code."""
+    global _CHILD
+    _CHILD = True
     if raw is None:
         raw = sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1)
     code, obj = answer(raw)

@@ -338,6 +338,7 @@ class Worker:
                 "batch_size": assign.batch_size, "seq_len": assign.seq_len, "lr": assign.lr,
                 "device": "cpu" if job.spec.device == "cpu" else slot or self.config.device,
                 "threads": self.config.threads, "delta_bits": job.spec.delta_bits,
+                "memory": job.spec.memory,  # training maths: the checker re-runs with it
                 "out_dir": str(out_dir), "compile": self.config.compile,
                 # Kept across tasks (work_dir is emptied at start): the micro-batch found
                 # for a (model, device) is searched for once.

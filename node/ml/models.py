@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from node.ml import gpt, hf
@@ -129,12 +130,28 @@ def write_version(out_dir: Path, base_dir: Path, state: Mapping[str, Tensor]) ->
     files and shard index are not copied: the new weights are one file. Returns the
     sha256 of the weights."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = gpt.state_bytes(state)
-    gpt.write_atomic(out_dir / gpt.WEIGHTS_FILE, data)
+    sha = write_state(out_dir / gpt.WEIGHTS_FILE, state)
     extras = sorted(p for p in base_dir.iterdir() if p.is_file()
                     and not p.name.endswith((".safetensors", ".safetensors.index.json"))
                     and p.name != gpt.CONFIG_FILE)
     for p in extras:
         gpt.write_atomic(out_dir / p.name, p.read_bytes())
     gpt.write_atomic(out_dir / gpt.CONFIG_FILE, (base_dir / gpt.CONFIG_FILE).read_bytes())
-    return hashlib.sha256(data).hexdigest()
+    return sha
+
+
+def write_state(path: Path, state: Mapping[str, Tensor]) -> str:
+    """``gpt.state_bytes(state)`` written atomically to ``path`` without those bytes ever
+    being in memory (safetensors' save_file writes the tensors' own memory; ``save``
+    builds the file twice over, in Rust and as Python bytes: two more copies of a model).
+    Returns the file's sha256, read back in chunks."""
+    tensors = {k: state[k].detach().to("cpu", torch.float32).contiguous() for k in sorted(state)}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    digest = hashlib.sha256()
+    with open(tmp, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return digest.hexdigest()

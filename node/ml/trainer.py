@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,7 +47,7 @@ import torch
 from torch import Tensor
 
 from node.ml import device as devmod
-from node.ml import models
+from node.ml import heap, leanopt, models
 
 __all__ = [
     "ADAM_BETAS",
@@ -167,7 +168,7 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
                on_step: Callable[[int, Tensor], None] | None = None,
                micro_batch: int | None = None, compile_model: bool = False,
                grad_checkpointing: bool = False,
-               micro_batch_cache: Any = None) -> TaskOutput:
+               micro_batch_cache: Any = None, memory: str = "standard") -> TaskOutput:
     """Train ``steps`` AdamW steps from ``base_state`` on windows drawn (torch.Generator
     seeded by ``seed``) from [slice_start, slice_start + slice_len) and return the delta.
 
@@ -178,6 +179,11 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
     a gradient scaler where it has only fp16, fp32 on the CPU. ``compile_model`` runs the
     model through torch.compile; ``grad_checkpointing`` recomputes a Hugging Face model's
     activations in the backward pass (less memory, about a third more compute).
+
+    ``memory`` (the job spec's ``train.memory``): "standard" is AdamW with a global
+    gradient-norm clip; "lean" steps each parameter inside the backward pass with bf16
+    moments and a per-tensor clip (node/ml/leanopt.py): about half the memory, different
+    maths, so a re-execution must use the same mode.
 
     Deterministic on the CPU: the same inputs, micro-batch and thread count give a
     bit-identical delta. Across thread counts (a different reduction order in matmuls)
@@ -191,17 +197,25 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
         raise ValueError(f"seq_len {seq_len} outside 1..{models.block_size(config)}")
     if micro_batch is not None and not 1 <= micro_batch <= batch_size:
         raise ValueError(f"micro_batch {micro_batch} outside 1..{batch_size}")
+    if memory not in leanopt.MEMORY_MODES:
+        raise ValueError(f"memory {memory!r}: one of {', '.join(leanopt.MEMORY_MODES)}")
     data = _as_numpy(tokens)
     lo, hi = _window_range(slice_start, slice_len, seq_len, len(data))
     gen = torch.Generator().manual_seed(int(seed))
     devmod.setup(device)
     prec = devmod.precision(device)
+    lean = memory == "lean"
+    if lean and prec.scaler:
+        # fp16's loss scaler skips a whole step on an overflow, which a step already
+        # half taken inside the backward pass cannot do.
+        raise ValueError(f"memory 'lean' needs bf16 or fp32 training; {device} has fp16 only")
     with _determinism(device):
         torch.manual_seed(int(seed))  # dropout, if a config has any
         model = models.build(config, base_state, device)
         release = getattr(base_state, "release", None)
         if release is not None:
             release()  # the base's pages are not needed until the delta is taken
+        heap.trim()  # the tokenizer's and the model build's garbage
         if grad_checkpointing and models.is_hf(config):
             model.inner.gradient_checkpointing_enable(  # type: ignore[union-attr,operator]
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -210,10 +224,16 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
         params = models.named_parameters(model)
         decay = [p for p in params.values() if p.dim() >= 2]
         no_decay = [p for p in params.values() if p.dim() < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": WEIGHT_DECAY},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, **devmod.adamw_kwargs(device))
+        opt: torch.optim.AdamW | None = None
+        lean_opt: leanopt.LeanAdamW | None = None
+        if lean:
+            lean_opt = leanopt.LeanAdamW(params, betas=ADAM_BETAS, eps=ADAM_EPS,
+                                         weight_decay=WEIGHT_DECAY, clip=GRAD_CLIP)
+        else:
+            opt = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": WEIGHT_DECAY},
+                 {"params": no_decay, "weight_decay": 0.0}],
+                lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, **devmod.adamw_kwargs(device))
         scaler = torch.amp.GradScaler(device.split(":")[0]) if prec.scaler else None
 
         def trial(m: int) -> None:
@@ -233,19 +253,28 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
         losses: list[Tensor] = []
         first = math.nan
         for step in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, lr, warmup, lr_end)
+            step_lr = lr_at(step, steps, lr, warmup, lr_end)
             starts = torch.randint(lo, hi + 1, (batch_size,), generator=gen)
-            opt.zero_grad(set_to_none=True)
-            loss = _accumulate(run, data, starts, seq_len, device, prec, micro_batch, scaler)
-            if scaler is not None:
-                scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(list(params.values()), GRAD_CLIP, foreach=False)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
+            if lean_opt is not None:
+                # The step happens inside the last micro-batch's backward pass.
+                loss = _accumulate(run, data, starts, seq_len, device, prec, micro_batch,
+                                   None, before_last=functools.partial(lean_opt.arm, step_lr))
+                lean_opt.disarm()
             else:
-                opt.step()
+                assert opt is not None
+                for group in opt.param_groups:
+                    group["lr"] = step_lr
+                opt.zero_grad(set_to_none=True)
+                loss = _accumulate(run, data, starts, seq_len, device, prec, micro_batch,
+                                   scaler)
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(list(params.values()), GRAD_CLIP, foreach=False)
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
             if step == 0:
                 first = float(loss)  # a device sync point, once
             if step >= steps - tail:
@@ -253,8 +282,14 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
             if on_step is not None:
                 on_step(step, loss)
         last = float(torch.stack(losses).mean())  # one sync for the tail
-        opt.state.clear()  # AdamW's state (twice the weights) goes before the delta is made
+        # AdamW's state (twice the weights, or once in bf16) goes before the delta is made.
+        if opt is not None:
+            opt.state.clear()
+        if lean_opt is not None:
+            lean_opt.close()
         model.zero_grad(set_to_none=True)
+        del loss, losses
+        heap.trim()  # the freed state and activations, before the base's pages come in
         delta: State = {}
         for name, p in params.items():
             # One tensor at a time, in place where the weight is already an fp32 CPU
@@ -262,16 +297,20 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
             w = p.detach().to("cpu", torch.float32)
             delta[name] = w.sub_(base_state[name].to(torch.float32)).contiguous()
             p.data = torch.empty(0)
+            if release is not None:
+                release()  # the base's pages just read: a whole second copy otherwise
     return TaskOutput(delta=delta, first_loss=first, last_loss=last,
                       tokens_processed=steps * batch_size * seq_len, micro_batch=micro_batch)
 
 
 def _accumulate(run: Callable[..., tuple[Tensor, Tensor | None]], data: np.ndarray,
                 starts: Tensor, seq_len: int, device: str, prec: devmod.Precision,
-                micro: int, scaler: Any) -> Tensor:
+                micro: int, scaler: Any,
+                before_last: Callable[[], None] | None = None) -> Tensor:
     """Forward and backward passes over ``starts`` in chunks of ``micro``: each chunk's
     mean loss weighted by its share of the batch, so the gradients add up to those of
-    the batch's mean loss. Returns that mean loss (detached)."""
+    the batch's mean loss. Returns that mean loss (detached). ``before_last`` is called
+    just before the last chunk's backward pass (the lean mode steps inside it)."""
     total = len(starts)
     out = torch.zeros((), device=device)
     for i in range(0, total, micro):
@@ -281,6 +320,8 @@ def _accumulate(run: Callable[..., tuple[Tensor, Tensor | None]], data: np.ndarr
             _, loss = run(x, y)
         assert loss is not None
         scaled = loss if len(part) == total else loss * (len(part) / total)
+        if before_last is not None and i + micro >= total:
+            before_last()
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         out = out + scaled.detach()
     return out
@@ -410,20 +451,30 @@ def dequantize(q: Mapping[str, Tensor]) -> State:
     """fp32 tensors of an int8 file from :func:`quantize_int8`. ValueError on any malformed
     entry (a file from a peer is data, not trusted): missing or extra scales, wrong dtypes
     or shapes, non-finite scales."""
+    return dict(dequantized(q))
+
+
+def quantized_names(q: Mapping[str, Tensor]) -> list[str]:
+    """The tensors of a quantized file, sorted (ValueError on a scale or shape entry that
+    belongs to no tensor)."""
     names = [k for k in q if not k.endswith((SCALE_SUFFIX, SHAPE_SUFFIX))]
     extra = {k for k in q if k.endswith((SCALE_SUFFIX, SHAPE_SUFFIX))} - {
         k + suffix for k in names for suffix in (SCALE_SUFFIX, SHAPE_SUFFIX)}
     if extra:
         raise ValueError(f"{sorted(extra)[0]!r} has no tensor")
-    out: State = {}
-    for name in sorted(names):
+    return sorted(names)
+
+
+def dequantized(q: Mapping[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """:func:`dequantize` one tensor at a time, by name: only one fp32 tensor need exist."""
+    for name in quantized_names(q):
         t, s = q[name], q.get(name + SCALE_SUFFIX)
         if s is None:
             raise ValueError(f"tensor {name!r} has no scale")
         if s.dtype != torch.float32 or not torch.isfinite(s).all() or (s < 0).any():
             raise ValueError(f"scale of {name!r} is not float32, negative or not finite")
         if t.dtype == torch.uint8:  # int4, two values a byte
-            out[name] = _finite(name, _dequantize_int4(name, t, s, q.get(name + SHAPE_SUFFIX)))
+            yield name, _finite(name, _dequantize_int4(name, t, s, q.get(name + SHAPE_SUFFIX)))
             continue
         if name + SHAPE_SUFFIX in q:
             raise ValueError(f"tensor {name!r}: a shape belongs to int4 tensors only")
@@ -433,8 +484,7 @@ def dequantize(q: Mapping[str, Tensor]) -> State:
         if tuple(s.shape) != (n_rows,):
             raise ValueError(f"scale of {name!r} has shape {list(s.shape)}, expected [{n_rows}]")
         rows = t.reshape(n_rows, -1).to(torch.float32)
-        out[name] = _finite(name, (rows * s[:, None]).reshape(t.shape).contiguous())
-    return out
+        yield name, _finite(name, (rows * s[:, None]).reshape(t.shape).contiguous())
 
 
 def _finite(name: str, values: Tensor) -> Tensor:
@@ -584,16 +634,20 @@ def outer_step(base: Mapping[str, Tensor], avg_delta: Mapping[str, Tensor],
 
 def apply_update(base: Mapping[str, Tensor], q_update: Mapping[str, Tensor]) -> State:
     """The next version: base + dequantize(q_update), fp32 on the CPU. What the
-    coordinator publishes and what every worker rebuilds, bit for bit."""
-    deq = dequantize(q_update)
-    if sorted(deq) != sorted(base):
+    coordinator publishes and what every worker rebuilds, bit for bit. One tensor at a
+    time: beside the base and the result only one dequantized tensor exists, and a
+    memory-mapped base's pages are dropped as soon as they are read."""
+    if quantized_names(q_update) != sorted(base):
         raise ValueError("update does not match the base's tensors")
+    release = getattr(base, "release", None)
     out: State = {}
-    for k in sorted(base):
+    for k, d in dequantized(q_update):
         b = base[k].to("cpu", torch.float32)
-        if deq[k].shape != b.shape:
-            raise ValueError(f"update of {k!r} has shape {list(deq[k].shape)}")
-        out[k] = (b + deq[k]).contiguous()
+        if d.shape != b.shape:
+            raise ValueError(f"update of {k!r} has shape {list(d.shape)}")
+        out[k] = (b + d).contiguous()
+        if release is not None:
+            release()
     return out
 
 
