@@ -731,6 +731,7 @@ def test_specs_name_every_field_domain_and_cap() -> None:
         assert f"`{default}`" in row or (f.required and "required" in row), (f.path, row)
     for section in SECTIONS:
         assert f"[{section}]" in text
+    assert f"({len(FIELDS)} keys)" in text  # the spec on the wire: one key per field
     records = (ROOT / "specs/records.md").read_text()
     for domain in (DOMAIN_JOB, DOMAIN_TASK_RESULT, DOMAIN_RECEIPT):
         assert domain in DOMAINS and f"`{domain}`" in records and f"`{domain}`" in text
