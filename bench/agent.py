@@ -154,8 +154,8 @@ class SimJobs:
         wpr, bits = int(t["workers_per_round"]), int(t.get("delta_bits", 8))
         start = doc["base_model"]
         first = int(t.get("first_round", 0))
-        momentum = self.momenta.get(start) if first else None
-        state, residual = self.states[start], None
+        momentum, residual = self.momenta.get(start, (None, None)) if first else (None, None)
+        state = self.states[start]
         versions, losses, parents = [], [], []
         prev = start
         t0 = time.perf_counter()
@@ -178,8 +178,8 @@ class SimJobs:
             parents.append(prev)
             prev = v
         # As the coordinator: a job that continues this one's final version (its
-        # train.first_round set) starts from this job's outer momentum.
-        self.momenta[versions[-1]] = momentum
+        # train.first_round set) starts from this job's outer momentum and residual.
+        self.momenta[versions[-1]] = (momentum, residual)
         return Outcome(versions, losses, parents, self.loss(start, seed), rounds * wpr,
                        time.perf_counter() - t0)
 

@@ -10,7 +10,8 @@ whose tasks are all the same size waits for its slowest worker. The coordinator 
    were checked and accepted. Nothing the worker claims enters it: not the ``tflops`` of
    its capability record, not the ``wall_ms`` of its result. From its last
    :data:`WINDOW` tasks a worker's time is fitted as ``overhead + tokens / rate``
-   (Siegel's repeated medians, so one odd task moves nothing): a task has a fixed cost
+   (Siegel's repeated medians: one odd task among four of distinct sizes moves
+   nothing): a task has a fixed cost
    (starting its processes, loading and rebuilding the model, publishing the delta)
    that fewer tokens do not shorten;
 2. sizes the round (:func:`size_round`): the round's steps (``workers_per_round *
@@ -47,6 +48,10 @@ WINDOW = 5
 # other is mostly the noise of a loaded machine (tens of percent from round to round).
 # Tasks all of one size are fitted as proportional, ``time = tokens / rate``.
 MIN_SPREAD = 2
+# ... and only from at least this many distinct sizes: with two, the line runs through a
+# size's lone sample whatever it is ([40, 40, 40, 10] steps with the 10-step task slow
+# gives a large overhead, which could leave the worker out).
+MIN_SIZES = 3
 # A slot left out of this many rounds in a row is sized into the next one anyway (by
 # its fit, so its task is short): its new time is the only way to see it recover.
 RETRY_ROUNDS = 3
@@ -105,18 +110,19 @@ def fit(samples: Sequence[Sample]) -> Fit | None:
 
     Siegel's repeated median: the slope is the median over samples ``i`` of the median
     slope from ``i`` to the others (of another size), the overhead the median of
-    ``time - slope * tokens``; with four samples or more one of them may be anything
-    and the fit is still that of the others. Proportional (``overhead = 0``, the median
-    of ``time / tokens``) when the sizes are too close to separate the two
-    (:data:`MIN_SPREAD`) or the line is not a physical one (a slope not above 0: the
-    time did not grow with the tokens; an overhead below 0)."""
+    ``time - slope * tokens``; with four samples or more of distinct sizes one of them
+    may be anything and the fit is still that of the others (with repeated sizes a
+    lone one weighs more). Proportional (``overhead = 0``, the median of ``time /
+    tokens``) when the sizes are too close or too few to separate the two
+    (:data:`MIN_SPREAD`, :data:`MIN_SIZES`) or the line is not a physical one (a slope
+    not above 0: the time did not grow with the tokens; an overhead below 0)."""
     if not samples:
         return None
     xs = [Fraction(s.tokens) for s in samples]
     ys = [Fraction(s.elapsed_ms) for s in samples]
     proportional = Fit(Fraction(0), max(_median([y / x for x, y in zip(xs, ys, strict=True)]),
                                         Fraction(1, 10**9)))
-    if max(xs) < MIN_SPREAD * min(xs):
+    if max(xs) < MIN_SPREAD * min(xs) or len(set(xs)) < MIN_SIZES:
         return proportional
     per_point = []
     for i, (xi, yi) in enumerate(zip(xs, ys, strict=True)):

@@ -196,6 +196,17 @@ def test_sizes_too_close_or_an_unphysical_line_fit_as_proportional() -> None:
     assert fit([Sample(5, 0)]) == Fit(Fraction(0), Fraction(1, 10**9))  # a 0 ms task
 
 
+def test_two_sizes_fit_as_proportional_a_lone_slow_one_makes_no_overhead() -> None:
+    # 1 s + 1 s a step; the one 10-step task was 20 s slow. A line through two sizes
+    # would run through it (an overhead of about 28 s, enough to leave the worker out).
+    samples = [*line(1_000, 1_000, 40, 40, 40), Sample(10 * TPS, 31_000)]
+    got = fit(samples)
+    assert got is not None and got.overhead_ms == 0
+    assert got == Fit(Fraction(0), _median_ratio(samples))
+    # A third size, and the fit separates the overhead again.
+    assert fit(line(1_000, 1_000, 40, 20, 10)) == Fit(Fraction(1_000), Fraction(1_000, TPS))
+
+
 def _median_ratio(xs: list[Sample]) -> Fraction:
     r = sorted(Fraction(s.elapsed_ms, s.tokens) for s in xs)
     return r[len(r) // 2] if len(r) % 2 else (r[len(r) // 2 - 1] + r[len(r) // 2]) / 2
@@ -203,10 +214,10 @@ def _median_ratio(xs: list[Sample]) -> Fraction:
 
 def test_a_worker_whose_fixed_cost_exceeds_the_round_is_left_out_and_retried() -> None:
     """bench/environment.py's case: three workers about 1 s a step, the fourth throttled
-    to a quarter (its measured tasks: 40 steps in 170 s, 10 in 57.5 s: 20 s of fixed
+    to a quarter (its measured tasks: 40 steps in 170 s, 10 in 57.5 s, 5 in 38.75 s: 20 s of fixed
     cost, 3.75 s a step)."""
     fast = {w: line(1_000, 1_100, 40) for w in "abc"}
-    measured = {**fast, "d": line(20_000, 3_750, 40, 10)}
+    measured = {**fast, "d": line(20_000, 3_750, 40, 10, 5)}
     plan = size_round(dict.fromkeys(measured, 1), measured, n_tasks=4, inner_steps=40,
                       tokens_per_step=TPS)
     # Sized in: 10 steps end by the target (57.5 s) with the others' 50.
@@ -214,7 +225,7 @@ def test_a_worker_whose_fixed_cost_exceeds_the_round_is_left_out_and_retried() -
                                                          ("d", 10)]
     assert plan.target_ms < 58_000 and not plan.left_out
     # Its fixed cost alone 60 s: the others end sooner without it, 160 steps among three.
-    measured["d"] = line(60_000, 3_750, 40, 10)
+    measured["d"] = line(60_000, 3_750, 40, 10, 5)
     plan = size_round(dict.fromkeys(measured, 1), measured, n_tasks=4, inner_steps=40,
                       tokens_per_step=TPS)
     assert [(s.worker, s.steps) for s in plan.tasks] == [("a", 54), ("b", 53), ("c", 53)]

@@ -78,7 +78,11 @@ def format_status(s: dict[str, Any], *, checks: bool = False) -> str:
              f"recipe      {spec['rounds']} rounds x {spec['workers_per_round']} workers, "
              f"{spec['inner_steps']} inner steps, batch {spec['batch_size']} x "
              f"{spec['seq_len']}, lr {spec['lr']:g}, outer lr {spec['outer_lr']:g} "
-             f"momentum {spec['outer_momentum']:g}"]
+             f"momentum {spec['outer_momentum']:g}"
+             + (f", continues from schedule round {spec['first_round']}"
+                if spec.get("first_round") else "")
+             + (f", memory {spec['memory']}" if spec.get("memory", "standard") != "standard"
+                else "")]
     if not s["coordinated_here"]:
         lines.append("(coordinated by another node: ask it for the rounds)")
         return "\n".join(lines)

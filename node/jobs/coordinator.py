@@ -851,4 +851,5 @@ def spec_summary(spec: JobSpec) -> dict[str, Any]:
             "workers_per_round": spec.workers_per_round, "inner_steps": spec.inner_steps,
             "batch_size": spec.batch_size, "seq_len": spec.seq_len, "lr": spec.lr,
             "outer_lr": spec.outer_lr, "outer_momentum": spec.outer_momentum,
-            "reward_pool": spec.reward_pool, "designer_share_bps": spec.designer_share_bps}
+            "reward_pool": spec.reward_pool, "designer_share_bps": spec.designer_share_bps,
+            "first_round": spec.first_round, "memory": spec.memory}
