@@ -251,10 +251,8 @@ class Consensus:
             block = Block.decode(data, state.genesis.max_block_bytes)
             if block.time_ms > state.clock_ms() + MAX_CLOCK_DRIFT_MS:
                 raise RemoteProtocolError("future", f"block time {block.time_ms} is ahead")
-            checked = [state.check(t) for t in block.txs]
-            after = state.ledger.apply_block(block, checked)
+            self._validated[bid] = state.validate(block)
         except RemoteProtocolError as exc:
             log.info("proposed block refused: %s", exc)
             return False
-        self._validated[bid] = Validated(block, after, tuple(c.id for c in checked))
         return True

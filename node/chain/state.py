@@ -80,8 +80,7 @@ class ChainState:
             if not rows:
                 break
             for height, data, _ in rows:
-                block = Block.decode(data, self.genesis.max_block_bytes)
-                self.ledger = self.ledger.apply_block(block, [self.check(t) for t in block.txs])
+                self.ledger = self.validate(Block.decode(data, self.genesis.max_block_bytes)).after
                 assert self.ledger.height == height
         for tx_id, tx, added_ms in await self.storage.outbox():
             try:
@@ -103,6 +102,13 @@ class ChainState:
             self._checked.popitem(last=False)
         return checked
 
+    def validate(self, block: Block) -> Validated:
+        """``block`` applied on the current ledger: each tx checked (once per tx id) and the
+        ledger after it; RemoteProtocolError when it does not apply."""
+        checked = [self.check(t) for t in block.txs]
+        return Validated(block, self.ledger.apply_block(block, checked),
+                         tuple(c.id for c in checked))
+
     def is_final(self, tx_id: bytes) -> bool:
         """Whether ``tx_id`` is in a recent final block (the in-memory index only)."""
         return tx_id in self._final
@@ -115,13 +121,10 @@ class ChainState:
             block = Block.decode(data, self.genesis.max_block_bytes)
             if block.height != self.ledger.height + 1:
                 return False
-            checked = [self.check(t) for t in block.txs]
-            after = self.ledger.apply_block(block, checked)
-            tx_ids = tuple(c.id for c in checked)
-        else:
-            block, after, tx_ids = validated.block, validated.after, validated.tx_ids
-            if block.height != self.ledger.height + 1:
-                return False
+            validated = self.validate(block)
+        block, after, tx_ids = validated.block, validated.after, validated.tx_ids
+        if block.height != self.ledger.height + 1:
+            return False
         bid = block.id
         if not await self.storage.put_block(block.height, bid.hex(), data, commit,
                                             [t.hex() for t in tx_ids]):
