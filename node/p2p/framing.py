@@ -64,15 +64,18 @@ async def read_frame(stream: Any, max_bytes: int, timeout: float, *,
     ``body_timeout``, ``timeout`` is for the header only and the body of a frame of
     ``length`` bytes must follow within ``body_timeout(length)``: a stream may idle long
     between frames, but a frame begun is not held half-sent (its buffer is memory)."""
+    limit = f"no complete frame within {timeout:g} s"
     with trio.move_on_after(timeout) as scope:
         (length,) = FRAME_HEADER.unpack(await read_exactly(stream, FRAME_HEADER.size))
         if length > max_bytes:
             raise FrameError(f"frame of {length} bytes exceeds the {max_bytes}-byte limit")
         if body_timeout is not None:
-            scope.deadline = trio.current_time() + body_timeout(length)
+            body_s = body_timeout(length)
+            limit = f"the body of a {length}-byte frame did not follow within {body_s:g} s"
+            scope.deadline = trio.current_time() + body_s
         return await read_exactly(stream, length)
     assert scope.cancelled_caught
-    raise FrameError(f"no complete frame within {timeout:g} s")
+    raise FrameError(limit)
 
 
 async def write_frame(stream: Any, payload: bytes, timeout: float) -> None:
@@ -174,17 +177,20 @@ class FrameReader:
                          body_timeout: Callable[[int], float] | None = None) -> bytes:
         """One frame of at most ``max_bytes`` within ``timeout`` seconds; ``body_timeout``
         as in :func:`read_frame` (``timeout`` then bounds the wait for the header)."""
+        limit = f"no complete frame within {timeout:g} s"
         with trio.move_on_after(timeout) as scope:
             await self._fill(FRAME_HEADER.size)
             (length,) = FRAME_HEADER.unpack(self._take(FRAME_HEADER.size))
             if length > max_bytes:
                 raise FrameError(f"frame of {length} bytes exceeds the {max_bytes}-byte limit")
             if body_timeout is not None:
-                scope.deadline = trio.current_time() + body_timeout(length)
+                body_s = body_timeout(length)
+                limit = f"the body of a {length}-byte frame did not follow within {body_s:g} s"
+                scope.deadline = trio.current_time() + body_s
             await self._fill(length)
             return self._take(length) if length else b""
         assert scope.cancelled_caught
-        raise FrameError(f"no complete frame within {timeout:g} s")
+        raise FrameError(limit)
 
 
 async def reset_quietly(stream: Any) -> None:
