@@ -89,7 +89,8 @@ def measure_llama_efficiency(args: argparse.Namespace) -> Result:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "figures.json"
-        argv = ["--set", "arch=llama", "--json", str(out), "--threads", str(args.threads)]
+        argv = ["--set", "arch=llama", "--json", str(out), "--threads", str(args.threads),
+                "--cache", str(args.cache)]
         for item in args.llama_set:
             argv += ["--set", item]
         code = training.main(argv)
@@ -187,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a recipe field for llama_efficiency (bench/training.py --set)")
     ap.add_argument("--cache", type=Path, default=None,
-                    help="throttled: keep the warm start and (a)/(c) here (default: a "
-                         "temporary dir)")
+                    help="throttled, llama_efficiency: keep the warm start and (a)/(c) here "
+                         "(default: a temporary dir)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="throttled: a training recipe field (bench/training_sim.py Recipe)")
     ap.add_argument("--quota", type=float, default=0.25,
