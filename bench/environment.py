@@ -9,9 +9,12 @@ missed):
 ``llama_efficiency``
     bench/training.py with ``--set arch=llama``: the training benchmark (collaboration
     efficiency >= 0.8, >= 400x fewer bytes than all-reduce, checking < 5% of training)
-    with a tiny transformers Llama over the byte tokenizer instead of the built-in GPT.
-    Long (the full recipe: hours on a shared 2-core machine); ``--llama-set FIELD=VALUE``
-    passes recipe fields through.
+    with a transformers Llama of the tiny GPT's shape (4 x 128, 0.837M parameters) over
+    the byte tokenizer instead of the built-in GPT, part (b) through a local testnet.
+    Long: about an hour and a half on a shared 2-core machine, of which the warm start
+    and (a)/(c) are half; ``--cache DIR`` keeps those between runs (a
+    ``bench/training.py --sim --set arch=llama --cache DIR`` run fills it).
+    ``--llama-set FIELD=VALUE`` passes recipe fields through.
 ``worker_memory``
     A worker's training child (python -m node.jobs.taskproc, op train, exactly as a node
     runs it) on a ~125M-parameter Llama (``model init --arch llama --size 125m``, byte
