@@ -118,7 +118,11 @@ async def _run(recipe: Recipe, root: Path,
                 rounds = coord.jobs.status(jid).get("rounds", [])
                 for rd in rounds[seen:]:
                     if on_round is not None and rd.get("version"):
-                        on_round(rd["round"], _load(coord, rd["version"]))
+                        # In a thread: the five nodes share this event loop, and a held-out
+                        # evaluation run on it stalls their streams (on a loaded machine,
+                        # long enough for tasks to time out and rounds to be lost).
+                        state = _load(coord, rd["version"])
+                        await trio.to_thread.run_sync(on_round, rd["round"], state)
                 seen = len(rounds)
             status = coord.jobs.status(jid)
             if status["status"] != "done":
