@@ -54,7 +54,7 @@ from bench.training_sim import (  # noqa: E402
     log,
     run_simulated_network,
 )
-from node.ml import corpus, gpt, models, trainer  # noqa: E402
+from node.ml import corpus, gpt, hf, models, trainer  # noqa: E402
 
 GOAL_EFFICIENCY = 0.8
 GOAL_BYTES_RATIO = 400.0
@@ -91,12 +91,29 @@ def cached(cache: Path | None, key: dict[str, Any], fn: Any) -> Any:
 
 def model_config(recipe: Recipe) -> models.Config:
     """The built-in GPT of the recipe's size, or (``arch = "llama"``) a transformers
-    Llama of that size over the byte tokenizer: the same tokens either way."""
+    Llama of that GPT's shape over the byte tokenizer (:func:`llama_like`): the same
+    tokens, about the same parameters and compute, so the two compare."""
+    if recipe.size not in gpt.SIZES:
+        raise SystemExit(f"size {recipe.size!r}: one of {', '.join(gpt.SIZES)}")
     if recipe.arch == "gpt":
         return gpt.SIZES[recipe.size]
     if recipe.arch == "llama":
-        return models.byte_llama(recipe.size, max(recipe.seq_len, 256))
+        return llama_like(gpt.SIZES[recipe.size], max(recipe.seq_len, 256))
     raise SystemExit(f"arch {recipe.arch!r}: gpt or llama")
+
+
+def llama_like(g: gpt.GPTConfig, block_size: int) -> models.Config:
+    """A byte-level Llama with the GPT's layers, width and heads. Its SwiGLU MLP has three
+    matrices where the GPT's has two, so its hidden width is 2/3 of the GPT's 4x (rounded
+    up to a multiple of 32, as Llama does): the tiny one has 0.837M parameters against the
+    GPT's 0.842M. (``model init --size tiny`` is a 0.1M Llama made for fast tests: a
+    benchmark of it against the GPT would compare sizes, not the networks' training.)"""
+    inter = -(-(4 * g.n_embd * 2 // 3) // 32) * 32
+    obj = models.byte_llama("tiny", block_size).json | {
+        "num_hidden_layers": g.n_layer, "hidden_size": g.n_embd,
+        "num_attention_heads": g.n_head, "num_key_value_heads": g.n_head,
+        "intermediate_size": inter}
+    return hf.HFConfig.from_json(obj)
 
 
 def main(argv: list[str] | None = None, run_b: RunNetwork | None = None) -> int:

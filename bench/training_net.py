@@ -118,7 +118,11 @@ async def _run(recipe: Recipe, root: Path,
                 rounds = coord.jobs.status(jid).get("rounds", [])
                 for rd in rounds[seen:]:
                     if on_round is not None and rd.get("version"):
-                        on_round(rd["round"], _load(coord, rd["version"]))
+                        # In a thread: the five nodes share this event loop, and a held-out
+                        # evaluation run on it stalls their streams (on a loaded machine,
+                        # long enough for tasks to time out and rounds to be lost).
+                        state = _load(coord, rd["version"])
+                        await trio.to_thread.run_sync(on_round, rd["round"], state)
                 seen = len(rounds)
             status = coord.jobs.status(jid)
             if status["status"] != "done":
@@ -133,8 +137,13 @@ async def _run(recipe: Recipe, root: Path,
                     tasks += 1
                     rejected += t["verdict"] != "accepted"
                     if t.get("delta") and t["worker"] in sent:
-                        sent[t["worker"]] += coord.models.held[
-                            bytes.fromhex(t["delta"])].manifest.total_size
+                        # A delta the coordinator did not fetch (its task had timed out)
+                        # is still counted, at its size in the worker's store.
+                        cid = bytes.fromhex(t["delta"])
+                        held_by = [n.models.held[cid] for n in nodes
+                                   if n.models is not None and cid in n.models.held]
+                        if held_by:
+                            sent[t["worker"]] += held_by[0].manifest.total_size
             received = [_fetched(n) - base_bytes - data_bytes for n in nodes[1:]]
             train_s = sum(n.worker.stats.train_s for n in nodes[1:])  # type: ignore[union-attr]
             state = _load(coord, status["base"])

@@ -192,7 +192,7 @@ def run_simulated_network(recipe: Recipe, config: models.Config, base: State, to
                                            warmup=recipe.inner_warmup, lr_end=lr_end)
                 rerun = trainer.dequantize(trainer.quantize(again.delta, recipe.delta_bits))
                 m["reexec_diff"] = trainer.reexec_diff(c.delta, rerun)
-                m["reexec_match"] = m["reexec_diff"] <= trainer.DEFAULT_THRESHOLDS.reexec_tol
+                m["reexec_match"] = m["reexec_diff"] <= checking.DEFAULT_THRESHOLDS.reexec_tol
                 reexec_s += time.perf_counter() - t0
                 reexecs += 1
             verdict, reason = checking.judge(m)
@@ -223,6 +223,7 @@ def run_simulated_network(recipe: Recipe, config: models.Config, base: State, to
             "own_excess": [round(metrics[c.id]["own_gain"] - (metrics[c.id]["other_gain"] or 0),
                                  4) for c in cands],
             "max_cosine": [round(metrics[c.id]["max_cosine"], 3) for c in cands],
+            "reexec_match": [metrics[c.id]["reexec_match"] for c in cands],
         })
         if on_round is not None:
             on_round(rnd, base)

@@ -60,9 +60,14 @@ log = logging.getLogger(__name__)
 # imports on first call (node/ml/trainer.py, every training and check) and which pulls in
 # torch._dynamo: 1.0 s of CPU per child otherwise (measured), 70 MiB more in the warm parent;
 # this module, which every child unpickles its entry point from; node.cli.app, which the
-# ``iollm`` console script imports when a child runs it again (see the module's doc).
+# ``iollm`` console script imports when a child runs it again (see the module's doc);
+# transformers' model machinery, which every task of a Hugging Face model (node/ml/hf.py)
+# imports: 1.1 s of CPU per child otherwise (measured), 34 MiB more in the warm parent, no
+# thread started (a node without transformers skips it: the fork server ignores an
+# ImportError in its preload).
 PRELOAD = ["node.jobs.taskproc", "torch._inductor.config", "node.jobs.warmchild",
-           "node.cli.app"]
+           "node.cli.app", "transformers.modeling_utils",
+           "transformers.models.auto.modeling_auto"]
 # A warm parent that died makes a start fail; the next one restarts it, once the dead
 # one can be reaped (it may still be exiting: hence the pause).
 START_ATTEMPTS = 3
