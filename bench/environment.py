@@ -19,9 +19,9 @@ missed):
 ``worker_memory``
     A worker's training child (python -m node.jobs.taskproc, op train, exactly as a node
     runs it) on a ~125M-parameter Llama (``model init --arch llama --size 125m``, byte
-    tokenizer: 12 x 768, 4x MLP) on the CPU at batch 8, seq 256, activation checkpointing
-    on, two steps, the job spec's ``train.memory = "lean"`` (``--memory-mode``: the AdamW
-    step fused into the backward pass, bf16 moments): its peak resident memory against
+    tokenizer: 12 x 768, 4x MLP) on the CPU at batch 8, seq 256, two steps, the job
+    spec's ``train.memory = "lean"`` (``--memory-mode``: the AdamW step fused into the
+    backward pass, bf16 moments, activations recomputed in it): its peak resident memory against
     the model's fp32 size. Goal: <= 4x (weights, AdamW's moments, activations and the
     runtime).
 
@@ -134,7 +134,7 @@ def measure_worker_memory(args: argparse.Namespace) -> Result:
                         "data_files": [str(data)], "slice_start": 0, "slice_len": n,
                         "seed": 1, "steps": args.memory_steps, "batch_size": batch,
                         "seq_len": seq, "lr": 1e-4, "device": "cpu",
-                        "grad_checkpointing": True, "memory": args.memory_mode,
+                        "memory": args.memory_mode,
                         "token_cache": str(root / "tokens"),
                         "out_dir": str(root / "out")}, args.threads)
         wall = time.perf_counter() - t0

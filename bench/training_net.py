@@ -142,8 +142,10 @@ async def _run(recipe: Recipe, root: Path,
                         cid = bytes.fromhex(t["delta"])
                         held_by = [n.models.held[cid] for n in nodes
                                    if n.models is not None and cid in n.models.held]
-                        if held_by:
-                            sent[t["worker"]] += held_by[0].manifest.total_size
+                        if not held_by:  # would understate the bytes sent
+                            raise RuntimeError(f"delta {t['delta'][:16]} of task "
+                                               f"{t['task']} is held by no node")
+                        sent[t["worker"]] += held_by[0].manifest.total_size
             received = [_fetched(n) - base_bytes - data_bytes for n in nodes[1:]]
             train_s = sum(n.worker.stats.train_s for n in nodes[1:])  # type: ignore[union-attr]
             state = _load(coord, status["base"])

@@ -3,6 +3,7 @@ ones refused, this node's feed an unbroken chain. No network: storage on disk on
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,17 @@ def test_requirements_device_and_gpu_memory() -> None:
     assert meets_requirements(job(device="cuda"), gpu24) == ""
     assert "at least 40 GB" in meets_requirements(job(min_vram_gb=40), gpu24)
     assert meets_requirements(job(min_vram_gb=40), gpu80) == ""
+    # The lean memory mode needs bf16 on a GPU: a node with only pre-Ampere cards (fp16
+    # and a loss scaler) does not take it; the CPU and a bf16 card do.
+    old_gpu = dataclasses.replace(gpu24, gpus=tuple(dataclasses.replace(
+        g, compute_capability="7.5") for g in gpu24.gpus))
+    assert "bf16" in meets_requirements(job(memory="lean"), old_gpu)
+    assert meets_requirements(job(), old_gpu) == ""
+    assert meets_requirements(job(memory="lean"), gpu24) == ""
+    assert meets_requirements(job(memory="lean"), cpu) == ""
+    new_gpu = dataclasses.replace(gpu24, gpus=tuple(dataclasses.replace(
+        g, compute_capability="10.0") for g in gpu24.gpus))
+    assert meets_requirements(job(memory="lean"), new_gpu) == ""  # 10 > 8, not "10" < "8"
 
 
 def receipt(worker: int, task: str, *, coordinator: int = 0) -> bytes:

@@ -36,7 +36,7 @@ from node.p2p import P2P, PeerId, ProtocolId
 from node.p2p.framing import FrameError, read_frame, reset_quietly, write_frame
 from node.smip.service import Models
 from node.smip.types import FetchError, HeldVersion, PublishError
-from protocol.capability import EnvReport, vram_at_least
+from protocol.capability import EnvReport, GpuInfo, vram_at_least
 from protocol.errors import RemoteProtocolError
 from protocol.jobs import (
     MAX_ASSIGN_BYTES,
@@ -78,7 +78,17 @@ def meets_requirements(job: Job, env: EnvReport) -> str:
     if spec.min_vram_gb > 0 and not any(vram_at_least(g.total_memory_bytes, spec.min_vram_gb)
                                         for g in env.gpus):
         return f"the job needs a GPU of at least {spec.min_vram_gb} GB"
+    if spec.memory == "lean" and has_cuda and all(_fp16_only(g) for g in env.gpus):
+        # Such a card trains in fp16 with a loss scaler, which a step taken inside the
+        # backward pass cannot undo (node/ml/trainer.py refuses it).
+        return "the job's lean memory mode needs bf16: this node's GPUs have fp16 only"
     return ""
+
+
+def _fp16_only(gpu: GpuInfo) -> bool:
+    """Whether a CUDA card lacks bf16 (compute capability below 8.0; unknown: it may not)."""
+    major = gpu.compute_capability.split(".")[0]
+    return major.isdigit() and int(major) < 8
 
 
 def _is_prefetch(data: bytes) -> bool:

@@ -22,7 +22,6 @@ sets it for jobs in the lean memory mode only.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 from collections.abc import Callable
 
@@ -35,7 +34,9 @@ _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 @functools.cache
 def _libc(name: str, *argtypes: type) -> Callable[..., int] | None:
     try:
-        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+        # The C library this process already has loaded: no ldconfig subprocess, as
+        # ctypes.util.find_library would start in every task child.
+        fn = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError, TypeError):
         return None
     fn.argtypes = list(argtypes)

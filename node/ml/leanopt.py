@@ -63,7 +63,7 @@ class LeanAdamW:
 
     Call :meth:`arm` before the backward pass of a step's last micro-batch (it advances
     the step count and sets the learning rate); the hooks then clip, step and free each
-    gradient as it is completed, and disarm themselves with the pass. :meth:`close`
+    gradient as it is completed; :meth:`disarm` after that pass. :meth:`close`
     removes the hooks and frees the moments.
     """
 
@@ -77,7 +77,7 @@ class LeanAdamW:
         self._decay = {id(p): weight_decay if p.dim() >= 2 else 0.0 for p in params.values()}
         self._state: dict[int, tuple[Tensor, Tensor]] = {}
         self._handles = [p.register_post_accumulate_grad_hook(self._hook)
-                         for p in params.values()]
+                         for p in params.values() if p.requires_grad]
         self.stepped = 0  # parameters stepped in the current armed pass
 
     def arm(self, lr: float) -> None:

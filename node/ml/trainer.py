@@ -178,7 +178,8 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
     step, whatever the card. Precision: bf16 autocast where the device has it, fp16 with
     a gradient scaler where it has only fp16, fp32 on the CPU. ``compile_model`` runs the
     model through torch.compile; ``grad_checkpointing`` recomputes a Hugging Face model's
-    activations in the backward pass (less memory, about a third more compute).
+    activations in the backward pass (less memory, about a third more compute; always on
+    in the lean memory mode).
 
     ``memory`` (the job spec's ``train.memory``): "standard" is AdamW with a global
     gradient-norm clip; "lean" steps each parameter inside the backward pass with bf16
@@ -216,7 +217,10 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
         if release is not None:
             release()  # the base's pages are not needed until the delta is taken
         heap.trim()  # the tokenizer's and the model build's garbage
-        if grad_checkpointing and models.is_hf(config):
+        # The lean mode is for models too large for the standard one: it also recomputes
+        # activations in the backward pass (the same values, so no change to the maths;
+        # a worker and a re-execution of a lean job both do it).
+        if (grad_checkpointing or lean) and models.is_hf(config):
             model.inner.gradient_checkpointing_enable(  # type: ignore[union-attr,operator]
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -256,7 +260,10 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
             step_lr = lr_at(step, steps, lr, warmup, lr_end)
             starts = torch.randint(lo, hi + 1, (batch_size,), generator=gen)
             if lean_opt is not None:
-                # The step happens inside the last micro-batch's backward pass.
+                # The step happens inside the last micro-batch's backward pass. A gradient
+                # left from a step whose last pass did not reach its parameter is dropped,
+                # as the standard mode's zero_grad drops it.
+                model.zero_grad(set_to_none=True)
                 loss = _accumulate(run, data, starts, seq_len, device, prec, micro_batch,
                                    None, before_last=functools.partial(lean_opt.arm, step_lr))
                 lean_opt.disarm()
