@@ -643,13 +643,16 @@ def main(raw: bytes | None = None) -> int:
     """Answer one request (read from stdin unless given: a warm child gets it as an
     argument, node/jobs/warmchild.py) on stdout; the exit code."""
     global _CHILD
-    _CHILD = True
-    if raw is None:
-        raw = sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1)
-    code, obj = answer(raw)
-    sys.stdout.write(json.dumps(obj, allow_nan=False) + "\n")
-    sys.stdout.flush()
-    return code
+    was, _CHILD = _CHILD, True
+    try:  # a real child exits after this; a test calling main in its own process goes on
+        if raw is None:
+            raw = sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1)
+        code, obj = answer(raw)
+        sys.stdout.write(json.dumps(obj, allow_nan=False) + "\n")
+        sys.stdout.flush()
+        return code
+    finally:
+        _CHILD = was
 
 
 if __name__ == "__main__":
