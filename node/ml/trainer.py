@@ -221,8 +221,12 @@ def train_task(config: models.Config, base_state: Mapping[str, Tensor], tokens: 
         # activations in the backward pass (the same values, so no change to the maths;
         # a worker and a re-execution of a lean job both do it).
         if (grad_checkpointing or lean) and models.is_hf(config):
-            model.inner.gradient_checkpointing_enable(  # type: ignore[union-attr,operator]
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            inner: Any = model.inner
+            kwargs = {"use_reentrant": False}
+            if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x
+                inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:  # the older name (deprecated in 5.x), from the 4.45 this project allows
+                inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.train()
         run = torch.compile(model) if compile_model else model
         params = models.named_parameters(model)
