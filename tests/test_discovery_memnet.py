@@ -16,17 +16,15 @@ from typing import Any
 
 import pytest
 import trio
-from nacl.signing import SigningKey
 
 from node.config import DiscoverySection
-from node.discovery.service import CAPABILITY_PROTOCOL, CAPABILITY_TOPIC, SYNC_PROTOCOL
-from node.p2p.framing import read_frame, write_frame
+from node.discovery.service import CAPABILITY_PROTOCOL, CAPABILITY_TOPIC
 from protocol.capability import CapabilityRecord, EnvReport, capability_dht_key, class_provider_key
-from protocol.envelope import DOMAIN_CAPABILITY, seal
 from protocol.errors import RemoteProtocolError
 from tests.cluster import Cluster, LocalNode, memnet_cluster
 from tests.memnet import MemNode, run_on_mock_clock
 from tests.netutil import make_env
+from tests.test_discovery_multinode import all_published, record_sync_scenario, sign_as
 
 pytestmark = pytest.mark.timeout(60)
 CONFIG = DiscoverySection(refresh_interval_s=3600, record_ttl_s=7200, query_timeout_s=5,
@@ -55,17 +53,6 @@ def run(fn: Callable[[], Awaitable[None]], virtual_s: float = 20_000) -> None:
 def mem(node: LocalNode) -> MemNode:
     assert isinstance(node.net, MemNode)
     return node.net
-
-
-async def all_published(nodes: Cluster) -> None:
-    with trio.fail_after(60):
-        for n in nodes:
-            await n.discovery.published.wait()
-
-
-def sign_as(key: SigningKey, record: CapabilityRecord) -> bytes:
-    """Seal a record under a key that is not the record's peer, as a modified node would."""
-    return seal(key, DOMAIN_CAPABILITY, record.encode_body()).encode()
 
 
 def forgery(of: LocalNode, by: LocalNode, now_ms: int) -> bytes:
@@ -219,52 +206,14 @@ def test_record_sync_fills_a_node_and_survives_a_lying_or_frozen_peer(tmp_path: 
     async def main() -> None:
         async with cluster(tmp_path, [make_env(g) for g in [(), (24,), (40,), (8,)]]) as nodes:
             await all_published(nodes)
-            source, liar, frozen, empty = nodes
-            others = [n for n in nodes if n is not empty]
-            with trio.fail_after(30):
-                while not all(source.discovery.local_record(n.peer_id) for n in others[1:]):
-                    await trio.sleep(0.5)
+            frozen, empty = nodes[2], nodes[3]
 
             def forget_all() -> None:
                 empty.discovery.replicas.clear()
                 mem(empty).values.clear()
 
-            forget_all()
-            assert all(empty.discovery.local_record(n.peer_id) is None for n in others)
-            assert await empty.discovery.sync_from(source.net.peer_id) == len(others)
-            for n in others:
-                cap = empty.discovery.local_record(n.peer_id)
-                assert cap is not None and cap.envelope == n.discovery.current.envelope  # type: ignore[union-attr]
-            assert await empty.discovery.sync_from(source.net.peer_id) == 0  # idempotent
-
-            forged = forgery(source, liar, source.discovery.clock_ms())
-
-            async def lying_answer(stream: Any) -> None:
-                await read_frame(stream, 64, 5)
-                for frame in (forged, liar.discovery.current.envelope, b""):  # type: ignore[union-attr]
-                    await write_frame(stream, frame, 5)
-                await stream.close()
-
-            async def frozen_answer(stream: Any) -> None:
-                await read_frame(stream, 64, 5)
-                await write_frame(stream, frozen.discovery.current.envelope, 5)  # type: ignore[union-attr]
-                await trio.sleep_forever()  # the connection open, nothing more
-
-            liar.net.serve(SYNC_PROTOCOL, lying_answer, 64)
-            frozen.net.serve(SYNC_PROTOCOL, frozen_answer, 64)
-            forget_all()
-            rejected = empty.discovery.metrics.rejected.labels("signer-mismatch")
-            before = rejected._value.get()
-            assert await empty.discovery.sync_from(liar.net.peer_id) == 1
-            assert rejected._value.get() == before + 1
-            assert empty.discovery.local_record(source.peer_id) is None  # forged one refused
-            assert empty.discovery.local_record(liar.peer_id) is not None
-
-            started = trio.current_time()
-            assert await empty.discovery.sync_from(frozen.net.peer_id) == 1
             # The stream timeout, exactly: virtual time does not drift.
-            assert trio.current_time() - started == pytest.approx(5, abs=0.1)
-            assert empty.discovery.local_record(frozen.peer_id) is not None
+            assert await record_sync_scenario(nodes, forget_all) == pytest.approx(5, abs=0.1)
 
             # A frozen peer does not hang a direct fetch either.
             async def never_answer(stream: Any) -> None:

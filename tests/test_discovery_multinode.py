@@ -7,7 +7,9 @@ on the in-memory network and trio's MockClock in seconds."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -36,7 +38,7 @@ def run(fn, *args, timeout: float = 90):  # type: ignore[no-untyped-def]
     return trio.run(main)
 
 
-async def _all_published(nodes) -> None:  # type: ignore[no-untyped-def]
+async def all_published(nodes: Sequence[LocalNode]) -> None:
     # A bound, not a wait: a node with many capability classes takes 1.1 s per class to
     # publish (provide pacing, node/p2p/host.py), about 12 s for the GPU nodes here.
     with trio.fail_after(60):
@@ -51,7 +53,7 @@ def test_every_node_finds_every_other_and_filters_exactly(tmp_path: Path) -> Non
 
     async def scenario() -> None:
         async with node_cluster(tmp_path, envs, clock) as nodes:
-            await _all_published(nodes)
+            await all_published(nodes)
             everyone = {n.peer_id for n in nodes}
 
             async def all_see_all() -> bool:
@@ -114,7 +116,7 @@ def test_a_provide_that_reached_nobody_is_tried_again(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with node_cluster(tmp_path, [make_env((24,)), make_env()], FakeClock(),
                                 start=1) as nodes:
-            await _all_published(nodes)
+            await all_published(nodes)
             first = nodes[0].net.peer_id
             joiner = await nodes.restart(1)
             assert first not in _providers(joiner, key)
@@ -139,7 +141,7 @@ def test_forged_and_expired_records_are_rejected(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with node_cluster(tmp_path, envs, clock) as nodes:
-            await _all_published(nodes)
+            await all_published(nodes)
             victim, attacker, asker = nodes[1], nodes[2], nodes[3]
             key = capability_dht_key(victim.peer_id)
             genuine = victim.discovery.current
@@ -150,7 +152,7 @@ def test_forged_and_expired_records_are_rejected(tmp_path: Path) -> None:
                 peer_id=victim.peer_id, addrs=genuine.record.addrs, software="evil",
                 seq=genuine.record.seq + 100, created_ms=clock(),
                 expires_ms=clock() + 3_600_000, env=make_env((80, 80, 80, 80)))
-            forged = _sign_as(attacker.key, forged_record)
+            forged = sign_as(attacker.key, forged_record)
             dht_record = make_signed_put_record(key.encode(), forged,
                                                 attacker.net.host.get_private_key())
             for target in (nodes[0], asker):
@@ -169,7 +171,7 @@ def test_forged_and_expired_records_are_rejected(tmp_path: Path) -> None:
     run(scenario)
 
 
-def _sign_as(key: SigningKey, record: CapabilityRecord) -> bytes:
+def sign_as(key: SigningKey, record: CapabilityRecord) -> bytes:
     """Seal a record under a key that is not the record's peer (sign_capability refuses
     to: that would be our own misuse), as an attacker's modified node would."""
     return seal(key, DOMAIN_CAPABILITY, record.encode_body()).encode()
@@ -184,7 +186,7 @@ def test_departed_node_disappears_after_expiry(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with node_cluster(tmp_path, envs, clock, config=config) as nodes:
-            await _all_published(nodes)
+            await all_published(nodes)
             leaver, asker = nodes[2], nodes[4]
 
             async def sees_leaver() -> bool:
@@ -274,7 +276,7 @@ def test_gossip_rejects_forged_and_keeps_newest(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with node_cluster(tmp_path, [make_env(), make_env((24,)), make_env((40,))],
                                 clock) as nodes:
-            await _all_published(nodes)
+            await all_published(nodes)
             observer, victim, attacker = nodes
 
             async def observer_has_victim() -> bool:
@@ -293,7 +295,7 @@ def test_gossip_rejects_forged_and_keeps_newest(tmp_path: Path) -> None:
             # A modified node: without its own validator, it sends what ours would refuse.
             attacker.net.pubsub.remove_topic_validator(CAPABILITY_TOPIC)
             await attacker.net.pubsub.publish(CAPABILITY_TOPIC,
-                                              _sign_as(attacker.key, forged_record))
+                                              sign_as(attacker.key, forged_record))
 
             async def forged_rejected() -> bool:
                 return rejected.labels("signer-mismatch")._value.get() > before
@@ -317,72 +319,89 @@ def test_gossip_rejects_forged_and_keeps_newest(tmp_path: Path) -> None:
     run(scenario)
 
 
+async def record_sync_scenario(nodes: Sequence[LocalNode], forget: Callable[[], object]
+                               ) -> float:
+    """The record-sync scenario of the real-socket test below and its memnet twin
+    (tests/test_discovery_memnet.py), on nodes (source, liar, frozen, empty): ``empty``,
+    after ``forget`` (its replicas and DHT values dropped), gets every record back from the
+    source's sync answer, once; the liar's answer holds a forged record of the source
+    (refused, counted) and its own (kept); the frozen peer sends one record and then
+    nothing. Returns the seconds the frozen peer's sync took (each caller bounds them)."""
+    from node.discovery.service import SYNC_PROTOCOL
+    from node.p2p.framing import read_frame, write_frame
+
+    source, liar, frozen, empty = nodes
+    others = [n for n in nodes if n is not empty]
+
+    async def source_has_all() -> bool:
+        return all(source.discovery.local_record(n.peer_id) for n in others[1:])
+
+    await wait_until(source_has_all, timeout=30)
+    forget()
+    assert all(empty.discovery.local_record(n.peer_id) is None for n in others)
+    assert await empty.discovery.sync_from(source.net.peer_id) == len(others)
+    for n in others:
+        cap = empty.discovery.local_record(n.peer_id)
+        assert cap is not None and cap.envelope == n.discovery.current.envelope  # type: ignore[union-attr]
+    assert await empty.discovery.sync_from(source.net.peer_id) == 0  # idempotent
+
+    # The liar answers with a forged record of the source (higher seq), then a genuine one
+    # of its own, then ends the answer properly.
+    genuine = source.discovery.current
+    assert genuine is not None
+    now = source.discovery.clock_ms()
+    forged = sign_as(liar.key, CapabilityRecord(
+        peer_id=source.peer_id, addrs=genuine.record.addrs, software="evil",
+        seq=genuine.record.seq + 5, created_ms=now, expires_ms=now + 3_600_000,
+        env=make_env((80,))))
+
+    async def lying_answer(stream: Any) -> None:
+        await read_frame(stream, 64, 5)
+        for frame in (forged, liar.discovery.current.envelope, b""):  # type: ignore[union-attr]
+            await write_frame(stream, frame, 5)
+        await stream.close()
+
+    async def frozen_answer(stream: Any) -> None:
+        await read_frame(stream, 64, 5)
+        await write_frame(stream, frozen.discovery.current.envelope, 5)  # type: ignore[union-attr]
+        await trio.sleep_forever()  # the connection open, nothing more: a frozen peer
+
+    liar.net.serve(SYNC_PROTOCOL, lying_answer, 64)
+    frozen.net.serve(SYNC_PROTOCOL, frozen_answer, 64)
+    forget()
+    rejected = empty.discovery.metrics.rejected.labels("signer-mismatch")
+    before = rejected._value.get()
+    assert await empty.discovery.sync_from(liar.net.peer_id) == 1
+    assert rejected._value.get() == before + 1
+    assert empty.discovery.local_record(source.peer_id) is None  # forged one refused
+    assert empty.discovery.local_record(liar.peer_id) is not None
+
+    started = trio.current_time()
+    assert await empty.discovery.sync_from(frozen.net.peer_id) == 1
+    elapsed = trio.current_time() - started
+    assert empty.discovery.local_record(frozen.peer_id) is not None
+    return elapsed
+
+
 @pytest.mark.slow  # its logic runs on memnet in the default suite: tests/test_discovery_memnet.py
 def test_record_sync_fills_a_node_and_survives_a_lying_or_frozen_peer(tmp_path: Path) -> None:
     """A node that lost every replica gets them back from one peer over the sync stream; a
     peer whose answer holds a forged record, or that freezes mid-answer, costs only those
     records and at most the stream timeout."""
-    from node.discovery.service import SYNC_PROTOCOL
-    from node.p2p.framing import read_frame, write_frame
-
     clock = FakeClock()
 
     async def scenario() -> None:
         async with node_cluster(tmp_path, [make_env(g) for g in [(), (24,), (40,), (8,)]],
                                 clock) as nodes:
-            await _all_published(nodes)
-            source, liar, frozen, empty = nodes
-            others = [n for n in nodes if n is not empty]
+            await all_published(nodes)
+            empty = nodes[3]
 
-            async def source_has_all() -> bool:
-                return all(source.discovery.local_record(n.peer_id) for n in others[1:])
+            def forget() -> None:
+                empty.discovery.replicas.clear()
+                empty.net.dht.value_store.store.clear()
 
-            await wait_until(source_has_all, timeout=30)
-            empty.discovery.replicas.clear()
-            empty.net.dht.value_store.store.clear()
-            assert all(empty.discovery.local_record(n.peer_id) is None for n in others)
-
-            assert await empty.discovery.sync_from(source.net.peer_id) == len(others)
-            for n in others:
-                cap = empty.discovery.local_record(n.peer_id)
-                assert cap is not None and cap.envelope == n.discovery.current.envelope  # type: ignore[union-attr]
-            assert await empty.discovery.sync_from(source.net.peer_id) == 0  # idempotent
-
-            # The liar answers with a forged record of the source (higher seq), then a
-            # genuine one of its own, then ends the answer properly.
-            genuine = source.discovery.current
-            assert genuine is not None
-            forged = _sign_as(liar.key, CapabilityRecord(
-                peer_id=source.peer_id, addrs=genuine.record.addrs, software="evil",
-                seq=genuine.record.seq + 5, created_ms=clock(), expires_ms=clock() + 3_600_000,
-                env=make_env((80,))))
-
-            async def lying_answer(stream) -> None:  # type: ignore[no-untyped-def]
-                await read_frame(stream, 64, 5)
-                for frame in (forged, liar.discovery.current.envelope, b""):  # type: ignore[union-attr]
-                    await write_frame(stream, frame, 5)
-                await stream.close()
-
-            async def frozen_answer(stream) -> None:  # type: ignore[no-untyped-def]
-                await read_frame(stream, 64, 5)
-                await write_frame(stream, frozen.discovery.current.envelope, 5)  # type: ignore[union-attr]
-                await trio.sleep_forever()  # TCP open, nothing more: a frozen peer
-
-            liar.net.host.set_stream_handler(SYNC_PROTOCOL, lying_answer)
-            frozen.net.host.set_stream_handler(SYNC_PROTOCOL, frozen_answer)
-            empty.discovery.replicas.clear()
-            empty.net.dht.value_store.store.clear()
-            rejected = empty.discovery.metrics.rejected.labels("signer-mismatch")
-            before = rejected._value.get()
-            assert await empty.discovery.sync_from(liar.net.peer_id) == 1
-            assert rejected._value.get() == before + 1
-            assert empty.discovery.local_record(source.peer_id) is None  # forged one refused
-            assert empty.discovery.local_record(liar.peer_id) is not None
-
-            started = trio.current_time()
-            assert await empty.discovery.sync_from(frozen.net.peer_id) == 1
-            assert trio.current_time() - started < 5 + 2  # the stream timeout, not forever
-            assert empty.discovery.local_record(frozen.peer_id) is not None
+            elapsed = await record_sync_scenario(nodes, forget)
+            assert elapsed < 5 + 2  # the stream timeout, not forever
 
     run(scenario)
 
@@ -428,7 +447,7 @@ def test_dht_only_query_stops_at_a_quorum_of_copies(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with node_cluster(tmp_path, [make_env() for _ in range(6)], clock) as nodes:
-            await _all_published(nodes)
+            await all_published(nodes)
             asker, target = nodes[0], nodes[5]
             quorum = asker.discovery.config.value_quorum
             key = capability_dht_key(target.peer_id).encode()
