@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from node.ml import corpus, gpt, heap, models, trainer
+from node.ml import corpus, gpt, heap, trainer
 from node.ml.weights import mmap_safetensors
 
 MB = 1 << 20
@@ -64,16 +64,16 @@ def test_datasets_of_several_files_are_indexed_not_loaded(tmp_path: Path) -> Non
 
 
 def test_versions_are_written_and_applied_without_whole_copies(tmp_path: Path) -> None:
-    """models.write_state gives state_bytes' exact file without building it in memory, and
+    """gpt.write_state gives state_bytes' exact file without building it in memory, and
     apply_update over a mapped base drops the base's pages as it goes (the coordinator's
     and every worker's rebuild of a version)."""
     odd = {"b.w": torch.randn(3, 5), "a": torch.randn(7), "e": torch.zeros(0),
            "t": torch.randn(2, 3, 4).transpose(0, 1)}
-    sha = models.write_state(tmp_path / "odd.safetensors", odd)
+    sha = gpt.write_state(tmp_path / "odd.safetensors", odd)
     assert (tmp_path / "odd.safetensors").read_bytes() == gpt.state_bytes(odd)
     assert sha == hashlib.sha256(gpt.state_bytes(odd)).hexdigest()
     base = {f"w{i}": torch.randn(1024, 1024) for i in range(16)}  # 64 MiB
-    models.write_state(tmp_path / "base.safetensors", base)
+    gpt.write_state(tmp_path / "base.safetensors", base)
     update = trainer.quantize_int8({k: torch.full_like(v, 0.01) for k, v in base.items()})
     mapped = mmap_safetensors(tmp_path / "base.safetensors")
     before = rss()

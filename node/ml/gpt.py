@@ -27,6 +27,7 @@ Public API::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
+from safetensors.torch import save, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -282,17 +283,44 @@ def config_bytes(config: GPTConfig) -> bytes:
     return (json.dumps(config_to_json(config), sort_keys=True, indent=1) + "\n").encode()
 
 
+STATE_METADATA = {"format": "pt"}  # what transformers' loaders expect of a torch file
+
+
+def _canonical(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A state as its file holds it: fp32, contiguous, names sorted (safetensors itself
+    orders tensors by dtype then name; sorting here costs nothing and keeps the order
+    explicit)."""
+    return {k: state[k].detach().to("cpu", torch.float32).contiguous() for k in sorted(state)}
+
+
 def state_bytes(state: Mapping[str, Tensor]) -> bytes:
-    """safetensors bytes of a state: fp32, contiguous, names sorted, fixed metadata.
-    (safetensors itself orders tensors by dtype then name; sorting here costs nothing and
-    keeps the order explicit.)"""
-    tensors = {k: state[k].detach().to("cpu", torch.float32).contiguous() for k in sorted(state)}
-    return save(tensors, metadata={"format": "pt"})
+    """safetensors bytes of a state: :func:`_canonical`, fixed metadata."""
+    return save(_canonical(state), metadata=STATE_METADATA)
+
+
+def write_state(path: Path, state: Mapping[str, Tensor]) -> str:
+    """``state_bytes(state)`` written atomically to ``path`` without those bytes ever being
+    in memory (safetensors' save_file writes the tensors' own memory; ``save`` builds the
+    file twice over, in Rust and as Python bytes: two more copies of a model). Returns
+    the file's sha256, read back in chunks."""
+    tmp = _tmp_beside(path)
+    save_file(_canonical(state), str(tmp), metadata=STATE_METADATA)
+    digest = hashlib.sha256()
+    with open(tmp, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return digest.hexdigest()
+
+
+def _tmp_beside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary name beside ``path`` and rename: a crash leaves no half file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _tmp_beside(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -308,7 +336,7 @@ def save_model(out_dir: str | os.PathLike[str], config: GPTConfig,
     check_state(config, state)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / WEIGHTS_FILE, state_bytes(state))
+    write_state(out / WEIGHTS_FILE, state)
     write_atomic(out / CONFIG_FILE, config_bytes(config))
 
 

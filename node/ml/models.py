@@ -17,7 +17,6 @@ Public API::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from node.ml import gpt, hf
@@ -103,7 +101,7 @@ def save_model(out_dir: str | os.PathLike[str], config: Config,
     check_state(config, state)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gpt.write_atomic(out / gpt.WEIGHTS_FILE, gpt.state_bytes(state))
+    gpt.write_state(out / gpt.WEIGHTS_FILE, state)
     if tokenizer is not None:
         tokens.save_tokenizer(tokenizer, out, config.block_size)
     gpt.write_atomic(out / gpt.CONFIG_FILE,
@@ -130,7 +128,7 @@ def write_version(out_dir: Path, base_dir: Path, state: Mapping[str, Tensor]) ->
     files and shard index are not copied: the new weights are one file. Returns the
     sha256 of the weights."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    sha = write_state(out_dir / gpt.WEIGHTS_FILE, state)
+    sha = gpt.write_state(out_dir / gpt.WEIGHTS_FILE, state)
     extras = sorted(p for p in base_dir.iterdir() if p.is_file()
                     and not p.name.endswith((".safetensors", ".safetensors.index.json"))
                     and p.name != gpt.CONFIG_FILE)
@@ -139,19 +137,3 @@ def write_version(out_dir: Path, base_dir: Path, state: Mapping[str, Tensor]) ->
     gpt.write_atomic(out_dir / gpt.CONFIG_FILE, (base_dir / gpt.CONFIG_FILE).read_bytes())
     return sha
 
-
-def write_state(path: Path, state: Mapping[str, Tensor]) -> str:
-    """``gpt.state_bytes(state)`` written atomically to ``path`` without those bytes ever
-    being in memory (safetensors' save_file writes the tensors' own memory; ``save``
-    builds the file twice over, in Rust and as Python bytes: two more copies of a model).
-    Returns the file's sha256, read back in chunks."""
-    tensors = {k: state[k].detach().to("cpu", torch.float32).contiguous() for k in sorted(state)}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    digest = hashlib.sha256()
-    with open(tmp, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return digest.hexdigest()
