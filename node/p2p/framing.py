@@ -66,16 +66,25 @@ async def read_frame(stream: Any, max_bytes: int, timeout: float, *,
     between frames, but a frame begun is not held half-sent (its buffer is memory)."""
     limit = f"no complete frame within {timeout:g} s"
     with trio.move_on_after(timeout) as scope:
-        (length,) = FRAME_HEADER.unpack(await read_exactly(stream, FRAME_HEADER.size))
-        if length > max_bytes:
-            raise FrameError(f"frame of {length} bytes exceeds the {max_bytes}-byte limit")
-        if body_timeout is not None:
-            body_s = body_timeout(length)
-            limit = f"the body of a {length}-byte frame did not follow within {body_s:g} s"
-            scope.deadline = trio.current_time() + body_s
+        header = await read_exactly(stream, FRAME_HEADER.size)
+        length, limit = _begin_body(header, max_bytes, scope, body_timeout, limit)
         return await read_exactly(stream, length)
     assert scope.cancelled_caught
     raise FrameError(limit)
+
+
+def _begin_body(header: bytes, max_bytes: int, scope: trio.CancelScope,
+                body_timeout: Callable[[int], float] | None, limit: str) -> tuple[int, str]:
+    """A frame's length from its header (FrameError over ``max_bytes``); with
+    ``body_timeout``, the body's deadline set on ``scope`` and the error that names it."""
+    (length,) = FRAME_HEADER.unpack(header)
+    if length > max_bytes:
+        raise FrameError(f"frame of {length} bytes exceeds the {max_bytes}-byte limit")
+    if body_timeout is not None:
+        body_s = body_timeout(length)
+        limit = f"the body of a {length}-byte frame did not follow within {body_s:g} s"
+        scope.deadline = trio.current_time() + body_s
+    return length, limit
 
 
 async def write_frame(stream: Any, payload: bytes, timeout: float) -> None:
@@ -180,13 +189,8 @@ class FrameReader:
         limit = f"no complete frame within {timeout:g} s"
         with trio.move_on_after(timeout) as scope:
             await self._fill(FRAME_HEADER.size)
-            (length,) = FRAME_HEADER.unpack(self._take(FRAME_HEADER.size))
-            if length > max_bytes:
-                raise FrameError(f"frame of {length} bytes exceeds the {max_bytes}-byte limit")
-            if body_timeout is not None:
-                body_s = body_timeout(length)
-                limit = f"the body of a {length}-byte frame did not follow within {body_s:g} s"
-                scope.deadline = trio.current_time() + body_s
+            length, limit = _begin_body(self._take(FRAME_HEADER.size), max_bytes, scope,
+                                        body_timeout, limit)
             await self._fill(length)
             return self._take(length) if length else b""
         assert scope.cancelled_caught
