@@ -177,6 +177,8 @@ class MemNode:
     _seq: itertools.count[int] = field(default_factory=itertools.count)
     _provide_lock: trio.Lock = field(default_factory=trio.Lock)
     _next_provide: float = 0.0
+    failing_puts: int = 0  # the next this many put_value calls fail, as a timeout would
+    _addrs_changed: trio.Event = field(default_factory=trio.Event)
 
     def __post_init__(self) -> None:
         self._peer_id = PeerId.from_base58(peer_id_of(self.key))
@@ -231,7 +233,13 @@ class MemNode:
         return [f"/ip4/127.0.0.1/tcp/{10000 + self.index}/p2p/{self.peer_id.to_base58()}"]
 
     async def wait_addrs_changed(self) -> None:
-        await trio.sleep_forever()
+        await self._addrs_changed.wait()
+        self._addrs_changed = trio.Event()
+
+    def change_addrs(self) -> None:
+        """What AutoNAT's verdict or a relay slot does to a real host: its addresses
+        change, and the node re-signs its record at once."""
+        self._addrs_changed.set()
 
     def protocols(self) -> list[str]:
         return sorted([*self.handlers, str(KAD_PROTOCOL_ID), GOSSIP_PROTOCOL_ID])
@@ -282,6 +290,18 @@ class MemNode:
 
     async def put_value(self, key: str, value: bytes) -> None:
         expires = self.world.now_s() + DHT_RECORD_TTL_S
+        # As py-libp2p's KadDHT.put_value: a value that loses to the local store's copy
+        # (the validator's select) is refused before anything is sent.
+        old = self.values.get(key.encode())
+        namespace = key.split("/")[1] if key.startswith("/") else ""
+        validator = self.validators.get(namespace)
+        if (old is not None and old[0] != value and validator is not None
+                and validator.select(key, [value, old[0]]) != 0):
+            raise ValueError("Refusing to replace newer value with the older one")
+        if self.failing_puts:
+            self.failing_puts -= 1
+            await trio.sleep(HOP_LATENCY_S)
+            raise trio.TooSlowError("put_value: no peer answered in time")
         self.accept_value(key.encode(), value, expires)
         for peer in await self._closest_reachable(key.encode()):
             try:

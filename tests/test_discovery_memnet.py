@@ -9,6 +9,7 @@ hang a direct fetch."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -117,6 +118,40 @@ def test_a_provide_that_reached_nobody_is_tried_again(tmp_path: Path) -> None:
                     await trio.sleep(0.5)
 
     run(main)
+
+
+def test_a_put_retried_after_a_re_sign_puts_the_newer_record(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """py-libp2p refuses to put a record older than the one in its own store, and a
+    re-sign stores the newer one there at once: a publish whose put failed and that
+    retried the record it began with failed every retry (and warned) once the node had
+    re-signed meanwhile. The retry now defers to the newer record's own publish."""
+    caplog.set_level(logging.INFO, logger="node.discovery.service")
+
+    async def main() -> None:
+        async with cluster(tmp_path, [make_env(), make_env(), make_env()]) as nodes:
+            await all_published(nodes)
+            node = nodes[0]
+            key = capability_dht_key(node.peer_id).encode()
+            first = node.discovery.current
+            mem(node).failing_puts = 1
+            mem(node).change_addrs()  # re-signs; that publish's put fails once
+            while mem(node).failing_puts or node.discovery.current is first:
+                await trio.sleep(0.1)
+            second = node.discovery.current
+            mem(node).change_addrs()  # re-signs again before the failed put's retry
+            while node.discovery.current is second:
+                await trio.sleep(0.1)
+            await trio.sleep(30)  # past every retry (2 + 4 + 8 s)
+            newest = node.discovery.current
+            assert newest is not None
+            held = [mem(n).values.get(key) for n in nodes[1:]]
+            assert all(h is not None and h[0] == newest.envelope for h in held)
+
+    run(main)
+    failures = [r.getMessage() for r in caplog.records if "DHT put" in r.getMessage()]
+    assert failures == ["DHT put of the capability record failed: "
+                        "TooSlowError('put_value: no peer answered in time')"]
 
 
 def test_forged_and_expired_records_are_rejected(tmp_path: Path) -> None:

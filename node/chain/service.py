@@ -24,7 +24,7 @@ from typing import Any
 import trio
 from nacl.signing import SigningKey
 
-from node.chain.consensus import Consensus, claimed_height, frame_limit, proposal_limit
+from node.chain.consensus import Consensus, frame_limit, proposal_limit
 from node.chain.links import ValidatorLinks
 from node.chain.network import chain_topics, topic_validator
 from node.chain.state import ChainState, Mempool
@@ -119,16 +119,22 @@ class Chain:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         await self.state.load()
         t = self.topics
+        # Only validators join the consensus topic: every vote and rebroadcast reached
+        # every node of the network, and each relayed it to its mesh, so an idle chain
+        # cost each follower a steady stream of messages to read, check and forward (at
+        # 30 hosts, queues overflowed). Followers learn the chain's height from heads.
+        topics = [(t.txs, self.txs.check_gossip), (t.heads, self.sync.check_gossip)]
+        if self.consensus is not None:
+            topics.append((t.consensus, self._check_consensus_gossip))
         subs = {topic: await self.net.subscribe(topic, topic_validator(self.net, topic, check))
-                for topic, check in ((t.txs, self.txs.check_gossip),
-                                     (t.consensus, self._check_consensus_gossip),
-                                     (t.heads, self.sync.check_gossip))}
+                for topic, check in topics}
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: self.sync.run(
                 subs[t.heads], announce=self.is_validator, task_status=task_status))
             nursery.start_soon(self.txs.run, subs[t.txs])
-            nursery.start_soon(self._receive_consensus, subs[t.consensus])
             if self.links is not None and self.consensus is not None:
+                nursery.start_soon(self._receive_consensus, self.consensus,
+                                   subs[t.consensus])
                 nursery.start_soon(self.links.run)
                 nursery.start_soon(self.consensus.run)
             log.info("chain %s at height %d (%s)", self.genesis.chain_id, self.ledger.height,
@@ -139,22 +145,15 @@ class Chain:
         check_consensus_gossip(data, self.genesis.chain_id, self.genesis.powers,
                                self._max_consensus_frame)
 
-    async def _receive_consensus(self, subscription: Any) -> None:
-        """Validators take the topic's messages into consensus; other nodes only see in
-        them whether they are behind."""
+    async def _receive_consensus(self, consensus: Consensus, subscription: Any) -> None:
+        """Feed the consensus topic's messages to this validator's machine."""
         while True:
             message = await subscription.get()
             try:
                 frame = ConsensusFrame.decode(message.data, self._max_consensus_frame)
             except RemoteProtocolError:
                 continue
-            sender = message.from_peer
-            if self.consensus is not None:
-                self.consensus.deliver(frame.kind, frame.data, sender)
-            elif sender is not None:
-                height = claimed_height(frame.data, self.genesis)
-                if height is not None and height > self.ledger.height + 1:
-                    self.sync.behind(sender)
+            consensus.deliver(frame.kind, frame.data, message.from_peer)
 
 
 GENESIS_FILE = "genesis.toml"  # in the node home: the chain this home follows

@@ -227,30 +227,41 @@ class Discovery:
         ``retry_interval_s``, 2x and 4x that (the next refresh repeats them all anyway):
         one dropped ADD_PROVIDER would otherwise hide this node from a class for a
         whole refresh interval."""
-        assert self.current is not None
+        mine = self.current
+        assert mine is not None
         await self.bootstrapped.wait()
-        envelope = self.current.envelope
+        if self.current is not mine:
+            return  # re-signed while waiting: the newer record's own publish does it all
         classes = capability_classes(self.env)
         generic = [c for c in classes if not c.startswith("gpu-mem-")]
         # The most selective class first.
         ordered = generic + [c for c in reversed(classes) if c.startswith("gpu-mem-")]
-        steps = [_Step("DHT put of the capability record", self.net.put_value,
-                       (capability_dht_key(self.peer_id), envelope), paced=False)]
+        steps = [_Step("DHT put of the capability record", self._put_current, (), paced=False)]
         steps += [_Step(f"providing class {name}", self.net.provide,
                         (class_provider_key(name),), paced=True) for name in ordered]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._attempt, "gossip of the capability record",
-                               self.net.publish, CAPABILITY_TOPIC, envelope)
+                               self.net.publish, CAPABILITY_TOPIC, mine.envelope)
             failed = await self._run_steps(steps)
         self.published.set()
         for retry in range(self.config.publish_retries):
             if not failed:
                 return
             await trio.sleep(self.config.retry_interval_s * 2**retry)
+            if self.current is not mine:
+                return  # re-signed meanwhile: as above
             failed = await self._run_steps(failed)
         for step in failed:
             log.warning("%s failed %d times; the next refresh tries again", step.what,
                         self.config.publish_retries + 1)
+
+    async def _put_current(self) -> None:
+        """Put the record this node holds at this moment, not the one a publish began
+        with: py-libp2p refuses (ValueError) to put a value older than the one in its own
+        store, and a re-sign stores the newer record there at once, so a retry of the
+        older one failed every time (seen on a 30-host testnet)."""
+        assert self.current is not None
+        await self.net.put_value(capability_dht_key(self.peer_id), self.current.envelope)
 
     async def _run_steps(self, steps: list[_Step]) -> list[_Step]:
         """Run DHT publish steps (the put at once, each provide in the node's next provide
