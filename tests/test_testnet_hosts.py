@@ -4,7 +4,9 @@ Each test here starts daemons in network namespaces of their own, on addresses o
 198.18.0.0/15, through the relay of node/testnet; they need root (CI runs as root) and
 are skipped elsewhere. Namespace names start with this worker's prefix, so parallel
 workers and the demo never collide. The chaos cases that take minutes (a job on lossy
-links, a 100 MiB fetch at 100 ms RTT) are in test_testnet_chaos_slow.py, behind -m slow.
+links, a 100 MiB fetch at 100 ms RTT) are in test_testnet_chaos.py (marker ``chaos``: run
+by scripts/test.sh after the default suite), and a node behind NAT in
+test_testnet_nat_node.py.
 """
 
 from __future__ import annotations
