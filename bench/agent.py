@@ -2,12 +2,21 @@
 micro-tasks buys, on the built-in tiny GPT and the stdlib corpus.
 
     (a) default   the example job's settings (lr 3e-3, outer lr 0.7, momentum 0.9,
-                  50 inner steps), one job of budget / workers_per_round rounds
-    (b) random    random search over the agent's space: jobs of `--random-rounds` rounds
-                  from the base, settings drawn uniformly (log for lr), best of them
+                  50 inner steps, 2 workers per round), one job of budget / 2 rounds
+    (b) random    random search over the agent's space (lr 1e-3..3e-2 log, outer lr
+                  0.3..1.0, inner steps {20, 50, 100}, workers per round {1, 2}): jobs of
+                  `--random-rounds` rounds from the base, settings drawn uniformly (log
+                  for lr), best of them
     (c) agent     the agent (node/agent: Optuna TPE + successive halving + PBT over the
-                  version graph) with the same budget
+                  version graph) with the same budget; the task budget prices its space
+                  (specs/agent.md, "Pricing the space"): 100 inner steps, 1 worker a round
     (c2) memory   the agent again on the same goal, with (c)'s memory
+    (a=)          with --equal-compute: (a)'s settings for as many training steps as the
+                  budget buys at 100 inner steps a task (twice (a)'s tasks)
+
+The budget counts micro-tasks, as the goals do; a task's size is a setting, so every
+method's training steps, tokens and worker-seconds are printed beside its loss: at equal
+compute the comparison may differ, and (a=) measures by how much.
 
 Goals (exit 1 when one is missed): on every seed (c)'s best < (a)'s final and (b)'s best;
 (c) reaches (a)'s final loss with at most half of (a)'s tasks; (c2) reaches (c)'s best
@@ -445,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(trio.run(sim_seed, jobs, tmp, seed, *rest))
             else:
                 results.append(trio.run(net_seed, tmp, tokens, seed, *rest))
+            if args.json:  # after each seed: a run stopped early keeps what it measured
+                args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "c_doc"}
+                                                 for r in results], indent=1))
         if args.svg:
             from node.agent.picture import search_svg
 
@@ -452,11 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         lines, ok = summarize(results)
         for line in lines:
             print(line)
-        print(f"budget {args.budget} tasks x {args.seeds} seeds, {WPR} workers per round, "
+        print(f"budget {args.budget} tasks x {args.seeds} seeds, (a) {WPR} workers per round, "
               f"{time.perf_counter() - t0:.0f} s; goals {'met' if ok else 'MISSED'}")
-        if args.json:
-            args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "c_doc"}
-                                             for r in results], indent=1))
     return 0 if ok else 1
 
 
