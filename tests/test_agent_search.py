@@ -392,6 +392,9 @@ def test_branches_take_the_priced_sizes_and_the_incumbent_runs_first(tmp_path: P
                           == (50, 16, 1) for t in trains)
     assert d["search"]["priced"] == {"inner_steps": 50, "batch_size": 16,
                                      "workers_per_round": 1}
+    from node.cli.agent import format_status
+
+    assert "priced      batch_size=16 inner_steps=50 workers_per_round=1" in format_status(d)
     # One worker a branch: the four workers run the two branches search.parallel allows.
     assert runner.max_running == 2
     # The first branch is the job's defaults (lr 3e-3, outer lr 0.7) at the priced sizes.
