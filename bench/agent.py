@@ -2,12 +2,21 @@
 micro-tasks buys, on the built-in tiny GPT and the stdlib corpus.
 
     (a) default   the example job's settings (lr 3e-3, outer lr 0.7, momentum 0.9,
-                  50 inner steps), one job of budget / workers_per_round rounds
-    (b) random    random search over the agent's space: jobs of `--random-rounds` rounds
-                  from the base, settings drawn uniformly (log for lr), best of them
+                  50 inner steps, 2 workers per round), one job of budget / 2 rounds
+    (b) random    random search over the agent's space (lr 1e-3..3e-2 log, outer lr
+                  0.3..1.0, inner steps {20, 50, 100}, workers per round {1, 2}): jobs of
+                  `--random-rounds` rounds from the base, settings drawn uniformly (log
+                  for lr), best of them
     (c) agent     the agent (node/agent: Optuna TPE + successive halving + PBT over the
-                  version graph) with the same budget
+                  version graph) with the same budget; the task budget prices its space
+                  (specs/agent.md, "Pricing the space"): 100 inner steps, 1 worker a round
     (c2) memory   the agent again on the same goal, with (c)'s memory
+    (a=)          with --equal-compute: (a)'s settings for as many training steps as the
+                  budget buys at 100 inner steps a task (twice (a)'s tasks)
+
+The budget counts micro-tasks, as the goals do; a task's size is a setting, so every
+method's training steps, tokens and worker-seconds are printed beside its loss: at equal
+compute the comparison may differ, and (a=) measures by how much.
 
 Goals (exit 1 when one is missed): on every seed (c)'s best < (a)'s final and (b)'s best;
 (c) reaches (a)'s final loss with at most half of (a)'s tasks; (c2) reaches (c)'s best
@@ -23,6 +32,9 @@ checks are missing.
 
     .venv/bin/python bench/agent.py                          # 3 seeds, budget 24 tasks
     .venv/bin/python bench/agent.py --sim --seeds 1 --budget 12   # quick look
+    # the run in bench/RESULTS.md (2026-12-08), about 45 minutes on a loaded 2-core VM:
+    .venv/bin/python bench/agent.py --seeds 3 --budget 8 --random-rounds 2 \
+        --rounds-per-rung 1 --population 2 --parallel 1 --equal-compute
 """
 
 from __future__ import annotations
@@ -52,7 +64,9 @@ from protocol.agentgoal import Goal, parse_goal_toml  # noqa: E402
 from protocol.coordination import plan_round  # noqa: E402
 
 DEFAULTS = {"lr": 3e-3, "outer_lr": 0.7, "outer_momentum": 0.9, "inner_steps": 50}
-WPR = 2
+WPR = 2  # (a)'s workers per round, and the testnet's workers
+WPR_CHOICES = [1, WPR]  # the space's (b) samples and (c) prices
+INNER_CHOICES = [20, 50, 100]
 SEQ_LEN = 64
 BATCH = 8
 EVAL_BATCHES = 8
@@ -62,7 +76,8 @@ def log(msg: str) -> None:
     print(f"[agent-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def goal_text(base: str, data: str, budget: int, seed: int, rung: int, population: int) -> str:
+def goal_text(base: str, data: str, budget: int, seed: int, rung: int, population: int,
+              parallel: int) -> str:
     return f"""
 name = "bench"
 base_model = "{base}"
@@ -71,14 +86,14 @@ dataset = "{data}"
 tasks = {budget}
 [search]
 population = {population}
-parallel = 2
+parallel = {parallel}
 rounds_per_rung = {rung}
 seed = {seed}
 [space]
 lr = {{low = 1e-3, high = 3e-2, log = true}}
 outer_lr = {{low = 0.3, high = 1.0}}
-inner_steps = [20, 50, 100]
-workers_per_round = {WPR}
+inner_steps = {INNER_CHOICES}
+workers_per_round = {WPR_CHOICES}
 [train]
 batch_size = {BATCH}
 seq_len = {SEQ_LEN}
@@ -158,15 +173,17 @@ class SimJobs:
         state = self.states[start]
         versions, losses, parents = [], [], []
         prev = start
-        t0 = time.perf_counter()
+        train_s = 0.0  # as the workers report it: their tasks' training time
         for rnd in range(rounds):
             deltas = []
             for plan in plan_round(job_seed=seed, round_=rnd, rounds=rounds, n_tasks=wpr,
                                    train_len=self.train_len, min_slice=SEQ_LEN + 2,
                                    first_round=first):
+                t0 = time.perf_counter()
                 out = trainer.train_task(self.config, state, self.tokens, plan.slice_start,
                                          plan.slice_len, plan.seed, inner, BATCH, SEQ_LEN,
                                          float(t["lr"]))
+                train_s += time.perf_counter() - t0
                 deltas.append(trainer.dequantize(trainer.quantize(out.delta, bits)))
             avg = trainer.robust_aggregate(deltas, method="trimmed")
             update, momentum = trainer.outer_step(state, avg, momentum, float(t["outer_lr"]),
@@ -181,7 +198,7 @@ class SimJobs:
         # train.first_round set) starts from this job's outer momentum and residual.
         self.momenta[versions[-1]] = (momentum, residual)
         return Outcome(versions, losses, parents, self.loss(start, seed), rounds * wpr,
-                       time.perf_counter() - t0)
+                       train_s)
 
 
 class NetJobs:
@@ -225,7 +242,8 @@ class NetJobs:
 
 
 async def net_seed(root: Path, tokens: Any, seed: int, budget: int, random_rounds: int,
-                   rung: int, population: int) -> dict[str, Any]:
+                   rung: int, population: int, parallel: int, equal_compute: bool
+                   ) -> dict[str, Any]:
     """One seed: (a) and (b) on one fresh testnet, (c) and (c2) on another, so that the
     agent's memory (its store and the chain's round records of the same model and
     dataset) holds none of the baselines' jobs: (c) starts from the base as they did."""
@@ -263,9 +281,9 @@ async def net_seed(root: Path, tokens: Any, seed: int, budget: int, random_round
                     await trio.sleep(0.1)  # the workers' capability records; bounded
             net = NetJobs(coord, base, data)
             if part == "baselines":
-                out.update(await baselines(net, budget, seed, random_rounds))
+                out.update(await baselines(net, budget, seed, random_rounds, equal_compute))
             else:
-                out.update(await searches(net, budget, seed, rung, population))
+                out.update(await searches(net, budget, seed, rung, population, parallel))
     out["seed"] = seed
     return out
 
@@ -274,8 +292,8 @@ def tasks_to_reach(trace: list[tuple[int, float]], loss: float) -> int | None:
     return next((t for t, x in trace if x <= loss + 1e-12), None)
 
 
-async def baselines(backend: Any, budget: int, seed: int, random_rounds: int
-                    ) -> dict[str, Any]:
+async def baselines(backend: Any, budget: int, seed: int, random_rounds: int,
+                    equal_compute: bool = False) -> dict[str, Any]:
     """(a) and (b) for one seed, on ``backend`` (SimJobs or NetJobs), whose ``job(doc)``
     runs one job to its end."""
     base = backend.base
@@ -285,37 +303,63 @@ async def baselines(backend: Any, budget: int, seed: int, random_rounds: int
                                          "workers_per_round": WPR, "seed": seed}}
     a = await backend.job(doc)
     out["a"] = {"final": a.losses[-1], "curve": a.losses, "tasks": a.tasks,
-                "trace": [((i + 1) * WPR, x) for i, x in enumerate(a.losses)]}
+                "trace": [((i + 1) * WPR, x) for i, x in enumerate(a.losses)],
+                **compute([(a.tasks, DEFAULTS["inner_steps"], a.worker_s)])}
     log(f"seed {seed} (a) default: {a.losses[-1]:.4f} after {a.tasks} tasks")
-    # (b) random search: budget / (random_rounds * WPR) jobs from the base.
+    if equal_compute:
+        # (a=) the same settings for the training steps the agent's priced tasks can
+        # take: the budget at the space's most inner steps a task.
+        rounds = math.ceil(budget * max(INNER_CHOICES) / DEFAULTS["inner_steps"] / WPR)
+        e = await backend.job({**doc, "train": {**doc["train"], "rounds": rounds}})
+        out["a_eq"] = {"final": e.losses[-1], "tasks": e.tasks,
+                       **compute([(e.tasks, DEFAULTS["inner_steps"], e.worker_s)])}
+        log(f"seed {seed} (a=) default at equal compute: {e.losses[-1]:.4f} after "
+            f"{e.tasks} tasks")
+    # (b) random search over the agent's space: jobs of random_rounds rounds from the base.
     rng = random.Random(seed)
-    best_b, spent, trace_b = math.inf, 0, []
-    while spent + random_rounds * WPR <= budget:
+    best_b, spent, trace_b, used = math.inf, 0, [], []
+    while spent + random_rounds * min(WPR_CHOICES) <= budget:
         params = {"lr": math.exp(rng.uniform(math.log(1e-3), math.log(3e-2))),
                   "outer_lr": rng.uniform(0.3, 1.0), "outer_momentum": 0.9,
-                  "inner_steps": rng.choice([20, 50, 100])}
+                  "inner_steps": rng.choice(INNER_CHOICES)}
+        wpr = rng.choice(WPR_CHOICES)
+        if spent + random_rounds * wpr > budget:
+            wpr = min(WPR_CHOICES)  # the last job takes what the budget has left
         b = await backend.job({"base_model": base, "train": {
-            **params, "rounds": random_rounds, "workers_per_round": WPR, "seed": seed}})
+            **params, "rounds": random_rounds, "workers_per_round": wpr, "seed": seed}})
         spent += b.tasks
+        used.append((b.tasks, params["inner_steps"], b.worker_s))
         best_b = min(best_b, min(b.losses))
         trace_b.append((spent, best_b))
-    out["b"] = {"best": best_b, "tasks": spent, "trace": trace_b}
+    out["b"] = {"best": best_b, "tasks": spent, "trace": trace_b, **compute(used)}
     log(f"seed {seed} (b) random: {best_b:.4f} after {spent} tasks")
     return out
 
 
-async def searches(backend: Any, budget: int, seed: int, rung: int, population: int
-                   ) -> dict[str, Any]:
+def compute(jobs: list[tuple[int, int, float]]) -> dict[str, Any]:
+    """What a method's jobs trained, from (tasks, inner steps, worker-seconds) each: the
+    budget counts tasks, and a task's size is a setting, so the comparison at equal tasks
+    is shown with the training steps (a step is BATCH x SEQ_LEN tokens) and the workers'
+    training seconds behind it."""
+    steps = sum(t * inner for t, inner, _ in jobs)
+    return {"steps": steps, "tokens": steps * BATCH * SEQ_LEN,
+            "worker_s": round(sum(w for _, _, w in jobs), 1)}
+
+
+async def searches(backend: Any, budget: int, seed: int, rung: int, population: int,
+                   parallel: int) -> dict[str, Any]:
     """(c) the agent, then (c2) again with (c)'s memory."""
     out: dict[str, Any] = {}
     goal = parse_goal_toml(goal_text(backend.base, backend.data_id, budget, seed, rung,
-                                     population))
+                                     population, parallel))
     for name in ("c", "c2"):
         d = await backend.search(goal)
         s = d["search"]
         out[name] = {"best": s["best"]["loss"], "tasks": s["spent"]["tasks"],
                      "trace": s["trace"], "branches": len(s["branches"]),
                      "path": len(s["path"]),
+                     **compute([(b["tasks"], int(b["params"]["inner_steps"]), b["worker_s"])
+                                for b in s["branches"]]),
                      "tree": [{k: b[k] for k in ("id", "kind", "parent", "depth", "params",
                                                 "status", "losses")}
                               for b in s["branches"]]}
@@ -327,14 +371,15 @@ async def searches(backend: Any, budget: int, seed: int, rung: int, population: 
 
 
 async def sim_seed(jobs: SimJobs, tmp: Path, seed: int, budget: int, random_rounds: int,
-                   rung: int, population: int) -> dict[str, Any]:
-    out = await baselines(jobs, budget, seed, random_rounds)
+                   rung: int, population: int, parallel: int, equal_compute: bool
+                   ) -> dict[str, Any]:
+    out = await baselines(jobs, budget, seed, random_rounds, equal_compute)
     async with open_storage(tmp / f"agent-{seed}.db") as storage, \
             trio.open_nursery() as nursery:
         agent = Agent(storage, jobs, clock_ms=lambda: int(time.time() * 1000), home=None)
         await nursery.start(agent.run)
         jobs.agent = agent
-        out.update(await searches(jobs, budget, seed, rung, population))
+        out.update(await searches(jobs, budget, seed, rung, population, parallel))
         nursery.cancel_scope.cancel()
     return out
 
@@ -345,10 +390,16 @@ def summarize(results: list[dict[str, Any]]) -> tuple[list[str], bool]:
     def ms(xs: list[float]) -> str:
         return f"{statistics.mean(xs):.4f} ± {statistics.pstdev(xs):.4f}"
 
-    for key, label in (("a", "final"), ("b", "best"), ("c", "best"), ("c2", "best")):
-        xs = [r[key]["final" if key == "a" else "best"] for r in results]
-        lines.append(f"({key}) {label:<5} {ms(xs)}  per seed " + " ".join(f"{x:.4f}"
-                                                                      for x in xs))
+    keys = ["a", "b", "c", "c2"] + (["a_eq"] if "a_eq" in results[0] else [])
+    for key in keys:
+        label = "final" if key.startswith("a") else "best"
+        xs = [r[key][label] for r in results]
+        name = "(a=)" if key == "a_eq" else f"({key})"
+        lines.append(f"{name:<5} {label:<5} {ms(xs)}  per seed " + " ".join(
+            f"{x:.4f}" for x in xs) + "; compute per seed: " + ", ".join(
+            f"{r[key]['tasks']} tasks {r[key]['steps']} steps "
+            f"{r[key]['tokens'] / 1e6:.2f}M tokens {r[key]['worker_s']:.0f} worker-s"
+            for r in results))
     for r in results:
         a, b, c, c2 = r["a"], r["b"], r["c"], r["c2"]
         beat = c["best"] < a["final"] and c["best"] < b["best"]
@@ -377,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="rounds of one agent branch job (search.rounds_per_rung)")
     ap.add_argument("--population", type=int, default=4,
                     help="fresh branches before exploiting (search.population)")
+    ap.add_argument("--parallel", type=int, default=2,
+                    help="branches at once (search.parallel)")
+    ap.add_argument("--equal-compute", action="store_true",
+                    help="also run (a=): (a)'s settings for the training steps of the "
+                         "agent's budget at its most inner steps a task")
     ap.add_argument("--corpus-bytes", type=int, default=2_000_000)
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--svg", type=Path, help="draw seed 0's search tree here")
@@ -393,13 +449,17 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         t0 = time.perf_counter()
         for seed in range(args.seeds):
-            rest = (args.budget, args.random_rounds, args.rounds_per_rung, args.population)
+            rest = (args.budget, args.random_rounds, args.rounds_per_rung, args.population,
+                    args.parallel, args.equal_compute)
             if args.sim:
                 jobs = SimJobs(gpt.init_state(gpt.SIZES["tiny"], 0), data_id, tokens,
                                train_len, (h_start, len(tokens) - h_start))
                 results.append(trio.run(sim_seed, jobs, tmp, seed, *rest))
             else:
                 results.append(trio.run(net_seed, tmp, tokens, seed, *rest))
+            if args.json:  # after each seed: a run stopped early keeps what it measured
+                args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "c_doc"}
+                                                 for r in results], indent=1))
         if args.svg:
             from node.agent.picture import search_svg
 
@@ -407,11 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         lines, ok = summarize(results)
         for line in lines:
             print(line)
-        print(f"budget {args.budget} tasks x {args.seeds} seeds, {WPR} workers per round, "
+        print(f"budget {args.budget} tasks x {args.seeds} seeds, (a) {WPR} workers per round, "
               f"{time.perf_counter() - t0:.0f} s; goals {'met' if ok else 'MISSED'}")
-        if args.json:
-            args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "c_doc"}
-                                             for r in results], indent=1))
     return 0 if ok else 1
 
 

@@ -85,6 +85,13 @@ class Dim:
             return False
         return self.low <= value <= self.high and (not self.integer or value == int(value))
 
+    def middle(self) -> Any:
+        """The middle choice, or the middle of the range (geometric on a log scale)."""
+        if self.kind != "range":
+            return self.values[len(self.values) // 2]
+        x = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
+        return round(x) if self.integer else x
+
     def to_toml(self) -> Any:
         if self.kind == "fixed":
             return self.values[0]
@@ -135,6 +142,19 @@ class Goal:
                  repr(train.get("seed", BY_PATH["train.seed"].default)),
                  repr(checks.get("eval_batches", BY_PATH["checks.eval_batches"].default))]
         return "/".join(parts)
+
+    def incumbent(self) -> dict[str, Any]:
+        """The setting a designer would run without a search: each searched field at the
+        job spec's default (or FALLBACK's, the example job's), where the space holds it;
+        else at the middle of its range or choices."""
+        out: dict[str, Any] = {}
+        for d in self.searched:
+            spec_field = BY_PATH[SEARCHABLE[d.name]]
+            default = FALLBACK.get(d.name, None if spec_field.required else
+                                   spec_field.default)
+            out[d.name] = default if default is not None and d.contains(default) \
+                else d.middle()
+        return out
 
     def job_doc(self, *, name: str, base: str, params: Mapping[str, Any], rounds: int
                 ) -> dict[str, Any]:

@@ -21,6 +21,15 @@ Decisions combine asynchronous successive halving with population-based training
   perturbed (x0.8 or x1.25, a neighbouring choice, or resampled one time in four), as a
   new trial; the version DAG is the search tree.
 
+The budget prices the space (``priced``): under a budget of tasks (or of reward units,
+paid per task) a field that only sizes one task's work (``WORK_FIELDS``) costs nothing in
+the budget's unit, so it is fixed at its most-work end; ``workers_per_round`` at its low end
+(every task of a round starts from the same version: fewer per round buys more rounds, the
+outer steps that make progress, and the wall time is won back by branches side by side).
+Under a worker-seconds budget those fields cost and are searched. The first fresh branch
+runs the incumbent (the job's default setting, or memory's best), and once half the budget
+is spent a kept branch goes on with its lr x0.8 (annealing, as PBT's explore late in a run).
+
 A lost branch is planned again once, then dropped; it never blocks the others. After each
 rung the machine appends a reflection record (decision, evidence, settings moved, the
 branch's loss curve) and narrows the ranges that perturbations may reach to the span of
@@ -35,7 +44,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from protocol.agentgoal import Dim, Goal
@@ -46,6 +55,31 @@ EXPLOIT_QUANTILE = 0.25  # exploit draws its parent among this best fraction of 
 RESAMPLE_P = 0.25  # explore: chance that a perturbed field is sampled afresh instead
 PERTURB = (0.8, 1.25)  # explore: factors of a numeric field (PBT's)
 NARROW_MIN = 4  # results at a rung before its best settings narrow the explore ranges
+# Fields that size one task's work without changing how many tasks a round takes: under a
+# task budget they are free in its unit (specs/agent.md, "Pricing the space").
+WORK_FIELDS = ("inner_steps", "batch_size")
+LATE = 0.5  # budget fraction spent after which a kept branch anneals as it goes on
+ANNEAL = PERTURB[0]  # its lr factor
+MAX_ANNEALS = 3  # annealing steps along one path (lr down to ANNEAL ** 3 = 0.51x)
+
+
+def priced(goal: Goal) -> Goal:
+    """The goal's space as its budget prices it. Without a worker-seconds budget, the
+    budget counts tasks (a reward pool is paid per task): a searched work field is fixed
+    at its most-work value and ``workers_per_round`` at its fewest. With one, they cost
+    worker-seconds and stay searched. Idempotent."""
+    if goal.budget_worker_s is not None:
+        return goal
+
+    def fix(d: Dim) -> Dim:
+        if d.kind == "fixed" or (d.name not in WORK_FIELDS and d.name != "workers_per_round"):
+            return d
+        ends = d.values if d.kind == "choice" else (d.low, d.high)
+        value = max(ends) if d.name in WORK_FIELDS else min(ends)
+        return Dim(d.name, "fixed", (int(value) if d.integer else value,),
+                   integer=d.integer)
+
+    return replace(goal, space=tuple(fix(d) for d in goal.space))
 
 
 class Advisor(Protocol):
@@ -74,6 +108,7 @@ class Branch:
     params: dict[str, Any]
     rounds: int
     parent: int | None = None  # the branch whose version it starts from
+    anneals: int = 0  # lr annealing steps behind its setting (see Search._annealed)
     status: str = "planned"  # planned | running | done | stopped | failed
     job: str | None = None
     tries: int = 0
@@ -118,9 +153,13 @@ class Search:
 
     def __init__(self, goal: Goal, advisor: Advisor, rng: random.Random,
                  starts: Sequence[Start]) -> None:
+        """``goal``: as written; the machine searches ``priced(goal)``, over which
+        ``advisor`` must sample."""
         if not starts:
             raise LocalProtocolError("a search needs at least one start version")
-        self.goal = goal
+        self.goal = priced(goal)
+        self.priced = {d.name: d.values[0] for d in self.goal.space
+                       if d.kind == "fixed" and goal.dim(d.name).kind != "fixed"}
         self.advisor = advisor
         self.rng = rng
         self.starts = list(starts)
@@ -200,7 +239,8 @@ class Search:
             return None
         if self.fresh < self.goal.population or not self._results():
             start = self.starts[self.fresh % min(len(self.starts), 2)]
-            prior = start.params if self.fresh == 0 and start.params else None
+            # The incumbent first: what made the best start version, else the defaults.
+            prior = (start.params or self.goal.incumbent()) if self.fresh == 0 else None
             trial, params = self.advisor.new_trial(self._complete(prior) if prior else None)
             self.fresh += 1
             return self._branch("fresh", trial, start.version, start.loss, start.depth,
@@ -220,14 +260,15 @@ class Search:
                 depth: int, params: dict[str, Any], parent: int | None) -> Branch:
         self._next_id += 1
         return Branch(self._next_id, trial, kind, start, start_loss, depth, dict(params),
-                      self.goal.rounds_per_rung, parent)
+                      self.goal.rounds_per_rung, parent,
+                      anneals=self.branches[parent].anneals if parent is not None else 0)
 
     def _complete(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """``params`` kept where they lie in the space, the rest from its middle."""
         out: dict[str, Any] = {}
         for d in self.goal.searched:
             value = params.get(d.name)
-            out[d.name] = value if value is not None and d.contains(value) else _middle(d)
+            out[d.name] = value if value is not None and d.contains(value) else d.middle()
         return out
 
     def _results(self) -> list[Branch]:
@@ -324,12 +365,46 @@ class Search:
             self.advisor.close(b.trial, "complete", loss)
             return self._reflect(b, "stop", b.note, rung)
         b.status = "done"
-        nxt = self._branch("continue", b.trial, versions[-1], loss, b.end_depth, b.params,
-                           b.id)
+        annealed = self._annealed(b)
+        if annealed is None:
+            nxt = self._branch("continue", b.trial, versions[-1], loss, b.end_depth,
+                               b.params, b.id)
+            how = "goes on from it"
+        else:
+            # A new setting is a new trial: the pruner compares settings, not lr schedules.
+            self.advisor.close(b.trial, "complete", loss)
+            trial, params = self.advisor.new_trial(annealed)
+            nxt = self._branch("exploit", trial, versions[-1], loss, b.end_depth, params,
+                               b.id)
+            nxt.anneals += 1
+            how = f"goes on from it with lr x{ANNEAL:g} (late in the budget: annealing)"
         self.queue.append(nxt)
         return self._reflect(b, "continue", f"kept at rung {rung} (top 1/"
                                            f"{self.goal.reduction_factor}): branch "
-                                           f"{nxt.id} goes on from it", rung)
+                                           f"{nxt.id} {how}", rung)
+
+    def progress(self) -> float:
+        """The fraction of the tightest budget spent or reserved by running branches."""
+        g, tasks = self.goal, self.spent_tasks + self._reserved()
+        parts = [0.0]
+        if g.budget_tasks is not None:
+            parts.append(tasks / g.budget_tasks)
+        if g.budget_reward is not None:
+            parts.append(tasks * g.reward_per_task / g.budget_reward)
+        if g.budget_worker_s is not None:
+            parts.append(self.spent_worker_s / g.budget_worker_s)
+        return max(parts)
+
+    def _annealed(self, b: Branch) -> dict[str, Any] | None:
+        """Late in the budget, a kept branch's setting with its lr annealed (x ANNEAL,
+        not below the goal's range); None when it goes on unchanged: early, lr not a
+        searched range, at the range's low end, or annealed MAX_ANNEALS times."""
+        d = next((d for d in self.goal.searched if d.name == "lr"), None)
+        if d is None or d.kind != "range" or self.progress() < LATE or \
+                b.anneals >= MAX_ANNEALS:
+            return None
+        lr = max(d.low, float(b.params["lr"]) * ANNEAL)
+        return None if lr >= float(b.params["lr"]) else {**b.params, "lr": lr}
 
     def lost(self, branch: int, reason: str, tasks: int = 0, worker_s: float = 0.0
              ) -> dict[str, Any]:
@@ -457,12 +532,6 @@ class Search:
             "reflections": self.reflections, "trace": [list(t) for t in self.trace],
             "spent": {"tasks": self.spent_tasks, "worker_s": round(self.spent_worker_s, 3)},
             "bounds": {k: list(v) for k, v in self.bounds.items()},
+            "priced": dict(self.priced),
             "finished": self.finished_reason,
         }
-
-
-def _middle(d: Dim) -> Any:
-    if d.kind != "range":
-        return d.values[len(d.values) // 2]
-    x = math.sqrt(d.low * d.high) if d.log else (d.low + d.high) / 2
-    return round(x) if d.integer else x

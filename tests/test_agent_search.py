@@ -21,10 +21,19 @@ from node.agent.advisor import OptunaAdvisor
 from node.agent.picture import search_svg
 from node.agent.service import Agent
 from node.storage import open_storage
-from protocol.agentgoal import Goal, parse_goal_toml
-from protocol.agentsearch import Search, Start
+from protocol.agentgoal import Goal, goal_from_toml_dict, parse_goal_toml
+from protocol.agentsearch import (
+    ANNEAL,
+    LATE,
+    MAX_ANNEALS,
+    WORK_FIELDS,
+    Search,
+    Start,
+    priced,
+)
 from protocol.errors import LocalProtocolError
 from tests.agentsim import BASE_LOSS, SimRunner
+from tests.test_agent_goal import goal_docs
 
 BASE = "ab" * 32
 DATA = "cd" * 32
@@ -323,3 +332,128 @@ def test_the_api_routes(tmp_path: Path) -> None:
             await call("GET", "/v1/agent/status")
 
     run_agent(tmp_path, body, SimRunner(DATA, [BASE]))
+
+
+# --- what the budget prices, the incumbent first, annealing late -------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(goal_docs())
+def test_a_task_budget_fixes_the_fields_that_only_size_a_task(doc: dict[str, Any]) -> None:
+    g = goal_from_toml_dict(doc)
+    p = priced(g)
+    assert priced(p) == p and p.key() == g.key()
+    for d, q in zip(g.space, p.space, strict=True):
+        assert q.name == d.name
+        if g.budget_worker_s is not None or d.kind == "fixed" or \
+                d.name not in (*WORK_FIELDS, "workers_per_round"):
+            assert q == d  # a worker-seconds budget prices a task's size: searched
+            continue
+        ends = d.values if d.kind == "choice" else (d.low, d.high)
+        most_work = d.name in WORK_FIELDS
+        assert q.kind == "fixed" and q.values == ((max if most_work else min)(ends),)
+        assert d.contains(q.values[0])
+    # The machine searches the priced space, the advisor samples it.
+    search = Search(g, OptunaAdvisor(g, "priced", seed=0), random.Random(0),
+                    [Start(BASE, None)])
+    assert search.goal == p
+    for b in search.plan(3):
+        for d in p.space:
+            assert d.contains(b.params[d.name]), (d, b.params)
+
+
+def priced_goal(budget: str, *, parallel: int = 2, population: int = 4) -> Goal:
+    return parse_goal_toml(f"""
+base_model = "{BASE}"
+dataset = "{DATA}"
+[budget]
+{budget}
+[search]
+population = {population}
+parallel = {parallel}
+seed = 5
+[space]
+lr = {{low = 1e-4, high = 3e-2, log = true}}
+outer_lr = {{low = 0.2, high = 1.0}}
+inner_steps = [20, 50]
+batch_size = {{low = 4, high = 16}}
+workers_per_round = [1, 2]
+""")
+
+
+@pytest.mark.timeout(60)
+def test_branches_take_the_priced_sizes_and_the_incumbent_runs_first(tmp_path: Path
+                                                                     ) -> None:
+    runner = SimRunner(DATA, [BASE], workers=4)
+    d = run_agent(tmp_path, lambda a: search_to_end(a, priced_goal("tasks = 16")), runner)
+    trains = [runner.jobs[b["job"]]["doc"]["train"] for b in d["search"]["branches"]
+              if b["job"] is not None]
+    assert trains and all((t["inner_steps"], t["batch_size"], t["workers_per_round"])
+                          == (50, 16, 1) for t in trains)
+    assert d["search"]["priced"] == {"inner_steps": 50, "batch_size": 16,
+                                     "workers_per_round": 1}
+    from node.cli.agent import format_status
+
+    assert "priced      batch_size=16 inner_steps=50 workers_per_round=1" in format_status(d)
+    # One worker a branch: the four workers run the two branches search.parallel allows.
+    assert runner.max_running == 2
+    # The first branch is the job's defaults (lr 3e-3, outer lr 0.7) at the priced sizes.
+    first = d["search"]["branches"][0]
+    assert first["kind"] == "fresh" and (first["params"]["lr"], first["params"]["outer_lr"]
+                                         ) == (3e-3, 0.7)
+    # Under a worker-seconds budget the sizes cost, and are searched.
+    runner = SimRunner(DATA, [BASE], workers=4)
+    (tmp_path / "ws").mkdir()
+    d = run_agent(tmp_path / "ws", lambda a: search_to_end(
+        a, priced_goal("worker_seconds = 900")), runner)
+    assert d["search"]["priced"] == {}
+    seen = {(t["inner_steps"], t["workers_per_round"]) for t in
+            (runner.jobs[b["job"]]["doc"]["train"] for b in d["search"]["branches"]
+             if b["job"] is not None)}
+    assert len(seen) > 1, (seen, d["search"]["spent"])
+
+
+def test_late_in_the_budget_a_kept_branch_goes_on_with_its_lr_annealed() -> None:
+    g = priced_goal("tasks = 8", parallel=1, population=1)
+    search = Search(g, OptunaAdvisor(g, "anneal", seed=0), random.Random(0),
+                    [Start(BASE, None)])
+    loss, lrs, kinds, annealing = BASE_LOSS, [], [], []
+    while True:
+        planned = search.plan(1)
+        if not planned:
+            break
+        (b,) = planned
+        search.started(b.id, f"job{b.id}")
+        lrs.append(b.params["lr"])
+        kinds.append(b.kind)
+        loss -= 0.1
+        record = search.finished(b.id, [f"{b.id:064x}"], [loss], [b.start], 1, 1.0)
+        assert record["decision"] == "continue"
+        if "annealing" in record["why"]:
+            annealing.append(search.spent_tasks)
+    assert search.finished_reason == "budget spent" and search.spent_tasks == 8
+    # One trajectory: the defaults, then once half the budget is spent, x0.8 a rung up
+    # to MAX_ANNEALS times, each a new trial of the advisor (the pruner compares settings).
+    assert annealing == [4, 5, 6] and LATE * 8 == 4 and MAX_ANNEALS == 3
+    assert lrs == pytest.approx([3e-3] * 4 + [3e-3 * ANNEAL ** i for i in (1, 2, 3, 3)])
+    assert kinds == ["fresh"] + ["continue"] * 3 + ["exploit"] * 3 + ["continue"]
+    assert [n.depth for n in search.optimal_path()] == list(range(9))
+
+
+def test_memory_continues_the_best_version_and_a_worse_rung_does_not_reach_it() -> None:
+    g = goal(8)
+    known = {"lr": 2e-3, "outer_lr": 0.6, "inner_steps": 20, "workers_per_round": 2}
+    best = Start("ee" * 32, 3.0, depth=4, params=known)
+    search = Search(g, OptunaAdvisor(g, "memory", seed=0), random.Random(0),
+                    [best, Start(BASE, BASE_LOSS)])
+    (b,) = search.plan(1)
+    # The first branch goes on from the best version known, with the setting that made
+    # it, at the priced size (inner_steps at its most), from its depth.
+    assert (b.start, b.depth, b.start_loss) == (best.version, 4, 3.0)
+    assert {k: b.params[k] for k in ("lr", "outer_lr")} == {"lr": 2e-3, "outer_lr": 0.6}
+    assert b.params["inner_steps"] == 50
+    search.started(b.id, "job")
+    record = search.finished(b.id, ["ff" * 32], [3.1], [best.version], 2, 1.0)
+    assert record["decision"] == "stop" and "no gain" in record["why"]
+    # What the search made is worse than its start: it has not reached 3.0.
+    assert search.best == (3.1, "ff" * 32) and search.tasks_to_reach(3.0) is None

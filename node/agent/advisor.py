@@ -24,6 +24,7 @@ from optuna.distributions import (
 from optuna.trial import TrialState, create_trial
 
 from protocol.agentgoal import Goal
+from protocol.agentsearch import priced
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 log = logging.getLogger(__name__)
@@ -45,11 +46,13 @@ def distributions(goal: Goal) -> dict[str, BaseDistribution]:
 
 
 class OptunaAdvisor:
-    """One Optuna study per search. ``storage``: an Optuna storage URL
-    (``sqlite:///<home>/agent/optuna.db``), or None for memory (tests, --sim)."""
+    """One Optuna study per search, over the space the goal's budget prices (as the
+    search machine sees it: protocol.agentsearch.priced). ``storage``: an Optuna storage
+    URL (``sqlite:///<home>/agent/optuna.db``), or None for memory (tests, --sim)."""
 
     def __init__(self, goal: Goal, study: str, *, seed: int, storage: str | None = None
                  ) -> None:
+        goal = priced(goal)
         self.dists = distributions(goal)
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(
             goal.population, 4)))

@@ -299,7 +299,8 @@ class Agent:
         try:
             async with trio.open_nursery() as nursery:
                 while True:
-                    free = min(goal.parallel, self.runner.slots(goal)) - len(search.running)
+                    free = min(goal.parallel, self.runner.slots(search.goal)) - len(
+                        search.running)
                     for b in await self._call(sid, search.plan, max(0, free)):
                         nursery.start_soon(self._branch, sid, search, b)
                     async with self._locks[sid]:

@@ -158,6 +158,9 @@ def format_status(d: dict[str, Any], *, tree: bool = False) -> str:
              f"and the chain",
              f"best        {_loss(best['loss']) if best else '-'}"
              + (f"  version {best['version']}" if best else "")]
+    if s.get("priced"):  # absent in searches stored before the rule
+        lines.append("priced      " + " ".join(f"{k}={v}" for k, v in sorted(
+            s["priced"].items())) + " (free in the budget's unit: specs/agent.md)")
     lines.append("BRANCH  KIND      FROM          DEPTH  STATUS    LOSS      TASKS  SETTING")
     for b in s["branches"]:
         setting = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
