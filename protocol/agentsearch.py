@@ -135,6 +135,7 @@ class Start:
     loss: float | None
     depth: int = 0
     params: dict[str, Any] | None = None  # the setting that made it, when known
+    anneals: int = 0  # lr annealing steps behind that setting (MAX_ANNEALS holds per path)
 
 
 @dataclass(frozen=True)
@@ -152,9 +153,11 @@ class Search:
     """The search machine of one goal (see the module docstring)."""
 
     def __init__(self, goal: Goal, advisor: Advisor, rng: random.Random,
-                 starts: Sequence[Start]) -> None:
+                 starts: Sequence[Start], proposals: Sequence[Mapping[str, Any]] = ()
+                 ) -> None:
         """``goal``: as written; the machine searches ``priced(goal)``, over which
-        ``advisor`` must sample."""
+        ``advisor`` must sample. ``proposals``: settings (e.g. the planner's) the first
+        fresh branches take, in order, instead of the incumbent."""
         if not starts:
             raise LocalProtocolError("a search needs at least one start version")
         self.goal = priced(goal)
@@ -163,6 +166,7 @@ class Search:
         self.advisor = advisor
         self.rng = rng
         self.starts = list(starts)
+        self.proposals = [dict(p) for p in proposals]
         self.branches: dict[int, Branch] = {}
         self.queue: list[Branch] = []  # decided, waiting for a free slot
         self.nodes: dict[str, Node] = {s.version: Node(s.version, None, s.loss, s.depth, None)
@@ -171,7 +175,7 @@ class Search:
         self.trace: list[tuple[int, float]] = []  # (tasks spent, best loss) at each new best
         self.rung_losses: dict[int, list[tuple[float, dict[str, Any]]]] = {}
         self.bounds: dict[str, tuple[float, float]] = {
-            d.name: (d.low, d.high) for d in goal.space if d.kind == "range"}
+            d.name: (d.low, d.high) for d in self.goal.space if d.kind == "range"}
         self.spent_tasks = 0
         self.spent_worker_s = 0.0
         self.fresh = 0
@@ -194,12 +198,14 @@ class Search:
             return False
         if g.budget_reward is not None and total * g.reward_per_task > g.budget_reward:
             return False
-        if g.budget_worker_s is not None:
-            done = sum(b.tasks for b in self.branches.values() if b.tasks)
-            per_task = self.spent_worker_s / done if done else 0.0
-            if self.spent_worker_s + per_task * (self._reserved() + tasks) > g.budget_worker_s:
-                return False
-        return True
+        return g.budget_worker_s is None or \
+            self._worker_s(self._reserved() + tasks) <= g.budget_worker_s
+
+    def _worker_s(self, tasks: int) -> float:
+        """Worker-seconds spent, plus ``tasks`` more at the mean cost of a task so far."""
+        done = sum(b.tasks for b in self.branches.values() if b.tasks)
+        per_task = self.spent_worker_s / done if done else 0.0
+        return self.spent_worker_s + per_task * tasks
 
     @property
     def running(self) -> list[Branch]:
@@ -239,12 +245,20 @@ class Search:
             return None
         if self.fresh < self.goal.population or not self._results():
             start = self.starts[self.fresh % min(len(self.starts), 2)]
-            # The incumbent first: what made the best start version, else the defaults.
-            prior = (start.params or self.goal.incumbent()) if self.fresh == 0 else None
+            # The proposals first, else the incumbent: what made the best start version,
+            # else the defaults. The rest the advisor samples.
+            prior: Mapping[str, Any] | None = None
+            if self.fresh < len(self.proposals):
+                prior = self.proposals[self.fresh]
+            elif self.fresh == 0 and not self.proposals:
+                prior = start.params or self.goal.incumbent()
             trial, params = self.advisor.new_trial(self._complete(prior) if prior else None)
             self.fresh += 1
-            return self._branch("fresh", trial, start.version, start.loss, start.depth,
-                                params, None)
+            b = self._branch("fresh", trial, start.version, start.loss, start.depth,
+                             params, None)
+            if prior is not None and prior is start.params:
+                b.anneals = start.anneals  # its path's annealing so far (MAX_ANNEALS)
+            return b
         parent = self._pick_parent()
         params = self._explore(parent.params)
         trial, params = self.advisor.new_trial(params)
@@ -392,7 +406,7 @@ class Search:
         if g.budget_reward is not None:
             parts.append(tasks * g.reward_per_task / g.budget_reward)
         if g.budget_worker_s is not None:
-            parts.append(self.spent_worker_s / g.budget_worker_s)
+            parts.append(self._worker_s(self._reserved()) / g.budget_worker_s)
         return max(parts)
 
     def _annealed(self, b: Branch) -> dict[str, Any] | None:

@@ -97,12 +97,19 @@ _ranges = {
     "outer_lr": st.tuples(st.floats(0.05, 1.0), st.floats(0.01, 1.0)).map(
         lambda t: {"low": t[0], "high": t[0] + t[1]}),
     "outer_momentum": st.sampled_from([0.0, 0.5, 0.9]),
-    "inner_steps": st.lists(st.integers(1, 500), min_size=1, max_size=5, unique=True),
+    "inner_steps": st.one_of(
+        st.lists(st.integers(1, 500), min_size=1, max_size=5, unique=True),
+        st.tuples(st.integers(1, 100), st.integers(1, 400)).map(
+            lambda t: {"low": t[0], "high": t[0] + t[1]})),
     "batch_size": st.one_of(st.integers(1, 64), st.tuples(st.integers(1, 8),
                             st.integers(1, 64)).map(lambda t: {"low": t[0],
                                                                "high": t[0] + t[1]})),
     "delta_bits": st.sampled_from([8, 4, [8, 4]]),
-    "workers_per_round": st.integers(1, 8),
+    "workers_per_round": st.one_of(
+        st.integers(1, 8),
+        st.lists(st.integers(1, 8), min_size=1, max_size=4, unique=True),
+        st.tuples(st.integers(1, 4), st.integers(1, 4)).map(
+            lambda t: {"low": t[0], "high": t[0] + t[1]})),
 }
 
 

@@ -5,6 +5,7 @@ or as points of the goal's space, and refused with the field named."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Iterator
@@ -95,8 +96,20 @@ def test_a_bad_goal_is_refused_with_the_field(endpoint: tuple[Endpoint, str], an
 def test_proposals_are_points_of_the_space(endpoint: tuple[Endpoint, str]) -> None:
     state, url = endpoint
     p = planner(url)
-    goal = p.goal("a goal", {})
+    tasks_goal = p.goal("a goal", {})
+    # A task budget fixes inner_steps at its most (protocol.agentsearch.priced): the
+    # planner is shown, and proposes, lr alone.
+    assert check_proposals(tasks_goal, [{"lr": 0.003}, {"lr": 0.004, "inner_steps": 50}]
+                           ) == [{"lr": 0.003}, {"lr": 0.004}]
+    with pytest.raises(PlannerError, match="proposal 1: inner_steps: the budget fixes it "
+                                           "at 50"):
+        check_proposals(tasks_goal, [{"lr": 0.003, "inner_steps": 20}])
     state.answer = "propose-good"
+    with pytest.raises(PlannerError, match="proposal 2: inner_steps: the budget fixes it"):
+        p.propose(tasks_goal, [], 2)
+    assert '"inner_steps"' not in state.requests[-1][2]["messages"][0]["content"]
+    # Under a worker-seconds budget inner_steps costs, and is proposed.
+    goal = dataclasses.replace(tasks_goal, budget_worker_s=1e5)
     assert p.propose(goal, [({"lr": 0.004, "inner_steps": 20}, 1, 3.1)], 2) == [
         {"lr": 0.003, "inner_steps": 50}, {"lr": 0.006, "inner_steps": 20}]
     assert "3.1" in state.requests[-1][2]["messages"][0]["content"]  # memory shown

@@ -384,7 +384,7 @@ workers_per_round = [1, 2]
 @pytest.mark.timeout(60)
 def test_branches_take_the_priced_sizes_and_the_incumbent_runs_first(tmp_path: Path
                                                                      ) -> None:
-    runner = SimRunner(DATA, [BASE], workers=4)
+    runner = SimRunner(DATA, [BASE], workers=2)
     d = run_agent(tmp_path, lambda a: search_to_end(a, priced_goal("tasks = 16")), runner)
     trains = [runner.jobs[b["job"]]["doc"]["train"] for b in d["search"]["branches"]
               if b["job"] is not None]
@@ -395,7 +395,8 @@ def test_branches_take_the_priced_sizes_and_the_incumbent_runs_first(tmp_path: P
     from node.cli.agent import format_status
 
     assert "priced      batch_size=16 inner_steps=50 workers_per_round=1" in format_status(d)
-    # One worker a branch: the four workers run the two branches search.parallel allows.
+    # One worker a branch: the two workers run the two branches search.parallel allows
+    # (at the unpriced most of 2 workers a round they would run one).
     assert runner.max_running == 2
     # The first branch is the job's defaults (lr 3e-3, outer lr 0.7) at the priced sizes.
     first = d["search"]["branches"][0]
@@ -457,3 +458,112 @@ def test_memory_continues_the_best_version_and_a_worse_rung_does_not_reach_it() 
     assert record["decision"] == "stop" and "no gain" in record["why"]
     # What the search made is worse than its start: it has not reached 3.0.
     assert search.best == (3.1, "ff" * 32) and search.tasks_to_reach(3.0) is None
+
+
+def run_alone(search: Search, loss: float = BASE_LOSS, worker_s: float = 1.0
+              ) -> tuple[list[float], list[str], list[int]]:
+    """One branch at a time, each rung 0.1 better, until the budget is spent: the lrs and
+    kinds of the branches, and the tasks spent at each annealing decision."""
+    lrs, kinds, annealing = [], [], []
+    while planned := search.plan(1):
+        (b,) = planned
+        search.started(b.id, f"job{b.id}")
+        lrs.append(b.params["lr"])
+        kinds.append(b.kind)
+        loss -= 0.1
+        record = search.finished(b.id, [f"{b.id:064x}"], [loss], [b.start], 1, worker_s)
+        assert record["decision"] == "continue"
+        if "annealing" in record["why"]:
+            annealing.append(search.spent_tasks)
+    return lrs, kinds, annealing
+
+
+def test_annealing_stops_at_the_low_end_of_the_lr_range() -> None:
+    g = priced_goal("tasks = 8", parallel=1, population=1)
+    low = g.dim("lr").low
+    start = Start(BASE, BASE_LOSS, params={"lr": low * 1.1, "outer_lr": 0.7})
+    lrs, kinds, annealing = run_alone(
+        Search(g, OptunaAdvisor(g, "floor", seed=0), random.Random(0), [start]))
+    # Once late: x0.8 would go below the range, so it takes exactly the low end; then
+    # nothing is left to anneal and the branch goes on plain.
+    assert annealing == [4]
+    assert lrs == [low * 1.1] * 4 + [low] * 4
+    assert kinds == ["fresh"] + ["continue"] * 3 + ["exploit"] + ["continue"] * 3
+
+
+def test_the_annealing_cap_holds_along_a_path_memory_continues() -> None:
+    g = priced_goal("tasks = 8", parallel=1, population=1)
+    start = Start(BASE, BASE_LOSS, params={"lr": 2e-3, "outer_lr": 0.7},
+                  anneals=MAX_ANNEALS)
+    lrs, kinds, annealing = run_alone(
+        Search(g, OptunaAdvisor(g, "cap", seed=0), random.Random(0), [start]))
+    assert annealing == [] and lrs == [2e-3] * 8
+    assert kinds == ["fresh"] + ["continue"] * 7
+
+
+@pytest.mark.timeout(60)
+def test_memory_keeps_each_versions_annealing_count(tmp_path: Path) -> None:
+    g = priced_goal("tasks = 8", parallel=1, population=1)
+
+    async def body(agent: Agent) -> list[Start]:
+        sid = await agent.start(g)
+        await agent.ended(sid).wait()
+        return agent.memory(g).starts
+
+    starts = run_agent(tmp_path, body, SimRunner(DATA, [BASE]))
+    best = starts[0]
+    assert best.anneals > 0 and best.params is not None and best.params["lr"] < 3e-3
+
+
+def test_proposals_are_the_first_fresh_settings_and_each_trial_has_its_setting() -> None:
+    g = priced_goal("tasks = 16", parallel=2, population=2)
+    proposals = [{"lr": 1e-3, "outer_lr": 0.5}, {"lr": 5e-3, "outer_lr": 0.9}]
+    advisor = OptunaAdvisor(g, "proposals", seed=0)
+    search = Search(g, advisor, random.Random(0), [Start(BASE, BASE_LOSS)], proposals)
+    planned = search.plan(2)
+    assert [{k: b.params[k] for k in ("lr", "outer_lr")} for b in planned] == proposals
+    # Every branch's trial in the study holds the setting the machine planned for it.
+    loss, seen = BASE_LOSS, 0
+    while planned:
+        for b in planned:
+            search.started(b.id, f"job{b.id}")
+            trial = advisor.trials[b.trial]
+            assert {k: b.params[k] for k in trial.params} == trial.params, b
+            seen += 1
+        for b in planned:
+            loss -= 0.05
+            search.finished(b.id, [f"{b.id:064x}"], [loss], [b.start], 2, 1.0)
+        planned = search.plan(2)
+    assert seen > 2 and any(b.kind == "exploit" for b in search.branches.values())
+
+
+def test_the_advisor_refuses_a_trial_out_of_step_with_what_it_queued() -> None:
+    g = priced_goal("tasks = 16")
+    advisor = OptunaAdvisor(g, "step", seed=0)
+    advisor.study.enqueue_trial({"lr": 1e-3, "outer_lr": 0.5})  # someone else's
+    with pytest.raises(RuntimeError, match=r"has \{'lr': 0.001, 'outer_lr': 0.5\}, not the "
+                                           r"queued \{'lr': 0.005, 'outer_lr': 0.9\}"):
+        advisor.new_trial({"lr": 5e-3, "outer_lr": 0.9})
+    # The queue stays one out of step: every later setting is refused, never run wrong.
+    with pytest.raises(RuntimeError, match="not the queued"):
+        advisor.new_trial({"lr": 2e-3, "outer_lr": 0.6})
+    assert advisor.trials == {}
+
+
+def test_bounds_and_reflections_hold_only_the_searched_ranges() -> None:
+    g = priced_goal("tasks = 16")  # batch_size: a range the task budget fixes at 16
+    search = Search(g, OptunaAdvisor(g, "bounds", seed=0), random.Random(0),
+                    [Start(BASE, BASE_LOSS)])
+    assert set(search.bounds) == {"lr", "outer_lr"} == set(search.to_dict()["bounds"])
+
+
+def test_worker_seconds_progress_counts_what_running_branches_will_spend() -> None:
+    g = priced_goal("worker_seconds = 100", parallel=2, population=2)
+    search = Search(g, OptunaAdvisor(g, "progress", seed=0), random.Random(0),
+                    [Start(BASE, BASE_LOSS)])
+    (b,) = search.plan(1)
+    search.started(b.id, "job")
+    search.finished(b.id, ["ff" * 32], [BASE_LOSS - 0.1], [BASE], 2, 10.0)  # 5 s a task
+    assert search.progress() == pytest.approx(0.1)
+    (c,) = search.plan(1)
+    assert search.progress() == pytest.approx((10.0 + 5.0 * search.cost(c)) / 100)

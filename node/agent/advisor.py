@@ -79,10 +79,18 @@ class OptunaAdvisor:
         return True
 
     def new_trial(self, params: Mapping[str, Any] | None) -> tuple[int, dict[str, Any]]:
-        if params is not None:
-            self.study.enqueue_trial({k: params[k] for k in self.dists},
-                                     skip_if_exists=False)
+        """RuntimeError (the trial told failed) when ``params`` were queued but ask()
+        returned another waiting trial: something else enqueued into this study, and every
+        setting after it would be one call out of step."""
+        wanted = None if params is None else {k: params[k] for k in self.dists}
+        if wanted is not None:
+            self.study.enqueue_trial(wanted, skip_if_exists=False)
         trial = self.study.ask(self.dists)
+        if wanted is not None and trial.params != wanted:
+            self.study.tell(trial, None, state=TrialState.FAIL)
+            raise RuntimeError(f"optuna study {self.study.study_name}: trial "
+                               f"{trial.number} has {trial.params}, not the queued "
+                               f"{wanted}")
         self.trials[trial.number] = trial
         return trial.number, {**self.fixed, **trial.params}
 

@@ -21,6 +21,7 @@ from typing import Any
 from node.config import AgentSection
 from node.errors import NodeError
 from protocol.agentgoal import Goal, GoalError, parse_goal_toml
+from protocol.agentsearch import priced
 
 MAX_ANSWER_BYTES = 256 * 1024
 MAX_PROPOSALS = 16
@@ -87,7 +88,7 @@ class Planner:
     def propose(self, goal: Goal, memory: Sequence[tuple[Mapping[str, Any], int, float]],
                 n: int = 4) -> list[dict[str, Any]]:
         """Settings for the first branches, each checked against ``goal``'s space."""
-        space = {d.name: d.to_toml() for d in goal.searched}
+        space = {d.name: d.to_toml() for d in priced(goal).searched}
         shown = [{"setting": dict(p), "depth": step, "loss": round(loss, 4)}
                  for p, step, loss in list(memory)[-40:]]
         answer = self.ask(PROPOSE_PROMPT.format(space=json.dumps(space),
@@ -102,18 +103,27 @@ class Planner:
 
 def check_proposals(goal: Goal, proposals: object, n: int = MAX_PROPOSALS
                     ) -> list[dict[str, Any]]:
-    """Proposed settings, each a full point of ``goal``'s space; PlannerError naming the
-    first bad one (``proposal 2: lr: 0.5 is outside the space``)."""
+    """Proposed settings, each a full point of ``goal``'s space as its budget prices it
+    (protocol.agentsearch.priced: a field the budget fixes is not asked for, and refused
+    at another value); PlannerError naming the first bad one (``proposal 2: lr: 0.5 is
+    outside the space``)."""
     if not isinstance(proposals, list) or not 1 <= len(proposals) <= min(n, MAX_PROPOSALS):
         raise PlannerError(f"proposals: expected a list of 1..{min(n, MAX_PROPOSALS)} "
                            "settings")
-    searched = {d.name: d for d in goal.searched}
+    space = priced(goal)  # as the search sees it
+    searched = {d.name: d for d in space.searched}
+    fixed = {d.name: d.values[0] for d in space.space
+             if d.kind == "fixed" and goal.dim(d.name).kind != "fixed"}
     out = []
     for i, p in enumerate(proposals, 1):
         if not isinstance(p, dict):
             raise PlannerError(f"proposal {i}: expected an object")
         for key in p:
-            if key not in searched:
+            if key in fixed:
+                if p[key] != fixed[key]:
+                    raise PlannerError(f"proposal {i}: {key}: the budget fixes it at "
+                                       f"{fixed[key]!r}")
+            elif key not in searched:
                 raise PlannerError(f"proposal {i}: {key}: not a searched field")
         for name, d in searched.items():
             if name not in p:
@@ -121,7 +131,8 @@ def check_proposals(goal: Goal, proposals: object, n: int = MAX_PROPOSALS
             if isinstance(p[name], bool) or not d.contains(p[name]):
                 raise PlannerError(f"proposal {i}: {name}: {p[name]!r} is outside the space "
                                    f"{json.dumps(d.to_toml())}")
-        out.append({k: (int(v) if searched[k].integer else v) for k, v in p.items()})
+        out.append({k: (int(v) if searched[k].integer else v) for k, v in p.items()
+                    if k in searched})
     return out
 
 

@@ -165,13 +165,11 @@ class Agent:
 
         def build() -> tuple[OptunaAdvisor, int]:
             advisor = OptunaAdvisor(goal, sid, seed=goal.seed, storage=url)
-            for p in proposals:
-                advisor.study.enqueue_trial(dict(p))
             return advisor, sum(advisor.add_prior(p, step, loss)
                                 for p, step, loss in memory.priors)
 
         advisor, priors = build() if url is None else await trio.to_thread.run_sync(build)
-        search = Search(goal, advisor, random.Random(goal.seed), starts)
+        search = Search(goal, advisor, random.Random(goal.seed), starts, proposals)
         self._locks[sid] = trio.Lock()
         self.searches[sid] = search
         self.docs[sid] = {"id": sid, "name": goal.name, "key": goal.key(), "goal": text,
@@ -254,7 +252,8 @@ class Agent:
                 memory.priors.append((b["params"], b["depth"] + len(b["losses"]),
                                       b["losses"][-1]))
                 for i, (v, loss) in enumerate(zip(b["versions"], b["losses"], strict=True)):
-                    seen.setdefault(v, Start(v, loss, b["depth"] + i + 1, b["params"]))
+                    seen.setdefault(v, Start(v, loss, b["depth"] + i + 1, b["params"],
+                                             b.get("anneals", 0)))
         chained = 0
         for v, start in self._chain_versions(goal):
             chained += 1
