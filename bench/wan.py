@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -123,40 +122,8 @@ def random_file(path: Path, mib: int) -> Path:
 
 def raw_stream_mbit(sender: Node, receiver: Node, nbytes: int, port: int = RAW_PORT) -> float:
     """One TCP stream from ``sender`` to ``receiver`` over their links: Mbit/s received."""
-    def listen() -> socket.socket:
-        srv = socket.socket()
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind((receiver.addr, port))
-        srv.listen(1)
-        return srv
-
-    srv = netns.run_in_netns(receiver.netns, listen)
-    took: list[float] = []
-
-    def receive() -> None:
-        conn, _ = srv.accept()
-        got, start = 0, time.monotonic()
-        while got < nbytes:
-            chunk = conn.recv(1 << 20)
-            if not chunk:
-                break
-            got += len(chunk)
-        took.append(time.monotonic() - start)
-        conn.close()
-
-    reader = threading.Thread(target=receive)
-    reader.start()
-    conn = netns.run_in_netns(sender.netns, socket.create_connection,
-                              (receiver.addr, port), 30)
-    block = os.urandom(MIB)
-    sent = 0
-    while sent < nbytes:
-        conn.sendall(block)
-        sent += len(block)
-    conn.close()
-    reader.join(timeout=600)
-    srv.close()
-    return nbytes * 8 / took[0] / 1e6
+    return netns.tcp_stream_mbit(sender.netns, receiver.netns, receiver.addr, nbytes, port,
+                                 timeout=600)
 
 
 def wait_providers(node: Node, version: str, n: int, timeout: float = 120) -> None:
@@ -319,12 +286,12 @@ def phase_finality(directory: Path, nodes: dict[str, Node], rate: float, seconds
     return ok
 
 
-def phase_discovery(work: Path, hosts: int, queries: int, seed: int) -> bool:
+def phase_discovery(work: Path, prefix: str, hosts: int, queries: int, seed: int) -> bool:
     """Its own testnet of ``hosts`` hosts, every link 12.5 ms each way (50 ms RTT)."""
     import random
 
     directory = work / "net-discovery"
-    prefix = PREFIX[:7] + "d"
+    prefix = prefix[:11] + "d"
     netns.teardown(prefix)
     log(f"discovery: testnet of {hosts} hosts")
     state = testnet_up(directory, hosts - 1, hosts=True, prefix=prefix, timeout=900,
@@ -371,22 +338,25 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="finality: seconds of load")
     p.add_argument("--dir", type=Path, help="testnet directory (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="leave the testnet running")
+    p.add_argument("--prefix", default=PREFIX,
+                   help=f"the testnets' namespace prefix (default {PREFIX}; discovery's adds d)")
     args = p.parse_args()
     netns.check_available()
     phases = [x for x in args.only.split(",") if x]
     work = Path(tempfile.mkdtemp(prefix="wanbench-"))
     directory = args.dir or work / "net"
-    netns.teardown(PREFIX)
+    prefix = netns.check_prefix(args.prefix)
+    netns.teardown(prefix)
     results: list[bool] = []
     if "discovery" in phases:
         phases.remove("discovery")
-        results.append(phase_discovery(work, args.hosts, args.queries, args.seed))
+        results.append(phase_discovery(work, prefix, args.hosts, args.queries, args.seed))
     if not phases:
         return 0 if all(results) else 1
     log(f"testnet up in {directory}")
     import consensus
 
-    state = testnet_up(directory, 3, hosts=True, prefix=PREFIX, timeout=300, genesis_overrides={
+    state = testnet_up(directory, 3, hosts=True, prefix=prefix, timeout=300, genesis_overrides={
         "block_interval_ms": 100, "max_block_bytes": consensus.BLOCK_BYTES})
     nodes = {n["name"]: Node(n) for n in state["nodes"]}
     try:
