@@ -4,26 +4,32 @@
                                   [--rate 500] [--seconds 20] [--hosts 30] [--queries 100]
 
 Root only (network namespaces). One namespace testnet (`iollm testnet up --hosts`, prefix
-``wanbench``): the bootstrap node and 3 nodes, each in a namespace of its own; the links
-are shaped with the relay of node/testnet (links.py says how). The fetching node is the
-bootstrap node, whose own link is never shaped, so a path's shape is the provider's link.
+``wanbench`` or --prefix): the bootstrap node and 3 nodes, each in a namespace of its own;
+the links are shaped by the relay of node/testnet (links.py says how). The fetching node
+is the bootstrap node, whose own link is unshaped, so a path's shape is the provider's
+link. node-1, node-2 and node-3 have 25 ms each way from the start (REST), before any
+connection is opened: BBR, the congestion control here, sizes its window from the lowest
+round trip a connection saw in the last 10 s, so a delay added under a live connection
+measured BBR's memory, not the fetch (5 Mbit/s for up to 10 s; see netns.shape). The
+phases then change rates only, and run in this order whatever --only's order.
 
-  fetch:     node-1 publishes MIB MiB (a dataset of random bytes); its link is shaped to
-             100 Mbit/s and 25 ms each way (50 ms RTT to the fetcher). Baseline (a): one
-             TCP stream from node-1 to the bootstrap node over that same link, MIB/2 MiB
-             (what the link and the relay carry). (b): the bootstrap node fetches the
-             dataset. Goal: (b) >= 0.9 x the link's rate (90 Mbit/s); (b) against (a) is
-             printed too. The stream muxer's window must cover the bandwidth-delay product
-             (625 KB here): py-libp2p's yamux grows each stream's window up to 16 MiB.
+  fetch:     node-1 publishes MIB MiB (a dataset of random bytes); its link gets
+             100 Mbit/s (50 ms RTT to the fetcher). Baseline (a): one TCP stream from
+             node-1 to the bootstrap node over that same link, MIB/2 MiB (what the link
+             and the relay carry). (b): the bootstrap node fetches the dataset. Goal: (b)
+             >= 0.9 x the link's rate (90 Mbit/s); (b) against (a) is printed too. The
+             stream muxer's window must cover the bandwidth-delay product (625 KB here):
+             py-libp2p's yamux grows each stream's window up to 16 MiB.
   providers: two datasets of MIB/2 MiB on node-1; one is fetched by node-2 and node-3
-             unshaped first, so it has three providers. Then node-1, node-2 and node-3 are
-             each shaped to 50 Mbit/s, 25 ms each way. (a) the bootstrap node fetches the
+             first (100 ms RTT, no rate limit), so it has three providers. Then node-1,
+             node-2 and node-3 each get 50 Mbit/s. (a) the bootstrap node fetches the
              dataset only node-1 holds; (b) the one all three hold. Goal: (b) >= 2.5x (a).
-  finality:  every host's link 25 ms each way (100 ms RTT between two hosts); the 4
-             validators. Receipts-like transactions (signed by fresh keys, bench/
+             (c) three raw TCP streams at once, one from each provider: the ceiling.
+  finality:  the 4 validators. Receipts-like transactions (signed by fresh keys, bench/
              consensus.py's) offered at RATE/s to the validators for SECONDS; the
-             latency from the offer to the final block that holds each. Goal: p50 < 2 s
-             at 500/s. Baseline: the same run before the links are shaped.
+             latency from the offer to the final block that holds each. (b) every host's
+             link 25 ms each way (100 ms RTT between two hosts), then (a) every link
+             unshaped (a lower delay is taken up at once). Goal: (b) p50 < 2 s at 500/s.
 
   discovery: a testnet of its own, HOSTS hosts (30), every link 12.5 ms each way (50 ms
              RTT between two hosts); QUERIES times a random host asks for a random other
@@ -60,6 +66,9 @@ from node.testnet.links import LinkShape  # noqa: E402
 MIB = 1 << 20
 PREFIX = "wanbench"
 RAW_PORT = 5201
+PROVIDERS = ("node-1", "node-2", "node-3")
+REST = LinkShape(delay_ms=25)  # the providers' links between phases
+PHASES = ("fetch", "providers", "finality")  # the order they run in (discovery first)
 
 
 def log(msg: str) -> None:
@@ -138,12 +147,12 @@ def phase_fetch(directory: Path, nodes: dict[str, Node], mib: int, work: Path) -
     boot, one = nodes["bootstrap"], nodes["node-1"]
     version = one.publish(random_file(work / "fetch.bin", mib), "fetch")
     rate = 100.0
-    netns.shape(directory, ["node-1"], LinkShape(delay_ms=25, rate_mbit=rate))
+    netns.shape(directory, ["node-1"], LinkShape(delay_ms=REST.delay_ms, rate_mbit=rate))
     raw = raw_stream_mbit(one, boot, mib // 2 * MIB)
     log(f"fetch: (a) raw TCP over the link {raw:.1f} Mbit/s")
     took, chunks = boot.fetch_s(version)
     got = mib * MIB * 8 / took / 1e6
-    netns.shape(directory, ["node-1"], LinkShape())
+    netns.shape(directory, ["node-1"], REST)
     ok = got >= 0.9 * rate
     print(f"fetch, 1 provider, {rate:g} Mbit/s 50 ms RTT: {mib} MiB in {took:.1f} s = "
           f"{got:.1f} Mbit/s, {got / rate:.2f}x the link rate (goal 0.90x: "
@@ -162,8 +171,8 @@ def phase_providers(directory: Path, nodes: dict[str, Node], mib: int, work: Pat
         nodes[name].fetch_s(shared)
     wait_providers(boot, shared, 3)
     wait_providers(boot, alone, 1)
-    providers = ["node-1", "node-2", "node-3"]
-    netns.shape(directory, providers, LinkShape(delay_ms=25, rate_mbit=50))
+    providers = list(PROVIDERS)
+    netns.shape(directory, providers, LinkShape(delay_ms=REST.delay_ms, rate_mbit=50))
     # (c) what the three links carry at once: three raw TCP streams into the fetcher
     rates: list[float] = []
     streams = [threading.Thread(target=lambda n=n, i=i: rates.append(raw_stream_mbit(
@@ -174,7 +183,7 @@ def phase_providers(directory: Path, nodes: dict[str, Node], mib: int, work: Pat
         t.join(timeout=600)
     t_one, c_one = boot.fetch_s(alone)
     t_three, c_three = boot.fetch_s(shared)
-    netns.shape(directory, providers, LinkShape())
+    netns.shape(directory, providers, REST)
     bits = half * MIB * 8
     one_mbit, three_mbit = bits / t_one / 1e6, bits / t_three / 1e6
     ok = three_mbit >= 2.5 * one_mbit
@@ -272,12 +281,12 @@ def phase_finality(directory: Path, nodes: dict[str, Node], rate: float, seconds
     validators[0].call("POST", "/v1/ledger/txs", {"txs": [encode_tx("job", job).hex()]})
     time.sleep(3)  # the job registered before its receipts: a few blocks
     warmup = min(5.0, seconds / 3)
-    base = offer_and_watch(validators, txs[:n], rate, seconds, warmup)
-    log(f"finality (a) unshaped: {base}")
     netns.shape(directory, list(nodes), LinkShape(delay_ms=25))
     wan = offer_and_watch(validators, txs[n:], rate, seconds, warmup)
-    netns.shape(directory, list(nodes), LinkShape())
     log(f"finality (b) 100 ms RTT: {wan}")
+    netns.shape(directory, list(nodes), LinkShape())
+    base = offer_and_watch(validators, txs[:n], rate, seconds, warmup)
+    log(f"finality (a) unshaped: {base}")
     ok = wan["p50"] < 2.0 and wan["lost"] == 0 and wan["refused"] == 0
     print(f"finality at {rate:g} receipts/s: (a) unshaped p50 {base['p50']:.2f} s, p99 "
           f"{base['p99']:.2f} s; (b) 100 ms RTT p50 {wan['p50']:.2f} s, p99 {wan['p99']:.2f} s "
@@ -343,6 +352,8 @@ def main() -> int:
     args = p.parse_args()
     netns.check_available()
     phases = [x for x in args.only.split(",") if x]
+    if unknown := set(phases) - {*PHASES, "discovery"}:
+        raise SystemExit(f"bench: unknown phase {', '.join(sorted(unknown))}")
     work = Path(tempfile.mkdtemp(prefix="wanbench-"))
     directory = args.dir or work / "net"
     prefix = netns.check_prefix(args.prefix)
@@ -357,19 +368,18 @@ def main() -> int:
     import consensus
 
     state = testnet_up(directory, 3, hosts=True, prefix=prefix, timeout=300, genesis_overrides={
-        "block_interval_ms": 100, "max_block_bytes": consensus.BLOCK_BYTES})
+        "block_interval_ms": 100, "max_block_bytes": consensus.BLOCK_BYTES},
+        shapes={n: REST for n in PROVIDERS})
     nodes = {n["name"]: Node(n) for n in state["nodes"]}
     try:
-        for phase in phases:
+        for phase in (p for p in PHASES if p in phases):
             log(f"phase {phase}")
             if phase == "fetch":
                 results.append(phase_fetch(directory, nodes, args.mib, work))
             elif phase == "providers":
                 results.append(phase_providers(directory, nodes, args.mib, work))
-            elif phase == "finality":
-                results.append(phase_finality(directory, nodes, args.rate, args.seconds))
             else:
-                raise SystemExit(f"bench: unknown phase {phase!r}")
+                results.append(phase_finality(directory, nodes, args.rate, args.seconds))
         print(json.dumps(json.loads((directory / "wire-stats.json").read_text())))
     finally:
         if not args.keep:

@@ -419,7 +419,14 @@ def _change(directory: Path, update: Callable[[NetState], None], timeout: float)
 
 def shape(directory: Path, names: list[str], link: LinkShape,
           timeout: float = 10.0) -> NetState:
-    """Give the named hosts' links ``link`` (an unshaped LinkShape() clears them)."""
+    """Give the named hosts' links ``link`` (an unshaped LinkShape() clears them).
+
+    TCP connections already open learn a new shape as a real path's change: BBR (this
+    machine's default congestion control, and the namespaces inherit it) keeps the lowest
+    round trip it saw for 10 s and sizes its window from it, so a connection opened on an
+    unshaped link and then given 25 ms each way ran at 5 Mbit/s of 100 for up to 10 s.
+    To measure throughput, shape before the nodes connect (``testnet_up``'s ``shapes``)
+    and change a link's rate, not its delay, under live connections."""
     def update(state: NetState) -> None:
         for name in names:
             state.host(name)
