@@ -168,6 +168,7 @@ def phase_providers(directory: Path, nodes: dict[str, Node], mib: int, work: Pat
     shared = one.publish(random_file(work / "shared.bin", half), "shared")
     alone = one.publish(random_file(work / "alone.bin", half), "alone")
     for name in ("node-2", "node-3"):
+        wait_providers(nodes[name], shared, 1)  # the announcement is gossip: not at once
         nodes[name].fetch_s(shared)
     wait_providers(boot, shared, 3)
     wait_providers(boot, alone, 1)
