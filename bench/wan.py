@@ -1,6 +1,6 @@
 """WAN benchmark: SMIP fetches and the chain on shaped links of the namespace testnet.
 
-    .venv/bin/python bench/wan.py [--mib 128] [--only fetch,providers,finality,discovery]
+    .venv/bin/python bench/wan.py [--mib 128] [--only fetch,providers,finality,training,discovery]
                                   [--rate 500] [--seconds 20] [--hosts 30] [--queries 100]
 
 Root only (network namespaces). One namespace testnet (`iollm testnet up --hosts`, prefix
@@ -31,6 +31,14 @@ phases then change rates only, and run in this order whatever --only's order.
              link 25 ms each way (100 ms RTT between two hosts), then (a) every link
              unshaped (a lower delay is taken up at once). Goal: (b) p50 < 2 s at 500/s.
 
+  training:  a 2-round job of the tiny GPT (2 workers a round, 20 inner steps, batch 8,
+             sequence 64: the chaos test's recipe) submitted to node-1, on two testnets
+             of their own: (b) every link 25 ms each way from the start (100 ms RTT
+             between two hosts), then (a) no link shaped (the loopback-like baseline: the
+             relay, no delay). Each publishes its base model and corpus, then times the
+             job from its submission to ``done`` (0.5 s polls); the workers fetch both
+             over the links within that time. Goal: (b) <= 1.25x (a).
+
   discovery: a testnet of its own, HOSTS hosts (30), every link 12.5 ms each way (50 ms
              RTT between two hosts); QUERIES times a random host asks for a random other
              host's record on the DHT-only path (``/v1/record?source=dht``: the DHT walk,
@@ -45,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -69,6 +78,8 @@ RAW_PORT = 5201
 PROVIDERS = ("node-1", "node-2", "node-3")
 REST = LinkShape(delay_ms=25)  # the providers' links between phases
 PHASES = ("fetch", "providers", "finality")  # the order they run in (discovery first)
+OWN_TESTNET = ("discovery", "training")  # phases that bring up testnets of their own
+TRAINING_GOAL = 1.25  # the job's wall time at 100 ms RTT against unshaped links, at most
 
 
 def log(msg: str) -> None:
@@ -296,6 +307,62 @@ def phase_finality(directory: Path, nodes: dict[str, Node], rate: float, seconds
     return ok
 
 
+def job_spec(base: str, data: str) -> str:
+    return (f'name = "wan"\nbase_model = "{base}"\ndataset = "{data}"\n[train]\nrounds = 2\n'
+            f"workers_per_round = 2\ninner_steps = 20\nbatch_size = 8\nseq_len = 64\n"
+            f"[checks]\nreexec_fraction = 0.0\n[timeouts]\ntask_s = 300\n")
+
+
+def cli(home: str, *args: str) -> str:
+    """The iollm CLI against one node, as a user runs it (it enters the node's namespace)."""
+    done = subprocess.run([sys.executable, "-m", "node.cli", *args, "--home", home],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: iollm {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def job_wall_s(work: Path, prefix: str, link: LinkShape | None) -> float:
+    """A testnet of its own (bootstrap + 3 nodes), ``link`` on every host from the start;
+    the 2-round job's wall time on it, from submission to done."""
+    directory = work / f"net-training-{'wan' if link else 'plain'}"
+    netns.teardown(prefix)
+    state = testnet_up(directory, 3, hosts=True, prefix=prefix, timeout=300, link=link)
+    try:
+        nodes = {n["name"]: Node(n) for n in state["nodes"]}
+        coordinator = nodes["node-1"]
+        home = coordinator.entry["home"]
+        base = cli(home, "model", "init", "--size", "tiny")
+        data = cli(home, "dataset", "stdlib")
+        start = time.monotonic()
+        job = coordinator.call("POST", "/v1/jobs/submit", {"spec": job_spec(base, data)})["job"]
+        deadline = start + 1800
+        while (status := coordinator.call("GET", f"/v1/jobs/status?id={job}"))["status"] \
+                == "running":
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: the job did not end in {deadline - start:.0f} s")
+            time.sleep(0.5)  # polling another process, with a deadline
+        took = time.monotonic() - start
+        if status["status"] != "done":
+            raise SystemExit(f"bench: the job ended {status['status']}: {status}")
+        return took
+    finally:
+        testnet_down(directory)
+
+
+def phase_training(work: Path, prefix: str) -> bool:
+    prefix = prefix[:11] + "t"
+    log("training: the job at 100 ms RTT")
+    wan = job_wall_s(work, prefix, LinkShape(delay_ms=25))
+    log(f"training: (b) 100 ms RTT {wan:.1f} s; the job on unshaped links")
+    plain = job_wall_s(work, prefix, None)
+    ok = wan <= TRAINING_GOAL * plain
+    print(f"training job, 2 rounds of the tiny GPT, 2 workers: (a) unshaped links {plain:.1f} s, "
+          f"(b) 100 ms RTT between hosts {wan:.1f} s = {wan / plain:.2f}x (a) (goal "
+          f"<= {TRAINING_GOAL:g}x: {'met' if ok else 'MISSED'})")
+    return ok
+
+
 def phase_discovery(work: Path, prefix: str, hosts: int, queries: int, seed: int) -> bool:
     """Its own testnet of ``hosts`` hosts, every link 12.5 ms each way (50 ms RTT)."""
     import random
@@ -339,8 +406,9 @@ def phase_discovery(work: Path, prefix: str, hosts: int, queries: int, seed: int
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=128, help="size of the single-provider fetch")
-    p.add_argument("--only", default="fetch,providers,finality,discovery",
-                   help="comma-separated phases: fetch, providers, finality, discovery")
+    p.add_argument("--only", default="fetch,providers,finality,training,discovery",
+                   help="comma-separated phases: fetch, providers, finality, training, "
+                        "discovery")
     p.add_argument("--hosts", type=int, default=30, help="discovery: hosts")
     p.add_argument("--queries", type=int, default=100, help="discovery: queries")
     p.add_argument("--seed", type=int, default=1, help="discovery: who asks for whom")
@@ -353,7 +421,7 @@ def main() -> int:
     args = p.parse_args()
     netns.check_available()
     phases = [x for x in args.only.split(",") if x]
-    if unknown := set(phases) - {*PHASES, "discovery"}:
+    if unknown := set(phases) - {*PHASES, *OWN_TESTNET}:
         raise SystemExit(f"bench: unknown phase {', '.join(sorted(unknown))}")
     work = Path(tempfile.mkdtemp(prefix="wanbench-"))
     directory = args.dir or work / "net"
@@ -363,6 +431,9 @@ def main() -> int:
     if "discovery" in phases:
         phases.remove("discovery")
         results.append(phase_discovery(work, prefix, args.hosts, args.queries, args.seed))
+    if "training" in phases:
+        phases.remove("training")
+        results.append(phase_training(work, prefix))
     if not phases:
         return 0 if all(results) else 1
     log(f"testnet up in {directory}")
