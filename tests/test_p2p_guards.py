@@ -199,3 +199,26 @@ def test_a_stream_protocol_is_chosen_in_one_round_trip() -> None:
                 assert got == wanted
 
     trio.run(scenario)
+
+
+def test_tcp_sockets_keep_enough_unsent_bytes() -> None:
+    """trio's SocketStream still sets TCP_NOTSENT_LOWAT in __init__ (so wire.py's setting,
+    made after it, is the one that holds), and a stream opened the way py-libp2p's TCP
+    transport opens one carries wire.NOTSENT_LOWAT."""
+    import socket
+
+    if not hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        pytest.skip("no TCP_NOTSENT_LOWAT on this platform")
+    assert "TCP_NOTSENT_LOWAT" in inspect.getsource(wire._library_socket_stream_init)
+
+    async def scenario() -> None:
+        with trio.fail_after(10):
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                got = stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+                assert got == wire.NOTSENT_LOWAT
+            for listener in listeners:
+                await listener.aclose()
+
+    trio.run(scenario)

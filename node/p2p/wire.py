@@ -1,6 +1,7 @@
-"""Three patches that cut py-libp2p 0.8.1's per-message work and round trips on the wire,
-the same bytes and messages otherwise. Imported by node/p2p/host.py before any host is
-built; each has a guard test in tests/test_p2p_guards.py.
+"""Four patches that cut py-libp2p 0.8.1's (and trio's) per-message work, round trips and
+idle sockets on the wire, the same bytes and messages otherwise. Imported by
+node/p2p/host.py before any host is built; each has a guard test in
+tests/test_p2p_guards.py.
 
 * **Yamux frames that fit one Noise message.** The library cuts a stream write into
   yamux frames of 64 KiB (12 header bytes + 65524), one byte more than Noise's largest
@@ -26,13 +27,23 @@ built; each has a guard test in tests/test_p2p_guards.py.
   go-libp2p's client does; a listener reads them in order either way, so the messages are
   the same. (A 128 MiB SMIP fetch at 50 ms RTT opens two streams before its first chunk:
   the second wait cost 0.1 s of its 12.) ``open_network`` installs it on each host.
+* **A sending socket that does not run dry.** trio's ``SocketStream`` sets
+  ``TCP_NOTSENT_LOWAT`` to 16 KiB: the kernel holds at most that much unsent before the
+  task must write again, 1.3 ms at 100 Mbit/s; its own comment says the value should be
+  bandwidth times the rescheduling interval. On a loaded machine a provider's process
+  waits longer than that for a CPU, and its link idles: every ``ss`` sample of a SMIP
+  provider's connection was flagged app-limited. Here every trio TCP socket of the
+  process gets ``NOTSENT_LOWAT`` = 256 KiB (20 ms at 100 Mbit/s): a small message queued
+  behind bulk data on the same connection waits that much longer at most.
 """
 
 from __future__ import annotations
 
+import socket
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 
 import libp2p.pubsub.floodsub as floodsub_module
@@ -58,6 +69,7 @@ from libp2p.protocol_muxer.multiselect_client import (
 from libp2p.pubsub.utils import maybe_consume_signed_record as library_consume
 from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
 
+NOTSENT_LOWAT = 256 * 1024  # unsent bytes a TCP socket holds before it is writable again
 RECORD_REFRESH_S = 60.0
 MAX_REMEMBERED_PEERS = 4096  # senders whose last record a host remembers
 
@@ -152,3 +164,16 @@ class OneTripMultiselectClient(MultiselectClient):
             raise MultiselectClientError(f"protocols not supported: {list(protocols)}")
         raise MultiselectClientError(f"response timed out after {negotiate_timeout}s, "
                                      f"protocols tried: {list(protocols)}")
+
+
+_library_socket_stream_init = trio.SocketStream.__init__
+
+
+def _socket_stream_init(self: trio.SocketStream, socket_: Any) -> None:
+    _library_socket_stream_init(self, socket_)
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        with suppress(OSError):
+            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+
+
+trio.SocketStream.__init__ = _socket_stream_init  # type: ignore[method-assign,assignment]
