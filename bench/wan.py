@@ -1,29 +1,43 @@
 """WAN benchmark: SMIP fetches and the chain on shaped links of the namespace testnet.
 
-    .venv/bin/python bench/wan.py [--mib 128] [--only fetch,providers,finality,discovery]
+    .venv/bin/python bench/wan.py [--mib 128] [--only fetch,providers,finality,training,discovery]
                                   [--rate 500] [--seconds 20] [--hosts 30] [--queries 100]
 
 Root only (network namespaces). One namespace testnet (`iollm testnet up --hosts`, prefix
-``wanbench``): the bootstrap node and 3 nodes, each in a namespace of its own; the links
-are shaped with the relay of node/testnet (links.py says how). The fetching node is the
-bootstrap node, whose own link is never shaped, so a path's shape is the provider's link.
+``wanbench`` or --prefix): the bootstrap node and 3 nodes, each in a namespace of its own;
+the links are shaped by the relay of node/testnet (links.py says how). The fetching node
+is the bootstrap node, whose own link is unshaped, so a path's shape is the provider's
+link. node-1, node-2 and node-3 have 25 ms each way from the start (REST), before any
+connection is opened: BBR, the congestion control here, sizes its window from the lowest
+round trip a connection saw in the last 10 s, so a delay added under a live connection
+measured BBR's memory, not the fetch (5 Mbit/s for up to 10 s; see netns.shape). The
+phases then change rates only, and run in this order whatever --only's order.
 
-  fetch:     node-1 publishes MIB MiB (a dataset of random bytes); its link is shaped to
-             100 Mbit/s and 25 ms each way (50 ms RTT to the fetcher). Baseline (a): one
-             TCP stream from node-1 to the bootstrap node over that same link, MIB/2 MiB
-             (what the link and the relay carry). (b): the bootstrap node fetches the
-             dataset. Goal: (b) >= 0.9 x the link's rate (90 Mbit/s); (b) against (a) is
-             printed too. The stream muxer's window must cover the bandwidth-delay product
-             (625 KB here): py-libp2p's yamux grows each stream's window up to 16 MiB.
+  fetch:     node-1 publishes MIB MiB (a dataset of random bytes); its link gets
+             100 Mbit/s (50 ms RTT to the fetcher). Baseline (a): one TCP stream from
+             node-1 to the bootstrap node over that same link, MIB/2 MiB (what the link
+             and the relay carry). (b): the bootstrap node fetches the dataset. Goal: (b)
+             >= 0.9 x the link's rate (90 Mbit/s); (b) against (a) is printed too. The
+             stream muxer's window must cover the bandwidth-delay product (625 KB here):
+             py-libp2p's yamux grows each stream's window up to 16 MiB.
   providers: two datasets of MIB/2 MiB on node-1; one is fetched by node-2 and node-3
-             unshaped first, so it has three providers. Then node-1, node-2 and node-3 are
-             each shaped to 50 Mbit/s, 25 ms each way. (a) the bootstrap node fetches the
+             first (100 ms RTT, no rate limit), so it has three providers. Then node-1,
+             node-2 and node-3 each get 50 Mbit/s. (a) the bootstrap node fetches the
              dataset only node-1 holds; (b) the one all three hold. Goal: (b) >= 2.5x (a).
-  finality:  every host's link 25 ms each way (100 ms RTT between two hosts); the 4
-             validators. Receipts-like transactions (signed by fresh keys, bench/
+             (c) three raw TCP streams at once, one from each provider: the ceiling.
+  finality:  the 4 validators. Receipts-like transactions (signed by fresh keys, bench/
              consensus.py's) offered at RATE/s to the validators for SECONDS; the
-             latency from the offer to the final block that holds each. Goal: p50 < 2 s
-             at 500/s. Baseline: the same run before the links are shaped.
+             latency from the offer to the final block that holds each. (b) every host's
+             link 25 ms each way (100 ms RTT between two hosts), then (a) every link
+             unshaped (a lower delay is taken up at once). Goal: (b) p50 < 2 s at 500/s.
+
+  training:  a 2-round job of the tiny GPT (2 workers a round, 20 inner steps, batch 8,
+             sequence 64: the chaos test's recipe) submitted to node-1, on two testnets
+             of their own: (b) every link 25 ms each way from the start (100 ms RTT
+             between two hosts), then (a) no link shaped (the loopback-like baseline: the
+             relay, no delay). Each publishes its base model and corpus, then times the
+             job from its submission to ``done`` (0.5 s polls); the workers fetch both
+             over the links within that time. Goal: (b) <= 1.25x (a).
 
   discovery: a testnet of its own, HOSTS hosts (30), every link 12.5 ms each way (50 ms
              RTT between two hosts); QUERIES times a random host asks for a random other
@@ -39,7 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -61,6 +75,11 @@ from node.testnet.links import LinkShape  # noqa: E402
 MIB = 1 << 20
 PREFIX = "wanbench"
 RAW_PORT = 5201
+PROVIDERS = ("node-1", "node-2", "node-3")
+REST = LinkShape(delay_ms=25)  # the providers' links between phases
+PHASES = ("fetch", "providers", "finality")  # the order they run in (discovery first)
+OWN_TESTNET = ("discovery", "training")  # phases that bring up testnets of their own
+TRAINING_GOAL = 1.25  # the job's wall time at 100 ms RTT against unshaped links, at most
 
 
 def log(msg: str) -> None:
@@ -123,40 +142,8 @@ def random_file(path: Path, mib: int) -> Path:
 
 def raw_stream_mbit(sender: Node, receiver: Node, nbytes: int, port: int = RAW_PORT) -> float:
     """One TCP stream from ``sender`` to ``receiver`` over their links: Mbit/s received."""
-    def listen() -> socket.socket:
-        srv = socket.socket()
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind((receiver.addr, port))
-        srv.listen(1)
-        return srv
-
-    srv = netns.run_in_netns(receiver.netns, listen)
-    took: list[float] = []
-
-    def receive() -> None:
-        conn, _ = srv.accept()
-        got, start = 0, time.monotonic()
-        while got < nbytes:
-            chunk = conn.recv(1 << 20)
-            if not chunk:
-                break
-            got += len(chunk)
-        took.append(time.monotonic() - start)
-        conn.close()
-
-    reader = threading.Thread(target=receive)
-    reader.start()
-    conn = netns.run_in_netns(sender.netns, socket.create_connection,
-                              (receiver.addr, port), 30)
-    block = os.urandom(MIB)
-    sent = 0
-    while sent < nbytes:
-        conn.sendall(block)
-        sent += len(block)
-    conn.close()
-    reader.join(timeout=600)
-    srv.close()
-    return nbytes * 8 / took[0] / 1e6
+    return netns.tcp_stream_mbit(sender.netns, receiver.netns, receiver.addr, nbytes, port,
+                                 timeout=600)
 
 
 def wait_providers(node: Node, version: str, n: int, timeout: float = 120) -> None:
@@ -171,12 +158,12 @@ def phase_fetch(directory: Path, nodes: dict[str, Node], mib: int, work: Path) -
     boot, one = nodes["bootstrap"], nodes["node-1"]
     version = one.publish(random_file(work / "fetch.bin", mib), "fetch")
     rate = 100.0
-    netns.shape(directory, ["node-1"], LinkShape(delay_ms=25, rate_mbit=rate))
+    netns.shape(directory, ["node-1"], LinkShape(delay_ms=REST.delay_ms, rate_mbit=rate))
     raw = raw_stream_mbit(one, boot, mib // 2 * MIB)
     log(f"fetch: (a) raw TCP over the link {raw:.1f} Mbit/s")
     took, chunks = boot.fetch_s(version)
     got = mib * MIB * 8 / took / 1e6
-    netns.shape(directory, ["node-1"], LinkShape())
+    netns.shape(directory, ["node-1"], REST)
     ok = got >= 0.9 * rate
     print(f"fetch, 1 provider, {rate:g} Mbit/s 50 ms RTT: {mib} MiB in {took:.1f} s = "
           f"{got:.1f} Mbit/s, {got / rate:.2f}x the link rate (goal 0.90x: "
@@ -192,11 +179,12 @@ def phase_providers(directory: Path, nodes: dict[str, Node], mib: int, work: Pat
     shared = one.publish(random_file(work / "shared.bin", half), "shared")
     alone = one.publish(random_file(work / "alone.bin", half), "alone")
     for name in ("node-2", "node-3"):
+        wait_providers(nodes[name], shared, 1)  # the announcement is gossip: not at once
         nodes[name].fetch_s(shared)
     wait_providers(boot, shared, 3)
     wait_providers(boot, alone, 1)
-    providers = ["node-1", "node-2", "node-3"]
-    netns.shape(directory, providers, LinkShape(delay_ms=25, rate_mbit=50))
+    providers = list(PROVIDERS)
+    netns.shape(directory, providers, LinkShape(delay_ms=REST.delay_ms, rate_mbit=50))
     # (c) what the three links carry at once: three raw TCP streams into the fetcher
     rates: list[float] = []
     streams = [threading.Thread(target=lambda n=n, i=i: rates.append(raw_stream_mbit(
@@ -207,7 +195,7 @@ def phase_providers(directory: Path, nodes: dict[str, Node], mib: int, work: Pat
         t.join(timeout=600)
     t_one, c_one = boot.fetch_s(alone)
     t_three, c_three = boot.fetch_s(shared)
-    netns.shape(directory, providers, LinkShape())
+    netns.shape(directory, providers, REST)
     bits = half * MIB * 8
     one_mbit, three_mbit = bits / t_one / 1e6, bits / t_three / 1e6
     ok = three_mbit >= 2.5 * one_mbit
@@ -305,12 +293,12 @@ def phase_finality(directory: Path, nodes: dict[str, Node], rate: float, seconds
     validators[0].call("POST", "/v1/ledger/txs", {"txs": [encode_tx("job", job).hex()]})
     time.sleep(3)  # the job registered before its receipts: a few blocks
     warmup = min(5.0, seconds / 3)
-    base = offer_and_watch(validators, txs[:n], rate, seconds, warmup)
-    log(f"finality (a) unshaped: {base}")
     netns.shape(directory, list(nodes), LinkShape(delay_ms=25))
     wan = offer_and_watch(validators, txs[n:], rate, seconds, warmup)
-    netns.shape(directory, list(nodes), LinkShape())
     log(f"finality (b) 100 ms RTT: {wan}")
+    netns.shape(directory, list(nodes), LinkShape())
+    base = offer_and_watch(validators, txs[:n], rate, seconds, warmup)
+    log(f"finality (a) unshaped: {base}")
     ok = wan["p50"] < 2.0 and wan["lost"] == 0 and wan["refused"] == 0
     print(f"finality at {rate:g} receipts/s: (a) unshaped p50 {base['p50']:.2f} s, p99 "
           f"{base['p99']:.2f} s; (b) 100 ms RTT p50 {wan['p50']:.2f} s, p99 {wan['p99']:.2f} s "
@@ -319,12 +307,68 @@ def phase_finality(directory: Path, nodes: dict[str, Node], rate: float, seconds
     return ok
 
 
-def phase_discovery(work: Path, hosts: int, queries: int, seed: int) -> bool:
+def job_spec(base: str, data: str) -> str:
+    return (f'name = "wan"\nbase_model = "{base}"\ndataset = "{data}"\n[train]\nrounds = 2\n'
+            f"workers_per_round = 2\ninner_steps = 20\nbatch_size = 8\nseq_len = 64\n"
+            f"[checks]\nreexec_fraction = 0.0\n[timeouts]\ntask_s = 300\n")
+
+
+def cli(home: str, *args: str) -> str:
+    """The iollm CLI against one node, as a user runs it (it enters the node's namespace)."""
+    done = subprocess.run([sys.executable, "-m", "node.cli", *args, "--home", home],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: iollm {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def job_wall_s(work: Path, prefix: str, link: LinkShape | None) -> float:
+    """A testnet of its own (bootstrap + 3 nodes), ``link`` on every host from the start;
+    the 2-round job's wall time on it, from submission to done."""
+    directory = work / f"net-training-{'wan' if link else 'plain'}"
+    netns.teardown(prefix)
+    state = testnet_up(directory, 3, hosts=True, prefix=prefix, timeout=300, link=link)
+    try:
+        nodes = {n["name"]: Node(n) for n in state["nodes"]}
+        coordinator = nodes["node-1"]
+        home = coordinator.entry["home"]
+        base = cli(home, "model", "init", "--size", "tiny")
+        data = cli(home, "dataset", "stdlib")
+        start = time.monotonic()
+        job = coordinator.call("POST", "/v1/jobs/submit", {"spec": job_spec(base, data)})["job"]
+        deadline = start + 1800
+        while (status := coordinator.call("GET", f"/v1/jobs/status?id={job}"))["status"] \
+                == "running":
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: the job did not end in {deadline - start:.0f} s")
+            time.sleep(0.5)  # polling another process, with a deadline
+        took = time.monotonic() - start
+        if status["status"] != "done":
+            raise SystemExit(f"bench: the job ended {status['status']}: {status}")
+        return took
+    finally:
+        testnet_down(directory)
+
+
+def phase_training(work: Path, prefix: str) -> bool:
+    prefix = prefix[:11] + "t"
+    log("training: the job at 100 ms RTT")
+    wan = job_wall_s(work, prefix, LinkShape(delay_ms=25))
+    log(f"training: (b) 100 ms RTT {wan:.1f} s; the job on unshaped links")
+    plain = job_wall_s(work, prefix, None)
+    ok = wan <= TRAINING_GOAL * plain
+    print(f"training job, 2 rounds of the tiny GPT, 2 workers: (a) unshaped links {plain:.1f} s, "
+          f"(b) 100 ms RTT between hosts {wan:.1f} s = {wan / plain:.2f}x (a) (goal "
+          f"<= {TRAINING_GOAL:g}x: {'met' if ok else 'MISSED'})")
+    return ok
+
+
+def phase_discovery(work: Path, prefix: str, hosts: int, queries: int, seed: int) -> bool:
     """Its own testnet of ``hosts`` hosts, every link 12.5 ms each way (50 ms RTT)."""
     import random
 
     directory = work / "net-discovery"
-    prefix = PREFIX[:7] + "d"
+    prefix = prefix[:11] + "d"
     netns.teardown(prefix)
     log(f"discovery: testnet of {hosts} hosts")
     state = testnet_up(directory, hosts - 1, hosts=True, prefix=prefix, timeout=900,
@@ -362,8 +406,9 @@ def phase_discovery(work: Path, hosts: int, queries: int, seed: int) -> bool:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=128, help="size of the single-provider fetch")
-    p.add_argument("--only", default="fetch,providers,finality,discovery",
-                   help="comma-separated phases: fetch, providers, finality, discovery")
+    p.add_argument("--only", default="fetch,providers,finality,training,discovery",
+                   help="comma-separated phases: fetch, providers, finality, training, "
+                        "discovery")
     p.add_argument("--hosts", type=int, default=30, help="discovery: hosts")
     p.add_argument("--queries", type=int, default=100, help="discovery: queries")
     p.add_argument("--seed", type=int, default=1, help="discovery: who asks for whom")
@@ -371,35 +416,42 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="finality: seconds of load")
     p.add_argument("--dir", type=Path, help="testnet directory (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="leave the testnet running")
+    p.add_argument("--prefix", default=PREFIX,
+                   help=f"the testnets' namespace prefix (default {PREFIX}; discovery's adds d)")
     args = p.parse_args()
     netns.check_available()
     phases = [x for x in args.only.split(",") if x]
+    if unknown := set(phases) - {*PHASES, *OWN_TESTNET}:
+        raise SystemExit(f"bench: unknown phase {', '.join(sorted(unknown))}")
     work = Path(tempfile.mkdtemp(prefix="wanbench-"))
     directory = args.dir or work / "net"
-    netns.teardown(PREFIX)
+    prefix = netns.check_prefix(args.prefix)
+    netns.teardown(prefix)
     results: list[bool] = []
     if "discovery" in phases:
         phases.remove("discovery")
-        results.append(phase_discovery(work, args.hosts, args.queries, args.seed))
+        results.append(phase_discovery(work, prefix, args.hosts, args.queries, args.seed))
+    if "training" in phases:
+        phases.remove("training")
+        results.append(phase_training(work, prefix))
     if not phases:
         return 0 if all(results) else 1
     log(f"testnet up in {directory}")
     import consensus
 
-    state = testnet_up(directory, 3, hosts=True, prefix=PREFIX, timeout=300, genesis_overrides={
-        "block_interval_ms": 100, "max_block_bytes": consensus.BLOCK_BYTES})
+    state = testnet_up(directory, 3, hosts=True, prefix=prefix, timeout=300, genesis_overrides={
+        "block_interval_ms": 100, "max_block_bytes": consensus.BLOCK_BYTES},
+        shapes={n: REST for n in PROVIDERS})
     nodes = {n["name"]: Node(n) for n in state["nodes"]}
     try:
-        for phase in phases:
+        for phase in (p for p in PHASES if p in phases):
             log(f"phase {phase}")
             if phase == "fetch":
                 results.append(phase_fetch(directory, nodes, args.mib, work))
             elif phase == "providers":
                 results.append(phase_providers(directory, nodes, args.mib, work))
-            elif phase == "finality":
-                results.append(phase_finality(directory, nodes, args.rate, args.seconds))
             else:
-                raise SystemExit(f"bench: unknown phase {phase!r}")
+                results.append(phase_finality(directory, nodes, args.rate, args.seconds))
         print(json.dumps(json.loads((directory / "wire-stats.json").read_text())))
     finally:
         if not args.keep:

@@ -150,3 +150,75 @@ def test_signed_peer_records_are_built_and_checked_once_per_peer() -> None:
         patch.setattr(wire, "library_env_to_send", counted("build", wire.library_env_to_send))
         patch.setattr(wire, "library_consume", counted("check", wire.library_consume))
         trio.run(scenario)
+
+
+def test_a_stream_protocol_is_chosen_in_one_round_trip() -> None:
+    """open_network's hosts open streams through wire.OneTripMultiselectClient, where
+    BasicHost.new_stream looks; it writes the handshake and the protocol before reading
+    anything (a listener that answers only once it has both still gets an answer, which
+    the library's client would wait for for ever), and the library's own listener agrees,
+    also when the first protocol is refused."""
+    from libp2p.custom_types import TProtocol
+    from libp2p.host.basic_host import BasicHost
+    from libp2p.io.trio import TrioTCPStream
+    from libp2p.protocol_muxer.multiselect import Multiselect
+    from libp2p.protocol_muxer.multiselect_client import MULTISELECT_PROTOCOL_ID
+    from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
+    from trio.testing import memory_stream_pair
+
+    assert "self.multiselect_client.select_one_of(" in inspect.getsource(BasicHost.new_stream)
+    wanted, other = TProtocol("/iollm/test/1"), TProtocol("/iollm/absent/1")
+
+    def pair() -> tuple[MultiselectCommunicator, MultiselectCommunicator]:
+        near, far = memory_stream_pair()
+        return (MultiselectCommunicator(TrioTCPStream(near)),  # type: ignore[arg-type]
+                MultiselectCommunicator(TrioTCPStream(far)))  # type: ignore[arg-type]
+
+    async def one_trip_listener(far: MultiselectCommunicator) -> None:
+        assert [await far.read(), await far.read()] == [MULTISELECT_PROTOCOL_ID, wanted]
+        await far.write(MULTISELECT_PROTOCOL_ID)
+        await far.write(wanted)
+
+    async def library_listener(far: MultiselectCommunicator) -> None:
+        async def handler(stream: Any) -> None:
+            pass
+
+        assert (await Multiselect({wanted: handler}).negotiate(far, 5))[0] == wanted
+
+    async def scenario() -> None:
+        with trio.fail_after(10):
+            async with open_network(SigningKey.generate(), [LOOPBACK], {}) as net:
+                assert isinstance(net.host.multiselect_client, wire.OneTripMultiselectClient)
+            for listener, offered in ((one_trip_listener, [wanted]),
+                                      (library_listener, [wanted]),
+                                      (library_listener, [other, wanted])):
+                near, far = pair()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(listener, far)
+                    got = await wire.OneTripMultiselectClient().select_one_of(offered, near, 5)
+                assert got == wanted
+
+    trio.run(scenario)
+
+
+def test_tcp_sockets_keep_enough_unsent_bytes() -> None:
+    """trio's SocketStream still sets TCP_NOTSENT_LOWAT in __init__ (so wire.py's setting,
+    made after it, is the one that holds), and a stream opened the way py-libp2p's TCP
+    transport opens one carries wire.NOTSENT_LOWAT."""
+    import socket
+
+    if not hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        pytest.skip("no TCP_NOTSENT_LOWAT on this platform")
+    assert "TCP_NOTSENT_LOWAT" in inspect.getsource(wire._library_socket_stream_init)
+
+    async def scenario() -> None:
+        with trio.fail_after(10):
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                got = stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+                assert got == wire.NOTSENT_LOWAT
+            for listener in listeners:
+                await listener.aclose()
+
+    trio.run(scenario)

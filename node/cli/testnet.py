@@ -174,7 +174,10 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
                timeout: float = 120.0, validators: int | None = None,
                genesis_overrides: dict[str, Any] | None = None, hosts: bool = False,
                prefix: str = DEFAULT_PREFIX, link: LinkShape | None = None,
-               nat: int = 0) -> dict[str, Any]:
+               nat: int = 0, shapes: dict[str, LinkShape] | None = None) -> dict[str, Any]:
+    """``shapes``: per-host links from the start, over ``link`` (which every public host
+    gets): a link shaped before the nodes connect is the one their TCP measures; one
+    reshaped under a live connection is not at once (see node.testnet.netns.shape)."""
     from node.api.client import ApiClientError, read_token_file
 
     if not 1 <= nodes <= 64:
@@ -196,6 +199,8 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
         raise TestnetError("--nat N needs --hosts and at most --nodes minus 1 (one node and "
                            "the bootstrap node stay public)")
     behind_nat = names[len(names) - nat:] if nat else []
+    if shapes and not hosts:
+        raise TestnetError("per-host links need --hosts")
     procs: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
     infos: list[dict[str, Any]] = []
     spaces: dict[str, tuple[str, str]] = {}  # name -> (namespace, address)
@@ -203,9 +208,10 @@ def testnet_up(directory: Path, nodes: int, *, simulate_gpus: bool = False,
         from node.testnet.netns import NetnsError, create_network
 
         public = [n for n in names if n not in behind_nat] + ([NAT_GATEWAY] if nat else [])
+        initial = {n: link for n in public} if link and link.shaped else {}
+        initial.update(shapes or {})
         try:
-            net = create_network(directory, prefix, public,
-                                 {n: link for n in public} if link and link.shaped else None)
+            net = create_network(directory, prefix, public, initial or None)
         except NetnsError as exc:
             raise TestnetError(str(exc)) from None
         spaces = {h.name: (h.netns, str(h.addr)) for h in net.hosts}

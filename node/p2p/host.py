@@ -51,7 +51,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from nacl.signing import SigningKey
 from prometheus_client import CollectorRegistry, Counter
 
-import node.p2p.wire  # noqa: F401  (its patches: before any host is built)
+import node.p2p.wire  # first: its patches apply before any host is built
 from node.p2p.api import GossipMessage, GossipValidator, PeerGone
 from node.p2p.guard import StreamGuard
 from node.p2p.lookup import providers_from_peer, value_from_peer
@@ -549,6 +549,7 @@ async def open_network(
             enable_circuit_breaker=False, enable_graceful_degradation=False),
     )
     assert isinstance(host, BasicHost)
+    host.multiselect_client = node.p2p.wire.OneTripMultiselectClient()
     _disable_auto_connector(host)
     registry = registry or CollectorRegistry()
     guard = StreamGuard(host, registry, penalties, limits=options)

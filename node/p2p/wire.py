@@ -1,6 +1,7 @@
-"""Two patches that cut py-libp2p 0.8.1's per-message work on the wire, the same bytes
-and messages otherwise. Imported by node/p2p/host.py before any host is built; each has
-a guard test in tests/test_p2p_guards.py.
+"""Four patches that cut py-libp2p 0.8.1's (and trio's) per-message work, round trips and
+idle sockets on the wire, the same bytes and messages otherwise. Imported by
+node/p2p/host.py before any host is built; each has a guard test in
+tests/test_p2p_guards.py.
 
 * **Yamux frames that fit one Noise message.** The library cuts a stream write into
   yamux frames of 64 KiB (12 header bytes + 65524), one byte more than Noise's largest
@@ -18,12 +19,31 @@ a guard test in tests/test_p2p_guards.py.
   the very same bytes from the same peer within ``RECORD_REFRESH_S`` does not verify and
   store them again (the store also refreshes the record's address TTL of two hours, so it
   is repeated that often).
+* **A stream's protocol chosen in one round trip.** The library's multistream-select
+  client writes its handshake, waits for the answer, then writes the protocol and waits
+  again: two round trips before a stream carries its first request, on every stream
+  (each SMIP exchange, DHT request, validator stream). ``OneTripMultiselectClient``
+  writes the handshake and the first protocol together and then reads both answers, as
+  go-libp2p's client does; a listener reads them in order either way, so the messages are
+  the same. (A 128 MiB SMIP fetch at 50 ms RTT opens two streams before its first chunk:
+  the second wait cost 0.1 s of its 12.) ``open_network`` installs it on each host.
+* **A sending socket that does not run dry.** trio's ``SocketStream`` sets
+  ``TCP_NOTSENT_LOWAT`` to 16 KiB: the kernel holds at most that much unsent before the
+  task must write again, 1.3 ms at 100 Mbit/s; its own comment says the value should be
+  bandwidth times the rescheduling interval. On a loaded machine a provider's process
+  waits longer than that for a CPU, and its link idles: every ``ss`` sample of a SMIP
+  provider's connection was flagged app-limited. Here every trio TCP socket of the
+  process gets ``NOTSENT_LOWAT`` = 256 KiB (20 ms at 100 Mbit/s): a small message queued
+  behind bulk data on the same connection waits that much longer at most.
 """
 
 from __future__ import annotations
 
+import socket
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 
 import libp2p.pubsub.floodsub as floodsub_module
@@ -31,10 +51,25 @@ import libp2p.pubsub.gossipsub as gossipsub_module
 import libp2p.pubsub.pubsub as pubsub_module
 import libp2p.stream_muxer.yamux.yamux as yamux_module
 import trio
+from libp2p.abc import IMultiselectCommunicator
+from libp2p.custom_types import TProtocol
 from libp2p.peer.peerstore import env_to_send_in_RPC as library_env_to_send
+from libp2p.protocol_muxer.exceptions import (
+    MultiselectClientError,
+    MultiselectCommunicatorError,
+    ProtocolNotSupportedError,
+)
+from libp2p.protocol_muxer.multiselect_client import (
+    DEFAULT_NEGOTIATE_TIMEOUT,
+    MULTISELECT_PROTOCOL_ID,
+    PROTOCOL_NOT_FOUND_MSG,
+    MultiselectClient,
+    is_valid_handshake,
+)
 from libp2p.pubsub.utils import maybe_consume_signed_record as library_consume
 from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
 
+NOTSENT_LOWAT = 256 * 1024  # unsent bytes a TCP socket holds before it is writable again
 RECORD_REFRESH_S = 60.0
 MAX_REMEMBERED_PEERS = 4096  # senders whose last record a host remembers
 
@@ -92,3 +127,53 @@ PATCHED_MODULES = (pubsub_module, gossipsub_module, floodsub_module)
 for _module in PATCHED_MODULES:
     _module.env_to_send_in_RPC = env_to_send_in_rpc  # type: ignore[attr-defined]
     _module.maybe_consume_signed_record = maybe_consume_signed_record  # type: ignore[attr-defined]
+
+
+class OneTripMultiselectClient(MultiselectClient):
+    """multistream-select's handshake and first protocol in one write, then both answers
+    read (see the module's docstring); the other protocols, if the first is refused, one
+    at a time as the library does."""
+
+    async def select_one_of(self, protocols: Sequence[TProtocol],
+                            communicator: IMultiselectCommunicator,
+                            negotiate_timeout: int = DEFAULT_NEGOTIATE_TIMEOUT) -> TProtocol:
+        if not protocols:
+            return await super().select_one_of(protocols, communicator, negotiate_timeout)
+        first = protocols[0]
+        with trio.move_on_after(negotiate_timeout):
+            try:
+                await communicator.write(MULTISELECT_PROTOCOL_ID)
+                await communicator.write(first)
+                handshake = await communicator.read()
+                if not is_valid_handshake(handshake):
+                    raise MultiselectClientError(
+                        f"multiselect protocol ID mismatch: expected {MULTISELECT_PROTOCOL_ID}"
+                        f", got {handshake!r}")
+                answer = await communicator.read()
+            except MultiselectCommunicatorError as error:
+                raise MultiselectClientError(f"negotiation failed: {error}") from error
+            if answer == first:
+                return first
+            if answer != PROTOCOL_NOT_FOUND_MSG:
+                raise MultiselectClientError(f"unexpected answer {answer!r} to {first}")
+            for protocol in protocols[1:]:
+                try:
+                    return await self.try_select(communicator, protocol)
+                except ProtocolNotSupportedError:
+                    continue
+            raise MultiselectClientError(f"protocols not supported: {list(protocols)}")
+        raise MultiselectClientError(f"response timed out after {negotiate_timeout}s, "
+                                     f"protocols tried: {list(protocols)}")
+
+
+_library_socket_stream_init = trio.SocketStream.__init__
+
+
+def _socket_stream_init(self: trio.SocketStream, socket_: Any) -> None:
+    _library_socket_stream_init(self, socket_)
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        with suppress(OSError):
+            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+
+
+trio.SocketStream.__init__ = _socket_stream_init  # type: ignore[method-assign,assignment]

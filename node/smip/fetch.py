@@ -181,23 +181,33 @@ async def find_providers(models: Models, key_hex: str, known: list[PeerId]) -> l
     return [p for p in dict.fromkeys(found) if p != own]
 
 
-async def fetch_manifest(models: Models, version: bytes, providers: list[PeerId]) -> HeldVersion:
+async def fetch_manifest(models: Models, version: bytes, providers: list[PeerId],
+                         keep: dict[PeerId, SmipClient] | None = None) -> HeldVersion:
     """The first manifest answer that verifies against the id, asked one provider at a
-    time. FetchError when none does."""
+    time. FetchError when none does. ``keep``: the stream that gave it stays open there
+    (the caller's to close), for the chunk fetch to go on with: opening another costs a
+    round trip before its first request."""
 
     reasons = []
     for peer in providers:
+        client = SmipClient(models.net, peer, models.tunables)
         try:
-            async with SmipClient(models.net, peer, models.tunables) as client:
-                header, payload = await client.request(ManifestRequest(version))
+            await client.open()
+            header, payload = await client.request(ManifestRequest(version))
             if header.status != STATUS_OK:
                 reasons.append(f"{peer}: {header.status}")
+                await client.close()
                 continue
             manifest = open_manifest(payload, version)
         except Exception as exc:  # ProtocolError, FrameError, TooSlowError, a failed dial
+            await client.close(failed=True)
             reasons.append(f"{peer}: {str(exc) or type(exc).__name__}")
             models.metrics.dropped.labels(getattr(exc, "reason", "unreachable")).inc()
             continue
+        if keep is None:
+            await client.close()
+        else:
+            keep[peer] = client
         return HeldVersion(version, payload, manifest, "partial")
     raise FetchError(f"no provider gave a valid manifest of {short_id(version)}"
                      + (f" ({'; '.join(reasons)})" if reasons else ""))
@@ -225,13 +235,24 @@ async def fetch_version(models: Models, version: bytes, progress: Progress,
                                              models.providers_of(version))
             if providers or version in models.held:
                 break
+    kept: dict[PeerId, SmipClient] = {}  # the manifest's stream, for the chunks
+    try:
+        return await _fetch_held(models, version, progress, providers, known, kind, kept)
+    finally:
+        for client in kept.values():  # not taken by a chunk worker
+            await client.close()
+
+
+async def _fetch_held(models: Models, version: bytes, progress: Progress,
+                      providers: list[PeerId], known: list[PeerId], kind: str | None,
+                      kept: dict[PeerId, SmipClient]) -> HeldVersion:
     held = models.held.get(version)
     if held is None:
         if not providers:
             raise FetchError(f"no provider of {id_hex(version)} found (announcements and DHT)")
         progress.phase = "manifest"
         try:
-            held = await fetch_manifest(models, version, providers)
+            held = await fetch_manifest(models, version, providers, kept)
         except FetchError:
             if not known:  # these were the DHT's providers already
                 raise
@@ -240,7 +261,7 @@ async def fetch_version(models: Models, version: bytes, progress: Progress,
             if not more:
                 raise
             providers = [*known, *more]
-            held = await fetch_manifest(models, version, more)
+            held = await fetch_manifest(models, version, more, kept)
         await models.remember_manifest(held)
     check_kind(version, held.manifest.kind, kind)
     shards = list({s.root: s for s in held.manifest.shards}.values())
@@ -252,7 +273,7 @@ async def fetch_version(models: Models, version: bytes, progress: Progress,
             raise FetchError(f"no provider of {id_hex(version)} found to fetch "
                              f"{len(todo)} missing shards from")
         progress.phase = "chunks"
-        await ChunkFetcher(models, todo, providers, progress).run()
+        await ChunkFetcher(models, todo, providers, progress, kept).run()
     await models.mark_complete(held)
     return held
 
@@ -286,8 +307,9 @@ class _Provider:
 
 class ChunkFetcher:
     def __init__(self, models: Models, shards: list[ShardEntry], providers: list[PeerId],
-                 progress: Progress) -> None:
+                 progress: Progress, streams: dict[PeerId, SmipClient] | None = None) -> None:
         self.models = models
+        self._streams = streams if streams is not None else {}  # open ones, taken by workers
         self.progress = progress
         self.shards = [_Shard(s, set(providers)) for s in shards]
         self.providers = {p: _Provider(p) for p in providers}
@@ -409,6 +431,8 @@ class ChunkFetcher:
                     request: Request = LeavesRequest(shard.entry.root) if index is None \
                         else ChunkRequest(shard.entry.root, index)
                     outstanding.append((shard, index, request))
+                    if client is None:
+                        client = self._streams.pop(provider.peer, None)
                     if client is None:
                         client = await SmipClient(self.models.net, provider.peer,
                                                     self.models.tunables).open()

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -192,6 +193,45 @@ def _open_tun_here() -> int:
 def open_tun(netns: str) -> int:
     """A non-blocking fd on the host's tun device (created by ``create_network``)."""
     return run_in_netns(netns, _open_tun_here)
+
+
+def tcp_stream_mbit(sender: str, receiver: str, addr: str, nbytes: int, port: int,
+                    timeout: float = 120.0) -> float:
+    """One bulk TCP stream of ``nbytes`` from namespace ``sender`` to ``addr:port`` in
+    namespace ``receiver``, over their links: the Mbit/s of payload received, from the
+    accept to the last byte (what the links and the relay carry, as iperf would say)."""
+    def listen() -> socket.socket:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind((addr, port))
+        server.listen(1)
+        server.settimeout(timeout)
+        return server
+
+    took: list[float] = []
+
+    def receive(server: socket.socket) -> None:
+        with server, server.accept()[0] as conn:
+            conn.settimeout(timeout)
+            got, start = 0, time.monotonic()
+            while got < nbytes and (chunk := conn.recv(1 << 20)):
+                got += len(chunk)
+            if got == nbytes:
+                took.append(time.monotonic() - start)
+
+    server = run_in_netns(receiver, listen)
+    reader = threading.Thread(target=receive, args=(server,), daemon=True)
+    reader.start()
+    with run_in_netns(sender, socket.create_connection, (addr, port), timeout) as conn:
+        block = os.urandom(min(nbytes, 1 << 20))
+        sent = 0
+        while sent < nbytes:
+            sent += conn.send(memoryview(block)[:nbytes - sent])
+    reader.join(timeout)
+    if not took:
+        raise NetnsError(f"a TCP stream from {sender} to {receiver} did not arrive whole "
+                         f"in {timeout:.0f} s")
+    return nbytes * 8 / took[0] / 1e6
 
 
 def netns_argv(netns: str, argv: list[str]) -> list[str]:
@@ -379,7 +419,14 @@ def _change(directory: Path, update: Callable[[NetState], None], timeout: float)
 
 def shape(directory: Path, names: list[str], link: LinkShape,
           timeout: float = 10.0) -> NetState:
-    """Give the named hosts' links ``link`` (an unshaped LinkShape() clears them)."""
+    """Give the named hosts' links ``link`` (an unshaped LinkShape() clears them).
+
+    TCP connections already open learn a new shape as a real path's change: BBR (this
+    machine's default congestion control, and the namespaces inherit it) keeps the lowest
+    round trip it saw for 10 s and sizes its window from it, so a connection opened on an
+    unshaped link and then given 25 ms each way ran at 5 Mbit/s of 100 for up to 10 s.
+    To measure throughput, shape before the nodes connect (``testnet_up``'s ``shapes``)
+    and change a link's rate, not its delay, under live connections."""
     def update(state: NetState) -> None:
         for name in names:
             state.host(name)
