@@ -18,7 +18,7 @@ import trio
 from node.config import ChainSection, DiscoverySection
 from protocol.genesis import Genesis, make_genesis
 from tests.cluster import Cluster, memnet_cluster, node_peer_id
-from tests.memnet import mock_clock_ms, run_on_mock_clock
+from tests.memnet import MemNode, mock_clock_ms, run_on_mock_clock
 from tests.netutil import make_env
 from tests.test_chain_multinode import (
     chain_of,
@@ -111,3 +111,27 @@ def test_a_txs_stream_idle_for_long_is_ended_by_its_sender_and_the_next_batch_ar
                     await trio.sleep(0.05)
 
     run(main)
+
+
+def test_a_follower_stays_off_the_consensus_topic_and_follows_from_heads(
+        tmp_path: Path) -> None:
+    """Votes concern validators only: a follower does not join the consensus topic (each
+    vote would cost it a read, a check and a relay), and still reaches every final block
+    from the validators' heads."""
+    async def main() -> None:
+        async with mem_cluster(tmp_path, VALIDATORS + 1) as nodes:
+            follower = nodes[VALIDATORS]
+            topics = chain_of(follower).topics
+            assert topics.consensus not in mem(follower).topics
+            assert {topics.txs, topics.heads} <= set(mem(follower).topics)
+            assert all(topics.consensus in mem(v).topics for v in nodes[:VALIDATORS])
+            leader = chain_of(nodes[0])
+            assert await leader.wait_height(5, timeout=60)
+            assert await chain_of(follower).wait_height(5, timeout=10)
+
+    run(main)
+
+
+def mem(node: Any) -> MemNode:
+    assert isinstance(node.net, MemNode)
+    return node.net

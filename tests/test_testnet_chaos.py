@@ -27,7 +27,9 @@ from tests.netutil import iollm
 from tests.test_testnet_hosts import PREFIX, UNAVAILABLE, api, cli, leftovers, run_op, wait
 
 pytestmark = [pytest.mark.chaos,
-              pytest.mark.skipif(bool(UNAVAILABLE), reason=UNAVAILABLE)]
+              # as test_testnet_hosts.py: as root (CI) a missing piece fails, not skips
+              pytest.mark.skipif(bool(UNAVAILABLE) and os.geteuid() != 0,
+                                 reason=UNAVAILABLE)]
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 

@@ -33,7 +33,9 @@ from tests.test_testnet_chaos import assert_job_done, job_file, nodes_of, publis
 from tests.test_testnet_hosts import PREFIX, UNAVAILABLE, api, leftovers, run_op, wait
 
 pytestmark = [pytest.mark.chaos,
-              pytest.mark.skipif(bool(UNAVAILABLE), reason=UNAVAILABLE)]
+              # as test_testnet_hosts.py: as root (CI) a missing piece fails, not skips
+              pytest.mark.skipif(bool(UNAVAILABLE) and os.geteuid() != 0,
+                                 reason=UNAVAILABLE)]
 
 COUNTERS = ("iollm_reachability", "iollm_relay_reservations", "iollm_relay_dials_total",
             "iollm_dcutr_upgrades_total")

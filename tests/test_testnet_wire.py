@@ -37,6 +37,9 @@ MIB = 1 << 20
 # A bulk TCP stream's payload over a link: 1448 of each 1500 bytes (IPv4 and TCP headers
 # with timestamps), less slow start and the congestion control's probing of a short run.
 FLOOR = 0.80
+# The rate is timed by the receiver from its accept(): bytes the kernel took in before the
+# reading thread ran count as if they came faster, by a few percent at most.
+CEILING = 1.05
 
 
 @pytest.fixture
@@ -66,16 +69,22 @@ def streams(state: NetState, senders: list[str], mib: int) -> list[float]:
 def test_relay_runs_ahead_of_the_hosts(net: tuple[Path, NetState]) -> None:
     _, state = net
     assert state.wire_pid is not None
-    assert os.sched_getscheduler(state.wire_pid) == os.SCHED_FIFO
+    if os.sched_getscheduler(state.wire_pid) != os.SCHED_FIFO:
+        # wire.prioritise() falls back to nice -20 where real-time scheduling is refused
+        # (no CAP_SYS_NICE, or no real-time runtime in this cgroup).
+        assert os.getpriority(os.PRIO_PROCESS, state.wire_pid) == -20
 
 
+# A chaos-stage test (run serially after the default suite): a throughput floor is only
+# fair with the machine's two cores not shared with another worker's testnets.
+@pytest.mark.chaos
 def test_shaped_links_carry_their_rate(net: tuple[Path, NetState]) -> None:
     directory, state = net
     shape(directory, ["a"], LinkShape(delay_ms=25, rate_mbit=100))
     [one] = streams(state, ["a"], 32)
-    assert FLOOR * 100 <= one <= 100, one  # the rate reached, and held
+    assert FLOOR * 100 <= one <= CEILING * 100, one  # the rate reached, and held
     shape(directory, ["a", "b", "c"], LinkShape(delay_ms=25, rate_mbit=50))
     three = streams(state, ["a", "b", "c"], 16)
-    assert all(FLOOR * 50 <= r <= 50 for r in three), three
+    assert all(FLOOR * 50 <= r <= CEILING * 50 for r in three), three
     print(f"\n100 Mbit/s, 50 ms RTT: {one:.1f} Mbit/s; three 50 Mbit/s links at once: "
           f"{' + '.join(f'{r:.1f}' for r in three)} = {sum(three):.1f} Mbit/s")

@@ -231,7 +231,9 @@ class Discovery:
         assert mine is not None
         await self.bootstrapped.wait()
         if self.current is not mine:
-            return  # re-signed while waiting: the newer record's own publish does it all
+            # Re-signed while waiting: the newer record's own publish does it all, and
+            # sets ``published`` (every re-sign is followed by a publish, in ``run``).
+            return
         classes = capability_classes(self.env)
         generic = [c for c in classes if not c.startswith("gpu-mem-")]
         # The most selective class first.

@@ -34,7 +34,9 @@ tests/test_p2p_guards.py.
   waits longer than that for a CPU, and its link idles: every ``ss`` sample of a SMIP
   provider's connection was flagged app-limited. Here every trio TCP socket of the
   process gets ``NOTSENT_LOWAT`` = 256 KiB (20 ms at 100 Mbit/s): a small message queued
-  behind bulk data on the same connection waits that much longer at most.
+  behind bulk data on the same connection waits that much longer at most, which grows on
+  slow links (0.2 s at 10 Mbit/s, 2 s at 1 Mbit/s) and is the price of a bulk sender
+  that keeps a fast link busy. (The API's sockets get it too; they carry little.)
 """
 
 from __future__ import annotations
@@ -130,9 +132,9 @@ for _module in PATCHED_MODULES:
 
 
 class OneTripMultiselectClient(MultiselectClient):
-    """multistream-select's handshake and first protocol in one write, then both answers
-    read (see the module's docstring); the other protocols, if the first is refused, one
-    at a time as the library does."""
+    """multistream-select's handshake and first protocol written back to back, then both
+    answers read (see the module's docstring); the other protocols, if the first is
+    refused, one at a time as the library does."""
 
     async def select_one_of(self, protocols: Sequence[TProtocol],
                             communicator: IMultiselectCommunicator,
@@ -154,9 +156,16 @@ class OneTripMultiselectClient(MultiselectClient):
                 raise MultiselectClientError(f"negotiation failed: {error}") from error
             if answer == first:
                 return first
-            if answer != PROTOCOL_NOT_FOUND_MSG:
+            if answer == MULTISELECT_PROTOCOL_ID:
+                # The peer restarted the handshake (the library's client tolerates this
+                # once, for go-libp2p under churn): go on as it does, from the first.
+                await self.handshake(communicator)
+                rest = list(protocols)
+            elif answer == PROTOCOL_NOT_FOUND_MSG:
+                rest = list(protocols[1:])
+            else:
                 raise MultiselectClientError(f"unexpected answer {answer!r} to {first}")
-            for protocol in protocols[1:]:
+            for protocol in rest:
                 try:
                     return await self.try_select(communicator, protocol)
                 except ProtocolNotSupportedError:

@@ -204,6 +204,10 @@ async def fetch_manifest(models: Models, version: bytes, providers: list[PeerId]
             reasons.append(f"{peer}: {str(exc) or type(exc).__name__}")
             models.metrics.dropped.labels(getattr(exc, "reason", "unreachable")).inc()
             continue
+        except BaseException:  # cancelled: the stream must not stay open behind us
+            with trio.CancelScope(shield=True):
+                await client.close(failed=True)
+            raise
         if keep is None:
             await client.close()
         else:
