@@ -1,4 +1,4 @@
-"""Two patches that cut py-libp2p 0.8.1's per-message work on the wire, the same bytes
+"""Three patches that cut py-libp2p 0.8.1's per-message work on the wire, the same bytes
 and messages otherwise. Imported by node/p2p/host.py before any host is built; each has
 a guard test in tests/test_p2p_guards.py.
 
@@ -18,6 +18,15 @@ a guard test in tests/test_p2p_guards.py.
   the very same bytes from the same peer within ``RECORD_REFRESH_S`` does not verify and
   store them again (the store also refreshes the record's address TTL of two hours, so it
   is repeated that often).
+* **Flow-control credit released at half the window, as go-yamux does.** The library
+  sends a yamux WINDOW_UPDATE after every read that consumed anything, however small: a
+  gossip RPC is read as its varint prefix byte by byte and then its body, so each one
+  received cost two to four extra frames (each encrypted, written, then read, decrypted
+  and handled by the sender), as many as the messages themselves. Here a stream grants
+  credit once what it consumed reaches half its receive window (the library's own
+  threshold, ``_grow_threshold``, and its window auto-tuning), as go-yamux's
+  ``sendWindowUpdate`` does: the sender always has at least half a window to write into,
+  and the frames and bytes sent are otherwise the same.
 """
 
 from __future__ import annotations
@@ -39,6 +48,26 @@ RECORD_REFRESH_S = 60.0
 MAX_REMEMBERED_PEERS = 4096  # senders whose last record a host remembers
 
 yamux_module.MAX_MESSAGE_SIZE = MAX_PLAINTEXT_LENGTH
+
+
+async def _window_update_at_half(self: Any, *, bytes_read: int = 0) -> None:
+    """YamuxStream's credit release after a read: a WINDOW_UPDATE only once the credit
+    consumed (the target window less what the peer may still send and what is buffered
+    unread) reaches the threshold of half the window, growing the window as the library
+    does (``_grow_to_delta``, ``_apply_autotune_epoch``). ``bytes_read`` is implied by
+    the window and the buffer."""
+    async with self.window_lock:
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        consumed = self.target_recv_window - (self.recv_window + buffered)
+        if consumed <= 0 or consumed < self._grow_threshold():
+            return
+        increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+        self._pending_recv_release = 0
+    await self.send_window_update(increment, skip_lock=True)
+
+
+yamux_module.YamuxStream._auto_tune_and_send_window_update = (  # type: ignore[method-assign]
+    _window_update_at_half)
 
 _sent: weakref.WeakKeyDictionary[Any, tuple[float, tuple[bytes, bool]]] = (
     weakref.WeakKeyDictionary())
