@@ -152,11 +152,11 @@ def test_signed_peer_records_are_built_and_checked_once_per_peer() -> None:
         trio.run(scenario)
 
 
-def test_yamux_credit_is_released_at_half_the_window() -> None:
+def test_yamux_credit_is_released_in_batches() -> None:
     """node/p2p/wire.py replaces YamuxStream's credit release: a reader that takes small
     pieces (as pubsub reads a varint prefix byte by byte) sends a WINDOW_UPDATE once per
-    half window consumed, not after every read, and a writer of more than a window to such
-    a reader is never stalled (its credit keeps coming)."""
+    CREDIT_BATCH bytes consumed, not after every read, and a writer of more than a window
+    to such a reader is never stalled (its credit keeps coming)."""
     import struct
 
     import libp2p.stream_muxer.yamux.yamux as yamux_module
@@ -165,7 +165,7 @@ def test_yamux_credit_is_released_at_half_the_window() -> None:
     from node.p2p.host import peer_info_from_multiaddr
 
     assert yamux_module.YamuxStream._auto_tune_and_send_window_update is (
-        wire._window_update_at_half)
+        wire._window_update_batched)
     for name in ("_grow_threshold", "_grow_to_delta", "_apply_autotune_epoch",
                  "send_window_update"):  # what the patch calls
         assert callable(getattr(yamux_module.YamuxStream, name)), name
@@ -208,8 +208,7 @@ def test_yamux_credit_is_released_at_half_the_window() -> None:
                 await stream.close()
 
     trio.run(scenario)
-    # Each update grants at least half a window; reading in pieces of 100 bytes, the
-    # library sent one per read (thousands).
-    half = yamux_module.DEFAULT_WINDOW_SIZE // 2
-    assert updates and all(u >= half for u in updates), updates[:10]
-    assert len(updates) <= total // half + 1, len(updates)
+    # Each update grants at least a batch; reading in pieces of 100 bytes, the library
+    # sent one per read (thousands, of 2 to 100 bytes).
+    assert updates and all(u >= wire.CREDIT_BATCH for u in updates), updates[:10]
+    assert len(updates) <= total // wire.CREDIT_BATCH + 1, len(updates)

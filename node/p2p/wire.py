@@ -18,15 +18,17 @@ a guard test in tests/test_p2p_guards.py.
   the very same bytes from the same peer within ``RECORD_REFRESH_S`` does not verify and
   store them again (the store also refreshes the record's address TTL of two hours, so it
   is repeated that often).
-* **Flow-control credit released at half the window, as go-yamux does.** The library
-  sends a yamux WINDOW_UPDATE after every read that consumed anything, however small: a
-  gossip RPC is read as its varint prefix byte by byte and then its body, so each one
-  received cost two to four extra frames (each encrypted, written, then read, decrypted
+* **Flow-control credit released in batches, not after every read.** The library sends
+  a yamux WINDOW_UPDATE after every read that consumed anything, however small: a gossip
+  RPC is read as its varint prefix byte by byte and then its body, so each one received
+  cost two to four extra frames (each encrypted and written here, then read, decrypted
   and handled by the sender), as many as the messages themselves. Here a stream grants
-  credit once what it consumed reaches half its receive window (the library's own
-  threshold, ``_grow_threshold``, and its window auto-tuning), as go-yamux's
-  ``sendWindowUpdate`` does: the sender always has at least half a window to write into,
-  and the frames and bytes sent are otherwise the same.
+  credit once it has consumed ``CREDIT_BATCH`` bytes (or half its window, the library's
+  threshold, if that is less), growing the window as the library does. A large read (a
+  proposal, a tx batch: 64 KiB slices) still grants credit after each slice, so those
+  streams keep the library's pace of credit and its window growth (go-yamux's rule,
+  credit only at half the window, would hold a writer of megabyte proposals to 256 KiB
+  windows).
 """
 
 from __future__ import annotations
@@ -46,20 +48,21 @@ from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
 
 RECORD_REFRESH_S = 60.0
 MAX_REMEMBERED_PEERS = 4096  # senders whose last record a host remembers
+CREDIT_BATCH = 16 * 1024  # yamux credit is granted once this much is consumed
 
 yamux_module.MAX_MESSAGE_SIZE = MAX_PLAINTEXT_LENGTH
 
 
-async def _window_update_at_half(self: Any, *, bytes_read: int = 0) -> None:
+async def _window_update_batched(self: Any, *, bytes_read: int = 0) -> None:
     """YamuxStream's credit release after a read: a WINDOW_UPDATE only once the credit
     consumed (the target window less what the peer may still send and what is buffered
-    unread) reaches the threshold of half the window, growing the window as the library
-    does (``_grow_to_delta``, ``_apply_autotune_epoch``). ``bytes_read`` is implied by
-    the window and the buffer."""
+    unread) reaches CREDIT_BATCH or the library's threshold (half the window), whichever
+    is less; the window grows as the library's does (``_grow_to_delta``,
+    ``_apply_autotune_epoch``). ``bytes_read`` is implied by the window and the buffer."""
     async with self.window_lock:
         buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
         consumed = self.target_recv_window - (self.recv_window + buffered)
-        if consumed <= 0 or consumed < self._grow_threshold():
+        if consumed <= 0 or consumed < min(CREDIT_BATCH, self._grow_threshold()):
             return
         increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
         self._pending_recv_release = 0
@@ -67,7 +70,7 @@ async def _window_update_at_half(self: Any, *, bytes_read: int = 0) -> None:
 
 
 yamux_module.YamuxStream._auto_tune_and_send_window_update = (  # type: ignore[method-assign]
-    _window_update_at_half)
+    _window_update_batched)
 
 _sent: weakref.WeakKeyDictionary[Any, tuple[float, tuple[bytes, bool]]] = (
     weakref.WeakKeyDictionary())
