@@ -91,7 +91,7 @@ class BlockSync:
         every = self.tunables.head_every_s
         last = trio.current_time()
         while True:
-            with trio.move_on_after(last + every - trio.current_time()):
+            with trio.move_on_at(last + every):
                 await self.state.new_block.wait()
             now = trio.current_time()
             if now - last >= every or self.state.last_proposer == me:
