@@ -159,7 +159,9 @@ writes_in_flight = 8
 [chain]
 # Timeouts, retries and limits of this node's chain services (specs/consensus.md). The
 # rules every node must agree on (block times, sizes) are in the genesis, not here.
-# A validator announces its head on gossip at least this often, in seconds.
+# A validator announces its head on gossip at least this often, in seconds (and at each
+# final block it proposed); a validator waits this long for a block that a head one block
+# ahead names before it takes it by sync.
 head_every_s = 2.0
 # Blocks asked for in one block-sync request, and its deadline in seconds.
 sync_batch = 32

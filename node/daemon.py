@@ -19,6 +19,7 @@ committed write by write, so a restart finds it.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -85,6 +86,15 @@ from protocol.genesis import Genesis
 log = logging.getLogger(__name__)
 
 SOFTWARE = f"iollm/{__version__}"
+
+
+# The cyclic GC's youngest generation is collected after this many net allocations of
+# container objects (CPython's default: 700). A validator under load has thousands of
+# young objects alive at any moment (a tx batch decoding and being checked, frames in
+# flight): at 700 each collection walked them and promoted them to older generations,
+# whose collections walked them again; the collector took about 4% of a validator's CPU.
+# At 20,000 it took under 0.5% (cyclic garbage waits for up to that many allocations).
+GC_YOUNG_THRESHOLD = 20_000
 
 
 def wall_clock_ms() -> int:
@@ -216,6 +226,7 @@ async def run_daemon(
 ) -> None:
     """Run a node until cancelled or signalled. Raises on start-up errors (the CLI turns
     them into one line); HomeLocked when another daemon runs on ``home``."""
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     with hold_home(home):
         await _run_daemon(home, config, options, clock_ms)
 

@@ -15,8 +15,14 @@ from typing import Any
 import pytest
 import trio
 
+import node.chain.sync as chain_sync
+from node.chain.consensus import Consensus
+from node.chain.network import HEAD_TOPIC
+from node.chain.service import Chain
 from node.config import ChainSection, DiscoverySection
+from protocol.chainwire import Head
 from protocol.genesis import Genesis, make_genesis
+from protocol.ledger import Block, encode_tx
 from tests.cluster import Cluster, memnet_cluster, node_peer_id
 from tests.memnet import MemNode, mock_clock_ms, run_on_mock_clock
 from tests.netutil import make_env
@@ -25,6 +31,7 @@ from tests.test_chain_multinode import (
     finalize_once_and_replay,
     job_and_receipts,
     over_budget_txs_are_sent_again,
+    same_blocks,
     two_down_halts_and_resumes,
 )
 
@@ -128,6 +135,69 @@ def test_a_follower_stays_off_the_consensus_topic_and_follows_from_heads(
             leader = chain_of(nodes[0])
             assert await leader.wait_height(5, timeout=60)
             assert await chain_of(follower).wait_height(5, timeout=10)
+
+    run(main)
+
+
+def test_each_block_is_announced_by_its_proposer_alone_and_followers_follow(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the periodic heads out of the way (head_every_s longer than the scenario), the
+    heads published are one per final block, by the validator that proposed it; a
+    follower still takes every block (its receipts' wait ends on its own ledger)."""
+    published: list[tuple[str, int]] = []  # (publisher, height) of each head
+    library_publish = chain_sync.publish
+
+    async def spy(net: Any, topic: str, data: bytes) -> None:
+        if topic.startswith(HEAD_TOPIC):
+            published.append((net.peer_id.to_base58(), Head.decode(data).height))
+        await library_publish(net, topic, data)
+
+    monkeypatch.setattr(chain_sync, "publish", spy)
+
+    async def main() -> None:
+        tunables = ChainSection(head_every_s=3600.0)
+        async with mem_cluster(tmp_path, VALIDATORS + 1, chain_config=tunables) as nodes:
+            follower = chain_of(nodes[VALIDATORS])
+            job, receipts = job_and_receipts(VALIDATORS, [1, 2], 6)
+            ids = await follower.submit_many([encode_tx("job", job)] +
+                                             [encode_tx("receipt", r) for r in receipts])
+            assert set(await follower.wait_final(ids, timeout=60)) == set(ids)
+            top = follower.ledger.height
+            blocks = {h: Block.decode(data, 1 << 21) for h, data, _ in
+                      await follower.storage.get_blocks(1, top)}
+            assert published
+            assert all(blocks[h].proposer == who for who, h in published if h <= top)
+            assert len({h for _, h in published}) == len(published)  # one head a block
+
+    run(main)
+
+
+class StalledConsensus(Consensus):
+    async def run(self) -> None:  # a validator whose consensus never decides a block
+        await trio.sleep_forever()
+
+
+class StalledValidator(Chain):
+    consensus_class = StalledConsensus
+
+
+def test_a_validator_that_does_not_decide_a_block_takes_it_by_sync_after_a_wait(
+        tmp_path: Path) -> None:
+    """A validator takes a head one block ahead of it as a sign it is behind only after
+    head_every_s (its consensus usually decides that block meanwhile): one whose
+    consensus never decides still follows the chain, block by block, through sync."""
+    async def main() -> None:
+        tunables = ChainSection(head_every_s=2.0)
+        classes = [Chain] * (VALIDATORS - 1) + [StalledValidator]
+        async with mem_cluster(tmp_path, VALIDATORS, chain_config=tunables,
+                               chain_classes=classes) as nodes:
+            live, stalled = chain_of(nodes[0]), chain_of(nodes[VALIDATORS - 1])
+            job, receipts = job_and_receipts(0, [1, 2], 6)
+            ids = await live.submit_many([encode_tx("job", job)] +
+                                         [encode_tx("receipt", r) for r in receipts])
+            assert set(await live.wait_final(ids, timeout=60)) == set(ids)
+            assert await stalled.wait_height(live.ledger.height, timeout=30)
+            await same_blocks(list(nodes), live.ledger.height)
 
     run(main)
 

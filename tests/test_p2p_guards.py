@@ -222,3 +222,65 @@ def test_tcp_sockets_keep_enough_unsent_bytes() -> None:
                 await listener.aclose()
 
     trio.run(scenario)
+
+
+def test_yamux_credit_is_released_in_batches() -> None:
+    """node/p2p/wire.py replaces YamuxStream's credit release: a reader that takes small
+    pieces (as pubsub reads a varint prefix byte by byte) sends a WINDOW_UPDATE once per
+    CREDIT_BATCH bytes consumed, not after every read, and a writer of more than a window
+    to such a reader is never stalled (its credit keeps coming)."""
+    import struct
+
+    import libp2p.stream_muxer.yamux.yamux as yamux_module
+    from libp2p.custom_types import TProtocol
+
+    from node.p2p.host import peer_info_from_multiaddr
+
+    assert yamux_module.YamuxStream._auto_tune_and_send_window_update is (
+        wire._window_update_batched)
+    for name in ("_grow_threshold", "_grow_to_delta", "_apply_autotune_epoch",
+                 "send_window_update"):  # what the patch calls
+        assert callable(getattr(yamux_module.YamuxStream, name)), name
+    protocol = TProtocol("/iollm/test-credit/1.0.0")
+    total = 3 * yamux_module.DEFAULT_WINDOW_SIZE + 12_345  # more than a window
+    piece = 100
+    updates: list[int] = []  # increments of the WINDOW_UPDATEs the reader sent
+
+    async def scenario() -> None:
+        with trio.fail_after(60):
+            async with (open_network(SigningKey.generate(), [LOOPBACK], {}) as server,
+                        open_network(SigningKey.generate(), [LOOPBACK], {}) as client):
+                got = bytearray()
+                done = trio.Event()
+
+                async def handler(stream: Any) -> None:
+                    conn = stream.muxed_stream.conn
+                    write_frame = conn._write_frame
+
+                    async def counted(data: bytes) -> None:
+                        _, kind, _, _, length = struct.unpack(
+                            yamux_module.YAMUX_HEADER_FORMAT, data[:12])
+                        if kind == yamux_module.TYPE_WINDOW_UPDATE and length:
+                            updates.append(length)
+                        await write_frame(data)
+
+                    conn._write_frame = counted
+                    while len(got) < total:
+                        got.extend(await stream.read(piece))
+                    done.set()
+
+                server.host.set_stream_handler(protocol, handler)
+                info = peer_info_from_multiaddr(str(server.listen_addrs()[0]))
+                await client.connect(info)
+                stream = await client.host.new_stream(info.peer_id, [protocol])
+                data = bytes(range(256)) * (total // 256) + bytes(total % 256)
+                await stream.write(data)
+                await done.wait()
+                assert bytes(got) == data
+                await stream.close()
+
+    trio.run(scenario)
+    # Each update grants at least a batch; reading in pieces of 100 bytes, the library
+    # sent one per read (thousands, of 2 to 100 bytes).
+    assert updates and all(u >= wire.CREDIT_BATCH for u in updates), updates[:10]
+    assert len(updates) <= total // wire.CREDIT_BATCH + 1, len(updates)

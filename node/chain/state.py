@@ -65,6 +65,7 @@ class ChainState:
         self.ledger = Ledger.from_genesis(genesis)
         self.mempool = Mempool(mempool.Admission(mempool.budget_for(genesis.block_interval_ms)))
         self.new_block = trio.Event()  # set and replaced at every final block
+        self.last_proposer: str | None = None  # of the last block final here
         self._checked: OrderedDict[bytes, CheckedTx] = OrderedDict()
         self._final: OrderedDict[bytes, int] = OrderedDict()
 
@@ -130,6 +131,7 @@ class ChainState:
                                             [t.hex() for t in tx_ids]):
             return False
         self.ledger = after
+        self.last_proposer = block.proposer
         self.mempool.drop(tx_ids)
         self.mempool.admission.finalized(len(tx_ids), self.clock_ms())
         for t in tx_ids:

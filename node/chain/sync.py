@@ -1,10 +1,14 @@
 """Heads and catch-up (specs/consensus.md, "Block sync").
 
-Validators announce their head on the head topic; a node that learns of a higher height
-(a head, or a consensus message two heights on) asks that peer for blocks on
+Validators announce their head on the head topic (the proposer of each block when it is
+final here, every validator every ``head_every_s``); a node that learns of a higher
+height (a head, or a consensus message two heights on) asks that peer for blocks on
 ``/iollm/blocks/1.0.0`` and takes each only after its commit certificate verifies and
 the ledger re-derives its state root. So a node that joins late, or a validator that was
-down, catches up from anyone without trusting them.
+down, catches up from anyone without trusting them. A validator takes a head only one
+block ahead as a sign it is behind only if it still lacks that block ``head_every_s``
+later: its own consensus is usually deciding that very block, and a sync then moves the
+block a second time for nothing.
 """
 
 from __future__ import annotations
@@ -47,12 +51,15 @@ class BlockSync:
         self.max_frame = max_proposal_bytes + BLOCK_FRAME_OVERHEAD
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
+        self._validator = False
+        self._waiting_for: int | None = None  # the height a one-ahead head is given time
 
     async def run(self, subscription: Any, *, announce: bool,
                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve blocks, follow others' heads, and (``announce``: validators) announce
-        this node's own at every final block and every ``head_every_s``."""
+        this node's own every ``head_every_s`` and at every final block it proposed."""
         self.net.serve(BLOCKS_PROTOCOL, self._serve, MAX_SYNC_REQUEST_BYTES)
+        self._validator = announce
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._receive_heads, subscription)
@@ -78,10 +85,18 @@ class BlockSync:
         return Head(self.state.genesis.chain_id, self.state.ledger.height).encode()
 
     async def _announce(self) -> None:
+        """The other validators decide each block themselves: one head per block (its
+        proposer's) tells followers at once, and four would cost every node four."""
+        me = self.net.peer_id.to_base58()
+        every = self.tunables.head_every_s
+        last = trio.current_time()
         while True:
-            with trio.move_on_after(self.tunables.head_every_s):
+            with trio.move_on_at(last + every):
                 await self.state.new_block.wait()
-            await publish(self.net, self.topic, self._head())
+            now = trio.current_time()
+            if now - last >= every or self.state.last_proposer == me:
+                await publish(self.net, self.topic, self._head())
+                last = now
 
     async def _receive_heads(self, subscription: Any) -> None:
         while True:
@@ -90,9 +105,29 @@ class BlockSync:
                 head = Head.decode(message.data)
             except RemoteProtocolError:
                 continue
-            if (head.chain_id == self.state.genesis.chain_id
-                    and head.height > self.state.ledger.height):
+            if (head.chain_id != self.state.genesis.chain_id
+                    or head.height <= self.state.ledger.height):
+                continue
+            if self._validator and head.height == self.state.ledger.height + 1:
+                self._behind_unless_decided(message.from_peer, head.height)
+            else:
                 self.behind(message.from_peer)
+
+    def _behind_unless_decided(self, peer: Any, height: int) -> None:
+        """Sync from ``peer`` if block ``height`` is still not final here after
+        ``head_every_s`` (one such wait at a time)."""
+        if self._nursery is None or self._waiting_for is not None:
+            return
+        self._waiting_for = height
+
+        async def wait() -> None:
+            try:
+                if not await self.state.wait_height(height, self.tunables.head_every_s):
+                    self.behind(peer)
+            finally:
+                self._waiting_for = None
+
+        self._nursery.start_soon(wait)
 
     async def _sync_from(self, peer: PeerId) -> None:
         """Take blocks from ``peer`` until it has no more: each one only after its

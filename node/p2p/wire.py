@@ -1,4 +1,4 @@
-"""Four patches that cut py-libp2p 0.8.1's (and trio's) per-message work, round trips and
+"""Five patches that cut py-libp2p 0.8.1's (and trio's) per-message work, round trips and
 idle sockets on the wire, the same bytes and messages otherwise. Imported by
 node/p2p/host.py before any host is built; each has a guard test in
 tests/test_p2p_guards.py.
@@ -19,6 +19,17 @@ tests/test_p2p_guards.py.
   the very same bytes from the same peer within ``RECORD_REFRESH_S`` does not verify and
   store them again (the store also refreshes the record's address TTL of two hours, so it
   is repeated that often).
+* **Flow-control credit released in batches, not after every read.** The library sends
+  a yamux WINDOW_UPDATE after every read that consumed anything, however small: a gossip
+  RPC is read as its varint prefix byte by byte and then its body, so each one received
+  cost two to four extra frames (each encrypted and written here, then read, decrypted
+  and handled by the sender), as many as the messages themselves. Here a stream grants
+  credit once it has consumed ``CREDIT_BATCH`` bytes (or half its window, the library's
+  threshold, if that is less), growing the window as the library does. A large read (a
+  proposal, a tx batch: 64 KiB slices) still grants credit after each slice, so those
+  streams keep the library's pace of credit and its window growth (go-yamux's rule,
+  credit only at half the window, would hold a writer of megabyte proposals to 256 KiB
+  windows).
 * **A stream's protocol chosen in one round trip.** The library's multistream-select
   client writes its handshake, waits for the answer, then writes the protocol and waits
   again: two round trips before a stream carries its first request, on every stream
@@ -74,8 +85,29 @@ from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
 NOTSENT_LOWAT = 256 * 1024  # unsent bytes a TCP socket holds before it is writable again
 RECORD_REFRESH_S = 60.0
 MAX_REMEMBERED_PEERS = 4096  # senders whose last record a host remembers
+CREDIT_BATCH = 16 * 1024  # yamux credit is granted once this much is consumed
 
 yamux_module.MAX_MESSAGE_SIZE = MAX_PLAINTEXT_LENGTH
+
+
+async def _window_update_batched(self: Any, *, bytes_read: int = 0) -> None:
+    """YamuxStream's credit release after a read: a WINDOW_UPDATE only once the credit
+    consumed (the target window less what the peer may still send and what is buffered
+    unread) reaches CREDIT_BATCH or the library's threshold (half the window), whichever
+    is less; the window grows as the library's does (``_grow_to_delta``,
+    ``_apply_autotune_epoch``). ``bytes_read`` is implied by the window and the buffer."""
+    async with self.window_lock:
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        consumed = self.target_recv_window - (self.recv_window + buffered)
+        if consumed <= 0 or consumed < min(CREDIT_BATCH, self._grow_threshold()):
+            return
+        increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+        self._pending_recv_release = 0
+    await self.send_window_update(increment, skip_lock=True)
+
+
+yamux_module.YamuxStream._auto_tune_and_send_window_update = (  # type: ignore[method-assign]
+    _window_update_batched)
 
 _sent: weakref.WeakKeyDictionary[Any, tuple[float, tuple[bytes, bool]]] = (
     weakref.WeakKeyDictionary())
