@@ -130,6 +130,12 @@ class Goal:
     def searched(self) -> tuple[Dim, ...]:
         return tuple(d for d in self.space if d.kind != "fixed")
 
+    def most_workers_per_round(self) -> int:
+        """The most workers a round of any branch may ask: what sizes the branches that
+        can run side by side on the workers there are."""
+        d = self.dim("workers_per_round")
+        return int(d.high if d.kind == "range" else max(d.values))
+
     def key(self) -> str:
         """What makes two searches comparable: base, dataset and the evaluation set
         (the held-out split, windows and sizes every branch's loss is measured on)."""

@@ -53,9 +53,7 @@ class SimRunner:
         self.submitted = 0
 
     def slots(self, goal: Goal) -> int:
-        wpr = max(int(d.values[-1] if d.kind != "range" else d.high)
-                  for d in goal.space if d.name == "workers_per_round")
-        return max(1, self.workers // wpr)
+        return max(1, self.workers // goal.most_workers_per_round())
 
     def knows(self, version: str) -> bool:
         return version == self.dataset or version in self.losses

@@ -43,6 +43,17 @@ def test_the_example_goal_parses_and_round_trips() -> None:
     assert goal.budget_tasks and goal.searched
 
 
+@pytest.mark.parametrize(("space", "most"), [
+    (2, 2), ([2, 1], 2), ([1, 3, 2], 3), ({"low": 1, "high": 4}, 4)])
+def test_the_most_workers_a_round_is_the_largest_the_space_allows(space: Any,
+                                                                   most: int) -> None:
+    """What sizes how many branches fit on the workers there are: the largest choice,
+    wherever it is listed (the last one was taken before), or the range's high end."""
+    doc = valid_doc()
+    doc["space"]["workers_per_round"] = space
+    assert goal_from_toml_dict(doc).most_workers_per_round() == most
+
+
 @pytest.mark.parametrize(("change", "field"), [
     (lambda d: d.pop("base_model"), "base_model"),
     (lambda d: d.update(base_model="xyz"), "base_model"),

@@ -383,9 +383,7 @@ class JobsRunner:
     def slots(self, goal: Goal) -> int:
         workers = sum(1 for c in self.discovery.live_records()
                       if c.record.peer_id != self.peer_id)
-        wpr = max(int(d.values[-1] if d.kind != "range" else d.high)
-                  for d in goal.space if d.name == "workers_per_round")
-        return max(1, workers // max(1, wpr))
+        return max(1, workers // max(1, goal.most_workers_per_round()))
 
     def knows(self, version: str) -> bool:
         try:
