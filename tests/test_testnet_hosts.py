@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import pytest
 
 from node.api.server import ApiClientError
 from node.cli.app import main
-from node.cli.testnet import node_api
+from node.cli.testnet import log_tail, node_api
 from node.config import TOKEN_FILE
 from node.testnet.netns import NetnsError, check_available, namespaces, netns_pids
 from tests.netutil import iollm
@@ -106,14 +107,33 @@ def heights(nodes: list[dict[str, Any]]) -> list[int]:
     return [int(api(n, "/v1/ledger", timeout=10)["height"]) for n in nodes]
 
 
-# Behind -m slow for now: in 2 of 7 fresh-clone runs one host's API stopped answering
-# for good during this test (a daemon gone or stuck in its namespace; cause not found),
-# and a default suite that fails one run in three does not land. Run it with
-# `bash scripts/test.sh -m slow -k partition_stops_finality`.
-@pytest.mark.slow
+@contextmanager
+def daemon_logs_on_failure(nodes: list[dict[str, Any]]) -> Iterator[None]:
+    """A failed assertion carries the tail of every daemon's log: a host whose API stops
+    answering says why only there."""
+    try:
+        yield
+    except AssertionError as exc:
+        tails = "\n".join(f"--- {n['name']} ({n['home']}/daemon.log)\n"
+                          f"{log_tail(Path(n['home']) / 'daemon.log', 30)}" for n in nodes)
+        raise AssertionError(f"{exc}\n{tails}") from exc
+
+
+# Marker chaos: scripts/test.sh runs it after the default suite, one test at a time. In
+# the default suite's two busy workers, 2 of 7 fresh-clone runs once saw a host's API stop
+# answering for good during it (cause not found; the failure now carries the daemons'
+# logs); alone it passed 5 of 5 at load 4-27 (2026-12-08).
+@pytest.mark.chaos
+@pytest.mark.timeout(400)  # the module's testnet comes up first (up to 200 s)
 def test_hosts_have_own_addresses_and_a_partition_stops_finality(
         hostnet: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
     directory, state = hostnet
+    with daemon_logs_on_failure(state["nodes"]):
+        check_addresses_and_partition(directory, state, capsys)
+
+
+def check_addresses_and_partition(directory: Path, state: dict[str, Any],
+                                  capsys: pytest.CaptureFixture[str]) -> None:
     nodes = state["nodes"]
     by_name = {n["name"]: n for n in nodes}
     for i, node in enumerate(nodes):

@@ -85,7 +85,7 @@ def _iollm(*args: str) -> list[str]:
     return [sys.executable, "-m", "node.cli", *args]
 
 
-def _log_tail(path: Path, lines: int = 15) -> str:
+def log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -116,7 +116,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], home: Path, deadline: float) -> d
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise TestnetError(f"node in {home} exited with code {proc.returncode}:\n"
-                               f"{_log_tail(home / 'daemon.log')}")
+                               f"{log_tail(home / 'daemon.log')}")
         if runtime.exists():
             try:
                 info = json.loads(runtime.read_text())
@@ -125,7 +125,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], home: Path, deadline: float) -> d
             except ValueError:
                 pass  # being written
         time.sleep(0.1)  # polling a file another process writes; bounded by the deadline
-    raise TestnetError(f"node in {home} not ready in time:\n{_log_tail(home / 'daemon.log')}")
+    raise TestnetError(f"node in {home} not ready in time:\n{log_tail(home / 'daemon.log')}")
 
 
 def write_genesis(directory: Path, homes: list[Path], validators: int,
