@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from nacl.signing import SigningKey
 
 from node.cli import testnet
 from node.p2p import open_network
-from node.p2p.guard import DEFAULT_FRAME_BYTES
+from node.p2p.guard import DEFAULT_FRAME_BYTES, NOT_NEGOTIATED
 from node.p2p.host import KAD_MAX_REQUEST_BYTES, peer_info_from_multiaddr
 from node.p2p.options import P2POptions
 from protocol.capability import MAX_SYNC_REQUEST_BYTES
@@ -64,13 +65,30 @@ def partial_frame(protocol: str) -> tuple[bytes, int]:
     return prefix, cap - 1
 
 
-async def hold(attacker: Any, victim: Victim, protocol: str, held: list[Any],
+@dataclass
+class Tally:
+    """How each of the attacker's streams ended up, once it has."""
+
+    held: list[Any] = field(default_factory=list)  # opened, and the frame half-sent
+    reset: int = 0  # reset by the node: refused
+    unopened: int = 0  # not open on the attacker's own side within OPEN_S
+
+    def settled(self) -> int:
+        return len(self.held) + self.reset + self.unopened
+
+
+# Every open queues behind the half-frames already written on the one connection; on a
+# busy machine that takes seconds, and a stream that is not open reaches no guard.
+OPEN_S = 30
+
+
+async def hold(attacker: Any, victim: Victim, protocol: str, tally: Tally,
                stop: trio.Event) -> None:
     """Open one stream and half-send a frame on it, then keep it open until ``stop``."""
     prefix, body = partial_frame(protocol)
     stream = None
     try:
-        with trio.move_on_after(10):
+        with trio.move_on_after(OPEN_S):
             stream = await attacker.host.new_stream(victim.peer_id, [TProtocol(protocol)])
             await stream.write(prefix)
             sent = 0
@@ -81,11 +99,13 @@ async def hold(attacker: Any, victim: Victim, protocol: str, held: list[Any],
                 if blocked.cancelled_caught:
                     break
                 sent += n
-        if stream is not None:
-            held.append(stream)
-            await stop.wait()
+        if stream is None:
+            tally.unopened += 1
+            return
+        tally.held.append(stream)
+        await stop.wait()
     except Exception:  # reset by the node: refused
-        return
+        tally.reset += 1
     finally:
         if stream is not None:
             with trio.move_on_after(1), contextlib.suppress(Exception):
@@ -105,8 +125,15 @@ def test_a_thousand_half_sent_frames_stay_inside_the_memory_bound(tmp_path: Path
     assert figures["blocks_during"] >= 1, figures
     assert figures["api_s_during"] < max(2.0, 10 * figures["api_s_before"]), figures
     assert figures["honest_s_during"] < max(2.0, 10 * figures["honest_s_before"]), figures
-    # What the node counted: all but at most [p2p] max_streams_per_peer refused unread.
-    assert figures["refused"] >= STREAMS - P2POptions().max_streams_per_peer, figures
+    # What the node counted: while the attacker holds all it got in, at most [p2p]
+    # max_streams_per_peer of its streams are being handled, and most of the others
+    # were refused unread (not all but the limit: a handler's read deadline, such as
+    # capability-sync's 5 s, ends a held stream and frees its slot for a later one).
+    # Every stream opens, even on a busy machine, within OPEN_S.
+    limit = P2POptions().max_streams_per_peer
+    assert 0 < figures["open_one_peer"] <= limit, figures
+    assert figures["unopened"] < STREAMS // 10, figures
+    assert figures["refused"] >= (STREAMS - figures["unopened"]) // 2, figures
 
 
 async def _timed(fn: Any, *args: Any) -> float:
@@ -128,42 +155,53 @@ async def _attack(victim: Victim) -> dict[str, Any]:
         rss_before = rss_bytes(victim.pid)
         async with fresh_attacker() as attacker:
             await attacker.connect(peer_info_from_multiaddr(victim.addr))
-            held: list[Any] = []
+            tally = Tally()
             stop = trio.Event()
             peak = rss_before
             async with trio.open_nursery() as nursery:
                 for i in range(STREAMS):
                     nursery.start_soon(hold, attacker, victim, protocols[i % len(protocols)],
-                                       held, stop)
+                                       tally, stop)
                     if i % 50 == 49:
                         await trio.sleep(0)  # let the opens interleave with the rest
-                # The node keeps working while the attacker holds what it got in.
-                with trio.fail_after(60):
+                # The node keeps working while the attacker holds what it got in; the
+                # figures are taken once every stream is held, refused or given up.
+                with trio.fail_after(OPEN_S + 60):
                     while True:
                         peak = max(peak, rss_bytes(victim.pid))
                         api_during = await _timed(victim.get, "/v1/status")
                         honest_during = await _timed(honest.capability, victim)
                         height = (await victim.get("/v1/ledger"))["height"]
-                        if height > height_before + 1:
+                        if height > height_before + 1 and tally.settled() == STREAMS:
                             break
                         await trio.sleep(0.5)  # sampling another process's memory
                 peak = max(peak, rss_bytes(victim.pid))
                 metrics = await trio.to_thread.run_sync(lambda: _metrics(victim))
                 stop.set()
             await victim.assert_alive("the thousand streams")
-    return {"streams": STREAMS, "held": len(held), "rss_before": rss_before,
+    return {"streams": STREAMS, "held": len(tally.held), "unopened": tally.unopened,
+            "rss_before": rss_before,
             "rss_peak": peak, "rss_growth": peak - rss_before,
             "blocks_during": height - height_before - 1,
             "api_s_before": api_before, "api_s_during": api_during,
             "honest_s_before": honest_before, "honest_s_during": honest_during,
-            "refused": _refused(metrics)}
+            "refused": _refused(metrics),
+            "open_one_peer": _gauge(metrics, "iollm_inbound_streams_open_one_peer")}
 
 
 def _refused(metrics: str) -> float:
-    """Streams the guard reset unread: over the per-peer count or the buffer budget."""
+    """Streams the node refused unread: reset by the guard (over the per-peer count or
+    the buffer budget) or failed in protocol negotiation (a queued stream's can time out
+    on a busy machine)."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                if line.startswith("iollm_stream_handler_errors_total{")
-               and ('kind="over-limit"' in line or 'kind="over-budget"' in line))
+               and ('kind="over-limit"' in line or 'kind="over-budget"' in line
+                    or f'protocol="{NOT_NEGOTIATED}"' in line))
+
+
+def _gauge(metrics: str, name: str) -> float:
+    return next(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                if line.startswith(f"{name} "))
 
 
 # A frame begun on each of our protocols must be complete within the handler's read

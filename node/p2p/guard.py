@@ -106,6 +106,11 @@ class StreamGuard(INotifee):
                             registry=registry)
         Gauge("iollm_peers_banned_now", "peers banned at this moment",
               registry=registry).set_function(lambda: len(self.banned()))
+        Gauge("iollm_inbound_streams_open", "inbound streams being handled now (limit "
+              "max_streams)", registry=registry).set_function(lambda: self._open_total)
+        Gauge("iollm_inbound_streams_open_one_peer", "the most inbound streams one peer has "
+              "being handled now (limit max_streams_per_peer)", registry=registry,
+              ).set_function(lambda: max(self.open_streams.values(), default=0))
 
     def install(self) -> None:
         network = self._host.get_network()
