@@ -575,6 +575,7 @@ class Discovery:
         # made every query cost the slowest of ~20 peers (bench/wan.py, RESULTS.md).
         result = await walk(self.net, key, get_value, rpc_timeout=self.config.rpc_timeout_s,
                             timeout=self.config.query_timeout_s, unresponsive=self.unresponsive,
+                            hedge_after=self.config.hedge_after_s,
                             enough=lambda answers: len(answers) >= self.config.value_quorum)
         caps = [c for _, c in result.answers]
         if not caps:
@@ -634,7 +635,8 @@ class Discovery:
             return providers[:self.config.max_providers], closer
 
         result = await walk(self.net, key, get_providers, rpc_timeout=self.config.rpc_timeout_s,
-                            timeout=self.config.query_timeout_s, unresponsive=self.unresponsive)
+                            timeout=self.config.query_timeout_s, unresponsive=self.unresponsive,
+                            hedge_after=self.config.hedge_after_s)
         for _, providers in result.answers:
             for info in providers:
                 found.setdefault(info.peer_id, info)
