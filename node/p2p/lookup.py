@@ -111,7 +111,7 @@ async def walk(
     def distance(peer: ID) -> int:
         return xor_distance(target, hashlib.sha256(peer.to_bytes()).digest())
 
-    now = trio.current_time()
+    began = now = trio.current_time()
     seeds = net.closest_known(key, k)
     if len(seeds) < k:  # a young node: its connections are all it knows
         seeds += [p for p in net.connected_peers() if p not in seeds]
@@ -187,6 +187,9 @@ async def walk(
                     del fast[slow]  # still running, no longer holding a slot
                 launch()
     closest = sorted(responded, key=candidates.__getitem__)[:k]
+    log.debug("walk for %s: %.3f s, %d asked (%d shunned at the start), %d answered, "
+              "%d failed, %d payloads", key.hex()[:16], trio.current_time() - began,
+              len(queried), len(shunned), len(responded), len(failed), len(answers))
     return WalkResult(answers, closest, failed)
 
 
