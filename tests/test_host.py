@@ -249,3 +249,21 @@ def test_records_stored_or_put_are_not_republished_by_the_library() -> None:
             assert not a.dht.value_store.local_keys
 
     _run(scenario)
+
+
+def test_a_dht_request_to_a_peer_without_the_dht_fails_fast() -> None:
+    """The request's protocol is proposed in the same write as the request (no round
+    trip of its own): a peer that does not serve Kademlia refuses it, and the request
+    fails at once rather than waiting out a deadline."""
+    from node.p2p.host import KAD_PROTOCOL_ID
+
+    async def scenario() -> None:
+        async with _pair() as (a, b, info):
+            value, _ = await a.value_from_peer(info.peer_id, b"/iollm-cap/0123")
+            assert value is None  # served: no such value
+            b.host.remove_stream_handler(KAD_PROTOCOL_ID)
+            with trio.fail_after(1), pytest.raises(Exception):  # noqa: B017
+                await a.value_from_peer(info.peer_id, b"/iollm-cap/0123")
+            assert await _echo_once(a, info, b"still connected") == b"still connected"
+
+    _run(scenario)

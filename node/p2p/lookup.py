@@ -34,7 +34,8 @@ from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.kad_dht.utils import maybe_consume_signed_record, xor_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+from libp2p.protocol_muxer.multiselect_client import MULTISELECT_PROTOCOL_ID
+from libp2p.utils.varint import encode_delim, read_delim, read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
 from node.p2p.api import P2P
@@ -203,11 +204,25 @@ async def kad_request(host: IHost, peer: ID, request: Message) -> Message:
     ``finally`` that a cancellation skips: the answering peer's handler then waited for a
     next request forever, holding one of its 12 inbound Kademlia slots, and once all 12
     were held it refused every request (seen on a 12-host testnet: within a minute most
-    peers answered GET_VALUE with nothing, and a query had to walk most of the network)."""
-    stream = await host.new_stream(peer, [KAD_PROTOCOL])
+    peers answered GET_VALUE with nothing, and a query had to walk most of the network).
+
+    The protocol is chosen without a round trip of its own: the multistream-select
+    handshake, the protocol and the request go out in one write, and the two echoes are
+    read before the answer (go-libp2p's lazy negotiation). A listener reads them in order
+    as it would from a client that waits; a request costs one round trip, not two. A
+    peer that refuses the protocol reads the request as a malformed proposal and drops
+    the stream."""
+    stream = await host.get_network().new_stream(peer)
     try:
         data = request.SerializeToString()
-        await stream.write(varint.encode(len(data)) + data)
+        await stream.write(encode_delim(MULTISELECT_PROTOCOL_ID.encode())
+                           + encode_delim(KAD_PROTOCOL.encode())
+                           + varint.encode(len(data)) + data)
+        for expected in (MULTISELECT_PROTOCOL_ID, KAD_PROTOCOL):
+            echo = await read_delim(stream)
+            if echo != expected.encode():
+                raise ValueError(f"{peer} answered {echo!r} to {expected}")
+        stream.set_protocol(KAD_PROTOCOL)
         answer = Message()
         answer.ParseFromString(
             await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE))
