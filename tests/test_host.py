@@ -267,3 +267,30 @@ def test_a_dht_request_to_a_peer_without_the_dht_fails_fast() -> None:
             assert await _echo_once(a, info, b"still connected") == b"still connected"
 
     _run(scenario)
+
+
+def test_gossip_queued_for_a_peer_off_the_topic_expires_in_seconds() -> None:
+    """py-libp2p queues each message for every connected peer not subscribed to its topic
+    (its subscription may be on the way) and rebuilt every such queue on each message:
+    30 s and 100 messages a peer before. A peer that never joins the topic keeps at most
+    PENDING_GOSSIP_TTL_S of messages queued."""
+    from node.p2p.host import PENDING_GOSSIP_TTL_S
+
+    def validate(sender: Any, message: Any) -> bool:
+        return True
+
+    async def scenario() -> None:
+        async with _pair() as (a, _, info):
+            await a.subscribe("/iollm-test/only-a", validate)
+
+            async def b_is_a_pubsub_peer() -> bool:
+                return info.peer_id in a.pubsub.peers
+
+            await wait_until(b_is_a_pubsub_peer, 10)
+            await a.publish("/iollm-test/only-a", b"one")
+            assert len(a.gossipsub._pending_messages[info.peer_id]) == 1
+            await trio.sleep(PENDING_GOSSIP_TTL_S + 0.2)  # the library reads time.time()
+            await a.publish("/iollm-test/only-a", b"two")
+            assert len(a.gossipsub._pending_messages[info.peer_id]) == 1
+
+    _run(scenario)

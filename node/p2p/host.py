@@ -68,6 +68,14 @@ IOLLM_PREFIX = "/iollm/"  # every protocol of ours
 # this long after the previous one.
 PROVIDE_SPACING_S = 1.1
 HEARTBEAT_S = 1  # gossipsub heartbeat (py-libp2p default 120 s; go-libp2p 1 s)
+# py-libp2p's gossipsub queues every message it publishes or forwards for each connected
+# peer not (yet) subscribed to the topic, in case the peer's subscription is still on its
+# way, for 30 s and up to 100 messages a peer; each message first rebuilds every such
+# queue to drop the expired. For peers that never join a topic (followers and the
+# consensus topic) the queues stayed full, each message paid for them all, and a warning
+# was logged per message once a queue passed 100. The race it covers lasts about a round
+# trip after a connection opens, and gossip is repeated anyway.
+PENDING_GOSSIP_TTL_S = 2.0
 # Gossipsub peer scoring, invalid messages only (P4; the other terms stay at py-libp2p's
 # zero weights, and IP colocation must stay off: testnets run on one address). Each
 # message a topic validator refuses costs its forwarder one point on that topic, decaying
@@ -605,6 +613,7 @@ async def open_network(
         heartbeat_interval=HEARTBEAT_S,
         spam_protection_enabled=False,
         score_params=SCORE_PARAMS,
+        pending_messages_ttl=PENDING_GOSSIP_TTL_S,
     )
     pubsub = GuardedPubsub(host, gossipsub)
     pubsub.guard = guard
