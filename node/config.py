@@ -91,8 +91,10 @@ sync_interval_s = 300
 sync_serve_concurrency = 4
 # Record lookups running at once within one class query.
 fetch_concurrency = 16
-# Valid copies of a record that end a DHT lookup (the newest is taken).
+# Valid copies of a record that end a DHT lookup (the newest is taken); or this many
+# seconds after the first valid copy came in, whichever is sooner.
 value_quorum = 3
+value_grace_s = 0.3
 # Providers taken from one GET_PROVIDERS answer; the rest are ignored.
 max_providers = 1000
 # Most recently seen peers redialled at start (a restarted node rejoins without bootstrap).
@@ -352,6 +354,7 @@ class DiscoverySection:
     sync_serve_concurrency: int = 4
     fetch_concurrency: int = 16
     value_quorum: int = 3
+    value_grace_s: float = 0.3
     max_providers: int = 1000
     known_peers_redial: int = 16
 

@@ -332,3 +332,24 @@ def test_peers_marked_unresponsive_are_asked_last_not_never() -> None:
                                 unresponsive=marked)
             assert asked and {v for _, v in result.answers} == {b"\x02"}
     run(main)
+
+
+def test_a_walk_ends_grace_seconds_after_its_first_payload() -> None:
+    """A record query waits for value_quorum copies, but at most its grace after the
+    first: one copy at 0.05 s and the others at 2 s end the walk at 0.35 s with one."""
+    async def main() -> None:
+        async with _star(8) as (_, nodes):
+            asker = nodes[0]
+            quick = asker.closest_known(b"/v/x", 1)[0]
+
+            async def get(peer: PeerId) -> tuple[bytes | None, list[PeerId]]:
+                await trio.sleep(0.05 if peer == quick else 2)
+                return b"v", []
+
+            start = trio.current_time()
+            result = await walk(asker, b"/v/x", get, rpc_timeout=3, timeout=10,
+                                unresponsive=Unresponsive(), hedge_after=5,
+                                enough=lambda answers: len(answers) >= 3, grace=0.3)
+            assert trio.current_time() - start == pytest.approx(0.35)
+            assert [peer for peer, _ in result.answers] == [quick]
+    run(main)

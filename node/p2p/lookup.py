@@ -94,10 +94,12 @@ async def walk(
     alpha: int = ALPHA,
     hedge_after: float = HEDGE_AFTER_S,
     enough: Callable[[list[tuple[ID, T]]], bool] | None = None,
+    grace: float = math.inf,
 ) -> WalkResult[T]:
     """Walk towards ``key`` until the ``k`` closest live peers seen have all answered, or
     ``timeout`` seconds have passed, or ``enough(answers)`` holds (the caller has what it
-    needs: the requests still in flight are cancelled): then it returns what it has.
+    needs: the requests still in flight are cancelled), or ``grace`` seconds have passed
+    since the first payload came in: then it returns what it has.
 
     A request still unanswered after ``hedge_after`` seconds stops counting against
     ``alpha`` (the next candidate is asked at once) but runs on to ``rpc_timeout``: one
@@ -145,6 +147,7 @@ async def walk(
         return [p for p in live[:k] if p not in queried]  # no one else is left
 
     outstanding = 0  # requests not yet ended
+    end_at = math.inf  # the first payload's time + grace
     fast: dict[ID, float] = {}  # requests that hold a slot of alpha: when each started
     # The nursery sits inside the deadline: on timeout the stragglers are cancelled and
     # the walk returns what it has (a partial answer beats none).
@@ -162,7 +165,7 @@ async def walk(
             launch()
             while outstanding:
                 hedge_at = min(fast.values(), default=math.inf) + hedge_after
-                with trio.move_on_at(hedge_at):
+                with trio.move_on_at(min(hedge_at, end_at)):
                     peer, ok, payload, closer = await receive.receive()
                     outstanding -= 1
                     fast.pop(peer, None)
@@ -170,6 +173,7 @@ async def walk(
                         responded.add(peer)
                         if payload is not None:
                             answers.append((peer, payload))
+                            end_at = min(end_at, trio.current_time() + grace)
                             if enough is not None and enough(answers):
                                 nursery.cancel_scope.cancel()
                                 break
@@ -184,6 +188,9 @@ async def walk(
                         unresponsive.mark(peer, trio.current_time())
                         net.drop_from_routing_table(peer)
                 now = trio.current_time()
+                if now >= end_at:
+                    nursery.cancel_scope.cancel()
+                    break
                 for slow in [p for p, at in fast.items() if at + hedge_after <= now]:
                     del fast[slow]  # still running, no longer holding a slot
                 launch()
