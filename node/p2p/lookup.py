@@ -52,7 +52,10 @@ UNRESPONSIVE_FOR_S = 60.0  # the default of [discovery] unresponsive_for_s
 HEDGE_AFTER_S = 0.5  # the default of [discovery] hedge_after_s
 KAD_PROTOCOL = TProtocol("/ipfs/kad/1.0.0")
 CLOSER_ADDR_TTL_S = 600  # peerstore lifetime of the addresses in closerPeers (py-libp2p's)
-RESET_TIMEOUT_S = 1.0  # resetting the stream of a failed or cancelled request
+# Resetting the stream of a failed or cancelled request: a walk that has its answers
+# waits for these resets, so they are kept short; a reset that does not make it leaves the
+# peer's handler waiting only until its idle timeout (node/p2p/host.py, _IdleBounded).
+RESET_TIMEOUT_S = 0.25
 
 
 @dataclass
