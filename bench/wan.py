@@ -44,7 +44,15 @@ phases then change rates only, and run in this order whatever --only's order.
   discovery: a testnet of its own, HOSTS hosts (30), every link 12.5 ms each way (50 ms
              RTT between two hosts); QUERIES times a random host asks for a random other
              host's record on the DHT-only path (``/v1/record?source=dht``: the DHT walk,
-             no local replica, no direct ask). Goal: p99 under 10 RTTs, 100% success.
+             no local replica, no direct ask), twice: (a) as soon as the testnet is up,
+             (b) once SETTLE_S have passed since its start. Goal on (b): p99 under 10
+             RTTs, 100% success; (a) is printed too. Why two: all 30 daemons start within
+             a minute and run their startup schedules at once (record syncs 0-60 s after
+             joining, publish retries 15-105 s after the first publish, the chain's
+             catch-up, gossip meshes forming); on a 2-core machine that saturates both
+             cores for a minute or two, and every request of a walk started then can
+             miss its deadline. The goal is about a running network, where nodes join
+             one at a time; (a) shows what the boot costs.
 
 A fetch's time is the daemon's own operation time (request to verified, complete
 version). Exits 1 when a goal is missed.
@@ -82,6 +90,7 @@ REST = LinkShape(delay_ms=25)  # the providers' links between phases
 PHASES = ("fetch", "providers", "finality")  # the order they run in (discovery first)
 OWN_TESTNET = ("discovery", "training")  # phases that bring up testnets of their own
 TRAINING_GOAL = 1.25  # the job's wall time at 100 ms RTT against unshaped links, at most
+SETTLE_S = 240.0  # discovery (b): from the testnet's start (see the docstring)
 
 
 def log(msg: str) -> None:
@@ -369,6 +378,26 @@ def phase_training(work: Path, prefix: str) -> bool:
     return ok
 
 
+def discovery_queries(nodes: list[Node], queries: int, rng: Any) -> tuple[list[float], int]:
+    """``queries`` DHT-only record queries, each by a random host for a random other's
+    record: their times (seconds, sorted) and how many failed."""
+    took: list[float] = []
+    failed = 0
+    for _ in range(queries):
+        asker, target = rng.sample(nodes, 2)
+        pid = target.entry["peer_id"]
+        start = time.monotonic()
+        try:
+            got = asker.call("GET", f"/v1/record?peer_id={pid}&source=dht")
+            ok = got["peer_id"] == pid
+        except Exception as exc:  # a 404 (not found) or a timeout: a failed query
+            log(f"  query failed: {exc}")
+            ok = False
+        took.append(time.monotonic() - start)
+        failed += not ok
+    return sorted(took), failed
+
+
 def phase_discovery(work: Path, prefix: str, hosts: int, queries: int, seed: int) -> bool:
     """Its own testnet of ``hosts`` hosts, every link 12.5 ms each way (50 ms RTT)."""
     import random
@@ -377,35 +406,30 @@ def phase_discovery(work: Path, prefix: str, hosts: int, queries: int, seed: int
     prefix = prefix[:11] + "d"
     netns.teardown(prefix)
     log(f"discovery: testnet of {hosts} hosts")
+    started = time.monotonic()
     state = testnet_up(directory, hosts - 1, hosts=True, prefix=prefix, timeout=900,
                        link=LinkShape(delay_ms=12.5))
     rtt = 0.05
     try:
         nodes = [Node(n) for n in state["nodes"]]
         rng = random.Random(seed)
-        took: list[float] = []
-        failed = 0
-        for _ in range(queries):
-            asker, target = rng.sample(nodes, 2)
-            pid = target.entry["peer_id"]
-            start = time.monotonic()
-            try:
-                got = asker.call("GET", f"/v1/record?peer_id={pid}&source=dht")
-                ok = got["peer_id"] == pid
-            except Exception as exc:  # a 404 (not found) or a timeout: a failed query
-                log(f"  query failed: {exc}")
-                ok = False
-            took.append(time.monotonic() - start)
-            failed += not ok
-        took.sort()
+        log(f"discovery: up after {time.monotonic() - started:.0f} s; (a) {queries} queries")
+        boot, boot_failed = discovery_queries(nodes, queries, rng)
+        if (wait := SETTLE_S - (time.monotonic() - started)) > 0:
+            log(f"discovery: (b) in {wait:.0f} s, {SETTLE_S:.0f} s after the start")
+            time.sleep(wait)  # letting the startup schedules end (docstring), not sync
+        took, failed = discovery_queries(nodes, queries, rng)
         p50, p99 = percentile(took, 50), percentile(took, 99)
     finally:
         testnet_down(directory)
     success = 1 - failed / queries
     ok = p99 < 10 * rtt and failed == 0
-    print(f"capability query, DHT only, {hosts} hosts, 50 ms RTT: p50 {p50 * 1000:.0f} ms, "
-          f"p99 {p99 * 1000:.0f} ms = {p99 / rtt:.1f} RTTs, success {success:.1%} (goal p99 "
-          f"< 10 RTTs and 100%: {'met' if ok else 'MISSED'})")
+    print(f"capability query, DHT only, {hosts} hosts, 50 ms RTT: (a) right after the start "
+          f"p50 {percentile(boot, 50) * 1000:.0f} ms, p99 {percentile(boot, 99) * 1000:.0f} ms, "
+          f"success {1 - boot_failed / queries:.1%}; (b) {SETTLE_S:.0f} s after the start "
+          f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms = {p99 / rtt:.1f} RTTs, max "
+          f"{took[-1] * 1000:.0f} ms, success {success:.1%} (goal on (b): p99 < 10 RTTs and "
+          f"100%: {'met' if ok else 'MISSED'})")
     return ok
 
 

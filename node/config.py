@@ -71,6 +71,10 @@ query_timeout_s = 10
 # by later queries for unresponsive_for_s. Seconds.
 rpc_timeout_s = 3
 unresponsive_for_s = 60
+# A request within a query still unanswered after this many seconds gives up its place
+# among the requests in flight: the next peer is asked at once, and a late answer still
+# counts. Seconds.
+hedge_after_s = 0.5
 # A publish step that failed (the DHT put, a class provide) is tried again after this
 # many seconds, then after twice as long each time (15, 30, 60 s), publish_retries times
 # in all, rather than only at the next refresh. Seconds.
@@ -87,8 +91,10 @@ sync_interval_s = 300
 sync_serve_concurrency = 4
 # Record lookups running at once within one class query.
 fetch_concurrency = 16
-# Valid copies of a record that end a DHT lookup (the newest is taken).
+# Valid copies of a record that end a DHT lookup (the newest is taken); or this many
+# seconds after the first valid copy came in, whichever is sooner.
 value_quorum = 3
+value_grace_s = 0.3
 # Providers taken from one GET_PROVIDERS answer; the rest are ignored.
 max_providers = 1000
 # Most recently seen peers redialled at start (a restarted node rejoins without bootstrap).
@@ -339,6 +345,7 @@ class DiscoverySection:
     query_timeout_s: float = 10.0
     rpc_timeout_s: float = 3.0
     unresponsive_for_s: float = 60.0
+    hedge_after_s: float = 0.5
     retry_interval_s: float = 15.0
     publish_retries: int = 3
     gossip_startup_s: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0])
@@ -347,6 +354,7 @@ class DiscoverySection:
     sync_serve_concurrency: int = 4
     fetch_concurrency: int = 16
     value_quorum: int = 3
+    value_grace_s: float = 0.3
     max_providers: int = 1000
     known_peers_redial: int = 16
 

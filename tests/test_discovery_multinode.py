@@ -453,7 +453,7 @@ def test_dht_only_query_stops_at_a_quorum_of_copies(tmp_path: Path) -> None:
             key = capability_dht_key(target.peer_id).encode()
 
             async def get(peer: ID) -> tuple[bytes | None, list[ID]]:
-                return await value_from_peer(asker.net.dht, peer, key)
+                return await value_from_peer(asker.net.host, peer, key)
 
             async def copies() -> bool:
                 full = await walk(asker.net, key, get, rpc_timeout=3, timeout=10,

@@ -161,3 +161,136 @@ def test_protocols_registered_later_reach_connected_peers() -> None:
                 assert await stream.read(100) == b"late"
 
     _run(scenario)
+
+
+def test_a_cancelled_dht_request_resets_its_stream() -> None:
+    """A GET_VALUE cancelled while the peer has not answered (a walk's deadline, or a walk
+    that has enough) resets its stream. py-libp2p's own request left it open, and the
+    peer's handler waited on it for the next request, holding one of its 12 DHT slots for
+    good (bench/RESULTS.md, 2026-12-08, the 30-host DHT query)."""
+    from node.p2p.host import KAD_PROTOCOL_ID
+
+    async def scenario() -> None:
+        async with _pair() as (a, b, info):
+            asked = trio.Event()
+            ended = trio.Event()
+
+            async def slow_server(stream: Any) -> None:
+                await stream.read(100)  # the request
+                asked.set()
+                try:
+                    while await stream.read(100):  # never answered: what comes next?
+                        pass
+                except Exception:  # a reset (an EOF would end the loop as well)
+                    pass
+                ended.set()
+
+            b.host.set_stream_handler(KAD_PROTOCOL_ID, slow_server)
+            async with trio.open_nursery() as nursery:
+                cancel = trio.CancelScope()
+
+                async def request() -> None:
+                    with cancel:
+                        await a.value_from_peer(info.peer_id, b"/iollm-cap/0123")
+
+                nursery.start_soon(request)
+                with trio.fail_after(5):
+                    await asked.wait()
+                cancel.cancel()
+            with trio.fail_after(5):  # the library's request: forever
+                await ended.wait()
+
+    _run(scenario)
+
+
+def test_the_dht_server_drops_a_stream_that_idles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that keeps its Kademlia stream open after an answer (go-libp2p reuses
+    them; py-libp2p's cancelled requests forget them) gets it reset after
+    KAD_IDLE_TIMEOUT_S, and the server's slot is free again: py-libp2p serves 12 inbound
+    DHT streams at once and waited on an idle one for as long as the connection lived."""
+    import varint
+    from libp2p.kad_dht.pb.kademlia_pb2 import Message
+
+    from node.p2p.host import KAD_PROTOCOL_ID
+
+    monkeypatch.setattr(node.p2p.host, "KAD_IDLE_TIMEOUT_S", 0.5, raising=False)
+
+    async def scenario() -> None:
+        async with _pair() as (a, b, info):
+            stream = await a.host.new_stream(info.peer_id, [KAD_PROTOCOL_ID])
+            ping = Message(type=Message.MessageType.PING).SerializeToString()
+            await stream.write(varint.encode(len(ping)) + ping)
+            with trio.fail_after(5):
+                length = varint.decode_bytes(await stream.read(1))
+                await stream.read(length)  # the answer; the stream stays open
+            assert b.dht._inbound_limiter.borrowed_tokens == 1
+
+            async def slot_free() -> bool:
+                return b.dht._inbound_limiter.borrowed_tokens == 0
+
+            await wait_until(slot_free, 5)
+
+    _run(scenario)
+
+
+def test_records_stored_or_put_are_not_republished_by_the_library() -> None:
+    """py-libp2p republishes every value in its store that it did not receive through a
+    PUT (a lookup and up to 20 PUTs each, at every maintenance pass): a node's replicas
+    of the other nodes' records are theirs to publish, and its own is re-published by
+    discovery's refresh."""
+    import time
+
+    async def scenario() -> None:
+        async with _pair() as (a, _, _):
+            a.store_value(b"/iollm-cap/00", b"a copy", time.time() + 600)
+            await a.put_value("/iollm-cap/01", b"its own")
+            assert a.local_value(b"/iollm-cap/00") == b"a copy"
+            assert a.local_value(b"/iollm-cap/01") == b"its own"
+            assert not a.dht.value_store.local_keys
+
+    _run(scenario)
+
+
+def test_a_dht_request_to_a_peer_without_the_dht_fails_fast() -> None:
+    """The request's protocol is proposed in the same write as the request (no round
+    trip of its own): a peer that does not serve Kademlia refuses it, and the request
+    fails at once rather than waiting out a deadline."""
+    from node.p2p.host import KAD_PROTOCOL_ID
+
+    async def scenario() -> None:
+        async with _pair() as (a, b, info):
+            value, _ = await a.value_from_peer(info.peer_id, b"/iollm-cap/0123")
+            assert value is None  # served: no such value
+            b.host.remove_stream_handler(KAD_PROTOCOL_ID)
+            with trio.fail_after(1), pytest.raises(Exception):  # noqa: B017
+                await a.value_from_peer(info.peer_id, b"/iollm-cap/0123")
+            assert await _echo_once(a, info, b"still connected") == b"still connected"
+
+    _run(scenario)
+
+
+def test_gossip_queued_for_a_peer_off_the_topic_expires_in_seconds() -> None:
+    """py-libp2p queues each message for every connected peer not subscribed to its topic
+    (its subscription may be on the way) and rebuilt every such queue on each message:
+    30 s and 100 messages a peer before. A peer that never joins the topic keeps at most
+    PENDING_GOSSIP_TTL_S of messages queued."""
+    from node.p2p.host import PENDING_GOSSIP_TTL_S
+
+    def validate(sender: Any, message: Any) -> bool:
+        return True
+
+    async def scenario() -> None:
+        async with _pair() as (a, _, info):
+            await a.subscribe("/iollm-test/only-a", validate)
+
+            async def b_is_a_pubsub_peer() -> bool:
+                return info.peer_id in a.pubsub.peers
+
+            await wait_until(b_is_a_pubsub_peer, 10)
+            await a.publish("/iollm-test/only-a", b"one")
+            assert len(a.gossipsub._pending_messages[info.peer_id]) == 1
+            await trio.sleep(PENDING_GOSSIP_TTL_S + 0.2)  # the library reads time.time()
+            await a.publish("/iollm-test/only-a", b"two")
+            assert len(a.gossipsub._pending_messages[info.peer_id]) == 1
+
+    _run(scenario)

@@ -269,3 +269,87 @@ def test_frames_survive_any_write_cutting(payloads: list[bytes], cut: list[int])
             assert got == payloads
 
     run(main)
+
+
+@asynccontextmanager
+async def _star(n: int) -> AsyncIterator[tuple[MemNetwork, list[MemNode]]]:
+    """``n`` nodes, each connected to the first, with full routing tables."""
+    async with world_of(n) as (world, nodes):
+        for node in nodes[1:]:
+            await node.connect(PeerInfo(nodes[0].peer_id, []))
+        for node in nodes:
+            await node.refresh_routing_table()
+        yield world, nodes
+
+
+def test_a_slow_peer_costs_a_walk_hedge_after_not_its_rpc_timeout() -> None:
+    """The three peers asked first answer after 2.5 s (within rpc_timeout): their slots
+    go to the next candidates after hedge_after, and the walk has its answer from those
+    (before, it waited for the slow three)."""
+    async def main() -> None:
+        async with _star(8) as (_, nodes):
+            asker = nodes[0]
+            slow = set(asker.closest_known(b"/v/x", 3))
+
+            async def get(peer: PeerId) -> tuple[bytes | None, list[PeerId]]:
+                await trio.sleep(2.5 if peer in slow else 0.05)
+                return b"v", []
+
+            start = trio.current_time()
+            result = await walk(asker, b"/v/x", get, rpc_timeout=3, timeout=10,
+                                unresponsive=Unresponsive(), hedge_after=0.5,
+                                enough=lambda answers: len(answers) >= 2)
+            assert trio.current_time() - start == pytest.approx(0.55)
+            assert not slow & {peer for peer, _ in result.answers}
+    run(main)
+
+
+def test_peers_marked_unresponsive_are_asked_last_not_never() -> None:
+    """A walk asks the peers earlier walks marked only when no one else is left; when
+    every peer is marked (a loaded machine: every peer missed a deadline once), it asks
+    them rather than return nothing."""
+    async def main() -> None:
+        async with _star(6) as (_, nodes):
+            asker = nodes[0]
+            await nodes[1].put_value("/v/x", b"\x02")
+            asked: list[PeerId] = []
+
+            async def get(peer: PeerId) -> tuple[bytes | None, list[PeerId]]:
+                asked.append(peer)
+                return await asker.value_from_peer(peer, b"/v/x")
+
+            marked = Unresponsive()
+            closest = asker.closest_known(b"/v/x", 2)
+            for peer in closest:
+                marked.mark(peer, trio.current_time())
+            await walk(asker, b"/v/x", get, rpc_timeout=1, timeout=5, unresponsive=marked)
+            assert set(asked[:len(asked) - 2]).isdisjoint(closest)
+            assert set(asked[-2:]) == set(closest)  # asked once no one else was left
+            for peer in asker.closest_known(b"/v/x", 5):
+                marked.mark(peer, trio.current_time())
+            asked.clear()
+            result = await walk(asker, b"/v/x", get, rpc_timeout=1, timeout=5,
+                                unresponsive=marked)
+            assert asked and {v for _, v in result.answers} == {b"\x02"}
+    run(main)
+
+
+def test_a_walk_ends_grace_seconds_after_its_first_payload() -> None:
+    """A record query waits for value_quorum copies, but at most its grace after the
+    first: one copy at 0.05 s and the others at 2 s end the walk at 0.35 s with one."""
+    async def main() -> None:
+        async with _star(8) as (_, nodes):
+            asker = nodes[0]
+            quick = asker.closest_known(b"/v/x", 1)[0]
+
+            async def get(peer: PeerId) -> tuple[bytes | None, list[PeerId]]:
+                await trio.sleep(0.05 if peer == quick else 2)
+                return b"v", []
+
+            start = trio.current_time()
+            result = await walk(asker, b"/v/x", get, rpc_timeout=3, timeout=10,
+                                unresponsive=Unresponsive(), hedge_after=5,
+                                enough=lambda answers: len(answers) >= 3, grace=0.3)
+            assert trio.current_time() - start == pytest.approx(0.35)
+            assert [peer for peer, _ in result.answers] == [quick]
+    run(main)

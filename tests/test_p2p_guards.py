@@ -8,8 +8,6 @@ from typing import Any
 
 import pytest
 import trio
-from libp2p.kad_dht.provider_store import ProviderStore
-from libp2p.kad_dht.value_store import ValueStore
 from multiaddr import Multiaddr
 from nacl.signing import SigningKey
 
@@ -22,15 +20,6 @@ LOOPBACK = Multiaddr("/ip4/127.0.0.1/tcp/0")
 
 def _parameters(function: object) -> list[str]:
     return list(inspect.signature(function).parameters)  # type: ignore[arg-type]
-
-
-def test_private_dht_requests_keep_their_signatures() -> None:
-    # node/p2p/lookup.py: value_from_peer and providers_from_peer.
-    value_params = _parameters(ValueStore._get_from_peer)
-    assert value_params[:3] == ["self", "peer_id", "key"]
-    assert "return_closer_peers" in value_params
-    assert _parameters(ProviderStore._get_providers_from_peer_with_closers)[:3] == [
-        "self", "peer_id", "key"]
 
 
 def test_the_auto_connector_is_off() -> None:

@@ -572,10 +572,15 @@ class Discovery:
             return (self._verify(value, peer_id) if value is not None else None), closer
 
         # value_quorum valid copies end the walk: waiting for all k closest peers to answer
-        # made every query cost the slowest of ~20 peers (bench/wan.py, RESULTS.md).
+        # made every query cost the slowest of ~20 peers (bench/wan.py, RESULTS.md). So
+        # does value_grace_s after the first copy: on a loaded machine the third copy
+        # could take seconds longer than the first, and the copies are almost always the
+        # same (gossip keeps replicas fresh; the latest record is the direct stream's).
         result = await walk(self.net, key, get_value, rpc_timeout=self.config.rpc_timeout_s,
                             timeout=self.config.query_timeout_s, unresponsive=self.unresponsive,
-                            enough=lambda answers: len(answers) >= self.config.value_quorum)
+                            hedge_after=self.config.hedge_after_s,
+                            enough=lambda answers: len(answers) >= self.config.value_quorum,
+                            grace=self.config.value_grace_s)
         caps = [c for _, c in result.answers]
         if not caps:
             return None
@@ -634,7 +639,8 @@ class Discovery:
             return providers[:self.config.max_providers], closer
 
         result = await walk(self.net, key, get_providers, rpc_timeout=self.config.rpc_timeout_s,
-                            timeout=self.config.query_timeout_s, unresponsive=self.unresponsive)
+                            timeout=self.config.query_timeout_s, unresponsive=self.unresponsive,
+                            hedge_after=self.config.hedge_after_s)
         for _, providers in result.answers:
             for info in providers:
                 found.setdefault(info.peer_id, info)

@@ -68,6 +68,14 @@ IOLLM_PREFIX = "/iollm/"  # every protocol of ours
 # this long after the previous one.
 PROVIDE_SPACING_S = 1.1
 HEARTBEAT_S = 1  # gossipsub heartbeat (py-libp2p default 120 s; go-libp2p 1 s)
+# py-libp2p's gossipsub queues every message it publishes or forwards for each connected
+# peer not (yet) subscribed to the topic, in case the peer's subscription is still on its
+# way, for 30 s and up to 100 messages a peer; each message first rebuilds every such
+# queue to drop the expired. For peers that never join a topic (followers and the
+# consensus topic) the queues stayed full, each message paid for them all, and a warning
+# was logged per message once a queue passed 100. The race it covers lasts about a round
+# trip after a connection opens, and gossip is repeated anyway.
+PENDING_GOSSIP_TTL_S = 2.0
 # Gossipsub peer scoring, invalid messages only (P4; the other terms stay at py-libp2p's
 # zero weights, and IP colocation must stay off: testnets run on one address). Each
 # message a topic validator refuses costs its forwarder one point on that topic, decaying
@@ -90,6 +98,10 @@ HEARTBEAT_S = 1  # gossipsub heartbeat (py-libp2p default 120 s; go-libp2p 1 s)
 # answers our own lookups read keep the library's limit.
 KAD_MAX_REQUEST_BYTES = 64 << 10
 kad_dht_module.MAX_DHT_MESSAGE_SIZE = KAD_MAX_REQUEST_BYTES
+# How long an inbound Kademlia stream may wait for the peer's next request (or the rest
+# of one) before it is reset: go-libp2p's server waits a minute, but py-libp2p's serves
+# only 12 streams at once (see _IdleBounded).
+KAD_IDLE_TIMEOUT_S = 10.0
 INVALID_DECAY = 0.97
 GRAYLIST_SCORE = -10.0
 SCORE_PARAMS = ScoreParams(
@@ -290,12 +302,34 @@ class GuardedPubsub(Pubsub):
             self.guard.failed(msg_forwarder, "pubsub:push_msg", exc)
 
 
+class _IdleBounded:
+    """Stream wrapper whose every read waits at most KAD_IDLE_TIMEOUT_S (TooSlowError).
+
+    py-libp2p's Kademlia handler serves requests on a stream until the peer closes it,
+    with no deadline between requests, and serves at most 12 streams at once (it resets
+    any beyond). A client that never closes (py-libp2p's own, when its request is
+    cancelled; go-libp2p, which keeps streams for reuse) held a slot for as long as the
+    connection lived: 12 of them and the node answered no DHT request at all. The
+    handler resets a stream whose read fails."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    async def read(self, n: int | None = None) -> bytes:
+        with trio.fail_after(KAD_IDLE_TIMEOUT_S):
+            return cast(bytes, await self._stream.read(n))
+
+
 class InteropKadDHT(KadDHT):
-    """KadDHT whose server side never answers ADD_PROVIDER (see _NoAddProviderEcho)."""
+    """KadDHT whose server side never answers ADD_PROVIDER (see _NoAddProviderEcho) and
+    drops a stream that idles (see _IdleBounded)."""
 
     async def handle_stream(self, stream: Any) -> None:
-        # The wrapper is a stream in every way the handler uses (reads, writes, ids).
-        await super().handle_stream(cast(Any, _NoAddProviderEcho(stream)))
+        # The wrappers are a stream in every way the handler uses (reads, writes, ids).
+        await super().handle_stream(cast(Any, _NoAddProviderEcho(_IdleBounded(stream))))
 
 
 class _Subscription:
@@ -362,12 +396,23 @@ class Network:
 
     async def put_value(self, key: str, value: bytes) -> None:
         await self.dht.put_value(key, value)
+        self._no_republish(key.encode("utf-8"))
 
     async def provide(self, key: str) -> bool:
         return await self.dht.provide(key)
 
     def store_value(self, key: bytes, value: bytes, expires_s: float) -> None:
         self.dht.value_store.put(key, value, validity=expires_s)
+        self._no_republish(key)
+
+    def _no_republish(self, key: bytes) -> None:
+        """py-libp2p marks every value put into its store, a copy of another node's record
+        included, for republishing: at its next maintenance pass (every 600 s, the first
+        at start) it looks up the closest peers of each and PUTs it to all of them; a
+        30-node network holds 30 copies on each node: 900 lookups and up to 18,000 PUTs a
+        pass.
+        Records of ours are re-published by their owners (discovery's refresh)."""
+        self.dht.value_store.local_keys.discard(key)
 
     def local_value(self, key: bytes) -> bytes | None:
         record = self.dht.value_store.get(key)
@@ -377,11 +422,11 @@ class Network:
         return list(self.dht.provider_store.get_providers(key))
 
     async def value_from_peer(self, peer: ID, key: bytes) -> tuple[bytes | None, list[ID]]:
-        return await value_from_peer(self.dht, peer, key)
+        return await value_from_peer(self.host, peer, key)
 
     async def providers_from_peer(self, peer: ID, key: bytes
                                   ) -> tuple[list[PeerInfo], list[ID]]:
-        return await providers_from_peer(self.dht, peer, key)
+        return await providers_from_peer(self.host, peer, key)
 
     def closest_known(self, key: bytes, count: int) -> list[ID]:
         return list(self.dht.routing_table.find_local_closest_peers(key, count))
@@ -568,6 +613,7 @@ async def open_network(
         heartbeat_interval=HEARTBEAT_S,
         spam_protection_enabled=False,
         score_params=SCORE_PARAMS,
+        pending_messages_ttl=PENDING_GOSSIP_TTL_S,
     )
     pubsub = GuardedPubsub(host, gossipsub)
     pubsub.guard = guard

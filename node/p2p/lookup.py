@@ -1,30 +1,42 @@
-"""Iterative Kademlia lookups that a dead or frozen peer cannot stall.
+"""Iterative Kademlia lookups that a dead, frozen or slow peer cannot stall.
 
 py-libp2p's own lookups query peers in lock-step rounds and wait for every peer of a round,
 each with a 10 s timeout: one frozen peer (TCP open, nothing answering, as after SIGSTOP)
 costs every lookup that meets it 10 s per round. This walk keeps ``alpha`` requests in
 flight at all times, gives each its own deadline, never waits for a straggler before
-asking the next candidate, and remembers peers that failed so later walks skip them for a
-while. One walk serves FIND_NODE, GET_VALUE and GET_PROVIDERS: each answer carries closer
-peers, and the payload (a value, providers) is collected along the way.
+asking the next candidate (a request unanswered after ``hedge_after`` seconds gives up its
+slot, and still counts if it answers later), and remembers peers that failed so later
+walks ask them only when no one else is left. One walk serves FIND_NODE, GET_VALUE and
+GET_PROVIDERS: each answer carries closer peers, and the payload (a value, providers) is
+collected along the way.
 
-The per-peer requests are py-libp2p's own message codecs (``_get_from_peer`` and friends),
-so the wire format stays the standard ``/ipfs/kad/1.0.0``.
+The per-peer requests are the standard ``/ipfs/kad/1.0.0`` messages (py-libp2p's protobuf
+codec), sent here rather than through py-libp2p's per-peer calls, because those leave the
+stream open when they are cancelled (see ``kad_request``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, cast
+from typing import Generic, TypeVar
 
 import trio
-from libp2p.kad_dht.kad_dht import KadDHT
-from libp2p.kad_dht.utils import xor_distance
+import varint
+from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE
+from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.kad_dht.utils import maybe_consume_signed_record, xor_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.protocol_muxer.multiselect_client import MULTISELECT_PROTOCOL_ID
+from libp2p.utils.varint import encode_delim, read_delim, read_varint_prefixed_bytes_limited
+from multiaddr import Multiaddr
 
 from node.p2p.api import P2P
 
@@ -37,6 +49,13 @@ PeerQuery = Callable[[ID], Awaitable[tuple[T | None, list[ID]]]]
 K = 20  # replication parameter of the network (libp2p Kademlia's k)
 ALPHA = 3  # requests in flight per walk (libp2p Kademlia's alpha)
 UNRESPONSIVE_FOR_S = 60.0  # the default of [discovery] unresponsive_for_s
+HEDGE_AFTER_S = 0.5  # the default of [discovery] hedge_after_s
+KAD_PROTOCOL = TProtocol("/ipfs/kad/1.0.0")
+CLOSER_ADDR_TTL_S = 600  # peerstore lifetime of the addresses in closerPeers (py-libp2p's)
+# Resetting the stream of a failed or cancelled request: a walk that has its answers
+# waits for these resets, so they are kept short; a reset that does not make it leaves the
+# peer's handler waiting only until its idle timeout (node/p2p/host.py, _IdleBounded).
+RESET_TIMEOUT_S = 0.25
 
 
 @dataclass
@@ -76,11 +95,21 @@ async def walk(
     unresponsive: Unresponsive,
     k: int = K,
     alpha: int = ALPHA,
+    hedge_after: float = HEDGE_AFTER_S,
     enough: Callable[[list[tuple[ID, T]]], bool] | None = None,
+    grace: float = math.inf,
 ) -> WalkResult[T]:
     """Walk towards ``key`` until the ``k`` closest live peers seen have all answered, or
     ``timeout`` seconds have passed, or ``enough(answers)`` holds (the caller has what it
-    needs: the requests still in flight are cancelled): then it returns what it has."""
+    needs: the requests still in flight are cancelled), or ``grace`` seconds have passed
+    since the first payload came in: then it returns what it has.
+
+    A request still unanswered after ``hedge_after`` seconds stops counting against
+    ``alpha`` (the next candidate is asked at once) but runs on to ``rpc_timeout``: one
+    slow peer costs a walk ``hedge_after``, not ``rpc_timeout``. Peers marked unresponsive
+    by earlier walks are asked only once no other candidate is left: under load every
+    peer may miss a deadline now and then, and a walk that skipped them all found nothing
+    (seen on a 30-host testnet at load average 28)."""
     local = net.peer_id
     # The keyspace of go-libp2p and py-libp2p: SHA-256 of the key and of the peer id bytes.
     target = hashlib.sha256(key).digest()
@@ -88,12 +117,12 @@ async def walk(
     def distance(peer: ID) -> int:
         return xor_distance(target, hashlib.sha256(peer.to_bytes()).digest())
 
-    now = trio.current_time()
+    began = now = trio.current_time()
     seeds = net.closest_known(key, k)
     if len(seeds) < k:  # a young node: its connections are all it knows
         seeds += [p for p in net.connected_peers() if p not in seeds]
-    candidates = {p: distance(p) for p in seeds
-                  if p != local and not unresponsive.is_bad(p, now)}
+    candidates = {p: distance(p) for p in seeds if p != local}
+    shunned = {p for p in candidates if unresponsive.is_bad(p, now)}  # asked last
     queried: set[ID] = set()
     responded: set[ID] = set()
     failed: set[ID] = set()
@@ -115,59 +144,153 @@ async def walk(
 
     def next_peers() -> list[ID]:
         live = sorted((p for p in candidates if p not in failed), key=candidates.__getitem__)
-        return [p for p in live[:k] if p not in queried]
+        fresh = [p for p in live[:k] if p not in queried and p not in shunned]
+        if fresh or outstanding:
+            return fresh
+        return [p for p in live[:k] if p not in queried]  # no one else is left
 
-    in_flight = 0
+    outstanding = 0  # requests not yet ended
+    end_at = math.inf  # the first payload's time + grace
+    fast: dict[ID, float] = {}  # requests that hold a slot of alpha: when each started
     # The nursery sits inside the deadline: on timeout the stragglers are cancelled and
     # the walk returns what it has (a partial answer beats none).
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as nursery:
 
             def launch() -> None:
-                nonlocal in_flight
-                for peer in next_peers()[: max(0, alpha - in_flight)]:
+                nonlocal outstanding
+                for peer in next_peers()[: max(0, alpha - len(fast))]:
                     queried.add(peer)
-                    in_flight += 1
+                    outstanding += 1
+                    fast[peer] = trio.current_time()
                     nursery.start_soon(ask, peer)
 
             launch()
-            while in_flight:
-                peer, ok, payload, closer = await receive.receive()
-                in_flight -= 1
-                if ok:
-                    responded.add(peer)
-                    if payload is not None:
-                        answers.append((peer, payload))
-                        if enough is not None and enough(answers):
-                            nursery.cancel_scope.cancel()
-                            break
-                    now = trio.current_time()
-                    for c in closer:
-                        if c != local and c not in candidates and not unresponsive.is_bad(c, now):
-                            candidates[c] = distance(c)
-                else:
-                    failed.add(peer)
-                    unresponsive.mark(peer, trio.current_time())
-                    net.drop_from_routing_table(peer)
+            while outstanding:
+                hedge_at = min(fast.values(), default=math.inf) + hedge_after
+                with trio.move_on_at(min(hedge_at, end_at)):
+                    peer, ok, payload, closer = await receive.receive()
+                    outstanding -= 1
+                    fast.pop(peer, None)
+                    if ok:
+                        responded.add(peer)
+                        if payload is not None:
+                            answers.append((peer, payload))
+                            end_at = min(end_at, trio.current_time() + grace)
+                            if enough is not None and enough(answers):
+                                nursery.cancel_scope.cancel()
+                                break
+                        now = trio.current_time()
+                        for c in closer:
+                            if c != local and c not in candidates:
+                                candidates[c] = distance(c)
+                                if unresponsive.is_bad(c, now):
+                                    shunned.add(c)
+                    else:
+                        failed.add(peer)
+                        unresponsive.mark(peer, trio.current_time())
+                        net.drop_from_routing_table(peer)
+                now = trio.current_time()
+                if now >= end_at:
+                    nursery.cancel_scope.cancel()
+                    break
+                for slow in [p for p, at in fast.items() if at + hedge_after <= now]:
+                    del fast[slow]  # still running, no longer holding a slot
                 launch()
     closest = sorted(responded, key=candidates.__getitem__)[:k]
+    log.debug("walk for %s: %.3f s, %d asked (%d shunned at the start), %d answered, "
+              "%d failed, %d payloads", key.hex()[:16], trio.current_time() - began,
+              len(queried), len(shunned), len(responded), len(failed), len(answers))
     return WalkResult(answers, closest, failed)
 
 
-# -- one request to one peer: py-libp2p's private per-peer calls, kept here ----------------
-# (tests/test_p2p_guards.py fails when their signatures change)
+# -- one request to one peer ----------------------------------------------------------------
 
 
-async def value_from_peer(dht: KadDHT, peer: ID, key: bytes) -> tuple[bytes | None, list[ID]]:
+async def kad_request(host: IHost, peer: ID, request: Message) -> Message:
+    """One Kademlia request on a stream of its own: the answer. The stream is closed after
+    the answer; a request that fails or is cancelled (a walk's deadline, or a walk that
+    has enough) resets it. py-libp2p's own per-peer calls close the stream in a
+    ``finally`` that a cancellation skips: the answering peer's handler then waited for a
+    next request forever, holding one of its 12 inbound Kademlia slots, and once all 12
+    were held it refused every request (seen on a 12-host testnet: within a minute most
+    peers answered GET_VALUE with nothing, and a query had to walk most of the network).
+
+    The protocol is chosen without a round trip of its own: the multistream-select
+    handshake, the protocol and the request go out in one write, and the two echoes are
+    read before the answer (go-libp2p's lazy negotiation). A listener reads them in order
+    as it would from a client that waits; a request costs one round trip, not two. A
+    peer that refuses the protocol reads the request as a malformed proposal and drops
+    the stream."""
+    stream = await host.get_network().new_stream(peer)
+    try:
+        data = request.SerializeToString()
+        await stream.write(encode_delim(MULTISELECT_PROTOCOL_ID.encode())
+                           + encode_delim(KAD_PROTOCOL.encode())
+                           + varint.encode(len(data)) + data)
+        for expected in (MULTISELECT_PROTOCOL_ID, KAD_PROTOCOL):
+            echo = await read_delim(stream)
+            if echo != expected.encode():
+                raise ValueError(f"{peer} answered {echo!r} to {expected}")
+        stream.set_protocol(KAD_PROTOCOL)
+        answer = Message()
+        answer.ParseFromString(
+            await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE))
+        if answer.type != request.type:
+            raise ValueError(f"a {answer.type} answer to a {request.type} request")
+        await stream.close()
+    except BaseException:
+        with trio.CancelScope(shield=True), trio.move_on_after(RESET_TIMEOUT_S), \
+                contextlib.suppress(Exception):
+            await stream.reset()
+        raise
+    return answer
+
+
+def _closer_peers(host: IHost, answer: Message) -> list[ID]:
+    """The closer peers an answer names (not this node); their addresses go to the
+    peerstore, so that the walk can dial them."""
+    closer: list[ID] = []
+    for entry in answer.closerPeers:
+        try:
+            peer = ID(entry.id)
+            addrs = [Multiaddr(a) for a in entry.addrs]
+        except Exception:  # a malformed entry: skipped, the others still count
+            continue
+        if peer == host.get_id():
+            continue
+        closer.append(peer)
+        if addrs:
+            host.get_peerstore().add_addrs(peer, addrs, CLOSER_ADDR_TTL_S)
+    return closer
+
+
+async def value_from_peer(host: IHost, peer: ID, key: bytes) -> tuple[bytes | None, list[ID]]:
     """One GET_VALUE: ``peer``'s value for ``key`` if it holds one, and the closer peers it
-    names."""
-    value, closer = cast(Any, await dht.value_store._get_from_peer(
-        peer, key, return_closer_peers=True))
-    return (value if isinstance(value, bytes) else None), list(closer or [])
+    names. Raises when the request fails (the walk marks the peer)."""
+    request = Message(type=Message.MessageType.GET_VALUE, key=key)
+    answer = await kad_request(host, peer, request)
+    value = answer.record.value if answer.HasField("record") else b""
+    return (bytes(value) if value else None), _closer_peers(host, answer)
 
 
-async def providers_from_peer(dht: KadDHT, peer: ID, key: bytes
+async def providers_from_peer(host: IHost, peer: ID, key: bytes
                               ) -> tuple[list[PeerInfo], list[ID]]:
-    """One GET_PROVIDERS: the providers ``peer`` knows for ``key``, and the closer peers."""
-    providers, closer = await dht.provider_store._get_providers_from_peer_with_closers(peer, key)
-    return list(providers), list(closer)
+    """One GET_PROVIDERS: the providers ``peer`` knows for ``key``, and the closer peers.
+    A provider entry whose signed peer record does not verify is skipped, as py-libp2p
+    does."""
+    request = Message(type=Message.MessageType.GET_PROVIDERS, key=key)
+    answer = await kad_request(host, peer, request)
+    providers: list[PeerInfo] = []
+    for entry in answer.providerPeers:
+        try:
+            if not maybe_consume_signed_record(entry, host):
+                continue
+            addrs = []
+            for a in entry.addrs:
+                with contextlib.suppress(Exception):
+                    addrs.append(Multiaddr(a))
+            providers.append(PeerInfo(ID(entry.id), addrs))
+        except Exception:  # a malformed entry: skipped, the others still count
+            continue
+    return providers, _closer_peers(host, answer)
