@@ -456,6 +456,12 @@ class ChunkFetcher:
         client: SmipClient | None = None
         outstanding: deque[tuple[_Shard, int | None, Request]] = deque()
         try:
+            if not self.finished and not self._useless(provider):
+                # Opened at once, not with the first request: the other providers' workers
+                # wait for the leaf layer (a round trip) anyway, and their streams' opening
+                # (another) overlaps it.
+                client = self._streams.pop(provider.peer, None) or await SmipClient(
+                    self.models.net, provider.peer, self.models.tunables).open()
             while True:
                 while len(outstanding) < PIPELINE_DEPTH and not self.finished \
                         and not self._useless(provider):
