@@ -8,7 +8,8 @@ outstanding; a free slot takes the lowest-numbered waiting chunk of a shard its 
 serves. Once no chunk waits, a provider with a free slot asks for a chunk that another
 provider has outstanding and nobody else does, the newest asked first (the end game: the
 last chunks queued behind a slow provider's others come from a faster one too); the first
-copy to arrive is kept, the other dropped unread once the fetch is done. Every chunk is
+copy to arrive is kept: a second is not stored, or not read once the fetch is done (its
+stream is reset). Every chunk is
 verified against its leaf before it is written (node/smip/store.py); a provider that
 sends bad bytes or stalls is dropped for the rest of the fetch and its chunk goes back to
 the queue. A fetch that stops (killed, cancelled) resumes from the chunks already
