@@ -54,14 +54,15 @@ tests/test_p2p_guards.py.
   small, its peers see their window close and send less, and it reads still less. On the
   namespace testnet (a 50 Mbit/s, 50 ms RTT link, bulk TCP) a reader that drained its
   socket every 100 ms got 23.8-25.4 Mbit/s with the kernel's sizing, 43.4-44.6 Mbit/s
-  with 4 MiB asked for (9.0 against 43.5 with 200 ms pauses); SMIP fetchers on that
-  machine waited for a CPU 60-80% of the time. Here every trio TCP socket asks for
-  ``net.core.rmem_max`` bytes, at most ``RECV_BUFFER_MAX`` (the kernel doubles it for
-  its bookkeeping), where that is at least ``RECV_BUFFER``: a smaller fixed buffer would
-  do worse than the kernel's sizing on a fast link, so below it the kernel's sizing
-  stays. The buffer holds unread bytes only (kernel memory, bounded by
-  ``net.ipv4.tcp_mem``); with it a connection's window stops growing at about half of
-  it (the doubled size): 4 MiB at a 4 MiB rmem_max, about 335 Mbit/s at 100 ms RTT.
+  with 4 MiB asked for (9.0 against 43.5 with 200 ms pauses); a SMIP fetcher on that
+  loaded machine waited for a CPU 25-94% of the time (median 66%). Here every trio
+  TCP socket asks for ``net.core.rmem_max`` bytes, at most ``RECV_BUFFER_MAX`` (the
+  kernel doubles it for its bookkeeping), where that is at least ``RECV_BUFFER``: a
+  smaller fixed buffer would do worse than the kernel's sizing on a fast link, so below
+  it the kernel's sizing stays. The buffer holds unread bytes only (kernel memory,
+  bounded by ``net.ipv4.tcp_mem``); with it a connection's window stops growing at about
+  half of it (the doubled size): 4 MiB at a 4 MiB rmem_max, about 335 Mbit/s at 100 ms
+  RTT.
 """
 
 from __future__ import annotations

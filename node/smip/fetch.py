@@ -9,11 +9,10 @@ serves. Once no chunk waits, a provider with a free slot asks for a chunk that a
 provider has outstanding and nobody else does, the newest asked first (the end game: the
 last chunks queued behind a slow provider's others come from a faster one too); the first
 copy to arrive is kept: a second is not stored, or not read once the fetch is done (its
-stream is reset). Every chunk is
-verified against its leaf before it is written (node/smip/store.py); a provider that
-sends bad bytes or stalls is dropped for the rest of the fetch and its chunk goes back to
-the queue. A fetch that stops (killed, cancelled) resumes from the chunks already
-verified on disk.
+stream is reset). Every chunk is verified against its leaf before it is written
+(node/smip/store.py); a provider that sends bad bytes or stalls is dropped for the rest
+of the fetch and its chunk goes back to the queue. A fetch that stops (killed,
+cancelled) resumes from the chunks already verified on disk.
 """
 
 from __future__ import annotations
