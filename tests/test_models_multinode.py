@@ -337,3 +337,43 @@ def test_one_provider_fetch_opens_one_stream(tmp_path: Path,
             assert opened[0].stream is None  # closed once the fetch ended
 
     run(scenario)
+
+
+def test_end_game_takes_a_slow_providers_chunks(tmp_path: Path) -> None:
+    """Once no chunk waits, a provider with a free slot asks for chunks another provider
+    has outstanding: a fetch from a fast and a very slow provider does not wait for the
+    slow one's queue (each of its chunk answers takes ``slow_s``, under the response
+    deadline; before the end game the chunks queued behind it made the fetch take at
+    least that, up to PIPELINE_DEPTH times that), every byte arrives verified once, and
+    the slow provider's stream is reset once the fetch is done rather than read on."""
+    slow_s = 5.0
+    clock = FakeClock()
+    model = write_model(tmp_path / "model", shards=3, mib_per_shard=4.0)
+
+    async def scenario() -> None:
+        async with cluster(tmp_path, 3, clock) as (fast, slow, b):
+            version = await fast.models.publish(model, kind="model", name="two")  # type: ignore[union-attr]
+            await wait_known(slow, version)
+            await slow.models.fetch(version)  # type: ignore[union-attr]
+            answer = slow.models._answer  # type: ignore[union-attr]
+            slow_answers: list[Request] = []
+
+            async def slow_answer(request: Request) -> tuple[ResponseHeader, bytes]:
+                if isinstance(request, ChunkRequest):
+                    slow_answers.append(request)
+                    await trio.sleep(slow_s)
+                return await answer(request)  # type: ignore[no-any-return]
+
+            slow.models._answer = slow_answer  # type: ignore[union-attr,method-assign]
+            await wait_known(b, version, providers=2)
+            start = trio.current_time()
+            await b.models.fetch(version, out_dir=tmp_path / "out")  # type: ignore[union-attr]
+            took = trio.current_time() - start
+            print(f"end game: fetched in {took:.2f} s, {len(slow_answers)} slow answers begun")
+            assert digest_tree(tmp_path / "out") == digest_tree(model)
+            assert slow_answers  # the slow provider was asked (its queue was taken over)
+            assert took < slow_s / 2
+            assert fetched(b) == sum(p.stat().st_size for p in model.glob("*.safetensors")) \
+                + (model / "config.json").stat().st_size
+
+    run(scenario, timeout=3 * slow_s)

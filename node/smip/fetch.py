@@ -5,10 +5,14 @@ DHT), take the manifest from the first provider whose answer verifies, then fetc
 layer and the chunks of every missing shard from all providers at once. Each provider gets
 ``STREAMS_PER_PROVIDER`` workers, one stream each, with up to ``PIPELINE_DEPTH`` requests
 outstanding; a free slot takes the lowest-numbered waiting chunk of a shard its provider
-serves. Every chunk is verified against its leaf
-before it is written (node/smip/store.py); a provider that sends bad bytes or stalls is
-dropped for the rest of the fetch and its chunk goes back to the queue. A fetch that stops
-(killed, cancelled) resumes from the chunks already verified on disk.
+serves. Once no chunk waits, a provider with a free slot asks for a chunk that another
+provider has outstanding and nobody else does, the newest asked first (the end game: the
+last chunks queued behind a slow provider's others come from a faster one too); the first
+copy to arrive is kept: a second is not stored, or not read once the fetch is done (its
+stream is reset). Every chunk is verified against its leaf before it is written
+(node/smip/store.py); a provider that sends bad bytes or stalls is dropped for the rest
+of the fetch and its chunk goes back to the queue. A fetch that stops (killed,
+cancelled) resumes from the chunks already verified on disk.
 """
 
 from __future__ import annotations
@@ -135,7 +139,8 @@ class SmipClient:
         try:
             await write_frame(self.stream, encode_request(request), RESPONSE_TIMEOUT_S)
         except BaseException:
-            await self.close(failed=True)
+            with trio.CancelScope(shield=True):  # cancelled too: reset, not left open
+                await self.close(failed=True)
             raise
 
     async def receive(self, request: Request,
@@ -156,7 +161,8 @@ class SmipClient:
                                                        f"header said {n}")
             return header, payload
         except BaseException:
-            await self.close(failed=True)
+            with trio.CancelScope(shield=True):  # cancelled too: reset, not left open
+                await self.close(failed=True)
             raise
 
     async def list(self, request: ListRequest, provider: str, now_ms: int) -> ListPage:
@@ -297,6 +303,9 @@ class _Shard:
     providers: set[PeerId]
     partial: PartialShard | None = None
     waiting: deque[int] = field(default_factory=deque)
+    # Chunks asked for and not yet arrived: who has each outstanding, oldest asked first.
+    asked: dict[int, set[PeerId]] = field(default_factory=dict)
+    arrived: set[int] = field(default_factory=set)  # answered (stored or being stored)
     refused: set[PeerId] = field(default_factory=set)  # answered not-found / too-large / internal
     leaves_busy: bool = False
     done: bool = False
@@ -320,6 +329,7 @@ class ChunkFetcher:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._lookups: list[trio.CancelScope] = []  # cancelled once every shard is done
+        self._workers: list[trio.CancelScope] = []  # cancelled too: duplicates not read
         self._writes = trio.Semaphore(models.tunables.writes_in_flight)
 
     def _notify(self) -> None:
@@ -395,6 +405,19 @@ class ChunkFetcher:
                 continue
             if shard.waiting:
                 return shard, shard.waiting.popleft()
+        return self._duplicate(provider)
+
+    def _duplicate(self, provider: _Provider) -> tuple[_Shard, int] | None:
+        """The end game: a chunk outstanding at one other provider only, the newest asked
+        first (the likeliest to be queued behind that provider's others)."""
+        for shard in self.shards:
+            if shard.done or shard.partial is None or provider.peer not in shard.providers \
+                    or provider.peer in shard.refused:
+                continue
+            for index in reversed(shard.asked):
+                askers = shard.asked[index]
+                if len(askers) == 1 and provider.peer not in askers:
+                    return shard, index
         return None
 
     def _has_provider(self, shard: _Shard) -> bool:
@@ -422,9 +445,23 @@ class ChunkFetcher:
         transfer and each chunk arrives in a few large reads (one request at a time
         measured 0.46x of a raw stream, the muxer's per-frame work doubling the CPU
         per byte)."""
+        scope = trio.CancelScope()
+        self._workers.append(scope)
+        if self.finished:
+            scope.cancel()
+        with scope:
+            await self._work(provider)
+
+    async def _work(self, provider: _Provider) -> None:
         client: SmipClient | None = None
         outstanding: deque[tuple[_Shard, int | None, Request]] = deque()
         try:
+            if not self.finished and not self._useless(provider):
+                # Opened at once, not with the first request: the other providers' workers
+                # wait for the leaf layer (a round trip) anyway, and their streams' opening
+                # (another) overlaps it.
+                client = self._streams.pop(provider.peer, None) or await SmipClient(
+                    self.models.net, provider.peer, self.models.tunables).open()
             while True:
                 while len(outstanding) < PIPELINE_DEPTH and not self.finished \
                         and not self._useless(provider):
@@ -435,6 +472,8 @@ class ChunkFetcher:
                     request: Request = LeavesRequest(shard.entry.root) if index is None \
                         else ChunkRequest(shard.entry.root, index)
                     outstanding.append((shard, index, request))
+                    if index is not None:
+                        shard.asked.setdefault(index, set()).add(provider.peer)
                     if client is None:
                         client = self._streams.pop(provider.peer, None)
                     if client is None:
@@ -455,6 +494,12 @@ class ChunkFetcher:
                     outstanding.popleft()
                     self._refused(provider, shard, index, header)  # puts it back itself
                     continue
+                if index is not None:
+                    self._unask(shard, index, provider.peer)
+                    if index in shard.arrived:  # the other copy came first
+                        outstanding.popleft()
+                        continue
+                    shard.arrived.add(index)
                 # Stored by a task of its own, so that the next answer is read (and the
                 # next request sent) meanwhile; at most ``writes_in_flight`` answers wait so.
                 await self._writes.acquire()
@@ -471,12 +516,13 @@ class ChunkFetcher:
             else:
                 self._drop(provider, f"failed: {exc!r}")
             for shard, index, _ in reversed(outstanding):
-                self._put_back(shard, index)
+                self._put_back(shard, index, provider.peer)
             if client is not None:
                 await client.close(failed=True)
         finally:
-            if client is not None:
-                await client.close()
+            if client is not None:  # cancelled at the end: duplicates still outstanding
+                with trio.CancelScope(shield=True):
+                    await client.close(failed=bool(outstanding))
             self._notify()
 
     async def _store(self, provider: _Provider, shard: _Shard, index: int | None,
@@ -493,16 +539,31 @@ class ChunkFetcher:
         except Exception as exc:  # bad leaves or a bad chunk, a failed write
             self._drop(provider, str(exc) if isinstance(exc, RemoteProtocolError)
                        else f"failed: {exc!r}")
+            if index is not None:
+                shard.arrived.discard(index)  # bad, or not written: needed again
             self._put_back(shard, index)
         finally:
             self._writes.release()
 
-    def _put_back(self, shard: _Shard, index: int | None) -> None:
+    def _put_back(self, shard: _Shard, index: int | None, peer: PeerId | None = None) -> None:
+        """A request that ``peer`` will not answer (or an answer that failed): back to the
+        queue, unless the chunk arrived or another provider has it outstanding."""
         if index is None:
             shard.leaves_busy = False
         else:
-            shard.waiting.appendleft(index)
+            if peer is not None:
+                self._unask(shard, index, peer)
+            if index not in shard.arrived and index not in shard.asked:
+                shard.waiting.appendleft(index)
         self._notify()
+
+    @staticmethod
+    def _unask(shard: _Shard, index: int, peer: PeerId) -> None:
+        askers = shard.asked.get(index)
+        if askers is not None:
+            askers.discard(peer)
+            if not askers:
+                del shard.asked[index]
 
     def _refused(self, provider: _Provider, shard: _Shard, index: int | None,
                  header: ResponseHeader) -> None:
@@ -510,7 +571,7 @@ class ChunkFetcher:
             provider.busy_until = trio.current_time() + BUSY_BACKOFF_S
         else:
             shard.refused.add(provider.peer)
-        self._put_back(shard, index)
+        self._put_back(shard, index, provider.peer)
 
     async def _got_leaves(self, shard: _Shard, payload: bytes) -> None:
         entry = shard.entry
@@ -541,7 +602,7 @@ class ChunkFetcher:
         await shard.partial.finish()
         shard.done = True
         if self.finished:
-            for scope in self._lookups:
+            for scope in [*self._lookups, *self._workers]:
                 scope.cancel()
         self.progress.detail = (f"{sum(s.done for s in self.shards)}/{len(self.shards)} shards, "
                                 f"{sum(not p.dropped for p in self.providers.values())} providers")
