@@ -491,14 +491,58 @@ def test_annealing_stops_at_the_low_end_of_the_lr_range() -> None:
     assert kinds == ["fresh"] + ["continue"] * 3 + ["exploit"] + ["continue"] * 3
 
 
-def test_the_annealing_cap_holds_along_a_path_memory_continues() -> None:
+def test_memory_goes_on_with_the_next_annealing_step_and_the_cap_is_per_search() -> None:
     g = priced_goal("tasks = 8", parallel=1, population=1)
+    # A path memory knows was annealing (here as often as one search may): going on from
+    # it takes the next step at once, and this search may anneal it MAX_ANNEALS times
+    # in all, that first step included.
     start = Start(BASE, BASE_LOSS, params={"lr": 2e-3, "outer_lr": 0.7},
                   anneals=MAX_ANNEALS)
-    lrs, kinds, annealing = run_alone(
-        Search(g, OptunaAdvisor(g, "cap", seed=0), random.Random(0), [start]))
-    assert annealing == [] and lrs == [2e-3] * 8
-    assert kinds == ["fresh"] + ["continue"] * 7
+    search = Search(g, OptunaAdvisor(g, "cap", seed=0), random.Random(0), [start])
+    lrs, kinds, annealing = run_alone(search)
+    assert annealing == [4, 5] and LATE * 8 == 4
+    assert lrs == pytest.approx([2e-3 * ANNEAL] * 4 + [2e-3 * ANNEAL ** 2]
+                                + [2e-3 * ANNEAL ** 3] * 3)
+    assert kinds == ["fresh"] + ["continue"] * 3 + ["exploit"] * 2 + ["continue"] * 2
+    last = max(search.branches.values(), key=lambda b: b.id)
+    assert (last.anneals, last.carried) == (2 * MAX_ANNEALS, MAX_ANNEALS)
+    # A path that never annealed goes on with the very setting that made it.
+    plain = Start(BASE, BASE_LOSS, params={"lr": 2e-3, "outer_lr": 0.7})
+    lrs, _, annealing = run_alone(
+        Search(g, OptunaAdvisor(g, "plain", seed=0), random.Random(0), [plain]))
+    assert lrs[:4] == [2e-3] * 4 and annealing == [4, 5, 6]
+
+
+def test_a_rung_that_makes_no_gain_tries_its_start_again_with_the_lr_annealed() -> None:
+    g = priced_goal("tasks = 8", parallel=1, population=2)
+    low = g.dim("lr").low
+    known = {"lr": low / ANNEAL ** 1.5, "outer_lr": 0.7}
+    start = Start("ee" * 32, 3.0, depth=4, params=known)
+    search = Search(g, OptunaAdvisor(g, "plateau", seed=0), random.Random(0),
+                    [start, Start(BASE, BASE_LOSS)])
+    outcomes = iter([3.05, 3.02, 2.9, 3.1, 3.2])  # worse, worse, better, worse, worse
+    seen: list[tuple[str, str, float, int | None]] = []
+    records = []
+    while len(seen) < 5 and (planned := search.plan(1)):
+        (b,) = planned
+        search.started(b.id, f"job{b.id}")
+        seen.append((b.kind, b.start, b.params["lr"], b.parent))
+        records.append(search.finished(b.id, [f"{b.id:064x}"], [next(outcomes)],
+                                       [b.start], 1, 1.0))
+    # The first rung from the best known version made no gain: the lr is too high for
+    # this stage, so the same start goes on one annealing step down; again, down to the
+    # range's low end; there the start has no lower lr to try, so the search moves on
+    # (its second fresh branch, from the other start point).
+    assert records[0]["decision"] == "stop" and "a plateau: branch 2" in records[0]["why"]
+    assert seen[0] == ("fresh", start.version, known["lr"], None)
+    assert seen[1] == ("exploit", start.version, pytest.approx(known["lr"] * ANNEAL), None)
+    assert seen[2] == ("exploit", start.version, low, None)
+    assert records[2]["decision"] == "continue"
+    assert seen[3][:2] == ("continue", f"{3:064x}") and seen[3][2] == low
+    assert records[3]["decision"] == "stop" and "plateau" not in records[3]["why"]
+    assert seen[4][:2] == ("fresh", BASE)
+    assert [search.branches[i].anneals for i in (1, 2, 3, 4)] == [0, 1, 2, 2]
+    assert search.best is not None and search.best[0] == 2.9
 
 
 @pytest.mark.timeout(60)
