@@ -32,7 +32,7 @@ checks are missing.
 
     .venv/bin/python bench/agent.py                          # 3 seeds, budget 24 tasks
     .venv/bin/python bench/agent.py --sim --seeds 1 --budget 12   # quick look
-    # the run in bench/RESULTS.md (2026-12-08), about 45 minutes on a loaded 2-core VM:
+    # the runs in bench/RESULTS.md (2026-12-08), 25-45 minutes on a loaded 2-core VM:
     .venv/bin/python bench/agent.py --seeds 3 --budget 8 --random-rounds 2 \
         --rounds-per-rung 1 --population 2 --parallel 1 --equal-compute
 """
