@@ -61,7 +61,7 @@ NARROW_MIN = 4  # results at a rung before its best settings narrow the explore 
 # Fields that size one task's work without changing how many tasks a round takes: under a
 # task budget they are free in its unit (specs/agent.md, "Pricing the space").
 WORK_FIELDS = ("inner_steps", "batch_size")
-LATE = 0.5  # budget fraction spent after which a kept branch anneals as it goes on
+LATE = 0.25  # budget fraction spent after which a kept branch anneals as it goes on
 ANNEAL = PERTURB[0]  # its lr factor
 MAX_ANNEALS = 3  # annealing steps along one path (lr down to ANNEAL ** 3 = 0.51x)
 
