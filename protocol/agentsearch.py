@@ -30,7 +30,7 @@ the budget's unit, so it is fixed at its most-work end; ``workers_per_round`` at
 outer steps that make progress, and the wall time is won back by branches side by side).
 Under a worker-seconds budget those fields cost and are searched. The first fresh branch
 runs the incumbent (the job's default setting, or the setting that made memory's best,
-its lr one annealing step further when that path was annealing), and once half the budget
+its lr one annealing step further when that path was annealing), and once a quarter of the budget
 is spent a kept branch goes on with its lr x0.8 (annealing, as PBT's explore late in a run).
 
 A lost branch is planned again once, then dropped; it never blocks the others. After each

@@ -433,11 +433,14 @@ def test_late_in_the_budget_a_kept_branch_goes_on_with_its_lr_annealed() -> None
         if "annealing" in record["why"]:
             annealing.append(search.spent_tasks)
     assert search.finished_reason == "budget spent" and search.spent_tasks == 8
-    # One trajectory: the defaults, then once half the budget is spent, x0.8 a rung up
+    # One trajectory: the defaults, then once LATE of the budget is spent, x0.8 a rung up
     # to MAX_ANNEALS times, each a new trial of the advisor (the pruner compares settings).
-    assert annealing == [4, 5, 6] and LATE * 8 == 4 and MAX_ANNEALS == 3
-    assert lrs == pytest.approx([3e-3] * 4 + [3e-3 * ANNEAL ** i for i in (1, 2, 3, 3)])
-    assert kinds == ["fresh"] + ["continue"] * 3 + ["exploit"] * 3 + ["continue"]
+    k = int(LATE * 8)
+    assert annealing == [k, k + 1, k + 2] and MAX_ANNEALS == 3
+    assert lrs == pytest.approx([3e-3] * k + [3e-3 * ANNEAL ** i for i in (1, 2, 3)]
+                                + [3e-3 * ANNEAL ** 3] * (8 - k - 3))
+    assert kinds == ["fresh"] + ["continue"] * (k - 1) + ["exploit"] * 3 + \
+        ["continue"] * (8 - k - 3)
     assert [n.depth for n in search.optimal_path()] == list(range(9))
 
 
@@ -486,9 +489,10 @@ def test_annealing_stops_at_the_low_end_of_the_lr_range() -> None:
         Search(g, OptunaAdvisor(g, "floor", seed=0), random.Random(0), [start]))
     # Once late: x0.8 would go below the range, so it takes exactly the low end; then
     # nothing is left to anneal and the branch goes on plain.
-    assert annealing == [4]
-    assert lrs == [low * 1.1] * 4 + [low] * 4
-    assert kinds == ["fresh"] + ["continue"] * 3 + ["exploit"] + ["continue"] * 3
+    k = int(LATE * 8)
+    assert annealing == [k]
+    assert lrs == [low * 1.1] * k + [low] * (8 - k)
+    assert kinds == ["fresh"] + ["continue"] * (k - 1) + ["exploit"] + ["continue"] * (7 - k)
 
 
 def test_memory_goes_on_with_the_next_annealing_step_and_the_cap_is_per_search() -> None:
@@ -500,17 +504,19 @@ def test_memory_goes_on_with_the_next_annealing_step_and_the_cap_is_per_search()
                   anneals=MAX_ANNEALS)
     search = Search(g, OptunaAdvisor(g, "cap", seed=0), random.Random(0), [start])
     lrs, kinds, annealing = run_alone(search)
-    assert annealing == [4, 5] and LATE * 8 == 4
-    assert lrs == pytest.approx([2e-3 * ANNEAL] * 4 + [2e-3 * ANNEAL ** 2]
-                                + [2e-3 * ANNEAL ** 3] * 3)
-    assert kinds == ["fresh"] + ["continue"] * 3 + ["exploit"] * 2 + ["continue"] * 2
+    k = int(LATE * 8)
+    assert annealing == [k, k + 1]
+    assert lrs == pytest.approx([2e-3 * ANNEAL] * k + [2e-3 * ANNEAL ** 2]
+                                + [2e-3 * ANNEAL ** 3] * (7 - k))
+    assert kinds == ["fresh"] + ["continue"] * (k - 1) + ["exploit"] * 2 + \
+        ["continue"] * (6 - k)
     last = max(search.branches.values(), key=lambda b: b.id)
     assert (last.anneals, last.carried) == (2 * MAX_ANNEALS, MAX_ANNEALS)
     # A path that never annealed goes on with the very setting that made it.
     plain = Start(BASE, BASE_LOSS, params={"lr": 2e-3, "outer_lr": 0.7})
     lrs, _, annealing = run_alone(
         Search(g, OptunaAdvisor(g, "plain", seed=0), random.Random(0), [plain]))
-    assert lrs[:4] == [2e-3] * 4 and annealing == [4, 5, 6]
+    assert lrs[:k] == [2e-3] * k and annealing == [k, k + 1, k + 2]
 
 
 def test_a_rung_that_makes_no_gain_tries_its_start_again_with_the_lr_annealed() -> None:
