@@ -32,7 +32,7 @@ checks are missing.
 
     .venv/bin/python bench/agent.py                          # 3 seeds, budget 24 tasks
     .venv/bin/python bench/agent.py --sim --seeds 1 --budget 12   # quick look
-    # the run in bench/RESULTS.md (2026-12-08), about 45 minutes on a loaded 2-core VM:
+    # the runs in bench/RESULTS.md (2026-12-08), 25-45 minutes on a loaded 2-core VM:
     .venv/bin/python bench/agent.py --seeds 3 --budget 8 --random-rounds 2 \
         --rounds-per-rung 1 --population 2 --parallel 1 --equal-compute
 """
@@ -422,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sim", action="store_true",
                     help="jobs in this process (see the docstring) instead of a testnet")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds FIRST.. (e.g. 3 for seeds the constants were not tuned on)")
     ap.add_argument("--budget", type=int, default=24, help="micro-tasks per method")
     ap.add_argument("--random-rounds", type=int, default=3)
     ap.add_argument("--rounds-per-rung", type=int, default=2,
@@ -448,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         data_id = hashlib.sha256(data_path.read_bytes()).hexdigest()
         results = []
         t0 = time.perf_counter()
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             rest = (args.budget, args.random_rounds, args.rounds_per_rung, args.population,
                     args.parallel, args.equal_compute)
             if args.sim:

@@ -16,6 +16,8 @@ Decisions combine asynchronous successive halving with population-based training
 * *continue*: a branch the advisor's successive-halving pruner keeps at its rung goes on
   from its own last version, same setting, one rung further (the same trial);
 * *stop*: a branch below the rung's top 1/eta (or that did not beat its start) stops;
+  one that did not beat its start (a plateau) has its start tried again, with the lr one
+  annealing step down, before anything else;
 * *exploit/explore*: a free slot after the population is out continues from one of the
   best versions so far (the top quarter, drawn with the injected rng) with its setting
   perturbed (x0.8 or x1.25, a neighbouring choice, or resampled one time in four), as a
@@ -27,7 +29,8 @@ the budget's unit, so it is fixed at its most-work end; ``workers_per_round`` at
 (every task of a round starts from the same version: fewer per round buys more rounds, the
 outer steps that make progress, and the wall time is won back by branches side by side).
 Under a worker-seconds budget those fields cost and are searched. The first fresh branch
-runs the incumbent (the job's default setting, or memory's best), and once half the budget
+runs the incumbent (the job's default setting, or the setting that made memory's best,
+its lr one annealing step further when that path was annealing), and once a quarter of the budget
 is spent a kept branch goes on with its lr x0.8 (annealing, as PBT's explore late in a run).
 
 A lost branch is planned again once, then dropped; it never blocks the others. After each
@@ -58,7 +61,7 @@ NARROW_MIN = 4  # results at a rung before its best settings narrow the explore 
 # Fields that size one task's work without changing how many tasks a round takes: under a
 # task budget they are free in its unit (specs/agent.md, "Pricing the space").
 WORK_FIELDS = ("inner_steps", "batch_size")
-LATE = 0.5  # budget fraction spent after which a kept branch anneals as it goes on
+LATE = 0.25  # budget fraction spent after which a kept branch anneals as it goes on
 ANNEAL = PERTURB[0]  # its lr factor
 MAX_ANNEALS = 3  # annealing steps along one path (lr down to ANNEAL ** 3 = 0.51x)
 
@@ -109,6 +112,7 @@ class Branch:
     rounds: int
     parent: int | None = None  # the branch whose version it starts from
     anneals: int = 0  # lr annealing steps behind its setting (see Search._annealed)
+    carried: int = 0  # of those, the steps taken before this search (memory's)
     status: str = "planned"  # planned | running | done | stopped | failed
     job: str | None = None
     tries: int = 0
@@ -252,12 +256,21 @@ class Search:
                 prior = self.proposals[self.fresh]
             elif self.fresh == 0 and not self.proposals:
                 prior = start.params or self.goal.incumbent()
+            anneals = carried = 0
+            known = start.params
+            if known is not None and prior is known:
+                # Going on from what memory learnt: the path's annealing goes on too. A
+                # path that was annealing takes its next step (the lr that made the start
+                # version is one its later training had already outgrown).
+                anneals = carried = start.anneals
+                stepped = self._lr_step(self._complete(known)) if anneals else None
+                if stepped is not None:
+                    prior, anneals = stepped, anneals + 1
             trial, params = self.advisor.new_trial(self._complete(prior) if prior else None)
             self.fresh += 1
             b = self._branch("fresh", trial, start.version, start.loss, start.depth,
                              params, None)
-            if prior is not None and prior is start.params:
-                b.anneals = start.anneals  # its path's annealing so far (MAX_ANNEALS)
+            b.anneals, b.carried = anneals, carried
             return b
         parent = self._pick_parent()
         params = self._explore(parent.params)
@@ -273,9 +286,11 @@ class Search:
     def _branch(self, kind: str, trial: int, start: str, start_loss: float | None,
                 depth: int, params: dict[str, Any], parent: int | None) -> Branch:
         self._next_id += 1
+        of = self.branches[parent] if parent is not None else None
         return Branch(self._next_id, trial, kind, start, start_loss, depth, dict(params),
                       self.goal.rounds_per_rung, parent,
-                      anneals=self.branches[parent].anneals if parent is not None else 0)
+                      anneals=of.anneals if of is not None else 0,
+                      carried=of.carried if of is not None else 0)
 
     def _complete(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """``params`` kept where they lie in the space, the rest from its middle."""
@@ -377,7 +392,20 @@ class Search:
             b.status, b.note = "stopped", (f"no gain: {loss:.4f} >= its start's "
                                            f"{b.start_loss:.4f}")
             self.advisor.close(b.trial, "complete", loss)
-            return self._reflect(b, "stop", b.note, rung)
+            why = b.note
+            # A plateau: the lr is too high for this stage of training. Its start version
+            # is tried again with the lr one annealing step down (down to the range's
+            # low end), before anything else is planned.
+            stepped = self._lr_step(b.params)
+            if stepped is not None:
+                trial, params = self.advisor.new_trial(stepped)
+                retry = self._branch("exploit", trial, b.start, b.start_loss, b.depth,
+                                     params, b.parent)
+                retry.anneals, retry.carried = b.anneals + 1, b.carried
+                self.queue.append(retry)
+                why += (f"; a plateau: branch {retry.id} goes on from its start with lr "
+                        f"x{ANNEAL:g} (annealing)")
+            return self._reflect(b, "stop", why, rung)
         b.status = "done"
         annealed = self._annealed(b)
         if annealed is None:
@@ -410,15 +438,21 @@ class Search:
         return max(parts)
 
     def _annealed(self, b: Branch) -> dict[str, Any] | None:
-        """Late in the budget, a kept branch's setting with its lr annealed (x ANNEAL,
-        not below the goal's range); None when it goes on unchanged: early, lr not a
-        searched range, at the range's low end, or annealed MAX_ANNEALS times."""
-        d = next((d for d in self.goal.searched if d.name == "lr"), None)
-        if d is None or d.kind != "range" or self.progress() < LATE or \
-                b.anneals >= MAX_ANNEALS:
+        """Late in the budget, a kept branch's setting with its lr annealed (see
+        ``_lr_step``); None when it goes on unchanged: early, nothing to anneal, or this
+        search annealed its path MAX_ANNEALS times already."""
+        if self.progress() < LATE or b.anneals - b.carried >= MAX_ANNEALS:
             return None
-        lr = max(d.low, float(b.params["lr"]) * ANNEAL)
-        return None if lr >= float(b.params["lr"]) else {**b.params, "lr": lr}
+        return self._lr_step(b.params)
+
+    def _lr_step(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """``params`` with the lr one annealing step down (x ANNEAL, not below the goal's
+        range); None when lr is not a searched range or is at its low end."""
+        d = next((d for d in self.goal.searched if d.name == "lr"), None)
+        if d is None or d.kind != "range" or "lr" not in params:
+            return None
+        lr = max(d.low, float(params["lr"]) * ANNEAL)
+        return None if lr >= float(params["lr"]) else {**params, "lr": lr}
 
     def lost(self, branch: int, reason: str, tasks: int = 0, worker_s: float = 0.0
              ) -> dict[str, Any]:

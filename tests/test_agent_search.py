@@ -433,11 +433,14 @@ def test_late_in_the_budget_a_kept_branch_goes_on_with_its_lr_annealed() -> None
         if "annealing" in record["why"]:
             annealing.append(search.spent_tasks)
     assert search.finished_reason == "budget spent" and search.spent_tasks == 8
-    # One trajectory: the defaults, then once half the budget is spent, x0.8 a rung up
+    # One trajectory: the defaults, then once LATE of the budget is spent, x0.8 a rung up
     # to MAX_ANNEALS times, each a new trial of the advisor (the pruner compares settings).
-    assert annealing == [4, 5, 6] and LATE * 8 == 4 and MAX_ANNEALS == 3
-    assert lrs == pytest.approx([3e-3] * 4 + [3e-3 * ANNEAL ** i for i in (1, 2, 3, 3)])
-    assert kinds == ["fresh"] + ["continue"] * 3 + ["exploit"] * 3 + ["continue"]
+    k = int(LATE * 8)
+    assert annealing == [k, k + 1, k + 2] and MAX_ANNEALS == 3
+    assert lrs == pytest.approx([3e-3] * k + [3e-3 * ANNEAL ** i for i in (1, 2, 3)]
+                                + [3e-3 * ANNEAL ** 3] * (8 - k - 3))
+    assert kinds == ["fresh"] + ["continue"] * (k - 1) + ["exploit"] * 3 + \
+        ["continue"] * (8 - k - 3)
     assert [n.depth for n in search.optimal_path()] == list(range(9))
 
 
@@ -486,19 +489,66 @@ def test_annealing_stops_at_the_low_end_of_the_lr_range() -> None:
         Search(g, OptunaAdvisor(g, "floor", seed=0), random.Random(0), [start]))
     # Once late: x0.8 would go below the range, so it takes exactly the low end; then
     # nothing is left to anneal and the branch goes on plain.
-    assert annealing == [4]
-    assert lrs == [low * 1.1] * 4 + [low] * 4
-    assert kinds == ["fresh"] + ["continue"] * 3 + ["exploit"] + ["continue"] * 3
+    k = int(LATE * 8)
+    assert annealing == [k]
+    assert lrs == [low * 1.1] * k + [low] * (8 - k)
+    assert kinds == ["fresh"] + ["continue"] * (k - 1) + ["exploit"] + ["continue"] * (7 - k)
 
 
-def test_the_annealing_cap_holds_along_a_path_memory_continues() -> None:
+def test_memory_goes_on_with_the_next_annealing_step_and_the_cap_is_per_search() -> None:
     g = priced_goal("tasks = 8", parallel=1, population=1)
+    # A path memory knows was annealing (here as often as one search may): going on from
+    # it takes the next step at once, and this search may anneal it MAX_ANNEALS times
+    # in all, that first step included.
     start = Start(BASE, BASE_LOSS, params={"lr": 2e-3, "outer_lr": 0.7},
                   anneals=MAX_ANNEALS)
-    lrs, kinds, annealing = run_alone(
-        Search(g, OptunaAdvisor(g, "cap", seed=0), random.Random(0), [start]))
-    assert annealing == [] and lrs == [2e-3] * 8
-    assert kinds == ["fresh"] + ["continue"] * 7
+    search = Search(g, OptunaAdvisor(g, "cap", seed=0), random.Random(0), [start])
+    lrs, kinds, annealing = run_alone(search)
+    k = int(LATE * 8)
+    assert annealing == [k, k + 1]
+    assert lrs == pytest.approx([2e-3 * ANNEAL] * k + [2e-3 * ANNEAL ** 2]
+                                + [2e-3 * ANNEAL ** 3] * (7 - k))
+    assert kinds == ["fresh"] + ["continue"] * (k - 1) + ["exploit"] * 2 + \
+        ["continue"] * (6 - k)
+    last = max(search.branches.values(), key=lambda b: b.id)
+    assert (last.anneals, last.carried) == (2 * MAX_ANNEALS, MAX_ANNEALS)
+    # A path that never annealed goes on with the very setting that made it.
+    plain = Start(BASE, BASE_LOSS, params={"lr": 2e-3, "outer_lr": 0.7})
+    lrs, _, annealing = run_alone(
+        Search(g, OptunaAdvisor(g, "plain", seed=0), random.Random(0), [plain]))
+    assert lrs[:k] == [2e-3] * k and annealing == [k, k + 1, k + 2]
+
+
+def test_a_rung_that_makes_no_gain_tries_its_start_again_with_the_lr_annealed() -> None:
+    g = priced_goal("tasks = 8", parallel=1, population=2)
+    low = g.dim("lr").low
+    known = {"lr": low / ANNEAL ** 1.5, "outer_lr": 0.7}
+    start = Start("ee" * 32, 3.0, depth=4, params=known)
+    search = Search(g, OptunaAdvisor(g, "plateau", seed=0), random.Random(0),
+                    [start, Start(BASE, BASE_LOSS)])
+    outcomes = iter([3.05, 3.02, 2.9, 3.1, 3.2])  # worse, worse, better, worse, worse
+    seen: list[tuple[str, str, float, int | None]] = []
+    records = []
+    while len(seen) < 5 and (planned := search.plan(1)):
+        (b,) = planned
+        search.started(b.id, f"job{b.id}")
+        seen.append((b.kind, b.start, b.params["lr"], b.parent))
+        records.append(search.finished(b.id, [f"{b.id:064x}"], [next(outcomes)],
+                                       [b.start], 1, 1.0))
+    # The first rung from the best known version made no gain: the lr is too high for
+    # this stage, so the same start goes on one annealing step down; again, down to the
+    # range's low end; there the start has no lower lr to try, so the search moves on
+    # (its second fresh branch, from the other start point).
+    assert records[0]["decision"] == "stop" and "a plateau: branch 2" in records[0]["why"]
+    assert seen[0] == ("fresh", start.version, known["lr"], None)
+    assert seen[1] == ("exploit", start.version, pytest.approx(known["lr"] * ANNEAL), None)
+    assert seen[2] == ("exploit", start.version, low, None)
+    assert records[2]["decision"] == "continue"
+    assert seen[3][:2] == ("continue", f"{3:064x}") and seen[3][2] == low
+    assert records[3]["decision"] == "stop" and "plateau" not in records[3]["why"]
+    assert seen[4][:2] == ("fresh", BASE)
+    assert [search.branches[i].anneals for i in (1, 2, 3, 4)] == [0, 1, 2, 2]
+    assert search.best is not None and search.best[0] == 2.9
 
 
 @pytest.mark.timeout(60)
