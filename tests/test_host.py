@@ -203,6 +203,39 @@ def test_a_cancelled_dht_request_resets_its_stream() -> None:
     _run(scenario)
 
 
+def test_a_reset_cut_off_by_its_timeout_still_frees_the_stream_slot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancelled request whose reset frame cannot go out within RESET_TIMEOUT_S (queued
+    behind bulk data on a busy connection) still gives back the swarm's stream semaphore:
+    the cut reset never reached NetStream.remove(), and each one held a slot until the
+    connection closed."""
+    from node.p2p.host import KAD_PROTOCOL_ID
+
+    write_frame = AtomicYamux._write_frame
+
+    async def slow_reset(self: Any, data: bytes, *args: Any, **kwargs: Any) -> Any:
+        if len(data) == 12 and data[3] & 0x08:  # a yamux header with the RST flag
+            await trio.sleep(1)
+        return await write_frame(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(AtomicYamux, "_write_frame", slow_reset)
+
+    async def scenario() -> None:
+        async with _pair() as (a, b, info):
+            async def never(stream: Any) -> None:
+                await trio.sleep_forever()
+
+            b.host.set_stream_handler(KAD_PROTOCOL_ID, never)
+            semaphore = a.host.get_network()._stream_semaphore
+            before = semaphore.value
+            for _ in range(5):
+                with trio.move_on_after(0.3):
+                    await a.value_from_peer(info.peer_id, b"/iollm-cap/0123")
+            assert semaphore.value == before
+
+    _run(scenario)
+
+
 def test_the_dht_server_drops_a_stream_that_idles(monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that keeps its Kademlia stream open after an answer (go-libp2p reuses
     them; py-libp2p's cancelled requests forget them) gets it reset after

@@ -27,11 +27,12 @@ from typing import Generic, TypeVar
 
 import trio
 import varint
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.kad_dht.utils import maybe_consume_signed_record, xor_distance
+from libp2p.network.stream.net_stream import NetStream
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.protocol_muxer.multiselect_client import MULTISELECT_PROTOCOL_ID
@@ -54,7 +55,8 @@ KAD_PROTOCOL = TProtocol("/ipfs/kad/1.0.0")
 CLOSER_ADDR_TTL_S = 600  # peerstore lifetime of the addresses in closerPeers (py-libp2p's)
 # Resetting the stream of a failed or cancelled request: a walk that has its answers
 # waits for these resets, so they are kept short; a reset that does not make it leaves the
-# peer's handler waiting only until its idle timeout (node/p2p/host.py, _IdleBounded).
+# peer's handler waiting only until its idle timeout (node/p2p/host.py, _IdleBounded),
+# and our own stream slot is released without it (_reset_or_release).
 RESET_TIMEOUT_S = 0.25
 
 
@@ -240,11 +242,24 @@ async def kad_request(host: IHost, peer: ID, request: Message) -> Message:
             raise ValueError(f"a {answer.type} answer to a {request.type} request")
         await stream.close()
     except BaseException:
-        with trio.CancelScope(shield=True), trio.move_on_after(RESET_TIMEOUT_S), \
-                contextlib.suppress(Exception):
-            await stream.reset()
+        await _reset_or_release(stream)
         raise
     return answer
+
+
+async def _reset_or_release(stream: INetStream) -> None:
+    """Reset ``stream``, waiting at most RESET_TIMEOUT_S. A reset cut off there (its frame
+    queued behind bulk data on a busy connection) never reached NetStream.remove(), so the
+    swarm's stream semaphore and the resource manager's slot stayed held until the
+    connection closed: the bookkeeping part alone is done then. It touches no socket, and
+    the swarm releases those exactly once per stream."""
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(RESET_TIMEOUT_S) as cut, contextlib.suppress(Exception):
+            await stream.reset()
+        if cut.cancelled_caught and isinstance(stream, NetStream):
+            # The releases come before the notifees are told; those are bounded too.
+            with trio.move_on_after(RESET_TIMEOUT_S), contextlib.suppress(Exception):
+                await stream.remove()
 
 
 def _closer_peers(host: IHost, answer: Message) -> list[ID]:
