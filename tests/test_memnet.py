@@ -334,6 +334,31 @@ def test_peers_marked_unresponsive_are_asked_last_not_never() -> None:
     run(main)
 
 
+def test_a_frozen_marked_peer_does_not_hold_up_a_walk_that_others_answered() -> None:
+    """A walk without ``enough`` (find_providers, a record not on the DHT) asks a marked
+    peer last, but does not wait for it once the others have answered: a frozen peer
+    marked by an earlier walk cost every such walk its rpc_timeout (3.1 s, not 0.1 s)."""
+    async def main() -> None:
+        async with _star(8) as (_, nodes):
+            asker = nodes[0]
+            frozen = asker.closest_known(b"/v/x", 1)[0]
+            marked = Unresponsive()
+            marked.mark(frozen, trio.current_time())
+
+            async def get(peer: PeerId) -> tuple[bytes | None, list[PeerId]]:
+                if peer == frozen:
+                    await trio.sleep_forever()
+                await trio.sleep(0.05)
+                return None, []
+
+            start = trio.current_time()
+            result = await walk(asker, b"/v/x", get, rpc_timeout=3, timeout=10,
+                                unresponsive=marked)
+            assert trio.current_time() - start < 0.5
+            assert len(result.closest) == 6 and frozen not in result.closest
+    run(main)
+
+
 def test_a_walk_ends_grace_seconds_after_its_first_payload() -> None:
     """A record query waits for value_quorum copies, but at most its grace after the
     first: one copy at 0.05 s and the others at 2 s end the walk at 0.35 s with one."""

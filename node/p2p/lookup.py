@@ -111,7 +111,9 @@ async def walk(
     slow peer costs a walk ``hedge_after``, not ``rpc_timeout``. Peers marked unresponsive
     by earlier walks are asked only once no other candidate is left: under load every
     peer may miss a deadline now and then, and a walk that skipped them all found nothing
-    (seen on a 30-host testnet at load average 28)."""
+    (seen on a 30-host testnet at load average 28). Their requests keep the walk going
+    only while no unmarked peer has answered: their answers count if they come before the
+    other requests end, but a frozen marked peer does not cost a walk its rpc_timeout."""
     local = net.peer_id
     # The keyspace of go-libp2p and py-libp2p: SHA-256 of the key and of the peer id bytes.
     target = hashlib.sha256(key).digest()
@@ -147,11 +149,20 @@ async def walk(
     def next_peers() -> list[ID]:
         live = sorted((p for p in candidates if p not in failed), key=candidates.__getitem__)
         fresh = [p for p in live[:k] if p not in queried and p not in shunned]
-        if fresh or outstanding:
+        if fresh:
             return fresh
         return [p for p in live[:k] if p not in queried]  # no one else is left
 
-    outstanding = 0  # requests not yet ended
+    def waiting_for_anyone() -> bool:
+        """A marked peer's request keeps the walk going only while no other peer has
+        answered: a frozen peer marked by an earlier walk must not cost every walk without
+        ``enough`` its rpc_timeout."""
+        if pending - queried_marked:
+            return True
+        return bool(pending) and not responded - shunned
+
+    pending: set[ID] = set()  # the peers of the requests not yet ended
+    queried_marked: set[ID] = set()  # peers asked although marked unresponsive
     end_at = math.inf  # the first payload's time + grace
     fast: dict[ID, float] = {}  # requests that hold a slot of alpha: when each started
     # The nursery sits inside the deadline: on timeout the stragglers are cancelled and
@@ -160,19 +171,20 @@ async def walk(
         async with trio.open_nursery() as nursery:
 
             def launch() -> None:
-                nonlocal outstanding
                 for peer in next_peers()[: max(0, alpha - len(fast))]:
                     queried.add(peer)
-                    outstanding += 1
+                    if peer in shunned:
+                        queried_marked.add(peer)
+                    pending.add(peer)
                     fast[peer] = trio.current_time()
                     nursery.start_soon(ask, peer)
 
             launch()
-            while outstanding:
+            while waiting_for_anyone():
                 hedge_at = min(fast.values(), default=math.inf) + hedge_after
                 with trio.move_on_at(min(hedge_at, end_at)):
                     peer, ok, payload, closer = await receive.receive()
-                    outstanding -= 1
+                    pending.discard(peer)
                     fast.pop(peer, None)
                     if ok:
                         responded.add(peer)
@@ -199,6 +211,7 @@ async def walk(
                 for slow in [p for p, at in fast.items() if at + hedge_after <= now]:
                     del fast[slow]  # still running, no longer holding a slot
                 launch()
+            nursery.cancel_scope.cancel()  # marked peers still silent: not waited for
     closest = sorted(responded, key=candidates.__getitem__)[:k]
     log.debug("walk for %s: %.3f s, %d asked (%d shunned at the start), %d answered, "
               "%d failed, %d payloads", key.hex()[:16], trio.current_time() - began,
