@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from node.p2p import P2P, GossipMessage, PeerGone, PeerId, PeerInfo, RecordValidator
+from node.p2p import P2P, GossipMessage, PeerGone, PeerId, PeerInfo, RecordValidator, Unreachable
 from node.p2p.framing import FrameEnded, FrameReader, frame_prefix, read_frame, write_frame
 from node.p2p.host import NotServed
 from node.p2p.lookup import Unresponsive, walk
@@ -356,6 +356,35 @@ def test_a_frozen_marked_peer_does_not_hold_up_a_walk_that_others_answered() -> 
                                 unresponsive=marked)
             assert trio.current_time() - start < 0.5
             assert len(result.closest) == 6 and frozen not in result.closest
+    run(main)
+
+
+def test_a_walk_drops_unreachable_peers_and_only_marks_refusing_ones() -> None:
+    """A peer that cannot be dialled, or does not answer in time, leaves the routing
+    table; one that refuses on a live connection (a reset at its stream limit, an "na")
+    is marked but kept: it is still there."""
+    async def main() -> None:
+        async with _star(6) as (_, nodes):
+            asker = nodes[0]
+            unreachable, refusing, silent = asker.closest_known(b"/v/x", 3)
+
+            async def get(peer: PeerId) -> tuple[bytes | None, list[PeerId]]:
+                if peer == unreachable:
+                    raise Unreachable("dial failed")
+                if peer == refusing:
+                    raise PeerGone("stream reset")
+                if peer == silent:
+                    await trio.sleep_forever()
+                return None, []
+
+            marked = Unresponsive()
+            result = await walk(asker, b"/v/x", get, rpc_timeout=1, timeout=5,
+                                unresponsive=marked)
+            assert result.failed == {unreachable, refusing, silent}
+            now = trio.current_time()
+            assert all(marked.is_bad(p, now) for p in (unreachable, refusing, silent))
+            kept = set(asker.closest_known(b"/v/x", 6))
+            assert refusing in kept and not {unreachable, silent} & kept
     run(main)
 
 

@@ -25,6 +25,11 @@ class PeerGone(ConnectionError):
     under us. Worth another try later, not the peer's fault."""
 
 
+class Unreachable(PeerGone):
+    """No stream could be opened to the peer at all (no connection, and the dial failed):
+    unlike a reset or a refusal on a live connection, a sign that the peer is gone."""
+
+
 @dataclass(frozen=True)
 class GossipMessage:
     """One message of a gossip topic: its payload and its author (the signer; None when
@@ -159,4 +164,4 @@ class P2P(Protocol):
 
 
 __all__ = ["P2P", "GossipMessage", "GossipValidator", "PeerGone", "PeerId", "PeerInfo",
-           "Stream", "StreamHandler", "Subscription"]
+           "Stream", "StreamHandler", "Subscription", "Unreachable"]

@@ -39,7 +39,7 @@ from libp2p.protocol_muxer.multiselect_client import MULTISELECT_PROTOCOL_ID
 from libp2p.utils.varint import encode_delim, read_delim, read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
-from node.p2p.api import P2P
+from node.p2p.api import P2P, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +131,22 @@ async def walk(
     responded: set[ID] = set()
     failed: set[ID] = set()
     answers: list[tuple[ID, T]] = []
-    send, receive = trio.open_memory_channel[tuple[ID, bool, T | None, list[ID]]](
+    send, receive = trio.open_memory_channel[tuple[ID, bool, bool, T | None, list[ID]]](
         float("inf"))
 
     async def ask(peer: ID) -> None:
         payload: T | None = None
         closer: list[ID] = []
         ok = False
+        gone = True  # a timeout, or a failed dial
         with trio.move_on_after(rpc_timeout):
             try:
                 payload, closer = await query(peer)
-                ok = True
+                ok, gone = True, False
             except Exception as exc:  # the peer's failure is data, not our crash
                 log.debug("request to %s failed: %r", peer, exc)
-        send.send_nowait((peer, ok, payload, closer))
+                gone = isinstance(exc, Unreachable)
+        send.send_nowait((peer, ok, gone, payload, closer))
 
     def next_peers() -> list[ID]:
         live = sorted((p for p in candidates if p not in failed), key=candidates.__getitem__)
@@ -183,7 +185,7 @@ async def walk(
             while waiting_for_anyone():
                 hedge_at = min(fast.values(), default=math.inf) + hedge_after
                 with trio.move_on_at(min(hedge_at, end_at)):
-                    peer, ok, payload, closer = await receive.receive()
+                    peer, ok, gone, payload, closer = await receive.receive()
                     pending.discard(peer)
                     fast.pop(peer, None)
                     if ok:
@@ -203,7 +205,10 @@ async def walk(
                     else:
                         failed.add(peer)
                         unresponsive.mark(peer, trio.current_time())
-                        net.drop_from_routing_table(peer)
+                        # A reset (the peer at its stream limit) or an "na" comes from a
+                        # peer still there: marked, but kept in the routing table.
+                        if gone:
+                            net.drop_from_routing_table(peer)
                 now = trio.current_time()
                 if now >= end_at:
                     nursery.cancel_scope.cancel()
@@ -237,7 +242,10 @@ async def kad_request(host: IHost, peer: ID, request: Message) -> Message:
     as it would from a client that waits; a request costs one round trip, not two. A
     peer that refuses the protocol reads the request as a malformed proposal and drops
     the stream."""
-    stream = await host.get_network().new_stream(peer)
+    try:
+        stream = await host.get_network().new_stream(peer)
+    except Exception as exc:  # no connection, and the dial failed
+        raise Unreachable(f"no stream to {peer}: {exc!r}") from exc
     try:
         data = request.SerializeToString()
         await stream.write(encode_delim(MULTISELECT_PROTOCOL_ID.encode())
