@@ -3,6 +3,7 @@ process: a write cancelled half-way must not break the connection (AtomicYamux).
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -246,7 +247,7 @@ def test_the_dht_server_drops_a_stream_that_idles(monkeypatch: pytest.MonkeyPatc
 
     from node.p2p.host import KAD_PROTOCOL_ID
 
-    monkeypatch.setattr(node.p2p.host, "KAD_IDLE_TIMEOUT_S", 0.5, raising=False)
+    monkeypatch.setattr(node.p2p.host, "KAD_IDLE_TIMEOUT_S", 0.5)
 
     async def scenario() -> None:
         async with _pair() as (a, b, info):
@@ -262,6 +263,74 @@ def test_the_dht_server_drops_a_stream_that_idles(monkeypatch: pytest.MonkeyPatc
                 return b.dht._inbound_limiter.borrowed_tokens == 0
 
             await wait_until(slot_free, 5)
+
+    _run(scenario)
+
+
+def test_the_dht_server_drops_a_request_that_trickles_in(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request must arrive whole within KAD_IDLE_TIMEOUT_S of its first byte: a client
+    sending a byte every 0.3 s (each read well within the timeout) held its slot for as
+    long as it kept trickling."""
+    import varint
+
+    from node.p2p.host import KAD_PROTOCOL_ID
+
+    monkeypatch.setattr(node.p2p.host, "KAD_IDLE_TIMEOUT_S", 0.5)
+
+    async def scenario() -> None:
+        async with _pair() as (a, b, info):
+            stream = await a.host.new_stream(info.peer_id, [KAD_PROTOCOL_ID])
+
+            async def slot_free() -> bool:
+                return b.dht._inbound_limiter.borrowed_tokens == 0
+
+            async with trio.open_nursery() as nursery:
+                async def trickle() -> None:
+                    with contextlib.suppress(Exception):
+                        await stream.write(varint.encode(1000))
+                        for _ in range(100):
+                            await trio.sleep(0.3)
+                            await stream.write(b"\x00")
+
+                nursery.start_soon(trickle)
+                with trio.fail_after(5):
+                    while b.dht._inbound_limiter.borrowed_tokens == 0:
+                        await trio.sleep(0.01)
+                await wait_until(slot_free, 2)
+                nursery.cancel_scope.cancel()
+
+    _run(scenario)
+
+
+def test_the_dht_server_serves_at_most_two_streams_of_one_peer() -> None:
+    """py-libp2p serves 12 inbound DHT streams at once: one peer opening 12 held them
+    all. Of three streams a peer keeps open at once, the third is reset (or refused
+    while it is negotiated); the first is served."""
+    from libp2p.kad_dht.pb.kademlia_pb2 import Message
+    from libp2p.utils.varint import encode_varint_prefixed
+
+    from node.p2p.host import KAD_PROTOCOL_ID, KAD_STREAMS_PER_PEER
+
+    assert KAD_STREAMS_PER_PEER == 2
+
+    async def scenario() -> None:
+        async with _pair() as (a, b, info):
+            ping = encode_varint_prefixed(
+                Message(type=Message.MessageType.PING).SerializeToString())
+            served: list[bool] = []
+            for _ in range(3):  # each kept open: the handler waits for its next request
+                try:
+                    with trio.fail_after(5):
+                        stream = await a.host.new_stream(info.peer_id, [KAD_PROTOCOL_ID])
+                        await stream.write(ping)
+                        served.append(bool(await stream.read(100)))
+                except trio.TooSlowError:
+                    raise
+                except Exception:  # reset, or refused while negotiated
+                    served.append(False)
+            assert served[0] and not served[2]
+            assert b.dht._inbound_of[a.peer_id] <= 2
 
     _run(scenario)
 
