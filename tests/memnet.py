@@ -365,10 +365,10 @@ class MemNode:
         there = await self._ask(peer)
         return there.local_value(key), there.closest_known(key, K)
 
-    async def providers_from_peer(self, peer: PeerId, key: bytes
+    async def providers_from_peer(self, peer: PeerId, key: bytes, limit: int
                                   ) -> tuple[list[PeerInfo], list[PeerId]]:
         there = await self._ask(peer)
-        return there.local_providers(key), there.closest_known(key, K)
+        return there.local_providers(key)[:limit], there.closest_known(key, K)
 
     def closest_known(self, key: bytes, count: int) -> list[PeerId]:
         return sorted(self.table, key=lambda p: _distance(key, p))[:count]

@@ -335,6 +335,50 @@ def test_the_dht_server_serves_at_most_two_streams_of_one_peer() -> None:
     _run(scenario)
 
 
+def test_a_hostile_dht_answer_is_bounded() -> None:
+    """A DHT answer is read up to KAD_MAX_ANSWER_BYTES (py-libp2p reads 4 MiB), only
+    its first K closer peers are kept (and only their addresses go to the peerstore),
+    and providers past the caller's limit are not looked at."""
+    from libp2p.kad_dht.pb.kademlia_pb2 import Message
+    from libp2p.peer.id import ID
+    from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes
+
+    from node.p2p.host import KAD_PROTOCOL_ID
+    from node.p2p.lookup import KAD_MAX_ANSWER_BYTES, K
+
+    closer = [ID(bytes([0, 36, 8, 1, 18, 32]) + bytes([i]) * 32) for i in range(1, 3 * K)]
+    pad = {"big": b""}
+
+    async def scenario() -> None:
+        async with _pair() as (a, b, info):
+            async def hostile(stream: Any) -> None:
+                request = Message()
+                request.ParseFromString(await read_varint_prefixed_bytes(stream))
+                answer = Message(type=request.type, key=pad["big"])
+                for i, peer in enumerate(closer):
+                    entry = answer.closerPeers.add()
+                    entry.id = peer.to_bytes()
+                    entry.addrs.append(Multiaddr(f"/ip4/10.0.0.{i}/tcp/1").to_bytes())
+                    provider = answer.providerPeers.add()
+                    provider.id = peer.to_bytes()
+                await stream.write(encode_varint_prefixed(answer.SerializeToString()))
+                await stream.close()
+
+            b.host.set_stream_handler(KAD_PROTOCOL_ID, hostile)
+            with trio.fail_after(5):
+                providers, named = await a.providers_from_peer(info.peer_id, b"k", 3)
+            assert [p.peer_id for p in providers] == closer[:3]
+            assert named == closer[:K]
+            store = a.host.get_peerstore()
+            with_addrs = set(store.peers_with_addrs())
+            assert closer[K - 1] in with_addrs and closer[K] not in with_addrs
+            pad["big"] = bytes(KAD_MAX_ANSWER_BYTES)
+            with trio.fail_after(5), pytest.raises(Exception, match="exceeds"):
+                await a.value_from_peer(info.peer_id, b"k")
+
+    _run(scenario)
+
+
 def test_records_stored_or_put_are_not_republished_by_the_library() -> None:
     """py-libp2p republishes every value in its store that it did not receive through a
     PUT (a lookup and up to 20 PUTs each, at every maintenance pass): a node's replicas

@@ -143,9 +143,10 @@ class P2P(Protocol):
         """One GET_VALUE to ``peer``: its value for ``key`` if any, and closer peers."""
         ...
 
-    async def providers_from_peer(self, peer: PeerId, key: bytes
+    async def providers_from_peer(self, peer: PeerId, key: bytes, limit: int
                                   ) -> tuple[list[PeerInfo], list[PeerId]]:
-        """One GET_PROVIDERS to ``peer``: the providers it knows, and closer peers."""
+        """One GET_PROVIDERS to ``peer``: the first ``limit`` providers it knows, and
+        closer peers."""
         ...
 
     def closest_known(self, key: bytes, count: int) -> list[PeerId]:

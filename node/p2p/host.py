@@ -473,9 +473,9 @@ class Network:
     async def value_from_peer(self, peer: ID, key: bytes) -> tuple[bytes | None, list[ID]]:
         return await value_from_peer(self.host, peer, key)
 
-    async def providers_from_peer(self, peer: ID, key: bytes
+    async def providers_from_peer(self, peer: ID, key: bytes, limit: int
                                   ) -> tuple[list[PeerInfo], list[ID]]:
-        return await providers_from_peer(self.host, peer, key)
+        return await providers_from_peer(self.host, peer, key, limit)
 
     def closest_known(self, key: bytes, count: int) -> list[ID]:
         return list(self.dht.routing_table.find_local_closest_peers(key, count))

@@ -29,7 +29,6 @@ import trio
 import varint
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
-from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.kad_dht.utils import maybe_consume_signed_record, xor_distance
 from libp2p.network.stream.net_stream import NetStream
@@ -52,6 +51,9 @@ ALPHA = 3  # requests in flight per walk (libp2p Kademlia's alpha)
 UNRESPONSIVE_FOR_S = 60.0  # the default of [discovery] unresponsive_for_s
 HEDGE_AFTER_S = 0.5  # the default of [discovery] hedge_after_s
 KAD_PROTOCOL = TProtocol("/ipfs/kad/1.0.0")
+# The largest answer a request reads (py-libp2p reads up to 4 MiB): a hostile peer's
+# answer costs a walk at most this much to read and parse.
+KAD_MAX_ANSWER_BYTES = 256 << 10
 CLOSER_ADDR_TTL_S = 600  # peerstore lifetime of the addresses in closerPeers (py-libp2p's)
 # Resetting the stream of a failed or cancelled request: a walk that has its answers
 # waits for these resets, so they are kept short; a reset that does not make it leaves the
@@ -258,7 +260,7 @@ async def kad_request(host: IHost, peer: ID, request: Message) -> Message:
         stream.set_protocol(KAD_PROTOCOL)
         answer = Message()
         answer.ParseFromString(
-            await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE))
+            await read_varint_prefixed_bytes_limited(stream, KAD_MAX_ANSWER_BYTES))
         if answer.type != request.type:
             raise ValueError(f"a {answer.type} answer to a {request.type} request")
         await stream.close()
@@ -284,10 +286,11 @@ async def _reset_or_release(stream: INetStream) -> None:
 
 
 def _closer_peers(host: IHost, answer: Message) -> list[ID]:
-    """The closer peers an answer names (not this node); their addresses go to the
-    peerstore, so that the walk can dial them."""
+    """The first K closer peers an answer names (not this node); their addresses go to
+    the peerstore, so that the walk can dial them. The rest are not looked at: an honest
+    peer names at most K."""
     closer: list[ID] = []
-    for entry in answer.closerPeers:
+    for entry in answer.closerPeers[:K]:
         try:
             peer = ID(entry.id)
             addrs = [Multiaddr(a) for a in entry.addrs]
@@ -310,15 +313,18 @@ async def value_from_peer(host: IHost, peer: ID, key: bytes) -> tuple[bytes | No
     return (bytes(value) if value else None), _closer_peers(host, answer)
 
 
-async def providers_from_peer(host: IHost, peer: ID, key: bytes
+async def providers_from_peer(host: IHost, peer: ID, key: bytes, limit: int
                               ) -> tuple[list[PeerInfo], list[ID]]:
-    """One GET_PROVIDERS: the providers ``peer`` knows for ``key``, and the closer peers.
-    A provider entry whose signed peer record does not verify is skipped, as py-libp2p
-    does."""
+    """One GET_PROVIDERS: the first ``limit`` providers ``peer`` knows for ``key``, and
+    the closer peers. A provider entry whose signed peer record does not verify is
+    skipped, as py-libp2p does; entries past ``limit`` are not looked at (each costs a
+    signature check)."""
     request = Message(type=Message.MessageType.GET_PROVIDERS, key=key)
     answer = await kad_request(host, peer, request)
     providers: list[PeerInfo] = []
     for entry in answer.providerPeers:
+        if len(providers) >= limit:
+            break
         try:
             if not maybe_consume_signed_record(entry, host):
                 continue
