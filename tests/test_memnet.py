@@ -388,6 +388,29 @@ def test_a_walk_drops_unreachable_peers_and_only_marks_refusing_ones() -> None:
     run(main)
 
 
+def test_a_walk_has_at_most_twice_alpha_requests_outstanding() -> None:
+    """Hedging gives a slow request's slot to the next candidate, but the slow ones run
+    on: with every peer slow, a walk had up to 18 requests out at once."""
+    async def main() -> None:
+        async with _star(20) as (_, nodes):
+            out = peak = 0
+
+            async def get(peer: PeerId) -> tuple[bytes | None, list[PeerId]]:
+                nonlocal out, peak
+                out += 1
+                peak = max(peak, out)
+                try:
+                    await trio.sleep(2.5)
+                finally:
+                    out -= 1
+                return None, []
+
+            await walk(nodes[0], b"/v/x", get, rpc_timeout=3, timeout=20,
+                       unresponsive=Unresponsive(), alpha=3, hedge_after=0.5)
+            assert peak == 6
+    run(main)
+
+
 def test_a_walk_ends_grace_seconds_after_its_first_payload() -> None:
     """A record query waits for value_quorum copies, but at most its grace after the
     first: one copy at 0.05 s and the others at 2 s end the walk at 0.35 s with one."""

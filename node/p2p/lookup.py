@@ -110,7 +110,8 @@ async def walk(
 
     A request still unanswered after ``hedge_after`` seconds stops counting against
     ``alpha`` (the next candidate is asked at once) but runs on to ``rpc_timeout``: one
-    slow peer costs a walk ``hedge_after``, not ``rpc_timeout``. Peers marked unresponsive
+    slow peer costs a walk ``hedge_after``, not ``rpc_timeout``. At most ``2 * alpha``
+    requests of a walk are outstanding at once, hedged ones included. Peers marked unresponsive
     by earlier walks are asked only once no other candidate is left: under load every
     peer may miss a deadline now and then, and a walk that skipped them all found nothing
     (seen on a 30-host testnet at load average 28). Their requests keep the walk going
@@ -175,7 +176,10 @@ async def walk(
         async with trio.open_nursery() as nursery:
 
             def launch() -> None:
-                for peer in next_peers()[: max(0, alpha - len(fast))]:
+                # Hedged requests run on, but at most 2 * alpha in all: slow peers
+                # everywhere must not turn one walk into a burst of requests.
+                room = min(alpha - len(fast), 2 * alpha - len(pending))
+                for peer in next_peers()[: max(0, room)]:
                     queried.add(peer)
                     if peer in shunned:
                         queried_marked.add(peer)
