@@ -444,8 +444,10 @@ class Network:
         return _Subscription(await self.pubsub.subscribe(topic))
 
     async def put_value(self, key: str, value: bytes) -> None:
-        await self.dht.put_value(key, value)
-        self._no_republish(key.encode("utf-8"))
+        try:
+            await self.dht.put_value(key, value)
+        finally:  # stored locally first: a put that fails or is cancelled later still
+            self._no_republish(key.encode("utf-8"))  # left the mark
 
     async def provide(self, key: str) -> bool:
         return await self.dht.provide(key)
