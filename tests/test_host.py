@@ -240,6 +240,29 @@ def test_a_reset_cut_off_by_its_timeout_still_frees_the_stream_slot(
     _run(scenario)
 
 
+def test_a_slow_fin_does_not_fail_an_answered_dht_request(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream of an answered request is closed outside the request's deadline: a FIN
+    frame queued behind bulk data for a second failed a request that had its answer."""
+    write_frame = AtomicYamux._write_frame
+
+    async def slow_fin(self: Any, data: bytes, *args: Any, **kwargs: Any) -> Any:
+        if len(data) == 12 and data[3] & 0x04:  # a yamux header with the FIN flag
+            await trio.sleep(1)
+        return await write_frame(self, data, *args, **kwargs)
+
+    async def scenario() -> None:
+        async with _pair() as (a, b, info):
+            await b.put_value("/iollm-cap/0123", b"v")
+            monkeypatch.setattr(AtomicYamux, "_write_frame", slow_fin)
+            with trio.move_on_after(0.6) as deadline:
+                value, _ = await a.value_from_peer(info.peer_id, b"/iollm-cap/0123")
+            assert not deadline.cancelled_caught
+            assert value == b"v"
+
+    _run(scenario)
+
+
 def test_the_dht_server_drops_a_stream_that_idles(monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that keeps its Kademlia stream open after an answer (go-libp2p reuses
     them; py-libp2p's cancelled requests forget them) gets it reset after

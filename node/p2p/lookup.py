@@ -267,10 +267,19 @@ async def kad_request(host: IHost, peer: ID, request: Message) -> Message:
             await read_varint_prefixed_bytes_limited(stream, KAD_MAX_ANSWER_BYTES))
         if answer.type != request.type:
             raise ValueError(f"a {answer.type} answer to a {request.type} request")
-        await stream.close()
     except BaseException:
         await _reset_or_release(stream)
         raise
+    # The request is answered: a slow FIN (its frame queued on a busy connection) or a
+    # deadline that comes now must not fail it. The close is shielded and bounded, and
+    # one that does not make it is a reset (or, cut too, the bookkeeping alone).
+    with trio.CancelScope(shield=True):
+        closed = False
+        with trio.move_on_after(RESET_TIMEOUT_S), contextlib.suppress(Exception):
+            await stream.close()
+            closed = True
+        if not closed:
+            await _reset_or_release(stream)
     return answer
 
 
