@@ -6,9 +6,10 @@ costs every lookup that meets it 10 s per round. This walk keeps ``alpha`` reque
 flight at all times, gives each its own deadline, never waits for a straggler before
 asking the next candidate (a request unanswered after ``hedge_after`` seconds gives up its
 slot, and still counts if it answers later), and remembers peers that failed so later
-walks ask them only when no one else is left. One walk serves FIND_NODE, GET_VALUE and
-GET_PROVIDERS: each answer carries closer peers, and the payload (a value, providers) is
-collected along the way.
+walks ask them only when no one else is left. One walk serves GET_VALUE and
+GET_PROVIDERS (and any other per-peer query a caller passes): each answer carries closer
+peers, and the payload (a value, providers) is collected along the way. There is no
+FIND_NODE request here: the routing table's refresh is py-libp2p's.
 
 The per-peer requests are the standard ``/ipfs/kad/1.0.0`` messages (py-libp2p's protobuf
 codec), sent here rather than through py-libp2p's per-peer calls, because those leave the
@@ -26,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import trio
-import varint
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
@@ -35,7 +35,12 @@ from libp2p.network.stream.net_stream import NetStream
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.protocol_muxer.multiselect_client import MULTISELECT_PROTOCOL_ID
-from libp2p.utils.varint import encode_delim, read_delim, read_varint_prefixed_bytes_limited
+from libp2p.utils.varint import (
+    encode_delim,
+    encode_varint_prefixed,
+    read_delim,
+    read_varint_prefixed_bytes_limited,
+)
 from multiaddr import Multiaddr
 
 from node.p2p.api import P2P, Unreachable
@@ -256,7 +261,7 @@ async def kad_request(host: IHost, peer: ID, request: Message) -> Message:
         data = request.SerializeToString()
         await stream.write(encode_delim(MULTISELECT_PROTOCOL_ID.encode())
                            + encode_delim(KAD_PROTOCOL.encode())
-                           + varint.encode(len(data)) + data)
+                           + encode_varint_prefixed(data))
         for expected in (MULTISELECT_PROTOCOL_ID, KAD_PROTOCOL):
             echo = await read_delim(stream)
             if echo != expected.encode():
