@@ -361,6 +361,28 @@ def test_the_dht_server_serves_at_most_two_streams_of_one_peer() -> None:
     _run(scenario)
 
 
+def test_concurrent_dht_requests_to_one_peer_wait_for_its_limit_not_get_reset() -> None:
+    """A node's concurrent walks ask the same few peers (records_of runs 16): its
+    requests to one peer take turns on KAD_STREAMS_PER_PEER streams instead of being
+    reset by the peer's limit (a reset marks the peer unresponsive for a minute)."""
+    async def scenario() -> None:
+        async with _pair() as (a, b, info):
+            await b.put_value("/iollm-cap/0123", b"v")
+            values: list[bytes | None] = []
+
+            async def ask() -> None:
+                value, _ = await a.value_from_peer(info.peer_id, b"/iollm-cap/0123")
+                values.append(value)
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(8):
+                        nursery.start_soon(ask)
+            assert values == [b"v"] * 8
+
+    _run(scenario)
+
+
 def test_a_hostile_dht_answer_is_bounded() -> None:
     """A DHT answer is read up to KAD_MAX_ANSWER_BYTES (py-libp2p reads 4 MiB), only
     its first K closer peers are kept (and only their addresses go to the peerstore),

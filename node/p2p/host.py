@@ -55,7 +55,7 @@ from prometheus_client import CollectorRegistry, Counter
 import node.p2p.wire  # first: its patches apply before any host is built
 from node.p2p.api import GossipMessage, GossipValidator, PeerGone
 from node.p2p.guard import StreamGuard
-from node.p2p.lookup import providers_from_peer, value_from_peer
+from node.p2p.lookup import KAD_STREAMS_PER_PEER, providers_from_peer, value_from_peer
 from node.p2p.nat import NatOptions, NatService
 from node.p2p.options import P2POptions
 from protocol.penalty import PenaltyPolicy
@@ -103,10 +103,6 @@ kad_dht_module.MAX_DHT_MESSAGE_SIZE = KAD_MAX_REQUEST_BYTES
 # the whole of it from its first byte, before it is reset: go-libp2p's server waits a
 # minute, but py-libp2p's serves only 12 streams at once (see _IdleBounded).
 KAD_IDLE_TIMEOUT_S = 10.0
-# Inbound Kademlia streams one peer may hold at once; further ones are reset (py-libp2p
-# serves 12 in all: six peers, not one, are needed to hold them all). A walk asks a peer
-# once, on a stream of its own; only concurrent walks of one node use more.
-KAD_STREAMS_PER_PEER = 2
 KAD_RESET_TIMEOUT_S = 1.0  # resetting a stream over that limit
 INVALID_DECAY = 0.97
 GRAYLIST_SCORE = -10.0

@@ -22,7 +22,8 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -56,6 +57,11 @@ ALPHA = 3  # requests in flight per walk (libp2p Kademlia's alpha)
 UNRESPONSIVE_FOR_S = 60.0  # the default of [discovery] unresponsive_for_s
 HEDGE_AFTER_S = 0.5  # the default of [discovery] hedge_after_s
 KAD_PROTOCOL = TProtocol("/ipfs/kad/1.0.0")
+# Kademlia streams one peer may hold at another at once: a server resets inbound ones
+# beyond (py-libp2p serves 12 in all: six peers, not one, are needed to hold them all),
+# and a client waits for a free one of its own (concurrent walks, e.g. records_of's 16,
+# ask the same few peers) rather than be reset and mark the peer.
+KAD_STREAMS_PER_PEER = 2
 # The largest answer a request reads (py-libp2p reads up to 4 MiB): a hostile peer's
 # answer costs a walk at most this much to read and parse.
 KAD_MAX_ANSWER_BYTES = 256 << 10
@@ -238,7 +244,33 @@ async def walk(
 # -- one request to one peer ----------------------------------------------------------------
 
 
+_outbound: weakref.WeakKeyDictionary[IHost, dict[ID, trio.Semaphore]] = (
+    weakref.WeakKeyDictionary())
+
+
+@contextlib.asynccontextmanager
+async def _stream_slot(host: IHost, peer: ID) -> AsyncIterator[None]:
+    """One of the KAD_STREAMS_PER_PEER request streams this host may have open to
+    ``peer`` (the caller's deadline bounds the wait)."""
+    slots = _outbound.setdefault(host, {})
+    semaphore = slots.setdefault(peer, trio.Semaphore(KAD_STREAMS_PER_PEER))
+    try:
+        async with semaphore:
+            yield
+    finally:
+        if (semaphore.value == KAD_STREAMS_PER_PEER
+                and not semaphore.statistics().tasks_waiting):
+            slots.pop(peer, None)  # none held, none waited for
+
+
 async def kad_request(host: IHost, peer: ID, request: Message) -> Message:
+    """One Kademlia request, on at most KAD_STREAMS_PER_PEER streams to ``peer`` at once
+    (see ``_kad_request``)."""
+    async with _stream_slot(host, peer):
+        return await _kad_request(host, peer, request)
+
+
+async def _kad_request(host: IHost, peer: ID, request: Message) -> Message:
     """One Kademlia request on a stream of its own: the answer. The stream is closed after
     the answer; a request that fails or is cancelled (a walk's deadline, or a walk that
     has enough) resets it. py-libp2p's own per-peer calls close the stream in a
