@@ -39,7 +39,6 @@ from libp2p.protocol_muxer.multiselect_client import MULTISELECT_PROTOCOL_ID
 from libp2p.utils.varint import (
     encode_delim,
     encode_varint_prefixed,
-    read_delim,
     read_varint_prefixed_bytes_limited,
 )
 from multiaddr import Multiaddr
@@ -62,6 +61,7 @@ KAD_PROTOCOL = TProtocol("/ipfs/kad/1.0.0")
 # and a client waits for a free one of its own (concurrent walks, e.g. records_of's 16,
 # ask the same few peers) rather than be reset and mark the peer.
 KAD_STREAMS_PER_PEER = 2
+MAX_ECHO_BYTES = 1024  # a multistream-select message: a protocol id and its newline
 # The largest answer a request reads (py-libp2p reads up to 4 MiB): a hostile peer's
 # answer costs a walk at most this much to read and parse.
 KAD_MAX_ANSWER_BYTES = 256 << 10
@@ -295,9 +295,10 @@ async def _kad_request(host: IHost, peer: ID, request: Message) -> Message:
                            + encode_delim(KAD_PROTOCOL.encode())
                            + encode_varint_prefixed(data))
         for expected in (MULTISELECT_PROTOCOL_ID, KAD_PROTOCOL):
-            echo = await read_delim(stream)
-            if echo != expected.encode():
-                raise ValueError(f"{peer} answered {echo!r} to {expected}")
+            # Bounded: the library's read_delim takes any length the peer announces.
+            echo = await read_varint_prefixed_bytes_limited(stream, MAX_ECHO_BYTES)
+            if echo != expected.encode() + b"\n":
+                raise ValueError(f"{peer} answered {echo.rstrip()!r} to {expected}")
         stream.set_protocol(KAD_PROTOCOL)
         answer = Message()
         answer.ParseFromString(
