@@ -334,6 +334,14 @@ async def _reset_or_release(stream: INetStream) -> None:
             # The releases come before the notifees are told; those are bounded too.
             with trio.move_on_after(RESET_TIMEOUT_S), contextlib.suppress(Exception):
                 await stream.remove()
+            # py-libp2p's yamux marks the stream closed in a finally but gives back its
+            # slot of the connection's 256 (open_stream's backlog) after it: a cut
+            # reset skipped that, and the slot stayed taken until the connection closed.
+            muxed = stream.muxed_stream
+            finalize = getattr(getattr(muxed, "conn", None), "_finalize_stream", None)
+            if finalize is not None:
+                with trio.move_on_after(RESET_TIMEOUT_S), contextlib.suppress(Exception):
+                    await finalize(muxed, fully_closed=True)
 
 
 def _closer_peers(host: IHost, answer: Message) -> list[ID]:
