@@ -46,7 +46,15 @@ from multiaddr import Multiaddr
 from nacl.signing import SigningKey
 
 from node.identity import peer_id_of
-from node.p2p import GossipMessage, GossipValidator, PeerGone, PeerId, PeerInfo, RecordValidator
+from node.p2p import (
+    GossipMessage,
+    GossipValidator,
+    PeerGone,
+    PeerId,
+    PeerInfo,
+    RecordValidator,
+    Unreachable,
+)
 from node.p2p.host import KAD_PROTOCOL_ID, PROVIDE_SPACING_S, NotServed
 from node.p2p.lookup import K
 
@@ -357,10 +365,10 @@ class MemNode:
         there = await self._ask(peer)
         return there.local_value(key), there.closest_known(key, K)
 
-    async def providers_from_peer(self, peer: PeerId, key: bytes
+    async def providers_from_peer(self, peer: PeerId, key: bytes, limit: int
                                   ) -> tuple[list[PeerInfo], list[PeerId]]:
         there = await self._ask(peer)
-        return there.local_providers(key), there.closest_known(key, K)
+        return there.local_providers(key)[:limit], there.closest_known(key, K)
 
     def closest_known(self, key: bytes, count: int) -> list[PeerId]:
         return sorted(self.table, key=lambda p: _distance(key, p))[:count]
@@ -414,8 +422,8 @@ class MemNetwork:
                 and frozenset((a, b)) not in self.cut)
 
     async def dial(self, node: MemNode, peer: PeerId) -> None:
-        """Connect ``node`` to ``peer`` (a no-op when connected); PeerGone when ``peer`` is
-        dead, unknown or cut off from it."""
+        """Connect ``node`` to ``peer`` (a no-op when connected); Unreachable (a PeerGone)
+        when ``peer`` is dead, unknown or cut off from it."""
         if peer in self.links.get(node.peer_id, set()):
             await trio.lowlevel.checkpoint()
             return
@@ -423,7 +431,7 @@ class MemNetwork:
         if not node.alive:
             raise PeerGone("this node is dead")
         if not self.reachable(node.peer_id, peer):
-            raise PeerGone(f"cannot reach {peer}")
+            raise Unreachable(f"cannot reach {peer}")
         self.links.setdefault(node.peer_id, set()).add(peer)
         self.links.setdefault(peer, set()).add(node.peer_id)
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from node.p2p import P2P, GossipMessage, PeerGone, PeerId, PeerInfo, RecordValidator
+from node.p2p import P2P, GossipMessage, PeerGone, PeerId, PeerInfo, RecordValidator, Unreachable
 from node.p2p.framing import FrameEnded, FrameReader, frame_prefix, read_frame, write_frame
 from node.p2p.host import NotServed
 from node.p2p.lookup import Unresponsive, walk
@@ -331,6 +331,83 @@ def test_peers_marked_unresponsive_are_asked_last_not_never() -> None:
             result = await walk(asker, b"/v/x", get, rpc_timeout=1, timeout=5,
                                 unresponsive=marked)
             assert asked and {v for _, v in result.answers} == {b"\x02"}
+    run(main)
+
+
+def test_a_frozen_marked_peer_does_not_hold_up_a_walk_that_others_answered() -> None:
+    """A walk without ``enough`` (find_providers, a record not on the DHT) asks a marked
+    peer last, but does not wait for it once the others have answered: a frozen peer
+    marked by an earlier walk cost every such walk its rpc_timeout (3.1 s, not 0.1 s)."""
+    async def main() -> None:
+        async with _star(8) as (_, nodes):
+            asker = nodes[0]
+            frozen = asker.closest_known(b"/v/x", 1)[0]
+            marked = Unresponsive()
+            marked.mark(frozen, trio.current_time())
+
+            async def get(peer: PeerId) -> tuple[bytes | None, list[PeerId]]:
+                if peer == frozen:
+                    await trio.sleep_forever()
+                await trio.sleep(0.05)
+                return None, []
+
+            start = trio.current_time()
+            result = await walk(asker, b"/v/x", get, rpc_timeout=3, timeout=10,
+                                unresponsive=marked)
+            assert trio.current_time() - start < 0.5
+            assert len(result.closest) == 6 and frozen not in result.closest
+    run(main)
+
+
+def test_a_walk_drops_unreachable_peers_and_only_marks_refusing_ones() -> None:
+    """A peer that cannot be dialled, or does not answer in time, leaves the routing
+    table; one that refuses on a live connection (a reset at its stream limit, an "na")
+    is marked but kept: it is still there."""
+    async def main() -> None:
+        async with _star(6) as (_, nodes):
+            asker = nodes[0]
+            unreachable, refusing, silent = asker.closest_known(b"/v/x", 3)
+
+            async def get(peer: PeerId) -> tuple[bytes | None, list[PeerId]]:
+                if peer == unreachable:
+                    raise Unreachable("dial failed")
+                if peer == refusing:
+                    raise PeerGone("stream reset")
+                if peer == silent:
+                    await trio.sleep_forever()
+                return None, []
+
+            marked = Unresponsive()
+            result = await walk(asker, b"/v/x", get, rpc_timeout=1, timeout=5,
+                                unresponsive=marked)
+            assert result.failed == {unreachable, refusing, silent}
+            now = trio.current_time()
+            assert all(marked.is_bad(p, now) for p in (unreachable, refusing, silent))
+            kept = set(asker.closest_known(b"/v/x", 6))
+            assert refusing in kept and not {unreachable, silent} & kept
+    run(main)
+
+
+def test_a_walk_has_at_most_twice_alpha_requests_outstanding() -> None:
+    """Hedging gives a slow request's slot to the next candidate, but the slow ones run
+    on: with every peer slow, a walk had up to 18 requests out at once."""
+    async def main() -> None:
+        async with _star(20) as (_, nodes):
+            out = peak = 0
+
+            async def get(peer: PeerId) -> tuple[bytes | None, list[PeerId]]:
+                nonlocal out, peak
+                out += 1
+                peak = max(peak, out)
+                try:
+                    await trio.sleep(2.5)
+                finally:
+                    out -= 1
+                return None, []
+
+            await walk(nodes[0], b"/v/x", get, rpc_timeout=3, timeout=20,
+                       unresponsive=Unresponsive(), alpha=3, hedge_after=0.5)
+            assert peak == 6
     run(main)
 
 

@@ -635,8 +635,7 @@ class Discovery:
         found: dict[PeerId, PeerInfo] = {p.peer_id: p for p in self.net.local_providers(key)}
 
         async def get_providers(peer: PeerId) -> tuple[list[PeerInfo] | None, list[PeerId]]:
-            providers, closer = await self.net.providers_from_peer(peer, key)
-            return providers[:self.config.max_providers], closer
+            return await self.net.providers_from_peer(peer, key, self.config.max_providers)
 
         result = await walk(self.net, key, get_providers, rpc_timeout=self.config.rpc_timeout_s,
                             timeout=self.config.query_timeout_s, unresponsive=self.unresponsive,

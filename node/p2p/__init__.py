@@ -21,7 +21,15 @@ from libp2p.peer.id import ID as PeerId
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator as RecordValidator
 
-from node.p2p.api import P2P, GossipMessage, GossipValidator, PeerGone, Stream, Subscription
+from node.p2p.api import (
+    P2P,
+    GossipMessage,
+    GossipValidator,
+    PeerGone,
+    Stream,
+    Subscription,
+    Unreachable,
+)
 from node.p2p.host import Network, open_network
 from node.p2p.nat import NatOptions
 
@@ -32,4 +40,4 @@ OPEN_STREAM_ERRORS: tuple[type[Exception], ...] = (PeerGone, SwarmException, Str
 
 __all__ = ["OPEN_STREAM_ERRORS", "P2P", "GossipMessage", "GossipValidator", "NatOptions",
            "Network", "PeerGone", "PeerId", "PeerInfo", "ProtocolId", "RecordValidator",
-           "Stream", "Subscription", "open_network"]
+           "Stream", "Subscription", "Unreachable", "open_network"]

@@ -25,6 +25,11 @@ class PeerGone(ConnectionError):
     under us. Worth another try later, not the peer's fault."""
 
 
+class Unreachable(PeerGone):
+    """No stream could be opened to the peer at all (no connection, and the dial failed):
+    unlike a reset or a refusal on a live connection, a sign that the peer is gone."""
+
+
 @dataclass(frozen=True)
 class GossipMessage:
     """One message of a gossip topic: its payload and its author (the signer; None when
@@ -138,9 +143,10 @@ class P2P(Protocol):
         """One GET_VALUE to ``peer``: its value for ``key`` if any, and closer peers."""
         ...
 
-    async def providers_from_peer(self, peer: PeerId, key: bytes
+    async def providers_from_peer(self, peer: PeerId, key: bytes, limit: int
                                   ) -> tuple[list[PeerInfo], list[PeerId]]:
-        """One GET_PROVIDERS to ``peer``: the providers it knows, and closer peers."""
+        """One GET_PROVIDERS to ``peer``: the first ``limit`` providers it knows, and
+        closer peers."""
         ...
 
     def closest_known(self, key: bytes, count: int) -> list[PeerId]:
@@ -159,4 +165,4 @@ class P2P(Protocol):
 
 
 __all__ = ["P2P", "GossipMessage", "GossipValidator", "PeerGone", "PeerId", "PeerInfo",
-           "Stream", "StreamHandler", "Subscription"]
+           "Stream", "StreamHandler", "Subscription", "Unreachable"]

@@ -10,6 +10,7 @@ records, that is protocol/'s job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -54,7 +55,7 @@ from prometheus_client import CollectorRegistry, Counter
 import node.p2p.wire  # first: its patches apply before any host is built
 from node.p2p.api import GossipMessage, GossipValidator, PeerGone
 from node.p2p.guard import StreamGuard
-from node.p2p.lookup import providers_from_peer, value_from_peer
+from node.p2p.lookup import KAD_STREAMS_PER_PEER, providers_from_peer, value_from_peer
 from node.p2p.nat import NatOptions, NatService
 from node.p2p.options import P2POptions
 from protocol.penalty import PenaltyPolicy
@@ -98,10 +99,11 @@ PENDING_GOSSIP_TTL_S = 2.0
 # answers our own lookups read keep the library's limit.
 KAD_MAX_REQUEST_BYTES = 64 << 10
 kad_dht_module.MAX_DHT_MESSAGE_SIZE = KAD_MAX_REQUEST_BYTES
-# How long an inbound Kademlia stream may wait for the peer's next request (or the rest
-# of one) before it is reset: go-libp2p's server waits a minute, but py-libp2p's serves
-# only 12 streams at once (see _IdleBounded).
+# How long an inbound Kademlia stream may wait for the peer's next request, and then for
+# the whole of it from its first byte, before it is reset: go-libp2p's server waits a
+# minute, but py-libp2p's serves only 12 streams at once (see _IdleBounded).
 KAD_IDLE_TIMEOUT_S = 10.0
+KAD_RESET_TIMEOUT_S = 1.0  # resetting a stream over that limit
 INVALID_DECAY = 0.97
 GRAYLIST_SCORE = -10.0
 SCORE_PARAMS = ScoreParams(
@@ -265,6 +267,9 @@ class _NoAddProviderEcho:
         except Exception:
             is_add_provider = False
         if is_add_provider:
+            answered = getattr(self._stream, "answered", None)
+            if answered is not None:  # _IdleBounded: the request is done all the same
+                answered()
             return
         await self._stream.write(held + data)
 
@@ -303,33 +308,73 @@ class GuardedPubsub(Pubsub):
 
 
 class _IdleBounded:
-    """Stream wrapper whose every read waits at most KAD_IDLE_TIMEOUT_S (TooSlowError).
+    """Stream wrapper that bounds how long a peer may hold an inbound Kademlia stream
+    without sending a request: the wait for a request's first byte, and then the whole
+    request from that byte on until it is answered, each at most KAD_IDLE_TIMEOUT_S
+    (TooSlowError; the handler resets a stream whose read fails).
 
     py-libp2p's Kademlia handler serves requests on a stream until the peer closes it,
     with no deadline between requests, and serves at most 12 streams at once (it resets
     any beyond). A client that never closes (py-libp2p's own, when its request is
     cancelled; go-libp2p, which keeps streams for reuse) held a slot for as long as the
-    connection lived: 12 of them and the node answered no DHT request at all. The
-    handler resets a stream whose read fails."""
+    connection lived: 12 of them and the node answered no DHT request at all. A deadline
+    per read was not enough: a peer sending one byte every 9 s held its slot for good."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
+        self._request_deadline: float | None = None  # set by a request's first byte
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
     async def read(self, n: int | None = None) -> bytes:
-        with trio.fail_after(KAD_IDLE_TIMEOUT_S):
+        if self._request_deadline is None:
+            with trio.fail_after(KAD_IDLE_TIMEOUT_S):
+                data = cast(bytes, await self._stream.read(n))
+            if data:
+                self._request_deadline = trio.current_time() + KAD_IDLE_TIMEOUT_S
+            return data
+        with trio.fail_at(self._request_deadline):
             return cast(bytes, await self._stream.read(n))
+
+    def answered(self) -> None:
+        """The request was read whole and answered (or its answer withheld): the next
+        request's deadline starts with its own first byte."""
+        self._request_deadline = None
+
+    async def write(self, data: bytes) -> None:
+        self.answered()
+        await self._stream.write(data)
 
 
 class InteropKadDHT(KadDHT):
-    """KadDHT whose server side never answers ADD_PROVIDER (see _NoAddProviderEcho) and
-    drops a stream that idles (see _IdleBounded)."""
+    """KadDHT whose server side never answers ADD_PROVIDER (see _NoAddProviderEcho), drops
+    a stream that idles (see _IdleBounded), and serves at most KAD_STREAMS_PER_PEER
+    inbound streams of one peer at once (it resets the others): py-libp2p serves 12 in
+    all, and one peer could hold every one of them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._inbound_of: dict[ID, int] = {}
 
     async def handle_stream(self, stream: Any) -> None:
-        # The wrappers are a stream in every way the handler uses (reads, writes, ids).
-        await super().handle_stream(cast(Any, _NoAddProviderEcho(_IdleBounded(stream))))
+        peer = stream.muxed_conn.peer_id
+        held = self._inbound_of.get(peer, 0)
+        if held >= KAD_STREAMS_PER_PEER:
+            with trio.move_on_after(KAD_RESET_TIMEOUT_S), contextlib.suppress(Exception):
+                await stream.reset()
+            return
+        self._inbound_of[peer] = held + 1
+        try:
+            # The wrappers are a stream in every way the handler uses (reads, writes, ids).
+            await super().handle_stream(
+                cast(Any, _NoAddProviderEcho(_IdleBounded(stream))))
+        finally:
+            left = self._inbound_of[peer] - 1
+            if left:
+                self._inbound_of[peer] = left
+            else:
+                del self._inbound_of[peer]
 
 
 class _Subscription:
@@ -395,8 +440,10 @@ class Network:
         return _Subscription(await self.pubsub.subscribe(topic))
 
     async def put_value(self, key: str, value: bytes) -> None:
-        await self.dht.put_value(key, value)
-        self._no_republish(key.encode("utf-8"))
+        try:
+            await self.dht.put_value(key, value)
+        finally:  # stored locally first: a put that fails or is cancelled later still
+            self._no_republish(key.encode("utf-8"))  # left the mark
 
     async def provide(self, key: str) -> bool:
         return await self.dht.provide(key)
@@ -424,9 +471,9 @@ class Network:
     async def value_from_peer(self, peer: ID, key: bytes) -> tuple[bytes | None, list[ID]]:
         return await value_from_peer(self.host, peer, key)
 
-    async def providers_from_peer(self, peer: ID, key: bytes
+    async def providers_from_peer(self, peer: ID, key: bytes, limit: int
                                   ) -> tuple[list[PeerInfo], list[ID]]:
-        return await providers_from_peer(self.host, peer, key)
+        return await providers_from_peer(self.host, peer, key, limit)
 
     def closest_known(self, key: bytes, count: int) -> list[ID]:
         return list(self.dht.routing_table.find_local_closest_peers(key, count))

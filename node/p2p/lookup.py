@@ -6,9 +6,10 @@ costs every lookup that meets it 10 s per round. This walk keeps ``alpha`` reque
 flight at all times, gives each its own deadline, never waits for a straggler before
 asking the next candidate (a request unanswered after ``hedge_after`` seconds gives up its
 slot, and still counts if it answers later), and remembers peers that failed so later
-walks ask them only when no one else is left. One walk serves FIND_NODE, GET_VALUE and
-GET_PROVIDERS: each answer carries closer peers, and the payload (a value, providers) is
-collected along the way.
+walks ask them only when no one else is left. One walk serves GET_VALUE and
+GET_PROVIDERS (and any other per-peer query a caller passes): each answer carries closer
+peers, and the payload (a value, providers) is collected along the way. There is no
+FIND_NODE request here: the routing table's refresh is py-libp2p's.
 
 The per-peer requests are the standard ``/ipfs/kad/1.0.0`` messages (py-libp2p's protobuf
 codec), sent here rather than through py-libp2p's per-peer calls, because those leave the
@@ -21,24 +22,28 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import trio
-import varint
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
-from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.kad_dht.utils import maybe_consume_signed_record, xor_distance
+from libp2p.network.stream.net_stream import NetStream
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.protocol_muxer.multiselect_client import MULTISELECT_PROTOCOL_ID
-from libp2p.utils.varint import encode_delim, read_delim, read_varint_prefixed_bytes_limited
+from libp2p.utils.varint import (
+    encode_delim,
+    encode_varint_prefixed,
+    read_varint_prefixed_bytes_limited,
+)
 from multiaddr import Multiaddr
 
-from node.p2p.api import P2P
+from node.p2p.api import P2P, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +56,20 @@ ALPHA = 3  # requests in flight per walk (libp2p Kademlia's alpha)
 UNRESPONSIVE_FOR_S = 60.0  # the default of [discovery] unresponsive_for_s
 HEDGE_AFTER_S = 0.5  # the default of [discovery] hedge_after_s
 KAD_PROTOCOL = TProtocol("/ipfs/kad/1.0.0")
+# Kademlia streams one peer may hold at another at once: a server resets inbound ones
+# beyond (py-libp2p serves 12 in all: six peers, not one, are needed to hold them all),
+# and a client waits for a free one of its own (concurrent walks, e.g. records_of's 16,
+# ask the same few peers) rather than be reset and mark the peer.
+KAD_STREAMS_PER_PEER = 2
+MAX_ECHO_BYTES = 1024  # a multistream-select message: a protocol id and its newline
+# The largest answer a request reads (py-libp2p reads up to 4 MiB): a hostile peer's
+# answer costs a walk at most this much to read and parse.
+KAD_MAX_ANSWER_BYTES = 256 << 10
 CLOSER_ADDR_TTL_S = 600  # peerstore lifetime of the addresses in closerPeers (py-libp2p's)
 # Resetting the stream of a failed or cancelled request: a walk that has its answers
 # waits for these resets, so they are kept short; a reset that does not make it leaves the
-# peer's handler waiting only until its idle timeout (node/p2p/host.py, _IdleBounded).
+# peer's handler waiting only until its idle timeout (node/p2p/host.py, _IdleBounded),
+# and our own stream slot is released without it (_reset_or_release).
 RESET_TIMEOUT_S = 0.25
 
 
@@ -106,10 +121,13 @@ async def walk(
 
     A request still unanswered after ``hedge_after`` seconds stops counting against
     ``alpha`` (the next candidate is asked at once) but runs on to ``rpc_timeout``: one
-    slow peer costs a walk ``hedge_after``, not ``rpc_timeout``. Peers marked unresponsive
+    slow peer costs a walk ``hedge_after``, not ``rpc_timeout``. At most ``2 * alpha``
+    requests of a walk are outstanding at once, hedged ones included. Peers marked unresponsive
     by earlier walks are asked only once no other candidate is left: under load every
     peer may miss a deadline now and then, and a walk that skipped them all found nothing
-    (seen on a 30-host testnet at load average 28)."""
+    (seen on a 30-host testnet at load average 28). Their requests keep the walk going
+    only while no unmarked peer has answered: their answers count if they come before the
+    other requests end, but a frozen marked peer does not cost a walk its rpc_timeout."""
     local = net.peer_id
     # The keyspace of go-libp2p and py-libp2p: SHA-256 of the key and of the peer id bytes.
     target = hashlib.sha256(key).digest()
@@ -127,29 +145,40 @@ async def walk(
     responded: set[ID] = set()
     failed: set[ID] = set()
     answers: list[tuple[ID, T]] = []
-    send, receive = trio.open_memory_channel[tuple[ID, bool, T | None, list[ID]]](
+    send, receive = trio.open_memory_channel[tuple[ID, bool, bool, T | None, list[ID]]](
         float("inf"))
 
     async def ask(peer: ID) -> None:
         payload: T | None = None
         closer: list[ID] = []
         ok = False
+        gone = True  # a timeout, or a failed dial
         with trio.move_on_after(rpc_timeout):
             try:
                 payload, closer = await query(peer)
-                ok = True
+                ok, gone = True, False
             except Exception as exc:  # the peer's failure is data, not our crash
                 log.debug("request to %s failed: %r", peer, exc)
-        send.send_nowait((peer, ok, payload, closer))
+                gone = isinstance(exc, Unreachable)
+        send.send_nowait((peer, ok, gone, payload, closer))
 
     def next_peers() -> list[ID]:
         live = sorted((p for p in candidates if p not in failed), key=candidates.__getitem__)
         fresh = [p for p in live[:k] if p not in queried and p not in shunned]
-        if fresh or outstanding:
+        if fresh:
             return fresh
         return [p for p in live[:k] if p not in queried]  # no one else is left
 
-    outstanding = 0  # requests not yet ended
+    def waiting_for_anyone() -> bool:
+        """A marked peer's request keeps the walk going only while no other peer has
+        answered: a frozen peer marked by an earlier walk must not cost every walk without
+        ``enough`` its rpc_timeout."""
+        if pending - queried_marked:
+            return True
+        return bool(pending) and not responded - shunned
+
+    pending: set[ID] = set()  # the peers of the requests not yet ended
+    queried_marked: set[ID] = set()  # peers asked although marked unresponsive
     end_at = math.inf  # the first payload's time + grace
     fast: dict[ID, float] = {}  # requests that hold a slot of alpha: when each started
     # The nursery sits inside the deadline: on timeout the stragglers are cancelled and
@@ -158,19 +187,23 @@ async def walk(
         async with trio.open_nursery() as nursery:
 
             def launch() -> None:
-                nonlocal outstanding
-                for peer in next_peers()[: max(0, alpha - len(fast))]:
+                # Hedged requests run on, but at most 2 * alpha in all: slow peers
+                # everywhere must not turn one walk into a burst of requests.
+                room = min(alpha - len(fast), 2 * alpha - len(pending))
+                for peer in next_peers()[: max(0, room)]:
                     queried.add(peer)
-                    outstanding += 1
+                    if peer in shunned:
+                        queried_marked.add(peer)
+                    pending.add(peer)
                     fast[peer] = trio.current_time()
                     nursery.start_soon(ask, peer)
 
             launch()
-            while outstanding:
+            while waiting_for_anyone():
                 hedge_at = min(fast.values(), default=math.inf) + hedge_after
                 with trio.move_on_at(min(hedge_at, end_at)):
-                    peer, ok, payload, closer = await receive.receive()
-                    outstanding -= 1
+                    peer, ok, gone, payload, closer = await receive.receive()
+                    pending.discard(peer)
                     fast.pop(peer, None)
                     if ok:
                         responded.add(peer)
@@ -189,7 +222,10 @@ async def walk(
                     else:
                         failed.add(peer)
                         unresponsive.mark(peer, trio.current_time())
-                        net.drop_from_routing_table(peer)
+                        # A reset (the peer at its stream limit) or an "na" comes from a
+                        # peer still there: marked, but kept in the routing table.
+                        if gone:
+                            net.drop_from_routing_table(peer)
                 now = trio.current_time()
                 if now >= end_at:
                     nursery.cancel_scope.cancel()
@@ -197,6 +233,7 @@ async def walk(
                 for slow in [p for p, at in fast.items() if at + hedge_after <= now]:
                     del fast[slow]  # still running, no longer holding a slot
                 launch()
+            nursery.cancel_scope.cancel()  # marked peers still silent: not waited for
     closest = sorted(responded, key=candidates.__getitem__)[:k]
     log.debug("walk for %s: %.3f s, %d asked (%d shunned at the start), %d answered, "
               "%d failed, %d payloads", key.hex()[:16], trio.current_time() - began,
@@ -207,7 +244,33 @@ async def walk(
 # -- one request to one peer ----------------------------------------------------------------
 
 
+_outbound: weakref.WeakKeyDictionary[IHost, dict[ID, trio.Semaphore]] = (
+    weakref.WeakKeyDictionary())
+
+
+@contextlib.asynccontextmanager
+async def _stream_slot(host: IHost, peer: ID) -> AsyncIterator[None]:
+    """One of the KAD_STREAMS_PER_PEER request streams this host may have open to
+    ``peer`` (the caller's deadline bounds the wait)."""
+    slots = _outbound.setdefault(host, {})
+    semaphore = slots.setdefault(peer, trio.Semaphore(KAD_STREAMS_PER_PEER))
+    try:
+        async with semaphore:
+            yield
+    finally:
+        if (semaphore.value == KAD_STREAMS_PER_PEER
+                and not semaphore.statistics().tasks_waiting):
+            slots.pop(peer, None)  # none held, none waited for
+
+
 async def kad_request(host: IHost, peer: ID, request: Message) -> Message:
+    """One Kademlia request, on at most KAD_STREAMS_PER_PEER streams to ``peer`` at once
+    (see ``_kad_request``)."""
+    async with _stream_slot(host, peer):
+        return await _kad_request(host, peer, request)
+
+
+async def _kad_request(host: IHost, peer: ID, request: Message) -> Message:
     """One Kademlia request on a stream of its own: the answer. The stream is closed after
     the answer; a request that fails or is cancelled (a walk's deadline, or a walk that
     has enough) resets it. py-libp2p's own per-peer calls close the stream in a
@@ -222,36 +285,71 @@ async def kad_request(host: IHost, peer: ID, request: Message) -> Message:
     as it would from a client that waits; a request costs one round trip, not two. A
     peer that refuses the protocol reads the request as a malformed proposal and drops
     the stream."""
-    stream = await host.get_network().new_stream(peer)
+    try:
+        stream = await host.get_network().new_stream(peer)
+    except Exception as exc:  # no connection, and the dial failed
+        raise Unreachable(f"no stream to {peer}: {exc!r}") from exc
     try:
         data = request.SerializeToString()
         await stream.write(encode_delim(MULTISELECT_PROTOCOL_ID.encode())
                            + encode_delim(KAD_PROTOCOL.encode())
-                           + varint.encode(len(data)) + data)
+                           + encode_varint_prefixed(data))
         for expected in (MULTISELECT_PROTOCOL_ID, KAD_PROTOCOL):
-            echo = await read_delim(stream)
-            if echo != expected.encode():
-                raise ValueError(f"{peer} answered {echo!r} to {expected}")
+            # Bounded: the library's read_delim takes any length the peer announces.
+            echo = await read_varint_prefixed_bytes_limited(stream, MAX_ECHO_BYTES)
+            if echo != expected.encode() + b"\n":
+                raise ValueError(f"{peer} answered {echo.rstrip()!r} to {expected}")
         stream.set_protocol(KAD_PROTOCOL)
         answer = Message()
         answer.ParseFromString(
-            await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE))
+            await read_varint_prefixed_bytes_limited(stream, KAD_MAX_ANSWER_BYTES))
         if answer.type != request.type:
             raise ValueError(f"a {answer.type} answer to a {request.type} request")
-        await stream.close()
     except BaseException:
-        with trio.CancelScope(shield=True), trio.move_on_after(RESET_TIMEOUT_S), \
-                contextlib.suppress(Exception):
-            await stream.reset()
+        await _reset_or_release(stream)
         raise
+    # The request is answered: a slow FIN (its frame queued on a busy connection) or a
+    # deadline that comes now must not fail it. The close is shielded and bounded, and
+    # one that does not make it is a reset (or, cut too, the bookkeeping alone).
+    with trio.CancelScope(shield=True):
+        closed = False
+        with trio.move_on_after(RESET_TIMEOUT_S), contextlib.suppress(Exception):
+            await stream.close()
+            closed = True
+        if not closed:
+            await _reset_or_release(stream)
     return answer
 
 
+async def _reset_or_release(stream: INetStream) -> None:
+    """Reset ``stream``, waiting at most RESET_TIMEOUT_S. A reset cut off there (its frame
+    queued behind bulk data on a busy connection) never reached NetStream.remove(), so the
+    swarm's stream semaphore and the resource manager's slot stayed held until the
+    connection closed: the bookkeeping part alone is done then. It touches no socket, and
+    the swarm releases those exactly once per stream."""
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(RESET_TIMEOUT_S) as cut, contextlib.suppress(Exception):
+            await stream.reset()
+        if cut.cancelled_caught and isinstance(stream, NetStream):
+            # The releases come before the notifees are told; those are bounded too.
+            with trio.move_on_after(RESET_TIMEOUT_S), contextlib.suppress(Exception):
+                await stream.remove()
+            # py-libp2p's yamux marks the stream closed in a finally but gives back its
+            # slot of the connection's 256 (open_stream's backlog) after it: a cut
+            # reset skipped that, and the slot stayed taken until the connection closed.
+            muxed = stream.muxed_stream
+            finalize = getattr(getattr(muxed, "conn", None), "_finalize_stream", None)
+            if finalize is not None:
+                with trio.move_on_after(RESET_TIMEOUT_S), contextlib.suppress(Exception):
+                    await finalize(muxed, fully_closed=True)
+
+
 def _closer_peers(host: IHost, answer: Message) -> list[ID]:
-    """The closer peers an answer names (not this node); their addresses go to the
-    peerstore, so that the walk can dial them."""
+    """The first K closer peers an answer names (not this node); their addresses go to
+    the peerstore, so that the walk can dial them. The rest are not looked at: an honest
+    peer names at most K."""
     closer: list[ID] = []
-    for entry in answer.closerPeers:
+    for entry in answer.closerPeers[:K]:
         try:
             peer = ID(entry.id)
             addrs = [Multiaddr(a) for a in entry.addrs]
@@ -274,15 +372,18 @@ async def value_from_peer(host: IHost, peer: ID, key: bytes) -> tuple[bytes | No
     return (bytes(value) if value else None), _closer_peers(host, answer)
 
 
-async def providers_from_peer(host: IHost, peer: ID, key: bytes
+async def providers_from_peer(host: IHost, peer: ID, key: bytes, limit: int
                               ) -> tuple[list[PeerInfo], list[ID]]:
-    """One GET_PROVIDERS: the providers ``peer`` knows for ``key``, and the closer peers.
-    A provider entry whose signed peer record does not verify is skipped, as py-libp2p
-    does."""
+    """One GET_PROVIDERS: the first ``limit`` providers ``peer`` knows for ``key``, and
+    the closer peers. A provider entry whose signed peer record does not verify is
+    skipped, as py-libp2p does; entries past ``limit`` are not looked at (each costs a
+    signature check)."""
     request = Message(type=Message.MessageType.GET_PROVIDERS, key=key)
     answer = await kad_request(host, peer, request)
     providers: list[PeerInfo] = []
     for entry in answer.providerPeers:
+        if len(providers) >= limit:
+            break
         try:
             if not maybe_consume_signed_record(entry, host):
                 continue
