@@ -409,3 +409,43 @@ def test_end_game_takes_a_slow_providers_chunks(tmp_path: Path,
             assert ((slow_peer, True) in closed) == (to_slow > 1)
 
     run(scenario, timeout=3 * slow_s)
+
+
+def test_stream_idle_before_its_first_request_is_opened_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk worker opens its provider's stream at once; while another provider's leaf
+    layers come, it may idle past the provider's STREAM_IDLE_TIMEOUT_S and be reset there.
+    Its first request then fails: the stream is opened again (once), and the provider is
+    not dropped (the code before dropped it: "failed: StreamReset()")."""
+    idle_s = 1.0
+    monkeypatch.setattr(node.smip.service, "STREAM_IDLE_TIMEOUT_S", idle_s)
+    clock = FakeClock()
+    # One slow leaf layer, then no idle gap (a stream that idles after its first answer
+    # and is cut still drops its provider).
+    model = write_model(tmp_path / "model", shards=1, mib_per_shard=12.0)
+
+    async def scenario() -> None:
+        async with cluster(tmp_path, 3, clock) as (a, p, b):
+            version = await a.models.publish(model, kind="model", name="idle")  # type: ignore[union-attr]
+            await wait_known(p, version)
+            await p.models.fetch(version)  # type: ignore[union-attr]
+            for provider in (a, p):  # a first leaf layer slower than the idle cut
+                answer = provider.models._answer  # type: ignore[union-attr]
+                slowed: list[Request] = []
+
+                async def slow_leaves(request: Request, answer=answer,  # type: ignore[no-untyped-def]
+                                      slowed=slowed) -> tuple[ResponseHeader, bytes]:
+                    if isinstance(request, LeavesRequest) and not slowed:
+                        slowed.append(request)
+                        await trio.sleep(2.5 * idle_s)
+                    return await answer(request)  # type: ignore[no-any-return]
+
+                provider.models._answer = slow_leaves  # type: ignore[union-attr,method-assign]
+            await wait_known(b, version, providers=2)
+            await b.models.fetch(version, out_dir=tmp_path / "out")  # type: ignore[union-attr]
+            assert digest_tree(tmp_path / "out") == digest_tree(model)
+            assert dropped(b, "stalled") == 0
+            assert dropped(b, "failed") == 0
+            assert served(a) > 0 and served(p) > 0
+
+    run(scenario, timeout=30)

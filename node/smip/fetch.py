@@ -28,7 +28,7 @@ import trio
 
 from node.config import SmipSection
 from node.p2p import OPEN_STREAM_ERRORS, P2P, PeerId
-from node.p2p.framing import FrameError, FrameReader, reset_quietly, write_frame
+from node.p2p.framing import FrameEnded, FrameError, FrameReader, reset_quietly, write_frame
 from node.smip.store import PartialShard
 from node.smip.types import SMIP_PROTOCOL, FetchError, HeldVersion, Progress
 from protocol.errors import RemoteProtocolError
@@ -136,11 +136,15 @@ class SmipClient:
         the order of the requests: up to PIPELINE_DEPTH may be outstanding)."""
         if self.stream is None:
             raise FrameError("stream closed")
+        frame = encode_request(request)
         try:
-            await write_frame(self.stream, encode_request(request), RESPONSE_TIMEOUT_S)
-        except BaseException:
+            await write_frame(self.stream, frame, RESPONSE_TIMEOUT_S)
+        except BaseException as exc:
             with trio.CancelScope(shield=True):  # cancelled too: reset, not left open
                 await self.close(failed=True)
+            if isinstance(exc, Exception) and not isinstance(exc, FrameError):
+                # StreamReset, muxer errors: the stream is gone, as a read says it
+                raise FrameEnded(f"stream gone ({exc!r})") from None
             raise
 
     async def receive(self, request: Request,
