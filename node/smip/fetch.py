@@ -556,7 +556,8 @@ class ChunkFetcher:
             if client is not None:
                 await client.close(failed=True)
         finally:
-            self._queues[provider.peer].remove(outstanding)
+            queues = self._queues[provider.peer]  # by identity: deques compare by content
+            del queues[next(i for i, q in enumerate(queues) if q is outstanding)]
             if client is not None:  # cancelled at the end: duplicates still outstanding
                 with trio.CancelScope(shield=True):
                     await client.close(failed=bool(outstanding))
