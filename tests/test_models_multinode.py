@@ -339,16 +339,36 @@ def test_one_provider_fetch_opens_one_stream(tmp_path: Path,
     run(scenario)
 
 
-def test_end_game_takes_a_slow_providers_chunks(tmp_path: Path) -> None:
+def test_end_game_takes_a_slow_providers_chunks(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Once no chunk waits, a provider with a free slot asks for chunks another provider
-    has outstanding: a fetch from a fast and a very slow provider does not wait for the
-    slow one's queue (each of its chunk answers takes ``slow_s``, under the response
-    deadline; before the end game the chunks queued behind it made the fetch take at
-    least that, up to PIPELINE_DEPTH times that), every byte arrives verified once, and
-    the slow provider's stream is reset once the fetch is done rather than read on."""
+    has outstanding behind another answer: a fetch from a fast and a very slow provider
+    waits for the answer the slow one is giving (each of its chunk answers takes
+    ``slow_s``, under the response deadline) but not for the chunks queued behind it
+    (before the end game up to PIPELINE_DEPTH times ``slow_s``), every byte arrives
+    verified once, no chunk is asked of more than two providers or twice of one (a chunk
+    that arrived is not asked again), and the slow provider's stream is reset once the
+    fetch is done rather than read on."""
     slow_s = 5.0
     clock = FakeClock()
-    model = write_model(tmp_path / "model", shards=3, mib_per_shard=4.0)
+    model = write_model(tmp_path / "model", shards=3, mib_per_shard=8.0)
+    closed: list[tuple[object, bool]] = []  # (peer, reset) of each stream closed
+    sent: list[tuple[object, bytes, int]] = []  # (peer, root, index) of each chunk request
+    library_close = node.smip.fetch.SmipClient.close
+    library_send = node.smip.fetch.SmipClient.send
+
+    async def recorded_close(self: node.smip.fetch.SmipClient, *, failed: bool = False) -> None:
+        if self.stream is not None:
+            closed.append((self.peer, failed))
+        await library_close(self, failed=failed)
+
+    async def recorded_send(self: node.smip.fetch.SmipClient, request: Request) -> None:
+        if isinstance(request, ChunkRequest):
+            sent.append((self.peer, request.root, request.index))
+        await library_send(self, request)
+
+    monkeypatch.setattr(node.smip.fetch.SmipClient, "close", recorded_close)
+    monkeypatch.setattr(node.smip.fetch.SmipClient, "send", recorded_send)
 
     async def scenario() -> None:
         async with cluster(tmp_path, 3, clock) as (fast, slow, b):
@@ -366,14 +386,66 @@ def test_end_game_takes_a_slow_providers_chunks(tmp_path: Path) -> None:
 
             slow.models._answer = slow_answer  # type: ignore[union-attr,method-assign]
             await wait_known(b, version, providers=2)
+            sent.clear()  # the slow provider's own fetch
             start = trio.current_time()
             await b.models.fetch(version, out_dir=tmp_path / "out")  # type: ignore[union-attr]
             took = trio.current_time() - start
-            print(f"end game: fetched in {took:.2f} s, {len(slow_answers)} slow answers begun")
+            print(f"end game: fetched in {took:.2f} s, {len(slow_answers)} slow answers begun, "
+                  f"{len(sent)} chunk requests sent")
             assert digest_tree(tmp_path / "out") == digest_tree(model)
             assert slow_answers  # the slow provider was asked (its queue was taken over)
-            assert took < slow_s / 2
+            assert took < 2 * slow_s
             assert fetched(b) == sum(p.stat().st_size for p in model.glob("*.safetensors")) \
                 + (model / "config.json").stat().st_size
+            assert len(sent) == len(set(sent)), "a provider was asked a chunk twice"
+            chunks = [(root, index) for _, root, index in sent]
+            assert max(chunks.count(c) for c in set(chunks)) <= 2
+            first = slow_answers[0]  # being answered: no answer queued ahead of it there
+            assert chunks.count((first.root, first.index)) == 1  # type: ignore[attr-defined]
+            slow_peer = slow.models.net.peer_id  # type: ignore[union-attr]
+            to_slow = sum(peer == slow_peer for peer, _, _ in sent)
+            print(f"{to_slow} chunk requests to the slow provider")
+            # It answered one at most: with more asked, requests were outstanding at the end.
+            assert ((slow_peer, True) in closed) == (to_slow > 1)
 
     run(scenario, timeout=3 * slow_s)
+
+
+def test_stream_idle_before_its_first_request_is_opened_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk worker opens its provider's stream at once; while another provider's leaf
+    layers come, it may idle past the provider's STREAM_IDLE_TIMEOUT_S and be reset there.
+    Its first request then fails: the stream is opened again (once), and the provider is
+    not dropped (the code before dropped it: "failed: StreamReset()")."""
+    idle_s = 1.0
+    monkeypatch.setattr(node.smip.service, "STREAM_IDLE_TIMEOUT_S", idle_s)
+    clock = FakeClock()
+    # One slow leaf layer, then no idle gap (a stream that idles after its first answer
+    # and is cut still drops its provider).
+    model = write_model(tmp_path / "model", shards=1, mib_per_shard=12.0)
+
+    async def scenario() -> None:
+        async with cluster(tmp_path, 3, clock) as (a, p, b):
+            version = await a.models.publish(model, kind="model", name="idle")  # type: ignore[union-attr]
+            await wait_known(p, version)
+            await p.models.fetch(version)  # type: ignore[union-attr]
+            for provider in (a, p):  # a first leaf layer slower than the idle cut
+                answer = provider.models._answer  # type: ignore[union-attr]
+                slowed: list[Request] = []
+
+                async def slow_leaves(request: Request, answer=answer,  # type: ignore[no-untyped-def]
+                                      slowed=slowed) -> tuple[ResponseHeader, bytes]:
+                    if isinstance(request, LeavesRequest) and not slowed:
+                        slowed.append(request)
+                        await trio.sleep(2.5 * idle_s)
+                    return await answer(request)  # type: ignore[no-any-return]
+
+                provider.models._answer = slow_leaves  # type: ignore[union-attr,method-assign]
+            await wait_known(b, version, providers=2)
+            await b.models.fetch(version, out_dir=tmp_path / "out")  # type: ignore[union-attr]
+            assert digest_tree(tmp_path / "out") == digest_tree(model)
+            assert dropped(b, "stalled") == 0
+            assert dropped(b, "failed") == 0
+            assert served(a) > 0 and served(p) > 0
+
+    run(scenario, timeout=30)

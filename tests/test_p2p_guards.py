@@ -213,34 +213,6 @@ def test_tcp_sockets_keep_enough_unsent_bytes() -> None:
     trio.run(scenario)
 
 
-def test_tcp_sockets_get_a_receive_buffer_that_absorbs_a_busy_process() -> None:
-    """wire.receive_buffer asks for RECV_BUFFER and up to RECV_BUFFER_MAX where the host's
-    net.core.rmem_max allows at least RECV_BUFFER, and leaves the kernel's sizing (None)
-    below that or when unknown; a stream opened the way py-libp2p's TCP transport opens
-    one carries the buffer (the kernel doubles what is asked for)."""
-    import socket
-
-    assert wire.receive_buffer(None) is None
-    assert wire.receive_buffer(wire.RECV_BUFFER - 1) is None
-    assert wire.receive_buffer(212992) is None  # a common distribution default
-    assert wire.receive_buffer(wire.RECV_BUFFER) == wire.RECV_BUFFER
-    assert wire.receive_buffer(wire.RECV_BUFFER_MAX * 4) == wire.RECV_BUFFER_MAX
-    if wire.RECEIVE_BUFFER is None:
-        pytest.skip("net.core.rmem_max is below wire.RECV_BUFFER here: the kernel sizes")
-
-    async def scenario() -> None:
-        with trio.fail_after(10):
-            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-            port = listeners[0].socket.getsockname()[1]
-            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-                got = stream.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-                assert got == 2 * wire.RECEIVE_BUFFER
-            for listener in listeners:
-                await listener.aclose()
-
-    trio.run(scenario)
-
-
 def test_yamux_credit_is_released_in_batches() -> None:
     """node/p2p/wire.py replaces YamuxStream's credit release: a reader that takes small
     pieces (as pubsub reads a varint prefix byte by byte) sends a WINDOW_UPDATE once per

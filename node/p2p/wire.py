@@ -1,4 +1,4 @@
-"""Six patches that cut py-libp2p 0.8.1's (and trio's) per-message work, round trips and
+"""Five patches that cut py-libp2p 0.8.1's (and trio's) per-message work, round trips and
 idle sockets on the wire, the same bytes and messages otherwise. Imported by
 node/p2p/host.py before any host is built; each has a guard test in
 tests/test_p2p_guards.py.
@@ -48,21 +48,6 @@ tests/test_p2p_guards.py.
   behind bulk data on the same connection waits that much longer at most, which grows on
   slow links (0.2 s at 10 Mbit/s, 2 s at 1 Mbit/s) and is the price of a bulk sender
   that keeps a fast link busy. (The API's sockets get it too; they carry little.)
-* **A receiving socket that absorbs a busy process.** Linux sizes a TCP socket's receive
-  buffer by what the process read in each recent round trip. A process that waits for a
-  CPU (a loaded host, a training step, a long GC pass) reads little, so its buffer stays
-  small, its peers see their window close and send less, and it reads still less. On the
-  namespace testnet (a 50 Mbit/s, 50 ms RTT link, bulk TCP) a reader that drained its
-  socket every 100 ms got 23.8-25.4 Mbit/s with the kernel's sizing, 43.4-44.6 Mbit/s
-  with 4 MiB asked for (9.0 against 43.5 with 200 ms pauses); a SMIP fetcher on that
-  loaded machine waited for a CPU 25-94% of the time (median 66%). Here every trio
-  TCP socket asks for ``net.core.rmem_max`` bytes, at most ``RECV_BUFFER_MAX`` (the
-  kernel doubles it for its bookkeeping), where that is at least ``RECV_BUFFER``: a
-  smaller fixed buffer would do worse than the kernel's sizing on a fast link, so below
-  it the kernel's sizing stays. The buffer holds unread bytes only (kernel memory,
-  bounded by ``net.ipv4.tcp_mem``); with it a connection's window stops growing at about
-  half of it (the doubled size): 4 MiB at a 4 MiB rmem_max, about 335 Mbit/s at 100 ms
-  RTT.
 """
 
 from __future__ import annotations
@@ -72,7 +57,6 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import suppress
-from pathlib import Path
 from typing import Any
 
 import libp2p.pubsub.floodsub as floodsub_module
@@ -99,9 +83,6 @@ from libp2p.pubsub.utils import maybe_consume_signed_record as library_consume
 from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
 
 NOTSENT_LOWAT = 256 * 1024  # unsent bytes a TCP socket holds before it is writable again
-RECV_BUFFER = 4 << 20  # a TCP socket's receive buffer asked for, at least (see above)
-RECV_BUFFER_MAX = 16 << 20  # ... and at most, where net.core.rmem_max allows more
-RMEM_MAX_PATH = Path("/proc/sys/net/core/rmem_max")
 RECORD_REFRESH_S = 60.0
 MAX_REMEMBERED_PEERS = 4096  # senders whose last record a host remembers
 CREDIT_BATCH = 16 * 1024  # yamux credit is granted once this much is consumed
@@ -226,22 +207,6 @@ class OneTripMultiselectClient(MultiselectClient):
                                      f"protocols tried: {list(protocols)}")
 
 
-def receive_buffer(rmem_max: int | None) -> int | None:
-    """The SO_RCVBUF to ask for under ``net.core.rmem_max`` (None: unknown), or None to
-    leave the kernel's own sizing (see the module's docstring)."""
-    if rmem_max is None or rmem_max < RECV_BUFFER:
-        return None
-    return min(rmem_max, RECV_BUFFER_MAX)
-
-
-def _read_rmem_max() -> int | None:
-    try:
-        return int(RMEM_MAX_PATH.read_text())
-    except (OSError, ValueError):  # not Linux, or /proc hidden: keep the kernel's sizing
-        return None
-
-
-RECEIVE_BUFFER = receive_buffer(_read_rmem_max())  # read once, at import
 _library_socket_stream_init = trio.SocketStream.__init__
 
 
@@ -250,9 +215,6 @@ def _socket_stream_init(self: trio.SocketStream, socket_: Any) -> None:
     if hasattr(socket, "TCP_NOTSENT_LOWAT"):
         with suppress(OSError):
             self.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
-    if RECEIVE_BUFFER is not None:
-        with suppress(OSError):
-            self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
 
 
 trio.SocketStream.__init__ = _socket_stream_init  # type: ignore[method-assign,assignment]

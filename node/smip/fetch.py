@@ -28,7 +28,7 @@ import trio
 
 from node.config import SmipSection
 from node.p2p import OPEN_STREAM_ERRORS, P2P, PeerId
-from node.p2p.framing import FrameError, FrameReader, reset_quietly, write_frame
+from node.p2p.framing import FrameEnded, FrameError, FrameReader, reset_quietly, write_frame
 from node.smip.store import PartialShard
 from node.smip.types import SMIP_PROTOCOL, FetchError, HeldVersion, Progress
 from protocol.errors import RemoteProtocolError
@@ -136,11 +136,15 @@ class SmipClient:
         the order of the requests: up to PIPELINE_DEPTH may be outstanding)."""
         if self.stream is None:
             raise FrameError("stream closed")
+        frame = encode_request(request)
         try:
-            await write_frame(self.stream, encode_request(request), RESPONSE_TIMEOUT_S)
-        except BaseException:
+            await write_frame(self.stream, frame, RESPONSE_TIMEOUT_S)
+        except BaseException as exc:
             with trio.CancelScope(shield=True):  # cancelled too: reset, not left open
                 await self.close(failed=True)
+            if isinstance(exc, Exception) and not isinstance(exc, FrameError):
+                # StreamReset, muxer errors: the stream is gone, as a read says it
+                raise FrameEnded(f"stream gone ({exc!r})") from None
             raise
 
     async def receive(self, request: Request,
@@ -210,10 +214,6 @@ async def fetch_manifest(models: Models, version: bytes, providers: list[PeerId]
             reasons.append(f"{peer}: {str(exc) or type(exc).__name__}")
             models.metrics.dropped.labels(getattr(exc, "reason", "unreachable")).inc()
             continue
-        except BaseException:  # cancelled: the stream must not stay open behind us
-            with trio.CancelScope(shield=True):
-                await client.close(failed=True)
-            raise
         if keep is None:
             await client.close()
         else:
@@ -303,7 +303,8 @@ class _Shard:
     providers: set[PeerId]
     partial: PartialShard | None = None
     waiting: deque[int] = field(default_factory=deque)
-    # Chunks asked for and not yet arrived: who has each outstanding, oldest asked first.
+    # Chunks asked for: who has each outstanding (until that asker's answer is read, also
+    # when another copy arrived first), oldest asked first.
     asked: dict[int, set[PeerId]] = field(default_factory=dict)
     arrived: set[int] = field(default_factory=set)  # answered (stored or being stored)
     refused: set[PeerId] = field(default_factory=set)  # answered not-found / too-large / internal
@@ -331,6 +332,8 @@ class ChunkFetcher:
         self._lookups: list[trio.CancelScope] = []  # cancelled once every shard is done
         self._workers: list[trio.CancelScope] = []  # cancelled too: duplicates not read
         self._writes = trio.Semaphore(models.tunables.writes_in_flight)
+        # Each worker's requests in flight, in the order their answers will come.
+        self._queues: dict[PeerId, list[deque[tuple[_Shard, int | None, Request]]]] = {}
 
     def _notify(self) -> None:
         self._changed.set()
@@ -408,17 +411,33 @@ class ChunkFetcher:
         return self._duplicate(provider)
 
     def _duplicate(self, provider: _Provider) -> tuple[_Shard, int] | None:
-        """The end game: a chunk outstanding at one other provider only, the newest asked
-        first (the likeliest to be queued behind that provider's others)."""
-        for shard in self.shards:
-            if shard.done or shard.partial is None or provider.peer not in shard.providers \
-                    or provider.peer in shard.refused:
-                continue
+        """The end game: a chunk not yet arrived, outstanding at one other provider only
+        and queued there behind another answer, the newest asked first (the likeliest to
+        be queued behind that provider's others). Not while a shard this provider serves
+        awaits its leaf layer: its chunks are about to wait, and a small fetch would be
+        asked twice over."""
+        shards = [s for s in self.shards if not s.done and provider.peer in s.providers
+                  and provider.peer not in s.refused]
+        if any(s.partial is None for s in shards):
+            return None
+        for shard in shards:
             for index in reversed(shard.asked):
+                if index in shard.arrived:
+                    continue
                 askers = shard.asked[index]
-                if len(askers) == 1 and provider.peer not in askers:
+                if len(askers) == 1 and provider.peer not in askers \
+                        and self._queued_behind(shard, index, next(iter(askers))):
                     return shard, index
         return None
+
+    def _queued_behind(self, shard: _Shard, index: int, peer: PeerId) -> bool:
+        """Whether ``peer`` has an answer to read before this chunk's (the one at the head
+        of a worker's queue is being read: a copy asked now would come after it)."""
+        for queue in self._queues.get(peer, ()):
+            for position, (other, other_index, _) in enumerate(queue):
+                if other is shard and other_index == index:
+                    return position > 0
+        return False
 
     def _has_provider(self, shard: _Shard) -> bool:
         """Some provider of this shard is still in use and has not refused it."""
@@ -455,6 +474,8 @@ class ChunkFetcher:
     async def _work(self, provider: _Provider) -> None:
         client: SmipClient | None = None
         outstanding: deque[tuple[_Shard, int | None, Request]] = deque()
+        self._queues.setdefault(provider.peer, []).append(outstanding)
+        answered = reopened = False  # an answer read on this stream; opened it again
         try:
             if not self.finished and not self._useless(provider):
                 # Opened at once, not with the first request: the other providers' workers
@@ -463,6 +484,8 @@ class ChunkFetcher:
                 client = self._streams.pop(provider.peer, None) or await SmipClient(
                     self.models.net, provider.peer, self.models.tunables).open()
             while True:
+                if provider.dropped:  # by another worker, or a write that found a bad chunk
+                    raise FrameError("dropped")
                 while len(outstanding) < PIPELINE_DEPTH and not self.finished \
                         and not self._useless(provider):
                     work = self._pick(provider)
@@ -479,7 +502,13 @@ class ChunkFetcher:
                     if client is None:
                         client = await SmipClient(self.models.net, provider.peer,
                                                     self.models.tunables).open()
-                    await client.send(request)
+                    try:
+                        await client.send(request)
+                    except FrameError as exc:
+                        if answered or reopened:
+                            raise
+                        reopened = True
+                        client = await self._reopen(provider, outstanding, exc)
                 if not outstanding:
                     if self.finished or self._useless(provider):
                         return
@@ -489,7 +518,15 @@ class ChunkFetcher:
                     continue
                 shard, index, request = outstanding[0]
                 assert client is not None
-                header, payload = await client.receive(request, shard.entry)
+                try:
+                    header, payload = await client.receive(request, shard.entry)
+                except FrameError as exc:
+                    if answered or reopened:
+                        raise
+                    reopened = True
+                    client = await self._reopen(provider, outstanding, exc)
+                    continue
+                answered = True
                 if header.status != STATUS_OK:
                     outstanding.popleft()
                     self._refused(provider, shard, index, header)  # puts it back itself
@@ -497,6 +534,7 @@ class ChunkFetcher:
                 if index is not None:
                     self._unask(shard, index, provider.peer)
                     if index in shard.arrived:  # the other copy came first
+                        self.models.metrics.duplicates.inc(len(payload))
                         outstanding.popleft()
                         continue
                     shard.arrived.add(index)
@@ -506,8 +544,6 @@ class ChunkFetcher:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._store, provider, shard, index, payload)
                 outstanding.popleft()  # only once handled: a chunk that fails goes back
-                if provider.dropped:  # by a write that found a bad chunk
-                    raise FrameError("dropped")
         except Exception as exc:  # bad bytes, a stall, a failed dial or write
             if isinstance(exc, RemoteProtocolError):
                 self._drop(provider, str(exc))  # "reason: what was wrong"
@@ -520,10 +556,25 @@ class ChunkFetcher:
             if client is not None:
                 await client.close(failed=True)
         finally:
+            queues = self._queues[provider.peer]  # by identity: deques compare by content
+            del queues[next(i for i, q in enumerate(queues) if q is outstanding)]
             if client is not None:  # cancelled at the end: duplicates still outstanding
                 with trio.CancelScope(shield=True):
                     await client.close(failed=bool(outstanding))
             self._notify()
+
+    async def _reopen(self, provider: _Provider,
+                      outstanding: deque[tuple[_Shard, int | None, Request]],
+                      exc: FrameError) -> SmipClient:
+        """A stream that failed before its first answer, opened again with its requests:
+        opened before there was work for it, it may have idled past the provider's
+        STREAM_IDLE_TIMEOUT_S and been reset there, which is no stall."""
+        log.info("stream to %s failed before its first answer (%s): opening another",
+                 provider.peer, exc)
+        client = await SmipClient(self.models.net, provider.peer, self.models.tunables).open()
+        for *_, request in outstanding:
+            await client.send(request)
+        return client
 
     async def _store(self, provider: _Provider, shard: _Shard, index: int | None,
                      payload: bytes) -> None:

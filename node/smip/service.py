@@ -116,6 +116,9 @@ class ModelsMetrics:
                               ["op"], registry=registry)
         self.fetched = Counter("iollm_smip_fetched_bytes", "verified chunk bytes fetched",
                                registry=registry)
+        self.duplicates = Counter("iollm_smip_duplicate_bytes",
+                                  "chunk bytes that arrived after another copy (end game)",
+                                  registry=registry)
         self.dropped = Counter("iollm_smip_providers_dropped",
                                "providers dropped from a fetch, by reason", ["reason"],
                                registry=registry)
