@@ -17,7 +17,7 @@ Decisions combine asynchronous successive halving with population-based training
   from its own last version, same setting, one rung further (the same trial);
 * *stop*: a branch below the rung's top 1/eta (or that did not beat its start) stops;
   one that did not beat its start (a plateau) has its start tried again, with the lr one
-  annealing step down, before anything else;
+  annealing step down, queued like a continuation (up to MAX_PLATEAUS times per start);
 * *exploit/explore*: a free slot after the population is out continues from one of the
   best versions so far (the top quarter, drawn with the injected rng) with its setting
   perturbed (x0.8 or x1.25, a neighbouring choice, or resampled one time in four), as a
@@ -63,7 +63,8 @@ NARROW_MIN = 4  # results at a rung before its best settings narrow the explore 
 WORK_FIELDS = ("inner_steps", "batch_size")
 LATE = 0.25  # budget fraction spent after which a kept branch anneals as it goes on
 ANNEAL = PERTURB[0]  # its lr factor
-MAX_ANNEALS = 3  # annealing steps along one path (lr down to ANNEAL ** 3 = 0.51x)
+MAX_ANNEALS = 3  # annealing steps one search takes along one path, plateau steps included
+MAX_PLATEAUS = 2  # plateau retries of one start version (a retry that stalls is retried)
 
 
 def priced(goal: Goal) -> Goal:
@@ -113,6 +114,8 @@ class Branch:
     parent: int | None = None  # the branch whose version it starts from
     anneals: int = 0  # lr annealing steps behind its setting (see Search._annealed)
     carried: int = 0  # of those, the steps taken before this search (memory's)
+    plateaus: int = 0  # plateau retries of its start before it (see Search.finished)
+    retry_of: int | None = None  # the branch whose plateau it retries
     status: str = "planned"  # planned | running | done | stopped | failed
     job: str | None = None
     tries: int = 0
@@ -139,7 +142,7 @@ class Start:
     loss: float | None
     depth: int = 0
     params: dict[str, Any] | None = None  # the setting that made it, when known
-    anneals: int = 0  # lr annealing steps behind that setting (MAX_ANNEALS holds per path)
+    anneals: int = 0  # lr annealing steps behind that setting (memory's, all searches)
 
 
 @dataclass(frozen=True)
@@ -258,12 +261,16 @@ class Search:
                 prior = start.params or self.goal.incumbent()
             anneals = carried = 0
             known = start.params
+            lr_dim = next((d for d in self.goal.searched if d.name == "lr"), None)
             if known is not None and prior is known:
                 # Going on from what memory learnt: the path's annealing goes on too. A
                 # path that was annealing takes its next step (the lr that made the start
                 # version is one its later training had already outgrown).
+                # A known lr outside this goal's range is not that path's lr any more.
                 anneals = carried = start.anneals
-                stepped = self._lr_step(self._complete(known)) if anneals else None
+                inside = lr_dim is None or lr_dim.contains(known.get("lr"))
+                stepped = self._lr_step(self._complete(known)) if anneals and inside \
+                    else None
                 if stepped is not None:
                     prior, anneals = stepped, anneals + 1
             trial, params = self.advisor.new_trial(self._complete(prior) if prior else None)
@@ -276,8 +283,12 @@ class Search:
         params = self._explore(parent.params)
         trial, params = self.advisor.new_trial(params)
         assert parent.loss is not None
-        return self._branch("exploit", trial, parent.versions[-1], parent.loss,
-                            parent.end_depth, params, parent.id)
+        b = self._branch("exploit", trial, parent.versions[-1], parent.loss,
+                         parent.end_depth, params, parent.id)
+        # A perturbed setting (its lr maybe raised or resampled) starts a new path: the
+        # parent's annealing steps are not behind it, so memory must not step it on.
+        b.anneals = b.carried = 0
+        return b
 
     def _wpr_max(self) -> int:
         d = self.goal.dim("workers_per_round")
@@ -395,16 +406,20 @@ class Search:
             why = b.note
             # A plateau: the lr is too high for this stage of training. Its start version
             # is tried again with the lr one annealing step down (down to the range's
-            # low end), before anything else is planned.
-            stepped = self._lr_step(b.params)
+            # low end, at most MAX_PLATEAUS times per start), queued in decision order
+            # like a continuation: with branches side by side, a kept branch decided
+            # earlier does not wait behind a stalled one.
+            stepped = self._lr_step(b.params) if b.plateaus < MAX_PLATEAUS else None
             if stepped is not None:
                 trial, params = self.advisor.new_trial(stepped)
                 retry = self._branch("exploit", trial, b.start, b.start_loss, b.depth,
                                      params, b.parent)
                 retry.anneals, retry.carried = b.anneals + 1, b.carried
+                retry.plateaus, retry.retry_of = b.plateaus + 1, b.id
                 self.queue.append(retry)
                 why += (f"; a plateau: branch {retry.id} goes on from its start with lr "
-                        f"x{ANNEAL:g} (annealing)")
+                        f"{float(b.params['lr']):.4g} -> {float(params['lr']):.4g} "
+                        f"(annealing)")
             return self._reflect(b, "stop", why, rung)
         b.status = "done"
         annealed = self._annealed(b)
@@ -440,7 +455,8 @@ class Search:
     def _annealed(self, b: Branch) -> dict[str, Any] | None:
         """Late in the budget, a kept branch's setting with its lr annealed (see
         ``_lr_step``); None when it goes on unchanged: early, nothing to anneal, or this
-        search annealed its path MAX_ANNEALS times already."""
+        search annealed its path MAX_ANNEALS times already (plateau steps count: the
+        cap bounds how far one search lowers a path's lr, ANNEAL ** 3 = 0.51x)."""
         if self.progress() < LATE or b.anneals - b.carried >= MAX_ANNEALS:
             return None
         return self._lr_step(b.params)
@@ -516,8 +532,10 @@ class Search:
     def _reflect(self, b: Branch, decision: str, why: str, rung: int | None
                  ) -> dict[str, Any]:
         moved: dict[str, list[Any]] = {}
-        if b.parent is not None and b.kind == "exploit":
-            before = self.branches[b.parent].params
+        # A plateau retry moved from the branch it retries; another exploit from its parent.
+        was = b.retry_of if b.retry_of is not None else b.parent
+        if was is not None and b.kind == "exploit":
+            before = self.branches[was].params
             moved = {k: [before.get(k), v] for k, v in b.params.items() if before.get(k) != v}
         narrowed = self._narrow(rung) if rung is not None else {}
         record = {"n": len(self.reflections) + 1, "branch": b.id, "kind": b.kind,

@@ -26,6 +26,7 @@ from protocol.agentsearch import (
     ANNEAL,
     LATE,
     MAX_ANNEALS,
+    MAX_PLATEAUS,
     WORK_FIELDS,
     Search,
     Start,
@@ -236,6 +237,8 @@ def test_the_machine_keeps_its_budget_whatever_the_events(data: st.DataObject) -
     running: list[int] = []
     loss = {BASE: BASE_LOSS}
     counter = 0
+    low = g.dim("lr").low
+    late: dict[int, int] = {}  # late annealing steps along each branch's path
     for _ in range(60):
         if search.done:
             break
@@ -266,7 +269,25 @@ def test_the_machine_keeps_its_budget_whatever_the_events(data: st.DataObject) -
             losses.append(loss[v])
             parents.append(parent)
             parent = v
-        search.finished(i, versions, losses, parents, search.cost(b), 1.0)
+        queued = {q.id for q in search.queue}
+        record = search.finished(i, versions, losses, parents, search.cost(b), 1.0)
+        new = [q for q in search.queue if q.id not in queued]
+        retries = [q for q in new if q.retry_of is not None]
+        lr = float(b.params["lr"])
+        if "no gain" in record["why"] and lr > low and b.plateaus < MAX_PLATEAUS:
+            # A plateau: exactly one retry, from the same start, one annealing step down.
+            (r,) = retries
+            assert (r.retry_of, r.start, r.start_loss, r.depth) == \
+                (b.id, b.start, b.start_loss, b.depth)
+            assert r.params["lr"] == pytest.approx(max(low, lr * ANNEAL))
+            assert r.plateaus == b.plateaus + 1 <= MAX_PLATEAUS
+        else:
+            assert retries == []
+        for q in new:
+            stepped = q.parent == b.id and "late in the budget" in record["why"]
+            late[q.id] = late.get(b.id, 0) + stepped if q.parent == b.id else \
+                late.get(q.retry_of or -1, 0)
+            assert late[q.id] <= MAX_ANNEALS
         with pytest.raises(LocalProtocolError):
             search.finished(i, versions, losses, parents, 0, 0.0)  # not running any more
     assert search.spent_tasks <= budget
@@ -617,3 +638,101 @@ def test_worker_seconds_progress_counts_what_running_branches_will_spend() -> No
     assert search.progress() == pytest.approx(0.1)
     (c,) = search.plan(1)
     assert search.progress() == pytest.approx((10.0 + 5.0 * search.cost(c)) / 100)
+
+
+def plateau_search(lr: float, *, anneals: int = 0, population: int = 1, parallel: int = 1,
+                   space: str = "") -> tuple[Search, Start]:
+    g = priced_goal("tasks = 8", parallel=parallel, population=population)
+    if space:
+        g = parse_goal_toml(f"""
+base_model = "{BASE}"
+dataset = "{DATA}"
+[budget]
+tasks = 8
+[search]
+population = {population}
+parallel = {parallel}
+[space]
+{space}
+""")
+    start = Start("ee" * 32, 3.0, depth=4, params={"lr": lr, "outer_lr": 0.7},
+                  anneals=anneals)
+    return Search(g, OptunaAdvisor(g, "plateau", seed=0), random.Random(0), [start]), start
+
+
+def rung(search: Search, b: Any, loss: float) -> dict[str, Any]:
+    search.started(b.id, f"job{b.id}")
+    return search.finished(b.id, [f"{b.id:064x}"], [loss], [b.start], 1, 1.0)
+
+
+def test_a_start_that_never_gains_is_retried_at_most_max_plateaus_times() -> None:
+    search, start = plateau_search(1e-2)
+    records, lrs = [], []
+    for _ in range(MAX_PLATEAUS + 1):
+        (b,) = search.plan(1)
+        assert b.start == start.version
+        lrs.append(b.params["lr"])
+        records.append(rung(search, b, 3.1))  # never beats its start's 3.0
+    assert lrs == pytest.approx([1e-2 * ANNEAL ** i for i in range(MAX_PLATEAUS + 1)])
+    assert [search.branches[i].plateaus for i in (1, 2, 3)] == [0, 1, 2]
+    assert "plateau" not in records[-1]["why"] and search.queue == []
+    # The retry's reflection says what moved: from the branch it retries (a fresh one,
+    # without a parent), and the lr it went to.
+    assert "lr 0.01 -> 0.008" in records[0]["why"]
+    assert records[1]["moved"] == {"lr": [1e-2, pytest.approx(8e-3)]}
+    (nxt,) = search.plan(1)  # the search moves on: an exploit of the best result
+    assert nxt.kind == "exploit" and nxt.retry_of is None and nxt.plateaus == 0
+
+
+def test_plateau_steps_count_toward_the_late_annealing_cap() -> None:
+    search, _ = plateau_search(2e-3)
+    outcomes = iter([3.1, 3.1, 2.9, 2.8, 2.7, 2.6, 2.5, 2.4])
+    lrs, late = [], 0
+    while planned := search.plan(1):
+        (b,) = planned
+        lrs.append(b.params["lr"])
+        late += "late in the budget" in rung(search, b, next(outcomes))["why"]
+    # Two plateau steps, then MAX_ANNEALS - 2 late ones: one search lowers a path's lr
+    # at most ANNEAL ** MAX_ANNEALS, whatever the cause.
+    assert late == MAX_ANNEALS - MAX_PLATEAUS == 1
+    assert lrs == pytest.approx([2e-3 * ANNEAL ** i for i in (0, 1, 2)]
+                                + [2e-3 * ANNEAL ** 3] * 5)
+
+
+def test_an_exploit_with_a_perturbed_setting_carries_no_annealing_steps() -> None:
+    low = 1e-4
+    search, _ = plateau_search(low, anneals=2)  # at the low end: nothing to step
+    (b,) = search.plan(1)
+    assert (b.anneals, b.carried) == (2, 2)
+    assert "plateau" not in rung(search, b, 3.1)["why"]
+    (e,) = search.plan(1)
+    assert (e.kind, e.parent) == ("exploit", b.id) and (e.anneals, e.carried) == (0, 0)
+
+
+def test_memory_takes_no_annealing_step_from_an_lr_outside_the_range() -> None:
+    search, _ = plateau_search(5e-2, anneals=2)  # above this goal's 3e-2
+    (b,) = search.plan(1)
+    assert b.params["lr"] == pytest.approx(search.goal.dim("lr").middle())
+    assert (b.anneals, b.carried) == (2, 2)
+
+
+def test_a_fixed_lr_goal_gives_no_plateau_retry() -> None:
+    search, _ = plateau_search(3e-3, space="lr = 3e-3\nouter_lr = {low = 0.2, high = 1.0}")
+    (b,) = search.plan(1)
+    record = rung(search, b, 3.1)
+    assert "no gain" in record["why"] and "plateau" not in record["why"]
+    assert search.queue == []
+
+
+def test_with_branches_side_by_side_a_retry_queues_after_earlier_decisions() -> None:
+    g = priced_goal("tasks = 40", parallel=2, population=2)
+    start = Start("ee" * 32, 2.0, depth=4, params={"lr": 1e-2, "outer_lr": 0.7})
+    other = Start("dd" * 32, 3.0, depth=2)
+    search = Search(g, OptunaAdvisor(g, "order", seed=0), random.Random(0), [start, other])
+    b, a = search.plan(2)
+    assert b.start == start.version and a.start == other.version
+    assert rung(search, a, 2.9)["decision"] == "continue"
+    assert "plateau" in rung(search, b, 2.05)["why"]  # no gain, yet the better loss
+    first, second = search.plan(2)
+    assert (first.kind, first.parent) == ("continue", a.id)
+    assert (second.retry_of, second.start) == (b.id, start.version)
