@@ -40,26 +40,34 @@ BASE = "ab" * 32
 DATA = "cd" * 32
 
 
-def goal(budget: int = 40, *, target: float | None = None, parallel: int = 2,
-         population: int = 4, wpr: int = 2, extra: str = "") -> Goal:
-    objective = f"[objective]\ntarget = {target}\n" if target is not None else ""
+def goal_toml(budget: str, *, parallel: int, population: int, seed: int, space: str,
+              top: str = "", extra: str = "") -> Goal:
+    """The goals of these tests: one template; ``budget`` is its [budget] line, ``space``
+    the [space] fields after lr, outer_lr and inner_steps."""
     return parse_goal_toml(f"""
-name = "sim"
 base_model = "{BASE}"
 dataset = "{DATA}"
-{objective}
+{top}
 [budget]
-tasks = {budget}
+{budget}
 [search]
 population = {population}
 parallel = {parallel}
-seed = 3
+seed = {seed}
 [space]
 lr = {{low = 1e-4, high = 3e-2, log = true}}
 outer_lr = {{low = 0.2, high = 1.0}}
 inner_steps = [20, 50]
-workers_per_round = {wpr}
+{space}
 {extra}""")
+
+
+def goal(budget: int = 40, *, target: float | None = None, parallel: int = 2,
+         population: int = 4, wpr: int = 2, extra: str = "") -> Goal:
+    objective = f"[objective]\ntarget = {target}\n" if target is not None else ""
+    return goal_toml(f"tasks = {budget}", parallel=parallel, population=population, seed=3,
+                     space=f"workers_per_round = {wpr}", top=f'name = "sim"\n{objective}',
+                     extra=extra)
 
 
 def run_agent(tmp_path: Path, body: Callable[[Agent], Awaitable[Any]],
@@ -384,22 +392,8 @@ def test_a_task_budget_fixes_the_fields_that_only_size_a_task(doc: dict[str, Any
 
 
 def priced_goal(budget: str, *, parallel: int = 2, population: int = 4) -> Goal:
-    return parse_goal_toml(f"""
-base_model = "{BASE}"
-dataset = "{DATA}"
-[budget]
-{budget}
-[search]
-population = {population}
-parallel = {parallel}
-seed = 5
-[space]
-lr = {{low = 1e-4, high = 3e-2, log = true}}
-outer_lr = {{low = 0.2, high = 1.0}}
-inner_steps = [20, 50]
-batch_size = {{low = 4, high = 16}}
-workers_per_round = [1, 2]
-""")
+    return goal_toml(budget, parallel=parallel, population=population, seed=5,
+                     space="batch_size = {low = 4, high = 16}\nworkers_per_round = [1, 2]")
 
 
 @pytest.mark.timeout(60)
