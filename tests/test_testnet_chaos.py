@@ -24,7 +24,16 @@ import pytest
 
 from node.testnet.netns import namespaces, netns_pids
 from tests.netutil import iollm
-from tests.test_testnet_hosts import PREFIX, UNAVAILABLE, api, cli, leftovers, run_op, wait
+from tests.test_testnet_hosts import (
+    PREFIX,
+    UNAVAILABLE,
+    api,
+    cli,
+    leftovers,
+    providers_known,
+    run_op,
+    wait,
+)
 
 pytestmark = [pytest.mark.chaos,
               # as test_testnet_hosts.py: as root (CI) a missing piece fails, not skips
@@ -130,6 +139,11 @@ def test_wan_links_job_fetch_and_gpus(testnet: tuple[Path, str], tmp_path: Path)
             out.write(os.urandom(2**20))
     version = run_op(by_name["node-2"], "/v1/models/publish",
                      {"path": str(blob), "kind": "dataset", "name": "blob"}, 300)["version"]
+    # Fetched once node-3 has heard of it, as a user fetches what `model list` shows: a
+    # fetch sent within a round trip of the publish can find the provider record not yet
+    # stored on the DHT (one lookup, then "no provider"; node/smip/fetch.py).
+    wait(lambda: providers_known(by_name["node-3"], version) >= 1, 60,
+         "node-3 hearing of the new version")
     start = time.monotonic()
     got_dir = tmp_path / "got"
     run_op(by_name["node-3"], "/v1/models/fetch", {"version": version, "out": str(got_dir)},

@@ -179,6 +179,12 @@ def check_addresses_and_partition(directory: Path, state: dict[str, Any],
     assert by_name["bootstrap"]["netns"] in namespaces(PREFIX + "c")
 
 
+def providers_known(node: dict[str, Any], version: str) -> int:
+    """How many providers of dataset ``version`` ``node`` has heard of (0: not of it)."""
+    held = [v for v in api(node, "/v1/models?kind=dataset") if v["version"] == version]
+    return int(held[0]["providers"]) if held else 0
+
+
 def run_op(node: dict[str, Any], path: str, body: Any, timeout: float) -> Any:
     op = api(node, path, "POST", body)["op"]
     state: dict[str, Any] = {}
@@ -201,17 +207,15 @@ def test_provider_killed_mid_fetch_on_shaped_links(
     data.write_bytes(os.urandom(12 * 2**20))
     version = run_op(one, "/v1/models/publish",
                      {"path": str(data), "kind": "dataset", "name": "blob"}, 60)["version"]
-    def providers(node: dict[str, Any] = boot) -> int:
-        held = [v for v in api(node, "/v1/models?kind=dataset") if v["version"] == version]
-        return int(held[0]["providers"]) if held else 0
 
     # node-2 fetches it first (unshaped, fast) and so provides it too: once it has heard
     # of it, as a user runs `model fetch` on what `model list` shows (the test may follow
     # a partition just healed, with the mesh and routing still mending).
-    wait(lambda: providers(two) >= 1, 30, "node-2 hearing of the new version")
+    wait(lambda: providers_known(two, version) >= 1, 30, "node-2 hearing of the new version")
     run_op(two, "/v1/models/fetch", {"version": version}, 60)
 
-    wait(lambda: providers() >= 2, 30, "two providers known to the bootstrap node")
+    wait(lambda: providers_known(boot, version) >= 2, 30,
+         "two providers known to the bootstrap node")
     # Each provider's link: 16 Mbit/s and 10 ms each way, so the fetch takes seconds.
     code, out, _ = cli(capsys, "testnet", "shape", "node-1", "node-2", "--rate-mbit", "16",
                        "--delay-ms", "10", "--dir", str(directory))
