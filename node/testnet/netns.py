@@ -196,10 +196,12 @@ def open_tun(netns: str) -> int:
 
 
 def tcp_stream_mbit(sender: str, receiver: str, addr: str, nbytes: int, port: int,
-                    timeout: float = 120.0) -> float:
+                    timeout: float = 120.0, after: int = 0) -> float:
     """One bulk TCP stream of ``nbytes`` from namespace ``sender`` to ``addr:port`` in
     namespace ``receiver``, over their links: the Mbit/s of payload received, from the
-    accept to the last byte (what the links and the relay carry, as iperf would say)."""
+    accept to the last byte (what the links and the relay carry, as iperf would say).
+    With ``after``, the rate of the bytes past the first ``after`` only: the rate a link
+    holds once slow start is over."""
     def listen() -> socket.socket:
         server = socket.socket()
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -208,16 +210,18 @@ def tcp_stream_mbit(sender: str, receiver: str, addr: str, nbytes: int, port: in
         server.settimeout(timeout)
         return server
 
-    took: list[float] = []
+    took: list[tuple[float, int]] = []
 
     def receive(server: socket.socket) -> None:
         with server, server.accept()[0] as conn:
             conn.settimeout(timeout)
-            got, start = 0, time.monotonic()
+            got, start, counted = 0, time.monotonic(), nbytes
             while got < nbytes and (chunk := conn.recv(1 << 20)):
                 got += len(chunk)
+                if after and got >= after and counted == nbytes:
+                    start, counted = time.monotonic(), nbytes - got
             if got == nbytes:
-                took.append(time.monotonic() - start)
+                took.append((time.monotonic() - start, counted))
 
     server = run_in_netns(receiver, listen)
     reader = threading.Thread(target=receive, args=(server,), daemon=True)
@@ -231,7 +235,8 @@ def tcp_stream_mbit(sender: str, receiver: str, addr: str, nbytes: int, port: in
     if not took:
         raise NetnsError(f"a TCP stream from {sender} to {receiver} did not arrive whole "
                          f"in {timeout:.0f} s")
-    return nbytes * 8 / took[0] / 1e6
+    seconds, counted = took[0]
+    return counted * 8 / seconds / 1e6
 
 
 def netns_argv(netns: str, argv: list[str]) -> list[str]:
