@@ -73,7 +73,8 @@ rpc_timeout_s = 3
 unresponsive_for_s = 60
 # A request within a query still unanswered after this many seconds gives up its place
 # among the requests in flight: the next peer is asked at once, and a late answer still
-# counts. Seconds.
+# counts. Sooner when the node's measured DHT round times say the request is late
+# (specs/capability.md, "Lookup walk"). Seconds.
 hedge_after_s = 0.5
 # A publish step that failed (the DHT put, a class provide) is tried again after this
 # many seconds, then after twice as long each time (15, 30, 60 s), publish_retries times

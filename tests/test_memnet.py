@@ -18,7 +18,7 @@ from nacl.signing import SigningKey
 from node.p2p import P2P, GossipMessage, PeerGone, PeerId, PeerInfo, RecordValidator, Unreachable
 from node.p2p.framing import FrameEnded, FrameReader, frame_prefix, read_frame, write_frame
 from node.p2p.host import NotServed
-from node.p2p.lookup import Unresponsive, walk
+from node.p2p.lookup import HEDGE_MIN_S, RoundTrips, Unresponsive, walk
 from tests.memnet import (
     MemNetwork,
     MemNode,
@@ -302,6 +302,50 @@ def test_a_slow_peer_costs_a_walk_hedge_after_not_its_rpc_timeout() -> None:
             assert trio.current_time() - start == pytest.approx(0.55)
             assert not slow & {peer for peer, _ in result.answers}
     run(main)
+
+
+def test_a_walk_hedges_when_the_measured_round_times_say_a_request_is_late() -> None:
+    """With round times measured at 50 ms, the three slow peers asked first give up their
+    slots after srtt + 4 * rttvar, not after the half second of hedge_after; every answer
+    of the walk is a sample of its RoundTrips."""
+    async def main() -> None:
+        async with _star(8) as (_, nodes):
+            asker = nodes[0]
+            slow = set(asker.closest_known(b"/v/x", 3))
+
+            async def get(peer: PeerId) -> tuple[bytes | None, list[PeerId]]:
+                await trio.sleep(2.5 if peer in slow else 0.05)
+                return b"v", []
+
+            round_trips = RoundTrips()
+            for _ in range(10):
+                round_trips.observe(0.05)
+            late = round_trips.hedge_after(0.5)
+            assert HEDGE_MIN_S <= late < 0.06
+            start = trio.current_time()
+            result = await walk(asker, b"/v/x", get, rpc_timeout=3, timeout=10,
+                                unresponsive=Unresponsive(), hedge_after=0.5,
+                                round_trips=round_trips,
+                                enough=lambda answers: len(answers) >= 2)
+            assert trio.current_time() - start == pytest.approx(late + 0.05)
+            assert not slow & {peer for peer, _ in result.answers}
+            assert round_trips.srtt == pytest.approx(0.05)
+    run(main)
+
+
+@given(samples=st.lists(st.floats(min_value=0, max_value=30), max_size=50),
+       ceiling=st.floats(min_value=HEDGE_MIN_S, max_value=30))
+def test_round_trips_hedge_within_their_bounds(samples: list[float], ceiling: float) -> None:
+    """Whatever the samples, the wait before hedging stays within [HEDGE_MIN_S, ceiling],
+    is the ceiling before any sample, and the smoothed time within the samples' range."""
+    round_trips = RoundTrips()
+    assert round_trips.hedge_after(ceiling) == ceiling
+    for sample in samples:
+        round_trips.observe(sample)
+        assert HEDGE_MIN_S <= round_trips.hedge_after(ceiling) <= ceiling
+    if samples:
+        assert round_trips.srtt is not None
+        assert min(samples) - 1e-9 <= round_trips.srtt <= max(samples) + 1e-9
 
 
 def test_peers_marked_unresponsive_are_asked_last_not_never() -> None:

@@ -40,7 +40,7 @@ from node.identity import peer_id_of
 from node.p2p import P2P, GossipMessage, PeerId, PeerInfo, ProtocolId, RecordValidator, Subscription
 from node.p2p.framing import read_frame, reset_quietly, write_frame
 from node.p2p.host import KAD_PROTOCOL_ID, BadMultiaddr, parse_multiaddr
-from node.p2p.lookup import K, Unresponsive, walk
+from node.p2p.lookup import K, RoundTrips, Unresponsive, walk
 from node.storage import Storage
 from protocol.capability import (
     CAPABILITY_PROTOCOL_ID,
@@ -163,6 +163,7 @@ class Discovery:
         self.routing_rounds = 0  # passes of the routing-table upkeep (tests wait on it)
         self.published = trio.Event()  # set after the first network publish completes
         self.unresponsive = Unresponsive(for_s=config.unresponsive_for_s)
+        self.round_trips = RoundTrips()  # of this node's DHT requests: when to hedge one
         # Every verified record this node holds (its own included), by peer id: the
         # answer to most queries, with no network round trip.
         self.replicas: dict[str, PeerCapability] = {}
@@ -579,6 +580,7 @@ class Discovery:
         result = await walk(self.net, key, get_value, rpc_timeout=self.config.rpc_timeout_s,
                             timeout=self.config.query_timeout_s, unresponsive=self.unresponsive,
                             hedge_after=self.config.hedge_after_s,
+                            round_trips=self.round_trips,
                             enough=lambda answers: len(answers) >= self.config.value_quorum,
                             grace=self.config.value_grace_s)
         caps = [c for _, c in result.answers]
@@ -639,7 +641,8 @@ class Discovery:
 
         result = await walk(self.net, key, get_providers, rpc_timeout=self.config.rpc_timeout_s,
                             timeout=self.config.query_timeout_s, unresponsive=self.unresponsive,
-                            hedge_after=self.config.hedge_after_s)
+                            hedge_after=self.config.hedge_after_s,
+                            round_trips=self.round_trips)
         for _, providers in result.answers:
             for info in providers:
                 found.setdefault(info.peer_id, info)

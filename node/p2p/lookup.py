@@ -93,6 +93,39 @@ class Unresponsive:
         return True
 
 
+# Never hedge sooner than this, whatever the measured round times: on loopback they are a
+# millisecond, and a walk that hedged every request would double its load for nothing.
+HEDGE_MIN_S = 0.05
+
+
+@dataclass
+class RoundTrips:
+    """This node's DHT requests' round times, smoothed as TCP smooths its RTT (RFC 6298:
+    ``srtt``, ``rttvar``; gains 1/8 and 1/4): a request still unanswered after ``srtt + 4
+    * rttvar`` is late by what the node has measured, and is hedged then rather than
+    after the fixed ``hedge_after_s``. At 50 ms links that fixed half second was most of
+    a query's tail, a request to a peer that waited for a CPU (RESULTS.md, the 30-host
+    DHT query). Only answered requests are samples: a timeout says nothing of how long an
+    answer takes (Karn's rule)."""
+
+    srtt: float | None = None
+    rttvar: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = seconds, seconds / 2
+            return
+        self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - seconds)
+        self.srtt = 0.875 * self.srtt + 0.125 * seconds
+
+    def hedge_after(self, ceiling: float) -> float:
+        """When to hedge a request: ``srtt + 4 * rttvar``, within ``[HEDGE_MIN_S,
+        ceiling]`` (``ceiling`` alone until a request has been answered)."""
+        if self.srtt is None:
+            return ceiling
+        return min(ceiling, max(HEDGE_MIN_S, self.srtt + 4 * self.rttvar))
+
+
 @dataclass
 class WalkResult(Generic[T]):
     answers: list[tuple[ID, T]]  # (peer, payload) in the order they came in
@@ -111,6 +144,7 @@ async def walk(
     k: int = K,
     alpha: int = ALPHA,
     hedge_after: float = HEDGE_AFTER_S,
+    round_trips: RoundTrips | None = None,
     enough: Callable[[list[tuple[ID, T]]], bool] | None = None,
     grace: float = math.inf,
 ) -> WalkResult[T]:
@@ -121,7 +155,9 @@ async def walk(
 
     A request still unanswered after ``hedge_after`` seconds stops counting against
     ``alpha`` (the next candidate is asked at once) but runs on to ``rpc_timeout``: one
-    slow peer costs a walk ``hedge_after``, not ``rpc_timeout``. At most ``2 * alpha``
+    slow peer costs a walk ``hedge_after``, not ``rpc_timeout``. With ``round_trips``,
+    the node's measured round times set that wait (``RoundTrips.hedge_after``, at most
+    ``hedge_after``), and every answer is a sample of them. At most ``2 * alpha``
     requests of a walk are outstanding at once, hedged ones included. Peers marked unresponsive
     by earlier walks are asked only once no other candidate is left: under load every
     peer may miss a deadline now and then, and a walk that skipped them all found nothing
@@ -181,6 +217,11 @@ async def walk(
     queried_marked: set[ID] = set()  # peers asked although marked unresponsive
     end_at = math.inf  # the first payload's time + grace
     fast: dict[ID, float] = {}  # requests that hold a slot of alpha: when each started
+    started: dict[ID, float] = {}  # every request's start, for its round time
+
+    def late_after() -> float:
+        return hedge_after if round_trips is None else round_trips.hedge_after(hedge_after)
+
     # The nursery sits inside the deadline: on timeout the stragglers are cancelled and
     # the walk returns what it has (a partial answer beats none).
     with trio.move_on_after(timeout):
@@ -195,18 +236,20 @@ async def walk(
                     if peer in shunned:
                         queried_marked.add(peer)
                     pending.add(peer)
-                    fast[peer] = trio.current_time()
+                    fast[peer] = started[peer] = trio.current_time()
                     nursery.start_soon(ask, peer)
 
             launch()
             while waiting_for_anyone():
-                hedge_at = min(fast.values(), default=math.inf) + hedge_after
+                hedge_at = min(fast.values(), default=math.inf) + late_after()
                 with trio.move_on_at(min(hedge_at, end_at)):
                     peer, ok, gone, payload, closer = await receive.receive()
                     pending.discard(peer)
                     fast.pop(peer, None)
                     if ok:
                         responded.add(peer)
+                        if round_trips is not None:
+                            round_trips.observe(trio.current_time() - started[peer])
                         if payload is not None:
                             answers.append((peer, payload))
                             end_at = min(end_at, trio.current_time() + grace)
@@ -230,7 +273,8 @@ async def walk(
                 if now >= end_at:
                     nursery.cancel_scope.cancel()
                     break
-                for slow in [p for p, at in fast.items() if at + hedge_after <= now]:
+                late = late_after()
+                for slow in [p for p, at in fast.items() if at + late <= now]:
                     del fast[slow]  # still running, no longer holding a slot
                 launch()
             nursery.cancel_scope.cancel()  # marked peers still silent: not waited for
