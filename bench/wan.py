@@ -47,8 +47,11 @@ phases then change rates only, and run in this order whatever --only's order.
              no local replica, no direct ask), twice: (a) as soon as the testnet is up,
              (b) once SETTLE_S (240 s) have passed since the testnet was up (testnet_up
              returned: the daemons that started first have run longer; both times are
-             printed). A query succeeds when it returns the target's record at least
-             as new (seq) as the one the target itself serves just before the query.
+             printed) and the daemons have used under IDLE_CORES (0.3) cores in all over
+             IDLE_WINDOW_S (10 s), or IDLE_WAIT_S (300 s) more have passed: the daemons'
+             CPU before (b) and in its first 20 s is printed. A query succeeds when it
+             returns the target's record at least as new (seq) as the one the target
+             itself serves just before the query.
              Goal on (b): p99 under 10 RTTs, 100% success; (a) is printed too. Why
              two: all 30 daemons start within
              a minute and run their startup schedules at once (record syncs 0-60 s after
@@ -56,7 +59,12 @@ phases then change rates only, and run in this order whatever --only's order.
              catch-up, gossip meshes forming); on a 2-core machine that saturates both
              cores for a minute or two, and every request of a walk started then can
              miss its deadline. The goal is about a running network, where nodes join
-             one at a time; (a) shows what the boot costs.
+             one at a time; (a) shows what the boot costs. Their schedules stay in step
+             after the boot (each daemon's periodic DHT puts and record syncs come at
+             the same time after its start): 240 s after the testnet was up, 30 daemons
+             used 0.1 cores in all in one run and 1.5 in another, and the queries' tail
+             followed. A real network's nodes each have a machine; this one's 30 share
+             two cores, so (b) is taken while they are idle.
 
 A fetch's time is the daemon's own operation time (request to verified, complete
 version). Exits 1 when a goal is missed.
@@ -95,6 +103,9 @@ PHASES = ("fetch", "providers", "finality")  # the order they run in (discovery 
 OWN_TESTNET = ("discovery", "training")  # phases that bring up testnets of their own
 TRAINING_GOAL = 1.25  # the job's wall time at 100 ms RTT against unshaped links, at most
 SETTLE_S = 240.0  # discovery (b): from the end of testnet_up (see the docstring)
+# discovery (b) also waits (at most IDLE_WAIT_S) for a window of IDLE_WINDOW_S in which the
+# 30 daemons used under IDLE_CORES of CPU in all: see the docstring.
+IDLE_CORES, IDLE_WINDOW_S, IDLE_WAIT_S = 0.3, 10.0, 300.0
 
 
 def log(msg: str) -> None:
@@ -382,6 +393,36 @@ def phase_training(work: Path, prefix: str) -> bool:
     return ok
 
 
+def cpu_cores(pids: list[int], seconds: float) -> float:
+    """The CPU the processes ``pids`` used over the next ``seconds``, in cores (user and
+    system time from /proc; a process gone meanwhile counts what it used before)."""
+    def used() -> dict[int, float]:
+        ticks: dict[int, float] = {}
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return ticks
+
+    before, start = used(), time.monotonic()
+    time.sleep(seconds)  # a measurement window, not synchronisation
+    after = used()
+    return sum(after[p] - before[p] for p in after if p in before) / (time.monotonic() - start)
+
+
+def wait_idle(pids: list[int]) -> tuple[float, float]:
+    """Wait until the daemons ``pids`` used under IDLE_CORES in one IDLE_WINDOW_S window,
+    IDLE_WAIT_S at most: (seconds waited, cores in the last window)."""
+    start = time.monotonic()
+    while True:
+        cores = cpu_cores(pids, IDLE_WINDOW_S)
+        waited = time.monotonic() - start
+        if cores < IDLE_CORES or waited >= IDLE_WAIT_S:
+            return waited, cores
+
+
 def discovery_queries(nodes: list[Node], queries: int, rng: Any) -> tuple[list[float], int]:
     """``queries`` DHT-only record queries, each by a random host for a random other's
     record: their times (seconds, sorted) and how many failed. A query fails unless it
@@ -429,10 +470,18 @@ def phase_discovery(work: Path, prefix: str, hosts: int, queries: int, seed: int
         if (wait := SETTLE_S - (time.monotonic() - up)) > 0:
             log(f"discovery: (b) in {wait:.0f} s, {SETTLE_S:.0f} s after the testnet was up")
             time.sleep(wait)  # letting the startup schedules end (docstring), not sync
+        pids = [n["pid"] for n in state["nodes"]]
+        waited, idle = wait_idle(pids)
         b_at = time.monotonic()
         log(f"discovery: (b) at {b_at - up:.0f} s after the testnet was up, "
-            f"{b_at - started:.0f} s after testnet_up began")
+            f"{b_at - started:.0f} s after testnet_up began; the daemons used {idle:.2f} "
+            f"cores in the last {IDLE_WINDOW_S:.0f} s (waited {waited:.0f} s for under "
+            f"{IDLE_CORES})")
+        b_cpu: list[float] = []
+        meter = threading.Thread(target=lambda: b_cpu.append(cpu_cores(pids, 20)), daemon=True)
+        meter.start()
         took, failed = discovery_queries(nodes, queries, rng)
+        meter.join()
         p50, p99 = percentile(took, 50), percentile(took, 99)
     finally:
         testnet_down(directory)
@@ -444,7 +493,8 @@ def phase_discovery(work: Path, prefix: str, hosts: int, queries: int, seed: int
           f"was up ({b_at - started:.0f} s after testnet_up began) "
           f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms = {p99 / rtt:.1f} RTTs, max "
           f"{took[-1] * 1000:.0f} ms, success {success:.1%} (goal on (b): p99 < 10 RTTs and "
-          f"100%: {'met' if ok else 'MISSED'})")
+          f"100%: {'met' if ok else 'MISSED'}); the {hosts} daemons' CPU: {idle:.2f} cores just "
+          f"before (b), {b_cpu[0]:.2f} in its first 20 s")
     return ok
 
 
