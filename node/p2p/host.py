@@ -38,7 +38,7 @@ from libp2p.network.connection.exceptions import RawConnError
 from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 from libp2p.rcmgr import ResourceLimits, ResourceManager
@@ -54,6 +54,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 import node.p2p.wire  # first: its patches apply before any host is built
 from node.p2p.api import GossipMessage, GossipValidator, PeerGone
+from node.p2p.gossip import SpecGossipSub
 from node.p2p.guard import StreamGuard
 from node.p2p.lookup import KAD_STREAMS_PER_PEER, providers_from_peer, value_from_peer
 from node.p2p.nat import NatOptions, NatService
@@ -402,7 +403,7 @@ class Network:
     host: BasicHost
     dht: KadDHT
     pubsub: Pubsub
-    gossipsub: GossipSub
+    gossipsub: SpecGossipSub
     guard: StreamGuard
     gossip_rejected: Counter
     nat: NatService
@@ -652,7 +653,7 @@ async def open_network(
     dht = InteropKadDHT(host, DHTMode.SERVER, enable_random_walk=False)
     for namespace, validator in validators.items():
         dht.register_validator(namespace, validator)
-    gossipsub = GossipSub(
+    gossipsub = SpecGossipSub(
         protocols=[PROTOCOL_ID_V11],
         degree=6,
         degree_low=4,
@@ -661,6 +662,7 @@ async def open_network(
         spam_protection_enabled=False,
         score_params=SCORE_PARAMS,
         pending_messages_ttl=PENDING_GOSSIP_TTL_S,
+        eclipse_protection_enabled=False,  # node/p2p/gossip.py says why
     )
     pubsub = GuardedPubsub(host, gossipsub)
     pubsub.guard = guard
