@@ -172,6 +172,37 @@ def test_each_block_is_announced_by_its_proposer_alone_and_followers_follow(
     run(main)
 
 
+def test_periodic_heads_are_sent_only_when_no_head_as_high_was_heard(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle chain at the default head_every_s (2 s): the heads that go out are about
+    one a block (its proposer's), not one per validator every 2 s (which would be 4 x
+    the scenario's seconds / 2), and a follower still has every block."""
+    published: list[tuple[str, int]] = []
+    library_publish = chain_sync.publish
+
+    async def spy(net: Any, topic: str, data: bytes) -> None:
+        if topic.startswith(HEAD_TOPIC):
+            published.append((net.peer_id.to_base58(), Head.decode(data).height))
+        await library_publish(net, topic, data)
+
+    monkeypatch.setattr(chain_sync, "publish", spy)
+
+    async def main() -> None:
+        async with mem_cluster(tmp_path, VALIDATORS + 1,
+                               chain_config=ChainSection(head_every_s=2.0)) as nodes:
+            leader, follower = chain_of(nodes[0]), chain_of(nodes[VALIDATORS])
+            start = trio.current_time()
+            assert await leader.wait_height(6, timeout=120)
+            seconds = trio.current_time() - start
+            assert await follower.wait_height(6, timeout=10)
+            top = leader.ledger.height
+            assert seconds > 10  # idle: empty blocks, seconds apart
+            assert len(published) <= top + VALIDATORS, (published, seconds)
+            assert len(published) < VALIDATORS * seconds / 2
+
+    run(main)
+
+
 class StalledConsensus(Consensus):
     async def run(self) -> None:  # a validator whose consensus never decides a block
         await trio.sleep_forever()

@@ -1,7 +1,8 @@
 """Heads and catch-up (specs/consensus.md, "Block sync").
 
 Validators announce their head on the head topic (the proposer of each block when it is
-final here, every validator every ``head_every_s``); a node that learns of a higher
+final here; any validator every ``head_every_s`` when no head as high was heard since);
+a node that learns of a higher
 height (a head, or a consensus message two heights on) asks that peer for blocks on
 ``/iollm/blocks/1.0.0`` and takes each only after its commit certificate verifies and
 the ledger re-derives its state root. So a node that joins late, or a validator that was
@@ -14,6 +15,7 @@ block a second time for nothing.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import trio
@@ -38,6 +40,10 @@ from protocol.ledger import Block, block_id
 
 log = logging.getLogger(__name__)
 
+# With no head as high as this node's heard for this many head_every_s periods, a
+# validator announces its own even if nothing changed.
+HEAD_QUIET_PERIODS = 10
+
 
 
 class BlockSync:
@@ -53,6 +59,8 @@ class BlockSync:
         self._nursery: trio.Nursery | None = None
         self._validator = False
         self._waiting_for: int | None = None  # the height a one-ahead head is given time
+        self._heard = 0  # the highest head of this chain sent or heard
+        self._heard_at = -math.inf  # when one at least as high as this node's ledger was
 
     async def run(self, subscription: Any, *, announce: bool,
                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -86,7 +94,13 @@ class BlockSync:
 
     async def _announce(self) -> None:
         """The other validators decide each block themselves: one head per block (its
-        proposer's) tells followers at once, and four would cost every node four."""
+        proposer's) tells followers at once, and four would cost every node four. The
+        periodic head (every ``head_every_s``) repairs a lost one, so it is sent only
+        when no head as high as this node's was heard since (suppression as in Trickle,
+        RFC 6206), or none at all for HEAD_QUIET_PERIODS periods (a node that joins a
+        chain making no blocks still learns its height): four validators each sending
+        one every 2 s cost each of 30 nodes a dozen gossip messages a second, most of
+        an idle node's CPU (bench/RESULTS.md)."""
         me = self.net.peer_id.to_base58()
         every = self.tunables.head_every_s
         last = trio.current_time()
@@ -94,9 +108,20 @@ class BlockSync:
             with trio.move_on_at(last + every):
                 await self.state.new_block.wait()
             now = trio.current_time()
-            if now - last >= every or self.state.last_proposer == me:
+            height = self.state.ledger.height
+            own = self.state.last_proposer == me and height > self._heard
+            lost = height > self._heard or now - self._heard_at >= HEAD_QUIET_PERIODS * every
+            if own or (now - last >= every and lost):
                 await publish(self.net, self.topic, self._head())
+                self._hear(height)
+            if own or now - last >= every:
                 last = now
+
+    def _hear(self, height: int) -> None:
+        """A head at ``height`` went out or came in."""
+        if height >= self.state.ledger.height:
+            self._heard_at = trio.current_time()
+        self._heard = max(self._heard, height)
 
     async def _receive_heads(self, subscription: Any) -> None:
         while True:
@@ -105,8 +130,10 @@ class BlockSync:
                 head = Head.decode(message.data)
             except RemoteProtocolError:
                 continue
-            if (head.chain_id != self.state.genesis.chain_id
-                    or head.height <= self.state.ledger.height):
+            if head.chain_id != self.state.genesis.chain_id:
+                continue
+            self._hear(head.height)
+            if head.height <= self.state.ledger.height:
                 continue
             if self._validator and head.height == self.state.ledger.height + 1:
                 self._behind_unless_decided(message.from_peer, head.height)
