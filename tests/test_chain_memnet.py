@@ -139,12 +139,9 @@ def test_a_follower_stays_off_the_consensus_topic_and_follows_from_heads(
     run(main)
 
 
-def test_each_block_is_announced_by_its_proposer_alone_and_followers_follow(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the periodic heads out of the way (head_every_s longer than the scenario), the
-    heads published are one per final block, by the validator that proposed it; a
-    follower still takes every block (its receipts' wait ends on its own ledger)."""
-    published: list[tuple[str, int]] = []  # (publisher, height) of each head
+def heads_published(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """(publisher, height) of each head the chain services publish from now on."""
+    published: list[tuple[str, int]] = []
     library_publish = chain_sync.publish
 
     async def spy(net: Any, topic: str, data: bytes) -> None:
@@ -153,6 +150,15 @@ def test_each_block_is_announced_by_its_proposer_alone_and_followers_follow(
         await library_publish(net, topic, data)
 
     monkeypatch.setattr(chain_sync, "publish", spy)
+    return published
+
+
+def test_each_block_is_announced_by_its_proposer_alone_and_followers_follow(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the periodic heads out of the way (head_every_s longer than the scenario), the
+    heads published are one per final block, by the validator that proposed it; a
+    follower still takes every block (its receipts' wait ends on its own ledger)."""
+    published = heads_published(monkeypatch)
 
     async def main() -> None:
         tunables = ChainSection(head_every_s=3600.0)
@@ -177,15 +183,7 @@ def test_periodic_heads_are_sent_only_when_no_head_as_high_was_heard(
     """An idle chain at the default head_every_s (2 s): the heads that go out are about
     one a block (its proposer's), not one per validator every 2 s (which would be 4 x
     the scenario's seconds / 2), and a follower still has every block."""
-    published: list[tuple[str, int]] = []
-    library_publish = chain_sync.publish
-
-    async def spy(net: Any, topic: str, data: bytes) -> None:
-        if topic.startswith(HEAD_TOPIC):
-            published.append((net.peer_id.to_base58(), Head.decode(data).height))
-        await library_publish(net, topic, data)
-
-    monkeypatch.setattr(chain_sync, "publish", spy)
+    published = heads_published(monkeypatch)
 
     async def main() -> None:
         async with mem_cluster(tmp_path, VALIDATORS + 1,
