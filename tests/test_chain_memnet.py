@@ -201,6 +201,41 @@ def test_periodic_heads_are_sent_only_when_no_head_as_high_was_heard(
     run(main)
 
 
+def test_a_forged_high_head_does_not_silence_the_validators(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-validator signs heads of a height nobody has (any peer may), every 2 s: the
+    validators still announce each block (a head that high, heard, suppressed them all
+    before), and a follower keeps following."""
+    published = heads_published(monkeypatch)
+
+    async def main() -> None:
+        async with mem_cluster(tmp_path, VALIDATORS + 2,
+                               chain_config=ChainSection(head_every_s=2.0)) as nodes:
+            leader, follower = chain_of(nodes[0]), chain_of(nodes[VALIDATORS])
+            forger = mem(nodes[VALIDATORS + 1])
+            validators = {n.net.peer_id.to_base58() for n in nodes[:VALIDATORS]}
+            forged = Head(leader.genesis.chain_id, 10**9).encode()
+
+            async def forge() -> None:
+                while True:
+                    await forger.publish(leader.topics.heads, forged)
+                    await trio.sleep(2)
+
+            assert await leader.wait_height(2, timeout=60)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(forge)
+                await trio.sleep(5)  # the forged heads have reached everyone
+                top = leader.ledger.height
+                before = sum(who in validators for who, _ in published)
+                assert await leader.wait_height(top + 3, timeout=60)
+                assert await follower.wait_height(top + 3, timeout=10)
+                after = sum(who in validators for who, _ in published)
+                nursery.cancel_scope.cancel()
+            assert after - before >= 3  # one head a block at least
+
+    run(main)
+
+
 class StalledConsensus(Consensus):
     async def run(self) -> None:  # a validator whose consensus never decides a block
         await trio.sleep_forever()

@@ -132,7 +132,12 @@ class BlockSync:
                 continue
             if head.chain_id != self.state.genesis.chain_id:
                 continue
-            self._hear(head.height)
+            # Only a validator's head suppresses ours, and only up to our own ledger: a
+            # height nobody here has verified (any peer may sign a head) must not silence
+            # the validators' heads, on which followers depend.
+            author = message.from_peer
+            if author is not None and author.to_base58() in self.state.powers:
+                self._hear(min(head.height, self.state.ledger.height))
             if head.height <= self.state.ledger.height:
                 continue
             if self._validator and head.height == self.state.ledger.height + 1:

@@ -19,9 +19,10 @@ and "Prune Backoff"; go-libp2p's defaults):
 - a peer the heartbeat prunes is backed off from (not grafted again) for the prune
   backoff, as a peer that prunes us is.
 
-py-libp2p's eclipse protection is off as well (``eclipse_protection_enabled=False`` where
-the router is made): it grafts for IP diversity without checking backoff, and testnets
-run on one address or one subnet.
+py-libp2p's mesh-quality upkeep (replacing a mesh's worst peer by a better-scoring one)
+is left as it is: it does nothing while scores are equal. Its eclipse protection is off
+(``eclipse_protection_enabled=False`` where the router is made): it grafts for IP
+diversity without checking backoff, and testnets run on one address or one subnet.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class SpecGossipSub(GossipSub):
             return 0
         better = sorted(
             (p for p in self.pubsub.peer_topics.get(topic, ()) if p not in mesh
+             and self.supports_scoring(p) and p not in self.direct_peers
              and not self._check_back_off(p, topic) and self.scorer.score(p, [topic]) > median),
             key=lambda p: -self.scorer.score(p, [topic]) if self.scorer is not None else 0.0)
         for peer in better[:OPPORTUNISTIC_GRAFT_PEERS]:

@@ -236,6 +236,8 @@ def tcp_stream_mbit(sender: str, receiver: str, addr: str, nbytes: int, port: in
         raise NetnsError(f"a TCP stream from {sender} to {receiver} did not arrive whole "
                          f"in {timeout:.0f} s")
     seconds, counted = took[0]
+    if counted == 0:  # the read that passed ``after`` was the last: no bytes to time
+        raise NetnsError(f"after={after} left no bytes of {nbytes} to time")
     return counted * 8 / seconds / 1e6
 
 
