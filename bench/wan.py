@@ -73,6 +73,7 @@ version). Exits 1 when a goal is missed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -396,15 +397,14 @@ def phase_training(work: Path, prefix: str) -> bool:
 def cpu_cores(pids: list[int], seconds: float) -> float:
     """The CPU the processes ``pids`` used over the next ``seconds``, in cores (user and
     system time from /proc; a process gone meanwhile counts what it used before)."""
+    import consensus  # bench/consensus.py: cpu_seconds
+
     def used() -> dict[int, float]:
-        ticks: dict[int, float] = {}
+        seconds: dict[int, float] = {}
         for pid in pids:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            ticks[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return ticks
+            with contextlib.suppress(OSError):
+                seconds[pid] = consensus.cpu_seconds(pid)
+        return seconds
 
     before, start = used(), time.monotonic()
     time.sleep(seconds)  # a measurement window, not synchronisation

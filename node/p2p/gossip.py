@@ -62,17 +62,18 @@ class SpecGossipSub(GossipSub):
         mesh = self.mesh[topic]
         if not mesh:
             return 0
-        median = statistics.median(self.scorer.score(p, [topic]) for p in mesh)
+        scorer = self.scorer
+        median = statistics.median(scorer.score(p, [topic]) for p in mesh)
         if median >= OPPORTUNISTIC_GRAFT_THRESHOLD:
             return 0
-        better = sorted(
-            (p for p in self.pubsub.peer_topics.get(topic, ()) if p not in mesh
-             and self.supports_scoring(p) and p not in self.direct_peers
-             and not self._check_back_off(p, topic) and self.scorer.score(p, [topic]) > median),
-            key=lambda p: -self.scorer.score(p, [topic]) if self.scorer is not None else 0.0)
+        scores = {p: scorer.score(p, [topic]) for p in self.pubsub.peer_topics.get(topic, ())
+                  if p not in mesh and self.supports_scoring(p) and p not in self.direct_peers
+                  and not self._check_back_off(p, topic)}
+        better = sorted((p for p, score in scores.items() if score > median),
+                        key=scores.__getitem__, reverse=True)
         for peer in better[:OPPORTUNISTIC_GRAFT_PEERS]:
             mesh.add(peer)
             self._notify_mesh_peer_added(peer, topic)
-            self.scorer.on_join_mesh(peer, topic)
+            scorer.on_join_mesh(peer, topic)
             peers_to_graft[peer].append(topic)
         return min(len(better), OPPORTUNISTIC_GRAFT_PEERS)
